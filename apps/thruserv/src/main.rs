@@ -1,0 +1,2 @@
+//! thruserv: the Thruflux signaling server.
+fn main() {}

@@ -1,0 +1,1 @@
+//! UDP socket layer: GSO, GRO, socket buffers, capability probing

@@ -1,0 +1,1 @@
+//! Thruflux signaling messages (serde) and join-code routing ids (sans-IO)

@@ -1,0 +1,1 @@
+//! Thruflux signaling: the thruserv server and the client library
