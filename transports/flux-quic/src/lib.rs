@@ -1,1 +1,216 @@
-//! placeholder
+//! QUIC for Thruflux, over quinn-proto: identities, certificate pinning and transport tuning.
+//!
+//! Each side of a transfer has a throwaway self-signed [`Identity`]. A peer is authenticated by
+//! the BLAKE3 fingerprint of its certificate, learned through the pairing channel (which the
+//! PAKE protects), never by a certificate authority: a client built with [`client_config`]
+//! refuses any server whose certificate does not hash to the pinned fingerprint.
+//!
+//! What this crate does not do: sockets, timers or the connection loop. quinn-proto is already
+//! sans-IO; the engine and the simulator drive its `Endpoint` and `Connection` directly, and this
+//! crate only builds their configuration. TLS uses rustls with the *ring* provider (AES-GCM
+//! first, as quinn requires for its initial keys).
+
+#![forbid(unsafe_code)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use quinn_proto;
+use quinn_proto::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn_proto::{ClientConfig, IdleTimeout, ServerConfig, TransportConfig, VarInt};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+
+/// ALPN protocol id of the transfer protocol.
+pub const ALPN: &[u8] = b"thruflux/1";
+/// Server name used in the TLS handshake; certificates are pinned, so it carries no trust.
+pub const SERVER_NAME: &str = "thruflux.peer";
+
+/// A BLAKE3 fingerprint of a DER certificate.
+pub type Fingerprint = [u8; 32];
+
+/// Failures building QUIC configuration.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// Certificate generation failed.
+    #[error("generating a certificate: {0}")]
+    Cert(#[from] rcgen::Error),
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    /// quinn refused the TLS configuration (no TLS 1.3 or no initial cipher suite).
+    #[error("QUIC TLS configuration: {0}")]
+    Quic(String),
+}
+
+/// A self-signed certificate and its key.
+#[derive(Debug)]
+pub struct Identity {
+    cert: CertificateDer<'static>,
+    key: Vec<u8>,
+}
+
+impl Identity {
+    /// A fresh identity. Key generation draws from the OS through *ring*, as TLS itself does.
+    pub fn generate() -> Result<Self, ConfigError> {
+        let ck = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_owned()])?;
+        Ok(Self {
+            cert: ck.cert.der().clone(),
+            key: ck.key_pair.serialize_der(),
+        })
+    }
+
+    /// The fingerprint a peer pins.
+    pub fn fingerprint(&self) -> Fingerprint {
+        fingerprint(&self.cert)
+    }
+}
+
+/// The fingerprint of a DER certificate.
+pub fn fingerprint(cert: &CertificateDer<'_>) -> Fingerprint {
+    *blake3::hash(cert.as_ref()).as_bytes()
+}
+
+/// Flow-control and stream limits (defaults match the `thru` flags).
+#[derive(Clone, Debug)]
+pub struct TransportParams {
+    /// Connection-level receive window (`--quic-conn-window-bytes`).
+    pub conn_window: u64,
+    /// Per-stream receive window (`--quic-stream-window-bytes`).
+    pub stream_window: u64,
+    /// Streams the peer may open (`--quic-max-incoming-streams`).
+    pub max_incoming_streams: u32,
+    /// Idle time after which a silent connection is dropped.
+    pub idle_timeout: Duration,
+    /// Keep-alive interval, so that a user reading a prompt does not idle the connection out.
+    pub keep_alive: Duration,
+    /// Initial datagram size; path MTU discovery raises it.
+    pub initial_mtu: u16,
+}
+
+impl Default for TransportParams {
+    fn default() -> Self {
+        Self {
+            conn_window: 1 << 30,
+            stream_window: 32 << 20,
+            max_incoming_streams: 100,
+            idle_timeout: Duration::from_secs(30),
+            keep_alive: Duration::from_secs(5),
+            initial_mtu: 1200,
+        }
+    }
+}
+
+impl TransportParams {
+    /// The quinn transport configuration.
+    pub fn to_transport(&self) -> TransportConfig {
+        let mut t = TransportConfig::default();
+        t.receive_window(VarInt::from_u64(self.conn_window).unwrap_or(VarInt::MAX))
+            .stream_receive_window(VarInt::from_u64(self.stream_window).unwrap_or(VarInt::MAX))
+            .send_window(self.conn_window)
+            .max_concurrent_uni_streams(VarInt::from_u32(self.max_incoming_streams))
+            .max_concurrent_bidi_streams(VarInt::from_u32(4))
+            .max_idle_timeout(IdleTimeout::try_from(self.idle_timeout).ok())
+            .keep_alive_interval(Some(self.keep_alive))
+            .initial_mtu(self.initial_mtu.max(1200));
+        t
+    }
+}
+
+/// Server (host) configuration presenting `id`.
+pub fn server_config(id: &Identity, params: &TransportParams) -> Result<ServerConfig, ConfigError> {
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(id.key.clone()));
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(vec![id.cert.clone()], key)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.max_early_data_size = 0;
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| ConfigError::Quic(e.to_string()))?;
+    let mut cfg = ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(Arc::new(params.to_transport()));
+    Ok(cfg)
+}
+
+/// Client (joiner) configuration that accepts only a server whose certificate hashes to
+/// `pinned`.
+pub fn client_config(
+    pinned: Fingerprint,
+    params: &TransportParams,
+) -> Result<ClientConfig, ConfigError> {
+    let provider = provider();
+    let verifier = Arc::new(PinnedVerifier {
+        pinned,
+        algs: provider.signature_verification_algorithms,
+    });
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = QuicClientConfig::try_from(tls).map_err(|e| ConfigError::Quic(e.to_string()))?;
+    let mut cfg = ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(Arc::new(params.to_transport()));
+    Ok(cfg)
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Accepts exactly one certificate, by fingerprint; signatures are still checked, so the peer
+/// must hold the matching key.
+#[derive(Debug)]
+struct PinnedVerifier {
+    pinned: Fingerprint,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for PinnedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if fingerprint(end_entity) == self.pinned {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // The configuration allows TLS 1.3 only.
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}

@@ -1,0 +1,366 @@
+//! What the machines exchange with their driver: streams, outgoing bytes, disk requests, events.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use bytes::Bytes;
+use flux_wire::{DecodeError, ErrorCode, Hash, Message};
+
+use crate::manifest::ManifestError;
+
+/// A QUIC stream as the transfer machines name it. The driver maps these to real stream ids:
+/// the control stream is the bidirectional stream the receiver opens first; lanes are
+/// unidirectional streams the sender opens, numbered by the receiver in the order they arrive.
+#[derive(Clone, Copy, Debug, Eq, Hash, Ord, PartialEq, PartialOrd)]
+pub enum Stream {
+    /// The control stream.
+    Control,
+    /// Data lane `n`.
+    Lane(u16),
+}
+
+/// An id the machine gives a disk request; the driver returns it with the result.
+#[derive(Clone, Copy, Debug, Eq, Hash, Ord, PartialEq, PartialOrd)]
+pub struct OpId(pub u64);
+
+/// A disk operation the machine asks its driver to perform. Files are named by their manifest
+/// index; the driver maps indices to paths under the destination (receiver) or the shared roots
+/// (sender).
+#[derive(Debug)]
+#[must_use]
+#[non_exhaustive]
+pub enum DiskOp {
+    /// Sender: read `len` bytes at `offset` of file `file`. Complete with
+    /// [`DiskResult::Read`] holding exactly `len` bytes (fewer means the file shrank).
+    Read {
+        /// Request id.
+        id: OpId,
+        /// Manifest index.
+        file: u32,
+        /// Byte offset.
+        offset: u64,
+        /// Byte count.
+        len: u32,
+    },
+    /// Receiver: write a verified chunk into the file's partial (temporary) file at `offset`,
+    /// then append the sidecar record for `(index, hash)`, in that order. Complete with
+    /// [`DiskResult::Done`].
+    WriteChunk {
+        /// Request id.
+        id: OpId,
+        /// Manifest index.
+        file: u32,
+        /// Chunk index.
+        index: u32,
+        /// Byte offset.
+        offset: u64,
+        /// BLAKE3 of `data`, already verified.
+        hash: Hash,
+        /// The chunk.
+        data: Bytes,
+    },
+    /// Receiver: put entry `file` in place. A file's partial data is flushed, given the
+    /// manifest's mode and mtime and renamed to its final name, and its sidecar removed; a
+    /// directory is created; a link is created. An existing entry at the final path is replaced
+    /// only if `replace` is set; otherwise the driver fails with [`DiskFailure::Exists`].
+    Finalize {
+        /// Request id.
+        id: OpId,
+        /// Manifest index.
+        file: u32,
+        /// Whether an existing entry may be replaced.
+        replace: bool,
+    },
+    /// Receiver: every entry is in place; apply directory modes and times (deepest first, since
+    /// creating entries changes a directory's mtime).
+    Finish {
+        /// Request id.
+        id: OpId,
+    },
+}
+
+/// The outcome of a [`DiskOp`].
+#[derive(Debug)]
+pub enum DiskResult {
+    /// A read completed with these bytes.
+    Read(Bytes),
+    /// A write, finalize or finish completed.
+    Done,
+}
+
+/// Why a disk operation failed, as the driver reports it.
+#[derive(Clone, Debug, Eq, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DiskFailure {
+    /// The final path is taken and replacing was not allowed.
+    #[error("{0}: already exists")]
+    Exists(String),
+    /// Any other I/O failure, with its context.
+    #[error("{0}")]
+    Io(String),
+}
+
+/// Something the driver or the user should know.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Event {
+    /// Receiver: the manifest is complete; show it and call `accept` or `reject`.
+    ManifestReady,
+    /// Sender: the receiver accepted.
+    Accepted,
+    /// Sender: the receiver's resume claim for `file` was checked.
+    ResumeChecked {
+        /// Manifest index.
+        file: u32,
+        /// Whether the held chunks matched.
+        accepted: bool,
+        /// Bytes the receiver already held and will not be sent again.
+        bytes: u64,
+    },
+    /// Sender: a chunk was handed to its lane.
+    ChunkSent {
+        /// Manifest index.
+        file: u32,
+        /// Chunk index.
+        index: u32,
+        /// Bytes.
+        len: u32,
+    },
+    /// Receiver: a chunk arrived, matched its hash and is on disk.
+    ChunkVerified {
+        /// Manifest index.
+        file: u32,
+        /// Chunk index.
+        index: u32,
+        /// Bytes.
+        len: u32,
+    },
+    /// Receiver: a chunk did not match its hash and was requested again.
+    ChunkCorrupt {
+        /// Manifest index.
+        file: u32,
+        /// Chunk index.
+        index: u32,
+    },
+    /// A file (or directory, or link) is complete and in place.
+    FileComplete {
+        /// Manifest index.
+        file: u32,
+    },
+    /// Receiver: an identical file was already in place; nothing was written.
+    FileSkipped {
+        /// Manifest index.
+        file: u32,
+    },
+    /// Sender: the receiver's progress report.
+    PeerProgress {
+        /// Bytes verified.
+        bytes_done: u64,
+        /// Files completed.
+        files_done: u64,
+    },
+    /// The transfer finished successfully.
+    Done,
+    /// The transfer failed; the machine accepts no further input.
+    Failed(TransferError),
+}
+
+/// Why a transfer failed.
+#[derive(Clone, Debug, Eq, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransferError {
+    /// The peer broke the protocol (the code was sent to it).
+    #[error("protocol violation by peer: {0}")]
+    Protocol(String),
+    /// A frame did not decode.
+    #[error("malformed message from peer: {0}")]
+    Decode(#[from] DecodeError),
+    /// The manifest was refused.
+    #[error("refused manifest: {0}")]
+    Manifest(#[from] ManifestError),
+    /// No protocol version in common.
+    #[error("no protocol version in common: peer speaks {min}..={max}")]
+    Version {
+        /// Peer's lowest version.
+        min: u16,
+        /// Peer's highest version.
+        max: u16,
+    },
+    /// The peer reported an error.
+    #[error("peer reported {code:?}: {message}")]
+    Peer {
+        /// Its code.
+        code: ErrorCode,
+        /// Its message.
+        message: String,
+    },
+    /// The receiver declined the share.
+    #[error("receiver declined: {0}")]
+    Declined(String),
+    /// A destination entry exists and overwriting was not allowed.
+    #[error("{0} already exists (allow overwriting to replace it)")]
+    Exists(String),
+    /// A chunk kept failing verification.
+    #[error("chunk {index} of file {file} failed verification {times} times")]
+    Integrity {
+        /// Manifest index.
+        file: u32,
+        /// Chunk index.
+        index: u32,
+        /// Failures.
+        times: u32,
+    },
+    /// A local disk operation failed.
+    #[error("disk: {0}")]
+    Io(String),
+    /// Nothing happened for too long.
+    #[error("timed out: {0}")]
+    Timeout(&'static str),
+    /// The local user cancelled.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl TransferError {
+    /// The wire code that tells the peer about this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::Protocol(_) | Self::Decode(_) | Self::Timeout(_) => ErrorCode::Protocol,
+            Self::Manifest(_) => ErrorCode::BadManifest,
+            Self::Version { .. } => ErrorCode::VersionMismatch,
+            Self::Peer { code, .. } => *code,
+            Self::Declined(_) | Self::Cancelled => ErrorCode::Cancelled,
+            Self::Exists(_) => ErrorCode::Exists,
+            Self::Integrity { .. } => ErrorCode::Integrity,
+            Self::Io(_) => ErrorCode::Io,
+        }
+    }
+}
+
+/// Outgoing bytes per stream, waiting for the driver to move them into QUIC.
+///
+/// The driver takes bytes with [`Outbox::front`] / [`Outbox::advance`] as flow control allows,
+/// and finishes a stream once [`Outbox::take_fin`] says so. Machines bound what they queue here,
+/// so memory stays bounded whatever the path's speed.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    queues: BTreeMap<Stream, Queue>,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    chunks: VecDeque<Bytes>,
+    bytes: usize,
+    fin: bool,
+}
+
+impl Outbox {
+    /// Streams with bytes or a finish waiting.
+    pub fn ready(&self) -> Vec<Stream> {
+        self.queues
+            .iter()
+            .filter(|(_, q)| q.bytes > 0 || q.fin)
+            .map(|(s, _)| *s)
+            .collect()
+    }
+
+    /// The next bytes to write on `stream`.
+    pub fn front(&self, stream: Stream) -> Option<&Bytes> {
+        self.queues.get(&stream)?.chunks.front()
+    }
+
+    /// Marks `n` bytes of `stream` as written.
+    pub fn advance(&mut self, stream: Stream, mut n: usize) {
+        let Some(q) = self.queues.get_mut(&stream) else {
+            return;
+        };
+        q.bytes = q.bytes.saturating_sub(n);
+        while n > 0 {
+            let Some(front) = q.chunks.front_mut() else {
+                break;
+            };
+            if n >= front.len() {
+                n -= front.len();
+                q.chunks.pop_front();
+            } else {
+                let _ = front.split_to(n);
+                n = 0;
+            }
+        }
+    }
+
+    /// Whether `stream` should now be finished (all bytes written); reported once.
+    pub fn take_fin(&mut self, stream: Stream) -> bool {
+        match self.queues.get_mut(&stream) {
+            Some(q) if q.fin && q.bytes == 0 => {
+                q.fin = false;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Bytes waiting on `stream`.
+    pub fn queued(&self, stream: Stream) -> usize {
+        self.queues.get(&stream).map_or(0, |q| q.bytes)
+    }
+
+    pub(crate) fn push(&mut self, stream: Stream, b: Bytes) {
+        if b.is_empty() {
+            return;
+        }
+        let q = self.queues.entry(stream).or_default();
+        q.bytes += b.len();
+        q.chunks.push_back(b);
+    }
+
+    pub(crate) fn push_msg(&mut self, stream: Stream, m: &Message) {
+        let mut v = Vec::with_capacity(m.encoded_len());
+        m.encode(&mut v);
+        self.push(stream, Bytes::from(v));
+    }
+
+    pub(crate) fn finish(&mut self, stream: Stream) {
+        self.queues.entry(stream).or_default().fin = true;
+    }
+}
+
+/// Reassembles frames from stream bytes that arrive in arbitrary pieces.
+#[derive(Debug, Default)]
+pub(crate) struct FrameBuf {
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl FrameBuf {
+    pub(crate) fn push(&mut self, data: &[u8]) {
+        if self.pos > 0 && self.pos * 2 >= self.buf.len() {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        self.buf.extend_from_slice(data);
+    }
+
+    /// The next complete frame. An oversized frame is refused from its header, before its body
+    /// is buffered.
+    pub(crate) fn next(&mut self) -> Result<Option<Message>, DecodeError> {
+        match flux_wire::decode_frame(&self.buf[self.pos..])? {
+            Some((m, used)) => {
+                self.pos += used;
+                Ok(Some(m))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Bytes after the last complete frame, handed back for a raw payload that follows a frame.
+    pub(crate) fn take_rest(&mut self) -> Vec<u8> {
+        let rest = self.buf.split_off(self.pos);
+        self.buf.clear();
+        self.pos = 0;
+        rest
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.pos == self.buf.len()
+    }
+}

@@ -1,0 +1,703 @@
+//! The receiving side of one transfer.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flux_wire::{ChunkRange, EntryKind, Hash, Message};
+
+use crate::digest::{chunk_hash, claim_digest, file_digest};
+use crate::io::{DiskFailure, DiskOp, DiskResult, Event, FrameBuf, OpId, Outbox, Stream, TransferError};
+use crate::manifest::{Assembler, Limits, Manifest};
+use crate::sender::truncate;
+use crate::{check_hello, hello};
+
+/// Settings of a [`Receiver`].
+#[derive(Clone, Debug)]
+pub struct ReceiverConfig {
+    /// Limits on the manifest a sender may offer.
+    pub limits: Limits,
+    /// Whether existing destination entries may be replaced.
+    pub overwrite: bool,
+    /// Inactivity after which the transfer fails (not applied while the local user decides).
+    pub stall_timeout: Duration,
+    /// Verified chunks waiting for the disk before stream reading pauses.
+    pub max_pending_writes: usize,
+    /// Data lanes the sender may open.
+    pub max_lanes: u16,
+    /// Times one chunk may fail verification before the transfer fails.
+    pub max_corrupt: u32,
+}
+
+impl Default for ReceiverConfig {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            overwrite: false,
+            stall_timeout: Duration::from_secs(30),
+            max_pending_writes: 16,
+            max_lanes: 16,
+            max_corrupt: 3,
+        }
+    }
+}
+
+/// What the driver found at the destination for one file before accepting.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub enum LocalFile {
+    /// A partial file whose sidecar and data agree on these chunks.
+    Partial(BTreeMap<u32, Hash>),
+    /// A complete file of the same size at the final path, with the hashes of all its chunks.
+    Existing(Vec<Hash>),
+    /// Something at the final path that cannot be the same file (another size, a directory).
+    Conflict,
+}
+
+/// Receives one share.
+///
+/// Driving contract: the receiver speaks first (its hello is queued on creation). Feed
+/// [`Receiver::handle_stream_data`], [`Receiver::handle_stream_end`],
+/// [`Receiver::handle_disk_done`] and [`Receiver::handle_timeout`]; after each, move bytes out of
+/// [`Receiver::outbox`], then drain [`Receiver::poll_disk`] and [`Receiver::poll_event`]. On
+/// [`Event::ManifestReady`], show [`Receiver::manifest`] and call [`Receiver::accept`] or
+/// [`Receiver::reject`]. Read lanes only while [`Receiver::wants_data`] holds: that bounds the
+/// memory held here to `(lanes + max_pending_writes) × chunk_size`.
+#[derive(Debug)]
+pub struct Receiver {
+    cfg: ReceiverConfig,
+    phase: Phase,
+    control: FrameBuf,
+    out: Outbox,
+    disk: VecDeque<DiskOp>,
+    events: VecDeque<Event>,
+    next_op: u64,
+    assembler: Option<Assembler>,
+    manifest: Option<Arc<Manifest>>,
+    files: HashMap<u32, FileState>,
+    lanes: HashMap<u16, LaneState>,
+    writes: HashMap<OpId, (u32, u32, u32)>,
+    finalizes: HashMap<OpId, u32>,
+    unfinished: usize,
+    bytes_done: u64,
+    files_done: u64,
+    since_progress: u32,
+    last_activity: Option<Instant>,
+}
+
+#[derive(Debug, Eq, PartialEq)]
+enum Phase {
+    AwaitHello,
+    AwaitManifest,
+    AwaitDecision,
+    Receiving,
+    Finishing,
+    AwaitClose,
+    Done,
+    Failed,
+}
+
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+enum Chunk {
+    Missing,
+    Claimed,
+    Writing,
+    Verified,
+}
+
+#[derive(Debug)]
+struct FileState {
+    chunks: Vec<Chunk>,
+    hashes: Vec<Hash>,
+    unverified: u32,
+    claim_pending: bool,
+    existing: bool,
+    written: bool,
+    digest: Option<Hash>,
+    complete: bool,
+    corrupt: HashMap<u32, u32>,
+}
+
+#[derive(Debug, Default)]
+struct LaneState {
+    header: FrameBuf,
+    current: Option<Incoming>,
+}
+
+#[derive(Debug)]
+struct Incoming {
+    file: u32,
+    index: u32,
+    offset: u64,
+    len: u32,
+    hash: Hash,
+    data: Vec<u8>,
+}
+
+impl Receiver {
+    /// A receiver; its hello is queued on the control stream at once.
+    pub fn new(cfg: ReceiverConfig) -> Self {
+        let mut out = Outbox::default();
+        out.push_msg(Stream::Control, &hello());
+        Self {
+            cfg,
+            phase: Phase::AwaitHello,
+            control: FrameBuf::default(),
+            out,
+            disk: VecDeque::new(),
+            events: VecDeque::new(),
+            next_op: 0,
+            assembler: None,
+            manifest: None,
+            files: HashMap::new(),
+            lanes: HashMap::new(),
+            writes: HashMap::new(),
+            finalizes: HashMap::new(),
+            unfinished: 0,
+            bytes_done: 0,
+            files_done: 0,
+            since_progress: 0,
+            last_activity: None,
+        }
+    }
+
+    /// Bytes arrived on `stream`.
+    pub fn handle_stream_data(&mut self, now: Instant, stream: Stream, data: &[u8]) {
+        if self.is_over() {
+            return;
+        }
+        self.last_activity = Some(now);
+        match stream {
+            Stream::Control => {
+                self.control.push(data);
+                loop {
+                    match self.control.next() {
+                        Ok(Some(m)) => self.on_control(m),
+                        Ok(None) => break,
+                        Err(e) => return self.fail(e.into()),
+                    }
+                    if self.is_over() {
+                        break;
+                    }
+                }
+            }
+            Stream::Lane(n) => {
+                if n >= self.cfg.max_lanes {
+                    return self.fail(TransferError::Protocol(format!("more than {} data lanes", self.cfg.max_lanes)));
+                }
+                self.on_lane_data(n, data);
+            }
+        }
+    }
+
+    /// The peer finished or reset `stream`.
+    pub fn handle_stream_end(&mut self, now: Instant, stream: Stream) {
+        if self.is_over() {
+            return;
+        }
+        self.last_activity = Some(now);
+        match stream {
+            Stream::Control => self.fail(TransferError::Protocol("control stream ended early".into())),
+            Stream::Lane(n) => {
+                let torn = self.lanes.get(&n).is_some_and(|l| l.current.is_some() || !l.header.is_empty());
+                if torn {
+                    self.fail(TransferError::Protocol(format!("data lane {n} ended inside a chunk")));
+                }
+            }
+        }
+    }
+
+    /// A disk request completed.
+    pub fn handle_disk_done(&mut self, now: Instant, id: OpId, res: Result<DiskResult, DiskFailure>) {
+        self.last_activity = Some(now);
+        if let Some((file, index, len)) = self.writes.remove(&id) {
+            if self.is_over() {
+                return;
+            }
+            if let Err(e) = res {
+                return self.fail(TransferError::Io(e.to_string()));
+            }
+            let Some(f) = self.files.get_mut(&file) else { return };
+            f.chunks[index as usize] = Chunk::Verified;
+            f.unverified -= 1;
+            self.bytes_done += u64::from(len);
+            self.events.push_back(Event::ChunkVerified { file, index, len });
+            self.since_progress += 1;
+            if self.since_progress >= 16 {
+                self.send_progress();
+            }
+            self.maybe_complete(file);
+        } else if let Some(file) = self.finalizes.remove(&id) {
+            if self.is_over() {
+                return;
+            }
+            match res {
+                Ok(_) => {
+                    self.events.push_back(Event::FileComplete { file });
+                    self.entry_done(file);
+                }
+                Err(DiskFailure::Exists(p)) => self.fail(TransferError::Exists(p)),
+                Err(DiskFailure::Io(e)) => self.fail(TransferError::Io(e)),
+            }
+        } else if self.phase == Phase::Finishing {
+            if let Err(e) = res {
+                return self.fail(TransferError::Io(e.to_string()));
+            }
+            self.send_progress();
+            self.out.push_msg(Stream::Control, &Message::Complete);
+            self.phase = Phase::AwaitClose;
+        }
+    }
+
+    /// Time has passed; fails the transfer if it stalled.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.poll_timeout().is_some_and(|t| now >= t) {
+            let what = match self.phase {
+                Phase::AwaitHello | Phase::AwaitManifest => "waiting for the sender's manifest",
+                _ => "no data from the sender",
+            };
+            self.fail(TransferError::Timeout(what));
+        }
+    }
+
+    /// Accepts the share. `local` holds what the driver found at the destination for files that
+    /// are partly or wholly present (by manifest index); every other file is fetched whole.
+    pub fn accept(&mut self, now: Instant, mut local: HashMap<u32, LocalFile>) {
+        if self.phase != Phase::AwaitDecision {
+            return;
+        }
+        self.last_activity = Some(now);
+        let Some(m) = self.manifest.clone() else { return };
+        let mut haves = Vec::new();
+        for (i, e) in m.entries().iter().enumerate() {
+            let i = i as u32;
+            if e.kind != EntryKind::File {
+                continue;
+            }
+            let n = m.chunk_count(i);
+            let mut f = FileState {
+                chunks: vec![Chunk::Missing; n as usize],
+                hashes: vec![[0; 32]; n as usize],
+                unverified: n,
+                claim_pending: false,
+                existing: false,
+                written: false,
+                digest: None,
+                complete: false,
+                corrupt: HashMap::new(),
+            };
+            let claims: BTreeMap<u32, Hash> = match local.remove(&i) {
+                None => BTreeMap::new(),
+                Some(LocalFile::Partial(c)) => c.into_iter().filter(|(k, _)| *k < n).collect(),
+                Some(LocalFile::Existing(h)) if h.len() == n as usize => {
+                    f.existing = true;
+                    h.into_iter().enumerate().map(|(k, h)| (k as u32, h)).collect()
+                }
+                Some(LocalFile::Existing(_) | LocalFile::Conflict) => {
+                    if !self.cfg.overwrite {
+                        return self.fail(TransferError::Exists(e.path.clone()));
+                    }
+                    f.existing = true;
+                    BTreeMap::new()
+                }
+            };
+            if !claims.is_empty() || f.existing {
+                for (&k, h) in &claims {
+                    f.chunks[k as usize] = Chunk::Claimed;
+                    f.hashes[k as usize] = *h;
+                }
+                f.claim_pending = true;
+                haves.push(Message::Have {
+                    file: i,
+                    ranges: to_ranges(claims.keys().copied()),
+                    digest: claim_digest(claims.iter().map(|(k, h)| (*k, h))),
+                });
+            }
+            self.files.insert(i, f);
+        }
+        self.out.push_msg(Stream::Control, &Message::Accept);
+        for h in &haves {
+            self.out.push_msg(Stream::Control, h);
+        }
+        self.out.push_msg(Stream::Control, &Message::HaveDone);
+        self.phase = Phase::Receiving;
+        self.unfinished = m.len();
+        // Directories and links need no data: put them in place now.
+        for (i, e) in m.entries().iter().enumerate() {
+            if e.kind != EntryKind::File {
+                self.finalize(i as u32);
+            }
+        }
+        self.maybe_finish();
+    }
+
+    /// Declines the share.
+    pub fn reject(&mut self, reason: &str) {
+        if self.is_over() {
+            return;
+        }
+        self.out.push_msg(Stream::Control, &Message::Reject { reason: truncate(reason) });
+        self.out.finish(Stream::Control);
+        self.phase = Phase::Failed;
+        self.events.push_back(Event::Failed(TransferError::Declined(reason.to_owned())));
+    }
+
+    /// Ends the transfer at the local user's request.
+    pub fn cancel(&mut self) {
+        self.fail(TransferError::Cancelled);
+    }
+
+    /// Outgoing stream bytes.
+    pub fn outbox(&mut self) -> &mut Outbox {
+        &mut self.out
+    }
+
+    /// The next disk request.
+    pub fn poll_disk(&mut self) -> Option<DiskOp> {
+        self.disk.pop_front()
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Receiver::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::AwaitDecision | Phase::Done | Phase::Failed => None,
+            _ => self.last_activity.map(|t| t + self.cfg.stall_timeout),
+        }
+    }
+
+    /// Whether the driver should read data lanes now (false while the disk lags behind).
+    pub fn wants_data(&self) -> bool {
+        self.writes.len() < self.cfg.max_pending_writes
+    }
+
+    /// The manifest, once complete.
+    pub fn manifest(&self) -> Option<&Arc<Manifest>> {
+        self.manifest.as_ref()
+    }
+
+    /// Verified bytes so far, including those held before the transfer.
+    pub fn bytes_done(&self) -> u64 {
+        self.bytes_done
+    }
+
+    /// Whether the transfer has ended, successfully or not.
+    pub fn is_over(&self) -> bool {
+        matches!(self.phase, Phase::Done | Phase::Failed)
+    }
+
+    fn on_control(&mut self, m: Message) {
+        match (&self.phase, m) {
+            (_, Message::Error { code, message, .. }) => {
+                self.phase = Phase::Failed;
+                self.events.push_back(Event::Failed(TransferError::Peer { code, message }));
+            }
+            (Phase::AwaitHello, Message::Hello { min_version, max_version, .. }) => {
+                if let Err(e) = check_hello(min_version, max_version) {
+                    return self.fail(e);
+                }
+                self.phase = Phase::AwaitManifest;
+            }
+            (Phase::AwaitManifest, Message::ManifestBegin { entry_count, total_bytes, chunk_size }) if self.assembler.is_none() => {
+                match Assembler::begin(entry_count, total_bytes, chunk_size, self.cfg.limits) {
+                    Ok(a) => self.assembler = Some(a),
+                    Err(e) => self.fail(e.into()),
+                }
+            }
+            (Phase::AwaitManifest, Message::ManifestEntries(entries)) if self.assembler.is_some() => {
+                for e in entries {
+                    if let Some(a) = self.assembler.as_mut() {
+                        if let Err(err) = a.push(e) {
+                            return self.fail(err.into());
+                        }
+                    }
+                }
+            }
+            (Phase::AwaitManifest, Message::ManifestEnd) if self.assembler.is_some() => {
+                if let Some(a) = self.assembler.take() {
+                    match a.finish() {
+                        Ok(m) => {
+                            self.manifest = Some(Arc::new(m));
+                            self.phase = Phase::AwaitDecision;
+                            self.events.push_back(Event::ManifestReady);
+                        }
+                        Err(e) => self.fail(e.into()),
+                    }
+                }
+            }
+            (Phase::Receiving | Phase::Finishing | Phase::AwaitClose, Message::Verdict { file, accepted }) => self.on_verdict(file, accepted),
+            (Phase::Receiving | Phase::Finishing | Phase::AwaitClose, Message::FileDone { file, digest }) => {
+                let Some(f) = self.files.get_mut(&file) else {
+                    return self.fail(TransferError::Protocol(format!("file-done for entry {file}, which is not a file")));
+                };
+                if f.digest.is_some() {
+                    return self.fail(TransferError::Protocol(format!("second file-done for entry {file}")));
+                }
+                f.digest = Some(digest);
+                self.maybe_complete(file);
+            }
+            (Phase::AwaitClose, Message::Close) => {
+                self.phase = Phase::Done;
+                self.out.finish(Stream::Control);
+                self.events.push_back(Event::Done);
+            }
+            (phase, m) => {
+                let detail = format!("unexpected {:?} while {phase:?}", m.message_type());
+                self.fail(TransferError::Protocol(detail));
+            }
+        }
+    }
+
+    fn on_verdict(&mut self, file: u32, accepted: bool) {
+        let overwrite = self.cfg.overwrite;
+        let path = self.path(file);
+        let Some(f) = self.files.get_mut(&file).filter(|f| f.claim_pending) else {
+            return self.fail(TransferError::Protocol(format!("verdict for entry {file}, which had no claim")));
+        };
+        f.claim_pending = false;
+        let mut held = Vec::new();
+        for (k, c) in f.chunks.iter_mut().enumerate() {
+            if *c == Chunk::Claimed {
+                if accepted {
+                    *c = Chunk::Verified;
+                    f.unverified -= 1;
+                    held.push(k as u32);
+                } else {
+                    *c = Chunk::Missing;
+                }
+            }
+        }
+        if !accepted && f.existing && !overwrite {
+            return self.fail(TransferError::Exists(path));
+        }
+        if let Some(m) = &self.manifest {
+            let bytes: u64 = held
+                .iter()
+                .filter_map(|&k| m.chunk_span(file, k))
+                .map(|(_, l)| u64::from(l))
+                .sum();
+            self.bytes_done += bytes;
+        }
+        self.maybe_complete(file);
+    }
+
+    fn on_lane_data(&mut self, lane: u16, data: &[u8]) {
+        let mut pos = 0;
+        while pos < data.len() {
+            let state = self.lanes.entry(lane).or_default();
+            if let Some(inc) = state.current.as_mut() {
+                let take = (inc.len as usize - inc.data.len()).min(data.len() - pos);
+                inc.data.extend_from_slice(&data[pos..pos + take]);
+                pos += take;
+                if inc.data.len() == inc.len as usize {
+                    if let Some(inc) = state.current.take() {
+                        self.on_chunk(inc);
+                    }
+                    if self.is_over() {
+                        return;
+                    }
+                }
+                continue;
+            }
+            if state.header.is_empty() {
+                match flux_wire::decode_frame(&data[pos..]) {
+                    Ok(Some((m, used))) => {
+                        pos += used;
+                        self.start_chunk(lane, m);
+                        if self.is_over() {
+                            return;
+                        }
+                    }
+                    Ok(None) => {
+                        state.header.push(&data[pos..]);
+                        return;
+                    }
+                    Err(e) => return self.fail(e.into()),
+                }
+            } else {
+                state.header.push(&data[pos..]);
+                match state.header.next() {
+                    Ok(Some(m)) => {
+                        let rest = state.header.take_rest();
+                        self.start_chunk(lane, m);
+                        if !self.is_over() {
+                            self.on_lane_data(lane, &rest);
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => self.fail(e.into()),
+                }
+                return;
+            }
+        }
+    }
+
+    fn start_chunk(&mut self, lane: u16, m: Message) {
+        let Message::ChunkHeader { file, index, len, hash } = m else {
+            return self.fail(TransferError::Protocol(format!("{:?} on a data lane", m.message_type())));
+        };
+        if !matches!(self.phase, Phase::Receiving) {
+            return self.fail(TransferError::Protocol("chunk data before the share was accepted".into()));
+        }
+        let Some(m) = &self.manifest else { return };
+        let Some(entry) = m.entry(file).filter(|e| e.kind == EntryKind::File) else {
+            return self.fail(TransferError::Protocol(format!("chunk for entry {file}, which is not a file")));
+        };
+        let Some((offset, expected)) = m.chunk_span(file, index) else {
+            return self.fail(TransferError::Protocol(format!(
+                "chunk {index} lies beyond the end of {} ({} bytes)",
+                entry.path, entry.size
+            )));
+        };
+        if len != expected {
+            return self.fail(TransferError::Protocol(format!(
+                "chunk {index} of {} announces {len} bytes but the manifest implies {expected}",
+                entry.path
+            )));
+        }
+        if let Some(state) = self.lanes.get_mut(&lane) {
+            state.current = Some(Incoming {
+                file,
+                index,
+                offset,
+                len,
+                hash,
+                data: Vec::with_capacity(len as usize),
+            });
+            if len == 0 {
+                if let Some(inc) = state.current.take() {
+                    self.on_chunk(inc);
+                }
+            }
+        }
+    }
+
+    fn on_chunk(&mut self, inc: Incoming) {
+        let max = self.cfg.max_corrupt;
+        let Some(f) = self.files.get_mut(&inc.file) else { return };
+        let i = inc.index as usize;
+        if matches!(f.chunks[i], Chunk::Writing | Chunk::Verified) {
+            // A refetched chunk can arrive twice; the first good copy counts.
+            return;
+        }
+        if chunk_hash(&inc.data) != inc.hash {
+            let times = f.corrupt.entry(inc.index).or_insert(0);
+            *times += 1;
+            let times = *times;
+            if times > max {
+                return self.fail(TransferError::Integrity { file: inc.file, index: inc.index, times });
+            }
+            self.events.push_back(Event::ChunkCorrupt { file: inc.file, index: inc.index });
+            self.out.push_msg(Stream::Control, &Message::Refetch { file: inc.file, index: inc.index });
+            return;
+        }
+        f.chunks[i] = Chunk::Writing;
+        f.hashes[i] = inc.hash;
+        f.written = true;
+        let id = self.op_id();
+        self.writes.insert(id, (inc.file, inc.index, inc.len));
+        self.disk.push_back(DiskOp::WriteChunk {
+            id,
+            file: inc.file,
+            index: inc.index,
+            offset: inc.offset,
+            hash: inc.hash,
+            data: inc.data.into(),
+        });
+    }
+
+    fn maybe_complete(&mut self, file: u32) {
+        let Some(m) = self.manifest.clone() else { return };
+        let Some(f) = self.files.get_mut(&file) else { return };
+        if f.complete || f.unverified > 0 || f.claim_pending {
+            return;
+        }
+        let Some(digest) = f.digest else { return };
+        let size = m.entry(file).map_or(0, |e| e.size);
+        if file_digest(size, m.chunk_size(), &f.hashes) != digest {
+            let path = self.path(file);
+            return self.fail(TransferError::Protocol(format!("whole-file digest of {path} does not match its chunks")));
+        }
+        f.complete = true;
+        if f.existing && !f.written {
+            self.events.push_back(Event::FileSkipped { file });
+            self.entry_done(file);
+        } else {
+            self.finalize(file);
+        }
+    }
+
+    fn finalize(&mut self, file: u32) {
+        let id = self.op_id();
+        self.finalizes.insert(id, file);
+        self.disk.push_back(DiskOp::Finalize { id, file, replace: self.cfg.overwrite });
+    }
+
+    fn entry_done(&mut self, file: u32) {
+        if self.files.contains_key(&file) {
+            self.files_done += 1;
+            self.send_progress();
+        }
+        self.unfinished -= 1;
+        self.maybe_finish();
+    }
+
+    fn maybe_finish(&mut self) {
+        if self.phase == Phase::Receiving && self.unfinished == 0 {
+            self.phase = Phase::Finishing;
+            let id = self.op_id();
+            self.disk.push_back(DiskOp::Finish { id });
+        }
+    }
+
+    fn send_progress(&mut self) {
+        self.since_progress = 0;
+        self.out.push_msg(
+            Stream::Control,
+            &Message::Progress { bytes_done: self.bytes_done, files_done: self.files_done },
+        );
+    }
+
+    fn op_id(&mut self) -> OpId {
+        self.next_op += 1;
+        OpId(self.next_op)
+    }
+
+    fn path(&self, file: u32) -> String {
+        self.manifest
+            .as_ref()
+            .and_then(|m| m.entry(file))
+            .map_or_else(|| format!("entry {file}"), |e| e.path.clone())
+    }
+
+    fn fail(&mut self, e: TransferError) {
+        if self.is_over() {
+            return;
+        }
+        tracing::debug!(error = %e, "transfer failed");
+        self.phase = Phase::Failed;
+        if !matches!(e, TransferError::Peer { .. }) {
+            self.out.push_msg(
+                Stream::Control,
+                &Message::Error { code: e.code(), file: None, message: truncate(&e.to_string()) },
+            );
+        }
+        self.out.finish(Stream::Control);
+        self.events.push_back(Event::Failed(e));
+    }
+}
+
+/// Compresses ascending chunk indices into ranges.
+fn to_ranges(indices: impl IntoIterator<Item = u32>) -> Vec<ChunkRange> {
+    let mut out: Vec<ChunkRange> = Vec::new();
+    for i in indices {
+        match out.last_mut() {
+            Some(r) if r.start + r.len == i => r.len += 1,
+            _ => out.push(ChunkRange { start: i, len: 1 }),
+        }
+    }
+    out
+}

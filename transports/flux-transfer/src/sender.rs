@@ -1,0 +1,562 @@
+//! The sending side of one transfer (one receiver).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use flux_wire::{ChunkRange, EntryKind, Hash, Message};
+
+use crate::digest::{chunk_hash, claim_digest, file_digest};
+use crate::io::{DiskFailure, DiskOp, DiskResult, Event, FrameBuf, OpId, Outbox, Stream, TransferError};
+use crate::manifest::Manifest;
+use crate::{hello, check_hello};
+
+/// Settings of a [`Sender`].
+#[derive(Clone, Debug)]
+pub struct SenderConfig {
+    /// Files (or ranges of one large file) in flight at once, each on its own lane: 1..=8.
+    pub parallel_files: u16,
+    /// Chunks each lane may have read ahead of the network.
+    pub read_ahead: u32,
+    /// Chunks per range when a large file is split across lanes.
+    pub range_chunks: u32,
+    /// Inactivity after which the transfer fails (not applied while the receiver's user decides).
+    pub stall_timeout: Duration,
+    /// Times one chunk may be requested again before the transfer fails.
+    pub max_refetch: u32,
+}
+
+impl Default for SenderConfig {
+    fn default() -> Self {
+        Self {
+            parallel_files: 4,
+            read_ahead: 4,
+            range_chunks: 32,
+            stall_timeout: Duration::from_secs(30),
+            max_refetch: 3,
+        }
+    }
+}
+
+/// Sends one share to one receiver.
+///
+/// Driving contract: feed [`Sender::handle_stream_data`], [`Sender::handle_disk_done`] and
+/// [`Sender::handle_timeout`]; after each, move bytes out of [`Sender::outbox`], then drain
+/// [`Sender::poll_disk`] and [`Sender::poll_event`] until both return `None`. Reads are requested
+/// only while a lane has room, so the bytes held here never exceed
+/// `parallel_files × read_ahead × chunk_size` plus control messages.
+#[derive(Debug)]
+pub struct Sender {
+    manifest: Arc<Manifest>,
+    cfg: SenderConfig,
+    phase: Phase,
+    control: FrameBuf,
+    out: Outbox,
+    disk: VecDeque<DiskOp>,
+    events: VecDeque<Event>,
+    next_op: u64,
+    reads: HashMap<OpId, Read>,
+    files: HashMap<u32, FileState>,
+    work: VecDeque<Work>,
+    lanes: Vec<Lane>,
+    /// Claims being verified, in order.
+    verify: VecDeque<(u32, u32)>,
+    verify_inflight: usize,
+    last_activity: Option<Instant>,
+}
+
+#[derive(Debug, Eq, PartialEq)]
+enum Phase {
+    AwaitHello,
+    AwaitDecision,
+    AwaitHaves,
+    Sending,
+    Done,
+    Failed,
+}
+
+#[derive(Debug)]
+struct Read {
+    file: u32,
+    index: u32,
+    len: u32,
+    /// `Some(lane)` for a chunk to send, `None` for a resume check.
+    lane: Option<usize>,
+}
+
+#[derive(Debug, Default)]
+struct FileState {
+    hashes: Vec<Option<Hash>>,
+    unknown: u32,
+    /// Chunks still to read for sending (including refetches).
+    to_send: u32,
+    claim: Option<Claim>,
+    done_sent: bool,
+    refetches: HashMap<u32, u32>,
+}
+
+#[derive(Debug)]
+struct Claim {
+    chunks: Vec<u32>,
+    digest: Hash,
+    pending: u32,
+}
+
+#[derive(Debug)]
+struct Work {
+    file: u32,
+    chunks: VecDeque<u32>,
+}
+
+#[derive(Debug, Default)]
+struct Lane {
+    work: Option<Work>,
+    inflight: u32,
+}
+
+impl Sender {
+    /// A sender for `manifest`. It waits for the receiver's hello on the control stream.
+    pub fn new(manifest: Arc<Manifest>, mut cfg: SenderConfig) -> Self {
+        cfg.parallel_files = cfg.parallel_files.clamp(1, 8);
+        cfg.read_ahead = cfg.read_ahead.max(1);
+        cfg.range_chunks = cfg.range_chunks.max(1);
+        let lanes = (0..cfg.parallel_files).map(|_| Lane::default()).collect();
+        Self {
+            manifest,
+            cfg,
+            phase: Phase::AwaitHello,
+            control: FrameBuf::default(),
+            out: Outbox::default(),
+            disk: VecDeque::new(),
+            events: VecDeque::new(),
+            next_op: 0,
+            reads: HashMap::new(),
+            files: HashMap::new(),
+            work: VecDeque::new(),
+            lanes,
+            verify: VecDeque::new(),
+            verify_inflight: 0,
+            last_activity: None,
+        }
+    }
+
+    /// Bytes arrived on `stream` (only the control stream carries anything to a sender).
+    pub fn handle_stream_data(&mut self, now: Instant, stream: Stream, data: &[u8]) {
+        if self.is_over() {
+            return;
+        }
+        self.last_activity = Some(now);
+        if stream != Stream::Control {
+            return self.fail(TransferError::Protocol("data on a receiver-opened lane".into()));
+        }
+        self.control.push(data);
+        loop {
+            match self.control.next() {
+                Ok(Some(m)) => self.on_message(m),
+                Ok(None) => break,
+                Err(e) => return self.fail(e.into()),
+            }
+            if self.is_over() {
+                break;
+            }
+        }
+    }
+
+    /// The peer finished or reset `stream`.
+    pub fn handle_stream_end(&mut self, now: Instant, stream: Stream) {
+        self.last_activity = Some(now);
+        if stream == Stream::Control && !self.is_over() {
+            self.fail(TransferError::Protocol("control stream ended early".into()));
+        }
+    }
+
+    /// A disk request completed.
+    pub fn handle_disk_done(&mut self, now: Instant, id: OpId, res: Result<DiskResult, DiskFailure>) {
+        self.last_activity = Some(now);
+        let Some(read) = self.reads.remove(&id) else {
+            return;
+        };
+        if let Some(lane) = read.lane {
+            self.lanes[lane].inflight -= 1;
+        } else {
+            self.verify_inflight -= 1;
+        }
+        if self.is_over() {
+            return;
+        }
+        let data = match res {
+            Ok(DiskResult::Read(b)) if b.len() == read.len as usize => b,
+            Ok(DiskResult::Read(b)) => {
+                return self.fail(TransferError::Io(format!(
+                    "{}: read {} bytes at chunk {} where {} were expected (file changed while sending?)",
+                    self.path(read.file),
+                    b.len(),
+                    read.index,
+                    read.len
+                )));
+            }
+            Ok(DiskResult::Done) => return self.fail(TransferError::Io("read returned no data".into())),
+            Err(e) => return self.fail(TransferError::Io(format!("{}: {e}", self.path(read.file)))),
+        };
+        let hash = chunk_hash(&data);
+        let manifest = Arc::clone(&self.manifest);
+        let Some(f) = self.files.get_mut(&read.file) else {
+            return;
+        };
+        let slot = &mut f.hashes[read.index as usize];
+        if let Some(prev) = slot {
+            if *prev != hash {
+                let path = manifest.entry(read.file).map_or("?", |e| e.path.as_str());
+                return self.fail(TransferError::Io(format!("{path}: file changed while sending")));
+            }
+        } else {
+            *slot = Some(hash);
+            f.unknown -= 1;
+        }
+        match read.lane {
+            Some(lane) => {
+                f.to_send -= 1;
+                let header = Message::ChunkHeader {
+                    file: read.file,
+                    index: read.index,
+                    len: read.len,
+                    hash,
+                };
+                let stream = Stream::Lane(lane as u16);
+                self.out.push_msg(stream, &header);
+                self.out.push(stream, data);
+                self.events.push_back(Event::ChunkSent {
+                    file: read.file,
+                    index: read.index,
+                    len: read.len,
+                });
+            }
+            None => {
+                if let Some(c) = f.claim.as_mut() {
+                    c.pending -= 1;
+                    if c.pending == 0 {
+                        self.finish_claim(read.file);
+                    }
+                }
+            }
+        }
+        self.maybe_file_done(read.file);
+    }
+
+    /// Time has passed; fails the transfer if it stalled.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.poll_timeout().is_some_and(|t| now >= t) {
+            self.fail(TransferError::Timeout("no progress from the receiver"));
+        }
+    }
+
+    /// Ends the transfer at the local user's request.
+    pub fn cancel(&mut self) {
+        self.fail(TransferError::Cancelled);
+    }
+
+    /// Outgoing stream bytes.
+    pub fn outbox(&mut self) -> &mut Outbox {
+        &mut self.out
+    }
+
+    /// The next disk request.
+    pub fn poll_disk(&mut self) -> Option<DiskOp> {
+        if self.disk.is_empty() && self.phase == Phase::Sending {
+            self.schedule();
+        }
+        self.disk.pop_front()
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Sender::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::AwaitDecision | Phase::Done | Phase::Failed => None,
+            _ => self.last_activity.map(|t| t + self.cfg.stall_timeout),
+        }
+    }
+
+    /// The share being sent.
+    pub fn manifest(&self) -> &Arc<Manifest> {
+        &self.manifest
+    }
+
+    /// Whether the transfer has ended, successfully or not.
+    pub fn is_over(&self) -> bool {
+        matches!(self.phase, Phase::Done | Phase::Failed)
+    }
+
+    fn on_message(&mut self, m: Message) {
+        match (&self.phase, m) {
+            (_, Message::Error { code, message, .. }) => {
+                self.phase = Phase::Failed;
+                self.events
+                    .push_back(Event::Failed(TransferError::Peer { code, message }));
+            }
+            (Phase::AwaitHello, Message::Hello { min_version, max_version, .. }) => {
+                if let Err(e) = check_hello(min_version, max_version) {
+                    return self.fail(e);
+                }
+                self.out.push_msg(Stream::Control, &hello());
+                for m in self.manifest.to_messages() {
+                    self.out.push_msg(Stream::Control, &m);
+                }
+                self.phase = Phase::AwaitDecision;
+            }
+            (Phase::AwaitDecision, Message::Accept) => {
+                self.phase = Phase::AwaitHaves;
+                self.events.push_back(Event::Accepted);
+                self.init_files();
+            }
+            (Phase::AwaitDecision, Message::Reject { reason }) => {
+                self.phase = Phase::Failed;
+                self.events.push_back(Event::Failed(TransferError::Declined(reason)));
+                self.out.finish(Stream::Control);
+            }
+            (Phase::AwaitHaves, Message::Have { file, ranges, digest }) => self.on_have(file, ranges, digest),
+            (Phase::AwaitHaves, Message::HaveDone) => {
+                self.phase = Phase::Sending;
+                let mut all: Vec<u32> = self.files.keys().copied().collect();
+                all.sort_unstable();
+                for &file in &all {
+                    if self.files.get(&file).is_some_and(|f| f.claim.is_none()) {
+                        self.enqueue_all(file, None);
+                    }
+                }
+                for file in all {
+                    self.maybe_file_done(file);
+                }
+            }
+            (Phase::Sending, Message::Refetch { file, index }) => self.on_refetch(file, index),
+            (Phase::Sending, Message::Progress { bytes_done, files_done }) => {
+                self.events.push_back(Event::PeerProgress { bytes_done, files_done });
+            }
+            (Phase::Sending, Message::Complete) => {
+                if let Some(file) = self.files.iter().find(|(_, f)| !f.done_sent).map(|(i, _)| *i) {
+                    let path = self.path(file);
+                    return self.fail(TransferError::Protocol(format!("receiver claimed completion before {path} was sent")));
+                }
+                self.out.push_msg(Stream::Control, &Message::Close);
+                self.out.finish(Stream::Control);
+                for lane in 0..self.lanes.len() {
+                    if self.out.queued(Stream::Lane(lane as u16)) > 0 {
+                        self.out.finish(Stream::Lane(lane as u16));
+                    }
+                }
+                self.phase = Phase::Done;
+                self.events.push_back(Event::Done);
+            }
+            (phase, m) => {
+                let detail = format!("unexpected {:?} while {phase:?}", m.message_type());
+                self.fail(TransferError::Protocol(detail));
+            }
+        }
+    }
+
+    fn init_files(&mut self) {
+        for (i, e) in self.manifest.entries().iter().enumerate() {
+            if e.kind != EntryKind::File {
+                continue;
+            }
+            let n = self.manifest.chunk_count(i as u32);
+            self.files.insert(
+                i as u32,
+                FileState {
+                    hashes: vec![None; n as usize],
+                    unknown: n,
+                    ..FileState::default()
+                },
+            );
+        }
+    }
+
+    fn on_have(&mut self, file: u32, ranges: Vec<ChunkRange>, digest: Hash) {
+        let n = self.manifest.chunk_count(file);
+        let Some(f) = self.files.get_mut(&file) else {
+            return self.fail(TransferError::Protocol(format!("resume claim for entry {file}, which is not a file")));
+        };
+        if f.claim.is_some() {
+            return self.fail(TransferError::Protocol(format!("second resume claim for entry {file}")));
+        }
+        let mut chunks = Vec::new();
+        for r in ranges {
+            let end = r.start.checked_add(r.len).filter(|e| *e <= n);
+            let Some(end) = end else {
+                return self.fail(TransferError::Protocol(format!("resume claim beyond the end of entry {file}")));
+            };
+            if chunks.last().is_some_and(|l| *l >= r.start) {
+                return self.fail(TransferError::Protocol(format!("resume claim ranges out of order for entry {file}")));
+            }
+            chunks.extend(r.start..end);
+        }
+        let pending = chunks.len() as u32;
+        for &c in &chunks {
+            self.verify.push_back((file, c));
+        }
+        f.claim = Some(Claim { chunks, digest, pending });
+        if pending == 0 {
+            self.finish_claim(file);
+        }
+    }
+
+    /// Every claimed chunk is hashed: compare, answer, and queue what the receiver lacks.
+    fn finish_claim(&mut self, file: u32) {
+        let Some(f) = self.files.get_mut(&file) else { return };
+        let Some(c) = f.claim.as_ref() else { return };
+        let ours = claim_digest(c.chunks.iter().filter_map(|&i| f.hashes[i as usize].as_ref().map(|h| (i, h))));
+        let accepted = ours == c.digest;
+        let held: Vec<u32> = if accepted { c.chunks.clone() } else { Vec::new() };
+        let bytes = held
+            .iter()
+            .filter_map(|&i| self.manifest.chunk_span(file, i))
+            .map(|(_, l)| u64::from(l))
+            .sum();
+        self.out.push_msg(Stream::Control, &Message::Verdict { file, accepted });
+        self.events.push_back(Event::ResumeChecked { file, accepted, bytes });
+        self.enqueue_all(file, Some(&held));
+        if self.phase == Phase::Sending {
+            self.maybe_file_done(file);
+        }
+    }
+
+    /// Queues every chunk of `file` not in `held`, split into ranges for the lanes.
+    fn enqueue_all(&mut self, file: u32, held: Option<&[u32]>) {
+        let n = self.manifest.chunk_count(file);
+        let held = held.unwrap_or(&[]);
+        let mut hi = 0;
+        let mut missing = Vec::new();
+        for c in 0..n {
+            while hi < held.len() && held[hi] < c {
+                hi += 1;
+            }
+            if hi < held.len() && held[hi] == c {
+                continue;
+            }
+            missing.push(c);
+        }
+        if let Some(f) = self.files.get_mut(&file) {
+            f.to_send += missing.len() as u32;
+        }
+        for part in missing.chunks(self.cfg.range_chunks as usize) {
+            self.work.push_back(Work {
+                file,
+                chunks: part.iter().copied().collect(),
+            });
+        }
+    }
+
+    fn on_refetch(&mut self, file: u32, index: u32) {
+        let max = self.cfg.max_refetch;
+        let Some(f) = self.files.get_mut(&file) else {
+            return self.fail(TransferError::Protocol(format!("refetch of entry {file}, which is not a file")));
+        };
+        if f.hashes.get(index as usize).is_none_or(Option::is_none) {
+            return self.fail(TransferError::Protocol(format!("refetch of chunk {index} of entry {file}, which was not sent")));
+        }
+        let times = f.refetches.entry(index).or_insert(0);
+        *times += 1;
+        if *times > max {
+            let times = *times;
+            return self.fail(TransferError::Integrity { file, index, times });
+        }
+        f.to_send += 1;
+        self.work.push_front(Work {
+            file,
+            chunks: VecDeque::from([index]),
+        });
+    }
+
+    fn maybe_file_done(&mut self, file: u32) {
+        let Some(f) = self.files.get_mut(&file) else { return };
+        if f.done_sent || f.unknown > 0 || f.to_send > 0 || self.phase != Phase::Sending {
+            return;
+        }
+        if f.claim.as_ref().is_some_and(|c| c.pending > 0) {
+            return;
+        }
+        let hashes: Option<Vec<Hash>> = f.hashes.iter().copied().collect();
+        let Some(hashes) = hashes else { return };
+        f.done_sent = true;
+        let size = self.manifest.entry(file).map_or(0, |e| e.size);
+        let digest = file_digest(size, self.manifest.chunk_size(), &hashes);
+        self.out.push_msg(Stream::Control, &Message::FileDone { file, digest });
+    }
+
+    /// Issues reads while lanes have room: claim checks first (a few at a time), then chunks.
+    fn schedule(&mut self) {
+        const VERIFY_INFLIGHT: usize = 4;
+        while self.verify_inflight < VERIFY_INFLIGHT {
+            let Some((file, index)) = self.verify.pop_front() else { break };
+            if let Some((offset, len)) = self.manifest.chunk_span(file, index) {
+                self.issue_read(file, index, offset, len, None);
+                self.verify_inflight += 1;
+            }
+        }
+        let chunk = u64::from(self.manifest.chunk_size());
+        let budget = chunk * u64::from(self.cfg.read_ahead);
+        for lane in 0..self.lanes.len() {
+            loop {
+                let queued = self.out.queued(Stream::Lane(lane as u16)) as u64;
+                if queued + u64::from(self.lanes[lane].inflight) * chunk >= budget {
+                    break;
+                }
+                if self.lanes[lane].work.as_ref().is_none_or(|w| w.chunks.is_empty()) {
+                    self.lanes[lane].work = self.work.pop_front();
+                }
+                let Some(w) = self.lanes[lane].work.as_mut() else { break };
+                let Some(index) = w.chunks.pop_front() else { break };
+                let file = w.file;
+                if let Some((offset, len)) = self.manifest.chunk_span(file, index) {
+                    self.lanes[lane].inflight += 1;
+                    self.issue_read(file, index, offset, len, Some(lane));
+                }
+            }
+        }
+    }
+
+    fn issue_read(&mut self, file: u32, index: u32, offset: u64, len: u32, lane: Option<usize>) {
+        let id = OpId(self.next_op);
+        self.next_op += 1;
+        self.reads.insert(id, Read { file, index, len, lane });
+        self.disk.push_back(DiskOp::Read { id, file, offset, len });
+    }
+
+    fn path(&self, file: u32) -> String {
+        self.manifest.entry(file).map_or_else(|| format!("entry {file}"), |e| e.path.clone())
+    }
+
+    fn fail(&mut self, e: TransferError) {
+        if self.is_over() {
+            return;
+        }
+        tracing::debug!(error = %e, "transfer failed");
+        self.phase = Phase::Failed;
+        if !matches!(e, TransferError::Peer { .. }) {
+            self.out.push_msg(
+                Stream::Control,
+                &Message::Error {
+                    code: e.code(),
+                    file: None,
+                    message: truncate(&e.to_string()),
+                },
+            );
+        }
+        self.out.finish(Stream::Control);
+        self.events.push_back(Event::Failed(e));
+    }
+}
+
+/// Cuts error text to what the wire carries.
+pub(crate) fn truncate(s: &str) -> String {
+    let mut end = s.len().min(flux_wire::MAX_TEXT_BYTES);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
