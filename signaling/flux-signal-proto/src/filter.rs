@@ -52,7 +52,10 @@ impl AddrRejection {
 ///
 /// IPv4-mapped (`::ffff:a.b.c.d`) and NAT64 (`64:ff9b::a.b.c.d`) IPv6 addresses are judged by
 /// the IPv4 address they carry, so the filter cannot be sidestepped by re-spelling.
-pub fn check_candidate_addr(addr: SocketAddr, policy: CandidatePolicy) -> Result<(), AddrRejection> {
+pub fn check_candidate_addr(
+    addr: SocketAddr,
+    policy: CandidatePolicy,
+) -> Result<(), AddrRejection> {
     if addr.port() == 0 {
         return Err(AddrRejection::PortZero);
     }
@@ -71,7 +74,11 @@ fn check_v4(ip: Ipv4Addr, policy: CandidatePolicy) -> Result<(), AddrRejection> 
     } else if ip.octets()[0] == 0 {
         Err(AddrRejection::Unspecified)
     } else if ip.is_loopback() {
-        if policy.allow_loopback { Ok(()) } else { Err(AddrRejection::Loopback) }
+        if policy.allow_loopback {
+            Ok(())
+        } else {
+            Err(AddrRejection::Loopback)
+        }
     } else if ip.is_link_local() {
         Err(AddrRejection::LinkLocal)
     } else if ip.is_multicast() || ip.is_broadcast() {
@@ -87,7 +94,11 @@ fn check_v6(ip: Ipv6Addr, policy: CandidatePolicy) -> Result<(), AddrRejection> 
     } else if ip.is_unspecified() {
         Err(AddrRejection::Unspecified)
     } else if ip.is_loopback() {
-        if policy.allow_loopback { Ok(()) } else { Err(AddrRejection::Loopback) }
+        if policy.allow_loopback {
+            Ok(())
+        } else {
+            Err(AddrRejection::Loopback)
+        }
     } else if ip.segments()[0] & 0xffc0 == 0xfe80 {
         Err(AddrRejection::LinkLocal)
     } else if ip.is_multicast() {
@@ -114,7 +125,10 @@ fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
 
 /// AWS/GCP/Azure/OCI use 169.254.169.254; Alibaba Cloud uses 100.100.100.200 (inside the
 /// CGNAT range, so it is named explicitly).
-const METADATA_V4: [Ipv4Addr; 2] = [Ipv4Addr::new(169, 254, 169, 254), Ipv4Addr::new(100, 100, 100, 200)];
+const METADATA_V4: [Ipv4Addr; 2] = [
+    Ipv4Addr::new(169, 254, 169, 254),
+    Ipv4Addr::new(100, 100, 100, 200),
+];
 /// AWS's IPv6 instance-metadata endpoint.
 const METADATA_V6: [Ipv6Addr; 1] = [Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)];
 
@@ -128,7 +142,13 @@ mod tests {
 
     #[test]
     fn public_and_private_addresses_pass() {
-        for ok in ["203.0.113.7:4000", "192.168.1.20:5000", "10.0.0.1:1", "[2001:db8::1]:9", "[fd12::1]:9"] {
+        for ok in [
+            "203.0.113.7:4000",
+            "192.168.1.20:5000",
+            "10.0.0.1:1",
+            "[2001:db8::1]:9",
+            "[fd12::1]:9",
+        ] {
             assert_eq!(check(ok), Ok(()), "{ok}");
         }
     }
@@ -163,9 +183,17 @@ mod tests {
 
     #[test]
     fn loopback_allowed_only_by_policy() {
-        let policy = CandidatePolicy { allow_loopback: true };
-        assert_eq!(check_candidate_addr("127.0.0.1:9".parse().unwrap(), policy), Ok(()));
-        assert_eq!(check_candidate_addr("[::1]:9".parse().unwrap(), policy), Ok(()));
+        let policy = CandidatePolicy {
+            allow_loopback: true,
+        };
+        assert_eq!(
+            check_candidate_addr("127.0.0.1:9".parse().unwrap(), policy),
+            Ok(())
+        );
+        assert_eq!(
+            check_candidate_addr("[::1]:9".parse().unwrap(), policy),
+            Ok(())
+        );
         // The policy never opens link-local or metadata.
         assert_eq!(
             check_candidate_addr("169.254.169.254:80".parse().unwrap(), policy),

@@ -35,8 +35,8 @@ mod routing;
 
 pub use filter::{AddrRejection, CandidatePolicy, check_candidate_addr};
 pub use msg::{
-    Candidate, CandidateKind, ClientMsg, DecodeError, ErrorCode, PeerId, PeerLeftReason,
-    ServerMsg, TransportProtocol, decode_client, decode_server,
+    Candidate, CandidateKind, ClientMsg, DecodeError, ErrorCode, PeerId, PeerLeftReason, ServerMsg,
+    TransportProtocol, decode_client, decode_server,
 };
 pub use routing::{ParseRoutingIdError, RoutingId};
 

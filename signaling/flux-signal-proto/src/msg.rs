@@ -88,12 +88,14 @@ impl ClientMsg {
 
     fn validate(&self) -> Result<(), DecodeError> {
         match self {
-            Self::Candidate { candidate, .. } if candidate.foundation.len() > MAX_FOUNDATION_LEN => {
+            Self::Candidate { candidate, .. }
+                if candidate.foundation.len() > MAX_FOUNDATION_LEN =>
+            {
                 Err(DecodeError::InvalidMessage)
             }
-            Self::RejectPeer { reason: Some(r), .. } if r.len() > MAX_REASON_LEN => {
-                Err(DecodeError::InvalidMessage)
-            }
+            Self::RejectPeer {
+                reason: Some(r), ..
+            } if r.len() > MAX_REASON_LEN => Err(DecodeError::InvalidMessage),
             _ => Ok(()),
         }
     }
@@ -403,7 +405,10 @@ impl ErrorCode {
 
     /// The code for a wire string; [`ErrorCode::Unknown`] for strings this version lacks.
     pub fn from_wire(s: &str) -> Self {
-        Self::ALL.into_iter().find(|c| c.as_str() == s).unwrap_or(Self::Unknown)
+        Self::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .unwrap_or(Self::Unknown)
     }
 
     /// The WebSocket close code (RFC 6455 §7.4.1) the server uses when this error ends a
@@ -415,7 +420,10 @@ impl ErrorCode {
             Self::MessageTooLarge => 1009,
             Self::ProtocolError => 1002,
             Self::ServerShutdown => 1001,
-            Self::HostLeft | Self::SessionExpired | Self::TooManyFailedJoins | Self::RejectedByHost => 1000,
+            Self::HostLeft
+            | Self::SessionExpired
+            | Self::TooManyFailedJoins
+            | Self::RejectedByHost => 1000,
             _ => 1008,
         }
     }
@@ -459,7 +467,8 @@ impl DecodeError {
 /// serde_json's recursion limit (128) bounds nesting, so a deeply nested payload is
 /// [`DecodeError::InvalidJson`], not a stack overflow.
 pub fn decode_client(text: &str) -> Result<ClientMsg, DecodeError> {
-    let msg: ClientMsg = serde_json::from_str(text).map_err(|e| classify(text, &e, &ClientMsg::TYPES))?;
+    let msg: ClientMsg =
+        serde_json::from_str(text).map_err(|e| classify(text, &e, &ClientMsg::TYPES))?;
     msg.validate()?;
     Ok(msg)
 }
@@ -526,8 +535,14 @@ mod tests {
                     related: Some("192.168.1.2:5000".parse().unwrap()),
                 },
             },
-            ClientMsg::Relay { to: PeerId(3), payload: json!({"pake": "AAEC"}) },
-            ClientMsg::RejectPeer { peer: PeerId(2), reason: Some("bad key".into()) },
+            ClientMsg::Relay {
+                to: PeerId(3),
+                payload: json!({"pake": "AAEC"}),
+            },
+            ClientMsg::RejectPeer {
+                peer: PeerId(2),
+                reason: Some("bad key".into()),
+            },
             ClientMsg::Leave,
         ];
         assert_eq!(cases.len(), ClientMsg::TYPES.len());
@@ -539,11 +554,28 @@ mod tests {
 
     #[test]
     fn wire_shape_is_stable() {
-        assert_eq!(ClientMsg::CreateSession.encode(), r#"{"type":"create_session"}"#);
-        let m = decode_client(r#"{"type":"relay","to":0,"payload":"aGk=","future_field":1}"#).unwrap();
-        assert_eq!(m, ClientMsg::Relay { to: PeerId::HOST, payload: json!("aGk=") });
-        let e = ServerMsg::Error { code: ErrorCode::SessionFull, message: "x".into(), fatal: false };
-        assert_eq!(e.encode(), r#"{"type":"error","code":"session_full","message":"x","fatal":false}"#);
+        assert_eq!(
+            ClientMsg::CreateSession.encode(),
+            r#"{"type":"create_session"}"#
+        );
+        let m =
+            decode_client(r#"{"type":"relay","to":0,"payload":"aGk=","future_field":1}"#).unwrap();
+        assert_eq!(
+            m,
+            ClientMsg::Relay {
+                to: PeerId::HOST,
+                payload: json!("aGk=")
+            }
+        );
+        let e = ServerMsg::Error {
+            code: ErrorCode::SessionFull,
+            message: "x".into(),
+            fatal: false,
+        };
+        assert_eq!(
+            e.encode(),
+            r#"{"type":"error","code":"session_full","message":"x","fatal":false}"#
+        );
     }
 
     #[test]
@@ -555,15 +587,36 @@ mod tests {
         assert_eq!(decode_client(&deep), Err(DecodeError::InvalidMessage));
         let deep_map = r#"{"a":"#.repeat(100_000);
         assert_eq!(decode_client(&deep_map), Err(DecodeError::InvalidJson));
-        let deep_payload = format!(r#"{{"type":"relay","to":0,"payload":{}}}"#, "[".repeat(10_000));
+        let deep_payload = format!(
+            r#"{{"type":"relay","to":0,"payload":{}}}"#,
+            "[".repeat(10_000)
+        );
         assert_eq!(decode_client(&deep_payload), Err(DecodeError::InvalidJson));
-        assert_eq!(decode_client(r#"{"type":"teleport"}"#), Err(DecodeError::UnknownType));
-        assert_eq!(decode_client(r#"{"type":"relay","to":"host","payload":1}"#), Err(DecodeError::InvalidMessage));
-        assert_eq!(decode_client(r#"{"type":"join_session","session":12}"#), Err(DecodeError::InvalidMessage));
-        assert_eq!(decode_client(r#"{"type":"join_session","session":"TOOLONG1"}"#), Err(DecodeError::InvalidMessage));
-        assert_eq!(decode_client(r#"{"no_type":1}"#), Err(DecodeError::InvalidMessage));
+        assert_eq!(
+            decode_client(r#"{"type":"teleport"}"#),
+            Err(DecodeError::UnknownType)
+        );
+        assert_eq!(
+            decode_client(r#"{"type":"relay","to":"host","payload":1}"#),
+            Err(DecodeError::InvalidMessage)
+        );
+        assert_eq!(
+            decode_client(r#"{"type":"join_session","session":12}"#),
+            Err(DecodeError::InvalidMessage)
+        );
+        assert_eq!(
+            decode_client(r#"{"type":"join_session","session":"TOOLONG1"}"#),
+            Err(DecodeError::InvalidMessage)
+        );
+        assert_eq!(
+            decode_client(r#"{"no_type":1}"#),
+            Err(DecodeError::InvalidMessage)
+        );
         assert_eq!(decode_client(r#"[1,2]"#), Err(DecodeError::InvalidMessage));
-        let long = format!(r#"{{"type":"reject_peer","peer":1,"reason":"{}"}}"#, "x".repeat(MAX_REASON_LEN + 1));
+        let long = format!(
+            r#"{{"type":"reject_peer","peer":1,"reason":"{}"}}"#,
+            "x".repeat(MAX_REASON_LEN + 1)
+        );
         assert_eq!(decode_client(&long), Err(DecodeError::InvalidMessage));
     }
 
@@ -575,7 +628,10 @@ mod tests {
             assert_eq!(json, format!("\"{}\"", code.as_str()));
             assert_eq!(serde_json::from_str::<ErrorCode>(&json).unwrap(), code);
         }
-        assert_eq!(serde_json::from_str::<ErrorCode>("\"brand_new\"").unwrap(), ErrorCode::Unknown);
+        assert_eq!(
+            serde_json::from_str::<ErrorCode>("\"brand_new\"").unwrap(),
+            ErrorCode::Unknown
+        );
     }
 
     proptest! {

@@ -117,9 +117,18 @@ mod tests {
     fn confusables_and_case_map_to_canonical() {
         let id: RoutingId = "k7qfol".parse().unwrap();
         assert_eq!(id.to_string(), "K7QF01");
-        assert_eq!("K7QF0".parse::<RoutingId>(), Err(ParseRoutingIdError::Length));
-        assert_eq!("K7QF0U".parse::<RoutingId>(), Err(ParseRoutingIdError::Character));
-        assert_eq!("K7QF0é".parse::<RoutingId>(), Err(ParseRoutingIdError::Length));
+        assert_eq!(
+            "K7QF0".parse::<RoutingId>(),
+            Err(ParseRoutingIdError::Length)
+        );
+        assert_eq!(
+            "K7QF0U".parse::<RoutingId>(),
+            Err(ParseRoutingIdError::Character)
+        );
+        assert_eq!(
+            "K7QF0é".parse::<RoutingId>(),
+            Err(ParseRoutingIdError::Length)
+        );
     }
 
     proptest! {

@@ -1,0 +1,416 @@
+//! Shared server state: the session table and the connection bookkeeping.
+//!
+//! All session mutations happen under one `Mutex` and never await while holding it;
+//! messages to other connections go through their unbounded channels with a byte budget
+//! ([`MAX_QUEUED_BYTES`]) so one slow reader cannot make the server buffer without bound.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use flux_signal_proto::{ErrorCode, PeerId, PeerLeftReason, RoutingId, ServerMsg};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use super::ServerConfig;
+use super::limits::Limiters;
+use super::metrics::Metrics;
+
+/// State every connection task shares.
+pub(crate) struct Shared {
+    pub(crate) config: ServerConfig,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) limiters: Limiters,
+    pub(crate) shutdown: watch::Receiver<bool>,
+    sessions: Mutex<HashMap<RoutingId, Session>>,
+    ws_connections: AtomicUsize,
+    pending_handshakes: AtomicUsize,
+    next_conn_id: AtomicU64,
+}
+
+/// What a connection's task receives from other tasks.
+#[derive(Debug)]
+pub(crate) enum Outbound {
+    /// An encoded server message; its length is charged to the recipient's budget.
+    Text(String),
+    /// The connection's session ended for this reason: tell the client and close.
+    Closed(ErrorCode),
+}
+
+/// How other tasks reach one connection.
+#[derive(Clone, Debug)]
+pub(crate) struct PeerHandle {
+    pub(crate) conn_id: u64,
+    tx: mpsc::UnboundedSender<Outbound>,
+    queued: Arc<AtomicUsize>,
+}
+
+/// Kinds of routed message, each with its own per-session budget.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum RouteKind {
+    Candidate,
+    Relay,
+}
+
+struct Session {
+    host: PeerHandle,
+    joiners: HashMap<PeerId, PeerHandle>,
+    next_peer: u32,
+    failed_joins: u32,
+    relays: u64,
+    candidates: u64,
+}
+
+/// The answer to `create_session`.
+pub(crate) struct Created {
+    pub(crate) id: RoutingId,
+    pub(crate) expires_at: Option<Instant>,
+}
+
+impl Shared {
+    pub(crate) fn new(config: ServerConfig, shutdown: watch::Receiver<bool>) -> Self {
+        Self {
+            limiters: Limiters::new(&config),
+            metrics: Arc::new(Metrics::default()),
+            config,
+            shutdown,
+            sessions: Mutex::new(HashMap::new()),
+            ws_connections: AtomicUsize::new(0),
+            pending_handshakes: AtomicUsize::new(0),
+            next_conn_id: AtomicU64::new(1),
+        }
+    }
+
+    /// Open WebSocket connections plus connections still in their handshake.
+    pub(crate) fn open_connections(&self) -> usize {
+        self.ws_connections.load(Ordering::Relaxed)
+            + self.pending_handshakes.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn ws_connections(&self) -> usize {
+        self.ws_connections.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn pending_handshakes(&self) -> usize {
+        self.pending_handshakes.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn session_count(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Creates a session hosted by `host`.
+    pub(crate) fn create(&self, host: &PeerHandle) -> Result<Created, ErrorCode> {
+        let mut sessions = self.lock();
+        let max = self.config.max_sessions;
+        if max != 0 && sessions.len() >= max {
+            return Err(ErrorCode::TooManySessions);
+        }
+        // 30-bit ids: with ≤ a few thousand live sessions a collision is rare; retry a few
+        // times, then report the table as full rather than loop.
+        let id = (0..8)
+            .filter_map(|_| random_u64().map(RoutingId::from_entropy))
+            .find(|id| !sessions.contains_key(id))
+            .ok_or(ErrorCode::TooManySessions)?;
+        sessions.insert(
+            id,
+            Session {
+                host: host.clone(),
+                joiners: HashMap::new(),
+                next_peer: 1,
+                failed_joins: 0,
+                relays: 0,
+                candidates: 0,
+            },
+        );
+        self.metrics
+            .sessions_created
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(Created {
+            id,
+            expires_at: self.config.session_lifetime.map(|d| Instant::now() + d),
+        })
+    }
+
+    /// Adds `joiner` to session `id` and tells the host.
+    pub(crate) fn join(&self, id: RoutingId, joiner: &PeerHandle) -> Result<PeerId, ErrorCode> {
+        let mut sessions = self.lock();
+        let session = sessions.get_mut(&id).ok_or(ErrorCode::NoSuchSession)?;
+        if session.joiners.len() >= self.config.max_receivers_per_sender as usize {
+            return Err(ErrorCode::SessionFull);
+        }
+        let peer = PeerId(session.next_peer);
+        session.next_peer = session.next_peer.saturating_add(1);
+        session.joiners.insert(peer, joiner.clone());
+        session
+            .host
+            .push_control(ServerMsg::PeerJoined { peer }.encode());
+        self.metrics.joins.fetch_add(1, Ordering::Relaxed);
+        Ok(peer)
+    }
+
+    /// Routes an encoded message from `from` (connection `me`) to `to` in session `id`.
+    pub(crate) fn route(
+        &self,
+        id: RoutingId,
+        me: u64,
+        from: PeerId,
+        to: PeerId,
+        kind: RouteKind,
+        text: String,
+    ) -> Result<(), ErrorCode> {
+        let mut sessions = self.lock();
+        let session = sessions.get_mut(&id).ok_or(ErrorCode::NotInSession)?;
+        if !session.is_member(from, me) {
+            return Err(ErrorCode::NotInSession);
+        }
+        if from != PeerId::HOST && to != PeerId::HOST {
+            return Err(ErrorCode::NotAllowed);
+        }
+        let (used, cap) = match kind {
+            RouteKind::Candidate => (&mut session.candidates, self.config.max_session_candidates),
+            RouteKind::Relay => (&mut session.relays, self.config.max_session_messages),
+        };
+        if cap != 0 && *used >= cap {
+            return Err(ErrorCode::SessionQuotaExceeded);
+        }
+        let target = if to == PeerId::HOST {
+            Some(&session.host)
+        } else {
+            session.joiners.get(&to)
+        };
+        let target = target.ok_or(ErrorCode::NoSuchPeer)?;
+        if target.conn_id == me {
+            return Err(ErrorCode::NotAllowed);
+        }
+        target.push(text)?;
+        *used += 1;
+        Ok(())
+    }
+
+    /// Host `me` rejects joiner `peer`. Returns `true` when the failed-join cap closed
+    /// the session (every member, the host included, gets `Outbound::Closed`).
+    pub(crate) fn reject(&self, id: RoutingId, me: u64, peer: PeerId) -> Result<bool, ErrorCode> {
+        let mut sessions = self.lock();
+        let session = sessions.get_mut(&id).ok_or(ErrorCode::NotInSession)?;
+        if session.host.conn_id != me {
+            return Err(ErrorCode::NotAllowed);
+        }
+        let joiner = session.joiners.remove(&peer).ok_or(ErrorCode::NoSuchPeer)?;
+        joiner.close(ErrorCode::RejectedByHost);
+        session.failed_joins += 1;
+        self.metrics.failed_joins.fetch_add(1, Ordering::Relaxed);
+        session.host.push_control(
+            ServerMsg::PeerLeft {
+                peer,
+                reason: PeerLeftReason::Rejected,
+            }
+            .encode(),
+        );
+        let cap = self.config.max_failed_joins;
+        if cap != 0 && session.failed_joins >= cap {
+            if let Some(closed) = sessions.remove(&id) {
+                closed.close_all(ErrorCode::TooManyFailedJoins);
+            }
+            self.metrics.reject(ErrorCode::TooManyFailedJoins);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Member `peer` (connection `me`) leaves session `id`. A host leaving closes it.
+    pub(crate) fn leave(&self, id: RoutingId, me: u64, peer: PeerId, reason: PeerLeftReason) {
+        let mut sessions = self.lock();
+        let Some(session) = sessions.get_mut(&id) else {
+            return;
+        };
+        if peer == PeerId::HOST {
+            if session.host.conn_id == me
+                && let Some(closed) = sessions.remove(&id)
+            {
+                for joiner in closed.joiners.values() {
+                    joiner.close(ErrorCode::HostLeft);
+                }
+            }
+        } else if session.joiners.get(&peer).is_some_and(|j| j.conn_id == me) {
+            session.joiners.remove(&peer);
+            session
+                .host
+                .push_control(ServerMsg::PeerLeft { peer, reason }.encode());
+        }
+    }
+
+    /// Ends session `id` for every member with `reason`.
+    pub(crate) fn close_session(&self, id: RoutingId, reason: ErrorCode) {
+        if let Some(closed) = self.lock().remove(&id) {
+            closed.close_all(reason);
+        }
+    }
+
+    /// A fresh id for a connection (never 0).
+    pub(crate) fn new_conn_id(&self) -> u64 {
+        self.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Reserves a WebSocket slot under `max_ws_connections`.
+    pub(crate) fn try_reserve_ws(self: &Arc<Self>) -> Option<WsSlot> {
+        let max = self.config.max_ws_connections;
+        let before = self.ws_connections.fetch_add(1, Ordering::AcqRel);
+        if max != 0 && before >= max {
+            self.ws_connections.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(WsSlot {
+            shared: self.clone(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<RoutingId, Session>> {
+        // A poisoned lock means a panic while holding it, which only a bug can cause; the
+        // table itself stays consistent (every mutation is a single insert/remove), so
+        // keep serving rather than take every session down.
+        self.sessions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Session {
+    fn is_member(&self, peer: PeerId, conn: u64) -> bool {
+        if peer == PeerId::HOST {
+            self.host.conn_id == conn
+        } else {
+            self.joiners.get(&peer).is_some_and(|j| j.conn_id == conn)
+        }
+    }
+
+    fn close_all(&self, reason: ErrorCode) {
+        self.host.close(reason);
+        for joiner in self.joiners.values() {
+            joiner.close(reason);
+        }
+    }
+}
+
+impl PeerHandle {
+    pub(crate) fn new(conn_id: u64) -> (Self, mpsc::UnboundedReceiver<Outbound>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            Self {
+                conn_id,
+                tx,
+                queued: Arc::new(AtomicUsize::new(0)),
+            },
+            rx,
+        )
+    }
+
+    /// Queues a relayed message, refusing it when the recipient is too far behind.
+    fn push(&self, text: String) -> Result<(), ErrorCode> {
+        let len = text.len();
+        let before = self.queued.fetch_add(len, Ordering::AcqRel);
+        if before + len > MAX_QUEUED_BYTES {
+            self.queued.fetch_sub(len, Ordering::AcqRel);
+            return Err(ErrorCode::PeerBusy);
+        }
+        if self.tx.send(Outbound::Text(text)).is_err() {
+            // The task is gone; it is about to leave the session.
+            self.queued.fetch_sub(len, Ordering::AcqRel);
+            return Err(ErrorCode::NoSuchPeer);
+        }
+        Ok(())
+    }
+
+    /// Queues a small server notice; charged to the budget but never refused, so the
+    /// recipient's view of the session stays complete.
+    fn push_control(&self, text: String) {
+        self.queued.fetch_add(text.len(), Ordering::AcqRel);
+        let _ = self.tx.send(Outbound::Text(text));
+    }
+
+    fn close(&self, reason: ErrorCode) {
+        let _ = self.tx.send(Outbound::Closed(reason));
+    }
+
+    /// Called by the owning task after writing a dequeued text.
+    pub(crate) fn sent(&self, len: usize) {
+        self.queued.fetch_sub(len, Ordering::AcqRel);
+    }
+}
+
+/// A held WebSocket slot; released on drop.
+pub(crate) struct WsSlot {
+    shared: Arc<Shared>,
+}
+
+impl Drop for WsSlot {
+    fn drop(&mut self) {
+        self.shared.ws_connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A held pending-handshake slot; released on drop.
+pub(crate) struct PendingGuard {
+    shared: Arc<Shared>,
+}
+
+impl PendingGuard {
+    pub(crate) fn try_new(shared: &Arc<Shared>) -> Option<Self> {
+        let max = shared.config.max_pending_handshakes;
+        let before = shared.pending_handshakes.fetch_add(1, Ordering::AcqRel);
+        if max != 0 && before >= max {
+            shared.pending_handshakes.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Self {
+            shared: shared.clone(),
+        })
+    }
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        self.shared
+            .pending_handshakes
+            .fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The per-IP key for rate limits: the address for IPv4, the /64 prefix for IPv6 (one
+/// subscriber usually holds a whole /64, so per-address limits would be free to dodge).
+pub(crate) fn ip_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
+    }
+}
+
+fn random_u64() -> Option<u64> {
+    let mut buf = [0u8; 8];
+    getrandom::fill(&mut buf).ok()?;
+    Some(u64::from_le_bytes(buf))
+}
+
+/// Most bytes queued towards one connection before relays to it are refused with
+/// `peer_busy`: 16 maximum-size messages, far above what a pairing needs.
+const MAX_QUEUED_BYTES: usize = 1 << 20;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_is_keyed_by_prefix() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(ip_key(a), ip_key(b));
+        assert_ne!(ip_key(a), ip_key(c));
+        let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+        assert_eq!(ip_key(mapped), "10.1.2.3".parse::<IpAddr>().unwrap());
+    }
+}
