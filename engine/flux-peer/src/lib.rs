@@ -1,1 +1,22 @@
-//! placeholder
+//! The Thruflux driver layer: everything between the sans-IO transfer machines and the outside.
+//!
+//! - [`session`] runs a transfer machine over one quinn-proto connection: it maps the machine's
+//!   streams to QUIC streams and moves bytes both ways under flow control.
+//! - [`disk`] performs the machines' disk requests with `std::fs` (the portable path), keeping
+//!   every received entry inside the destination: no symbolic link under it is followed, partial
+//!   files live under temporary names with a resume sidecar, and nothing is replaced unless
+//!   allowed.
+//! - [`scan`] turns the paths a user shares into a manifest.
+//! - [`sim`] runs whole transfers between two peers over an emulated lossy, reordering,
+//!   rate-limited link on a virtual clock, for tests.
+//!
+//! What this crate does not do: sockets and io_uring (the engine), pairing (signaling), terminal
+//! output (the `thru` binary).
+
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+#![forbid(unsafe_code)]
+
+pub mod disk;
+pub mod scan;
+pub mod session;
+pub mod sim;

@@ -52,9 +52,6 @@ mod tests {
             file_digest(2, 65536, &hs),
             file_digest(2, 65536, &[hs[1], hs[0]])
         );
-        assert_ne!(
-            claim_digest([(0, &hs[0])]),
-            claim_digest([(1, &hs[0])])
-        );
+        assert_ne!(claim_digest([(0, &hs[0])]), claim_digest([(1, &hs[0])]));
     }
 }

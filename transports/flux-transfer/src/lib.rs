@@ -63,3 +63,81 @@ fn check_hello(min: u16, max: u16) -> Result<(), TransferError> {
 /// Entry points for the cargo-fuzz targets; not a stable API.
 #[cfg(feature = "__fuzzing")]
 pub mod fuzzing;
+
+/// The interface a driver uses for either side of a transfer.
+///
+/// Inputs are `handle_*`; outputs are the outbox and the `poll_*` methods, drained after every
+/// input (see the crate docs).
+pub trait Machine {
+    /// Bytes arrived on `stream`.
+    fn handle_stream_data(&mut self, now: std::time::Instant, stream: Stream, data: &[u8]);
+    /// The peer finished or reset `stream`.
+    fn handle_stream_end(&mut self, now: std::time::Instant, stream: Stream);
+    /// A disk request completed.
+    fn handle_disk_done(
+        &mut self,
+        now: std::time::Instant,
+        id: OpId,
+        res: Result<DiskResult, DiskFailure>,
+    );
+    /// Time passed.
+    fn handle_timeout(&mut self, now: std::time::Instant);
+    /// When `handle_timeout` should next be called.
+    fn poll_timeout(&self) -> Option<std::time::Instant>;
+    /// The next disk request.
+    fn poll_disk(&mut self) -> Option<DiskOp>;
+    /// The next event.
+    fn poll_event(&mut self) -> Option<Event>;
+    /// Outgoing stream bytes.
+    fn outbox(&mut self) -> &mut Outbox;
+    /// Whether data lanes should be read now.
+    fn wants_data(&self) -> bool;
+    /// Whether the transfer has ended.
+    fn is_over(&self) -> bool;
+}
+
+macro_rules! impl_machine {
+    ($t:ty, $wants:expr) => {
+        impl Machine for $t {
+            fn handle_stream_data(&mut self, now: std::time::Instant, s: Stream, d: &[u8]) {
+                <$t>::handle_stream_data(self, now, s, d)
+            }
+            fn handle_stream_end(&mut self, now: std::time::Instant, s: Stream) {
+                <$t>::handle_stream_end(self, now, s)
+            }
+            fn handle_disk_done(
+                &mut self,
+                now: std::time::Instant,
+                id: OpId,
+                res: Result<DiskResult, DiskFailure>,
+            ) {
+                <$t>::handle_disk_done(self, now, id, res)
+            }
+            fn handle_timeout(&mut self, now: std::time::Instant) {
+                <$t>::handle_timeout(self, now)
+            }
+            fn poll_timeout(&self) -> Option<std::time::Instant> {
+                <$t>::poll_timeout(self)
+            }
+            fn poll_disk(&mut self) -> Option<DiskOp> {
+                <$t>::poll_disk(self)
+            }
+            fn poll_event(&mut self) -> Option<Event> {
+                <$t>::poll_event(self)
+            }
+            fn outbox(&mut self) -> &mut Outbox {
+                <$t>::outbox(self)
+            }
+            fn wants_data(&self) -> bool {
+                let f: fn(&$t) -> bool = $wants;
+                f(self)
+            }
+            fn is_over(&self) -> bool {
+                <$t>::is_over(self)
+            }
+        }
+    };
+}
+
+impl_machine!(Sender, |_| true);
+impl_machine!(Receiver, Receiver::wants_data);

@@ -152,7 +152,13 @@ mod tests {
 
     #[test]
     fn good_paths_pass() {
-        for p in ["a", "a/b/c.txt", "photos/2024 trip/img 1.jpg", "ünï/çødé", ".hidden"] {
+        for p in [
+            "a",
+            "a/b/c.txt",
+            "photos/2024 trip/img 1.jpg",
+            "ünï/çødé",
+            ".hidden",
+        ] {
             assert!(validate(p).is_ok(), "{p}");
         }
     }
@@ -180,7 +186,10 @@ mod tests {
             assert_eq!(validate(p).err().as_ref(), Some(want), "{p:?}");
         }
         assert_eq!(validate(&"n".repeat(10_000_000)), Err(PathError::TooLong));
-        assert_eq!(validate(&"a/".repeat(300).add_tail()), Err(PathError::TooLong));
+        assert_eq!(
+            validate(&"a/".repeat(300).add_tail()),
+            Err(PathError::TooLong)
+        );
     }
 
     trait AddTail {

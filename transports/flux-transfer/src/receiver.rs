@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use flux_wire::{ChunkRange, EntryKind, Hash, Message};
 
 use crate::digest::{chunk_hash, claim_digest, file_digest};
-use crate::io::{DiskFailure, DiskOp, DiskResult, Event, FrameBuf, OpId, Outbox, Stream, TransferError};
+use crate::io::{
+    DiskFailure, DiskOp, DiskResult, Event, FrameBuf, OpId, Outbox, Stream, TransferError,
+};
 use crate::manifest::{Assembler, Limits, Manifest};
 use crate::sender::truncate;
 use crate::{check_hello, hello};
@@ -182,7 +184,10 @@ impl Receiver {
             }
             Stream::Lane(n) => {
                 if n >= self.cfg.max_lanes {
-                    return self.fail(TransferError::Protocol(format!("more than {} data lanes", self.cfg.max_lanes)));
+                    return self.fail(TransferError::Protocol(format!(
+                        "more than {} data lanes",
+                        self.cfg.max_lanes
+                    )));
                 }
                 self.on_lane_data(n, data);
             }
@@ -196,18 +201,30 @@ impl Receiver {
         }
         self.last_activity = Some(now);
         match stream {
-            Stream::Control => self.fail(TransferError::Protocol("control stream ended early".into())),
+            Stream::Control => {
+                self.fail(TransferError::Protocol("control stream ended early".into()))
+            }
             Stream::Lane(n) => {
-                let torn = self.lanes.get(&n).is_some_and(|l| l.current.is_some() || !l.header.is_empty());
+                let torn = self
+                    .lanes
+                    .get(&n)
+                    .is_some_and(|l| l.current.is_some() || !l.header.is_empty());
                 if torn {
-                    self.fail(TransferError::Protocol(format!("data lane {n} ended inside a chunk")));
+                    self.fail(TransferError::Protocol(format!(
+                        "data lane {n} ended inside a chunk"
+                    )));
                 }
             }
         }
     }
 
     /// A disk request completed.
-    pub fn handle_disk_done(&mut self, now: Instant, id: OpId, res: Result<DiskResult, DiskFailure>) {
+    pub fn handle_disk_done(
+        &mut self,
+        now: Instant,
+        id: OpId,
+        res: Result<DiskResult, DiskFailure>,
+    ) {
         self.last_activity = Some(now);
         if let Some((file, index, len)) = self.writes.remove(&id) {
             if self.is_over() {
@@ -216,11 +233,14 @@ impl Receiver {
             if let Err(e) = res {
                 return self.fail(TransferError::Io(e.to_string()));
             }
-            let Some(f) = self.files.get_mut(&file) else { return };
+            let Some(f) = self.files.get_mut(&file) else {
+                return;
+            };
             f.chunks[index as usize] = Chunk::Verified;
             f.unverified -= 1;
             self.bytes_done += u64::from(len);
-            self.events.push_back(Event::ChunkVerified { file, index, len });
+            self.events
+                .push_back(Event::ChunkVerified { file, index, len });
             self.since_progress += 1;
             if self.since_progress >= 16 {
                 self.send_progress();
@@ -266,7 +286,9 @@ impl Receiver {
             return;
         }
         self.last_activity = Some(now);
-        let Some(m) = self.manifest.clone() else { return };
+        let Some(m) = self.manifest.clone() else {
+            return;
+        };
         let mut haves = Vec::new();
         for (i, e) in m.entries().iter().enumerate() {
             let i = i as u32;
@@ -290,7 +312,10 @@ impl Receiver {
                 Some(LocalFile::Partial(c)) => c.into_iter().filter(|(k, _)| *k < n).collect(),
                 Some(LocalFile::Existing(h)) if h.len() == n as usize => {
                     f.existing = true;
-                    h.into_iter().enumerate().map(|(k, h)| (k as u32, h)).collect()
+                    h.into_iter()
+                        .enumerate()
+                        .map(|(k, h)| (k as u32, h))
+                        .collect()
                 }
                 Some(LocalFile::Existing(_) | LocalFile::Conflict) => {
                     if !self.cfg.overwrite {
@@ -335,10 +360,16 @@ impl Receiver {
         if self.is_over() {
             return;
         }
-        self.out.push_msg(Stream::Control, &Message::Reject { reason: truncate(reason) });
+        self.out.push_msg(
+            Stream::Control,
+            &Message::Reject {
+                reason: truncate(reason),
+            },
+        );
         self.out.finish(Stream::Control);
         self.phase = Phase::Failed;
-        self.events.push_back(Event::Failed(TransferError::Declined(reason.to_owned())));
+        self.events
+            .push_back(Event::Failed(TransferError::Declined(reason.to_owned())));
     }
 
     /// Ends the transfer at the local user's request.
@@ -393,21 +424,38 @@ impl Receiver {
         match (&self.phase, m) {
             (_, Message::Error { code, message, .. }) => {
                 self.phase = Phase::Failed;
-                self.events.push_back(Event::Failed(TransferError::Peer { code, message }));
+                self.events
+                    .push_back(Event::Failed(TransferError::Peer { code, message }));
             }
-            (Phase::AwaitHello, Message::Hello { min_version, max_version, .. }) => {
+            (
+                Phase::AwaitHello,
+                Message::Hello {
+                    min_version,
+                    max_version,
+                    ..
+                },
+            ) => {
                 if let Err(e) = check_hello(min_version, max_version) {
                     return self.fail(e);
                 }
                 self.phase = Phase::AwaitManifest;
             }
-            (Phase::AwaitManifest, Message::ManifestBegin { entry_count, total_bytes, chunk_size }) if self.assembler.is_none() => {
+            (
+                Phase::AwaitManifest,
+                Message::ManifestBegin {
+                    entry_count,
+                    total_bytes,
+                    chunk_size,
+                },
+            ) if self.assembler.is_none() => {
                 match Assembler::begin(entry_count, total_bytes, chunk_size, self.cfg.limits) {
                     Ok(a) => self.assembler = Some(a),
                     Err(e) => self.fail(e.into()),
                 }
             }
-            (Phase::AwaitManifest, Message::ManifestEntries(entries)) if self.assembler.is_some() => {
+            (Phase::AwaitManifest, Message::ManifestEntries(entries))
+                if self.assembler.is_some() =>
+            {
                 for e in entries {
                     if let Some(a) = self.assembler.as_mut() {
                         if let Err(err) = a.push(e) {
@@ -428,13 +476,23 @@ impl Receiver {
                     }
                 }
             }
-            (Phase::Receiving | Phase::Finishing | Phase::AwaitClose, Message::Verdict { file, accepted }) => self.on_verdict(file, accepted),
-            (Phase::Receiving | Phase::Finishing | Phase::AwaitClose, Message::FileDone { file, digest }) => {
+            (
+                Phase::Receiving | Phase::Finishing | Phase::AwaitClose,
+                Message::Verdict { file, accepted },
+            ) => self.on_verdict(file, accepted),
+            (
+                Phase::Receiving | Phase::Finishing | Phase::AwaitClose,
+                Message::FileDone { file, digest },
+            ) => {
                 let Some(f) = self.files.get_mut(&file) else {
-                    return self.fail(TransferError::Protocol(format!("file-done for entry {file}, which is not a file")));
+                    return self.fail(TransferError::Protocol(format!(
+                        "file-done for entry {file}, which is not a file"
+                    )));
                 };
                 if f.digest.is_some() {
-                    return self.fail(TransferError::Protocol(format!("second file-done for entry {file}")));
+                    return self.fail(TransferError::Protocol(format!(
+                        "second file-done for entry {file}"
+                    )));
                 }
                 f.digest = Some(digest);
                 self.maybe_complete(file);
@@ -455,7 +513,9 @@ impl Receiver {
         let overwrite = self.cfg.overwrite;
         let path = self.path(file);
         let Some(f) = self.files.get_mut(&file).filter(|f| f.claim_pending) else {
-            return self.fail(TransferError::Protocol(format!("verdict for entry {file}, which had no claim")));
+            return self.fail(TransferError::Protocol(format!(
+                "verdict for entry {file}, which had no claim"
+            )));
         };
         f.claim_pending = false;
         let mut held = Vec::new();
@@ -536,15 +596,28 @@ impl Receiver {
     }
 
     fn start_chunk(&mut self, lane: u16, m: Message) {
-        let Message::ChunkHeader { file, index, len, hash } = m else {
-            return self.fail(TransferError::Protocol(format!("{:?} on a data lane", m.message_type())));
+        let Message::ChunkHeader {
+            file,
+            index,
+            len,
+            hash,
+        } = m
+        else {
+            return self.fail(TransferError::Protocol(format!(
+                "{:?} on a data lane",
+                m.message_type()
+            )));
         };
         if !matches!(self.phase, Phase::Receiving) {
-            return self.fail(TransferError::Protocol("chunk data before the share was accepted".into()));
+            return self.fail(TransferError::Protocol(
+                "chunk data before the share was accepted".into(),
+            ));
         }
         let Some(m) = &self.manifest else { return };
         let Some(entry) = m.entry(file).filter(|e| e.kind == EntryKind::File) else {
-            return self.fail(TransferError::Protocol(format!("chunk for entry {file}, which is not a file")));
+            return self.fail(TransferError::Protocol(format!(
+                "chunk for entry {file}, which is not a file"
+            )));
         };
         let Some((offset, expected)) = m.chunk_span(file, index) else {
             return self.fail(TransferError::Protocol(format!(
@@ -577,7 +650,9 @@ impl Receiver {
 
     fn on_chunk(&mut self, inc: Incoming) {
         let max = self.cfg.max_corrupt;
-        let Some(f) = self.files.get_mut(&inc.file) else { return };
+        let Some(f) = self.files.get_mut(&inc.file) else {
+            return;
+        };
         let i = inc.index as usize;
         if matches!(f.chunks[i], Chunk::Writing | Chunk::Verified) {
             // A refetched chunk can arrive twice; the first good copy counts.
@@ -588,10 +663,23 @@ impl Receiver {
             *times += 1;
             let times = *times;
             if times > max {
-                return self.fail(TransferError::Integrity { file: inc.file, index: inc.index, times });
+                return self.fail(TransferError::Integrity {
+                    file: inc.file,
+                    index: inc.index,
+                    times,
+                });
             }
-            self.events.push_back(Event::ChunkCorrupt { file: inc.file, index: inc.index });
-            self.out.push_msg(Stream::Control, &Message::Refetch { file: inc.file, index: inc.index });
+            self.events.push_back(Event::ChunkCorrupt {
+                file: inc.file,
+                index: inc.index,
+            });
+            self.out.push_msg(
+                Stream::Control,
+                &Message::Refetch {
+                    file: inc.file,
+                    index: inc.index,
+                },
+            );
             return;
         }
         f.chunks[i] = Chunk::Writing;
@@ -610,8 +698,12 @@ impl Receiver {
     }
 
     fn maybe_complete(&mut self, file: u32) {
-        let Some(m) = self.manifest.clone() else { return };
-        let Some(f) = self.files.get_mut(&file) else { return };
+        let Some(m) = self.manifest.clone() else {
+            return;
+        };
+        let Some(f) = self.files.get_mut(&file) else {
+            return;
+        };
         if f.complete || f.unverified > 0 || f.claim_pending {
             return;
         }
@@ -619,7 +711,9 @@ impl Receiver {
         let size = m.entry(file).map_or(0, |e| e.size);
         if file_digest(size, m.chunk_size(), &f.hashes) != digest {
             let path = self.path(file);
-            return self.fail(TransferError::Protocol(format!("whole-file digest of {path} does not match its chunks")));
+            return self.fail(TransferError::Protocol(format!(
+                "whole-file digest of {path} does not match its chunks"
+            )));
         }
         f.complete = true;
         if f.existing && !f.written {
@@ -633,7 +727,11 @@ impl Receiver {
     fn finalize(&mut self, file: u32) {
         let id = self.op_id();
         self.finalizes.insert(id, file);
-        self.disk.push_back(DiskOp::Finalize { id, file, replace: self.cfg.overwrite });
+        self.disk.push_back(DiskOp::Finalize {
+            id,
+            file,
+            replace: self.cfg.overwrite,
+        });
     }
 
     fn entry_done(&mut self, file: u32) {
@@ -657,7 +755,10 @@ impl Receiver {
         self.since_progress = 0;
         self.out.push_msg(
             Stream::Control,
-            &Message::Progress { bytes_done: self.bytes_done, files_done: self.files_done },
+            &Message::Progress {
+                bytes_done: self.bytes_done,
+                files_done: self.files_done,
+            },
         );
     }
 
@@ -682,7 +783,11 @@ impl Receiver {
         if !matches!(e, TransferError::Peer { .. }) {
             self.out.push_msg(
                 Stream::Control,
-                &Message::Error { code: e.code(), file: None, message: truncate(&e.to_string()) },
+                &Message::Error {
+                    code: e.code(),
+                    file: None,
+                    message: truncate(&e.to_string()),
+                },
             );
         }
         self.out.finish(Stream::Control);

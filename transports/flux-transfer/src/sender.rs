@@ -4,13 +4,14 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use flux_wire::{ChunkRange, EntryKind, Hash, Message};
 
 use crate::digest::{chunk_hash, claim_digest, file_digest};
-use crate::io::{DiskFailure, DiskOp, DiskResult, Event, FrameBuf, OpId, Outbox, Stream, TransferError};
+use crate::io::{
+    DiskFailure, DiskOp, DiskResult, Event, FrameBuf, OpId, Outbox, Stream, TransferError,
+};
 use crate::manifest::Manifest;
-use crate::{hello, check_hello};
+use crate::{check_hello, hello};
 
 /// Settings of a [`Sender`].
 #[derive(Clone, Debug)]
@@ -148,7 +149,9 @@ impl Sender {
         }
         self.last_activity = Some(now);
         if stream != Stream::Control {
-            return self.fail(TransferError::Protocol("data on a receiver-opened lane".into()));
+            return self.fail(TransferError::Protocol(
+                "data on a receiver-opened lane".into(),
+            ));
         }
         self.control.push(data);
         loop {
@@ -172,7 +175,12 @@ impl Sender {
     }
 
     /// A disk request completed.
-    pub fn handle_disk_done(&mut self, now: Instant, id: OpId, res: Result<DiskResult, DiskFailure>) {
+    pub fn handle_disk_done(
+        &mut self,
+        now: Instant,
+        id: OpId,
+        res: Result<DiskResult, DiskFailure>,
+    ) {
         self.last_activity = Some(now);
         let Some(read) = self.reads.remove(&id) else {
             return;
@@ -196,8 +204,12 @@ impl Sender {
                     read.len
                 )));
             }
-            Ok(DiskResult::Done) => return self.fail(TransferError::Io("read returned no data".into())),
-            Err(e) => return self.fail(TransferError::Io(format!("{}: {e}", self.path(read.file)))),
+            Ok(DiskResult::Done) => {
+                return self.fail(TransferError::Io("read returned no data".into()));
+            }
+            Err(e) => {
+                return self.fail(TransferError::Io(format!("{}: {e}", self.path(read.file))));
+            }
         };
         let hash = chunk_hash(&data);
         let manifest = Arc::clone(&self.manifest);
@@ -208,7 +220,9 @@ impl Sender {
         if let Some(prev) = slot {
             if *prev != hash {
                 let path = manifest.entry(read.file).map_or("?", |e| e.path.as_str());
-                return self.fail(TransferError::Io(format!("{path}: file changed while sending")));
+                return self.fail(TransferError::Io(format!(
+                    "{path}: file changed while sending"
+                )));
             }
         } else {
             *slot = Some(hash);
@@ -299,7 +313,14 @@ impl Sender {
                 self.events
                     .push_back(Event::Failed(TransferError::Peer { code, message }));
             }
-            (Phase::AwaitHello, Message::Hello { min_version, max_version, .. }) => {
+            (
+                Phase::AwaitHello,
+                Message::Hello {
+                    min_version,
+                    max_version,
+                    ..
+                },
+            ) => {
                 if let Err(e) = check_hello(min_version, max_version) {
                     return self.fail(e);
                 }
@@ -316,10 +337,18 @@ impl Sender {
             }
             (Phase::AwaitDecision, Message::Reject { reason }) => {
                 self.phase = Phase::Failed;
-                self.events.push_back(Event::Failed(TransferError::Declined(reason)));
+                self.events
+                    .push_back(Event::Failed(TransferError::Declined(reason)));
                 self.out.finish(Stream::Control);
             }
-            (Phase::AwaitHaves, Message::Have { file, ranges, digest }) => self.on_have(file, ranges, digest),
+            (
+                Phase::AwaitHaves,
+                Message::Have {
+                    file,
+                    ranges,
+                    digest,
+                },
+            ) => self.on_have(file, ranges, digest),
             (Phase::AwaitHaves, Message::HaveDone) => {
                 self.phase = Phase::Sending;
                 let mut all: Vec<u32> = self.files.keys().copied().collect();
@@ -334,13 +363,29 @@ impl Sender {
                 }
             }
             (Phase::Sending, Message::Refetch { file, index }) => self.on_refetch(file, index),
-            (Phase::Sending, Message::Progress { bytes_done, files_done }) => {
-                self.events.push_back(Event::PeerProgress { bytes_done, files_done });
+            (
+                Phase::Sending,
+                Message::Progress {
+                    bytes_done,
+                    files_done,
+                },
+            ) => {
+                self.events.push_back(Event::PeerProgress {
+                    bytes_done,
+                    files_done,
+                });
             }
             (Phase::Sending, Message::Complete) => {
-                if let Some(file) = self.files.iter().find(|(_, f)| !f.done_sent).map(|(i, _)| *i) {
+                if let Some(file) = self
+                    .files
+                    .iter()
+                    .find(|(_, f)| !f.done_sent)
+                    .map(|(i, _)| *i)
+                {
                     let path = self.path(file);
-                    return self.fail(TransferError::Protocol(format!("receiver claimed completion before {path} was sent")));
+                    return self.fail(TransferError::Protocol(format!(
+                        "receiver claimed completion before {path} was sent"
+                    )));
                 }
                 self.out.push_msg(Stream::Control, &Message::Close);
                 self.out.finish(Stream::Control);
@@ -379,19 +424,27 @@ impl Sender {
     fn on_have(&mut self, file: u32, ranges: Vec<ChunkRange>, digest: Hash) {
         let n = self.manifest.chunk_count(file);
         let Some(f) = self.files.get_mut(&file) else {
-            return self.fail(TransferError::Protocol(format!("resume claim for entry {file}, which is not a file")));
+            return self.fail(TransferError::Protocol(format!(
+                "resume claim for entry {file}, which is not a file"
+            )));
         };
         if f.claim.is_some() {
-            return self.fail(TransferError::Protocol(format!("second resume claim for entry {file}")));
+            return self.fail(TransferError::Protocol(format!(
+                "second resume claim for entry {file}"
+            )));
         }
         let mut chunks = Vec::new();
         for r in ranges {
             let end = r.start.checked_add(r.len).filter(|e| *e <= n);
             let Some(end) = end else {
-                return self.fail(TransferError::Protocol(format!("resume claim beyond the end of entry {file}")));
+                return self.fail(TransferError::Protocol(format!(
+                    "resume claim beyond the end of entry {file}"
+                )));
             };
             if chunks.last().is_some_and(|l| *l >= r.start) {
-                return self.fail(TransferError::Protocol(format!("resume claim ranges out of order for entry {file}")));
+                return self.fail(TransferError::Protocol(format!(
+                    "resume claim ranges out of order for entry {file}"
+                )));
             }
             chunks.extend(r.start..end);
         }
@@ -399,7 +452,11 @@ impl Sender {
         for &c in &chunks {
             self.verify.push_back((file, c));
         }
-        f.claim = Some(Claim { chunks, digest, pending });
+        f.claim = Some(Claim {
+            chunks,
+            digest,
+            pending,
+        });
         if pending == 0 {
             self.finish_claim(file);
         }
@@ -407,18 +464,33 @@ impl Sender {
 
     /// Every claimed chunk is hashed: compare, answer, and queue what the receiver lacks.
     fn finish_claim(&mut self, file: u32) {
-        let Some(f) = self.files.get_mut(&file) else { return };
+        let Some(f) = self.files.get_mut(&file) else {
+            return;
+        };
         let Some(c) = f.claim.as_ref() else { return };
-        let ours = claim_digest(c.chunks.iter().filter_map(|&i| f.hashes[i as usize].as_ref().map(|h| (i, h))));
+        let ours = claim_digest(
+            c.chunks
+                .iter()
+                .filter_map(|&i| f.hashes[i as usize].as_ref().map(|h| (i, h))),
+        );
         let accepted = ours == c.digest;
-        let held: Vec<u32> = if accepted { c.chunks.clone() } else { Vec::new() };
+        let held: Vec<u32> = if accepted {
+            c.chunks.clone()
+        } else {
+            Vec::new()
+        };
         let bytes = held
             .iter()
             .filter_map(|&i| self.manifest.chunk_span(file, i))
             .map(|(_, l)| u64::from(l))
             .sum();
-        self.out.push_msg(Stream::Control, &Message::Verdict { file, accepted });
-        self.events.push_back(Event::ResumeChecked { file, accepted, bytes });
+        self.out
+            .push_msg(Stream::Control, &Message::Verdict { file, accepted });
+        self.events.push_back(Event::ResumeChecked {
+            file,
+            accepted,
+            bytes,
+        });
         self.enqueue_all(file, Some(&held));
         if self.phase == Phase::Sending {
             self.maybe_file_done(file);
@@ -454,10 +526,14 @@ impl Sender {
     fn on_refetch(&mut self, file: u32, index: u32) {
         let max = self.cfg.max_refetch;
         let Some(f) = self.files.get_mut(&file) else {
-            return self.fail(TransferError::Protocol(format!("refetch of entry {file}, which is not a file")));
+            return self.fail(TransferError::Protocol(format!(
+                "refetch of entry {file}, which is not a file"
+            )));
         };
         if f.hashes.get(index as usize).is_none_or(Option::is_none) {
-            return self.fail(TransferError::Protocol(format!("refetch of chunk {index} of entry {file}, which was not sent")));
+            return self.fail(TransferError::Protocol(format!(
+                "refetch of chunk {index} of entry {file}, which was not sent"
+            )));
         }
         let times = f.refetches.entry(index).or_insert(0);
         *times += 1;
@@ -473,7 +549,9 @@ impl Sender {
     }
 
     fn maybe_file_done(&mut self, file: u32) {
-        let Some(f) = self.files.get_mut(&file) else { return };
+        let Some(f) = self.files.get_mut(&file) else {
+            return;
+        };
         if f.done_sent || f.unknown > 0 || f.to_send > 0 || self.phase != Phase::Sending {
             return;
         }
@@ -485,14 +563,17 @@ impl Sender {
         f.done_sent = true;
         let size = self.manifest.entry(file).map_or(0, |e| e.size);
         let digest = file_digest(size, self.manifest.chunk_size(), &hashes);
-        self.out.push_msg(Stream::Control, &Message::FileDone { file, digest });
+        self.out
+            .push_msg(Stream::Control, &Message::FileDone { file, digest });
     }
 
     /// Issues reads while lanes have room: claim checks first (a few at a time), then chunks.
     fn schedule(&mut self) {
         const VERIFY_INFLIGHT: usize = 4;
         while self.verify_inflight < VERIFY_INFLIGHT {
-            let Some((file, index)) = self.verify.pop_front() else { break };
+            let Some((file, index)) = self.verify.pop_front() else {
+                break;
+            };
             if let Some((offset, len)) = self.manifest.chunk_span(file, index) {
                 self.issue_read(file, index, offset, len, None);
                 self.verify_inflight += 1;
@@ -506,11 +587,19 @@ impl Sender {
                 if queued + u64::from(self.lanes[lane].inflight) * chunk >= budget {
                     break;
                 }
-                if self.lanes[lane].work.as_ref().is_none_or(|w| w.chunks.is_empty()) {
+                if self.lanes[lane]
+                    .work
+                    .as_ref()
+                    .is_none_or(|w| w.chunks.is_empty())
+                {
                     self.lanes[lane].work = self.work.pop_front();
                 }
-                let Some(w) = self.lanes[lane].work.as_mut() else { break };
-                let Some(index) = w.chunks.pop_front() else { break };
+                let Some(w) = self.lanes[lane].work.as_mut() else {
+                    break;
+                };
+                let Some(index) = w.chunks.pop_front() else {
+                    break;
+                };
                 let file = w.file;
                 if let Some((offset, len)) = self.manifest.chunk_span(file, index) {
                     self.lanes[lane].inflight += 1;
@@ -523,12 +612,27 @@ impl Sender {
     fn issue_read(&mut self, file: u32, index: u32, offset: u64, len: u32, lane: Option<usize>) {
         let id = OpId(self.next_op);
         self.next_op += 1;
-        self.reads.insert(id, Read { file, index, len, lane });
-        self.disk.push_back(DiskOp::Read { id, file, offset, len });
+        self.reads.insert(
+            id,
+            Read {
+                file,
+                index,
+                len,
+                lane,
+            },
+        );
+        self.disk.push_back(DiskOp::Read {
+            id,
+            file,
+            offset,
+            len,
+        });
     }
 
     fn path(&self, file: u32) -> String {
-        self.manifest.entry(file).map_or_else(|| format!("entry {file}"), |e| e.path.clone())
+        self.manifest
+            .entry(file)
+            .map_or_else(|| format!("entry {file}"), |e| e.path.clone())
     }
 
     fn fail(&mut self, e: TransferError) {

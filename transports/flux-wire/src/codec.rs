@@ -170,16 +170,7 @@ mod tests {
 
     #[test]
     fn varint_boundaries_round_trip() {
-        for v in [
-            0,
-            63,
-            64,
-            16383,
-            16384,
-            (1 << 30) - 1,
-            1 << 30,
-            VARINT_MAX,
-        ] {
+        for v in [0, 63, 64, 16383, 16384, (1 << 30) - 1, 1 << 30, VARINT_MAX] {
             let mut out = Vec::new();
             put_varint(&mut out, v);
             assert_eq!(out.len(), varint_len(v), "len of {v}");

@@ -52,9 +52,7 @@ mod codec;
 mod message;
 
 pub use codec::{Reader, VARINT_MAX, put_bytes, put_varint, varint_len};
-pub use message::{
-    ChunkRange, Entry, EntryKind, ErrorCode, Hash, Message, MessageType, Timestamp,
-};
+pub use message::{ChunkRange, Entry, EntryKind, ErrorCode, Hash, Message, MessageType, Timestamp};
 
 /// Highest protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u16 = 1;

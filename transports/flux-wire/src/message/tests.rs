@@ -164,7 +164,10 @@ fn frame(ty: MessageType, body: &[u8]) -> Vec<u8> {
 
 #[test]
 fn unknown_type_is_refused() {
-    assert_eq!(decode_frame(&[0x7f, 0]), Err(DecodeError::UnknownType(0x7f)));
+    assert_eq!(
+        decode_frame(&[0x7f, 0]),
+        Err(DecodeError::UnknownType(0x7f))
+    );
     assert_eq!(decode_frame(&[0x00]), Err(DecodeError::UnknownType(0)));
 }
 
@@ -256,10 +259,7 @@ fn out_of_domain_fields_are_refused() {
     // Flip the mode varint (0o7777 = 4095, two bytes) to 0o17777.
     let mode_at = out.len() - 3;
     out[mode_at] = 0x40 | 0x1f;
-    assert_eq!(
-        decode_frame(&out),
-        Err(DecodeError::BadValue("mode bits"))
-    );
+    assert_eq!(decode_frame(&out), Err(DecodeError::BadValue("mode bits")));
     assert_eq!(
         decode_frame(&frame(MessageType::Verdict, &[0, 2])),
         Err(DecodeError::BadValue("verdict flag"))

@@ -1,0 +1,453 @@
+//! Disk requests performed with `std::fs`, and the receiver's scan of its destination.
+//!
+//! Safety rules on the receiving side:
+//! - paths come from a validated [`Manifest`]; each directory on the way is checked with
+//!   `lstat` and created if missing, and a symbolic link anywhere under the destination is
+//!   refused, never followed;
+//! - data goes to `.<name>.thrupart` with its resume sidecar `.<name>.thrupart.state` beside it,
+//!   and reaches its final name only when the whole file is verified;
+//! - the final step never replaces an existing entry unless the transfer allows it (a hard link
+//!   is attempted first, which fails atomically if the name is taken).
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use flux_transfer::digest::chunk_hash;
+use flux_transfer::{DiskFailure, DiskOp, DiskResult, LocalFile, Manifest, OpId, sidecar};
+use flux_wire::{Entry, EntryKind, Timestamp};
+
+/// Open partial or source files kept around between operations.
+const MAX_OPEN: usize = 64;
+
+/// Performs a sender's reads from the shared files.
+#[derive(Debug)]
+pub struct SourceFiles {
+    sources: Vec<Option<PathBuf>>,
+    open: HashMap<u32, File>,
+}
+
+impl SourceFiles {
+    /// Reads for manifest entry `i` come from `sources[i]`.
+    pub fn new(sources: Vec<Option<PathBuf>>) -> Self {
+        Self {
+            sources,
+            open: HashMap::new(),
+        }
+    }
+
+    /// Performs one request.
+    pub fn execute(&mut self, op: DiskOp) -> (OpId, Result<DiskResult, DiskFailure>) {
+        match op {
+            DiskOp::Read {
+                id,
+                file,
+                offset,
+                len,
+            } => (id, self.read(file, offset, len)),
+            other => (
+                op_id(&other),
+                Err(DiskFailure::Io("sender cannot write".into())),
+            ),
+        }
+    }
+
+    fn read(&mut self, file: u32, offset: u64, len: u32) -> Result<DiskResult, DiskFailure> {
+        let path = self
+            .sources
+            .get(file as usize)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| DiskFailure::Io(format!("no source for entry {file}")))?;
+        if !self.open.contains_key(&file) {
+            if self.open.len() >= MAX_OPEN {
+                self.open.clear();
+            }
+            let f = File::open(path).map_err(|e| io_err("open", path, &e))?;
+            self.open.insert(file, f);
+        }
+        let f = &self.open[&file];
+        let mut buf = vec![0u8; len as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            match f.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_err("read", path, &e)),
+            }
+        }
+        buf.truncate(done);
+        Ok(DiskResult::Read(Bytes::from(buf)))
+    }
+}
+
+/// Performs a receiver's writes under a destination directory.
+#[derive(Debug)]
+pub struct Destination {
+    root: PathBuf,
+    manifest: Arc<Manifest>,
+    open: HashMap<u32, (File, File)>,
+}
+
+impl Destination {
+    /// Entries of `manifest` land under `root`, which must exist.
+    pub fn new(root: PathBuf, manifest: Arc<Manifest>) -> Self {
+        Self {
+            root,
+            manifest,
+            open: HashMap::new(),
+        }
+    }
+
+    /// Performs one request.
+    pub fn execute(&mut self, op: DiskOp) -> (OpId, Result<DiskResult, DiskFailure>) {
+        let id = op_id(&op);
+        let res = match op {
+            DiskOp::WriteChunk {
+                file,
+                index,
+                offset,
+                hash,
+                data,
+                ..
+            } => self.write_chunk(file, index, offset, &hash, &data),
+            DiskOp::Finalize { file, replace, .. } => self.finalize(file, replace),
+            DiskOp::Finish { .. } => self.finish(),
+            _ => Err(DiskFailure::Io("receiver cannot read".into())),
+        };
+        (id, res.map(|()| DiskResult::Done))
+    }
+
+    /// What is already at the destination for each file: verified partial chunks (re-hashed
+    /// against the partial file's bytes), identical-size complete files (hashed), or conflicts.
+    /// A damaged or stale sidecar is removed with its partial file, so the file restarts.
+    pub fn scan(&self) -> Result<HashMap<u32, LocalFile>, DiskFailure> {
+        let mut out = HashMap::new();
+        let cs = self.manifest.chunk_size();
+        for (i, e) in self.manifest.entries().iter().enumerate() {
+            if e.kind != EntryKind::File {
+                continue;
+            }
+            let i = i as u32;
+            let Some((dir, name)) = self.locate(e, false)? else {
+                continue;
+            };
+            let final_path = dir.join(name);
+            match fs::symlink_metadata(&final_path) {
+                Ok(md) if md.is_file() && md.len() == e.size => {
+                    let f =
+                        File::open(&final_path).map_err(|err| io_err("open", &final_path, &err))?;
+                    let mut hashes = Vec::new();
+                    for c in 0..self.manifest.chunk_count(i) {
+                        let Some((off, len)) = self.manifest.chunk_span(i, c) else {
+                            break;
+                        };
+                        let data = read_exact(&f, off, len, &final_path)?;
+                        hashes.push(chunk_hash(&data));
+                    }
+                    out.insert(i, LocalFile::Existing(hashes));
+                    continue;
+                }
+                Ok(_) => {
+                    out.insert(i, LocalFile::Conflict);
+                    continue;
+                }
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => return Err(io_err("stat", &final_path, &err)),
+            }
+            let (part, state) = partial_names(&dir, name);
+            let (Ok(bytes), Ok(pf)) = (fs::read(&state), open_nofollow(&part, false)) else {
+                continue;
+            };
+            let recorded = match sidecar::parse(&bytes, e, cs) {
+                Ok(r) => r,
+                Err(err) => {
+                    tracing::warn!(path = %final_path.display(), error = %err, "discarding partial file");
+                    let _ = fs::remove_file(&part);
+                    let _ = fs::remove_file(&state);
+                    continue;
+                }
+            };
+            let mut good = std::collections::BTreeMap::new();
+            for (idx, h) in recorded {
+                let Some((off, len)) = self.manifest.chunk_span(i, idx) else {
+                    continue;
+                };
+                match read_exact(&pf, off, len, &part) {
+                    Ok(d) if chunk_hash(&d) == h => {
+                        good.insert(idx, h);
+                    }
+                    _ => tracing::debug!(chunk = idx, "partial chunk no longer matches its record"),
+                }
+            }
+            if !good.is_empty() {
+                out.insert(i, LocalFile::Partial(good));
+            }
+        }
+        Ok(out)
+    }
+
+    fn write_chunk(
+        &mut self,
+        file: u32,
+        index: u32,
+        offset: u64,
+        hash: &[u8; 32],
+        data: &[u8],
+    ) -> Result<(), DiskFailure> {
+        if !self.open.contains_key(&file) {
+            if self.open.len() >= MAX_OPEN {
+                self.open.clear();
+            }
+            let e = self.entry(file)?.clone();
+            let (dir, name) = self
+                .locate(&e, true)?
+                .ok_or_else(|| DiskFailure::Io("no parent".into()))?;
+            let (part, state) = partial_names(&dir, name);
+            let pf = open_nofollow(&part, true).map_err(|err| io_err("open", &part, &err))?;
+            let mut sf = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .mode(0o600)
+                .open(&state)
+                .map_err(|err| io_err("open", &state, &err))?;
+            let len = sf
+                .metadata()
+                .map_err(|err| io_err("stat", &state, &err))?
+                .len();
+            let valid = len >= sidecar::HEADER_LEN as u64
+                && fs::read(&state)
+                    .is_ok_and(|b| sidecar::parse(&b, &e, self.manifest.chunk_size()).is_ok());
+            if !valid {
+                // A fresh start: an unusable sidecar describes nothing worth keeping.
+                sf.set_len(0)
+                    .map_err(|err| io_err("truncate", &state, &err))?;
+                sf.write_all(&sidecar::header(&e, self.manifest.chunk_size()))
+                    .map_err(|err| io_err("write", &state, &err))?;
+            }
+            self.open.insert(file, (pf, sf));
+        }
+        let path = self.entry(file)?.path.clone();
+        let Some((pf, sf)) = self.open.get_mut(&file) else {
+            return Err(DiskFailure::Io(format!("{path}: partial file not open")));
+        };
+        pf.write_all_at(data, offset)
+            .map_err(|err| DiskFailure::Io(format!("{path}: write: {err}")))?;
+        // The record follows the data, so a record never describes bytes not yet written.
+        sf.write_all(&sidecar::record(index, hash))
+            .map_err(|err| DiskFailure::Io(format!("{path}: sidecar: {err}")))?;
+        Ok(())
+    }
+
+    fn finalize(&mut self, file: u32, replace: bool) -> Result<(), DiskFailure> {
+        let e = self.entry(file)?.clone();
+        let (dir, name) = self
+            .locate(&e, true)?
+            .ok_or_else(|| DiskFailure::Io(format!("{}: no parent directory", e.path)))?;
+        let target = dir.join(name);
+        match e.kind {
+            EntryKind::Dir => match fs::symlink_metadata(&target) {
+                Ok(md) if md.is_dir() => Ok(()),
+                Ok(_) => Err(DiskFailure::Exists(e.path.clone())),
+                Err(_) => fs::create_dir(&target).map_err(|err| io_err("mkdir", &target, &err)),
+            },
+            EntryKind::Symlink => {
+                if fs::symlink_metadata(&target).is_ok() {
+                    if !replace {
+                        return Err(DiskFailure::Exists(e.path.clone()));
+                    }
+                    fs::remove_file(&target).map_err(|err| io_err("remove", &target, &err))?;
+                }
+                std::os::unix::fs::symlink(&e.link_target, &target)
+                    .map_err(|err| io_err("symlink", &target, &err))
+            }
+            EntryKind::File => {
+                let (part, state) = partial_names(&dir, name);
+                let pf = match self.open.remove(&file) {
+                    Some((pf, _)) => pf,
+                    None => {
+                        open_nofollow(&part, true).map_err(|err| io_err("open", &part, &err))?
+                    }
+                };
+                pf.set_len(e.size)
+                    .map_err(|err| io_err("truncate", &part, &err))?;
+                pf.set_permissions(fs::Permissions::from_mode(e.mode & 0o777))
+                    .map_err(|err| io_err("chmod", &part, &err))?;
+                pf.set_modified(to_system_time(e.mtime))
+                    .map_err(|err| io_err("set mtime", &part, &err))?;
+                drop(pf);
+                place(&part, &target, replace).map_err(|err| match err.kind() {
+                    io::ErrorKind::AlreadyExists => DiskFailure::Exists(e.path.clone()),
+                    _ => io_err("rename", &target, &err),
+                })?;
+                let _ = fs::remove_file(&state);
+                Ok(())
+            }
+        }
+    }
+
+    fn finish(&mut self) -> Result<(), DiskFailure> {
+        let mut dirs: Vec<&Entry> = self
+            .manifest
+            .entries()
+            .iter()
+            .filter(|e| e.kind == EntryKind::Dir)
+            .collect();
+        // Deepest first: setting a child's time must not be undone by touching its parent.
+        dirs.sort_by_key(|e| std::cmp::Reverse(e.path.matches('/').count()));
+        for e in dirs {
+            let p = self.root.join(&e.path);
+            let md = fs::symlink_metadata(&p).map_err(|err| io_err("stat", &p, &err))?;
+            if !md.is_dir() {
+                return Err(DiskFailure::Io(format!(
+                    "{}: no longer a directory",
+                    e.path
+                )));
+            }
+            fs::set_permissions(&p, fs::Permissions::from_mode((e.mode & 0o777) | 0o700))
+                .map_err(|err| io_err("chmod", &p, &err))?;
+            let f = File::open(&p).map_err(|err| io_err("open", &p, &err))?;
+            f.set_modified(to_system_time(e.mtime))
+                .map_err(|err| io_err("set mtime", &p, &err))?;
+        }
+        Ok(())
+    }
+
+    fn entry(&self, file: u32) -> Result<&Entry, DiskFailure> {
+        self.manifest
+            .entry(file)
+            .ok_or_else(|| DiskFailure::Io(format!("no entry {file}")))
+    }
+
+    /// The parent directory and final name of `e`, checking every directory on the way: each
+    /// must be a real directory (not a link). With `create`, missing ones are made; without,
+    /// `None` means one is missing.
+    fn locate<'e>(
+        &self,
+        e: &'e Entry,
+        create: bool,
+    ) -> Result<Option<(PathBuf, &'e str)>, DiskFailure> {
+        let mut parts: Vec<&str> = e.path.split('/').collect();
+        let name = parts.pop().unwrap_or_default();
+        let mut dir = self.root.clone();
+        for p in parts {
+            dir.push(p);
+            match fs::symlink_metadata(&dir) {
+                Ok(md) if md.file_type().is_symlink() => {
+                    return Err(DiskFailure::Io(format!(
+                        "{}: refusing to follow the symbolic link at {}",
+                        e.path,
+                        dir.display()
+                    )));
+                }
+                Ok(md) if md.is_dir() => {}
+                Ok(_) => return Err(DiskFailure::Exists(dir.display().to_string())),
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                    if !create {
+                        return Ok(None);
+                    }
+                    fs::create_dir(&dir).map_err(|err| io_err("mkdir", &dir, &err))?;
+                }
+                Err(err) => return Err(io_err("stat", &dir, &err)),
+            }
+        }
+        Ok(Some((dir, name)))
+    }
+}
+
+/// Moves `from` to `to`, replacing an existing `to` only when allowed.
+fn place(from: &Path, to: &Path, replace: bool) -> io::Result<()> {
+    if replace {
+        return fs::rename(from, to);
+    }
+    // A hard link fails atomically if `to` exists; fall back to a checked rename where links are
+    // unsupported.
+    match fs::hard_link(from, to) {
+        Ok(()) => fs::remove_file(from),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(e),
+        Err(_) => {
+            if fs::symlink_metadata(to).is_ok() {
+                return Err(io::Error::from(io::ErrorKind::AlreadyExists));
+            }
+            fs::rename(from, to)
+        }
+    }
+}
+
+fn partial_names(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    // Keep temporary names within NAME_MAX: long names get a hashed stand-in.
+    let base = if name.len() <= 200 {
+        format!(".{name}.thrupart")
+    } else {
+        format!(
+            ".{}.thrupart",
+            &blake3::hash(name.as_bytes()).to_hex()[..32]
+        )
+    };
+    (dir.join(&base), dir.join(format!("{base}.state")))
+}
+
+fn open_nofollow(p: &Path, create: bool) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(create)
+        .create(create)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o600)
+        .open(p)
+}
+
+fn read_exact(f: &File, off: u64, len: u32, p: &Path) -> Result<Vec<u8>, DiskFailure> {
+    let mut buf = vec![0u8; len as usize];
+    f.read_exact_at(&mut buf, off)
+        .map_err(|e| io_err("read", p, &e))?;
+    Ok(buf)
+}
+
+fn to_system_time(t: Timestamp) -> SystemTime {
+    let nanos = Duration::from_nanos(u64::from(t.nanos));
+    if t.secs >= 0 {
+        UNIX_EPOCH + Duration::from_secs(t.secs.unsigned_abs()) + nanos
+    } else {
+        UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs()) + nanos
+    }
+}
+
+/// Converts a file time to the wire's form.
+pub fn to_timestamp(t: SystemTime) -> Timestamp {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Timestamp {
+            secs: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+            nanos: d.subsec_nanos(),
+        },
+        Err(e) => {
+            let d = e.duration();
+            let (secs, nanos) = if d.subsec_nanos() == 0 {
+                (-(d.as_secs() as i64), 0)
+            } else {
+                (-(d.as_secs() as i64) - 1, 1_000_000_000 - d.subsec_nanos())
+            };
+            Timestamp { secs, nanos }
+        }
+    }
+}
+
+fn op_id(op: &DiskOp) -> OpId {
+    match op {
+        DiskOp::Read { id, .. }
+        | DiskOp::WriteChunk { id, .. }
+        | DiskOp::Finalize { id, .. }
+        | DiskOp::Finish { id } => *id,
+        _ => OpId(u64::MAX),
+    }
+}
+
+fn io_err(op: &str, p: &Path, e: &io::Error) -> DiskFailure {
+    DiskFailure::Io(format!("{op} {}: {e}", p.display()))
+}

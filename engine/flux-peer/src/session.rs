@@ -1,0 +1,241 @@
+//! A transfer machine running over one quinn-proto connection.
+//!
+//! The session maps the machine's [`Stream`]s to QUIC streams (the receiver, as QUIC client,
+//! opens the control stream; the sender opens one unidirectional stream per lane), moves bytes
+//! between the machine's outbox and QUIC under flow control, and feeds received bytes to the
+//! machine, pausing data lanes while the machine's disk lags behind. It does no socket or disk
+//! I/O itself: the caller moves datagrams and performs the machine's disk requests.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Instant;
+
+use flux_quic::quinn_proto::{
+    Connection, ConnectionError, Dir, Event as QEvent, ReadError, StreamEvent, StreamId, VarInt,
+    WriteError,
+};
+use flux_transfer::{Machine, Stream};
+
+/// Which end of the QUIC connection this session is.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum Side {
+    /// The QUIC client: the receiver, which opens the control stream.
+    Client,
+    /// The QUIC server: the sender.
+    Server,
+}
+
+/// Bytes a session reads from QUIC per call before yielding, so one busy stream cannot starve
+/// the rest of the loop.
+const READ_BUDGET: usize = 8 << 20;
+
+/// A machine bound to a connection.
+pub struct Session<M> {
+    /// The QUIC connection.
+    pub conn: Connection,
+    /// The transfer machine.
+    pub machine: M,
+    side: Side,
+    control: Option<StreamId>,
+    out_lanes: HashMap<u16, StreamId>,
+    in_lanes: HashMap<StreamId, u16>,
+    readable: BTreeSet<StreamId>,
+    closed: Option<ConnectionError>,
+    /// Optional hook to alter received bytes before the machine sees them (tests inject
+    /// corruption with it).
+    pub tamper: Option<Box<dyn FnMut(Stream, u64, &mut [u8]) + Send>>,
+    received: HashMap<Stream, u64>,
+}
+
+impl<M: std::fmt::Debug> std::fmt::Debug for Session<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("side", &self.side)
+            .field("machine", &self.machine)
+            .field("closed", &self.closed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M: Machine> Session<M> {
+    /// Binds `machine` to `conn`.
+    pub fn new(conn: Connection, machine: M, side: Side) -> Self {
+        let mut s = Self {
+            conn,
+            machine,
+            side,
+            control: None,
+            out_lanes: HashMap::new(),
+            in_lanes: HashMap::new(),
+            readable: BTreeSet::new(),
+            closed: None,
+            tamper: None,
+            received: HashMap::new(),
+        };
+        if side == Side::Client {
+            s.control = s.conn.streams().open(Dir::Bi);
+        }
+        s
+    }
+
+    /// Why the connection closed, once it has.
+    pub fn close_reason(&self) -> Option<&ConnectionError> {
+        self.closed.as_ref()
+    }
+
+    /// Moves everything that can move: connection events into the machine, machine output into
+    /// QUIC. Call after feeding the connection a datagram or a timeout, and after completing the
+    /// machine's disk requests.
+    pub fn drive(&mut self, now: Instant) {
+        while let Some(ev) = self.conn.poll() {
+            match ev {
+                QEvent::Stream(StreamEvent::Opened { dir }) => {
+                    while let Some(id) = self.conn.streams().accept(dir) {
+                        match dir {
+                            Dir::Bi if self.control.is_none() && self.side == Side::Server => {
+                                self.control = Some(id);
+                            }
+                            Dir::Uni if self.side == Side::Client => {
+                                let n = u16::try_from(self.in_lanes.len()).unwrap_or(u16::MAX);
+                                self.in_lanes.insert(id, n);
+                            }
+                            _ => {
+                                // A stream this protocol has no use for: refuse it.
+                                let _ = self.conn.recv_stream(id).stop(VarInt::from_u32(1));
+                                continue;
+                            }
+                        }
+                        self.readable.insert(id);
+                    }
+                }
+                QEvent::Stream(StreamEvent::Readable { id }) => {
+                    self.readable.insert(id);
+                }
+                QEvent::ConnectionLost { reason } => {
+                    if !self.machine.is_over() {
+                        tracing::debug!(%reason, "connection lost");
+                    }
+                    self.closed = Some(reason);
+                }
+                _ => {}
+            }
+        }
+        if self.side == Side::Client && self.control.is_none() {
+            // Streams can be opened only once the peer's limits arrive with the handshake.
+            self.control = self.conn.streams().open(Dir::Bi);
+        }
+        if self.machine.is_over() && self.machine.outbox().ready().is_empty() {
+            return;
+        }
+        self.read(now);
+        self.write();
+    }
+
+    fn read(&mut self, now: Instant) {
+        let mut budget = READ_BUDGET;
+        let ids: Vec<StreamId> = self.readable.iter().copied().collect();
+        for id in ids {
+            let stream = if Some(id) == self.control {
+                Stream::Control
+            } else if let Some(&n) = self.in_lanes.get(&id) {
+                if !self.machine.wants_data() {
+                    continue;
+                }
+                Stream::Lane(n)
+            } else {
+                self.readable.remove(&id);
+                continue;
+            };
+            let mut recv = self.conn.recv_stream(id);
+            let Ok(mut chunks) = recv.read(true) else {
+                self.readable.remove(&id);
+                continue;
+            };
+            let mut ended = false;
+            let mut blocked = false;
+            loop {
+                if budget == 0 || (stream != Stream::Control && !self.machine.wants_data()) {
+                    break;
+                }
+                match chunks.next(budget.min(1 << 20)) {
+                    Ok(Some(c)) => {
+                        budget = budget.saturating_sub(c.bytes.len());
+                        let at = self.received.entry(stream).or_insert(0);
+                        let off = *at;
+                        *at += c.bytes.len() as u64;
+                        match self.tamper.as_mut() {
+                            Some(t) => {
+                                let mut b = c.bytes.to_vec();
+                                t(stream, off, &mut b);
+                                self.machine.handle_stream_data(now, stream, &b);
+                            }
+                            None => self.machine.handle_stream_data(now, stream, &c.bytes),
+                        }
+                    }
+                    Ok(None) => {
+                        ended = true;
+                        break;
+                    }
+                    Err(ReadError::Blocked) => {
+                        blocked = true;
+                        break;
+                    }
+                    Err(ReadError::Reset(_)) => {
+                        ended = true;
+                        break;
+                    }
+                }
+            }
+            let _ = chunks.finalize();
+            if ended {
+                self.readable.remove(&id);
+                self.machine.handle_stream_end(now, stream);
+            } else if blocked {
+                self.readable.remove(&id);
+            }
+        }
+    }
+
+    fn write(&mut self) {
+        for stream in self.machine.outbox().ready() {
+            let id = match stream {
+                Stream::Control => match self.control {
+                    Some(id) => id,
+                    None => continue,
+                },
+                Stream::Lane(n) => match self.out_lanes.get(&n) {
+                    Some(id) => *id,
+                    None => match self.conn.streams().open(Dir::Uni) {
+                        Some(id) => {
+                            self.out_lanes.insert(n, id);
+                            id
+                        }
+                        // Stream limit reached: retry when the peer raises it.
+                        None => continue,
+                    },
+                },
+            };
+            loop {
+                let Some(front) = self.machine.outbox().front(stream).cloned() else {
+                    break;
+                };
+                match self.conn.send_stream(id).write(&front) {
+                    Ok(n) => {
+                        self.machine.outbox().advance(stream, n);
+                        if n < front.len() {
+                            break;
+                        }
+                    }
+                    Err(WriteError::Blocked) => break,
+                    Err(_) => {
+                        // Stopped or closed: the peer is gone from this stream.
+                        self.machine.outbox().advance(stream, usize::MAX);
+                        break;
+                    }
+                }
+            }
+            if self.machine.outbox().take_fin(stream) {
+                let _ = self.conn.send_stream(id).finish();
+            }
+        }
+    }
+}

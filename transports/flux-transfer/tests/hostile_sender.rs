@@ -1,0 +1,228 @@
+//! A hostile sender against a receiver, message by message: every case ends in a typed error
+//! naming what was wrong, and no disk request is ever issued (nothing is written anywhere).
+
+use std::time::Instant;
+
+use flux_transfer::{Event, Receiver, ReceiverConfig, Stream, TransferError};
+use flux_wire::{Entry, EntryKind, Message, Timestamp};
+
+fn file(path: &str, size: u64) -> Entry {
+    Entry {
+        path: path.into(),
+        kind: EntryKind::File,
+        size,
+        mtime: Timestamp::default(),
+        mode: 0o644,
+        link_target: String::new(),
+    }
+}
+
+fn frames(msgs: &[Message]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for m in msgs {
+        m.encode(&mut out);
+    }
+    out
+}
+
+fn hello() -> Message {
+    Message::Hello {
+        min_version: 1,
+        max_version: 1,
+        features: 0,
+    }
+}
+
+fn manifest(entries: Vec<Entry>) -> Vec<Message> {
+    let total = entries.iter().map(|e| e.size).sum();
+    vec![
+        hello(),
+        Message::ManifestBegin {
+            entry_count: entries.len() as u64,
+            total_bytes: total,
+            chunk_size: 1 << 20,
+        },
+        Message::ManifestEntries(entries),
+        Message::ManifestEnd,
+    ]
+}
+
+/// Feeds control bytes, accepting the manifest if one completes; returns the failure.
+fn run(control: &[u8], lane: Option<&[u8]>) -> TransferError {
+    let now = Instant::now();
+    let mut r = Receiver::new(ReceiverConfig::default());
+    r.handle_stream_data(now, Stream::Control, control);
+    let mut failure = None;
+    while let Some(ev) = r.poll_event() {
+        match ev {
+            Event::ManifestReady => r.accept(now, Default::default()),
+            Event::Failed(e) => failure = Some(e),
+            _ => {}
+        }
+    }
+    // Directory finalizes are the only legitimate requests before data; none of these cases
+    // has directories, so any disk request at all would be a defect.
+    if let Some(lane) = lane {
+        r.handle_stream_data(now, Stream::Lane(0), lane);
+        while let Some(ev) = r.poll_event() {
+            if let Event::Failed(e) = ev {
+                failure = Some(e);
+            }
+        }
+    }
+    assert!(
+        r.poll_disk().is_none(),
+        "a hostile sender caused a disk request"
+    );
+    assert!(r.is_over());
+    failure.expect("the receiver must fail")
+}
+
+fn manifest_err(entries: Vec<Entry>) -> String {
+    match run(&frames(&manifest(entries)), None) {
+        TransferError::Manifest(e) => e.to_string(),
+        other => panic!("expected a manifest error, got {other:?}"),
+    }
+}
+
+#[test]
+fn unsafe_paths_are_refused_by_name() {
+    for (path, needle) in [
+        ("../x", "\"..\""),
+        ("/etc/x", "absolute"),
+        ("a/../../x", "\"..\""),
+        ("C:\\x", "reserved character"),
+        ("CON", "reserved device name"),
+        ("x.", "ends in a dot or space"),
+        ("a\u{1b}[31mred", "control character"),
+    ] {
+        let msg = manifest_err(vec![file(path, 1)]);
+        assert!(msg.contains(needle), "{path:?}: {msg}");
+        assert!(
+            msg.contains("entry"),
+            "{path:?}: error must name the entry: {msg}"
+        );
+    }
+}
+
+#[test]
+fn ten_megabyte_name_is_refused_at_the_frame_header() {
+    let mut control = frames(&[
+        hello(),
+        Message::ManifestBegin {
+            entry_count: 1,
+            total_bytes: 1,
+            chunk_size: 1 << 20,
+        },
+    ]);
+    control.extend(frames(&[Message::ManifestEntries(vec![file(
+        &"n".repeat(10_000_000),
+        1,
+    )])]));
+    let e = run(&control, None);
+    assert!(
+        matches!(
+            e,
+            TransferError::Decode(flux_wire::DecodeError::FrameTooLarge { .. })
+        ),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn absurd_totals_and_counts_are_refused_up_front() {
+    let big = run(
+        &frames(&[
+            hello(),
+            Message::ManifestBegin {
+                entry_count: 1,
+                total_bytes: u64::MAX,
+                chunk_size: 1 << 20,
+            },
+        ]),
+        None,
+    );
+    assert!(
+        big.to_string().contains("18446744073709551615 bytes"),
+        "{big}"
+    );
+    let many = run(
+        &frames(&[
+            hello(),
+            Message::ManifestBegin {
+                entry_count: 1_000_000_000,
+                total_bytes: 0,
+                chunk_size: 1 << 20,
+            },
+        ]),
+        None,
+    );
+    assert!(many.to_string().contains("1000000000 entries"), "{many}");
+}
+
+#[test]
+fn duplicate_and_clashing_entries_are_refused() {
+    let dup = manifest_err(vec![file("a", 1), file("a", 1)]);
+    assert!(dup.contains("\"a\" appears more than once"), "{dup}");
+    let mut d = file("a", 0);
+    d.kind = EntryKind::Dir;
+    let clash = manifest_err(vec![file("a", 1), d]);
+    assert!(clash.contains("\"a\" appears more than once"), "{clash}");
+}
+
+#[test]
+fn link_leading_outside_is_refused() {
+    let mut l = file("l", 0);
+    l.kind = EntryKind::Symlink;
+    l.link_target = "../../etc/passwd".into();
+    let msg = manifest_err(vec![l]);
+    assert!(msg.contains("leads outside"), "{msg}");
+}
+
+#[test]
+fn chunk_beyond_end_and_wrong_length_are_refused() {
+    let control = frames(&manifest(vec![file("f", 100)]));
+    let beyond = frames(&[Message::ChunkHeader {
+        file: 0,
+        index: 1,
+        len: 100,
+        hash: [0; 32],
+    }]);
+    let e = run(&control, Some(&beyond));
+    assert!(e.to_string().contains("beyond the end of f"), "{e}");
+    let wrong = frames(&[Message::ChunkHeader {
+        file: 0,
+        index: 0,
+        len: 99,
+        hash: [0; 32],
+    }]);
+    let e = run(&control, Some(&wrong));
+    assert!(
+        e.to_string()
+            .contains("announces 99 bytes but the manifest implies 100"),
+        "{e}"
+    );
+}
+
+#[test]
+fn data_before_acceptance_is_refused() {
+    let now = Instant::now();
+    let mut r = Receiver::new(ReceiverConfig::default());
+    r.handle_stream_data(
+        now,
+        Stream::Control,
+        &frames(&manifest(vec![file("f", 100)])),
+    );
+    r.handle_stream_data(
+        now,
+        Stream::Lane(0),
+        &frames(&[Message::ChunkHeader {
+            file: 0,
+            index: 0,
+            len: 100,
+            hash: [0; 32],
+        }]),
+    );
+    assert!(r.is_over());
+    assert!(r.poll_disk().is_none());
+}
