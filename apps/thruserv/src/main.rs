@@ -117,6 +117,11 @@ struct Args {
     #[arg(long, env = "THRUSERV_MAX_PENDING_HANDSHAKES", default_value_t = 1024)]
     max_pending_handshakes: usize,
 
+    /// Most connections in their handshake from one client IP (0 disables; not applied
+    /// with --trust-forwarded-for).
+    #[arg(long, env = "THRUSERV_MAX_PENDING_PER_IP", default_value_t = 16)]
+    max_pending_per_ip: usize,
+
     /// Relay candidates naming loopback addresses (tests and single-machine development only).
     #[arg(long, env = "THRUSERV_ALLOW_LOOPBACK_CANDIDATES")]
     allow_loopback_candidates: bool,
@@ -217,6 +222,7 @@ fn config_from(args: &Args) -> ServerConfig {
     c.handshake_timeout = args.handshake_timeout;
     c.frame_timeout = args.frame_timeout;
     c.max_pending_handshakes = args.max_pending_handshakes;
+    c.max_pending_per_ip = args.max_pending_per_ip;
     c.allow_loopback_candidates = args.allow_loopback_candidates;
     c.trust_forwarded_for = args.trust_forwarded_for;
     c.shutdown_grace = args.shutdown_grace;

@@ -22,7 +22,8 @@ use super::state::Shared;
 
 type Body = Full<Bytes>;
 
-/// Serves exactly one HTTP request on `io` (the caller bounds the time it may take).
+/// Serves the HTTP side of one connection: a WebSocket upgrade, or one plain request
+/// answered with `Connection: close`. The caller bounds the time it may take.
 pub(crate) async fn serve<IO>(io: IO, peer: SocketAddr, shared: Arc<Shared>)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -32,7 +33,9 @@ where
         async move { Ok::<_, Infallible>(route(req, peer, &shared)) }
     });
     let result = http1::Builder::new()
-        .keep_alive(false)
+        // Keep-alive must stay on: with it off hyper rewrites `Connection: Upgrade` on the
+        // 101 to `close`. Plain responses carry `Connection: close` instead.
+        .keep_alive(true)
         // Request heads above 16 KiB get 431; hyper's minimum buffer is 8 KiB.
         .max_buf_size(16 * 1024)
         .serve_connection(TokioIo::new(io), service)

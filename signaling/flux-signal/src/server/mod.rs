@@ -5,9 +5,9 @@
 //! [`ServerConfig::shutdown_grace`]).
 //!
 //! Routes: `GET /healthz` (200 `ok`), `GET /metrics` (Prometheus text) and the WebSocket
-//! endpoint [`flux_signal_proto::WS_PATH`]. Every other path is 404. Each TCP connection serves
-//! one HTTP request (no keep-alive), so a plain-HTTP connection never outlives the
-//! handshake timeout.
+//! endpoint [`flux_signal_proto::WS_PATH`]. Every other path is 404. Plain responses close
+//! the connection, and no connection stays in its HTTP phase longer than
+//! [`ServerConfig::handshake_timeout`].
 
 mod conn;
 mod http;
@@ -68,7 +68,11 @@ pub struct ServerConfig {
     /// Deadline for a started WebSocket frame to complete, and for any write to the peer.
     pub frame_timeout: Duration,
     /// Most TCP connections still in the TLS/HTTP handshake; more are dropped at accept.
+    /// 0 = unlimited.
     pub max_pending_handshakes: usize,
+    /// Most connections in their handshake from one client IP (IPv6: /64); 0 = unlimited.
+    /// Not applied with `trust_forwarded_for`, where the TCP peer is the proxy.
+    pub max_pending_per_ip: usize,
     /// Relay loopback candidates (tests and single-machine development only).
     pub allow_loopback_candidates: bool,
     /// Key per-IP limits on the rightmost `X-Forwarded-For` address (behind a trusted proxy).
@@ -100,6 +104,7 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             frame_timeout: Duration::from_secs(10),
             max_pending_handshakes: 1024,
+            max_pending_per_ip: 16,
             allow_loopback_candidates: false,
             trust_forwarded_for: false,
             shutdown_grace: Duration::from_secs(5),
@@ -270,7 +275,8 @@ fn spawn_connection(
     peer: SocketAddr,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
-    let Some(pending) = state::PendingGuard::try_new(shared) else {
+    let per_ip = (!shared.config.trust_forwarded_for).then(|| peer.ip());
+    let Some(pending) = state::PendingGuard::try_new(shared, per_ip) else {
         shared
             .metrics
             .reject(flux_signal_proto::ErrorCode::TooManyConnections);

@@ -26,6 +26,7 @@ pub(crate) struct Shared {
     sessions: Mutex<HashMap<RoutingId, Session>>,
     ws_connections: AtomicUsize,
     pending_handshakes: AtomicUsize,
+    pending_by_ip: Mutex<HashMap<IpAddr, usize>>,
     next_conn_id: AtomicU64,
 }
 
@@ -78,6 +79,7 @@ impl Shared {
             sessions: Mutex::new(HashMap::new()),
             ws_connections: AtomicUsize::new(0),
             pending_handshakes: AtomicUsize::new(0),
+            pending_by_ip: Mutex::new(HashMap::new()),
             next_conn_id: AtomicU64::new(1),
         }
     }
@@ -350,31 +352,64 @@ impl Drop for WsSlot {
     }
 }
 
-/// A held pending-handshake slot; released on drop.
+/// A held pending-handshake slot (global and per client IP); released on drop.
 pub(crate) struct PendingGuard {
     shared: Arc<Shared>,
+    ip: Option<IpAddr>,
 }
 
 impl PendingGuard {
-    pub(crate) fn try_new(shared: &Arc<Shared>) -> Option<Self> {
+    /// Takes a slot for a connection from `ip`, or `None` if either cap is reached. The
+    /// per-IP cap is skipped when `ip` is `None` (behind a trusted proxy every connection
+    /// comes from the proxy).
+    pub(crate) fn try_new(shared: &Arc<Shared>, ip: Option<IpAddr>) -> Option<Self> {
         let max = shared.config.max_pending_handshakes;
         let before = shared.pending_handshakes.fetch_add(1, Ordering::AcqRel);
         if max != 0 && before >= max {
             shared.pending_handshakes.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
+        let per_ip = shared.config.max_pending_per_ip;
+        let ip = ip.filter(|_| per_ip != 0).map(ip_key);
+        if let Some(ip) = ip {
+            let mut by_ip = lock(&shared.pending_by_ip);
+            let n = by_ip.entry(ip).or_insert(0);
+            if *n >= per_ip {
+                drop(by_ip);
+                shared.pending_handshakes.fetch_sub(1, Ordering::AcqRel);
+                return None;
+            }
+            *n += 1;
+        }
         Some(Self {
             shared: shared.clone(),
+            ip,
         })
     }
 }
 
 impl Drop for PendingGuard {
     fn drop(&mut self) {
+        if let Some(ip) = self.ip {
+            let mut by_ip = lock(&self.shared.pending_by_ip);
+            if let Some(n) = by_ip.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    by_ip.remove(&ip);
+                }
+            }
+        }
         self.shared
             .pending_handshakes
             .fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// Locks `m`, ignoring poisoning: a poisoned lock means a panic while holding it, which
+/// only a bug can cause, and every mutation under these locks is a single map operation, so
+/// the data stays consistent; keep serving rather than take every session down.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The per-IP key for rate limits: the address for IPv4, the /64 prefix for IPv6 (one
