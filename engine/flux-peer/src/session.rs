@@ -15,6 +15,9 @@ use flux_quic::quinn_proto::{
 };
 use flux_transfer::{Machine, Stream};
 
+/// A hook that may alter bytes the receiver reads: `(stream, offset in stream, bytes)`.
+pub type Tamper = Box<dyn FnMut(Stream, u64, &mut [u8]) + Send>;
+
 /// Which end of the QUIC connection this session is.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub enum Side {
@@ -42,7 +45,7 @@ pub struct Session<M> {
     closed: Option<ConnectionError>,
     /// Optional hook to alter received bytes before the machine sees them (tests inject
     /// corruption with it).
-    pub tamper: Option<Box<dyn FnMut(Stream, u64, &mut [u8]) + Send>>,
+    pub tamper: Option<Tamper>,
     received: HashMap<Stream, u64>,
 }
 

@@ -20,7 +20,7 @@ use flux_quic::quinn_proto::{
 };
 use flux_quic::{Identity, TransportParams};
 use flux_transfer::{
-    Event, Manifest, Receiver, ReceiverConfig, Sender, SenderConfig, Stream, TransferError,
+    Event, Manifest, Receiver, ReceiverConfig, Sender, SenderConfig, TransferError,
 };
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -127,8 +127,7 @@ pub struct Outcome {
     pub datagrams: (u64, u64),
 }
 
-/// A hook that may alter bytes the receiver reads: `(stream, offset in stream, bytes)`.
-pub type Tamper = Box<dyn FnMut(Stream, u64, &mut [u8]) + Send>;
+pub use crate::session::Tamper;
 
 /// Runs one transfer of `manifest` (read from `sources`) into the existing directory `dest`.
 /// The receiver accepts automatically, after scanning `dest` for what it already holds.
@@ -239,11 +238,11 @@ impl Sim {
             self.step_sender();
             let r_over = self.receiver.1.machine.is_over();
             let s_over = self.sender.as_ref().is_some_and(|s| s.1.machine.is_over());
-            if let Stop::AfterVerified(n) = stop {
-                if self.out.verified.len() >= n {
-                    self.out.interrupted = true;
-                    break;
-                }
+            if let Stop::AfterVerified(n) = stop
+                && self.out.verified.len() >= n
+            {
+                self.out.interrupted = true;
+                break;
             }
             // Run until both sides have ended, so each side's view of a failure is observed.
             if r_over && (s_over || self.sender.is_none()) {
@@ -319,10 +318,10 @@ impl Sim {
                         }
                     }
                     Some(DatagramEvent::ConnectionEvent(ch, ev)) => {
-                        if let Some((sch, s)) = self.sender.as_mut() {
-                            if *sch == ch {
-                                s.conn.handle_event(ev);
-                            }
+                        if let Some((sch, s)) = self.sender.as_mut()
+                            && *sch == ch
+                        {
+                            s.conn.handle_event(ev);
                         }
                     }
                     Some(DatagramEvent::Response(t)) => {
@@ -482,13 +481,12 @@ impl Sim {
             return;
         }
         let start = self.free_at[dir].max(self.now);
-        let tx = if link.rate_bps == 0 {
-            Duration::ZERO
-        } else {
-            Duration::from_nanos(
-                (data.len() as u64 * 8).saturating_mul(1_000_000_000) / link.rate_bps,
-            )
-        };
+        let tx = Duration::from_nanos(
+            (data.len() as u64 * 8)
+                .saturating_mul(1_000_000_000)
+                .checked_div(link.rate_bps)
+                .unwrap_or(0),
+        );
         if start - self.now > link.queue {
             self.out.datagrams.1 += 1;
             return;

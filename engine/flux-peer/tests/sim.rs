@@ -2,6 +2,8 @@
 //!
 //! Every test prints its seed; rerun one with `FLUX_SIM_SEED=<seed>`.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::HashSet;
 use std::fs;
 use std::os::unix::fs::{PermissionsExt, symlink};
@@ -198,7 +200,7 @@ fn interrupted_transfers_resume_and_send_each_verified_chunk_once() {
             &mut rng,
         );
     }
-    let share = scan(&[root.clone()], Some(256 << 10)).unwrap();
+    let share = scan(std::slice::from_ref(&root), Some(256 << 10)).unwrap();
     let total: usize = (0..share.manifest.len() as u32)
         .map(|i| share.manifest.chunk_count(i) as usize)
         .sum();
@@ -346,7 +348,7 @@ fn tampered_and_stale_sidecars_restart_the_file_safely() {
     let mut rng = SmallRng::seed_from_u64(seed);
     let root = fx.src.join("t");
     write_file(&root.join("f"), 8 << 20, &mut rng);
-    let share = scan(&[root.clone()], Some(256 << 10)).unwrap();
+    let share = scan(std::slice::from_ref(&root), Some(256 << 10)).unwrap();
     let m = Arc::new(share.manifest);
     let o = sim::run(
         m.clone(),
@@ -432,7 +434,7 @@ fn tampered_and_stale_sidecars_restart_the_file_safely() {
         .unwrap()
         .set_modified(SystemTime::now() + Duration::from_secs(5))
         .unwrap();
-    let share2 = scan(&[root.clone()], Some(256 << 10)).unwrap();
+    let share2 = scan(std::slice::from_ref(&root), Some(256 << 10)).unwrap();
     let o4 = sim::run(
         Arc::new(share2.manifest),
         share2.sources,

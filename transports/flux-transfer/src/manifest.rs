@@ -225,7 +225,9 @@ pub fn auto_chunk_size(largest_file: u64) -> u32 {
 
 /// Checks a chunk size against the protocol's rules.
 pub fn check_chunk_size(chunk_size: u32) -> Result<(), ManifestError> {
-    if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) || chunk_size % CHUNK_ALIGN != 0 {
+    if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size)
+        || !chunk_size.is_multiple_of(CHUNK_ALIGN)
+    {
         return Err(ManifestError::BadChunkSize(chunk_size));
     }
     Ok(())

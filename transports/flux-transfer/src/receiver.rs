@@ -457,10 +457,10 @@ impl Receiver {
                 if self.assembler.is_some() =>
             {
                 for e in entries {
-                    if let Some(a) = self.assembler.as_mut() {
-                        if let Err(err) = a.push(e) {
-                            return self.fail(err.into());
-                        }
+                    if let Some(a) = self.assembler.as_mut()
+                        && let Err(err) = a.push(e)
+                    {
+                        return self.fail(err.into());
                     }
                 }
             }
@@ -640,10 +640,10 @@ impl Receiver {
                 hash,
                 data: Vec::with_capacity(len as usize),
             });
-            if len == 0 {
-                if let Some(inc) = state.current.take() {
-                    self.on_chunk(inc);
-                }
+            if len == 0
+                && let Some(inc) = state.current.take()
+            {
+                self.on_chunk(inc);
             }
         }
     }
