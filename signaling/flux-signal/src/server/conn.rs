@@ -22,7 +22,7 @@ use flux_signal_proto::{
 use futures_util::{SinkExt, StreamExt};
 use governor::DefaultDirectRateLimiter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -131,8 +131,8 @@ where
         let idle = self.shared.config.ws_idle_timeout;
         let frame_timeout = self.shared.config.frame_timeout;
         let mut idle_deadline = idle.map(|d| Instant::now() + d);
+        let activity = self.activity.clone();
         loop {
-            let frame_deadline = self.activity.partial_since().map(|t| t + frame_timeout);
             let session_deadline = self.member.and_then(|m| m.expires_at);
             tokio::select! {
                 biased;
@@ -162,7 +162,7 @@ where
                 () = deadline(idle_deadline) => {
                     return End::Fatal(ErrorCode::IdleTimeout, "no message within the idle timeout".into());
                 }
-                () = deadline(frame_deadline) => {
+                () = frame_watch(&activity, frame_timeout) => {
                     return End::Fatal(ErrorCode::FrameTimeout, "frame not completed in time".into());
                 }
                 () = deadline(session_deadline) => {
@@ -500,6 +500,22 @@ fn ws_error_end(error: WsError) -> End {
     End::Fatal(code, message)
 }
 
+/// Resolves when a message has been in progress for longer than `limit`. Woken by the
+/// reader's first byte, since the socket read itself stays pending mid-frame.
+async fn frame_watch(activity: &Activity, limit: Duration) {
+    loop {
+        match activity.partial_since() {
+            Some(since) => {
+                sleep_until(since + limit).await;
+                if activity.partial_since() == Some(since) {
+                    return;
+                }
+            }
+            None => activity.wake.notified().await,
+        }
+    }
+}
+
 async fn deadline(at: Option<Instant>) {
     match at {
         Some(at) => sleep_until(at).await,
@@ -516,6 +532,8 @@ struct Activity {
     base: Instant,
     /// Milliseconds since `base` plus one; 0 = nothing pending.
     since: AtomicU64,
+    /// Signalled when `since` goes from unset to set.
+    wake: Notify,
 }
 
 impl Activity {
@@ -523,6 +541,7 @@ impl Activity {
         Self {
             base: Instant::now(),
             since: AtomicU64::new(0),
+            wake: Notify::new(),
         }
     }
 
@@ -530,6 +549,7 @@ impl Activity {
         if self.since.load(Ordering::Relaxed) == 0 {
             let ms = self.base.elapsed().as_millis() as u64 + 1;
             self.since.store(ms, Ordering::Relaxed);
+            self.wake.notify_one();
         }
     }
 
