@@ -4,6 +4,9 @@
 //! other loopback addresses (all of 127/8 is local on Linux), since per-minute quotas do not
 //! refill within a test.
 
+// Test helpers outside #[test] fns panic on purpose: a failed step is a failed test.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::os::fd::AsFd;

@@ -1,6 +1,9 @@
 //! Pairing and relay against a real `thruserv` process, plus operations: metrics, TLS,
 //! SIGTERM, environment, version, log format, candidate filtering.
 
+// Test helpers outside #[test] fns panic on purpose: a failed step is a failed test.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::io::{BufRead, BufReader};

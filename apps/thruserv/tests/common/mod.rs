@@ -1,6 +1,6 @@
 //! Shared helpers for the thruserv integration tests: a real `thruserv` child process,
 //! client shortcuts, a raw WebSocket speaker for malformed input, and plain HTTP probes.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};

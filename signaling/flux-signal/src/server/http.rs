@@ -200,10 +200,11 @@ fn refuse(shared: &Shared, status: StatusCode, code: ErrorCode, message: &str) -
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
     let mut resp = Response::new(Body::new(Bytes::from(body)));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // One plain request per connection: hyper closes after writing this response.
+    h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     resp
 }
 
