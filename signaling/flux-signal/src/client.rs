@@ -543,6 +543,8 @@ async fn open(
         ClientStream::Plain(tcp)
     };
     let ws_config = WebSocketConfig::default()
+        // Signaling messages are small; the buffer grows when one is not.
+        .read_buffer_size(8 * 1024)
         .max_message_size(Some(config.max_message_bytes))
         .max_frame_size(Some(config.max_message_bytes));
     match tokio_tungstenite::client_async_with_config(target.request_url(), stream, Some(ws_config))
