@@ -27,8 +27,8 @@ use tracing::{info, warn};
     version,
     disable_version_flag = true,
     after_help = "Durations take units: 500ms, 30s, 10m, 1h. A value of 0 disables the limit where noted.\n\n\
-                  Exit codes: 0 clean shutdown (SIGTERM/Ctrl-C), 1 runtime failure, 2 usage or setup error \
-                  (bad flag, port in use, unreadable TLS files)."
+                  Exit codes: 0 clean shutdown (SIGTERM/Ctrl-C), 2 usage or setup error (bad flag, port in \
+                  use, unreadable TLS files). Once listening, nothing a client sends ends the process."
 )]
 struct Args {
     /// Print the version and exit.

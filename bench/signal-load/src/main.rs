@@ -76,7 +76,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let server = ServerProcess::start(&server_bin)?;
     let url = format!("ws://{}", server.addr);
     let source = |i: usize| -> IpAddr {
-        IpAddr::V4(Ipv4Addr::new(127, 0, 0, 10 + (i % usize::from(args.source_ips.max(1))) as u8))
+        IpAddr::V4(Ipv4Addr::new(
+            127,
+            0,
+            0,
+            10 + (i % usize::from(args.source_ips.max(1))) as u8,
+        ))
     };
     let config = |i: usize| {
         ClientConfig::default()
@@ -168,7 +173,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn pair_once(url: &str, host_cfg: &ClientConfig, join_cfg: &ClientConfig) -> anyhow::Result<Duration> {
+async fn pair_once(
+    url: &str,
+    host_cfg: &ClientConfig,
+    join_cfg: &ClientConfig,
+) -> anyhow::Result<Duration> {
     let t0 = Instant::now();
     let mut host = SignalClient::connect(url, host_cfg).await?;
     let created = host.create_session().await?;
@@ -178,9 +187,12 @@ async fn pair_once(url: &str, host_cfg: &ClientConfig, join_cfg: &ClientConfig) 
         ServerMsg::PeerJoined { peer } if peer == joined.peer => {}
         other => bail!("host expected peer_joined, got {other:?}"),
     }
-    host.relay(joined.peer, serde_json::json!({"pake": "x"})).await?;
+    host.relay(joined.peer, serde_json::json!({"pake": "x"}))
+        .await?;
     match joiner.recv().await? {
-        ServerMsg::Relay { from: PeerId::HOST, .. } => {}
+        ServerMsg::Relay {
+            from: PeerId::HOST, ..
+        } => {}
         other => bail!("joiner expected relay, got {other:?}"),
     }
     let latency = t0.elapsed();
@@ -201,7 +213,12 @@ impl ServerProcess {
             .args(["--bind", "127.0.0.1", "--port", "0"])
             // Lift caps and per-IP limits: this measures capacity, not the abuse limits.
             .args(["--max-sessions", "0", "--max-ws-connections", "0"])
-            .args(["--ws-connects-per-min", "0", "--session-creates-per-min", "0"])
+            .args([
+                "--ws-connects-per-min",
+                "0",
+                "--session-creates-per-min",
+                "0",
+            ])
             .args(["--max-pending-per-ip", "0", "--max-pending-handshakes", "0"])
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
