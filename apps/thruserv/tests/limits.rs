@@ -425,3 +425,47 @@ async fn pending_handshakes_per_ip() {
     srv.assert_healthy().await;
     srv.assert_pairs("127.0.0.1", "127.0.0.2").await;
 }
+
+#[tokio::test]
+async fn a_reader_that_stops_reading_is_bounded() {
+    let srv = Thruserv::start(&[
+        "--max-message-bytes",
+        "1048576",
+        "--ws-msgs-per-sec",
+        "0",
+        "--frame-timeout",
+        "1s",
+    ]);
+    let mut host = srv.client().await;
+    let created = host.create_session().await.unwrap();
+    let mut joiner = srv.client().await;
+    joiner.join_session(created.session).await.unwrap();
+    // The host now stops reading. Its socket buffers fill, the server's write to it stalls,
+    // relays queue up to the 1 MiB budget and are then refused with peer_busy.
+    let chunk = json!("z".repeat(1_000_000));
+    let mut busy = false;
+    for _ in 0..64 {
+        if joiner.relay(PeerId::HOST, chunk.clone()).await.is_err() {
+            break;
+        }
+        if let Ok(Ok(ServerMsg::Error { code, .. })) =
+            tokio::time::timeout(Duration::from_millis(20), joiner.recv()).await
+        {
+            assert_eq!(code, ErrorCode::PeerBusy);
+            busy = true;
+            break;
+        }
+    }
+    assert!(
+        busy,
+        "relays to a stalled reader must be refused with peer_busy"
+    );
+    // The stalled write times out, the host is dropped, and the joiner is told.
+    expect_session_closed(&mut joiner, ErrorCode::HostLeft).await;
+    srv.wait_metric("thruserv_rejections_total{reason=\"frame_timeout\"}", |v| {
+        v >= 1
+    })
+    .await;
+    drop(host);
+    srv.assert_pairs("127.0.0.1", "127.0.0.1").await;
+}
