@@ -264,10 +264,10 @@ async fn idle_timeout() {
 
 #[tokio::test]
 async fn session_lifetime() {
-    let srv = Thruserv::start(&["--session-lifetime", "1s"]);
+    let srv = Thruserv::start(&["--session-lifetime", "2s"]);
     let mut host = srv.client().await;
     let created = host.create_session().await.unwrap();
-    assert_eq!(created.expires_in, Some(Duration::from_secs(1)));
+    assert_eq!(created.expires_in, Some(Duration::from_secs(2)));
     let mut joiner = srv.client().await;
     joiner.join_session(created.session).await.unwrap();
     // Both stay busy, and the session still ends at its lifetime.
