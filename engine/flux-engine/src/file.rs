@@ -123,6 +123,44 @@ impl DmaFile {
         })
     }
 
+    /// Wraps an already opened descriptor (for callers that open files under their own safety
+    /// rules, e.g. `O_NOFOLLOW` checks), switching it to `O_DIRECT` with `fcntl` when `direct`
+    /// is set and the filesystem allows it; otherwise it stays buffered. `path` is used in
+    /// error messages only.
+    pub fn from_fd(fd: OwnedFd, path: &Path, direct: bool) -> Result<Self, EngineError> {
+        let raw = fd.as_raw_fd();
+        let mut mode = IoMode::Buffered;
+        if direct {
+            // SAFETY: plain fcntl on a descriptor we own.
+            let flags = unsafe { libc::fcntl(raw, libc::F_GETFL) };
+            if flags < 0 {
+                let e = io::Error::last_os_error();
+                return Err(EngineError::io(
+                    "fcntl",
+                    Some(path.to_owned()),
+                    Some(raw),
+                    e,
+                ));
+            }
+            // SAFETY: as above; only the status flags change.
+            if unsafe { libc::fcntl(raw, libc::F_SETFL, flags | libc::O_DIRECT) } == 0 {
+                mode = IoMode::Direct;
+            } else {
+                warn_once!(
+                    path = %path.display(),
+                    "filesystem refuses O_DIRECT; using buffered I/O"
+                );
+            }
+        }
+        let align = dio_align(&fd);
+        Ok(Self {
+            fd: Rc::new(fd),
+            path: path.to_owned(),
+            mode,
+            align,
+        })
+    }
+
     /// Creates (truncating) `path` for writing with O_DIRECT where possible.
     pub fn create(path: &Path) -> Result<Self, EngineError> {
         Self::open(path, OpenMode::CreateTruncate, true)

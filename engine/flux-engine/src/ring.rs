@@ -19,6 +19,7 @@ use std::any::Any;
 use std::cell::RefCell;
 use std::io;
 use std::marker::PhantomData;
+use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -203,6 +204,14 @@ impl Ring {
         };
         // SAFETY: the SQE points only at `t.ts`, inside the data the op owns.
         unsafe { self.push(timer, |t| opcode::Timeout::new(&raw const t.ts).build()) }
+    }
+
+    /// Queues a one-shot readiness poll of `fd` for `events` (`libc::POLLIN` etc.); the result
+    /// is the ready mask. The descriptor must stay open until the op completes or is dropped
+    /// (a closed descriptor yields an error completion, never memory unsafety).
+    pub fn poll_add(&mut self, fd: RawFd, events: u32) -> Result<Op<()>, EngineError> {
+        // SAFETY: a poll SQE carries no pointers, only the descriptor number and mask.
+        unsafe { self.push((), |_| opcode::PollAdd::new(types::Fd(fd), events).build()) }
     }
 
     /// Submits queued SQEs, waits until at least `want` completions were reaped (or `timeout`

@@ -41,6 +41,11 @@ impl SourceFiles {
         }
     }
 
+    /// The source path of manifest entry `file`.
+    pub fn path(&self, file: u32) -> Option<&Path> {
+        self.sources.get(file as usize).and_then(Option::as_deref)
+    }
+
     /// Performs one request.
     pub fn execute(&mut self, op: DiskOp) -> (OpId, Result<DiskResult, DiskFailure>) {
         match op {
@@ -200,6 +205,17 @@ impl Destination {
         hash: &[u8; 32],
         data: &[u8],
     ) -> Result<(), DiskFailure> {
+        let path = self.entry(file)?.path.clone();
+        let pf = self.open_partial(file)?;
+        pf.write_all_at(data, offset)
+            .map_err(|err| DiskFailure::Io(format!("{path}: write: {err}")))?;
+        self.record(file, index, hash)
+    }
+
+    /// The partial file of entry `file`, opened (and its sidecar started or validated) under
+    /// the destination's safety rules. An executor that writes chunk data itself (io_uring)
+    /// duplicates this descriptor and must call [`Destination::record`] after each write.
+    pub fn open_partial(&mut self, file: u32) -> Result<&File, DiskFailure> {
         if !self.open.contains_key(&file) {
             if self.open.len() >= MAX_OPEN {
                 self.open.clear();
@@ -233,16 +249,27 @@ impl Destination {
             }
             self.open.insert(file, (pf, sf));
         }
+        match self.open.get(&file) {
+            Some((pf, _)) => Ok(pf),
+            None => Err(DiskFailure::Io(format!(
+                "entry {file}: partial file not open"
+            ))),
+        }
+    }
+
+    /// Appends the sidecar record of chunk `index` of entry `file`. Call only after the
+    /// chunk's bytes are in the partial file, so a record never describes bytes not yet
+    /// written.
+    pub fn record(&mut self, file: u32, index: u32, hash: &[u8; 32]) -> Result<(), DiskFailure> {
         let path = self.entry(file)?.path.clone();
-        let Some((pf, sf)) = self.open.get_mut(&file) else {
+        if !self.open.contains_key(&file) {
+            self.open_partial(file)?;
+        }
+        let Some((_, sf)) = self.open.get_mut(&file) else {
             return Err(DiskFailure::Io(format!("{path}: partial file not open")));
         };
-        pf.write_all_at(data, offset)
-            .map_err(|err| DiskFailure::Io(format!("{path}: write: {err}")))?;
-        // The record follows the data, so a record never describes bytes not yet written.
         sf.write_all(&sidecar::record(index, hash))
-            .map_err(|err| DiskFailure::Io(format!("{path}: sidecar: {err}")))?;
-        Ok(())
+            .map_err(|err| DiskFailure::Io(format!("{path}: sidecar: {err}")))
     }
 
     fn finalize(&mut self, file: u32, replace: bool) -> Result<(), DiskFailure> {

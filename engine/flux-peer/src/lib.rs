@@ -7,16 +7,21 @@
 //!   files live under temporary names with a resume sidecar, and nothing is replaced unless
 //!   allowed.
 //! - [`scan`] turns the paths a user shares into a manifest.
+//! - [`exec`] performs them through io_uring with `O_DIRECT` (or blocking `std::fs`), and
+//!   [`net`] is the engine's worker loop: a UDP socket, a QUIC endpoint, the machines and their
+//!   disk I/O driven by one thread (io_uring or the portable `poll(2)` driver).
 //! - [`sim`] runs whole transfers between two peers over an emulated lossy, reordering,
 //!   rate-limited link on a virtual clock, for tests.
 //!
-//! What this crate does not do: sockets and io_uring (the engine), pairing (signaling), terminal
-//! output (the `thru` binary).
+//! What this crate does not do: socket options and ring internals (`flux-udp`, `flux-engine`),
+//! pairing (signaling), terminal output (the `thru` binary).
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 #![forbid(unsafe_code)]
 
 pub mod disk;
+pub mod exec;
+pub mod net;
 pub mod scan;
 pub mod session;
 pub mod sim;

@@ -330,6 +330,42 @@ impl UdpSocket {
         false
     }
 
+    /// Waits with `poll(2)` until the socket is readable (or also writable, when
+    /// `want_write`), or `timeout` passes (`None`: no limit). Returns `(readable, writable)`;
+    /// both `false` on timeout or an interrupting signal. The portable driver's only wait.
+    pub fn wait(
+        &self,
+        want_write: bool,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<(bool, bool), UdpError> {
+        let fd = self.as_raw_fd();
+        let mut events = libc::POLLIN;
+        if want_write {
+            events |= libc::POLLOUT;
+        }
+        let mut pfd = libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        };
+        // Round up so a sub-millisecond deadline does not become a busy loop.
+        let ms = timeout.map_or(-1, |t| {
+            i32::try_from(t.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
+        });
+        // SAFETY: one valid pollfd on the stack, count 1.
+        let n = unsafe { libc::poll(&raw mut pfd, 1, ms) };
+        if n < 0 {
+            let err = UdpError::last_os("poll", fd);
+            if err.raw_os_error() == Some(libc::EINTR) {
+                return Ok((false, false));
+            }
+            return Err(err);
+        }
+        // Errors and hangups count as readable: the next recv reports them.
+        let readable = pfd.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0;
+        Ok((readable, pfd.revents & libc::POLLOUT != 0))
+    }
+
     /// Turns GSO off for this socket (tests and benches use it to exercise the fallback).
     pub fn disable_gso(&self) {
         self.gso.store(false, Ordering::Relaxed);

@@ -17,8 +17,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use quinn_proto;
+use quinn_proto::congestion::{BbrConfig, CubicConfig, NewRenoConfig};
 use quinn_proto::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use quinn_proto::{ClientConfig, IdleTimeout, ServerConfig, TransportConfig, VarInt};
+use quinn_proto::{
+    ClientConfig, EndpointConfig, IdleTimeout, MtuDiscoveryConfig, ServerConfig, TransportConfig,
+    VarInt,
+};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
@@ -90,6 +94,37 @@ pub struct TransportParams {
     pub keep_alive: Duration,
     /// Initial datagram size; path MTU discovery raises it.
     pub initial_mtu: u16,
+    /// Upper bound for path MTU discovery (UDP payload bytes). 1452 fits a 1500-byte
+    /// Ethernet path over IPv6; loopback and jumbo-frame paths can go higher.
+    pub max_mtu: u16,
+    /// Congestion controller.
+    pub congestion: Congestion,
+}
+
+/// Congestion controllers quinn-proto offers. Pacing is always on in quinn-proto.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub enum Congestion {
+    /// CUBIC (RFC 9438), quinn's default.
+    #[default]
+    Cubic,
+    /// BBR (v1, experimental in quinn-proto).
+    Bbr,
+    /// NewReno (RFC 9002).
+    NewReno,
+}
+
+impl std::str::FromStr for Congestion {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "cubic" => Ok(Self::Cubic),
+            "bbr" => Ok(Self::Bbr),
+            "newreno" | "reno" => Ok(Self::NewReno),
+            other => Err(format!(
+                "unknown congestion controller {other:?} (expected cubic, bbr or newreno)"
+            )),
+        }
+    }
 }
 
 impl Default for TransportParams {
@@ -101,6 +136,8 @@ impl Default for TransportParams {
             idle_timeout: Duration::from_secs(30),
             keep_alive: Duration::from_secs(5),
             initial_mtu: 1200,
+            max_mtu: 1452,
+            congestion: Congestion::Cubic,
         }
     }
 }
@@ -117,8 +154,27 @@ impl TransportParams {
             .max_idle_timeout(IdleTimeout::try_from(self.idle_timeout).ok())
             .keep_alive_interval(Some(self.keep_alive))
             .initial_mtu(self.initial_mtu.max(1200));
+        let mut mtud = MtuDiscoveryConfig::default();
+        mtud.upper_bound(self.max_mtu.max(self.initial_mtu).max(1200));
+        t.mtu_discovery_config(Some(mtud));
+        match self.congestion {
+            Congestion::Cubic => t.congestion_controller_factory(Arc::new(CubicConfig::default())),
+            Congestion::Bbr => t.congestion_controller_factory(Arc::new(BbrConfig::default())),
+            Congestion::NewReno => {
+                t.congestion_controller_factory(Arc::new(NewRenoConfig::default()))
+            }
+        };
         t
     }
+}
+
+/// The endpoint configuration for a socket that QUIC shares with STUN/TURN.
+pub fn endpoint_config() -> EndpointConfig {
+    let mut cfg = EndpointConfig::default();
+    // STUN and TURN are told apart from QUIC by QUIC's fixed bit (RFC 9443): never invite the
+    // peer to grease it (RFC 9287).
+    cfg.grease_quic_bit(false);
+    cfg
 }
 
 /// Server (host) configuration presenting `id`.

@@ -1,0 +1,378 @@
+//! The transfer machines' disk requests, performed through `flux-engine`'s [`DiskIo`].
+//!
+//! Chunk reads (sender) and chunk writes (receiver) go through io_uring with `O_DIRECT` where
+//! the filesystem allows it, so they overlap with the network work of the same thread; the
+//! rare operations (opening, finalizing, the sidecar records, directory times) stay on the
+//! blocking paths of [`SourceFiles`] and [`Destination`], whose safety rules they keep: a
+//! partial file is opened by [`Destination::open_partial`] (no symbolic link followed) and
+//! only its descriptor is handed to io_uring.
+//!
+//! With the blocking backend ([`BackendKind::Std`], the portable driver) every request is
+//! performed at submission by `SourceFiles`/`Destination` with buffered `std::fs` I/O.
+//!
+//! What it does not do: decide what to read or write (the machines do), or wait: the driver
+//! loop waits on the ring ([`DiskExec::ring`]) together with its socket and timers.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::OwnedFd;
+use std::path::Path;
+
+use bytes::Bytes;
+use flux_engine::{AlignedBuf, BackendKind, DiskIo, DmaFile, EngineError, FileOp, IoMode, Ring};
+use flux_transfer::{DiskFailure, DiskOp, DiskResult, OpId};
+
+use crate::disk::{Destination, SourceFiles};
+
+/// Files kept open for io_uring between requests.
+const MAX_OPEN: usize = 64;
+
+/// Free buffers kept for reuse (the machines bound how many are in flight).
+const MAX_FREE_BUFS: usize = 64;
+
+/// A finished request: `(tag, id, outcome)`; the tag is the caller's (which session).
+pub type Done = (usize, OpId, Result<DiskResult, DiskFailure>);
+
+/// What the executor did, for reports.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub struct DiskStats {
+    /// Chunk reads or writes performed with `O_DIRECT`.
+    pub direct_ops: u64,
+    /// Chunk reads or writes performed buffered (blocking backend, refused `O_DIRECT`,
+    /// unaligned offsets).
+    pub buffered_ops: u64,
+}
+
+/// Performs disk requests for the machines of one driver thread.
+pub struct DiskExec {
+    io: DiskIo,
+    direct: bool,
+    files: HashMap<u32, DmaFile>,
+    pending: Vec<Pending>,
+    done: VecDeque<Done>,
+    free: Vec<AlignedBuf>,
+    stats: DiskStats,
+}
+
+struct Pending {
+    tag: usize,
+    id: OpId,
+    what: What,
+    op: FileOp,
+}
+
+enum What {
+    Read {
+        len: usize,
+    },
+    Write {
+        file: u32,
+        index: u32,
+        hash: [u8; 32],
+    },
+}
+
+impl std::fmt::Debug for DiskExec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskExec")
+            .field("backend", &self.io.kind())
+            .field("direct", &self.direct)
+            .field("in_flight", &self.pending.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DiskExec {
+    /// An executor on `io`; `direct` asks for `O_DIRECT` on the files it opens.
+    pub fn new(io: DiskIo, direct: bool) -> Self {
+        Self {
+            io,
+            direct,
+            files: HashMap::new(),
+            pending: Vec::new(),
+            done: VecDeque::new(),
+            free: Vec::new(),
+            stats: DiskStats::default(),
+        }
+    }
+
+    /// The backend in use.
+    pub fn kind(&self) -> BackendKind {
+        self.io.kind()
+    }
+
+    /// The io_uring ring, with the io_uring backend: the driver waits on it.
+    pub fn ring(&mut self) -> Option<&mut Ring> {
+        self.io.ring()
+    }
+
+    /// Requests submitted and not yet reaped.
+    pub fn in_flight(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Counts of direct and buffered chunk operations so far.
+    pub fn stats(&self) -> DiskStats {
+        self.stats
+    }
+
+    /// Submits a sender's request, reading from `src`.
+    pub fn submit_read(&mut self, tag: usize, src: &mut SourceFiles, op: DiskOp) {
+        let DiskOp::Read {
+            id,
+            file,
+            offset,
+            len,
+        } = op
+        else {
+            let (id, res) = src.execute(op);
+            self.done.push_back((tag, id, res));
+            return;
+        };
+        if self.io.kind() == BackendKind::Std {
+            self.stats.buffered_ops += 1;
+            let (id, res) = src.execute(op);
+            self.done.push_back((tag, id, res));
+            return;
+        }
+        let submitted = self.read_uring(tag, src, id, file, offset, len as usize);
+        if let Err(e) = submitted {
+            self.done.push_back((tag, id, Err(e)));
+        }
+    }
+
+    fn read_uring(
+        &mut self,
+        tag: usize,
+        src: &SourceFiles,
+        id: OpId,
+        file: u32,
+        offset: u64,
+        len: usize,
+    ) -> Result<(), DiskFailure> {
+        if !self.files.contains_key(&file) {
+            let path = src
+                .path(file)
+                .ok_or_else(|| DiskFailure::Io(format!("no source for entry {file}")))?;
+            let f = DmaFile::open(path, flux_engine::OpenMode::Read, self.direct)
+                .map_err(engine_err)?;
+            self.remember(file, f);
+        }
+        let Some(f) = self.files.get(&file) else {
+            return Err(DiskFailure::Io(format!("entry {file}: not open")));
+        };
+        if f.mode() == IoMode::Direct && !offset.is_multiple_of(f.alignment().offset as u64) {
+            // A chunk size that is not a multiple of the device alignment: read it buffered
+            // with a plain descriptor.
+            self.stats.buffered_ops += 1;
+            return self.read_unaligned(tag, src, id, file, offset, len);
+        }
+        let buf = take_buf(&mut self.free, f, len)?;
+        count(&mut self.stats, f.mode());
+        let op = self.io.read_at(f, buf, offset, len).map_err(engine_err)?;
+        self.pending.push(Pending {
+            tag,
+            id,
+            what: What::Read { len },
+            op,
+        });
+        Ok(())
+    }
+
+    fn read_unaligned(
+        &mut self,
+        tag: usize,
+        src: &SourceFiles,
+        id: OpId,
+        file: u32,
+        offset: u64,
+        len: usize,
+    ) -> Result<(), DiskFailure> {
+        let path = src
+            .path(file)
+            .ok_or_else(|| DiskFailure::Io(format!("no source for entry {file}")))?;
+        let mut data = vec![0u8; len];
+        let f = std::fs::File::open(path).map_err(|e| io_err("open", path, &e))?;
+        let n = read_full(&f, &mut data, offset).map_err(|e| io_err("read", path, &e))?;
+        data.truncate(n);
+        self.done
+            .push_back((tag, id, Ok(DiskResult::Read(Bytes::from(data)))));
+        Ok(())
+    }
+
+    /// Submits a receiver's request, writing under `dst`.
+    pub fn submit_write(&mut self, tag: usize, dst: &mut Destination, op: DiskOp) {
+        match op {
+            DiskOp::WriteChunk {
+                id,
+                file,
+                index,
+                offset,
+                hash,
+                data,
+            } if self.io.kind() == BackendKind::Uring => {
+                if let Err(e) = self.write_uring(tag, dst, id, file, index, offset, hash, &data) {
+                    self.done.push_back((tag, id, Err(e)));
+                }
+            }
+            op => {
+                if let DiskOp::Finalize { file, .. } = &op {
+                    // Every write of the file has completed (the machine finalizes only
+                    // then); close our descriptor before the file is renamed.
+                    self.files.remove(file);
+                }
+                if matches!(op, DiskOp::WriteChunk { .. }) {
+                    self.stats.buffered_ops += 1;
+                }
+                let (id, res) = dst.execute(op);
+                self.done.push_back((tag, id, res));
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write_uring(
+        &mut self,
+        tag: usize,
+        dst: &mut Destination,
+        id: OpId,
+        file: u32,
+        index: u32,
+        offset: u64,
+        hash: [u8; 32],
+        data: &[u8],
+    ) -> Result<(), DiskFailure> {
+        if !self.files.contains_key(&file) {
+            let pf = dst.open_partial(file)?;
+            let fd: OwnedFd = pf
+                .try_clone()
+                .map_err(|e| DiskFailure::Io(format!("entry {file}: dup: {e}")))?
+                .into();
+            let f = DmaFile::from_fd(fd, Path::new(&format!("entry {file}")), self.direct)
+                .map_err(engine_err)?;
+            self.remember(file, f);
+        }
+        let Some(f) = self.files.get(&file) else {
+            return Err(DiskFailure::Io(format!("entry {file}: not open")));
+        };
+        if f.mode() == IoMode::Direct && !offset.is_multiple_of(f.alignment().offset as u64) {
+            self.stats.buffered_ops += 1;
+            let pf = dst.open_partial(file)?;
+            std::os::unix::fs::FileExt::write_all_at(pf, data, offset)
+                .map_err(|e| DiskFailure::Io(format!("entry {file}: write: {e}")))?;
+            dst.record(file, index, &hash)?;
+            self.done.push_back((tag, id, Ok(DiskResult::Done)));
+            return Ok(());
+        }
+        let mut buf = take_buf(&mut self.free, f, data.len())?;
+        buf.clear();
+        buf.extend_from_slice(data);
+        count(&mut self.stats, f.mode());
+        let op = self.io.write_at(f, buf, offset).map_err(engine_err)?;
+        self.pending.push(Pending {
+            tag,
+            id,
+            what: What::Write { file, index, hash },
+            op,
+        });
+        Ok(())
+    }
+
+    fn remember(&mut self, file: u32, f: DmaFile) {
+        if self.files.len() >= MAX_OPEN {
+            // Files with requests in flight stay alive through their ops' own references.
+            self.files.clear();
+        }
+        self.files.insert(file, f);
+    }
+
+    /// Moves completed io_uring requests to the done queue; a completed chunk write gets its
+    /// sidecar record in `dst` first. Call after the ring was polled.
+    pub fn reap(&mut self, mut dst: Option<&mut Destination>) {
+        let mut i = 0;
+        while i < self.pending.len() {
+            if !self.pending[i].op.is_complete() {
+                i += 1;
+                continue;
+            }
+            let p = self.pending.swap_remove(i);
+            let (res, buf) = match self.io.try_complete(p.op) {
+                Ok(r) => r,
+                Err(_) => {
+                    // is_complete() said it was; an op cannot become incomplete again.
+                    self.done.push_back((
+                        p.tag,
+                        p.id,
+                        Err(DiskFailure::Io("io_uring op lost".into())),
+                    ));
+                    continue;
+                }
+            };
+            let out = match (p.what, res) {
+                (What::Read { len }, Ok(n)) => {
+                    Ok(DiskResult::Read(Bytes::copy_from_slice(&buf[..n.min(len)])))
+                }
+                (What::Write { file, index, hash }, Ok(_)) => match dst.as_deref_mut() {
+                    Some(d) => d.record(file, index, &hash).map(|()| DiskResult::Done),
+                    None => Err(DiskFailure::Io(
+                        "write completed without a destination".into(),
+                    )),
+                },
+                (_, Err(e)) => Err(engine_err(e)),
+            };
+            if self.free.len() < MAX_FREE_BUFS {
+                self.free.push(buf);
+            }
+            self.done.push_back((p.tag, p.id, out));
+        }
+    }
+
+    /// The next finished request.
+    pub fn poll_done(&mut self) -> Option<Done> {
+        self.done.pop_front()
+    }
+}
+
+fn take_buf(
+    free: &mut Vec<AlignedBuf>,
+    f: &DmaFile,
+    len: usize,
+) -> Result<AlignedBuf, DiskFailure> {
+    let align = f.alignment().max();
+    let need = len.div_ceil(align) * align;
+    if let Some(i) = free
+        .iter()
+        .position(|b| b.capacity() >= need && (b.as_ptr() as usize).is_multiple_of(align))
+    {
+        return Ok(free.swap_remove(i));
+    }
+    f.alloc_buf(need.max(align)).map_err(engine_err)
+}
+
+fn count(stats: &mut DiskStats, mode: IoMode) {
+    match mode {
+        IoMode::Direct => stats.direct_ops += 1,
+        IoMode::Buffered => stats.buffered_ops += 1,
+    }
+}
+
+fn read_full(f: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+fn engine_err(e: EngineError) -> DiskFailure {
+    DiskFailure::Io(e.to_string())
+}
+
+fn io_err(op: &str, p: &Path, e: &std::io::Error) -> DiskFailure {
+    DiskFailure::Io(format!("{op} {}: {e}", p.display()))
+}

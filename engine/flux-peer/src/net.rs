@@ -1,0 +1,1037 @@
+//! The engine's worker loop: one thread owns a UDP socket, a quinn-proto endpoint with its
+//! connections, the transfer machines on them and their disk I/O, and drives them all without
+//! an async runtime.
+//!
+//! Two drivers run the same loop and differ only in how they wait and do disk I/O:
+//! - [`Driver::Uring`]: chunk reads and writes go through io_uring (`O_DIRECT` where the
+//!   filesystem allows), and the thread sleeps in `io_uring_enter` on a readiness poll of the
+//!   socket, disk completions and the next protocol deadline together. UDP itself is sent and
+//!   received with direct `sendmsg`/`recvmmsg` + GSO/GRO, which measured at least as fast as
+//!   io_uring `SENDMSG`/`RECVMSG` on this kernel (engine/README.md, platform pitfall 7).
+//! - [`Driver::Epoll`]: the portable driver. It sleeps in `poll(2)` on the socket and performs
+//!   disk requests with blocking, buffered `std::fs` calls, for kernels or sandboxes without
+//!   io_uring.
+//!
+//! Control crosses threads only through channels: the loop reports [`NetEvent`]s and takes
+//! [`Command`]s (accept an offer, cancel) without any lock on the data path.
+//!
+//! What it does not do: pairing, NAT traversal or user interface. It is handed a bound socket,
+//! the peer's address and pinned certificate fingerprint (joiner) or its own identity (host).
+//! Datagrams that are not QUIC (STUN, TURN channel data: first byte below 64, RFC 9443) are
+//! counted and dropped until ICE shares the socket.
+
+use std::collections::HashMap;
+use std::io::IoSliceMut;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use crossbeam_channel::{Receiver as Rx, Sender as Tx, TryRecvError};
+use flux_engine::{BackendKind, DiskIo, Op};
+use flux_quic::quinn_proto::{
+    ClientConfig, ConnectionHandle, DatagramEvent, Endpoint, ServerConfig,
+};
+use flux_quic::{Fingerprint, Identity, TransportParams};
+use flux_transfer::{
+    Event, LocalFile, Manifest, Receiver, ReceiverConfig, Sender, SenderConfig, TransferError,
+};
+use flux_udp::{GRO_BUF_LEN, RecvMeta, UdpSocket};
+
+use crate::disk::{Destination, SourceFiles};
+use crate::exec::{DiskExec, DiskStats};
+use crate::session::{Session, Side};
+
+/// How the worker waits and performs disk I/O.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum Driver {
+    /// io_uring for disk and waiting, `O_DIRECT` files.
+    Uring,
+    /// `poll(2)` and blocking buffered file I/O.
+    Epoll,
+}
+
+impl Driver {
+    /// io_uring when the kernel offers it (and `FLUX_ENGINE_NO_URING` is unset), else epoll.
+    pub fn auto() -> Self {
+        match DiskIo::new(BackendKind::Uring) {
+            Ok(_) => Self::Uring,
+            Err(e) => {
+                tracing::warn!(error = %e, "io_uring unavailable; using the epoll driver");
+                Self::Epoll
+            }
+        }
+    }
+
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Uring => "uring",
+            Self::Epoll => "epoll",
+        }
+    }
+}
+
+impl std::str::FromStr for Driver {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "uring" | "io_uring" | "io-uring" => Ok(Self::Uring),
+            "epoll" => Ok(Self::Epoll),
+            "auto" => Ok(Self::auto()),
+            other => Err(format!(
+                "unknown I/O driver {other:?} (expected uring, epoll or auto)"
+            )),
+        }
+    }
+}
+
+/// Settings of one worker.
+#[derive(Clone, Debug)]
+pub struct NetConfig {
+    /// Wait and disk strategy.
+    pub driver: Driver,
+    /// Ask for `O_DIRECT` on files (io_uring driver only; refused filesystems fall back).
+    pub direct_io: bool,
+    /// QUIC settings.
+    pub transport: TransportParams,
+    /// Sender machine settings.
+    pub sender: SenderConfig,
+    /// Receiver machine settings.
+    pub receiver: ReceiverConfig,
+    /// Receiver: accept the offer without asking (else wait for [`Command::Accept`]).
+    pub auto_accept: bool,
+    /// Host: most receivers connected at once; more are refused.
+    pub max_receivers: usize,
+    /// Host: stop after this many transfers ended (`None`: serve until cancelled).
+    pub serve: Option<usize>,
+    /// Give up connecting after this long.
+    pub connect_timeout: Duration,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        Self {
+            driver: Driver::Uring,
+            direct_io: true,
+            transport: TransportParams::default(),
+            sender: SenderConfig::default(),
+            receiver: ReceiverConfig::default(),
+            auto_accept: true,
+            max_receivers: 10,
+            serve: Some(1),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Instructions to a running worker.
+#[derive(Debug)]
+pub enum Command {
+    /// Receiver: accept the offered transfer.
+    Accept,
+    /// Receiver: refuse the offer with this reason.
+    Reject(String),
+    /// Stop everything and end.
+    Cancel,
+}
+
+/// What a worker reports while it runs. `conn` numbers the connections of a worker.
+#[derive(Debug)]
+pub enum NetEvent {
+    /// The QUIC handshake with a peer completed.
+    Connected {
+        /// Connection number.
+        conn: usize,
+        /// The peer's address.
+        peer: SocketAddr,
+        /// When.
+        at: Instant,
+    },
+    /// Receiver: the sender's manifest arrived and the destination was scanned; answer with
+    /// [`Command::Accept`] or [`Command::Reject`] unless `auto_accept` is set.
+    Offer {
+        /// The offered entries.
+        manifest: Arc<Manifest>,
+        /// What the destination already holds, per entry.
+        local: Arc<HashMap<u32, LocalFile>>,
+    },
+    /// A transfer machine's event.
+    Transfer {
+        /// Connection number.
+        conn: usize,
+        /// The event.
+        event: Event,
+        /// When the worker saw it.
+        at: Instant,
+    },
+    /// A connection's transfer ended.
+    Ended {
+        /// Connection number.
+        conn: usize,
+        /// The failure, if it failed.
+        error: Option<String>,
+        /// Statistics of the connection.
+        stats: ConnReport,
+    },
+}
+
+/// Statistics of one connection.
+#[derive(Clone, Debug, Default)]
+pub struct ConnReport {
+    /// The peer's address.
+    pub peer: Option<SocketAddr>,
+    /// Smoothed round-trip time at the end.
+    pub rtt: Duration,
+    /// UDP datagrams sent and lost (declared lost by QUIC).
+    pub packets_sent: u64,
+    /// Packets QUIC declared lost.
+    pub packets_lost: u64,
+    /// Path MTU (UDP payload) at the end.
+    pub mtu: u16,
+    /// Congestion events.
+    pub congestion_events: u64,
+    /// Payload bytes on the wire (UDP), sent and received.
+    pub udp_tx_bytes: u64,
+    /// UDP payload bytes received.
+    pub udp_rx_bytes: u64,
+}
+
+/// What a worker did, returned when it ends.
+#[derive(Clone, Debug, Default)]
+pub struct NetReport {
+    /// Driver used.
+    pub driver: Option<Driver>,
+    /// Disk operations by kind.
+    pub disk: DiskStats,
+    /// Whether the socket sent GSO batches / received GRO batches.
+    pub gso: bool,
+    /// GRO state of the socket.
+    pub gro: bool,
+    /// Transfers that ended successfully and with a failure.
+    pub succeeded: usize,
+    /// Transfers that failed.
+    pub failed: usize,
+    /// The first failure, for a single transfer.
+    pub error: Option<String>,
+    /// Per-connection statistics, in connection order.
+    pub conns: Vec<ConnReport>,
+    /// Datagrams that were not QUIC (dropped).
+    pub foreign_datagrams: u64,
+}
+
+/// The channels a worker talks through.
+#[derive(Debug)]
+pub struct Control {
+    /// Where events go (a disconnected receiver is ignored).
+    pub events: Option<Tx<NetEvent>>,
+    /// Where commands come from.
+    pub commands: Option<Rx<Command>>,
+}
+
+impl Control {
+    /// No channels: run silently to the end.
+    pub fn none() -> Self {
+        Self {
+            events: None,
+            commands: None,
+        }
+    }
+
+    /// A control with fresh channels, and the caller's ends of them.
+    pub fn channels() -> (Self, Rx<NetEvent>, Tx<Command>) {
+        let (etx, erx) = crossbeam_channel::unbounded();
+        let (ctx, crx) = crossbeam_channel::unbounded();
+        (
+            Self {
+                events: Some(etx),
+                commands: Some(crx),
+            },
+            erx,
+            ctx,
+        )
+    }
+}
+
+/// Serves the share (`manifest`, read from `sources`) on `socket` to receivers that connect,
+/// presenting `identity`. Returns when `cfg.serve` transfers have ended, or on
+/// [`Command::Cancel`].
+pub fn host(
+    socket: UdpSocket,
+    identity: &Identity,
+    manifest: Arc<Manifest>,
+    sources: Vec<Option<PathBuf>>,
+    cfg: &NetConfig,
+    control: Control,
+) -> Result<NetReport, TransferError> {
+    let server = flux_quic::server_config(identity, &cfg.transport)
+        .map_err(|e| TransferError::Io(format!("QUIC configuration: {e}")))?;
+    let mut w = Worker::new(socket, cfg, control, Some(server))?;
+    w.role = Role::Host {
+        manifest,
+        sources: SourceFiles::new(sources),
+    };
+    w.run()
+}
+
+/// Connects to the host at `peer`, accepting only the certificate `pinned`, and receives into
+/// the existing directory `dest`.
+pub fn join(
+    socket: UdpSocket,
+    peer: SocketAddr,
+    pinned: Fingerprint,
+    dest: PathBuf,
+    cfg: &NetConfig,
+    control: Control,
+) -> Result<NetReport, TransferError> {
+    let client = flux_quic::client_config(pinned, &cfg.transport)
+        .map_err(|e| TransferError::Io(format!("QUIC configuration: {e}")))?;
+    let mut w = Worker::new(socket, cfg, control, None)?;
+    w.role = Role::Join {
+        dest_root: dest,
+        dest: None,
+        offered: false,
+    };
+    w.connect(client, peer)?;
+    w.run()
+}
+
+enum Role {
+    Host {
+        manifest: Arc<Manifest>,
+        sources: SourceFiles,
+    },
+    Join {
+        dest_root: PathBuf,
+        dest: Option<Destination>,
+        offered: bool,
+    },
+}
+
+enum Machine {
+    Send(Session<Sender>),
+    Recv(Session<Receiver>),
+}
+
+struct Conn {
+    handle: ConnectionHandle,
+    machine: Machine,
+    peer: SocketAddr,
+    connected: bool,
+    ended: bool,
+    error: Option<String>,
+    /// A GSO batch the socket refused with EAGAIN, to send first when writable again.
+    blocked: Option<(Vec<u8>, Option<usize>, SocketAddr)>,
+}
+
+impl Conn {
+    fn conn(&mut self) -> &mut flux_quic::quinn_proto::Connection {
+        match &mut self.machine {
+            Machine::Send(s) => &mut s.conn,
+            Machine::Recv(s) => &mut s.conn,
+        }
+    }
+}
+
+struct Worker {
+    socket: UdpSocket,
+    cfg: NetConfig,
+    control: Control,
+    endpoint: Endpoint,
+    conns: Vec<Conn>,
+    role: Role,
+    exec: DiskExec,
+    report: NetReport,
+    ended: usize,
+    cancelled: bool,
+    started: Instant,
+    bufs: Vec<Vec<u8>>,
+    tx_buf: Vec<u8>,
+    resp_buf: Vec<u8>,
+    poll_in: Option<Op<()>>,
+    poll_out: Option<Op<()>>,
+}
+
+/// GRO buffers read per `recvmmsg`.
+const RECV_BUFS: usize = 16;
+/// `recvmmsg` calls per loop turn before the loop turns to sending.
+const RECV_ROUNDS: usize = 8;
+/// GSO batches sent per connection per loop turn before the loop turns to receiving.
+const SEND_ROUNDS: usize = 32;
+
+impl Worker {
+    fn new(
+        socket: UdpSocket,
+        cfg: &NetConfig,
+        control: Control,
+        server: Option<ServerConfig>,
+    ) -> Result<Self, TransferError> {
+        let io = match cfg.driver {
+            Driver::Uring => DiskIo::new(BackendKind::Uring)
+                .map_err(|e| TransferError::Io(format!("io_uring driver: {e}")))?,
+            Driver::Epoll => DiskIo::new(BackendKind::Std)
+                .map_err(|e| TransferError::Io(format!("epoll driver: {e}")))?,
+        };
+        let caps = socket.capabilities();
+        let endpoint = Endpoint::new(
+            Arc::new(flux_quic::endpoint_config()),
+            server.map(Arc::new),
+            true,
+            None,
+        );
+        Ok(Self {
+            socket,
+            cfg: cfg.clone(),
+            control,
+            endpoint,
+            conns: Vec::new(),
+            role: Role::Join {
+                dest_root: PathBuf::new(),
+                dest: None,
+                offered: false,
+            },
+            exec: DiskExec::new(io, cfg.direct_io && cfg.driver == Driver::Uring),
+            report: NetReport {
+                driver: Some(cfg.driver),
+                gso: caps.gso,
+                gro: caps.gro,
+                ..NetReport::default()
+            },
+            ended: 0,
+            cancelled: false,
+            started: Instant::now(),
+            bufs: (0..RECV_BUFS).map(|_| vec![0u8; GRO_BUF_LEN]).collect(),
+            tx_buf: Vec::with_capacity(GRO_BUF_LEN),
+            resp_buf: Vec::with_capacity(2048),
+            poll_in: None,
+            poll_out: None,
+        })
+    }
+
+    fn connect(&mut self, client: ClientConfig, peer: SocketAddr) -> Result<(), TransferError> {
+        let (handle, conn) = self
+            .endpoint
+            .connect(Instant::now(), client, peer, flux_quic::SERVER_NAME)
+            .map_err(|e| TransferError::Io(format!("connect to {peer}: {e}")))?;
+        let m = Receiver::new(self.cfg.receiver.clone());
+        self.conns.push(Conn {
+            handle,
+            machine: Machine::Recv(Session::new(conn, m, Side::Client)),
+            peer,
+            connected: false,
+            ended: false,
+            error: None,
+            blocked: None,
+        });
+        Ok(())
+    }
+
+    fn run(mut self) -> Result<NetReport, TransferError> {
+        loop {
+            let now = Instant::now();
+            self.commands(now);
+            let mut busy = self.receive(now)?;
+            self.timers(now);
+            busy |= self.drive(now);
+            busy |= self.transmit(now)?;
+            self.check_ended(now);
+            if self.done() {
+                break;
+            }
+            self.wait(busy)?;
+        }
+        // Let the final CONNECTION_CLOSE frames leave.
+        let now = Instant::now();
+        let _ = self.transmit(now);
+        self.report.disk = self.exec.stats();
+        self.report.conns = self.conns.iter_mut().map(conn_report).collect();
+        if self.report.error.is_none() {
+            self.report.error = self.conns.iter().find_map(|c| c.error.clone());
+        }
+        Ok(self.report)
+    }
+
+    fn done(&self) -> bool {
+        if self.cancelled {
+            return self.conns.iter().all(|c| c.ended);
+        }
+        match &self.role {
+            Role::Join { .. } => self.conns.iter().all(|c| c.ended),
+            Role::Host { .. } => self
+                .cfg
+                .serve
+                .is_some_and(|n| self.ended >= n && self.conns.iter().all(|c| c.ended)),
+        }
+    }
+
+    fn emit(&self, ev: NetEvent) {
+        if let Some(tx) = &self.control.events {
+            let _ = tx.send(ev);
+        }
+    }
+
+    fn commands(&mut self, now: Instant) {
+        let Some(rx) = self.control.commands.clone() else {
+            return;
+        };
+        loop {
+            match rx.try_recv() {
+                Ok(Command::Cancel) | Err(TryRecvError::Disconnected) => {
+                    if !self.cancelled {
+                        self.cancel();
+                    }
+                    if matches!(rx.try_recv(), Err(TryRecvError::Disconnected)) {
+                        self.control.commands = None;
+                        return;
+                    }
+                }
+                Ok(Command::Accept) => self.accept(now),
+                Ok(Command::Reject(reason)) => {
+                    for c in &mut self.conns {
+                        if let Machine::Recv(s) = &mut c.machine {
+                            s.machine.reject(&reason);
+                        }
+                    }
+                }
+                Err(TryRecvError::Empty) => return,
+            }
+        }
+    }
+
+    fn cancel(&mut self) {
+        self.cancelled = true;
+        for c in &mut self.conns {
+            match &mut c.machine {
+                Machine::Send(s) => s.machine.cancel(),
+                Machine::Recv(s) => s.machine.cancel(),
+            }
+            if !c.ended {
+                c.error.get_or_insert_with(|| "cancelled".into());
+            }
+        }
+        if self.conns.is_empty() {
+            self.report.error.get_or_insert_with(|| "cancelled".into());
+        }
+    }
+
+    fn accept(&mut self, now: Instant) {
+        let Role::Join { dest, .. } = &mut self.role else {
+            return;
+        };
+        let Some(d) = dest.as_ref() else { return };
+        let local = match d.scan() {
+            Ok(l) => l,
+            Err(e) => {
+                self.report.error = Some(e.to_string());
+                return self.cancel();
+            }
+        };
+        for c in &mut self.conns {
+            if let Machine::Recv(s) = &mut c.machine {
+                s.machine.accept(now, local.clone());
+            }
+        }
+    }
+
+    /// Reads every datagram waiting on the socket into the endpoint.
+    fn receive(&mut self, now: Instant) -> Result<bool, TransferError> {
+        let mut got_any = false;
+        let mut meta = [RecvMeta {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            len: 0,
+            stride: 0,
+            ecn: None,
+            dst_ip: None,
+        }; RECV_BUFS];
+        for _ in 0..RECV_ROUNDS {
+            let n = {
+                let mut slices: Vec<IoSliceMut<'_>> =
+                    self.bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+                match self.socket.recv_batch(&mut slices, &mut meta) {
+                    Ok(n) => n,
+                    Err(e) if e.is_would_block() => break,
+                    Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+                        // An ICMP error for an earlier datagram; QUIC's timers handle it.
+                        continue;
+                    }
+                    Err(e) => return Err(TransferError::Io(format!("receive: {e}"))),
+                }
+            };
+            if n == 0 {
+                break;
+            }
+            got_any = true;
+            for (i, m) in meta.iter().enumerate().take(n) {
+                self.datagrams(now, i, *m);
+            }
+            if n < RECV_BUFS {
+                break;
+            }
+        }
+        Ok(got_any)
+    }
+
+    fn datagrams(&mut self, now: Instant, buf: usize, m: RecvMeta) {
+        let len = m.len.min(self.bufs[buf].len());
+        let mut data = BytesMut::from(&self.bufs[buf][..len]);
+        let stride = m.stride.max(1);
+        let ecn = m
+            .ecn
+            .and_then(|e| flux_quic::quinn_proto::EcnCodepoint::from_bits(e as u8));
+        while !data.is_empty() {
+            let seg = data.split_to(stride.min(data.len()));
+            // RFC 9443: QUIC packets have the fixed bit (0x40) set; STUN starts 0..=3, TURN
+            // channel data 64..=79 collides only with QUIC short headers the demux of ICE
+            // will sort out. Demultiplex per segment (platform facts: GRO may append a STUN
+            // datagram to a QUIC batch).
+            if seg[0] & 0x40 == 0 {
+                self.report.foreign_datagrams += 1;
+                continue;
+            }
+            self.resp_buf.clear();
+            let ev = self
+                .endpoint
+                .handle(now, m.addr, m.dst_ip, ecn, seg, &mut self.resp_buf);
+            match ev {
+                Some(DatagramEvent::ConnectionEvent(h, ev)) => {
+                    if let Some(c) = self.conns.iter_mut().find(|c| c.handle == h) {
+                        c.conn().handle_event(ev);
+                    }
+                }
+                Some(DatagramEvent::NewConnection(inc)) => self.incoming(now, inc),
+                Some(DatagramEvent::Response(t)) => self.respond(&t),
+                None => {}
+            }
+        }
+    }
+
+    fn incoming(&mut self, now: Instant, inc: flux_quic::quinn_proto::Incoming) {
+        let Role::Host { manifest, .. } = &self.role else {
+            self.resp_buf.clear();
+            let t = self.endpoint.refuse(inc, &mut self.resp_buf);
+            self.respond(&t);
+            return;
+        };
+        let live = self.conns.iter().filter(|c| !c.ended).count();
+        let serving_done = self.cfg.serve.is_some_and(|n| self.ended + live >= n);
+        if self.cancelled || live >= self.cfg.max_receivers || serving_done {
+            self.resp_buf.clear();
+            let t = self.endpoint.refuse(inc, &mut self.resp_buf);
+            self.respond(&t);
+            return;
+        }
+        let peer = inc.remote_address();
+        self.resp_buf.clear();
+        match self.endpoint.accept(inc, now, &mut self.resp_buf, None) {
+            Ok((handle, conn)) => {
+                let m = Sender::new(manifest.clone(), self.cfg.sender.clone());
+                self.conns.push(Conn {
+                    handle,
+                    machine: Machine::Send(Session::new(conn, m, Side::Server)),
+                    peer,
+                    connected: false,
+                    ended: false,
+                    error: None,
+                    blocked: None,
+                });
+            }
+            Err(e) => {
+                tracing::debug!(peer = %peer, error = %e.cause, "refused a connection");
+                if let Some(t) = e.response {
+                    self.respond(&t);
+                }
+            }
+        }
+    }
+
+    /// Sends an endpoint's stateless response (a refusal, a version negotiation, a reset),
+    /// best effort: a lost one is like a lost datagram.
+    fn respond(&self, t: &flux_quic::quinn_proto::Transmit) {
+        let t = flux_udp::Transmit {
+            destination: t.destination,
+            contents: &self.resp_buf[..t.size.min(self.resp_buf.len())],
+            segment_size: t.segment_size,
+            ecn: None,
+            src_ip: t.src_ip,
+        };
+        let _ = self.socket.send(&t);
+    }
+
+    fn timers(&mut self, now: Instant) {
+        for c in &mut self.conns {
+            if c.ended {
+                continue;
+            }
+            if c.conn().poll_timeout().is_some_and(|t| t <= now) {
+                c.conn().handle_timeout(now);
+            }
+            match &mut c.machine {
+                Machine::Send(s) => s.machine.handle_timeout(now),
+                Machine::Recv(s) => s.machine.handle_timeout(now),
+            }
+        }
+    }
+
+    /// Moves everything between connections, machines and the disk until nothing moves.
+    fn drive(&mut self, now: Instant) -> bool {
+        let mut any = false;
+        if let Some(r) = self.exec.ring() {
+            // Submit queued disk SQEs and collect whatever completed, without waiting.
+            let _ = r.submit_and_wait(0, Some(Duration::ZERO));
+        }
+        for i in 0..self.conns.len() {
+            if self.conns[i].ended {
+                continue;
+            }
+            loop {
+                let mut progressed = false;
+                progressed |= self.step(i, now);
+                let dst = match &mut self.role {
+                    Role::Join { dest, .. } => dest.as_mut(),
+                    Role::Host { .. } => None,
+                };
+                self.exec.reap(dst);
+                while let Some((tag, id, res)) = self.exec.poll_done() {
+                    progressed = true;
+                    if let Some(c) = self.conns.get_mut(tag) {
+                        match &mut c.machine {
+                            Machine::Send(s) => s.machine.handle_disk_done(now, id, res),
+                            Machine::Recv(s) => s.machine.handle_disk_done(now, id, res),
+                        }
+                    }
+                }
+                if !progressed {
+                    break;
+                }
+                any = true;
+            }
+            let c = &mut self.conns[i];
+            let handle = c.handle;
+            while let Some(ev) = c.conn().poll_endpoint_events() {
+                if let Some(ce) = self.endpoint.handle_event(handle, ev) {
+                    c.conn().handle_event(ce);
+                }
+            }
+        }
+        any
+    }
+
+    /// One pass over connection `i`: drive the session, submit its disk requests, and route
+    /// its events. Returns whether anything happened.
+    fn step(&mut self, i: usize, now: Instant) -> bool {
+        let mut progressed = false;
+        let c = &mut self.conns[i];
+        if !c.connected && !c.conn().is_handshaking() && !c.conn().is_closed() {
+            c.connected = true;
+            let peer = c.peer;
+            if let Some(tx) = &self.control.events {
+                let _ = tx.send(NetEvent::Connected {
+                    conn: i,
+                    peer,
+                    at: now,
+                });
+            }
+        }
+        let mut events = Vec::new();
+        match (&mut c.machine, &mut self.role) {
+            (Machine::Send(s), Role::Host { sources, .. }) => {
+                s.drive(now);
+                while let Some(op) = s.machine.poll_disk() {
+                    progressed = true;
+                    self.exec.submit_read(i, sources, op);
+                }
+                while let Some(ev) = s.machine.poll_event() {
+                    events.push(ev);
+                }
+            }
+            (Machine::Recv(s), Role::Join { dest, .. }) => {
+                s.drive(now);
+                while let Some(op) = s.machine.poll_disk() {
+                    progressed = true;
+                    match dest.as_mut() {
+                        Some(d) => self.exec.submit_write(i, d, op),
+                        None => s.machine.handle_disk_done(
+                            now,
+                            op_id(&op),
+                            Err(flux_transfer::DiskFailure::Io("no destination".into())),
+                        ),
+                    }
+                }
+                while let Some(ev) = s.machine.poll_event() {
+                    events.push(ev);
+                }
+            }
+            _ => {}
+        }
+        for ev in events {
+            progressed = true;
+            self.on_event(i, now, ev);
+        }
+        progressed
+    }
+
+    fn on_event(&mut self, i: usize, now: Instant, ev: Event) {
+        if let Event::Failed(e) = &ev {
+            self.conns[i].error.get_or_insert_with(|| e.to_string());
+        }
+        if let (
+            Event::ManifestReady,
+            Role::Join {
+                dest_root,
+                dest,
+                offered,
+            },
+        ) = (&ev, &mut self.role)
+        {
+            let Machine::Recv(s) = &mut self.conns[i].machine else {
+                return;
+            };
+            let Some(m) = s.machine.manifest().cloned() else {
+                return;
+            };
+            let d = Destination::new(dest_root.clone(), m.clone());
+            let scanned = d.scan();
+            *dest = Some(d);
+            match scanned {
+                Ok(local) => {
+                    if self.cfg.auto_accept {
+                        s.machine.accept(now, local);
+                    } else if !*offered {
+                        *offered = true;
+                        if let Some(tx) = &self.control.events {
+                            let _ = tx.send(NetEvent::Offer {
+                                manifest: m,
+                                local: Arc::new(local),
+                            });
+                        }
+                    }
+                }
+                Err(e) => {
+                    s.machine.cancel();
+                    self.conns[i].error = Some(e.to_string());
+                }
+            }
+        }
+        self.emit(NetEvent::Transfer {
+            conn: i,
+            event: ev,
+            at: now,
+        });
+    }
+
+    /// Sends what the connections have to send, in GSO batches.
+    fn transmit(&mut self, now: Instant) -> Result<bool, TransferError> {
+        let mut sent_any = false;
+        let max_segments = self.socket.capabilities().max_gso_segments(1452).max(1);
+        for i in 0..self.conns.len() {
+            if let Some((buf, seg, dst)) = self.conns[i].blocked.take() {
+                match self.send(&buf, seg, dst) {
+                    Ok(true) => sent_any = true,
+                    Ok(false) => {
+                        self.conns[i].blocked = Some((buf, seg, dst));
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            for _ in 0..SEND_ROUNDS {
+                self.tx_buf.clear();
+                let c = &mut self.conns[i];
+                let Some(t) = c.conn().poll_transmit(now, max_segments, &mut self.tx_buf) else {
+                    break;
+                };
+                let buf = std::mem::take(&mut self.tx_buf);
+                let ok = self.send(&buf[..t.size], t.segment_size, t.destination)?;
+                if ok {
+                    sent_any = true;
+                    self.tx_buf = buf;
+                } else {
+                    let mut b = buf;
+                    b.truncate(t.size);
+                    self.conns[i].blocked = Some((b, t.segment_size, t.destination));
+                    self.tx_buf = Vec::with_capacity(GRO_BUF_LEN);
+                    break;
+                }
+            }
+        }
+        Ok(sent_any)
+    }
+
+    /// Sends one batch; `Ok(false)` when the socket buffer is full.
+    fn send(
+        &mut self,
+        buf: &[u8],
+        segment_size: Option<usize>,
+        dst: SocketAddr,
+    ) -> Result<bool, TransferError> {
+        let t = flux_udp::Transmit {
+            destination: dst,
+            contents: buf,
+            segment_size,
+            ecn: None,
+            src_ip: None,
+        };
+        match self.socket.send(&t) {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_would_block() => Ok(false),
+            // The peer's port is gone (ICMP); the connection's timers will notice.
+            Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
+                tracing::debug!(size = buf.len(), "datagram too large for the path; dropped");
+                Ok(true)
+            }
+            Err(e) => Err(TransferError::Io(format!("send to {dst}: {e}"))),
+        }
+    }
+
+    fn check_ended(&mut self, now: Instant) {
+        let mut newly = Vec::new();
+        for (i, c) in self.conns.iter_mut().enumerate() {
+            if c.ended {
+                continue;
+            }
+            let (over, closed) = match &c.machine {
+                Machine::Send(s) => (s.machine.is_over(), s.close_reason().is_some()),
+                Machine::Recv(s) => (s.machine.is_over(), s.close_reason().is_some()),
+            };
+            let flushed = match &mut c.machine {
+                Machine::Send(s) => s.machine.outbox().ready().is_empty(),
+                Machine::Recv(s) => s.machine.outbox().ready().is_empty(),
+            };
+            let connect_expired =
+                !c.connected && now.duration_since(self.started) > self.cfg.connect_timeout;
+            if connect_expired && !over {
+                c.error
+                    .get_or_insert_with(|| format!("could not connect to {} (timed out)", c.peer));
+            }
+            if (over && flushed) || closed || connect_expired {
+                if !closed {
+                    c.conn().close(now, 0u32.into(), bytes::Bytes::new());
+                }
+                if closed && !over {
+                    let reason = match &c.machine {
+                        Machine::Send(s) => s.close_reason().map(ToString::to_string),
+                        Machine::Recv(s) => s.close_reason().map(ToString::to_string),
+                    };
+                    c.error.get_or_insert_with(|| {
+                        format!("connection lost: {}", reason.unwrap_or_default())
+                    });
+                }
+                c.ended = true;
+                newly.push(i);
+            }
+        }
+        for i in newly {
+            self.ended += 1;
+            let error = self.conns[i].error.clone();
+            if error.is_some() {
+                self.report.failed += 1;
+            } else {
+                self.report.succeeded += 1;
+            }
+            let stats = conn_report(&mut self.conns[i]);
+            self.emit(NetEvent::Ended {
+                conn: i,
+                error,
+                stats,
+            });
+        }
+        if let Role::Join { .. } = self.role
+            && self.conns.is_empty()
+        {
+            self.cancelled = true;
+        }
+    }
+
+    /// Sleeps until the socket is readable (or writable when a batch is blocked), a disk
+    /// request completes, or the next deadline — unless the last turn did work, in which case
+    /// it only checks for commands.
+    fn wait(&mut self, busy: bool) -> Result<(), TransferError> {
+        if busy {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let mut deadline: Option<Instant> = None;
+        let mut consider = |t: Option<Instant>| {
+            if let Some(t) = t {
+                deadline = Some(deadline.map_or(t, |d: Instant| d.min(t)));
+            }
+        };
+        for c in &mut self.conns {
+            if c.ended {
+                continue;
+            }
+            consider(c.conn().poll_timeout());
+            match &mut c.machine {
+                Machine::Send(s) => consider(s.machine.poll_timeout()),
+                Machine::Recv(s) => consider(s.machine.poll_timeout()),
+            }
+        }
+        if !self.conns.iter().all(|c| c.connected || c.ended) {
+            consider(Some(self.started + self.cfg.connect_timeout));
+        }
+        // Commands arrive through a channel the loop cannot sleep on: look at least this often.
+        let mut timeout = deadline.map_or(COMMAND_POLL, |d| d.saturating_duration_since(now));
+        if self.control.commands.is_some() {
+            timeout = timeout.min(COMMAND_POLL);
+        }
+        let want_write = self.conns.iter().any(|c| c.blocked.is_some());
+        let fd = self.socket.as_raw_fd();
+        match self.exec.ring() {
+            None => {
+                self.socket
+                    .wait(want_write, Some(timeout))
+                    .map_err(|e| TransferError::Io(format!("poll: {e}")))?;
+            }
+            Some(ring) => {
+                if self.poll_in.as_ref().is_none_or(Op::is_complete) {
+                    self.poll_in = Some(
+                        ring.poll_add(fd, libc::POLLIN as u32)
+                            .map_err(|e| TransferError::Io(format!("io_uring poll: {e}")))?,
+                    );
+                }
+                if want_write && self.poll_out.as_ref().is_none_or(Op::is_complete) {
+                    self.poll_out = Some(
+                        ring.poll_add(fd, libc::POLLOUT as u32)
+                            .map_err(|e| TransferError::Io(format!("io_uring poll: {e}")))?,
+                    );
+                }
+                ring.submit_and_wait(1, Some(timeout))
+                    .map_err(|e| TransferError::Io(format!("io_uring wait: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Longest sleep before the loop looks at its command channel.
+const COMMAND_POLL: Duration = Duration::from_millis(50);
+
+fn conn_report(c: &mut Conn) -> ConnReport {
+    let peer = c.peer;
+    let s = c.conn().stats();
+    let rtt = c.conn().rtt();
+    ConnReport {
+        peer: Some(peer),
+        rtt,
+        packets_sent: s.path.sent_packets,
+        packets_lost: s.path.lost_packets,
+        mtu: s.path.current_mtu,
+        congestion_events: s.path.congestion_events,
+        udp_tx_bytes: s.udp_tx.bytes,
+        udp_rx_bytes: s.udp_rx.bytes,
+    }
+}
+
+fn op_id(op: &flux_transfer::DiskOp) -> flux_transfer::OpId {
+    use flux_transfer::DiskOp;
+    match op {
+        DiskOp::Read { id, .. }
+        | DiskOp::WriteChunk { id, .. }
+        | DiskOp::Finalize { id, .. }
+        | DiskOp::Finish { id } => *id,
+        _ => flux_transfer::OpId(u64::MAX),
+    }
+}

@@ -1,0 +1,381 @@
+//! Real transfers through the engine's worker loop: two threads, two UDP sockets on loopback,
+//! real QUIC, real files, through each driver.
+//!
+//! The large tests move a 1 GiB file (plus an unaligned tail) memory-to-disk (source on
+//! tmpfs) and disk-to-disk (ext4 to ext4), and into a filesystem that refuses `O_DIRECT`
+//! (ramfs, mounted by the test as root), and check the received bytes are identical and which
+//! I/O mode each side really used.
+
+#![allow(clippy::unwrap_used)]
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command as Process;
+use std::sync::Arc;
+use std::thread;
+
+use flux_peer::net::{self, Command, Control, Driver, NetConfig, NetEvent, NetReport};
+use flux_peer::scan::scan;
+use flux_quic::Identity;
+use flux_transfer::Event;
+use flux_udp::{SocketConfig, UdpSocket};
+use rand::rngs::SmallRng;
+use rand::{RngCore, SeedableRng};
+
+fn socket() -> UdpSocket {
+    UdpSocket::bind("127.0.0.1:0".parse().unwrap(), &SocketConfig::default()).unwrap()
+}
+
+/// Runs one transfer of `paths` into `dest` and returns both sides' reports.
+fn transfer(paths: &[PathBuf], dest: &Path, cfg: &NetConfig) -> (NetReport, NetReport) {
+    let share = scan(paths, None).unwrap();
+    let id = Identity::generate().unwrap();
+    let fp = id.fingerprint();
+    let host_sock = socket();
+    let addr = host_sock.local_addr().unwrap();
+    let hcfg = cfg.clone();
+    let manifest = Arc::new(share.manifest);
+    let sources = share.sources;
+    let host = thread::spawn(move || {
+        net::host(host_sock, &id, manifest, sources, &hcfg, Control::none()).unwrap()
+    });
+    let joined = net::join(socket(), addr, fp, dest.to_owned(), cfg, Control::none()).unwrap();
+    let hosted = host.join().unwrap();
+    (hosted, joined)
+}
+
+fn cfg(driver: Driver) -> NetConfig {
+    NetConfig {
+        driver,
+        ..NetConfig::default()
+    }
+}
+
+/// Writes `len` pseudo-random bytes; every 4 KiB block differs, so a misplaced block shows.
+fn write_random(p: &Path, len: u64, seed: u64) {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut f = File::create(p).unwrap();
+    let mut buf = vec![0u8; 8 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        rng.fill_bytes(&mut buf[..n]);
+        f.write_all(&buf[..n]).unwrap();
+        left -= n as u64;
+    }
+}
+
+fn digest(p: &Path) -> blake3::Hash {
+    let mut h = blake3::Hasher::new();
+    let mut f = File::open(p).unwrap();
+    let mut buf = vec![0u8; 8 << 20];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    h.finalize()
+}
+
+fn assert_same_file(a: &Path, b: &Path) {
+    let (ma, mb) = (fs::metadata(a).unwrap(), fs::metadata(b).unwrap());
+    assert_eq!(ma.len(), mb.len(), "{} size", b.display());
+    assert_eq!(digest(a), digest(b), "{} bytes differ", b.display());
+    assert_eq!(
+        ma.modified().unwrap(),
+        mb.modified().unwrap(),
+        "{} mtime",
+        b.display()
+    );
+}
+
+fn assert_ok(r: &NetReport, side: &str) {
+    eprintln!("{side}: {r:?}");
+    assert!(r.error.is_none(), "{side} failed: {:?}", r.error);
+    assert_eq!((r.succeeded, r.failed), (1, 0), "{side}: {r:?}");
+}
+
+/// A small tree with empty files, unaligned sizes and a chunk-size multiple.
+fn small_tree(root: &Path) -> PathBuf {
+    let top = root.join("tree");
+    fs::create_dir_all(top.join("sub/empty-dir")).unwrap();
+    let sizes = [0u64, 1, 511, 4096, 262_144, 262_145, 3_000_001];
+    for (i, s) in sizes.iter().enumerate() {
+        write_random(&top.join(format!("f{i}")), *s, i as u64);
+        write_random(&top.join(format!("sub/g{i}")), *s, 100 + i as u64);
+    }
+    top
+}
+
+fn small_tree_through(driver: Driver) {
+    let src = tempfile::tempdir_in(scratch()).unwrap();
+    let dst = tempfile::tempdir_in(scratch()).unwrap();
+    let top = small_tree(src.path());
+    let (h, j) = transfer(std::slice::from_ref(&top), dst.path(), &cfg(driver));
+    assert_ok(&h, "host");
+    assert_ok(&j, "joiner");
+    for e in walk(&top) {
+        let rel = e.strip_prefix(src.path()).unwrap();
+        let got = dst.path().join(rel);
+        if e.is_dir() {
+            assert!(got.is_dir(), "{} missing", got.display());
+        } else {
+            assert_same_file(&e, &got);
+        }
+    }
+    assert_eq!(h.driver, Some(driver));
+}
+
+#[test]
+fn small_tree_uring() {
+    small_tree_through(Driver::Uring);
+}
+
+#[test]
+fn small_tree_epoll() {
+    small_tree_through(Driver::Epoll);
+}
+
+fn walk(p: &Path) -> Vec<PathBuf> {
+    let mut out = vec![p.to_owned()];
+    if p.is_dir() {
+        for e in fs::read_dir(p).unwrap() {
+            out.extend(walk(&e.unwrap().path()));
+        }
+    }
+    out
+}
+
+/// A directory on a real disk filesystem for O_DIRECT: `FLUX_TEST_DIRECT_IO_DIR`, else
+/// `/var/tmp`.
+fn scratch() -> PathBuf {
+    std::env::var_os("FLUX_TEST_DIRECT_IO_DIR")
+        .map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from)
+}
+
+fn is_fs(p: &Path, kinds: &[&str]) -> bool {
+    let out = Process::new("stat")
+        .args(["-f", "-c", "%T"])
+        .arg(p)
+        .output()
+        .unwrap();
+    let t = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    kinds.iter().any(|k| t == *k)
+}
+
+const GIB_PLUS_TAIL: u64 = (1 << 30) + 12_345;
+
+/// 1 GiB from `src_dir` into `dst_dir` through `driver`; returns both reports.
+fn one_gib(driver: Driver, src_dir: &Path, dst_dir: &Path) -> (NetReport, NetReport) {
+    let src = tempfile::tempdir_in(src_dir).unwrap();
+    let dst = tempfile::tempdir_in(dst_dir).unwrap();
+    let file = src.path().join("big.bin");
+    write_random(&file, GIB_PLUS_TAIL, 7);
+    let (h, j) = transfer(std::slice::from_ref(&file), dst.path(), &cfg(driver));
+    assert_ok(&h, "host");
+    assert_ok(&j, "joiner");
+    assert_same_file(&file, &dst.path().join("big.bin"));
+    (h, j)
+}
+
+fn require_disk() -> Option<PathBuf> {
+    let d = scratch();
+    if is_fs(&d, &["ext2/ext3", "ext4", "xfs", "btrfs"]) {
+        Some(d)
+    } else {
+        println!(
+            "SKIP: {} is not ext4/xfs/btrfs (set FLUX_TEST_DIRECT_IO_DIR)",
+            d.display()
+        );
+        None
+    }
+}
+
+#[test]
+fn gib_disk_to_disk_uring_uses_o_direct() {
+    let Some(d) = require_disk() else { return };
+    let (h, j) = one_gib(Driver::Uring, &d, &d);
+    // Every chunk read and write went through O_DIRECT.
+    assert!(h.disk.direct_ops >= 256, "host: {:?}", h.disk);
+    assert_eq!(h.disk.buffered_ops, 0, "host: {:?}", h.disk);
+    assert!(j.disk.direct_ops >= 256, "joiner: {:?}", j.disk);
+    assert_eq!(j.disk.buffered_ops, 0, "joiner: {:?}", j.disk);
+}
+
+#[test]
+fn gib_memory_to_disk_uring() {
+    let Some(d) = require_disk() else { return };
+    let shm = Path::new("/dev/shm");
+    if !is_fs(shm, &["tmpfs"]) {
+        println!("SKIP: /dev/shm is not tmpfs");
+        return;
+    }
+    let (_h, j) = one_gib(Driver::Uring, shm, &d);
+    assert!(
+        j.disk.direct_ops > 0 && j.disk.buffered_ops == 0,
+        "{:?}",
+        j.disk
+    );
+}
+
+#[test]
+fn gib_disk_to_disk_epoll() {
+    let Some(d) = require_disk() else { return };
+    let (h, j) = one_gib(Driver::Epoll, &d, &d);
+    // The portable driver does buffered std::fs I/O only.
+    assert_eq!(h.disk.direct_ops + j.disk.direct_ops, 0);
+    assert!(j.disk.buffered_ops > 0);
+}
+
+#[test]
+fn gib_memory_to_disk_epoll() {
+    let Some(d) = require_disk() else { return };
+    let (_h, j) = one_gib(Driver::Epoll, Path::new("/dev/shm"), &d);
+    assert!(j.disk.buffered_ops > 0);
+}
+
+/// A ramfs mount (refuses O_DIRECT at open and in fcntl), unmounted on drop.
+struct Ramfs(tempfile::TempDir);
+
+impl Ramfs {
+    fn mount() -> Option<Self> {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = Process::new("mount")
+            .args(["-t", "ramfs", "ramfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            println!("SKIP: cannot mount ramfs (not root?)");
+            return None;
+        }
+        Some(Self(dir))
+    }
+}
+
+impl Drop for Ramfs {
+    fn drop(&mut self) {
+        let _ = Process::new("umount").arg(self.0.path()).status();
+    }
+}
+
+#[test]
+fn gib_uring_falls_back_where_o_direct_is_refused() {
+    let Some(d) = require_disk() else { return };
+    let Some(ram) = Ramfs::mount() else { return };
+    // Disk source (O_DIRECT reads) into ramfs (buffered writes after the refusal).
+    let (h, j) = one_gib(Driver::Uring, &d, ram.0.path());
+    assert!(h.disk.direct_ops > 0, "host: {:?}", h.disk);
+    assert_eq!(j.disk.direct_ops, 0, "joiner: {:?}", j.disk);
+    assert!(j.disk.buffered_ops > 0, "joiner: {:?}", j.disk);
+}
+
+#[test]
+fn receiver_decides_and_reject_leaves_nothing() {
+    let src = tempfile::tempdir().unwrap();
+    let dst = tempfile::tempdir().unwrap();
+    let top = small_tree(src.path());
+    let share = scan(std::slice::from_ref(&top), None).unwrap();
+    let id = Identity::generate().unwrap();
+    let fp = id.fingerprint();
+    let hs = socket();
+    let addr = hs.local_addr().unwrap();
+    let c = cfg(Driver::Uring);
+    let hc = c.clone();
+    let host = thread::spawn(move || {
+        net::host(
+            hs,
+            &id,
+            Arc::new(share.manifest),
+            share.sources,
+            &hc,
+            Control::none(),
+        )
+        .unwrap()
+    });
+    let jc = NetConfig {
+        auto_accept: false,
+        ..c
+    };
+    let (control, events, commands) = Control::channels();
+    let dest = dst.path().to_owned();
+    let join = thread::spawn(move || net::join(socket(), addr, fp, dest, &jc, control).unwrap());
+    let mut offered = 0;
+    for ev in events.iter() {
+        if let NetEvent::Offer { ref manifest, .. } = ev {
+            offered = manifest.entries().len();
+            commands.send(Command::Reject("not today".into())).unwrap();
+        }
+        if let NetEvent::Transfer {
+            event: Event::ChunkVerified { .. },
+            ..
+        } = ev
+        {
+            panic!("a chunk was written after a rejection");
+        }
+    }
+    let j = join.join().unwrap();
+    let h = host.join().unwrap();
+    assert!(offered > 10, "offer had {offered} entries");
+    assert!(
+        h.error.as_deref().unwrap_or("").contains("not today"),
+        "{:?}",
+        h.error
+    );
+    assert!(j.error.is_some());
+    assert_eq!(
+        fs::read_dir(dst.path()).unwrap().count(),
+        0,
+        "something was written"
+    );
+}
+
+#[test]
+fn wrong_fingerprint_is_refused() {
+    let src = tempfile::tempdir().unwrap();
+    let dst = tempfile::tempdir().unwrap();
+    let f = src.path().join("a");
+    write_random(&f, 1000, 1);
+    let share = scan(std::slice::from_ref(&f), None).unwrap();
+    let id = Identity::generate().unwrap();
+    let other = Identity::generate().unwrap().fingerprint();
+    let hs = socket();
+    let addr = hs.local_addr().unwrap();
+    let c = NetConfig {
+        serve: None,
+        ..cfg(Driver::Epoll)
+    };
+    let (hcontrol, _hev, hcmd) = Control::channels();
+    let hc = c.clone();
+    let host = thread::spawn(move || {
+        net::host(
+            hs,
+            &id,
+            Arc::new(share.manifest),
+            share.sources,
+            &hc,
+            hcontrol,
+        )
+        .unwrap()
+    });
+    let j = net::join(
+        socket(),
+        addr,
+        other,
+        dst.path().to_owned(),
+        &c,
+        Control::none(),
+    )
+    .unwrap();
+    hcmd.send(Command::Cancel).unwrap();
+    let _ = host.join().unwrap();
+    let err = j.error.expect("joiner must fail");
+    assert!(
+        err.contains("certificate") || err.contains("connection lost"),
+        "unexpected error: {err}"
+    );
+    assert_eq!(fs::read_dir(dst.path()).unwrap().count(), 0);
+}
