@@ -1,0 +1,392 @@
+//! The command line: one clap definition from which `--help`, the man page (`thru man`) and
+//! shell completions (`thru completions SHELL`) are all generated.
+//!
+//! Every flag also reads a `THRU_*` environment variable (shown in `--help`). The join code
+//! can come from `THRU_CODE` instead of argv, so it does not show in `ps` or shell history.
+//!
+//! This module only parses and validates values (sizes, ranges); turning flags into a plan
+//! is `main.rs`'s job.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand};
+use clap_complete::Shell;
+
+use crate::transfer::IoDriver;
+
+/// Exit codes, stable for scripts (also listed in `--help`).
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+#[repr(u8)]
+pub enum Exit {
+    /// Everything was transferred (or the command did what was asked).
+    Ok = 0,
+    /// The transfer failed or is incomplete (run `thru join` again to resume).
+    TransferFailed = 1,
+    /// Bad flags, a missing or malformed join code, unreadable paths.
+    Usage = 2,
+    /// Pairing failed: wrong code, tampering detected, no such session, peer unreachable.
+    PairingFailed = 3,
+    /// The receiver declined the offer (or could not be asked: no terminal, no `--yes`).
+    Refused = 4,
+    /// A file to receive already exists and `--force` was not given.
+    Conflict = 5,
+}
+
+impl Exit {
+    /// The numeric code.
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+}
+
+/// The exit-code table shown in `--help` and the man page.
+pub const EXIT_CODES: &str = "\
+Exit codes:
+  0  done
+  1  transfer failed or incomplete (run thru join again to resume)
+  2  usage error (bad flag, malformed join code, unreadable path)
+  3  pairing failed (wrong code, tampering detected, no such session, peer unreachable)
+  4  refused by the receiver (declined, or no terminal to ask and no --yes)
+  5  conflict: a file to receive exists and --force was not given";
+
+const AFTER_HELP: &str = "\
+With no --server, thru works on the local network: the host advertises itself with mDNS
+and the joiner finds it by the code (or reaches it with --peer ADDR). With --server URL,
+both sides pair through a thruserv signaling server. Either way the code's secret part
+never leaves the two machines: host and joiner run a PAKE over it and pin each other's
+certificates, so neither the server nor anything in between can read or alter a transfer.
+
+Exit codes:
+  0  done
+  1  transfer failed or incomplete (run thru join again to resume)
+  2  usage error (bad flag, malformed join code, unreadable path)
+  3  pairing failed (wrong code, tampering detected, no such session, peer unreachable)
+  4  refused by the receiver (declined, or no terminal to ask and no --yes)
+  5  conflict: a file to receive exists and --force was not given";
+
+/// Thruflux: move files between two machines, directly, end-to-end encrypted, resumable.
+#[derive(Debug, Parser)]
+#[command(
+    name = "thru",
+    version,
+    disable_version_flag = true,
+    after_help = AFTER_HELP,
+    propagate_version = true
+)]
+pub struct Cli {
+    /// Print the version and exit.
+    #[arg(short = 'v', long = "version", action = ArgAction::Version, global = true)]
+    pub version: Option<bool>,
+
+    /// One JSON object per line on stdout (events: code, peer, offer, accepted, progress,
+    /// file_done, summary, error); no banner, no bars.
+    #[arg(long, global = true, env = "THRU_JSON")]
+    pub json: bool,
+
+    /// More log output on stderr (repeat for more; RUST_LOG overrides).
+    #[arg(long, global = true, action = ArgAction::Count)]
+    pub verbose: u8,
+
+    /// Only errors on stderr.
+    #[arg(short, long, global = true, env = "THRU_QUIET")]
+    pub quiet: bool,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Offer files and directories; prints a join code and waits for receivers.
+    Host(HostArgs),
+    /// Receive what a host offers, given its join code.
+    Join(JoinArgs),
+    /// Print a shell completion script to stdout.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+    /// Print the man page (roff) to stdout.
+    Man,
+}
+
+/// Flags for `thru host`.
+#[derive(Debug, Args)]
+pub struct HostArgs {
+    /// Files and directories to offer.
+    #[arg(required = true, value_name = "PATH")]
+    pub paths: Vec<PathBuf>,
+
+    /// Most receivers served (each pairs separately with the same code).
+    #[arg(long, env = "THRU_MAX_RECEIVERS", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub max_receivers: u32,
+
+    /// Chunk size, 256KiB..4MiB and a multiple of 4KiB (default: chosen from the largest file).
+    #[arg(long, env = "THRU_CHUNK_SIZE", value_parser = parse_chunk_size, value_name = "SIZE")]
+    pub chunk_size: Option<u64>,
+
+    /// Files sent at once, 1..8 (default: automatic).
+    #[arg(long, env = "THRU_PARALLEL_FILES",
+          value_parser = clap::value_parser!(u8).range(1..=8))]
+    pub parallel_files: Option<u8>,
+
+    /// Shared network and engine flags.
+    #[command(flatten)]
+    pub net: NetArgs,
+}
+
+/// Flags for `thru join`.
+#[derive(Debug, Args)]
+pub struct JoinArgs {
+    /// The join code the host printed (or set THRU_CODE to keep it out of argv).
+    #[arg(env = "THRU_CODE", hide_env_values = true, value_name = "CODE")]
+    pub code: Option<String>,
+
+    /// Directory to receive into.
+    #[arg(
+        long,
+        short = 'o',
+        env = "THRU_OUT",
+        default_value = ".",
+        value_name = "DIR"
+    )]
+    pub out: PathBuf,
+
+    /// Accept the offered files without asking.
+    #[arg(long, short = 'y', env = "THRU_YES")]
+    pub yes: bool,
+
+    /// Allow replacing existing files.
+    #[arg(long, env = "THRU_FORCE")]
+    pub force: bool,
+
+    /// LAN: the host's pairing address (IP or IP:PORT, as the host prints), skipping mDNS.
+    #[arg(long, env = "THRU_PEER", value_parser = parse_peer, value_name = "ADDR")]
+    pub peer: Option<SocketAddr>,
+
+    /// Shared network and engine flags.
+    #[command(flatten)]
+    pub net: NetArgs,
+}
+
+/// Flags both sides take.
+#[derive(Debug, Args)]
+pub struct NetArgs {
+    /// Signaling server URL (ws://, wss://, http://, https://). Without it: LAN mode.
+    #[arg(
+        long,
+        visible_alias = "server-url",
+        env = "THRU_SERVER_URL",
+        value_name = "URL"
+    )]
+    pub server: Option<String>,
+
+    /// STUN servers, comma-separated (used with --server).
+    #[arg(
+        long,
+        env = "THRU_STUN_SERVERS",
+        value_delimiter = ',',
+        value_name = "URLS",
+        default_value = "stun:stun.l.google.com:19302,stun:stun.cloudflare.com:3478"
+    )]
+    pub stun_server: Vec<String>,
+
+    /// TURN servers, comma-separated (turn:user:pass@host:port; default none).
+    #[arg(
+        long,
+        env = "THRU_TURN_SERVERS",
+        value_delimiter = ',',
+        value_name = "URLS"
+    )]
+    pub turn_server: Vec<String>,
+
+    /// QUIC connection receive window.
+    #[arg(long, env = "THRU_QUIC_CONN_WINDOW_BYTES", default_value = "1GiB",
+          value_parser = parse_size, value_name = "SIZE")]
+    pub quic_conn_window_bytes: u64,
+
+    /// QUIC per-stream receive window.
+    #[arg(long, env = "THRU_QUIC_STREAM_WINDOW_BYTES", default_value = "32MiB",
+          value_parser = parse_size, value_name = "SIZE")]
+    pub quic_stream_window_bytes: u64,
+
+    /// Most QUIC streams the peer may open at once.
+    #[arg(long, env = "THRU_QUIC_MAX_INCOMING_STREAMS", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub quic_max_incoming_streams: u32,
+
+    /// Disk and socket I/O driver.
+    #[arg(long, env = "THRU_IO_DRIVER", value_enum, default_value_t = IoDriver::Auto)]
+    pub io_driver: IoDriver,
+
+    /// Worker threads for the data path (default: one per core).
+    #[arg(long, env = "THRU_CORES", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub cores: Option<u16>,
+
+    /// Local UDP port for QUIC (0: any). A LAN host also listens for pairing on TCP 47115,
+    /// or any free port.
+    #[arg(long, env = "THRU_PORT", default_value_t = 0)]
+    pub port: u16,
+
+    /// LAN: do not use mDNS (joiners then need --peer).
+    #[arg(long, env = "THRU_NO_MDNS")]
+    pub no_mdns: bool,
+
+    /// LAN: use mDNS only on this interface (repeatable; default all).
+    #[arg(long, env = "THRU_MDNS_INTERFACE", value_name = "NAME")]
+    pub mdns_interface: Vec<String>,
+
+    /// Limit for pairing with a peer.
+    #[arg(long, env = "THRU_PAIR_TIMEOUT", default_value = "30s",
+          value_parser = parse_duration, value_name = "DURATION")]
+    pub pair_timeout: Duration,
+
+    /// A name for this peer in logs and JSON events.
+    #[arg(long, env = "THRU_PEER_ID", value_name = "ID")]
+    pub peer_id: Option<String>,
+
+    /// Print throughput, time to first byte, peak rate, RTT, loss, CPU time and the route.
+    #[arg(long, env = "THRU_BENCHMARK")]
+    pub benchmark: bool,
+}
+
+/// The clap command (for completions, man page and tests).
+pub fn command() -> clap::Command {
+    Cli::command()
+}
+
+/// The whole man page: `thru` and one section per subcommand, in roff.
+pub fn man_page() -> std::io::Result<Vec<u8>> {
+    let cmd = command();
+    let mut out = Vec::new();
+    clap_mangen::Man::new(cmd.clone()).render(&mut out)?;
+    for sub in cmd.get_subcommands() {
+        let sub = sub
+            .clone()
+            .display_name(format!("thru-{}", sub.get_name()))
+            .bin_name(format!("thru {}", sub.get_name()));
+        clap_mangen::Man::new(sub).render(&mut out)?;
+    }
+    Ok(out)
+}
+
+/// Writes the completion script for `shell`.
+pub fn completions(shell: Shell, out: &mut dyn std::io::Write) {
+    clap_complete::generate(shell, &mut command(), "thru", out);
+}
+
+/// Parses a byte size: a number with an optional unit `K`, `M`, `G`, `T` (powers of 1024,
+/// also written `KiB`…, `KB`…), case-insensitive.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (examples: 4096, 256KiB, 32MiB, 1GiB)"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(format!("unknown size unit in {s:?} (use K, M, G or T)")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+fn parse_chunk_size(s: &str) -> Result<u64, String> {
+    let n = parse_size(s)?;
+    if !(256 << 10..=4 << 20).contains(&n) {
+        return Err(format!(
+            "chunk size must be between 256KiB and 4MiB, got {s}"
+        ));
+    }
+    if n % 4096 != 0 {
+        return Err(format!("chunk size must be a multiple of 4KiB, got {s}"));
+    }
+    Ok(n)
+}
+
+/// Parses `--peer`: `IP:PORT`, `[V6]:PORT`, or a bare IP (the default LAN pairing port).
+pub fn parse_peer(s: &str) -> Result<SocketAddr, String> {
+    let t = s.trim();
+    if let Ok(a) = t.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    if let Ok(ip) = t.trim_start_matches('[').trim_end_matches(']').parse() {
+        return Ok(SocketAddr::new(ip, crate::rendezvous::DEFAULT_LAN_PORT));
+    }
+    Err(format!(
+        "{s:?} is not an address: use IP or IP:PORT, e.g. 192.168.1.20 or 192.168.1.20:47115"
+    ))
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (examples: 500ms, 30s, 2m)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn definition_is_consistent() {
+        command().debug_assert();
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("32MiB"), Ok(32 << 20));
+        assert_eq!(parse_size("1gib"), Ok(1 << 30));
+        assert_eq!(parse_size("64k"), Ok(64 << 10));
+        assert!(parse_size("1.5G").is_err());
+        assert!(parse_size("12parsecs").is_err());
+        assert!(parse_size("99999999999T").is_err());
+        assert_eq!(parse_chunk_size("1MiB"), Ok(1 << 20));
+        assert!(parse_chunk_size("100KiB").unwrap_err().contains("256KiB"));
+        assert!(parse_chunk_size("8MiB").is_err());
+        assert!(parse_chunk_size("262145").is_err());
+    }
+
+    #[test]
+    fn peers() {
+        assert_eq!(
+            parse_peer("10.0.0.2:9000"),
+            Ok("10.0.0.2:9000".parse().unwrap())
+        );
+        assert_eq!(parse_peer("10.0.0.2").unwrap().port(), 47115);
+        assert_eq!(parse_peer("[::1]").unwrap().port(), 47115);
+        assert!(parse_peer("host.example").unwrap_err().contains("IP:PORT"));
+    }
+
+    #[test]
+    fn join_parses_with_defaults() {
+        let cli = Cli::try_parse_from(["thru", "join", "K7QF2M-XD4P-RT9A", "--yes"]).unwrap();
+        let Command::Join(j) = cli.command else {
+            panic!("join")
+        };
+        assert_eq!(j.code.as_deref(), Some("K7QF2M-XD4P-RT9A"));
+        assert!(j.yes);
+        assert_eq!(j.net.quic_conn_window_bytes, 1 << 30);
+        assert_eq!(j.net.stun_server.len(), 2);
+    }
+
+    #[test]
+    fn usage_errors_name_the_flag() {
+        let e = Cli::try_parse_from(["thru", "host", "x", "--parallel-files", "9"]).unwrap_err();
+        assert!(e.to_string().contains("--parallel-files"), "{e}");
+        let e = Cli::try_parse_from(["thru", "host"]).unwrap_err();
+        assert!(e.to_string().contains("PATH"), "{e}");
+        let e = Cli::try_parse_from(["thru", "join", "--io-driver", "magic"]).unwrap_err();
+        assert!(e.to_string().contains("--io-driver"), "{e}");
+    }
+}

@@ -1,0 +1,24 @@
+//! `thru`: the Thruflux command-line tool, as a library so tests can drive its parts.
+//!
+//! - [`cli`]: the clap definition (help, man page, completions, exit codes).
+//! - [`code`]: join codes (routing part + secret part), parsing and formatting.
+//! - [`pake`]: the sans-IO SPAKE2 pairing handshake bound to both peers' QUIC identities.
+//! - [`rendezvous`]: carrying that handshake through `thruserv` or directly on a LAN (mDNS,
+//!   `--peer`), on tokio.
+//! - [`pairing`]: [`pairing::Paired`], the result the data engine consumes.
+//! - [`ui`]: JSON events, human output, progress bars and the receiver's prompt.
+//! - [`transfer`]: the hand-over to the data engine (a stub until the engine is wired in).
+//!
+//! What this crate does not do: move file data (the engine does, in `engine/`), NAT
+//! traversal (only local interface addresses are exchanged so far).
+
+#![forbid(unsafe_code)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod cli;
+pub mod code;
+pub mod pairing;
+pub mod pake;
+pub mod rendezvous;
+pub mod transfer;
+pub mod ui;

@@ -1,0 +1,351 @@
+//! `thru`: the Thruflux command-line tool.
+//!
+//! A thin binary: parse flags ([`thru::cli`]), install logging, then for `host`/`join`:
+//! bind the QUIC UDP socket, make a throwaway identity, pair (through `thruserv` with
+//! `--server`, otherwise on the LAN), print the code and the verified peer, and hand each
+//! pairing to [`thru::transfer::run_transfer`]. `completions` and `man` print generated
+//! text. Exit codes are [`thru::cli::Exit`].
+
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use flux_quic::{Identity, TransportParams};
+use flux_signal::client::ClientConfig;
+use thru::cli::{Cli, Command, Exit, HostArgs, JoinArgs, NetArgs};
+use thru::code::JoinCode;
+use thru::pake::LocalInfo;
+use thru::rendezvous::{
+    self, HostEvent, HostOptions, JoinOptions, LanHostConfig, LanTarget, Mdns, PairError,
+};
+use thru::transfer::{Job, TransferError, TransferJob, Tuning, run_transfer};
+use thru::ui::Ui;
+use tokio::task::JoinSet;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() {
+                Exit::Usage.code()
+            } else {
+                Exit::Ok.code()
+            });
+        }
+    };
+    init_logging(cli.verbose, cli.quiet);
+    let ui = Ui::new(cli.json, cli.quiet);
+    match run(cli, &ui) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            let exit = classify(&err);
+            ui.error(&format!("{err:#}"), exit.code());
+            ExitCode::from(exit.code())
+        }
+    }
+}
+
+fn run(cli: Cli, ui: &Ui) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Completions { shell } => {
+            let mut out = std::io::stdout().lock();
+            thru::cli::completions(shell, &mut out);
+            let _ = out.flush();
+            Ok(())
+        }
+        Command::Man => {
+            let page = thru::cli::man_page().context("rendering the man page")?;
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(&page);
+            let _ = out.flush();
+            Ok(())
+        }
+        Command::Host(args) => {
+            ui.banner(env!("CARGO_PKG_VERSION"));
+            runtime()?.block_on(host(args, ui))
+        }
+        Command::Join(args) => {
+            ui.banner(env!("CARGO_PKG_VERSION"));
+            runtime()?.block_on(join(args, ui))
+        }
+    }
+}
+
+/// A usage problem found after parsing (exit 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
+
+async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
+    for p in &args.paths {
+        std::fs::symlink_metadata(p)
+            .map_err(|e| UsageError(format!("cannot read {}: {e}", p.display())))?;
+    }
+    let setup = Setup::new(&args.net)?;
+    let mut opts = HostOptions::new(setup.local.clone());
+    opts.max_receivers = args.max_receivers;
+    opts.handshake_timeout = args.net.pair_timeout;
+    opts.allow_loopback = setup.allow_loopback;
+    let mut session = match &args.net.server {
+        Some(url) => rendezvous::host_server(url, &client_config(url)?, opts)
+            .await
+            .context("pairing failed")?,
+        None => {
+            let cfg = LanHostConfig {
+                bind: SocketAddr::from(([0, 0, 0, 0], 0)),
+                mdns: mdns(&args.net),
+            };
+            rendezvous::host_lan(cfg, opts)
+                .await
+                .context("pairing failed")?
+        }
+    };
+    let hint = session.lan_addr().map(|a| {
+        let ip = setup
+            .local
+            .addrs
+            .first()
+            .map_or(IpAddr::from([127, 0, 0, 1]), |s| s.ip());
+        SocketAddr::new(ip, a.port()).to_string()
+    });
+    ui.code(session.code(), args.net.server.as_deref(), hint);
+    let job = Arc::new(setup.job(
+        Job::Send {
+            paths: args.paths.clone(),
+        },
+        &args.net,
+        args.chunk_size,
+        args.parallel_files,
+    ));
+    let mut transfers: JoinSet<Result<(), TransferError>> = JoinSet::new();
+    let mut any_paired = false;
+    let mut ended = false;
+    loop {
+        tokio::select! {
+            ev = session.next_event(), if !ended => match ev {
+                Some(HostEvent::Paired(p)) => {
+                    any_paired = true;
+                    ui.peer(&p);
+                    let (job, ui) = (job.clone(), ui.clone());
+                    transfers.spawn_blocking(move || run_transfer(*p, &job, &ui).map(|_| ()));
+                }
+                Some(HostEvent::Failed { peer, error }) => {
+                    ui.pairing_failed(&peer, &error.to_string());
+                }
+                Some(HostEvent::Ended { error: Some(e) }) if !any_paired => {
+                    return Err(anyhow::Error::new(e).context("pairing failed"));
+                }
+                Some(HostEvent::Ended { error }) => {
+                    if let Some(e) = error {
+                        ui.say(&format!("No more receivers: {e}"));
+                    }
+                    ended = true;
+                }
+                Some(_) => {}
+                None => ended = true,
+            },
+            Some(done) = transfers.join_next() => {
+                done.context("transfer task")??;
+            }
+            else => break,
+        }
+        if ended && transfers.is_empty() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+async fn join(args: JoinArgs, ui: &Ui) -> anyhow::Result<()> {
+    let text = args
+        .code
+        .as_deref()
+        .ok_or_else(|| UsageError("no join code: give it as an argument or in THRU_CODE".into()))?;
+    let code: JoinCode = text
+        .parse()
+        .map_err(|e| UsageError(format!("invalid join code: {e}")))?;
+    let setup = Setup::new(&args.net)?;
+    let mut opts = JoinOptions::new(setup.local.clone());
+    opts.timeout = args.net.pair_timeout;
+    opts.allow_loopback = setup.allow_loopback || args.peer.is_some_and(|p| p.ip().is_loopback());
+    let paired = match (&args.net.server, args.peer) {
+        (Some(url), _) => rendezvous::join_server(url, &client_config(url)?, &code, opts).await,
+        (None, Some(peer)) => rendezvous::join_lan(&code, LanTarget::Peer(peer), opts).await,
+        (None, None) => {
+            let m = mdns(&args.net);
+            if m == Mdns::Off {
+                return Err(UsageError(
+                    "--no-mdns without --server needs --peer ADDR (the host prints it)".into(),
+                )
+                .into());
+            }
+            rendezvous::join_lan(&code, LanTarget::Mdns(m), opts).await
+        }
+    }
+    .context("pairing failed")?;
+    ui.peer(&paired);
+    let job = Arc::new(setup.job(
+        Job::Receive {
+            out: args.out.clone(),
+            yes: args.yes,
+            force: args.force,
+        },
+        &args.net,
+        None,
+        None,
+    ));
+    let ui2 = ui.clone();
+    tokio::task::spawn_blocking(move || run_transfer(paired, &job, &ui2))
+        .await
+        .context("transfer task")??;
+    Ok(())
+}
+
+/// What both sides set up before pairing.
+struct Setup {
+    socket: Arc<UdpSocket>,
+    identity: Arc<Identity>,
+    local: LocalInfo,
+    allow_loopback: bool,
+}
+
+impl Setup {
+    fn new(net: &NetArgs) -> anyhow::Result<Self> {
+        let socket = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], net.port)))
+            .with_context(|| format!("cannot bind UDP port {}", net.port))?;
+        let port = socket
+            .local_addr()
+            .context("reading the UDP socket")?
+            .port();
+        let identity = Identity::generate().context("generating the QUIC identity")?;
+        // Loopback addresses are useful only when both ends may be this machine: a LAN
+        // session, or a server on loopback (single-machine setups and tests).
+        let allow_loopback = match &net.server {
+            None => true,
+            Some(url) => server_is_loopback(url),
+        };
+        let local = LocalInfo {
+            fingerprint: identity.fingerprint(),
+            addrs: rendezvous::local_addrs(port, allow_loopback),
+        };
+        Ok(Self {
+            socket: Arc::new(socket),
+            identity: Arc::new(identity),
+            local,
+            allow_loopback,
+        })
+    }
+
+    fn job(
+        &self,
+        job: Job,
+        net: &NetArgs,
+        chunk_size: Option<u64>,
+        parallel_files: Option<u8>,
+    ) -> TransferJob {
+        let transport = TransportParams {
+            conn_window: net.quic_conn_window_bytes,
+            stream_window: net.quic_stream_window_bytes,
+            max_incoming_streams: net.quic_max_incoming_streams,
+            ..TransportParams::default()
+        };
+        TransferJob {
+            job,
+            identity: self.identity.clone(),
+            socket: self.socket.clone(),
+            tuning: Tuning {
+                transport,
+                chunk_size,
+                parallel_files,
+                io_driver: net.io_driver,
+                cores: net.cores,
+                benchmark: net.benchmark,
+                stun_servers: net.stun_server.clone(),
+                turn_servers: net.turn_server.clone(),
+            },
+        }
+    }
+}
+
+fn mdns(net: &NetArgs) -> Mdns {
+    if net.no_mdns {
+        Mdns::Off
+    } else if net.mdns_interface.is_empty() {
+        Mdns::AllInterfaces
+    } else {
+        Mdns::Interfaces(net.mdns_interface.clone())
+    }
+}
+
+fn client_config(url: &str) -> anyhow::Result<ClientConfig> {
+    let mut cfg = ClientConfig::default();
+    let lower = url.to_ascii_lowercase();
+    if lower.starts_with("wss://") || lower.starts_with("https://") {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .context("TLS setup")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        cfg = cfg.tls(Arc::new(tls));
+    }
+    Ok(cfg)
+}
+
+/// Whether the URL's host is a loopback address or `localhost`.
+fn server_is_loopback(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or("");
+    let host = if let Some(v6) = authority.strip_prefix('[') {
+        v6.split(']').next().unwrap_or("")
+    } else {
+        authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+fn classify(err: &anyhow::Error) -> Exit {
+    for cause in err.chain() {
+        if cause.downcast_ref::<UsageError>().is_some() {
+            return Exit::Usage;
+        }
+        if let Some(t) = cause.downcast_ref::<TransferError>() {
+            return t.exit();
+        }
+        if cause.downcast_ref::<PairError>().is_some() {
+            return Exit::PairingFailed;
+        }
+    }
+    Exit::TransferFailed
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn init_logging(verbose: u8, quiet: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = match (quiet, verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info,thru=debug",
+        (false, _) => "debug",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}

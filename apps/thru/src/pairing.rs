@@ -1,0 +1,88 @@
+//! The result of pairing: what the data engine needs to connect to one peer.
+//!
+//! [`Paired`] is a plain value. [`crate::rendezvous`] produces one per peer (the host gets
+//! one per joiner, a joiner one for the host); the engine consumes it: the joiner dials one
+//! of [`Paired::peer_addrs`] and pins [`Paired::peer_fingerprint`] with
+//! `flux_quic::client_config`; the host accepts the connection whose client certificate
+//! hashes to [`Paired::peer_fingerprint`].
+//!
+//! Nothing here does I/O.
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use flux_quic::Fingerprint;
+
+use crate::pake::hex;
+
+/// Which end of a transfer this process is.
+#[derive(Clone, Copy, Debug, Eq, PartialEq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Offers files; QUIC server.
+    Host,
+    /// Receives files; QUIC client.
+    Joiner,
+}
+
+/// How the peers found each other (not yet the data path: the engine reports that).
+#[derive(Clone, Copy, Debug, Eq, PartialEq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rendezvous {
+    /// Through a `thruserv` signaling server.
+    Server,
+    /// Directly on a LAN, found by mDNS.
+    LanMdns,
+    /// Directly on a LAN, at an address the user gave (`--peer`).
+    LanDirect,
+}
+
+/// A successfully authenticated peer.
+#[derive(Clone, Eq, PartialEq)]
+pub struct Paired {
+    /// This side's role.
+    pub role: Role,
+    /// How the peer was reached for pairing.
+    pub rendezvous: Rendezvous,
+    /// A short label for the peer in messages: `host`, or `joiner 1`, `joiner 2`…
+    pub peer_label: String,
+    /// The peer's QUIC certificate fingerprint, authenticated by the PAKE: pin it.
+    pub peer_fingerprint: Fingerprint,
+    /// The peer's QUIC addresses as it advertised them (authenticated), most promising
+    /// first. On a LAN the address pairing reached the host at is moved to the front.
+    pub peer_addrs: Vec<SocketAddr>,
+    /// This side's fingerprint, as the peer will pin it.
+    pub local_fingerprint: Fingerprint,
+    /// This side's advertised addresses.
+    pub local_addrs: Vec<SocketAddr>,
+    /// Shared by both peers only, bound to the pairing transcript. For an optional
+    /// exporter-bound check inside QUIC; not needed when certificates are pinned.
+    pub session_key: [u8; 32],
+}
+
+impl Paired {
+    /// The peer's fingerprint as lower-case hex.
+    pub fn peer_fingerprint_hex(&self) -> String {
+        hex(&self.peer_fingerprint)
+    }
+
+    /// This side's fingerprint as lower-case hex.
+    pub fn local_fingerprint_hex(&self) -> String {
+        hex(&self.local_fingerprint)
+    }
+}
+
+impl fmt::Debug for Paired {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The session key stays out of logs.
+        f.debug_struct("Paired")
+            .field("role", &self.role)
+            .field("rendezvous", &self.rendezvous)
+            .field("peer_label", &self.peer_label)
+            .field("peer_fingerprint", &self.peer_fingerprint_hex())
+            .field("peer_addrs", &self.peer_addrs)
+            .field("local_fingerprint", &self.local_fingerprint_hex())
+            .field("local_addrs", &self.local_addrs)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,781 @@
+//! Pairing handshake: SPAKE2 over the code's secret, bound to both peers' QUIC identities.
+//!
+//! Sans-IO: plain values in, plain values out. No sockets, no clock, no global RNG (the
+//! caller passes a CSPRNG). [`crate::rendezvous`] carries the messages, through `thruserv`
+//! `relay` payloads or a direct TCP exchange on a LAN; both use the same JSON form of
+//! [`PairMsg`].
+//!
+//! ## Message flow
+//!
+//! ```text
+//! joiner                                               host
+//!  | ── hello{session, pake_B, fp_J, addrs_J} ─────────▶ |   SPAKE2 side B
+//!  | ◀─ reply{pake_A, fp_H, addrs_H, mac_H} ──────────── |   SPAKE2 side A; host confirms first
+//!  | ── confirm{mac_J} ─────────────────────────────────▶ |
+//!  | ◀─ accepted ─────────────────────────────────────── |
+//!  (either side, on any failure: abort{reason})
+//! ```
+//!
+//! SPAKE2 (RustCrypto `spake2`, Ed25519 group) runs with the password
+//! `routing id ‖ secret` and the identities `thruflux/1 host` / `thruflux/1 joiner`. Its
+//! output `K` keys two confirmation MACs (BLAKE3 keyed hashes, one key per role derived
+//! from `K`) over one transcript hash covering: the routing id, both SPAKE2 messages, the
+//! host's certificate fingerprint and advertised addresses, and the joiner's fingerprint and
+//! addresses. A server or relay that swaps or edits any of those makes the MACs disagree and
+//! the pairing is refused; without the secret it cannot compute a matching MAC. Each side
+//! checks the other's MAC in constant time (`blake3::Hash` equality).
+//!
+//! One attempt is one guess: a joiner that sends a hello and receives a reply has tested
+//! exactly one candidate secret, and [`crate::rendezvous`] counts every such attempt that does
+//! not end in a valid `confirm` as a failure.
+//!
+//! What this module does not do: decide what to do after a failure (the rendezvous ends the
+//! host session), time out (the caller does), or talk to QUIC (the engine pins
+//! [`PeerInfo::fingerprint`]).
+
+use std::net::SocketAddr;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD_NO_PAD as B64;
+use flux_quic::Fingerprint;
+use flux_signal_proto::RoutingId;
+use rand::{CryptoRng, RngCore};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use spake2::{Ed25519Group, Identity, Password, Spake2};
+
+use crate::code::JoinCode;
+
+/// Version of the pairing handshake carried in `hello`.
+pub const VERSION: u32 = 1;
+/// Most addresses a peer may advertise.
+pub const MAX_ADDRS: usize = 32;
+
+/// One pairing message. JSON: `{"t":"hello",...}`; binary fields are unpadded base64.
+#[derive(Clone, Debug, Deserialize, Eq, PartialEq, Serialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum PairMsg {
+    /// Joiner → host: SPAKE2 side B, the joiner's identity and addresses.
+    Hello {
+        /// Handshake version, [`VERSION`].
+        v: u32,
+        /// The routing part of the code the joiner typed (LAN hosts check it first).
+        session: RoutingId,
+        /// SPAKE2 message.
+        pake: Bytes,
+        /// The joiner's QUIC certificate fingerprint.
+        fp: Bytes,
+        /// The joiner's QUIC addresses.
+        addrs: Vec<SocketAddr>,
+    },
+    /// Host → joiner: SPAKE2 side A, the host's identity and addresses, and its MAC.
+    Reply {
+        /// SPAKE2 message.
+        pake: Bytes,
+        /// The host's QUIC certificate fingerprint.
+        fp: Bytes,
+        /// The host's QUIC addresses.
+        addrs: Vec<SocketAddr>,
+        /// The host's confirmation MAC over the transcript.
+        mac: Bytes,
+    },
+    /// Joiner → host: the joiner's confirmation MAC.
+    Confirm {
+        /// MAC over the transcript.
+        mac: Bytes,
+    },
+    /// Host → joiner: the host verified the joiner; pairing is complete.
+    Accepted,
+    /// Either way: the sender gives up.
+    Abort {
+        /// Why.
+        reason: AbortReason,
+    },
+}
+
+impl PairMsg {
+    /// The message's `t` tag, for errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Hello { .. } => "hello",
+            Self::Reply { .. } => "reply",
+            Self::Confirm { .. } => "confirm",
+            Self::Accepted => "accepted",
+            Self::Abort { .. } => "abort",
+        }
+    }
+
+    /// Decodes a JSON payload.
+    pub fn from_json(v: serde_json::Value) -> Result<Self, PakeError> {
+        serde_json::from_value(v).map_err(|_| PakeError::Malformed("not a pairing message"))
+    }
+
+    /// Encodes as JSON.
+    pub fn to_json(&self) -> serde_json::Value {
+        // Invariant: every field serializes infallibly.
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// Why a peer aborted.
+#[derive(Clone, Copy, Debug, Deserialize, Eq, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum AbortReason {
+    /// The other side's MAC did not verify: wrong code or tampering.
+    ConfirmFailed,
+    /// A message did not parse or was out of order.
+    BadMessage,
+    /// A LAN host was reached with a code for another session.
+    WrongSession,
+    /// The host accepts no more receivers.
+    Full,
+    /// Unsupported handshake version.
+    Version,
+    /// A reason this version does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+impl std::fmt::Display for AbortReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::ConfirmFailed => "the confirmation did not verify (wrong code or tampering)",
+            Self::BadMessage => "a malformed or unexpected pairing message",
+            Self::WrongSession => "the join code is for another session",
+            Self::Full => "the host accepts no more receivers",
+            Self::Version => "incompatible pairing versions",
+            Self::Unknown => "an unknown reason",
+        })
+    }
+}
+
+/// Why a pairing handshake failed.
+#[derive(Clone, Debug, Eq, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PakeError {
+    /// The peer's confirmation MAC is wrong: the codes differ, or someone in between changed
+    /// the handshake (a fingerprint, an address, a SPAKE2 message).
+    #[error(
+        "pairing refused: the join code is wrong, or someone between the peers altered the \
+         handshake"
+    )]
+    ConfirmFailed,
+    /// The peer sent something that is not a valid message here.
+    #[error("pairing failed: malformed message from the peer ({0})")]
+    Malformed(&'static str),
+    /// A valid message in the wrong place.
+    #[error("pairing failed: expected {expected} from the peer, got {got}")]
+    Unexpected {
+        /// What the state machine waits for.
+        expected: &'static str,
+        /// What arrived.
+        got: &'static str,
+    },
+    /// The peer gave up.
+    #[error("pairing failed: the peer aborted: {0}")]
+    PeerAborted(AbortReason),
+    /// A LAN joiner reached this host with a code for another session (no guess spent).
+    #[error("pairing failed: the join code is for another session")]
+    WrongSession,
+    /// Another handshake version.
+    #[error("pairing failed: the peer speaks pairing version {0}, this thru speaks {VERSION}")]
+    Version(u32),
+}
+
+impl PakeError {
+    /// What to tell the peer when this side gives up.
+    pub fn abort_reason(&self) -> AbortReason {
+        match self {
+            Self::ConfirmFailed => AbortReason::ConfirmFailed,
+            Self::Version(_) => AbortReason::Version,
+            Self::WrongSession => AbortReason::WrongSession,
+            Self::PeerAborted(r) => *r,
+            Self::Malformed(_) | Self::Unexpected { .. } => AbortReason::BadMessage,
+        }
+    }
+}
+
+/// What one side brings to the handshake: its QUIC identity and addresses.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct LocalInfo {
+    /// Fingerprint of this side's QUIC certificate.
+    pub fingerprint: Fingerprint,
+    /// Addresses where this side's QUIC socket can be reached, best first.
+    pub addrs: Vec<SocketAddr>,
+}
+
+/// What a successful handshake proves about the peer.
+#[derive(Clone, Eq, PartialEq)]
+pub struct PeerInfo {
+    /// The peer's QUIC certificate fingerprint: pin it.
+    pub fingerprint: Fingerprint,
+    /// The peer's advertised QUIC addresses, as authenticated.
+    pub addrs: Vec<SocketAddr>,
+    /// A key both sides share and nobody else has, bound to the whole transcript (for an
+    /// optional exporter-bound confirmation inside QUIC).
+    pub session_key: [u8; 32],
+}
+
+impl std::fmt::Debug for PeerInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerInfo")
+            .field("fingerprint", &hex(&self.fingerprint))
+            .field("addrs", &self.addrs)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Joiner side, before the host's reply.
+pub struct JoinerStart {
+    spake: Spake2<Ed25519Group>,
+    routing: RoutingId,
+    local: LocalInfo,
+    my_pake: Vec<u8>,
+}
+
+impl JoinerStart {
+    /// Starts the joiner side; send the returned `hello`.
+    pub fn start(
+        code: &JoinCode,
+        local: LocalInfo,
+        rng: &mut (impl CryptoRng + RngCore),
+    ) -> (Self, PairMsg) {
+        let (spake, my_pake) = Spake2::<Ed25519Group>::start_b_with_rng(
+            &password(code),
+            &Identity::new(ID_HOST),
+            &Identity::new(ID_JOINER),
+            rng,
+        );
+        let hello = PairMsg::Hello {
+            v: VERSION,
+            session: code.routing(),
+            pake: Bytes(my_pake.clone()),
+            fp: Bytes(local.fingerprint.to_vec()),
+            addrs: local.addrs.clone(),
+        };
+        let me = Self {
+            spake,
+            routing: code.routing(),
+            local,
+            my_pake,
+        };
+        (me, hello)
+    }
+
+    /// Handles the host's `reply`: checks the host's MAC and returns the `confirm` to send.
+    pub fn handle_reply(self, msg: PairMsg) -> Result<(JoinerAwaitAccept, PairMsg), PakeError> {
+        let (pake, fp, addrs, mac) = match msg {
+            PairMsg::Reply {
+                pake,
+                fp,
+                addrs,
+                mac,
+            } => (pake, fp, addrs, mac),
+            PairMsg::Abort { reason } => return Err(PakeError::PeerAborted(reason)),
+            other => {
+                return Err(PakeError::Unexpected {
+                    expected: "reply",
+                    got: other.kind(),
+                });
+            }
+        };
+        let host_fp = fingerprint(&fp)?;
+        check_addrs(&addrs)?;
+        let mac = mac32(&mac)?;
+        let key = self
+            .spake
+            .finish(&pake.0)
+            .map_err(|_| PakeError::Malformed("bad SPAKE2 message"))?;
+        let transcript = transcript(
+            self.routing,
+            &pake.0,
+            &self.my_pake,
+            &host_fp,
+            &addrs,
+            &self.local.fingerprint,
+            &self.local.addrs,
+        );
+        let keys = Keys::derive(&key, &transcript);
+        if blake3::Hash::from(mac) != keys.mac(Side::Host, &transcript) {
+            return Err(PakeError::ConfirmFailed);
+        }
+        let confirm = PairMsg::Confirm {
+            mac: Bytes(keys.mac(Side::Joiner, &transcript).as_bytes().to_vec()),
+        };
+        let peer = PeerInfo {
+            fingerprint: host_fp,
+            addrs,
+            session_key: keys.session,
+        };
+        Ok((JoinerAwaitAccept { peer }, confirm))
+    }
+}
+
+/// Joiner side, after sending `confirm`.
+#[derive(Debug)]
+pub struct JoinerAwaitAccept {
+    peer: PeerInfo,
+}
+
+impl JoinerAwaitAccept {
+    /// The host as the verified reply describes it.
+    pub fn peer(&self) -> &PeerInfo {
+        &self.peer
+    }
+
+    /// Handles the host's last word: `accepted` completes the pairing.
+    pub fn handle_accepted(self, msg: PairMsg) -> Result<PeerInfo, PakeError> {
+        match msg {
+            PairMsg::Accepted => Ok(self.peer),
+            PairMsg::Abort { reason } => Err(PakeError::PeerAborted(reason)),
+            other => Err(PakeError::Unexpected {
+                expected: "accepted",
+                got: other.kind(),
+            }),
+        }
+    }
+}
+
+/// Host side, after answering a `hello`.
+pub struct HostAwaitConfirm {
+    expected: blake3::Hash,
+    peer: PeerInfo,
+}
+
+impl HostAwaitConfirm {
+    /// Answers a joiner's `hello`: returns the state and the `reply` to send.
+    ///
+    /// A `hello` naming another session fails with
+    /// [`PakeError::WrongSession`] before any SPAKE2 work,
+    /// so it costs no guess.
+    pub fn respond(
+        code: &JoinCode,
+        local: &LocalInfo,
+        hello: PairMsg,
+        rng: &mut (impl CryptoRng + RngCore),
+    ) -> Result<(Self, PairMsg), PakeError> {
+        let (v, session, pake, fp, addrs) = match hello {
+            PairMsg::Hello {
+                v,
+                session,
+                pake,
+                fp,
+                addrs,
+            } => (v, session, pake, fp, addrs),
+            PairMsg::Abort { reason } => return Err(PakeError::PeerAborted(reason)),
+            other => {
+                return Err(PakeError::Unexpected {
+                    expected: "hello",
+                    got: other.kind(),
+                });
+            }
+        };
+        if v != VERSION {
+            return Err(PakeError::Version(v));
+        }
+        if session != code.routing() {
+            return Err(PakeError::WrongSession);
+        }
+        let joiner_fp = fingerprint(&fp)?;
+        check_addrs(&addrs)?;
+        let (spake, my_pake) = Spake2::<Ed25519Group>::start_a_with_rng(
+            &password(code),
+            &Identity::new(ID_HOST),
+            &Identity::new(ID_JOINER),
+            rng,
+        );
+        let key = spake
+            .finish(&pake.0)
+            .map_err(|_| PakeError::Malformed("bad SPAKE2 message"))?;
+        let transcript = transcript(
+            code.routing(),
+            &my_pake,
+            &pake.0,
+            &local.fingerprint,
+            &local.addrs,
+            &joiner_fp,
+            &addrs,
+        );
+        let keys = Keys::derive(&key, &transcript);
+        let reply = PairMsg::Reply {
+            pake: Bytes(my_pake),
+            fp: Bytes(local.fingerprint.to_vec()),
+            addrs: local.addrs.clone(),
+            mac: Bytes(keys.mac(Side::Host, &transcript).as_bytes().to_vec()),
+        };
+        let me = Self {
+            expected: keys.mac(Side::Joiner, &transcript),
+            peer: PeerInfo {
+                fingerprint: joiner_fp,
+                addrs,
+                session_key: keys.session,
+            },
+        };
+        Ok((me, reply))
+    }
+
+    /// Handles the joiner's `confirm`; on success send the returned `accepted`.
+    pub fn handle_confirm(self, msg: PairMsg) -> Result<(PeerInfo, PairMsg), PakeError> {
+        match msg {
+            PairMsg::Confirm { mac } => {
+                if blake3::Hash::from(mac32(&mac)?) == self.expected {
+                    Ok((self.peer, PairMsg::Accepted))
+                } else {
+                    Err(PakeError::ConfirmFailed)
+                }
+            }
+            PairMsg::Abort { reason } => Err(PakeError::PeerAborted(reason)),
+            other => Err(PakeError::Unexpected {
+                expected: "confirm",
+                got: other.kind(),
+            }),
+        }
+    }
+
+    /// The joiner's claimed fingerprint (not yet verified).
+    pub fn claimed_peer(&self) -> &PeerInfo {
+        &self.peer
+    }
+}
+
+impl std::fmt::Debug for HostAwaitConfirm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HostAwaitConfirm")
+    }
+}
+
+impl std::fmt::Debug for JoinerStart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JoinerStart")
+    }
+}
+
+/// Binary data, unpadded base64 in JSON; at most [`Bytes::MAX`] bytes.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct Bytes(pub Vec<u8>);
+
+impl Bytes {
+    /// Longest accepted value (SPAKE2 messages are 33 bytes, MACs and fingerprints 32).
+    pub const MAX: usize = 64;
+}
+
+impl Serialize for Bytes {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&B64.encode(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Bytes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        if s.len() > Self::MAX * 2 {
+            return Err(serde::de::Error::custom("binary field too long"));
+        }
+        B64.decode(s.as_bytes())
+            .map(Bytes)
+            .map_err(|_| serde::de::Error::custom("invalid base64"))
+    }
+}
+
+/// Lower-case hex of a fingerprint, for display and JSON.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+const ID_HOST: &[u8] = b"thruflux/1 host";
+const ID_JOINER: &[u8] = b"thruflux/1 joiner";
+const CTX_TRANSCRIPT: &str = "thruflux pairing v1 transcript";
+const CTX_MAC_HOST: &str = "thruflux pairing v1 host confirmation";
+const CTX_MAC_JOINER: &str = "thruflux pairing v1 joiner confirmation";
+const CTX_SESSION: &str = "thruflux pairing v1 session key";
+
+#[derive(Clone, Copy)]
+enum Side {
+    Host,
+    Joiner,
+}
+
+struct Keys {
+    host: [u8; 32],
+    joiner: [u8; 32],
+    session: [u8; 32],
+}
+
+impl Keys {
+    fn derive(pake_key: &[u8], transcript: &blake3::Hash) -> Self {
+        let mut session_material = pake_key.to_vec();
+        session_material.extend_from_slice(transcript.as_bytes());
+        Self {
+            host: blake3::derive_key(CTX_MAC_HOST, pake_key),
+            joiner: blake3::derive_key(CTX_MAC_JOINER, pake_key),
+            session: blake3::derive_key(CTX_SESSION, &session_material),
+        }
+    }
+
+    fn mac(&self, side: Side, transcript: &blake3::Hash) -> blake3::Hash {
+        let key = match side {
+            Side::Host => &self.host,
+            Side::Joiner => &self.joiner,
+        };
+        blake3::keyed_hash(key, transcript.as_bytes())
+    }
+}
+
+fn password(code: &JoinCode) -> Password {
+    let mut p = code.routing().as_str().as_bytes().to_vec();
+    p.push(b':');
+    p.extend_from_slice(code.secret().as_bytes());
+    Password::new(p)
+}
+
+/// The transcript hash: every field length-prefixed, in a fixed order.
+fn transcript(
+    routing: RoutingId,
+    host_pake: &[u8],
+    joiner_pake: &[u8],
+    host_fp: &Fingerprint,
+    host_addrs: &[SocketAddr],
+    joiner_fp: &Fingerprint,
+    joiner_addrs: &[SocketAddr],
+) -> blake3::Hash {
+    let mut h = blake3::Hasher::new_derive_key(CTX_TRANSCRIPT);
+    let mut field = |b: &[u8]| {
+        h.update(&(b.len() as u64).to_le_bytes());
+        h.update(b);
+    };
+    field(routing.as_str().as_bytes());
+    field(host_pake);
+    field(joiner_pake);
+    for (fp, addrs) in [(host_fp, host_addrs), (joiner_fp, joiner_addrs)] {
+        field(fp);
+        field(&(addrs.len() as u64).to_le_bytes());
+        for a in addrs {
+            field(a.to_string().as_bytes());
+        }
+    }
+    h.finalize()
+}
+
+fn fingerprint(b: &Bytes) -> Result<Fingerprint, PakeError> {
+    b.0.as_slice()
+        .try_into()
+        .map_err(|_| PakeError::Malformed("a fingerprint is 32 bytes"))
+}
+
+fn mac32(b: &Bytes) -> Result<[u8; 32], PakeError> {
+    b.0.as_slice()
+        .try_into()
+        .map_err(|_| PakeError::Malformed("a MAC is 32 bytes"))
+}
+
+fn check_addrs(addrs: &[SocketAddr]) -> Result<(), PakeError> {
+    if addrs.len() > MAX_ADDRS {
+        return Err(PakeError::Malformed("too many addresses"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::rngs::OsRng;
+
+    use super::*;
+
+    fn local(seed: u8, port: u16) -> LocalInfo {
+        LocalInfo {
+            fingerprint: [seed; 32],
+            addrs: vec![
+                SocketAddr::from(([192, 168, 1, seed], port)),
+                SocketAddr::from(([127, 0, 0, 1], port)),
+            ],
+        }
+    }
+
+    /// Runs the whole exchange, passing each message through `tamper` (which may edit it).
+    fn run(
+        host_code: &JoinCode,
+        joiner_code: &JoinCode,
+        mut tamper: impl FnMut(&mut PairMsg),
+    ) -> (Result<PeerInfo, PakeError>, Result<PeerInfo, PakeError>) {
+        let host = local(1, 4000);
+        let joiner = local(2, 5000);
+        let (j, mut hello) = JoinerStart::start(joiner_code, joiner.clone(), &mut OsRng);
+        tamper(&mut hello);
+        let (h, mut reply) = match HostAwaitConfirm::respond(host_code, &host, hello, &mut OsRng) {
+            Ok(x) => x,
+            Err(e) => return (Err(e.clone()), Err(e)),
+        };
+        tamper(&mut reply);
+        let (j, mut confirm) = match j.handle_reply(reply) {
+            Ok(x) => x,
+            Err(e) => {
+                // The joiner aborts; the host sees that abort instead of a confirm.
+                let abort = PairMsg::Abort {
+                    reason: e.abort_reason(),
+                };
+                return (h.handle_confirm(abort).map(|x| x.0), Err(e));
+            }
+        };
+        tamper(&mut confirm);
+        match h.handle_confirm(confirm) {
+            Ok((peer_of_host, mut accepted)) => {
+                tamper(&mut accepted);
+                (Ok(peer_of_host), j.handle_accepted(accepted))
+            }
+            Err(e) => {
+                let abort = PairMsg::Abort {
+                    reason: e.abort_reason(),
+                };
+                (Err(e), j.handle_accepted(abort))
+            }
+        }
+    }
+
+    fn code(s: &str) -> JoinCode {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn right_code_pairs_and_each_side_learns_the_other() {
+        let c = code("K7QF2M-XD4P-RT9A");
+        let (h, j) = run(&c, &c, |_| {});
+        let (h, j) = (h.unwrap(), j.unwrap());
+        assert_eq!(
+            h.fingerprint, [2; 32],
+            "host learns the joiner's fingerprint"
+        );
+        assert_eq!(
+            j.fingerprint, [1; 32],
+            "joiner learns the host's fingerprint"
+        );
+        assert_eq!(h.addrs, local(2, 5000).addrs);
+        assert_eq!(j.addrs, local(1, 4000).addrs);
+        assert_eq!(h.session_key, j.session_key);
+    }
+
+    #[test]
+    fn wrong_secret_fails_on_both_sides() {
+        let (h, j) = run(&code("K7QF2M-XD4P-RT9A"), &code("K7QF2M-XD4P-RT9B"), |_| {});
+        assert_eq!(j, Err(PakeError::ConfirmFailed));
+        assert_eq!(h, Err(PakeError::PeerAborted(AbortReason::ConfirmFailed)));
+    }
+
+    #[test]
+    fn other_session_is_refused_before_any_guess() {
+        let (h, _) = run(&code("K7QF2M-XD4P-RT9A"), &code("K7QF2N-XD4P-RT9A"), |_| {});
+        assert_eq!(h, Err(PakeError::WrongSession));
+    }
+
+    #[test]
+    fn every_tampered_field_is_detected() {
+        let c = code("K7QF2M-XD4P-RT9A");
+        type Edit = fn(&mut PairMsg);
+        let edits: &[(&str, Edit)] = &[
+            ("joiner fingerprint", |m| {
+                if let PairMsg::Hello { fp, .. } = m {
+                    fp.0[0] ^= 1;
+                }
+            }),
+            ("joiner addresses", |m| {
+                if let PairMsg::Hello { addrs, .. } = m {
+                    addrs[0] = "203.0.113.9:5000".parse().unwrap();
+                }
+            }),
+            ("joiner address dropped", |m| {
+                if let PairMsg::Hello { addrs, .. } = m {
+                    addrs.pop();
+                }
+            }),
+            ("host fingerprint", |m| {
+                if let PairMsg::Reply { fp, .. } = m {
+                    fp.0[31] ^= 0x80;
+                }
+            }),
+            ("host addresses", |m| {
+                if let PairMsg::Reply { addrs, .. } = m {
+                    addrs.push("203.0.113.9:4000".parse().unwrap());
+                }
+            }),
+            ("host MAC", |m| {
+                if let PairMsg::Reply { mac, .. } = m {
+                    mac.0[5] ^= 1;
+                }
+            }),
+            ("joiner MAC", |m| {
+                if let PairMsg::Confirm { mac } = m {
+                    mac.0[0] ^= 1;
+                }
+            }),
+        ];
+        for (what, edit) in edits {
+            let (h, j) = run(&c, &c, edit);
+            assert!(h.is_err(), "{what}: host accepted");
+            assert!(j.is_err(), "{what}: joiner accepted");
+        }
+    }
+
+    #[test]
+    fn a_relay_that_runs_its_own_spake2_is_refused() {
+        // A man in the middle replaces the SPAKE2 messages with its own, made with a guessed
+        // secret, and keeps the MACs: both sides refuse.
+        let real = code("K7QF2M-XD4P-RT9A");
+        let guess = code("K7QF2M-0000-0000");
+        let (_, mitm_b) = JoinerStart::start(&guess, local(9, 9), &mut OsRng);
+        let PairMsg::Hello { pake: fake_b, .. } = mitm_b else {
+            unreachable!()
+        };
+        let (h, j) = run(&real, &real, |m| {
+            if let PairMsg::Hello { pake, .. } = m {
+                *pake = fake_b.clone();
+            }
+        });
+        assert!(h.is_err() && j.is_err());
+    }
+
+    #[test]
+    fn malformed_messages_are_errors_not_panics() {
+        let c = code("K7QF2M-XD4P-RT9A");
+        let host = local(1, 4000);
+        for json in [
+            serde_json::json!({"t":"hello"}),
+            serde_json::json!({"t":"hello","v":1,"session":"K7QF2M","pake":"!!","fp":"","addrs":[]}),
+            serde_json::json!({"t":"nope"}),
+            serde_json::json!("text"),
+            serde_json::json!({"t":"hello","v":1,"session":"K7QF2M","pake":"AAAA","fp":"AAAA","addrs":[]}),
+            serde_json::json!({"t":"hello","v":1,"session":"K7QF2M","pake":"A".repeat(500),"fp":"AAAA","addrs":[]}),
+        ] {
+            let res = PairMsg::from_json(json.clone())
+                .and_then(|m| HostAwaitConfirm::respond(&c, &host, m, &mut OsRng));
+            assert!(res.is_err(), "{json}");
+        }
+        let (_, hello) = JoinerStart::start(&c, local(2, 1), &mut OsRng);
+        let mut v = hello.to_json();
+        v["v"] = 7.into();
+        let err = HostAwaitConfirm::respond(&c, &host, PairMsg::from_json(v).unwrap(), &mut OsRng)
+            .unwrap_err();
+        assert_eq!(err, PakeError::Version(7));
+        let too_many: Vec<SocketAddr> = (0..40u16)
+            .map(|p| SocketAddr::from(([10, 0, 0, 1], p + 1)))
+            .collect();
+        let (_, hello) = JoinerStart::start(
+            &c,
+            LocalInfo {
+                fingerprint: [3; 32],
+                addrs: too_many,
+            },
+            &mut OsRng,
+        );
+        assert!(HostAwaitConfirm::respond(&c, &host, hello, &mut OsRng).is_err());
+    }
+
+    #[test]
+    fn messages_round_trip_through_json() {
+        let c = code("K7QF2M-XD4P-RT9A");
+        let (_, hello) = JoinerStart::start(&c, local(2, 1), &mut OsRng);
+        let text = serde_json::to_string(&hello).unwrap();
+        assert!(text.starts_with("{\"t\":\"hello\""), "{text}");
+        assert!(!text.contains("XD4P"), "the secret never goes on the wire");
+        assert_eq!(PairMsg::from_json(hello.to_json()).unwrap(), hello);
+    }
+}

@@ -1,0 +1,1177 @@
+//! Rendezvous: finding the peer and running the pairing handshake over some channel.
+//!
+//! Two channels carry the [`crate::pake`] messages:
+//!
+//! - **Through `thruserv`** ([`host_server`], [`join_server`]): the host creates a session
+//!   (the server assigns the routing id; the code is built from it plus a fresh secret),
+//!   joiners join with the routing part, the handshake goes through `relay` payloads, and
+//!   each side also sends its QUIC addresses as `candidate` messages before its handshake
+//!   message. Candidates are checked against the addresses the handshake authenticated: a
+//!   candidate the peer did not vouch for (the server or a relay injected or altered it)
+//!   ends the pairing. Several joiners (up to `max_receivers`) each run their own handshake.
+//! - **On a LAN, no server** ([`host_lan`], [`join_lan`]): the host listens on TCP (port
+//!   [`DEFAULT_LAN_PORT`] when free) and advertises itself with mDNS as service
+//!   [`MDNS_SERVICE`] under an instance name derived from a hash of the routing part
+//!   ([`mdns_instance`]), so the code itself never appears on the network. The joiner browses
+//!   for that name, or skips mDNS when given the host's address (`--peer`). The handshake
+//!   then runs as newline-delimited JSON over that TCP connection. LAN codes carry no
+//!   addresses.
+//!
+//! Failure policy (one guess per attempt): a joiner that got the host's reply but did not
+//! complete a valid confirmation (bad MAC, abort, disconnect, timeout) is a failed attempt;
+//! the server is told (`reject_peer`) and after `max_failed_attempts` the host ends the
+//! session.
+//!
+//! What this module does not do: move file data, open QUIC, gather STUN/TURN candidates
+//! (only local interface addresses are advertised), retry or reconnect. It runs on tokio,
+//! the control plane only.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use flux_signal::client::{ClientConfig, ClientError, SignalClient};
+use flux_signal_proto::{
+    Candidate, CandidateKind, CandidatePolicy, ErrorCode, PeerId, PeerLeftReason, RoutingId,
+    ServerMsg, TransportProtocol, check_candidate_addr,
+};
+use mdns_sd::{IfKind, ServiceDaemon, ServiceEvent, ServiceInfo};
+use rand::rngs::OsRng;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, sleep_until, timeout};
+use tracing::{debug, info, warn};
+
+use crate::code::JoinCode;
+use crate::pairing::{Paired, Rendezvous, Role};
+use crate::pake::{
+    AbortReason, HostAwaitConfirm, JoinerStart, LocalInfo, PairMsg, PakeError, PeerInfo,
+};
+
+/// TCP port a LAN host listens on for pairing when it is free (else any port).
+pub const DEFAULT_LAN_PORT: u16 = 47115;
+/// mDNS service type of a LAN host.
+pub const MDNS_SERVICE: &str = "_thruflux._tcp.local.";
+/// Longest LAN handshake line.
+const MAX_LINE: u64 = 16 * 1024;
+/// Most candidates remembered per peer.
+const MAX_CANDIDATES: usize = 64;
+
+/// Settings shared by both host flavours.
+#[derive(Clone, Debug)]
+pub struct HostOptions {
+    /// This host's QUIC identity and addresses.
+    pub local: LocalInfo,
+    /// Joiners to pair at most; then the host stops taking new ones.
+    pub max_receivers: u32,
+    /// Failed attempts (wrong code, tampering) after which the session ends. The CLI uses 1.
+    pub max_failed_attempts: u32,
+    /// Limit for one joiner's handshake, from its arrival.
+    pub handshake_timeout: Duration,
+    /// Accept loopback addresses from joiners (single-machine use).
+    pub allow_loopback: bool,
+}
+
+impl HostOptions {
+    /// Defaults: 4 receivers, the first failed attempt ends the session, 30 s handshakes.
+    pub fn new(local: LocalInfo) -> Self {
+        Self {
+            local,
+            max_receivers: 4,
+            max_failed_attempts: 1,
+            handshake_timeout: Duration::from_secs(30),
+            allow_loopback: false,
+        }
+    }
+}
+
+/// Settings of a joiner.
+#[derive(Clone, Debug)]
+pub struct JoinOptions {
+    /// This joiner's QUIC identity and addresses.
+    pub local: LocalInfo,
+    /// Limit for the whole pairing (finding the host included).
+    pub timeout: Duration,
+    /// Accept loopback addresses from the host (single-machine use).
+    pub allow_loopback: bool,
+}
+
+impl JoinOptions {
+    /// Defaults: 30 s, no loopback.
+    pub fn new(local: LocalInfo) -> Self {
+        Self {
+            local,
+            timeout: Duration::from_secs(30),
+            allow_loopback: false,
+        }
+    }
+}
+
+/// mDNS use on a LAN.
+#[derive(Clone, Debug, Default, Eq, PartialEq)]
+pub enum Mdns {
+    /// On every interface the OS reports (the default).
+    #[default]
+    AllInterfaces,
+    /// Only on interfaces with these names (for example `lo` in tests).
+    Interfaces(Vec<String>),
+    /// No mDNS: joiners need the host's address (`--peer`).
+    Off,
+}
+
+/// LAN host settings.
+#[derive(Clone, Debug)]
+pub struct LanHostConfig {
+    /// Where to listen for pairing connections. Port 0 tries [`DEFAULT_LAN_PORT`], then any.
+    pub bind: SocketAddr,
+    /// mDNS advertisement.
+    pub mdns: Mdns,
+}
+
+impl Default for LanHostConfig {
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from(([0, 0, 0, 0], 0)),
+            mdns: Mdns::AllInterfaces,
+        }
+    }
+}
+
+/// How a LAN joiner finds the host.
+#[derive(Clone, Debug)]
+pub enum LanTarget {
+    /// Connect to this address directly.
+    Peer(SocketAddr),
+    /// Browse mDNS.
+    Mdns(Mdns),
+}
+
+/// Why pairing failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PairError {
+    /// Talking to the signaling server failed.
+    #[error("signaling server: {0}")]
+    Signal(#[from] ClientError),
+    /// The server knows no session with the code's routing part.
+    #[error(
+        "no session for join code {0}-…: the host has left, the session expired, or the code \
+         is mistyped"
+    )]
+    NoSuchSession(RoutingId),
+    /// The handshake with a peer failed.
+    #[error("{source} (peer: {peer})")]
+    Handshake {
+        /// `host` or `joiner N`.
+        peer: String,
+        /// What went wrong.
+        #[source]
+        source: PakeError,
+    },
+    /// The host refused this joiner (its check of our confirmation failed).
+    #[error("the host refused the pairing: the join code is wrong, or the handshake was altered")]
+    HostRejected,
+    /// The host's session ended before pairing completed.
+    #[error("the session ended before pairing completed: {0}")]
+    SessionClosed(ErrorCode),
+    /// A peer announced a candidate its authenticated handshake does not contain.
+    #[error(
+        "pairing refused: candidate {addr} from {peer} is not one the peer vouched for \
+         (altered in transit)"
+    )]
+    ForeignCandidate {
+        /// The address.
+        addr: SocketAddr,
+        /// Who it claims to come from.
+        peer: String,
+    },
+    /// The peer went away during the handshake.
+    #[error("{0} disconnected during pairing")]
+    PeerGone(String),
+    /// Something took too long.
+    #[error("pairing timed out after {after:?} while {what}")]
+    Timeout {
+        /// What was being waited for.
+        what: &'static str,
+        /// The limit.
+        after: Duration,
+    },
+    /// The host ended the session after failed attempts.
+    #[error("the session ended after {0} failed pairing attempt(s): the join code is burned")]
+    TooManyFailures(u32),
+    /// No LAN host with this code answered mDNS.
+    #[error(
+        "no host for this code found on the LAN by mDNS within {0:?}; if multicast is blocked, \
+         pass the host's address with --peer"
+    )]
+    NotFound(Duration),
+    /// LAN networking failed.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// mDNS could not start.
+    #[error("mDNS: {0}")]
+    Mdns(String),
+    /// The OS random generator failed.
+    #[error("random generator: {0}")]
+    Random(getrandom::Error),
+}
+
+impl PairError {
+    /// True when the failure is about authentication (wrong code, tampering, refusal), as
+    /// opposed to connectivity.
+    pub fn is_auth_failure(&self) -> bool {
+        matches!(
+            self,
+            Self::Handshake { .. }
+                | Self::HostRejected
+                | Self::ForeignCandidate { .. }
+                | Self::TooManyFailures(_)
+        )
+    }
+}
+
+/// What a host session reports.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum HostEvent {
+    /// A joiner paired.
+    Paired(Box<Paired>),
+    /// A joiner's pairing failed.
+    Failed {
+        /// `joiner N`.
+        peer: String,
+        /// Why.
+        error: PairError,
+    },
+    /// The session is over (all receivers paired, too many failures, server gone). The last
+    /// event.
+    Ended {
+        /// Why, when it is an error.
+        error: Option<PairError>,
+    },
+}
+
+/// A running host rendezvous. Dropping it ends the session.
+#[derive(Debug)]
+pub struct HostSession {
+    code: JoinCode,
+    lan_addr: Option<SocketAddr>,
+    events: mpsc::Receiver<HostEvent>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl HostSession {
+    /// The code to show the user.
+    pub fn code(&self) -> &JoinCode {
+        &self.code
+    }
+
+    /// LAN mode: the TCP address pairing listens on (for the `--peer` hint).
+    pub fn lan_addr(&self) -> Option<SocketAddr> {
+        self.lan_addr
+    }
+
+    /// The next event; `None` after [`HostEvent::Ended`].
+    pub async fn next_event(&mut self) -> Option<HostEvent> {
+        self.events.recv().await
+    }
+
+    /// Ends the session (leaves the server, stops listening and advertising).
+    pub fn stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+impl Drop for HostSession {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Through thruserv.
+
+/// Connects to `url`, creates a session and starts serving joiners in a background task.
+pub async fn host_server(
+    url: &str,
+    client: &ClientConfig,
+    opts: HostOptions,
+) -> Result<HostSession, PairError> {
+    let mut signal = SignalClient::connect(url, client).await?;
+    let created = signal.create_session().await?;
+    let code = JoinCode::with_fresh_secret(created.session).map_err(PairError::Random)?;
+    info!(session = %created.session, "session created");
+    let (tx, rx) = mpsc::channel(64);
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let task = ServerHost {
+        signal,
+        code: code.clone(),
+        opts,
+        events: tx,
+        peers: HashMap::new(),
+        paired: 0,
+        failed: 0,
+    };
+    tokio::spawn(task.run(stop_rx));
+    Ok(HostSession {
+        code,
+        lan_addr: None,
+        events: rx,
+        stop: Some(stop_tx),
+    })
+}
+
+/// Joins the session named by `code` through `url` and pairs with its host.
+pub async fn join_server(
+    url: &str,
+    client: &ClientConfig,
+    code: &JoinCode,
+    opts: JoinOptions,
+) -> Result<Paired, PairError> {
+    let limit = opts.timeout;
+    let mut signal = SignalClient::connect(url, client).await?;
+    let res = match timeout(limit, join_server_inner(&mut signal, code, &opts)).await {
+        Ok(r) => r,
+        Err(_) => Err(PairError::Timeout {
+            what: "waiting for the host's answer",
+            after: limit,
+        }),
+    };
+    if let Err(e) = &res {
+        // Tell the host, so that it counts the attempt at once instead of timing out.
+        if !matches!(e, PairError::Signal(_) | PairError::SessionClosed(_)) {
+            let abort = PairMsg::Abort {
+                reason: match e {
+                    PairError::Handshake { source, .. } => source.abort_reason(),
+                    _ => AbortReason::ConfirmFailed,
+                },
+            };
+            let _ = signal.relay(PeerId::HOST, abort.to_json()).await;
+        }
+    }
+    // The pairing is settled either way; the server is not needed any more.
+    let _ = timeout(Duration::from_secs(2), signal.leave()).await;
+    res
+}
+
+async fn join_server_inner(
+    signal: &mut SignalClient,
+    code: &JoinCode,
+    opts: &JoinOptions,
+) -> Result<Paired, PairError> {
+    match signal.join_session(code.routing()).await {
+        Ok(_) => {}
+        Err(ClientError::Server {
+            code: ErrorCode::NoSuchSession,
+            ..
+        }) => return Err(PairError::NoSuchSession(code.routing())),
+        Err(e) => return Err(e.into()),
+    }
+    for (i, addr) in opts.local.addrs.iter().enumerate() {
+        signal.candidate(PeerId::HOST, candidate(*addr, i)).await?;
+    }
+    let (state, hello) = JoinerStart::start(code, opts.local.clone(), &mut OsRng);
+    signal.relay(PeerId::HOST, hello.to_json()).await?;
+    let hs = |source| PairError::Handshake {
+        peer: "host".into(),
+        source,
+    };
+    let mut state = Some(state);
+    let mut await_accept = None;
+    let mut candidates = Vec::new();
+    loop {
+        match signal.recv().await? {
+            ServerMsg::Candidate { from, candidate } if from == PeerId::HOST => {
+                if candidates.len() < MAX_CANDIDATES {
+                    candidates.push(candidate.addr);
+                }
+            }
+            ServerMsg::Relay { from, payload } if from == PeerId::HOST => {
+                let msg = PairMsg::from_json(payload).map_err(hs)?;
+                if let Some(s) = state.take() {
+                    let (next, confirm) = s.handle_reply(msg).map_err(hs)?;
+                    // Reply verified: its address list is authentic. Candidates sent before it
+                    // (the host sends them first; the server keeps order) must be in it.
+                    let host_addrs = &next.peer().addrs;
+                    check_candidates(&candidates, host_addrs, "host")?;
+                    signal.relay(PeerId::HOST, confirm.to_json()).await?;
+                    await_accept = Some(next);
+                } else if let Some(s) = await_accept.take() {
+                    let peer = s.handle_accepted(msg).map_err(hs)?;
+                    return Ok(paired(
+                        Role::Joiner,
+                        Rendezvous::Server,
+                        "host".into(),
+                        peer,
+                        &opts.local,
+                        opts.allow_loopback,
+                        None,
+                    ));
+                }
+            }
+            ServerMsg::SessionClosed {
+                reason: ErrorCode::RejectedByHost,
+            } => return Err(PairError::HostRejected),
+            ServerMsg::SessionClosed { reason } => return Err(PairError::SessionClosed(reason)),
+            ServerMsg::Error {
+                code, fatal: true, ..
+            } => return Err(PairError::SessionClosed(code)),
+            other => debug!(?other, "ignored while pairing"),
+        }
+    }
+}
+
+enum Stage {
+    AwaitHello,
+    AwaitConfirm(Box<HostAwaitConfirm>),
+}
+
+struct PeerState {
+    stage: Stage,
+    deadline: Instant,
+    candidates: Vec<SocketAddr>,
+}
+
+struct ServerHost {
+    signal: SignalClient,
+    code: JoinCode,
+    opts: HostOptions,
+    events: mpsc::Sender<HostEvent>,
+    peers: HashMap<PeerId, PeerState>,
+    paired: u32,
+    failed: u32,
+}
+
+/// What to do after handling one server message.
+enum Flow {
+    Continue,
+    End(Option<PairError>),
+}
+
+impl ServerHost {
+    async fn run(mut self, mut stop: oneshot::Receiver<()>) {
+        let end = loop {
+            let next_deadline = self.peers.values().map(|p| p.deadline).min();
+            let flow = tokio::select! {
+                _ = &mut stop => Flow::End(None),
+                msg = self.signal.recv() => match msg {
+                    Ok(msg) => self.handle(msg).await,
+                    Err(e) => Flow::End(Some(e.into())),
+                },
+                () = deadline(next_deadline) => self.expire().await,
+            };
+            if let Flow::End(e) = flow {
+                break e;
+            }
+        };
+        let _ = self.events.send(HostEvent::Ended { error: end }).await;
+        let _ = timeout(Duration::from_secs(2), self.signal.leave()).await;
+    }
+
+    async fn handle(&mut self, msg: ServerMsg) -> Flow {
+        match msg {
+            ServerMsg::PeerJoined { peer } => {
+                if self.paired >= self.opts.max_receivers {
+                    let abort = PairMsg::Abort {
+                        reason: AbortReason::Full,
+                    };
+                    let _ = self.signal.relay(peer, abort.to_json()).await;
+                } else {
+                    debug!(%peer, "joiner arrived");
+                    self.peers.insert(
+                        peer,
+                        PeerState {
+                            stage: Stage::AwaitHello,
+                            deadline: Instant::now() + self.opts.handshake_timeout,
+                            candidates: Vec::new(),
+                        },
+                    );
+                }
+                Flow::Continue
+            }
+            ServerMsg::PeerLeft { peer, reason } => match self.peers.remove(&peer) {
+                Some(PeerState {
+                    stage: Stage::AwaitConfirm(_),
+                    ..
+                }) if reason != PeerLeftReason::Rejected => {
+                    self.fail(peer, PairError::PeerGone(label(peer)), true)
+                        .await
+                }
+                _ => Flow::Continue,
+            },
+            ServerMsg::Candidate { from, candidate } => {
+                if let Some(p) = self.peers.get_mut(&from)
+                    && p.candidates.len() < MAX_CANDIDATES
+                {
+                    p.candidates.push(candidate.addr);
+                }
+                Flow::Continue
+            }
+            ServerMsg::Relay { from, payload } => self.handle_relay(from, payload).await,
+            ServerMsg::SessionClosed { reason } => {
+                Flow::End(Some(PairError::SessionClosed(reason)))
+            }
+            ServerMsg::Error {
+                code, fatal: true, ..
+            } => Flow::End(Some(PairError::SessionClosed(code))),
+            other => {
+                debug!(?other, "ignored");
+                Flow::Continue
+            }
+        }
+    }
+
+    async fn handle_relay(&mut self, from: PeerId, payload: serde_json::Value) -> Flow {
+        let Some(state) = self.peers.remove(&from) else {
+            return Flow::Continue;
+        };
+        let hs = |source| PairError::Handshake {
+            peer: label(from),
+            source,
+        };
+        let msg = match PairMsg::from_json(payload) {
+            Ok(m) => m,
+            Err(e) => {
+                let counted = matches!(state.stage, Stage::AwaitConfirm(_));
+                return self.fail(from, hs(e), counted).await;
+            }
+        };
+        match state.stage {
+            Stage::AwaitHello => {
+                match HostAwaitConfirm::respond(&self.code, &self.opts.local, msg, &mut OsRng) {
+                    Ok((next, reply)) => {
+                        // Candidates first: the joiner checks them against the reply.
+                        for (i, addr) in self.opts.local.addrs.iter().enumerate() {
+                            if let Err(e) = self.signal.candidate(from, candidate(*addr, i)).await {
+                                return Flow::End(Some(e.into()));
+                            }
+                        }
+                        if let Err(e) = self.signal.relay(from, reply.to_json()).await {
+                            return Flow::End(Some(e.into()));
+                        }
+                        self.peers.insert(
+                            from,
+                            PeerState {
+                                stage: Stage::AwaitConfirm(Box::new(next)),
+                                ..state
+                            },
+                        );
+                        Flow::Continue
+                    }
+                    // No reply was sent: no guess was made.
+                    Err(e) => self.fail(from, hs(e), false).await,
+                }
+            }
+            Stage::AwaitConfirm(s) => match s.handle_confirm(msg) {
+                Ok((peer, accepted)) => {
+                    if let Err(e) = check_candidates(&state.candidates, &peer.addrs, &label(from)) {
+                        return self.fail(from, e, true).await;
+                    }
+                    if let Err(e) = self.signal.relay(from, accepted.to_json()).await {
+                        return Flow::End(Some(e.into()));
+                    }
+                    self.paired += 1;
+                    let p = paired(
+                        Role::Host,
+                        Rendezvous::Server,
+                        label(from),
+                        peer,
+                        &self.opts.local,
+                        self.opts.allow_loopback,
+                        None,
+                    );
+                    info!(peer = %from, "joiner paired");
+                    if self
+                        .events
+                        .send(HostEvent::Paired(Box::new(p)))
+                        .await
+                        .is_err()
+                    {
+                        return Flow::End(None);
+                    }
+                    if self.paired >= self.opts.max_receivers {
+                        Flow::End(None)
+                    } else {
+                        Flow::Continue
+                    }
+                }
+                Err(e) => self.fail(from, hs(e), true).await,
+            },
+        }
+    }
+
+    /// Expires handshakes past their deadline.
+    async fn expire(&mut self) -> Flow {
+        let now = Instant::now();
+        let late: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for peer in late {
+            if let Some(state) = self.peers.remove(&peer) {
+                let counted = matches!(state.stage, Stage::AwaitConfirm(_));
+                let err = PairError::Timeout {
+                    what: "waiting for a joiner's handshake",
+                    after: self.opts.handshake_timeout,
+                };
+                if let Flow::End(e) = self.fail(peer, err, counted).await {
+                    return Flow::End(e);
+                }
+            }
+        }
+        Flow::Continue
+    }
+
+    /// Reports a failed joiner, tells it and the server, and ends the session when the
+    /// attempt counted and the budget is spent.
+    async fn fail(&mut self, peer: PeerId, error: PairError, counted: bool) -> Flow {
+        warn!(%peer, %error, counted, "pairing failed");
+        let reason = match &error {
+            PairError::Handshake { source, .. } => source.abort_reason(),
+            _ => AbortReason::ConfirmFailed,
+        };
+        let _ = self
+            .signal
+            .relay(peer, PairMsg::Abort { reason }.to_json())
+            .await;
+        let _ = self
+            .signal
+            .reject_peer(peer, Some("pairing failed".into()))
+            .await;
+        let _ = self
+            .events
+            .send(HostEvent::Failed {
+                peer: label(peer),
+                error,
+            })
+            .await;
+        if counted {
+            self.failed += 1;
+            if self.failed >= self.opts.max_failed_attempts.max(1) {
+                return Flow::End(Some(PairError::TooManyFailures(self.failed)));
+            }
+        }
+        Flow::Continue
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// LAN.
+
+/// Starts a LAN host: listens for pairing connections and advertises with mDNS.
+pub async fn host_lan(config: LanHostConfig, opts: HostOptions) -> Result<HostSession, PairError> {
+    let code = JoinCode::generate_local().map_err(PairError::Random)?;
+    let listener = bind_lan(config.bind).await?;
+    let lan_addr = listener.local_addr().map_err(|source| PairError::Io {
+        what: "reading the pairing listener's address".into(),
+        source,
+    })?;
+    let daemon = match &config.mdns {
+        Mdns::Off => None,
+        m => Some(advertise(m, &code, lan_addr.port())?),
+    };
+    info!(%lan_addr, mdns = daemon.is_some(), "LAN pairing listening");
+    let (tx, rx) = mpsc::channel(64);
+    let (stop_tx, stop_rx) = oneshot::channel();
+    tokio::spawn(lan_host_loop(
+        listener,
+        daemon,
+        code.clone(),
+        opts,
+        tx,
+        stop_rx,
+    ));
+    Ok(HostSession {
+        code,
+        lan_addr: Some(lan_addr),
+        events: rx,
+        stop: Some(stop_tx),
+    })
+}
+
+/// Finds the LAN host for `code` and pairs with it.
+pub async fn join_lan(
+    code: &JoinCode,
+    target: LanTarget,
+    opts: JoinOptions,
+) -> Result<Paired, PairError> {
+    let limit = opts.timeout;
+    let fut = async {
+        let (stream, how) = match &target {
+            LanTarget::Peer(addr) => {
+                let s = TcpStream::connect(addr)
+                    .await
+                    .map_err(|source| PairError::Io {
+                        what: format!("cannot reach the host at {addr} (--peer)"),
+                        source,
+                    })?;
+                (s, Rendezvous::LanDirect)
+            }
+            LanTarget::Mdns(m) => (find_by_mdns(code, m, limit).await?, Rendezvous::LanMdns),
+        };
+        let reached = stream.peer_addr().ok().map(|a| a.ip());
+        lan_join_handshake(stream, code, &opts, how, reached).await
+    };
+    match timeout(limit, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(PairError::Timeout {
+            what: "pairing with the LAN host",
+            after: limit,
+        }),
+    }
+}
+
+/// The mDNS instance name of a LAN host with this routing part: a hash, so the code does not
+/// appear on the network.
+pub fn mdns_instance(routing: RoutingId) -> String {
+    let h = blake3::derive_key("thruflux mdns instance v1", routing.as_str().as_bytes());
+    format!("thru-{}", crate::pake::hex(&h[..8]))
+}
+
+async fn bind_lan(bind: SocketAddr) -> Result<TcpListener, PairError> {
+    let io_err = |source| PairError::Io {
+        what: format!("cannot listen for LAN pairing on {bind}"),
+        source,
+    };
+    if bind.port() != 0 {
+        return TcpListener::bind(bind).await.map_err(io_err);
+    }
+    let preferred = SocketAddr::new(bind.ip(), DEFAULT_LAN_PORT);
+    match TcpListener::bind(preferred).await {
+        Ok(l) => Ok(l),
+        Err(_) => TcpListener::bind(bind).await.map_err(io_err),
+    }
+}
+
+fn daemon(m: &Mdns) -> Result<ServiceDaemon, PairError> {
+    let err = |e: mdns_sd::Error| PairError::Mdns(e.to_string());
+    let d = ServiceDaemon::new().map_err(err)?;
+    if let Mdns::Interfaces(names) = m {
+        d.disable_interface(IfKind::All).map_err(err)?;
+        for n in names {
+            d.enable_interface(IfKind::Name(n.clone())).map_err(err)?;
+        }
+    }
+    Ok(d)
+}
+
+fn advertise(m: &Mdns, code: &JoinCode, port: u16) -> Result<ServiceDaemon, PairError> {
+    let d = daemon(m)?;
+    let instance = mdns_instance(code.routing());
+    let info = ServiceInfo::new(
+        MDNS_SERVICE,
+        &instance,
+        &format!("{instance}.local."),
+        (),
+        port,
+        &[("v", "1")][..],
+    )
+    .map_err(|e| PairError::Mdns(e.to_string()))?
+    .enable_addr_auto();
+    d.register(info)
+        .map_err(|e| PairError::Mdns(e.to_string()))?;
+    Ok(d)
+}
+
+async fn find_by_mdns(code: &JoinCode, m: &Mdns, limit: Duration) -> Result<TcpStream, PairError> {
+    let d = daemon(m)?;
+    let rx = d
+        .browse(MDNS_SERVICE)
+        .map_err(|e| PairError::Mdns(e.to_string()))?;
+    let want = format!("{}.{MDNS_SERVICE}", mdns_instance(code.routing()));
+    let until = Instant::now() + limit;
+    loop {
+        let ev = match timeout(
+            until.saturating_duration_since(Instant::now()),
+            rx.recv_async(),
+        )
+        .await
+        {
+            Ok(Ok(ev)) => ev,
+            Ok(Err(_)) | Err(_) => break,
+        };
+        if let ServiceEvent::ServiceResolved(info) = ev
+            && info.get_fullname().eq_ignore_ascii_case(&want)
+        {
+            let mut ips: Vec<IpAddr> = info
+                .get_addresses()
+                .iter()
+                .map(|ip| ip.to_ip_addr())
+                .collect();
+            // IPv4 first, then IPv6 (link-local v6 needs a scope we do not keep).
+            ips.sort_by_key(|ip| (ip.is_ipv6(), ip.is_loopback()));
+            let port = info.get_port();
+            let mut last = None;
+            for ip in ips {
+                match TcpStream::connect((ip, port)).await {
+                    Ok(s) => {
+                        let _ = d.shutdown();
+                        return Ok(s);
+                    }
+                    Err(e) => last = Some((ip, e)),
+                }
+            }
+            if let Some((ip, e)) = last {
+                debug!(%ip, %e, "advertised address unreachable");
+            }
+        }
+    }
+    let _ = d.shutdown();
+    Err(PairError::NotFound(limit))
+}
+
+async fn lan_host_loop(
+    listener: TcpListener,
+    daemon: Option<ServiceDaemon>,
+    code: JoinCode,
+    opts: HostOptions,
+    events: mpsc::Sender<HostEvent>,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let (done_tx, mut done_rx) = mpsc::channel::<(String, Result<Paired, (PairError, bool)>)>(16);
+    let mut paired = 0u32;
+    let mut in_flight = 0u32;
+    let mut failed = 0u32;
+    let mut next_id = 1u32;
+    let end = loop {
+        tokio::select! {
+            _ = &mut stop => break None,
+            acc = listener.accept() => {
+                let (stream, from) = match acc {
+                    Ok(x) => x,
+                    Err(e) => {
+                        warn!(%e, "accept failed");
+                        continue;
+                    }
+                };
+                let peer = format!("joiner {next_id}");
+                next_id += 1;
+                debug!(%from, %peer, "pairing connection");
+                let full = paired + in_flight >= opts.max_receivers;
+                if !full {
+                    in_flight += 1;
+                }
+                let (code, opts, tx) = (code.clone(), opts.clone(), done_tx.clone());
+                tokio::spawn(async move {
+                    let res = lan_host_conn(stream, &code, &opts, &peer, full).await;
+                    if !full {
+                        let _ = tx.send((peer, res)).await;
+                    }
+                });
+            }
+            Some((peer, res)) = done_rx.recv() => {
+                in_flight = in_flight.saturating_sub(1);
+                match res {
+                    Ok(p) => {
+                        paired += 1;
+                        if events.send(HostEvent::Paired(Box::new(p))).await.is_err() {
+                            break None;
+                        }
+                        if paired >= opts.max_receivers {
+                            break None;
+                        }
+                    }
+                    Err((error, counted)) => {
+                        warn!(%peer, %error, counted, "pairing failed");
+                        let _ = events.send(HostEvent::Failed { peer, error }).await;
+                        if counted {
+                            failed += 1;
+                            if failed >= opts.max_failed_attempts.max(1) {
+                                break Some(PairError::TooManyFailures(failed));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    if let Some(d) = daemon {
+        let _ = d.shutdown();
+    }
+    let _ = events.send(HostEvent::Ended { error: end }).await;
+}
+
+/// One LAN pairing connection, host side. `Err((error, counted))`.
+async fn lan_host_conn(
+    stream: TcpStream,
+    code: &JoinCode,
+    opts: &HostOptions,
+    peer: &str,
+    full: bool,
+) -> Result<Paired, (PairError, bool)> {
+    let limit = opts.handshake_timeout;
+    let mut conn = Lines::new(stream);
+    let hs = |source| PairError::Handshake {
+        peer: peer.to_string(),
+        source,
+    };
+    let work = async {
+        let hello = conn.read().await.map_err(|e| (e, false))?;
+        if full {
+            let _ = conn
+                .write(&PairMsg::Abort {
+                    reason: AbortReason::Full,
+                })
+                .await;
+            return Err((PairError::PeerGone(peer.into()), false));
+        }
+        let (state, reply) = match HostAwaitConfirm::respond(code, &opts.local, hello, &mut OsRng) {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = conn
+                    .write(&PairMsg::Abort {
+                        reason: e.abort_reason(),
+                    })
+                    .await;
+                return Err((hs(e), false));
+            }
+        };
+        conn.write(&reply).await.map_err(|e| (e, true))?;
+        let confirm = conn.read().await.map_err(|e| (e, true))?;
+        match state.handle_confirm(confirm) {
+            Ok((info, accepted)) => {
+                conn.write(&accepted).await.map_err(|e| (e, true))?;
+                Ok(paired(
+                    Role::Host,
+                    Rendezvous::LanDirect,
+                    peer.to_string(),
+                    info,
+                    &opts.local,
+                    true,
+                    None,
+                ))
+            }
+            Err(e) => {
+                let _ = conn
+                    .write(&PairMsg::Abort {
+                        reason: e.abort_reason(),
+                    })
+                    .await;
+                Err((hs(e), true))
+            }
+        }
+    };
+    match timeout(limit, work).await {
+        Ok(r) => r,
+        Err(_) => Err((
+            PairError::Timeout {
+                what: "waiting for a joiner's handshake",
+                after: limit,
+            },
+            true,
+        )),
+    }
+}
+
+async fn lan_join_handshake(
+    stream: TcpStream,
+    code: &JoinCode,
+    opts: &JoinOptions,
+    how: Rendezvous,
+    reached: Option<IpAddr>,
+) -> Result<Paired, PairError> {
+    let mut conn = Lines::new(stream);
+    let hs = |source| PairError::Handshake {
+        peer: "host".into(),
+        source,
+    };
+    let (state, hello) = JoinerStart::start(code, opts.local.clone(), &mut OsRng);
+    conn.write(&hello).await?;
+    let reply = conn.read().await?;
+    let (state, confirm) = match state.handle_reply(reply) {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = conn
+                .write(&PairMsg::Abort {
+                    reason: e.abort_reason(),
+                })
+                .await;
+            return Err(hs(e));
+        }
+    };
+    conn.write(&confirm).await?;
+    let accepted = conn.read().await?;
+    let peer = state.handle_accepted(accepted).map_err(|e| match e {
+        PakeError::PeerAborted(AbortReason::ConfirmFailed) => PairError::HostRejected,
+        e => hs(e),
+    })?;
+    Ok(paired(
+        Role::Joiner,
+        how,
+        "host".into(),
+        peer,
+        &opts.local,
+        true,
+        reached,
+    ))
+}
+
+/// Newline-delimited JSON over TCP, each line at most [`MAX_LINE`] bytes.
+struct Lines {
+    reader: BufReader<tokio::net::tcp::OwnedReadHalf>,
+    writer: tokio::net::tcp::OwnedWriteHalf,
+}
+
+impl Lines {
+    fn new(s: TcpStream) -> Self {
+        let _ = s.set_nodelay(true);
+        let (r, w) = s.into_split();
+        Self {
+            reader: BufReader::new(r),
+            writer: w,
+        }
+    }
+
+    async fn read(&mut self) -> Result<PairMsg, PairError> {
+        let mut line = Vec::new();
+        let n = (&mut self.reader)
+            .take(MAX_LINE + 1)
+            .read_until(b'\n', &mut line)
+            .await
+            .map_err(|source| PairError::Io {
+                what: "reading from the peer".into(),
+                source,
+            })?;
+        if n == 0 {
+            return Err(PairError::PeerGone("the peer".into()));
+        }
+        if n as u64 > MAX_LINE {
+            return Err(PairError::Handshake {
+                peer: "peer".into(),
+                source: PakeError::Malformed("message too long"),
+            });
+        }
+        let v: serde_json::Value =
+            serde_json::from_slice(&line).map_err(|_| PairError::Handshake {
+                peer: "peer".into(),
+                source: PakeError::Malformed("not JSON"),
+            })?;
+        PairMsg::from_json(v).map_err(|source| PairError::Handshake {
+            peer: "peer".into(),
+            source,
+        })
+    }
+
+    async fn write(&mut self, msg: &PairMsg) -> Result<(), PairError> {
+        let mut text = msg.to_json().to_string();
+        text.push('\n');
+        self.writer
+            .write_all(text.as_bytes())
+            .await
+            .map_err(|source| PairError::Io {
+                what: "writing to the peer".into(),
+                source,
+            })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Helpers.
+
+/// This machine's interface addresses with `port`, IPv4 first; loopback only when asked
+/// (and then last). Link-local IPv6 is left out (it needs a scope id).
+pub fn local_addrs(port: u16, include_loopback: bool) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = if_addrs::get_if_addrs()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|i| i.ip())
+        .filter(|ip| include_loopback || !ip.is_loopback())
+        .filter(|ip| match ip {
+            IpAddr::V4(v4) => !v4.is_link_local() && !v4.is_unspecified(),
+            IpAddr::V6(v6) => !v6.is_unicast_link_local() && !v6.is_unspecified(),
+        })
+        .map(|ip| SocketAddr::new(ip, port))
+        .collect();
+    out.sort_by_key(|a| (a.ip().is_loopback(), a.is_ipv6()));
+    out.dedup();
+    out.truncate(crate::pake::MAX_ADDRS);
+    out
+}
+
+fn candidate(addr: SocketAddr, index: usize) -> Candidate {
+    Candidate {
+        addr,
+        kind: CandidateKind::Host,
+        protocol: TransportProtocol::Udp,
+        // RFC 8445 §5.1.2.1: type preference 126 for host candidates, local preference
+        // falling with the index, component 1.
+        priority: (126 << 24) | ((65535u32.saturating_sub(index as u32)) << 8) | 255,
+        foundation: format!("h{index}"),
+        component: 1,
+        related: None,
+    }
+}
+
+fn check_candidates(
+    got: &[SocketAddr],
+    vouched: &[SocketAddr],
+    peer: &str,
+) -> Result<(), PairError> {
+    match got.iter().find(|a| !vouched.contains(a)) {
+        Some(addr) => Err(PairError::ForeignCandidate {
+            addr: *addr,
+            peer: peer.to_string(),
+        }),
+        None => Ok(()),
+    }
+}
+
+fn label(peer: PeerId) -> String {
+    format!("joiner {peer}")
+}
+
+fn paired(
+    role: Role,
+    rendezvous: Rendezvous,
+    peer_label: String,
+    peer: PeerInfo,
+    local: &LocalInfo,
+    allow_loopback: bool,
+    reached: Option<IpAddr>,
+) -> Paired {
+    let policy = CandidatePolicy { allow_loopback };
+    let mut addrs: Vec<SocketAddr> = peer
+        .addrs
+        .into_iter()
+        .filter(|a| match check_candidate_addr(*a, policy) {
+            Ok(()) => true,
+            Err(why) => {
+                debug!(%a, why = why.as_str(), "peer address dropped");
+                false
+            }
+        })
+        .collect();
+    if let Some(ip) = reached {
+        // The address pairing reached the host at is known to work: try it first.
+        addrs.sort_by_key(|a| a.ip() != ip);
+    }
+    Paired {
+        role,
+        rendezvous,
+        peer_label,
+        peer_fingerprint: peer.fingerprint,
+        peer_addrs: addrs,
+        local_fingerprint: local.fingerprint,
+        local_addrs: local.addrs.clone(),
+        session_key: peer.session_key,
+    }
+}
+
+async fn deadline(at: Option<Instant>) {
+    match at {
+        Some(at) => sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,746 @@
+//! What the user sees: JSON lines for scripts, or a banner, messages and progress bars for
+//! people, and the receiver's accept prompt.
+//!
+//! - `--json`: one JSON object per line on stdout ([`Event`]), nothing else on stdout
+//!   (logs and prompts go to stderr). The join code is `{"event":"code","code":"…"}`.
+//! - Human mode: a banner and a startup saying when stdout is a terminal, messages on
+//!   stderr, and indicatif bars (one per file in flight plus an overall bar with speed and
+//!   ETA). When stdout is not a terminal there are no banner and no bars.
+//!
+//! The progress API ([`TransferProgress`]) takes plain numbers (file index, bytes done,
+//! bytes total) so the engine only has to call it; it is `Send + Sync` and cheap to call
+//! often (JSON progress lines are rate-limited).
+//!
+//! What this module does not do: decide anything about a transfer (the prompt returns the
+//! user's answer; the caller acts on it) or validate names (the receiver machine does; here
+//! they are only made safe to print).
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::io::{self, BufRead, IsTerminal, Write};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+
+use crate::code::JoinCode;
+use crate::pairing::{Paired, Rendezvous, Role};
+
+/// The path a transfer took, as reported in the summary.
+#[derive(Clone, Copy, Debug, Eq, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Route {
+    /// Directly on the local network (or the same machine).
+    LanDirect,
+    /// Directly through NATs after hole punching.
+    HolePunched,
+    /// Through a TURN relay.
+    Relayed,
+}
+
+impl std::fmt::Display for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::LanDirect => "direct (LAN)",
+            Self::HolePunched => "direct (hole-punched)",
+            Self::Relayed => "relayed (TURN)",
+        })
+    }
+}
+
+/// One offered file, as the receiver's prompt shows it.
+#[derive(Clone, Debug, Eq, PartialEq, Serialize)]
+pub struct OfferedFile {
+    /// Relative path as the sender named it (untrusted: printed escaped).
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// What the sender offers.
+#[derive(Clone, Debug, Default, Eq, PartialEq, Serialize)]
+pub struct Offer {
+    /// Files (directories are implied by paths).
+    pub files: Vec<OfferedFile>,
+}
+
+impl Offer {
+    /// Sum of the file sizes.
+    pub fn total_bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
+}
+
+/// Final numbers of one transfer.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Summary {
+    /// The peer (`host`, `joiner 1`…).
+    pub peer: String,
+    /// Files moved (skipped identical ones included).
+    pub files: u64,
+    /// Payload bytes.
+    pub bytes: u64,
+    /// Wall time in seconds.
+    pub seconds: f64,
+    /// The path taken.
+    pub route: Route,
+}
+
+/// One `--json` line. Field names are stable; new fields may be added.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Event {
+    /// The join code to give the receiver.
+    Code {
+        /// The full code.
+        code: String,
+        /// `server` or `lan`.
+        mode: &'static str,
+        /// LAN: the `--peer` address joiners can use when mDNS does not reach.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        peer_hint: Option<String>,
+    },
+    /// A peer paired (authenticated).
+    Peer {
+        /// This side's role.
+        role: Role,
+        /// `host` or `joiner N`.
+        peer: String,
+        /// How it was found.
+        rendezvous: Rendezvous,
+        /// The peer's pinned certificate fingerprint (hex).
+        fingerprint: String,
+        /// This side's fingerprint (hex).
+        local_fingerprint: String,
+        /// The peer's authenticated addresses.
+        addrs: Vec<String>,
+    },
+    /// A pairing attempt failed.
+    PairingFailed {
+        /// Who.
+        peer: String,
+        /// Why.
+        error: String,
+    },
+    /// Receiver: the sender's offer.
+    Offer {
+        /// Number of files.
+        files: usize,
+        /// Total bytes.
+        bytes: u64,
+    },
+    /// Receiver: the offer was accepted.
+    Accepted {
+        /// Number of files.
+        files: usize,
+        /// Total bytes.
+        bytes: u64,
+    },
+    /// Progress, rate-limited.
+    Progress {
+        /// Current file's name (escaped).
+        file: String,
+        /// Bytes done of that file.
+        done: u64,
+        /// That file's size.
+        total: u64,
+        /// Bytes done overall.
+        overall_done: u64,
+        /// Total bytes overall.
+        overall_total: u64,
+    },
+    /// A file is complete and verified.
+    FileDone {
+        /// Name (escaped).
+        file: String,
+        /// Size.
+        bytes: u64,
+    },
+    /// The transfer ended.
+    Summary(Summary),
+    /// The command failed.
+    Error {
+        /// The message chain.
+        message: String,
+        /// The process exit code.
+        exit_code: u8,
+    },
+}
+
+/// How output is rendered.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum Mode {
+    /// JSON lines on stdout.
+    Json,
+    /// For people; `fancy` when stdout is a terminal (banner, bars).
+    Human {
+        /// Banner and progress bars.
+        fancy: bool,
+    },
+}
+
+/// The output sink. Cheap to clone; share it with the engine.
+#[derive(Clone, Debug)]
+pub struct Ui {
+    mode: Mode,
+    quiet: bool,
+}
+
+impl Ui {
+    /// Picks the mode from the flags and whether stdout is a terminal.
+    pub fn new(json: bool, quiet: bool) -> Self {
+        let mode = if json {
+            Mode::Json
+        } else {
+            Mode::Human {
+                fancy: io::stdout().is_terminal(),
+            }
+        };
+        Self { mode, quiet }
+    }
+
+    /// A UI with an explicit mode (tests).
+    pub fn with_mode(mode: Mode) -> Self {
+        Self { mode, quiet: false }
+    }
+
+    /// The mode in use.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// The banner and a startup saying, in fancy human mode only.
+    pub fn banner(&self, version: &str) {
+        if self.mode == (Mode::Human { fancy: true }) && !self.quiet {
+            let mut out = io::stdout().lock();
+            let _ = writeln!(out, "{}", banner_text(version));
+            let _ = writeln!(out, "  {}\n", saying(seed()));
+        }
+    }
+
+    /// Emits `event` in JSON mode; no-op otherwise.
+    pub fn emit(&self, event: &Event) {
+        if self.mode == Mode::Json {
+            emit_json(event);
+        }
+    }
+
+    /// Shows the join code and how to use it.
+    pub fn code(&self, code: &JoinCode, server: Option<&str>, peer_hint: Option<String>) {
+        match self.mode {
+            Mode::Json => emit_json(&Event::Code {
+                code: code.to_string(),
+                mode: if server.is_some() { "server" } else { "lan" },
+                peer_hint,
+            }),
+            Mode::Human { .. } => {
+                let mut msg = format!("Join code: {code}\n\nOn the receiving machine run:\n");
+                match server {
+                    Some(url) => {
+                        let _ = writeln!(msg, "  thru join {code} --server {url}");
+                    }
+                    None => {
+                        let _ = writeln!(msg, "  thru join {code}");
+                        if let Some(hint) = &peer_hint {
+                            let _ = writeln!(
+                                msg,
+                                "(if it does not find this machine: thru join {code} --peer {hint})"
+                            );
+                        }
+                    }
+                }
+                self.say(&msg);
+            }
+        }
+    }
+
+    /// Reports a paired peer.
+    pub fn peer(&self, p: &Paired) {
+        match self.mode {
+            Mode::Json => emit_json(&Event::Peer {
+                role: p.role,
+                peer: p.peer_label.clone(),
+                rendezvous: p.rendezvous,
+                fingerprint: p.peer_fingerprint_hex(),
+                local_fingerprint: p.local_fingerprint_hex(),
+                addrs: p.peer_addrs.iter().map(ToString::to_string).collect(),
+            }),
+            Mode::Human { .. } => {
+                let fp = p.peer_fingerprint_hex();
+                self.say(&format!(
+                    "Paired with {} (verified; key {}…)",
+                    p.peer_label,
+                    fp.get(..16).unwrap_or(&fp)
+                ));
+            }
+        }
+    }
+
+    /// Reports a failed pairing attempt.
+    pub fn pairing_failed(&self, peer: &str, error: &str) {
+        match self.mode {
+            Mode::Json => emit_json(&Event::PairingFailed {
+                peer: peer.to_string(),
+                error: error.to_string(),
+            }),
+            Mode::Human { .. } => self.say(&format!("Pairing with {peer} failed: {error}")),
+        }
+    }
+
+    /// Reports the command's final error.
+    pub fn error(&self, message: &str, exit_code: u8) {
+        match self.mode {
+            Mode::Json => emit_json(&Event::Error {
+                message: message.to_string(),
+                exit_code,
+            }),
+            Mode::Human { .. } => {
+                let _ = writeln!(io::stderr().lock(), "thru: error: {message}");
+            }
+        }
+    }
+
+    /// A line for people on stderr (silent in JSON and quiet modes).
+    pub fn say(&self, text: &str) {
+        if matches!(self.mode, Mode::Human { .. }) && !self.quiet {
+            let _ = writeln!(io::stderr().lock(), "{text}");
+        }
+    }
+
+    /// Receiver: shows the offer and asks. `yes` accepts without asking. Reads the answer
+    /// from stdin when it is a terminal; otherwise refuses with [`PromptError::NotATerminal`].
+    pub fn confirm_offer(&self, offer: &Offer, yes: bool) -> Result<bool, PromptError> {
+        self.emit(&Event::Offer {
+            files: offer.files.len(),
+            bytes: offer.total_bytes(),
+        });
+        let interactive = io::stdin().is_terminal();
+        let stdin = io::stdin();
+        let mut input = stdin.lock();
+        let mut err = io::stderr().lock();
+        let accepted = confirm(offer, yes, interactive, &mut input, &mut err)?;
+        if accepted {
+            self.emit(&Event::Accepted {
+                files: offer.files.len(),
+                bytes: offer.total_bytes(),
+            });
+        }
+        Ok(accepted)
+    }
+
+    /// Starts progress reporting for one transfer.
+    pub fn transfer(&self, peer: &str, total_files: u64, total_bytes: u64) -> TransferProgress {
+        let fancy = self.mode == (Mode::Human { fancy: true }) && !self.quiet;
+        let multi = if fancy {
+            MultiProgress::with_draw_target(ProgressDrawTarget::stderr())
+        } else {
+            MultiProgress::with_draw_target(ProgressDrawTarget::hidden())
+        };
+        let overall = multi.add(ProgressBar::new(total_bytes));
+        overall.set_style(
+            ProgressStyle::with_template(
+                "{prefix:>10} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        overall.set_prefix(format!("{total_files} files"));
+        TransferProgress {
+            inner: Arc::new(Mutex::new(ProgressInner {
+                ui: self.clone(),
+                peer: peer.to_string(),
+                multi,
+                overall,
+                files: HashMap::new(),
+                overall_done: 0,
+                overall_total: total_bytes,
+                files_done: 0,
+                started: Instant::now(),
+                last_json: None,
+            })),
+        }
+    }
+}
+
+/// Why the prompt could not get an answer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PromptError {
+    /// No `--yes` and nobody to ask.
+    #[error(
+        "refusing to receive: standard input is not a terminal, so nobody can confirm the file \
+         list; pass --yes to accept without asking"
+    )]
+    NotATerminal,
+    /// Reading the answer failed.
+    #[error("reading the answer: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// The prompt logic with explicit streams (testable): prints the offer to `out`; `yes`
+/// accepts; otherwise reads one line from `input` if `interactive`, where only `y`/`yes`
+/// (any case) accepts.
+pub fn confirm(
+    offer: &Offer,
+    yes: bool,
+    interactive: bool,
+    input: &mut dyn BufRead,
+    out: &mut dyn Write,
+) -> Result<bool, PromptError> {
+    out.write_all(describe_offer(offer, LIST_LIMIT).as_bytes())?;
+    if yes {
+        writeln!(out, "Accepted (--yes).")?;
+        return Ok(true);
+    }
+    if !interactive {
+        return Err(PromptError::NotATerminal);
+    }
+    write!(out, "Receive these files? [y/N] ")?;
+    out.flush()?;
+    let mut line = String::new();
+    input.read_line(&mut line)?;
+    let answer = line.trim().to_ascii_lowercase();
+    Ok(answer == "y" || answer == "yes")
+}
+
+/// The offer as shown before the question: up to `limit` names, escaped, with sizes, then
+/// the count and total.
+pub fn describe_offer(offer: &Offer, limit: usize) -> String {
+    let mut s = String::from("The sender offers:\n");
+    for f in offer.files.iter().take(limit) {
+        let _ = writeln!(
+            s,
+            "  {:>10}  {}",
+            HumanBytes(f.size).to_string(),
+            safe_name(&f.name)
+        );
+    }
+    if offer.files.len() > limit {
+        let _ = writeln!(s, "  … and {} more", offer.files.len() - limit);
+    }
+    let n = offer.files.len();
+    let _ = writeln!(
+        s,
+        "{n} file{}, {} total",
+        if n == 1 { "" } else { "s" },
+        HumanBytes(offer.total_bytes())
+    );
+    s
+}
+
+/// `name` made safe for a terminal: control characters (including ESC) and bidirectional
+/// overrides are shown as escapes, so a name cannot move the cursor, recolour the screen or
+/// disguise its extension.
+pub fn safe_name(name: &str) -> String {
+    let escaped = flux_transfer::path::Escaped(name).to_string();
+    let mut out = String::with_capacity(escaped.len());
+    for c in escaped.chars() {
+        if matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Progress of one transfer; clone freely, call from any thread.
+#[derive(Clone, Debug)]
+pub struct TransferProgress {
+    inner: Arc<Mutex<ProgressInner>>,
+}
+
+#[derive(Debug)]
+struct ProgressInner {
+    ui: Ui,
+    peer: String,
+    multi: MultiProgress,
+    overall: ProgressBar,
+    files: HashMap<u64, FileState>,
+    overall_done: u64,
+    overall_total: u64,
+    files_done: u64,
+    started: Instant,
+    last_json: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct FileState {
+    name: String,
+    done: u64,
+    total: u64,
+    bar: ProgressBar,
+}
+
+impl TransferProgress {
+    /// File `id` (any number unique within the transfer) starts; `size` bytes in all.
+    pub fn file_started(&self, id: u64, name: &str, size: u64) {
+        let mut g = self.lock();
+        let bar = g.multi.add(ProgressBar::new(size));
+        bar.set_style(
+            ProgressStyle::with_template("{msg:>30!} [{bar:30}] {bytes}/{total_bytes}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar.set_message(safe_name(name));
+        g.files.insert(
+            id,
+            FileState {
+                name: safe_name(name),
+                done: 0,
+                total: size,
+                bar,
+            },
+        );
+    }
+
+    /// File `id` has `done` bytes (absolute, not a delta). Unknown ids are ignored.
+    pub fn file_progress(&self, id: u64, done: u64) {
+        let mut g = self.lock();
+        let g = &mut *g;
+        let Some(f) = g.files.get_mut(&id) else {
+            return;
+        };
+        // Never backwards, never past the end.
+        let done = done.min(f.total).max(f.done);
+        let delta = done.saturating_sub(f.done);
+        f.done = done;
+        f.bar.set_position(done);
+        g.overall_done = g.overall_done.saturating_add(delta);
+        g.overall.set_position(g.overall_done);
+        let now = Instant::now();
+        if g.ui.mode == Mode::Json
+            && g.last_json
+                .is_none_or(|t| now.duration_since(t) >= JSON_PROGRESS_EVERY)
+        {
+            g.last_json = Some(now);
+            emit_json(&Event::Progress {
+                file: f.name.clone(),
+                done,
+                total: f.total,
+                overall_done: g.overall_done,
+                overall_total: g.overall_total,
+            });
+        }
+    }
+
+    /// File `id` is complete and verified.
+    pub fn file_done(&self, id: u64) {
+        let total = self.lock().files.get(&id).map(|f| f.total);
+        if let Some(total) = total {
+            self.file_progress(id, total);
+        }
+        let mut g = self.lock();
+        if let Some(f) = g.files.remove(&id) {
+            f.bar.finish_and_clear();
+            g.multi.remove(&f.bar);
+            g.files_done += 1;
+            g.ui.emit(&Event::FileDone {
+                file: f.name,
+                bytes: f.total,
+            });
+        }
+    }
+
+    /// Ends the display and reports the summary.
+    pub fn finish(&self, route: Route) -> Summary {
+        let g = self.lock();
+        g.overall.finish_and_clear();
+        let summary = Summary {
+            peer: g.peer.clone(),
+            files: g.files_done,
+            bytes: g.overall_done,
+            seconds: g.started.elapsed().as_secs_f64(),
+            route,
+        };
+        match g.ui.mode {
+            Mode::Json => emit_json(&Event::Summary(summary.clone())),
+            Mode::Human { .. } => {
+                let rate = summary.bytes as f64 / summary.seconds.max(1e-9);
+                g.ui.say(&format!(
+                    "Done: {} files, {} in {:.1} s ({}/s), route: {}",
+                    summary.files,
+                    HumanBytes(summary.bytes),
+                    summary.seconds,
+                    HumanBytes(rate as u64),
+                    route
+                ));
+            }
+        }
+        summary
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ProgressInner> {
+        // A panic elsewhere while holding the lock leaves display state only; keep going.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Names shown in the prompt before "… and N more".
+const LIST_LIMIT: usize = 40;
+/// Least time between two JSON progress lines.
+const JSON_PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+fn emit_json(event: &Event) {
+    if let Ok(line) = serde_json::to_string(event) {
+        let mut out = io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
+}
+
+fn banner_text(version: &str) -> String {
+    format!(
+        " _   _                \n| |_| |__  _ __ _   _ \n| __| '_ \\| '__| | | |\n| |_| | | | |  | |_| |\n \\__|_| |_|_|   \\__,_|  thruflux {version}"
+    )
+}
+
+/// Startup sayings: every transfer begins with a good omen.
+const SAYINGS: &[&str] = &[
+    "May your packets arrive in order and your NATs be kind.",
+    "The shortest path between two disks is a straight line.",
+    "Fortune favours the directly connected.",
+    "No relay today: the road is clear.",
+    "Bytes are lighter when they travel together.",
+    "Every checksum matches on a good day, and today is a good day.",
+    "Measure twice, send once.",
+    "The wind is at your back and the congestion window is wide open.",
+];
+
+/// A saying picked by `seed`.
+pub fn saying(seed: u64) -> &'static str {
+    SAYINGS[(seed % SAYINGS.len() as u64) as usize]
+}
+
+fn seed() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = getrandom::fill(&mut b);
+    u64::from_le_bytes(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offer() -> Offer {
+        Offer {
+            files: vec![
+                OfferedFile {
+                    name: "photos/a.jpg".into(),
+                    size: 1536,
+                },
+                OfferedFile {
+                    name: "evil\u{1b}[2Jname\u{202e}gpj.exe".into(),
+                    size: 3 << 30,
+                },
+            ],
+        }
+    }
+
+    fn ask(yes: bool, interactive: bool, answer: &str) -> (Result<bool, PromptError>, String) {
+        let mut input = io::Cursor::new(answer.as_bytes().to_vec());
+        let mut out = Vec::new();
+        let r = confirm(&offer(), yes, interactive, &mut input, &mut out);
+        (r, String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn prompt_shows_safe_names_count_and_total() {
+        let (r, text) = ask(false, true, "y\n");
+        assert!(r.unwrap());
+        assert!(text.contains("photos/a.jpg"), "{text}");
+        assert!(text.contains("1.50 KiB"), "{text}");
+        assert!(text.contains("2 files, 3.00 GiB total"), "{text}");
+        assert!(
+            !text.contains('\u{1b}'),
+            "escape reached the terminal: {text:?}"
+        );
+        assert!(
+            !text.contains('\u{202e}'),
+            "bidi override reached the terminal"
+        );
+        assert!(text.contains("\\u{1b}[2J"), "{text}");
+        assert!(text.contains("[y/N]"), "{text}");
+    }
+
+    #[test]
+    fn default_is_no() {
+        for answer in ["\n", "", "n\n", "nope\n", "Y es\n"] {
+            assert!(!ask(false, true, answer).0.unwrap(), "{answer:?}");
+        }
+        for answer in ["y\n", "YES\n", " Yes \n"] {
+            assert!(ask(false, true, answer).0.unwrap(), "{answer:?}");
+        }
+    }
+
+    #[test]
+    fn yes_accepts_and_non_tty_refuses() {
+        assert!(ask(true, false, "").0.unwrap());
+        let err = ask(false, false, "y\n").0.unwrap_err();
+        assert!(matches!(err, PromptError::NotATerminal));
+        assert!(err.to_string().contains("--yes"));
+    }
+
+    #[test]
+    fn long_lists_are_cut() {
+        let o = Offer {
+            files: (0..100)
+                .map(|i| OfferedFile {
+                    name: format!("f{i}"),
+                    size: 1,
+                })
+                .collect(),
+        };
+        let text = describe_offer(&o, 40);
+        assert!(text.contains("… and 60 more"), "{text}");
+        assert!(text.contains("100 files, 100 B total"), "{text}");
+    }
+
+    #[test]
+    fn events_serialize_with_an_event_tag() {
+        let e = Event::Code {
+            code: "K7QF2M-XD4P-RT9A".into(),
+            mode: "lan",
+            peer_hint: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"event":"code","code":"K7QF2M-XD4P-RT9A","mode":"lan"}"#
+        );
+        let s = Event::Summary(Summary {
+            peer: "host".into(),
+            files: 2,
+            bytes: 10,
+            seconds: 1.5,
+            route: Route::LanDirect,
+        });
+        let v: serde_json::Value = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["event"], "summary");
+        assert_eq!(v["route"], "lan_direct");
+    }
+
+    #[test]
+    fn progress_accounts_plain_numbers() {
+        let ui = Ui::with_mode(Mode::Human { fancy: false });
+        let p = ui.transfer("host", 2, 300);
+        p.file_started(1, "a", 100);
+        p.file_started(2, "b", 200);
+        p.file_progress(1, 50);
+        p.file_progress(2, 150);
+        p.file_progress(1, 40); // going back is ignored for the totals
+        p.file_progress(9, 999); // unknown id
+        p.file_done(1);
+        p.file_done(2);
+        let s = p.finish(Route::LanDirect);
+        assert_eq!((s.files, s.bytes), (2, 300));
+    }
+
+    #[test]
+    fn sayings_cover_the_list() {
+        assert_ne!(saying(0), saying(1));
+        assert!(banner_text("1.2.3").contains("1.2.3"));
+    }
+}
