@@ -1,0 +1,1262 @@
+//! The ICE agent: gathering (host, STUN, TURN), checks and nomination through `is`, relaying
+//! through `turn-client-proto`, and the application-data path once a pair is selected.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use is::stun::{StunMessage, StunPacket};
+use is::{IceAgent, IceAgentEvent, IceCreds, Protocol};
+use tracing::{debug, info, trace, warn};
+use turn_client_proto::api::{TurnClientApi, TurnConfig, TurnEvent, TurnPollRet, TurnRecvRet};
+use turn_client_proto::stun::Instant as TurnInstant;
+use turn_client_proto::stun::agent::Transmit as TurnTransmit;
+use turn_client_proto::stun::types::TransportType;
+use turn_client_proto::tcp::TurnClientTcp;
+use turn_client_proto::types::TurnCredentials;
+use turn_client_proto::udp::TurnClientUdp;
+
+use crate::candidate::{Candidate, CandidateKind, check_remote_addr};
+use crate::demux::{Packet, classify};
+use crate::stun;
+
+turn_client_proto::impl_client!(TurnClient, (Udp, TurnClientUdp), (Tcp, TurnClientTcp));
+
+/// Which side of the ICE session this agent is (RFC 8445 §6.1.1). The host of a transfer is
+/// controlling; joiners are controlled.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum Role {
+    /// Nominates the pair.
+    Controlling,
+    /// Follows the peer's nomination.
+    Controlled,
+}
+
+/// ICE username fragment and password (RFC 8445 §5.3), exchanged through signaling.
+#[derive(Clone, Eq, PartialEq)]
+pub struct Credentials {
+    /// Username fragment: at least 4 ice-chars.
+    pub ufrag: String,
+    /// Password: at least 22 ice-chars.
+    pub pwd: String,
+}
+
+impl Credentials {
+    /// Credentials from 18 random bytes the caller supplies (sans-IO: no RNG in here):
+    /// an 8-character ufrag and a 28-character password, hex.
+    pub fn from_random(bytes: &[u8; 18]) -> Self {
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        Self {
+            ufrag: hex(&bytes[..4]),
+            pwd: hex(&bytes[4..]),
+        }
+    }
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // why: the password authenticates checks; keep it out of logs.
+        write!(f, "Credentials({}:…)", self.ufrag)
+    }
+}
+
+/// `ufrag:pwd`, the form sent through signaling.
+impl fmt::Display for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.ufrag, self.pwd)
+    }
+}
+
+impl FromStr for Credentials {
+    type Err = BadCredentials;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (ufrag, pwd) = s.split_once(':').ok_or(BadCredentials)?;
+        let ice_chars = |v: &str| {
+            v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+        };
+        // RFC 8445 §5.3: ufrag 4..=256, pwd 22..=256 ice-chars.
+        if !(4..=256).contains(&ufrag.len())
+            || !(22..=256).contains(&pwd.len())
+            || !ice_chars(ufrag)
+            || !ice_chars(pwd)
+        {
+            return Err(BadCredentials);
+        }
+        Ok(Self {
+            ufrag: ufrag.to_owned(),
+            pwd: pwd.to_owned(),
+        })
+    }
+}
+
+/// Credentials string that is not `ufrag:pwd` with RFC 8445 lengths and characters.
+#[derive(Clone, Copy, Debug, Eq, PartialEq, thiserror::Error)]
+#[error("bad ICE credentials (want ufrag:pwd, 4+ and 22+ ice-chars)")]
+pub struct BadCredentials;
+
+/// How the agent talks to a TURN server.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum TurnTransport {
+    /// UDP on the engine's socket.
+    Udp,
+    /// A TCP stream the caller opens ([`Event::ConnectTurnStream`]).
+    Tcp,
+    /// A TLS stream (usually on port 443) the caller opens; the agent sees the plaintext.
+    Tls,
+}
+
+impl TurnTransport {
+    /// `udp`, `tcp` or `tls`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Udp => "udp",
+            Self::Tcp => "tcp",
+            Self::Tls => "tls",
+        }
+    }
+}
+
+/// One TURN server with its long-term credentials.
+#[derive(Clone, Eq, PartialEq)]
+pub struct TurnServer {
+    /// Server address.
+    pub addr: SocketAddr,
+    /// Transport towards the server.
+    pub transport: TurnTransport,
+    /// Long-term credential user name.
+    pub username: String,
+    /// Long-term credential password.
+    pub password: String,
+}
+
+impl fmt::Debug for TurnServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "TurnServer({} {} user {})",
+            self.transport.as_str(),
+            self.addr,
+            self.username
+        )
+    }
+}
+
+/// Agent configuration. [`Config::new`] gives the defaults.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Controlling or controlled.
+    pub role: Role,
+    /// Our credentials (send them to the peer).
+    pub credentials: Credentials,
+    /// Random number for role conflicts (RFC 8445 §7.3.1.1); supply it from a real RNG.
+    pub tie_breaker: u64,
+    /// STUN servers for server-reflexive candidates.
+    pub stun_servers: Vec<SocketAddr>,
+    /// TURN servers for relayed candidates.
+    pub turn_servers: Vec<TurnServer>,
+    /// Remote candidates beyond this many are ignored (with one warning).
+    pub max_remote_candidates: usize,
+    /// Pacing of connectivity checks, Ta (RFC 8445 §14.2): at most one new check per Ta.
+    pub check_interval: Duration,
+    /// Give up ([`Event::Failed`]) when no pair is selected this long after the peer's
+    /// credentials arrived.
+    pub connect_timeout: Duration,
+    /// After selection, give up when the selected path gets no check response this long
+    /// (consent freshness, RFC 7675 §5.1: 30 s).
+    pub consent_timeout: Duration,
+    /// Accept loopback remote candidates (single-host tests only).
+    pub allow_loopback: bool,
+}
+
+impl Config {
+    /// Defaults: Ta 50 ms, 100 remote candidates, 10 s to connect, 30 s consent.
+    pub fn new(role: Role, credentials: Credentials, tie_breaker: u64) -> Self {
+        Self {
+            role,
+            credentials,
+            tie_breaker,
+            stun_servers: Vec::new(),
+            turn_servers: Vec::new(),
+            max_remote_candidates: DEFAULT_MAX_REMOTE_CANDIDATES,
+            check_interval: Duration::from_millis(50),
+            connect_timeout: Duration::from_secs(10),
+            consent_timeout: Duration::from_secs(30),
+            allow_loopback: false,
+        }
+    }
+}
+
+/// A stream to a TURN server (TCP or TLS) that the caller owns; the index of the server in
+/// [`Config::turn_servers`].
+#[derive(Clone, Copy, Debug, Eq, Hash, Ord, PartialEq, PartialOrd)]
+pub struct StreamId(pub usize);
+
+/// Bytes to send.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct Transmit {
+    /// Where to write them: `None` = a UDP datagram from `from` to `to`; `Some(s)` = append
+    /// to the caller's TCP/TLS stream `s` (whose peer is `to`).
+    pub stream: Option<StreamId>,
+    /// Local address to send from (the socket, or the stream's local address).
+    pub from: SocketAddr,
+    /// Destination.
+    pub to: SocketAddr,
+    /// The datagram, or stream bytes.
+    pub data: Vec<u8>,
+}
+
+/// How the selected path runs.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum RouteKind {
+    /// Host to host, no NAT in between (same LAN).
+    Host,
+    /// Direct through NATs (server or peer reflexive): hole-punched.
+    Srflx,
+    /// Through a TURN relay (ours, the peer's or both).
+    Relay,
+}
+
+impl RouteKind {
+    /// `host`, `srflx` or `relay`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Host => "host",
+            Self::Srflx => "srflx",
+            Self::Relay => "relay",
+        }
+    }
+}
+
+/// The pair ICE selected.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub struct Selected {
+    /// Our side: the socket address, or our relayed address when we relay.
+    pub local: SocketAddr,
+    /// The peer's address as we send to it.
+    pub remote: SocketAddr,
+    /// Route summary.
+    pub kind: RouteKind,
+    /// Type of our candidate.
+    pub local_kind: CandidateKind,
+    /// Type of the peer's candidate.
+    pub remote_kind: CandidateKind,
+    /// Transport towards our TURN server when we relay; UDP otherwise.
+    pub transport: TurnTransport,
+}
+
+/// Why ICE gave up.
+#[derive(Clone, Debug, Eq, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FailReason {
+    /// No pair succeeded within [`Config::connect_timeout`].
+    #[error("no candidate pair succeeded within {0:?}")]
+    Timeout(Duration),
+    /// The selected path stopped answering for [`Config::consent_timeout`].
+    #[error("consent lost: no check response for {0:?}")]
+    ConsentLost(Duration),
+}
+
+/// What happened, for the driver.
+#[derive(Clone, Debug, Eq, PartialEq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A local candidate: trickle it to the peer.
+    LocalCandidate(Candidate),
+    /// Open a stream to a TURN server (TCP, or TLS when `tls`), then call
+    /// [`Agent::turn_stream_connected`] or [`Agent::turn_stream_failed`].
+    ConnectTurnStream {
+        /// Stream id to use in the calls back.
+        stream: StreamId,
+        /// Server address.
+        addr: SocketAddr,
+        /// Wrap the stream in TLS.
+        tls: bool,
+    },
+    /// A pair was selected, or the selection changed: send application data this way.
+    Selected(Selected),
+    /// ICE gave up.
+    Failed(FailReason),
+}
+
+/// What a received datagram turned out to be.
+#[derive(Debug, Eq, PartialEq)]
+pub enum Received<'a> {
+    /// ICE, STUN or TURN traffic, consumed.
+    Handled,
+    /// Application data (QUIC) from `peer`: a sub-slice of the input when it came directly or
+    /// in ChannelData over UDP.
+    App {
+        /// The peer's address (its relayed address when it relays).
+        peer: SocketAddr,
+        /// The application datagram.
+        data: &'a [u8],
+    },
+    /// Not ours (unknown source or unparsable): dropped.
+    Ignored,
+}
+
+/// An application datagram that arrived relayed on a stream, or in a form that needed a copy.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct AppDatagram {
+    /// The peer's address.
+    pub peer: SocketAddr,
+    /// The datagram.
+    pub data: Vec<u8>,
+}
+
+/// Where [`Agent::wrap`] says to send an application datagram.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum SendVia {
+    /// Send the datagram unchanged from `from` to `to` (the output buffer is untouched).
+    Direct {
+        /// Local socket address.
+        from: SocketAddr,
+        /// Peer.
+        to: SocketAddr,
+    },
+    /// Send the output buffer (TURN-framed) as a UDP datagram from `from` to the TURN server.
+    TurnUdp {
+        /// Local socket address.
+        from: SocketAddr,
+        /// TURN server.
+        to: SocketAddr,
+    },
+    /// Append the output buffer to the TURN stream.
+    TurnStream(StreamId),
+}
+
+/// Why an application datagram cannot be sent.
+#[derive(Clone, Copy, Debug, Eq, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WrapError {
+    /// No pair is selected yet.
+    #[error("no ICE pair selected")]
+    NotSelected,
+    /// The relay refused (no allocation or no permission yet).
+    #[error("TURN relay not ready")]
+    RelayNotReady,
+}
+
+/// Counters for tests, logs and benchmarks.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub struct Stats {
+    /// Connectivity checks sent (including retransmissions).
+    pub checks_sent: u64,
+    /// Remote candidates accepted.
+    pub remote_candidates: u64,
+    /// Remote candidates ignored (bad address, over the cap, unparsable).
+    pub remote_candidates_ignored: u64,
+    /// STUN messages refused (bad MESSAGE-INTEGRITY, unknown user, not for us).
+    pub stun_refused: u64,
+    /// Datagrams dropped as unknown.
+    pub dropped: u64,
+}
+
+struct StunQuery {
+    base: SocketAddr,
+    server: SocketAddr,
+    trans_id: [u8; 12],
+    request: Vec<u8>,
+    sent: u32,
+    next: Instant,
+    done: bool,
+}
+
+struct TurnSlot {
+    server: TurnServer,
+    client: Option<TurnClient>,
+    relayed: Option<SocketAddr>,
+    failed: bool,
+    wait_until: Option<Instant>,
+    channel_peer: Option<SocketAddr>,
+}
+
+impl TurnSlot {
+    fn stream(&self, idx: usize) -> Option<StreamId> {
+        (self.server.transport != TurnTransport::Udp).then_some(StreamId(idx))
+    }
+}
+
+/// The ICE agent. See the crate documentation for the driving loop.
+pub struct Agent {
+    config: Config,
+    ice: IceAgent,
+    epoch: Instant,
+    hosts: Vec<SocketAddr>,
+    queries: Vec<StunQuery>,
+    turns: Vec<TurnSlot>,
+    remote: HashMap<SocketAddr, CandidateKind>,
+    remote_ips: BTreeSet<IpAddr>,
+    remote_creds: bool,
+    checking_since: Option<Instant>,
+    ice_due: Option<Instant>,
+    last_check_response: Option<Instant>,
+    selected: Option<Selected>,
+    failed: bool,
+    cap_warned: bool,
+    query_counter: u32,
+    events: VecDeque<Event>,
+    transmits: VecDeque<Transmit>,
+    app: VecDeque<AppDatagram>,
+    stats: Stats,
+}
+
+impl fmt::Debug for Agent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Agent")
+            .field("role", &self.config.role)
+            .field("hosts", &self.hosts)
+            .field("selected", &self.selected)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Agent {
+    /// A new agent. `now` is the time base for everything after. TURN servers over TCP/TLS
+    /// produce [`Event::ConnectTurnStream`] right away.
+    pub fn new(config: Config, now: Instant) -> Self {
+        let mut ice = IceAgent::new(IceCreds {
+            ufrag: config.credentials.ufrag.clone(),
+            pass: config.credentials.pwd.clone(),
+        });
+        ice.set_controlling(config.role == Role::Controlling);
+        ice.set_control_tie_breaker(config.tie_breaker);
+        ice.set_timing_advance(config.check_interval);
+        // why: pairs = local × remote; the remote cap already bounds them, this is the
+        // second fence (RFC 8445 §6.1.2.5 default 100).
+        ice.set_max_candidate_pairs(config.max_remote_candidates.max(1) * 4);
+        let turns: Vec<TurnSlot> = config
+            .turn_servers
+            .iter()
+            .map(|s| TurnSlot {
+                server: s.clone(),
+                client: None,
+                relayed: None,
+                failed: false,
+                wait_until: None,
+                channel_peer: None,
+            })
+            .collect();
+        let mut events = VecDeque::new();
+        for (i, t) in turns.iter().enumerate() {
+            if t.server.transport != TurnTransport::Udp {
+                events.push_back(Event::ConnectTurnStream {
+                    stream: StreamId(i),
+                    addr: t.server.addr,
+                    tls: t.server.transport == TurnTransport::Tls,
+                });
+            }
+        }
+        Self {
+            config,
+            ice,
+            epoch: now,
+            hosts: Vec::new(),
+            queries: Vec::new(),
+            turns,
+            remote: HashMap::new(),
+            remote_ips: BTreeSet::new(),
+            remote_creds: false,
+            checking_since: None,
+            ice_due: Some(now),
+            last_check_response: None,
+            selected: None,
+            failed: false,
+            cap_warned: false,
+            query_counter: 0,
+            events,
+            transmits: VecDeque::new(),
+            app: VecDeque::new(),
+            stats: Stats::default(),
+        }
+    }
+
+    /// Adds the engine socket's local address on one interface (a host candidate) and starts
+    /// STUN queries from it; the first one added also carries the UDP TURN allocations.
+    /// Loopback, link-local and unspecified addresses are refused (`false`).
+    pub fn add_host(&mut self, addr: SocketAddr, now: Instant) -> bool {
+        if check_remote_addr(addr, self.config.allow_loopback).is_err() {
+            debug!(%addr, "not a usable host address");
+            return false;
+        }
+        if self.hosts.contains(&addr) {
+            return true;
+        }
+        let Ok(c) = is::Candidate::host(addr, "udp") else {
+            return false;
+        };
+        self.hosts.push(addr);
+        if let Some(c) = self.ice.add_local_candidate(c) {
+            let c = from_is(c);
+            info!(candidate = %c, "local candidate");
+            self.events.push_back(Event::LocalCandidate(c));
+        }
+        for &server in &self.config.stun_servers {
+            if server.is_ipv4() != addr.is_ipv4() {
+                continue;
+            }
+            // why: unique per query; the tie-breaker is the caller's randomness (sans-IO).
+            self.query_counter += 1;
+            let mut trans_id = [0u8; 12];
+            trans_id[..8].copy_from_slice(&self.config.tie_breaker.to_le_bytes());
+            trans_id[8..].copy_from_slice(&self.query_counter.to_be_bytes());
+            self.queries.push(StunQuery {
+                base: addr,
+                server,
+                trans_id,
+                request: stun::binding_request(trans_id),
+                sent: 0,
+                next: now,
+                done: false,
+            });
+        }
+        if self.hosts.len() == 1 {
+            for slot in &mut self.turns {
+                if slot.server.transport == TurnTransport::Udp
+                    && slot.server.addr.is_ipv4() == addr.is_ipv4()
+                {
+                    let cfg = turn_config(&slot.server);
+                    slot.client = Some(TurnClient::Udp(TurnClientUdp::allocate(
+                        addr,
+                        slot.server.addr,
+                        cfg,
+                    )));
+                    slot.wait_until = Some(now);
+                }
+            }
+        }
+        self.process(now);
+        true
+    }
+
+    /// The caller connected the stream for TURN server `stream` (TLS handshake done when TLS);
+    /// `local` is the stream's local address.
+    pub fn turn_stream_connected(&mut self, stream: StreamId, local: SocketAddr, now: Instant) {
+        let Some(slot) = self.turns.get_mut(stream.0) else {
+            return;
+        };
+        if slot.server.transport == TurnTransport::Udp || slot.client.is_some() {
+            return;
+        }
+        let cfg = turn_config(&slot.server);
+        slot.client = Some(TurnClient::Tcp(TurnClientTcp::allocate(
+            local,
+            slot.server.addr,
+            cfg,
+        )));
+        slot.wait_until = Some(now);
+        self.process(now);
+    }
+
+    /// The caller could not connect the stream for TURN server `stream`, or it closed.
+    pub fn turn_stream_failed(&mut self, stream: StreamId, now: Instant) {
+        if let Some(slot) = self.turns.get_mut(stream.0) {
+            warn!(server = ?slot.server, "TURN stream failed");
+            slot.failed = true;
+            slot.client = None;
+        }
+        self.process(now);
+    }
+
+    /// The peer's credentials, from signaling. Checks start once they are known.
+    pub fn set_remote_credentials(&mut self, creds: &Credentials, now: Instant) {
+        self.ice.set_remote_credentials(IceCreds {
+            ufrag: creds.ufrag.clone(),
+            pass: creds.pwd.clone(),
+        });
+        self.remote_creds = true;
+        self.checking_since.get_or_insert(now);
+        self.ice_due = Some(now);
+        self.process(now);
+    }
+
+    /// A trickled remote candidate. Ignored, with a log line and `false`, when its address is
+    /// loopback, link-local, unspecified or multicast, or past
+    /// [`Config::max_remote_candidates`]. Checks towards it are paced by the Ta timer.
+    pub fn add_remote_candidate(&mut self, c: &Candidate, now: Instant) -> bool {
+        if let Err(why) = check_remote_addr(c.addr, self.config.allow_loopback) {
+            self.stats.remote_candidates_ignored += 1;
+            info!(candidate = %c, %why, "remote candidate ignored");
+            return false;
+        }
+        if self.remote.contains_key(&c.addr) {
+            return true;
+        }
+        if self.remote.len() >= self.config.max_remote_candidates {
+            self.stats.remote_candidates_ignored += 1;
+            if !self.cap_warned {
+                self.cap_warned = true;
+                warn!(
+                    max = self.config.max_remote_candidates,
+                    "too many remote candidates; ignoring the rest"
+                );
+            }
+            return false;
+        }
+        let Ok(ic) = is::Candidate::from_sdp_string(&c.to_string()) else {
+            self.stats.remote_candidates_ignored += 1;
+            info!(candidate = %c, "remote candidate not understood");
+            return false;
+        };
+        debug!(candidate = %c, "remote candidate");
+        self.stats.remote_candidates += 1;
+        self.remote.insert(c.addr, c.kind);
+        self.ice.add_remote_candidate(ic);
+        if self.remote_ips.insert(c.addr.ip()) {
+            let ip = c.addr.ip();
+            let tnow = self.turn_now(now);
+            for slot in &mut self.turns {
+                if slot.relayed.is_some_and(|r| r.is_ipv4() == ip.is_ipv4())
+                    && let Some(client) = &mut slot.client
+                {
+                    let _ = client.create_permission(TransportType::Udp, ip, tnow);
+                }
+            }
+        }
+        if self.remote_creds {
+            self.checking_since.get_or_insert(now);
+        }
+        self.ice_due = Some(now);
+        self.process(now);
+        true
+    }
+
+    /// Which kind of packet a datagram from `from` is (a TURN server's address makes 64..=79
+    /// ChannelData rather than QUIC). Call per GRO segment.
+    pub fn classify(&self, from: SocketAddr, data: &[u8]) -> Packet {
+        classify(data, self.udp_turn(from).is_some())
+    }
+
+    /// Feeds one datagram (one GRO segment) received on the socket at `local` from `from`.
+    /// Application data comes back as [`Received::App`], without a copy when possible; the
+    /// rest is consumed. Then drain the outputs.
+    pub fn handle_datagram<'a>(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        local: SocketAddr,
+        data: &'a [u8],
+    ) -> Received<'a> {
+        let turn = self.udp_turn(from);
+        let r = match classify(data, turn.is_some()) {
+            Packet::Quic => return Received::App { peer: from, data },
+            Packet::Other => Received::Ignored,
+            Packet::Stun => {
+                if self.handle_query_response(now, from, data) {
+                    Received::Handled
+                } else if let Some(r) = turn.and_then(|i| self.turn_recv(i, now, from, local, data))
+                {
+                    r
+                } else {
+                    self.handle_stun(now, from, local, data);
+                    Received::Handled
+                }
+            }
+            Packet::ChannelData => match turn {
+                Some(i) => self
+                    .turn_recv(i, now, from, local, data)
+                    .unwrap_or(Received::Ignored),
+                None => Received::Ignored,
+            },
+        };
+        if r == Received::Ignored {
+            self.stats.dropped += 1;
+        }
+        self.process(now);
+        r
+    }
+
+    /// Feeds bytes read from the TURN stream `stream` (plaintext after TLS). Application
+    /// data that arrives this way is queued for [`Agent::poll_app`].
+    pub fn handle_stream_data(&mut self, now: Instant, stream: StreamId, data: &[u8]) {
+        let tnow = self.turn_now(now);
+        let Some(slot) = self.turns.get_mut(stream.0) else {
+            return;
+        };
+        let relayed = slot.relayed.unwrap_or(UNSPEC);
+        let Some(client) = &mut slot.client else {
+            return;
+        };
+        let (server, local) = (client.remote_addr(), client.local_addr());
+        let mut peer_data = Vec::new();
+        match client.recv(
+            TurnTransmit::new(data, TransportType::Tcp, server, local),
+            tnow,
+        ) {
+            TurnRecvRet::PeerData(pd) => peer_data.push((pd.peer, pd.data().to_vec())),
+            TurnRecvRet::Handled | TurnRecvRet::Ignored(_) | TurnRecvRet::PeerIcmp { .. } => {}
+        }
+        while let Some(pd) = client.poll_recv(tnow) {
+            peer_data.push((pd.peer, pd.data().to_vec()));
+        }
+        for (peer, inner) in peer_data {
+            self.relayed_inner(now, peer, relayed, &inner, true);
+        }
+        self.process(now);
+    }
+
+    /// Advances timers: paced checks, STUN retransmissions, TURN refreshes, time-outs.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.process(now);
+    }
+
+    /// The next datagram or stream bytes to send.
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// When to call [`Agent::handle_timeout`] next.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut next = self.ice_due;
+        let mut take = |t: Option<Instant>| {
+            if let Some(t) = t {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+        };
+        for q in self.queries.iter().filter(|q| !q.done) {
+            take(Some(q.next));
+        }
+        for slot in &self.turns {
+            take(slot.wait_until);
+        }
+        if !self.failed {
+            if self.selected.is_none() {
+                take(self.checking_since.map(|t| t + self.config.connect_timeout));
+            } else {
+                take(
+                    self.last_check_response
+                        .map(|t| t + self.config.consent_timeout),
+                );
+            }
+        }
+        next
+    }
+
+    /// The next event.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// The next application datagram that needed a copy (relayed over a stream).
+    #[must_use]
+    pub fn poll_app(&mut self) -> Option<AppDatagram> {
+        self.app.pop_front()
+    }
+
+    /// Prepares one application datagram for the selected path. For a direct path `out` is
+    /// untouched and the caller sends `data` as is; when we relay, `out` receives the TURN
+    /// framing and data (ChannelData over UDP once the channel is bound, a Send indication
+    /// before that and on streams) and the caller sends `out`.
+    pub fn wrap(
+        &mut self,
+        now: Instant,
+        data: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<SendVia, WrapError> {
+        let sel = self.selected.ok_or(WrapError::NotSelected)?;
+        if sel.local_kind != CandidateKind::Relay {
+            return Ok(SendVia::Direct {
+                from: sel.local,
+                to: sel.remote,
+            });
+        }
+        let tnow = self.turn_now(now);
+        let (idx, slot) = self
+            .turns
+            .iter_mut()
+            .enumerate()
+            .find(|(_, s)| s.relayed == Some(sel.local))
+            .ok_or(WrapError::RelayNotReady)?;
+        let stream = slot.stream(idx);
+        let client = slot.client.as_mut().ok_or(WrapError::RelayNotReady)?;
+        let from = client.local_addr();
+        let tb = client
+            .send_to(TransportType::Udp, sel.remote, data, tnow)
+            .map_err(|_| WrapError::RelayNotReady)?
+            .ok_or(WrapError::RelayNotReady)?;
+        out.clear();
+        out.resize(
+            turn_client_proto::prelude::DelayedTransmitBuild::len(&tb.data),
+            0,
+        );
+        let n = tb.write_into(out).data.len();
+        out.truncate(n);
+        Ok(match stream {
+            Some(s) => SendVia::TurnStream(s),
+            None => SendVia::TurnUdp {
+                from,
+                to: slot.server.addr,
+            },
+        })
+    }
+
+    /// The selected pair, if any.
+    pub fn selected(&self) -> Option<Selected> {
+        self.selected
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> Stats {
+        let mut s = self.stats;
+        s.checks_sent = self.ice.stats().bind_request_sent;
+        s
+    }
+
+    // --- internals ----------------------------------------------------------------------
+
+    fn turn_now(&self, now: Instant) -> TurnInstant {
+        let ns = now.saturating_duration_since(self.epoch).as_nanos();
+        TurnInstant::from_nanos(i64::try_from(ns).unwrap_or(i64::MAX))
+    }
+
+    fn std_instant(&self, t: TurnInstant) -> Instant {
+        self.epoch + Duration::from_nanos(u64::try_from(t.as_nanos()).unwrap_or(0))
+    }
+
+    fn udp_turn(&self, from: SocketAddr) -> Option<usize> {
+        self.turns.iter().position(|s| {
+            s.server.transport == TurnTransport::Udp && s.server.addr == from && s.client.is_some()
+        })
+    }
+
+    /// Runs everything that is due and moves outputs into the queues.
+    fn process(&mut self, now: Instant) {
+        // STUN queries for server-reflexive candidates: RFC 8489 §6.2.1 style retransmission,
+        // 250 ms doubling, 6 tries (about 8 s).
+        for q in &mut self.queries {
+            if q.done || now < q.next {
+                continue;
+            }
+            if q.sent >= 6 {
+                q.done = true;
+                info!(server = %q.server, "STUN server did not answer");
+                continue;
+            }
+            self.transmits.push_back(Transmit {
+                stream: None,
+                from: q.base,
+                to: q.server,
+                data: q.request.clone(),
+            });
+            q.next = now + Duration::from_millis(250) * (1 << q.sent);
+            q.sent += 1;
+        }
+        // TURN clients.
+        for i in 0..self.turns.len() {
+            self.turn_poll(i, now);
+        }
+        // The ICE agent, never more often than its own schedule: that is what paces checks.
+        if self.ice_due.is_some_and(|t| now >= t) {
+            self.ice.handle_timeout(now);
+            self.ice_due = self.ice.poll_timeout();
+        }
+        self.drain_ice(now);
+        self.check_failure(now);
+    }
+
+    fn drain_ice(&mut self, now: Instant) {
+        while let Some(t) = self.ice.poll_transmit() {
+            let data: Vec<u8> = t.contents.into();
+            if let Some(i) = self.turns.iter().position(|s| s.relayed == Some(t.source)) {
+                self.send_via_turn(i, now, t.destination, &data);
+            } else {
+                self.transmits.push_back(Transmit {
+                    stream: None,
+                    from: t.source,
+                    to: t.destination,
+                    data,
+                });
+            }
+        }
+        let mut due_again = false;
+        while let Some(e) = self.ice.poll_event() {
+            match e {
+                IceAgentEvent::NominatedSend {
+                    source,
+                    destination,
+                    ..
+                } => self.select(now, source, destination),
+                IceAgentEvent::IceConnectionStateChange(s) => {
+                    debug!(state = ?s, "ICE state");
+                    if s.is_connected() {
+                        self.last_check_response = Some(now);
+                    }
+                    due_again = true;
+                }
+                IceAgentEvent::DiscoveredRecv { .. } | IceAgentEvent::IceRestart(_) => {}
+            }
+        }
+        if due_again {
+            self.ice_due = self.ice.poll_timeout().or(self.ice_due);
+        }
+        if self.ice.state().is_connected() {
+            self.last_check_response = Some(now);
+        }
+    }
+
+    fn select(&mut self, now: Instant, source: SocketAddr, destination: SocketAddr) {
+        let relay_slot = self.turns.iter().position(|s| s.relayed == Some(source));
+        let remote_kind = self
+            .remote
+            .get(&destination)
+            .copied()
+            .unwrap_or(CandidateKind::Prflx);
+        let local_kind = if relay_slot.is_some() {
+            CandidateKind::Relay
+        } else if remote_kind == CandidateKind::Host {
+            CandidateKind::Host
+        } else {
+            // We sent from a host socket to a reflexive address: behind a NAT our side is
+            // reached through its mapping (srflx), or the peer's is.
+            CandidateKind::Srflx
+        };
+        let kind = if local_kind == CandidateKind::Relay || remote_kind == CandidateKind::Relay {
+            RouteKind::Relay
+        } else if remote_kind == CandidateKind::Host {
+            RouteKind::Host
+        } else {
+            RouteKind::Srflx
+        };
+        let transport = relay_slot.map_or(TurnTransport::Udp, |i| self.turns[i].server.transport);
+        let sel = Selected {
+            local: source,
+            remote: destination,
+            kind,
+            local_kind,
+            remote_kind,
+            transport,
+        };
+        if self.selected == Some(sel) {
+            return;
+        }
+        info!(?sel, "ICE pair selected");
+        self.selected = Some(sel);
+        self.last_check_response = Some(now);
+        if let Some(i) = relay_slot {
+            let tnow = self.turn_now(now);
+            let slot = &mut self.turns[i];
+            // why: ChannelData (4 bytes) instead of Send indications (36+) on the hot path.
+            // Not on streams: turn-client-proto does not pad ChannelData to 4 bytes there.
+            if slot.server.transport == TurnTransport::Udp
+                && slot.channel_peer != Some(destination)
+                && let Some(client) = &mut slot.client
+                && client
+                    .bind_channel(TransportType::Udp, destination, tnow)
+                    .is_ok()
+            {
+                slot.channel_peer = Some(destination);
+            }
+        }
+        self.events.push_back(Event::Selected(sel));
+    }
+
+    fn check_failure(&mut self, now: Instant) {
+        if self.failed {
+            return;
+        }
+        let reason = match (self.selected, self.checking_since, self.last_check_response) {
+            (None, Some(since), _) if now >= since + self.config.connect_timeout => {
+                FailReason::Timeout(self.config.connect_timeout)
+            }
+            (Some(_), _, Some(last))
+                if !self.ice.state().is_connected()
+                    && now >= last + self.config.consent_timeout =>
+            {
+                FailReason::ConsentLost(self.config.consent_timeout)
+            }
+            _ => return,
+        };
+        warn!(%reason, "ICE failed");
+        self.failed = true;
+        self.events.push_back(Event::Failed(reason));
+    }
+
+    fn handle_query_response(&mut self, now: Instant, from: SocketAddr, data: &[u8]) -> bool {
+        let Some((trans_id, mapped)) = stun::binding_success(data) else {
+            return false;
+        };
+        let Some(q) = self
+            .queries
+            .iter_mut()
+            .find(|q| q.server == from && q.trans_id == trans_id)
+        else {
+            return false;
+        };
+        if q.done {
+            return true;
+        }
+        q.done = true;
+        let base = q.base;
+        if mapped == base {
+            debug!(%mapped, "no NAT towards the STUN server");
+            return true;
+        }
+        if let Ok(c) = is::Candidate::server_reflexive(mapped, base, "udp")
+            && let Some(c) = self.ice.add_local_candidate(c)
+        {
+            let mut c = from_is(c);
+            c.related = Some(base);
+            info!(candidate = %c, "local candidate");
+            self.events.push_back(Event::LocalCandidate(c));
+        }
+        self.ice_due = Some(now);
+        true
+    }
+
+    fn handle_stun(&mut self, now: Instant, from: SocketAddr, local: SocketAddr, data: &[u8]) {
+        let message = match StunMessage::parse(data) {
+            Ok(m) => m,
+            Err(e) => {
+                debug!(%from, ?e, "unparsable STUN");
+                self.stats.dropped += 1;
+                return;
+            }
+        };
+        self.feed_ice(now, from, local, message);
+    }
+
+    fn feed_ice(
+        &mut self,
+        now: Instant,
+        source: SocketAddr,
+        destination: SocketAddr,
+        message: StunMessage<'_>,
+    ) {
+        let packet = StunPacket {
+            proto: Protocol::Udp,
+            source,
+            destination,
+            message,
+        };
+        if !self.ice.handle_packet(now, packet) {
+            self.stats.stun_refused += 1;
+            debug!(%source, "STUN refused (bad integrity, unknown user or unexpected)");
+            return;
+        }
+        // A request or response can make a check due now (triggered check, nomination).
+        self.ice_due = Some(
+            self.ice_due
+                .map_or(now, |t| t.min(now + self.config.check_interval)),
+        );
+    }
+
+    /// Data from the TURN server at `from` on the UDP socket.
+    fn turn_recv<'a>(
+        &mut self,
+        i: usize,
+        now: Instant,
+        from: SocketAddr,
+        local: SocketAddr,
+        data: &'a [u8],
+    ) -> Option<Received<'a>> {
+        let tnow = self.turn_now(now);
+        let slot = &mut self.turns[i];
+        let relayed = slot.relayed.unwrap_or(UNSPEC);
+        let client = slot.client.as_mut()?;
+        let (peer, inner_range) = match client.recv(
+            TurnTransmit::new(data, TransportType::Udp, from, local),
+            tnow,
+        ) {
+            TurnRecvRet::Handled => {
+                slot.wait_until = Some(now);
+                return Some(Received::Handled);
+            }
+            TurnRecvRet::Ignored(_) => return None,
+            TurnRecvRet::PeerIcmp { .. } => return Some(Received::Handled),
+            TurnRecvRet::PeerData(pd) => (pd.peer, sub_range(data, pd.data())),
+        };
+        let inner: &'a [u8] = match inner_range {
+            Some(r) => &data[r],
+            None => return Some(Received::Handled),
+        };
+        Some(self.relayed_inner(now, peer, relayed, inner, false))
+    }
+
+    /// A datagram the peer sent to our relayed address.
+    fn relayed_inner<'a>(
+        &mut self,
+        now: Instant,
+        peer: SocketAddr,
+        relayed: SocketAddr,
+        inner: &'a [u8],
+        queue_app: bool,
+    ) -> Received<'a> {
+        match classify(inner, false) {
+            Packet::Stun => {
+                if let Ok(message) = StunMessage::parse(inner) {
+                    self.feed_ice(now, peer, relayed, message);
+                }
+                Received::Handled
+            }
+            Packet::Quic | Packet::ChannelData => {
+                if queue_app {
+                    self.app.push_back(AppDatagram {
+                        peer,
+                        data: inner.to_vec(),
+                    });
+                    Received::Handled
+                } else {
+                    Received::App { peer, data: inner }
+                }
+            }
+            Packet::Other => Received::Ignored,
+        }
+    }
+
+    fn send_via_turn(&mut self, i: usize, now: Instant, to: SocketAddr, data: &[u8]) {
+        let tnow = self.turn_now(now);
+        let slot = &mut self.turns[i];
+        let stream = slot.stream(i);
+        let Some(client) = &mut slot.client else {
+            return;
+        };
+        match client.send_to(TransportType::Udp, to, data, tnow) {
+            Ok(Some(tb)) => {
+                let t = tb.build();
+                self.transmits.push_back(Transmit {
+                    stream,
+                    from: t.from,
+                    to: t.to,
+                    data: t.data,
+                });
+            }
+            Ok(None) => {}
+            Err(e) => {
+                // Permission still being created: the check is retransmitted later.
+                trace!(%to, ?e, "relay not ready for check");
+                if !client.have_permission(TransportType::Udp, to.ip()) {
+                    let _ = client.create_permission(TransportType::Udp, to.ip(), tnow);
+                }
+            }
+        }
+        slot.wait_until = Some(now);
+    }
+
+    fn turn_poll(&mut self, i: usize, now: Instant) {
+        let tnow = self.turn_now(now);
+        let slot = &mut self.turns[i];
+        if slot.wait_until.is_none_or(|t| now < t) {
+            return;
+        }
+        let stream = slot.stream(i);
+        let Some(client) = &mut slot.client else {
+            slot.wait_until = None;
+            return;
+        };
+        let mut wait = None;
+        match client.poll(tnow) {
+            TurnPollRet::WaitUntil(t) => wait = Some(t),
+            TurnPollRet::Closed => {
+                if slot.relayed.is_none() && !slot.failed {
+                    warn!(server = ?slot.server, "TURN allocation failed");
+                }
+                slot.failed = true;
+            }
+            TurnPollRet::AllocateTcpSocket { .. } | TurnPollRet::TcpClose { .. } => {}
+        }
+        while let Some(t) = client.poll_transmit(tnow) {
+            self.transmits.push_back(Transmit {
+                stream,
+                from: t.from,
+                to: t.to,
+                data: t.data.to_vec(),
+            });
+        }
+        let mut created = None;
+        while let Some(e) = client.poll_event() {
+            match e {
+                TurnEvent::AllocationCreated(_, relayed) => created = Some(relayed),
+                TurnEvent::AllocationCreateFailed(family) => {
+                    warn!(server = ?slot.server, ?family, "TURN allocation refused");
+                }
+                TurnEvent::PermissionCreateFailed(_, ip) => {
+                    debug!(%ip, "TURN permission refused");
+                }
+                TurnEvent::ChannelCreateFailed(_, peer) => {
+                    debug!(%peer, "TURN channel refused");
+                    slot.channel_peer = None;
+                }
+                _ => {}
+            }
+        }
+        if let Some(relayed) = created {
+            let local = client.local_addr();
+            for ip in self
+                .remote_ips
+                .iter()
+                .filter(|ip| ip.is_ipv4() == relayed.is_ipv4())
+            {
+                let _ = client.create_permission(TransportType::Udp, *ip, tnow);
+            }
+            slot.relayed = Some(relayed);
+            if let Ok(c) = is::Candidate::relayed(relayed, local, "udp")
+                && let Some(c) = self.ice.add_local_candidate(c)
+            {
+                let mut c = from_is(c);
+                c.related = Some(local);
+                info!(candidate = %c, via = slot.server.transport.as_str(), "local candidate");
+                self.events.push_back(Event::LocalCandidate(c));
+            }
+            self.ice_due = Some(now);
+            // New permissions have transmits: poll again right away.
+            let slot = &mut self.turns[i];
+            slot.wait_until = Some(now);
+            if let Some(client) = &mut slot.client {
+                while let Some(t) = client.poll_transmit(tnow) {
+                    self.transmits.push_back(Transmit {
+                        stream,
+                        from: t.from,
+                        to: t.to,
+                        data: t.data.to_vec(),
+                    });
+                }
+            }
+            return;
+        }
+        let w = wait.map(|t| self.std_instant(t));
+        // why: a WaitUntil in the past would spin; turn-client-proto reports "now" when it has
+        // nothing better, so poll again no sooner than 10 ms later.
+        self.turns[i].wait_until = w.map(|w| w.max(now + Duration::from_millis(10)));
+    }
+}
+
+/// The range of `inner` inside `outer`, when `inner` is a sub-slice of it (no copy made).
+fn sub_range(outer: &[u8], inner: &[u8]) -> Option<std::ops::Range<usize>> {
+    let start = (inner.as_ptr() as usize).checked_sub(outer.as_ptr() as usize)?;
+    let end = start.checked_add(inner.len())?;
+    (end <= outer.len()).then_some(start..end)
+}
+
+fn from_is(c: &is::Candidate) -> Candidate {
+    let kind = match c.kind() {
+        is::CandidateKind::Host => CandidateKind::Host,
+        is::CandidateKind::ServerReflexive => CandidateKind::Srflx,
+        is::CandidateKind::PeerReflexive => CandidateKind::Prflx,
+        is::CandidateKind::Relayed => CandidateKind::Relay,
+    };
+    // why: `is` builds the foundation and priority; reuse its own string form for them.
+    let parsed = c.to_sdp_string().parse::<Candidate>().ok();
+    Candidate {
+        kind,
+        addr: c.addr(),
+        priority: c.prio(),
+        foundation: parsed.map_or_else(|| "1".to_owned(), |p| p.foundation),
+        component: 1,
+        related: None,
+    }
+}
+
+fn turn_config(server: &TurnServer) -> TurnConfig {
+    TurnConfig::new(TurnCredentials::new(&server.username, &server.password))
+}
+
+const UNSPEC: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
+const DEFAULT_MAX_REMOTE_CANDIDATES: usize = 100;
