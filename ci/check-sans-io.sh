@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 fail=0
-for crate in flux-wire flux-transfer flux-quic flux-signal-proto; do
+for crate in flux-wire flux-transfer flux-quic flux-signal-proto flux-ice; do
     deps=$(cargo tree -p "$crate" -e normal --prefix none --format '{p}' | awk '{print $1}' | sort -u)
     for banned in tokio mio io-uring hyper socket2 flux-engine flux-udp flux-peer flux-signal; do
         if grep -qx "$banned" <<<"$deps"; then

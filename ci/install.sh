@@ -3,8 +3,9 @@
 set -euo pipefail
 
 need_apt=()
-# iproute2 / nftables: network-namespace tests; coturn: TURN relay for NAT-lab tests.
-for pkg_cmd in "iproute2:ip" "nftables:nft" "coturn:turnserver"; do
+# iproute2 / nftables: network-namespace tests; coturn: TURN relay for NAT-lab tests;
+# ethtool: offloads off on lab links (tools/natlab); openssl: the lab's TURN TLS certificate.
+for pkg_cmd in "iproute2:ip" "nftables:nft" "coturn:turnserver" "ethtool:ethtool" "openssl:openssl"; do
     pkg=${pkg_cmd%%:*}; cmd=${pkg_cmd##*:}
     command -v "$cmd" >/dev/null 2>&1 || need_apt+=("$pkg")
 done

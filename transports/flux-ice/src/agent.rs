@@ -394,6 +394,7 @@ pub struct Agent {
     remote_creds: bool,
     checking_since: Option<Instant>,
     ice_due: Option<Instant>,
+    ice_ran: Option<Instant>,
     last_check_response: Option<Instant>,
     selected: Option<Selected>,
     failed: bool,
@@ -464,6 +465,7 @@ impl Agent {
             remote_creds: false,
             checking_since: None,
             ice_due: Some(now),
+            ice_ran: None,
             last_check_response: None,
             selected: None,
             failed: false,
@@ -571,7 +573,7 @@ impl Agent {
         });
         self.remote_creds = true;
         self.checking_since.get_or_insert(now);
-        self.ice_due = Some(now);
+        self.schedule_ice(now);
         self.process(now);
     }
 
@@ -621,7 +623,7 @@ impl Agent {
         if self.remote_creds {
             self.checking_since.get_or_insert(now);
         }
-        self.ice_due = Some(now);
+        self.schedule_ice(now);
         self.process(now);
         true
     }
@@ -821,6 +823,15 @@ impl Agent {
         self.epoch + Duration::from_nanos(u64::try_from(t.as_nanos()).unwrap_or(0))
     }
 
+    /// Asks for the ICE scheduler to run soon, but never sooner than Ta after its last run:
+    /// new candidates, credentials or incoming checks must not bypass the pacing.
+    fn schedule_ice(&mut self, now: Instant) {
+        let earliest = self
+            .ice_ran
+            .map_or(now, |t| (t + self.config.check_interval).max(now));
+        self.ice_due = Some(self.ice_due.map_or(earliest, |d| d.min(earliest)));
+    }
+
     fn udp_turn(&self, from: SocketAddr) -> Option<usize> {
         self.turns.iter().position(|s| {
             s.server.transport == TurnTransport::Udp && s.server.addr == from && s.client.is_some()
@@ -856,6 +867,7 @@ impl Agent {
         // The ICE agent, never more often than its own schedule: that is what paces checks.
         if self.ice_due.is_some_and(|t| now >= t) {
             self.ice.handle_timeout(now);
+            self.ice_ran = Some(now);
             self.ice_due = self.ice.poll_timeout();
         }
         self.drain_ice(now);
@@ -1007,7 +1019,7 @@ impl Agent {
             info!(candidate = %c, "local candidate");
             self.events.push_back(Event::LocalCandidate(c));
         }
-        self.ice_due = Some(now);
+        self.schedule_ice(now);
         true
     }
 
@@ -1042,10 +1054,7 @@ impl Agent {
             return;
         }
         // A request or response can make a check due now (triggered check, nomination).
-        self.ice_due = Some(
-            self.ice_due
-                .map_or(now, |t| t.min(now + self.config.check_interval)),
-        );
+        self.schedule_ice(now);
     }
 
     /// Data from the TURN server at `from` on the UDP socket.
@@ -1205,7 +1214,7 @@ impl Agent {
                 info!(candidate = %c, via = slot.server.transport.as_str(), "local candidate");
                 self.events.push_back(Event::LocalCandidate(c));
             }
-            self.ice_due = Some(now);
+            self.schedule_ice(now);
             // New permissions have transmits: poll again right away.
             let slot = &mut self.turns[i];
             slot.wait_until = Some(now);

@@ -1,0 +1,297 @@
+//! Agent behaviour in virtual time: two agents connecting, and the bad-input catalogue
+//! (candidate floods, unusable addresses, bad integrity, garbage bytes).
+#![allow(
+    clippy::unwrap_used,
+    clippy::disallowed_methods,
+    clippy::disallowed_types
+)]
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use flux_ice::{
+    Agent, Candidate, CandidateKind, Config, Credentials, Event, Received, Role, RouteKind,
+    StreamId, TurnServer, TurnTransport,
+};
+use is::Sha1HmacProvider;
+
+fn creds(n: u8) -> Credentials {
+    Credentials::from_random(&[n; 18])
+}
+
+fn agent(role: Role, n: u8, host: &str, now: Instant) -> Agent {
+    let mut a = Agent::new(Config::new(role, creds(n), u64::from(n) * 7919), now);
+    assert!(a.add_host(host.parse().unwrap(), now));
+    a
+}
+
+fn events(a: &mut Agent) -> Vec<Event> {
+    std::iter::from_fn(|| a.poll_event()).collect()
+}
+
+fn local_candidates(evs: &[Event]) -> Vec<Candidate> {
+    evs.iter()
+        .filter_map(|e| match e {
+            Event::LocalCandidate(c) => Some(c.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn two_hosts_connect_and_select_a_host_pair() {
+    let t0 = Instant::now();
+    let mut a = agent(Role::Controlling, 1, "10.0.0.1:1000", t0);
+    let mut b = agent(Role::Controlled, 2, "10.0.0.2:2000", t0);
+    let ca = local_candidates(&events(&mut a));
+    let cb = local_candidates(&events(&mut b));
+    assert_eq!(ca.len(), 1);
+    a.set_remote_credentials(&creds(2), t0);
+    b.set_remote_credentials(&creds(1), t0);
+    // Trickled through their string form, as signaling carries them.
+    for c in &cb {
+        assert!(a.add_remote_candidate(&c.to_string().parse().unwrap(), t0));
+    }
+    for c in &ca {
+        assert!(b.add_remote_candidate(&c.to_string().parse().unwrap(), t0));
+    }
+    let (mut sel_a, mut sel_b) = (None, None);
+    let mut now = t0;
+    while now < t0 + Duration::from_secs(5) && (sel_a.is_none() || sel_b.is_none()) {
+        now += Duration::from_millis(1);
+        step(&mut a, &mut b, now);
+        step(&mut b, &mut a, now);
+        for e in events(&mut a) {
+            if let Event::Selected(s) = e {
+                sel_a = Some((s, now));
+            }
+        }
+        for e in events(&mut b) {
+            if let Event::Selected(s) = e {
+                sel_b = Some((s, now));
+            }
+        }
+    }
+    let (sa, ta) = sel_a.expect("controlling side selected a pair");
+    let (sb, _) = sel_b.expect("controlled side selected a pair");
+    assert_eq!(sa.kind, RouteKind::Host);
+    assert_eq!(sb.kind, RouteKind::Host);
+    assert_eq!(sa.remote, "10.0.0.2:2000".parse().unwrap());
+    assert_eq!(sb.remote, "10.0.0.1:1000".parse().unwrap());
+    assert!(ta - t0 < Duration::from_secs(1), "took {:?}", ta - t0);
+    // Application data: direct, no framing.
+    let mut out = Vec::new();
+    assert_eq!(
+        a.wrap(now, b"\xc0data", &mut out),
+        Ok(flux_ice::SendVia::Direct {
+            from: "10.0.0.1:1000".parse().unwrap(),
+            to: "10.0.0.2:2000".parse().unwrap()
+        })
+    );
+    assert!(out.is_empty());
+    assert_eq!(
+        b.handle_datagram(now, sa.local, sb.local, b"\xc0data"),
+        Received::App {
+            peer: sa.local,
+            data: b"\xc0data"
+        }
+    );
+}
+
+fn step(from: &mut Agent, to: &mut Agent, now: Instant) {
+    if from.poll_timeout().is_some_and(|t| now >= t) {
+        from.handle_timeout(now);
+    }
+    while let Some(t) = from.poll_transmit() {
+        assert!(t.stream.is_none());
+        let r = to.handle_datagram(now, t.from, t.to, &t.data);
+        assert_eq!(r, Received::Handled);
+    }
+}
+
+/// A peer that trickles 10,000 candidates gets 100 accepted, and the checks towards them are
+/// paced by Ta (50 ms): no storm towards third parties.
+#[test]
+fn ten_thousand_candidates_are_capped_and_paced() {
+    let t0 = Instant::now();
+    let mut a = agent(Role::Controlling, 1, "10.0.0.1:1000", t0);
+    a.set_remote_credentials(&creds(2), t0);
+    let mut accepted = 0;
+    for i in 0..10_000u32 {
+        let c = Candidate {
+            kind: CandidateKind::Host,
+            addr: SocketAddr::from(([198, 18, (i >> 8) as u8, i as u8], 4000)),
+            priority: 2_000_000_000 - i,
+            foundation: format!("f{i}"),
+            component: 1,
+            related: None,
+        };
+        if a.add_remote_candidate(&c, t0) {
+            accepted += 1;
+        }
+    }
+    assert_eq!(accepted, 100);
+    assert_eq!(a.stats().remote_candidates_ignored, 9_900);
+    let mut sent = 0u32;
+    let mut targets = HashSet::new();
+    let mut now = t0;
+    let run = Duration::from_secs(5);
+    while now < t0 + run {
+        while let Some(t) = a.poll_transmit() {
+            sent += 1;
+            targets.insert(t.to);
+        }
+        now += Duration::from_millis(1);
+        // A driver that calls far too often must not speed checks up.
+        a.handle_timeout(now);
+    }
+    let limit = u32::try_from(run.as_millis() / 50).unwrap() + 2;
+    println!(
+        "{sent} checks to {} targets in {run:?} (limit {limit})",
+        targets.len()
+    );
+    assert!(sent <= limit, "{sent} checks in {run:?}, limit {limit}");
+    assert!(sent >= 20, "checks must still run: {sent}");
+    assert!(targets.len() <= 100);
+}
+
+#[test]
+fn loopback_link_local_and_unspecified_candidates_are_ignored() {
+    let t0 = Instant::now();
+    let mut a = agent(Role::Controlling, 1, "10.0.0.1:1000", t0);
+    a.set_remote_credentials(&creds(2), t0);
+    let bad = [
+        "127.0.0.1:5000",
+        "[::1]:5000",
+        "169.254.10.1:5000",
+        "[fe80::1]:5000",
+        "0.0.0.0:5000",
+        "[::]:5000",
+        "224.0.0.251:5353",
+        "255.255.255.255:5000",
+        "10.0.0.9:0",
+    ];
+    for addr in bad {
+        let c = Candidate {
+            kind: CandidateKind::Host,
+            addr: addr.parse().unwrap(),
+            priority: 1,
+            foundation: "x".into(),
+            component: 1,
+            related: None,
+        };
+        assert!(!a.add_remote_candidate(&c, t0), "{addr} accepted");
+    }
+    assert_eq!(a.stats().remote_candidates_ignored, bad.len() as u64);
+    let mut now = t0;
+    for _ in 0..2000 {
+        now += Duration::from_millis(1);
+        a.handle_timeout(now);
+        // Only the agent's own STUN gathering would send; there is none configured.
+        assert_eq!(a.poll_transmit(), None);
+    }
+    // Our own host address is refused the same way.
+    assert!(!a.add_host("127.0.0.1:1".parse().unwrap(), now));
+    assert!(!a.add_host("169.254.0.1:1".parse().unwrap(), now));
+}
+
+fn binding_request(username: &str, password: &[u8]) -> Vec<u8> {
+    let msg = is::stun::StunMessage::binding_request(
+        username,
+        is::stun::TransId::new(),
+        true,
+        42,
+        1_862_270_719,
+        false,
+    );
+    let mut buf = vec![0u8; 512];
+    let n = msg
+        .to_bytes(Some(password), &mut buf, |k, p| {
+            is::DefaultSha1HmacProvider.sha1_hmac(k, p)
+        })
+        .unwrap();
+    buf.truncate(n);
+    buf
+}
+
+#[test]
+fn stun_with_bad_integrity_is_refused() {
+    let t0 = Instant::now();
+    let mut b = agent(Role::Controlled, 2, "10.0.0.2:2000", t0);
+    b.set_remote_credentials(&creds(1), t0);
+    let _ = std::iter::from_fn(|| b.poll_transmit()).count();
+    let me: SocketAddr = "10.0.0.2:2000".parse().unwrap();
+    let peer: SocketAddr = "10.0.0.1:1000".parse().unwrap();
+    // Username is "<receiver ufrag>:<sender ufrag>"; the key is the receiver's password.
+    let user = format!("{}:{}", creds(2).ufrag, creds(1).ufrag);
+    let forged = binding_request(&user, b"not-the-password-at-all");
+    assert_eq!(b.handle_datagram(t0, peer, me, &forged), Received::Handled);
+    assert_eq!(b.stats().stun_refused, 1);
+    assert!(
+        std::iter::from_fn(|| b.poll_transmit()).all(|t| t.to != peer),
+        "answered a forged check"
+    );
+    // The same request with the right password is answered: the refusal above is about
+    // integrity, not about the message shape.
+    let good = binding_request(&user, creds(2).pwd.as_bytes());
+    assert_eq!(b.handle_datagram(t0, peer, me, &good), Received::Handled);
+    assert_eq!(b.stats().stun_refused, 1);
+    assert!(std::iter::from_fn(|| b.poll_transmit()).any(|t| t.to == peer));
+}
+
+fn agent_with_turn(now: Instant) -> Agent {
+    let mut config = Config::new(Role::Controlling, creds(1), 1);
+    config.stun_servers = vec!["198.51.100.2:3478".parse().unwrap()];
+    for transport in [TurnTransport::Udp, TurnTransport::Tcp] {
+        config.turn_servers.push(TurnServer {
+            addr: "198.51.100.2:3478".parse().unwrap(),
+            transport,
+            username: "u".into(),
+            password: "p".into(),
+        });
+    }
+    let mut a = Agent::new(config, now);
+    a.add_host("10.0.0.1:1000".parse().unwrap(), now);
+    a.turn_stream_connected(StreamId(1), "10.0.0.1:40000".parse().unwrap(), now);
+    a.set_remote_credentials(&creds(2), now);
+    a
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+    /// Garbage from anyone — a peer, the STUN/TURN server, a TURN stream — never panics.
+    #[test]
+    fn garbage_never_panics(
+        packets in proptest::collection::vec(
+            (0u8..4, proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)),
+            1..20,
+        )
+    ) {
+        let t0 = Instant::now();
+        let mut a = agent_with_turn(t0);
+        let server: SocketAddr = "198.51.100.2:3478".parse().unwrap();
+        let local: SocketAddr = "10.0.0.1:1000".parse().unwrap();
+        let mut now = t0;
+        for (who, mut data) in packets {
+            now += Duration::from_millis(7);
+            match who {
+                0 => { let _ = a.handle_datagram(now, server, local, &data); }
+                1 => { let _ = a.handle_datagram(now, "203.0.113.9:9".parse().unwrap(), local, &data); }
+                2 => a.handle_stream_data(now, StreamId(1), &data),
+                _ => {
+                    // Something that looks like STUN or ChannelData to reach deeper code.
+                    if data.len() >= 4 {
+                        data[0] = if data[1] & 1 == 0 { 0x01 } else { 0x40 };
+                        data[4..].iter_mut().take(4).zip(0x2112_A442u32.to_be_bytes()).for_each(|(b, c)| *b = c);
+                    }
+                    let _ = a.handle_datagram(now, server, local, &data);
+                }
+            }
+            a.handle_timeout(now);
+            while a.poll_transmit().is_some() {}
+            while a.poll_event().is_some() {}
+        }
+    }
+}
