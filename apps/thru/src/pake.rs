@@ -156,16 +156,13 @@ impl std::fmt::Display for AbortReason {
 pub enum PakeError {
     /// The peer's confirmation MAC is wrong: the codes differ, or someone in between changed
     /// the handshake (a fingerprint, an address, a SPAKE2 message).
-    #[error(
-        "pairing refused: the join code is wrong, or someone between the peers altered the \
-         handshake"
-    )]
+    #[error("the join code is wrong, or someone between the peers altered the handshake")]
     ConfirmFailed,
     /// The peer sent something that is not a valid message here.
-    #[error("pairing failed: malformed message from the peer ({0})")]
+    #[error("malformed message from the peer ({0})")]
     Malformed(&'static str),
     /// A valid message in the wrong place.
-    #[error("pairing failed: expected {expected} from the peer, got {got}")]
+    #[error("expected {expected} from the peer, got {got}")]
     Unexpected {
         /// What the state machine waits for.
         expected: &'static str,
@@ -173,13 +170,13 @@ pub enum PakeError {
         got: &'static str,
     },
     /// The peer gave up.
-    #[error("pairing failed: the peer aborted: {0}")]
+    #[error("the peer gave up: {0}")]
     PeerAborted(AbortReason),
     /// A LAN joiner reached this host with a code for another session (no guess spent).
-    #[error("pairing failed: the join code is for another session")]
+    #[error("the join code is for another session")]
     WrongSession,
     /// Another handshake version.
-    #[error("pairing failed: the peer speaks pairing version {0}, this thru speaks {VERSION}")]
+    #[error("the peer speaks pairing version {0}, this thru speaks {VERSION}")]
     Version(u32),
 }
 

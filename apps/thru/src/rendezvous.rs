@@ -162,7 +162,7 @@ pub enum PairError {
     )]
     NoSuchSession(RoutingId),
     /// The handshake with a peer failed.
-    #[error("{source} (peer: {peer})")]
+    #[error("{peer}: {source}")]
     Handshake {
         /// `host` or `joiner N`.
         peer: String,
@@ -178,7 +178,7 @@ pub enum PairError {
     SessionClosed(ErrorCode),
     /// A peer announced a candidate its authenticated handshake does not contain.
     #[error(
-        "pairing refused: candidate {addr} from {peer} is not one the peer vouched for \
+        "candidate {addr} from {peer} is not one the peer vouched for in the handshake \
          (altered in transit)"
     )]
     ForeignCandidate {

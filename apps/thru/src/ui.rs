@@ -251,7 +251,10 @@ impl Ui {
                         }
                     }
                 }
-                self.say(&msg);
+                // On stdout, even with --quiet: without the code nothing can happen.
+                let mut out = io::stdout().lock();
+                let _ = write!(out, "{msg}");
+                let _ = out.flush();
             }
         }
     }

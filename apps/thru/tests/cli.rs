@@ -1,0 +1,354 @@
+//! The real `thru` binary: generated completions and man page, version, exit codes, JSON
+//! events, and pairing between two `thru` processes (LAN with `--peer`, and through a real
+//! `thruserv`).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::{PATIENCE, Thruserv, thru_bin};
+use serde_json::Value;
+
+fn thru(args: &[&str]) -> Output {
+    Command::new(thru_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Every long flag and subcommand name in the clap definition, recursively.
+fn all_names() -> (Vec<String>, Vec<String>) {
+    fn walk(cmd: &clap::Command, flags: &mut Vec<String>, subs: &mut Vec<String>) {
+        for a in cmd.get_arguments() {
+            if let Some(l) = a.get_long() {
+                flags.push(format!("--{l}"));
+            }
+        }
+        for s in cmd.get_subcommands() {
+            subs.push(s.get_name().to_string());
+            walk(s, flags, subs);
+        }
+    }
+    let (mut flags, mut subs) = (Vec::new(), Vec::new());
+    walk(&thru::cli::command(), &mut flags, &mut subs);
+    flags.sort();
+    flags.dedup();
+    subs.sort();
+    subs.dedup();
+    (flags, subs)
+}
+
+#[test]
+fn completions_name_every_subcommand_and_flag() {
+    let (flags, subs) = all_names();
+    for want in [
+        "--server",
+        "--stun-server",
+        "--turn-server",
+        "--quic-conn-window-bytes",
+        "--quic-stream-window-bytes",
+        "--quic-max-incoming-streams",
+        "--chunk-size",
+        "--parallel-files",
+        "--max-receivers",
+        "--out",
+        "--benchmark",
+        "--version",
+        "--verbose",
+        "--io-driver",
+        "--cores",
+        "--yes",
+        "--force",
+        "--json",
+        "--peer",
+    ] {
+        assert!(flags.iter().any(|f| f == want), "{want} is not defined");
+    }
+    for sub in ["host", "join", "completions", "man"] {
+        assert!(subs.iter().any(|s| s == sub), "{sub}");
+    }
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let out = thru(&["completions", shell]);
+        assert!(out.status.success(), "{shell}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        for f in &flags {
+            // fish writes long flags as `-l name`.
+            let found = text.contains(f.as_str())
+                || text.contains(&format!("-l {}", f.trim_start_matches("--")));
+            assert!(found, "{shell} completion lacks {f}");
+        }
+        for s in &subs {
+            assert!(text.contains(s.as_str()), "{shell} completion lacks {s}");
+        }
+    }
+}
+
+#[test]
+fn man_page_documents_every_subcommand_flag_and_exit_code() {
+    let out = thru(&["man"]);
+    assert!(out.status.success());
+    // roff escapes '-' as '\-'.
+    let text = String::from_utf8(out.stdout).unwrap().replace("\\-", "-");
+    assert!(text.starts_with(".ie") || text.contains(".TH"), "not roff");
+    let (flags, subs) = all_names();
+    for f in &flags {
+        assert!(text.contains(f.as_str()), "man page lacks {f}");
+    }
+    for s in &subs {
+        assert!(
+            text.contains(&format!("thru-{s}")),
+            "man page lacks thru-{s}"
+        );
+    }
+    assert!(
+        text.contains("THRU_CODE"),
+        "environment variables are listed"
+    );
+    assert!(text.contains("conflict"), "exit codes are listed");
+}
+
+#[test]
+fn version_and_help() {
+    for flag in ["-v", "--version"] {
+        let out = thru(&[flag]);
+        assert!(out.status.success());
+        assert_eq!(
+            String::from_utf8(out.stdout).unwrap().trim(),
+            format!("thru {}", env!("CARGO_PKG_VERSION"))
+        );
+    }
+    let out = thru(&["--help"]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("Exit codes:"), "{text}");
+}
+
+#[test]
+fn usage_errors_exit_2_and_say_what_is_wrong() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["join", "K7QF2M-XD4P"], "14 characters"),
+        (&["join", "K7QU2M-XD4P-RT9A"], "'U'"),
+        (&["join"], "THRU_CODE"),
+        (&["host"], "PATH"),
+        (&["host", "/definitely/not/here"], "/definitely/not/here"),
+        (&["host", ".", "--chunk-size", "1KiB"], "256KiB"),
+        (&["join", "--no-mdns", "K7QF2M-XD4P-RT9A"], "--peer"),
+        (&["frobnicate"], "frobnicate"),
+    ];
+    for (args, needle) in cases {
+        let out = thru(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn unreachable_peer_is_a_pairing_failure_exit_3_with_a_json_error() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = Command::new(thru_bin())
+        .args(["join", "--json", "--peer", &format!("127.0.0.1:{port}")])
+        .env("THRU_CODE", "K7QF2M-XD4P-RT9A")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let last: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(last["event"], "error");
+    assert_eq!(last["exit_code"], 3);
+    assert!(
+        last["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot reach the host"),
+        "{last}"
+    );
+}
+
+/// A `thru` child with its stdout lines in a channel; killed on drop.
+struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut child = Command::new(thru_bin())
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, lines: rx }
+    }
+
+    fn line(&self) -> String {
+        self.lines
+            .recv_timeout(PATIENCE)
+            .unwrap_or_else(|_| panic!("no output within {PATIENCE:?}"))
+    }
+
+    fn event(&self, event: &str) -> Value {
+        loop {
+            let v: Value = serde_json::from_str(&self.line()).unwrap();
+            if v["event"] == event {
+                return v;
+            }
+        }
+    }
+
+    fn wait(&mut self) -> i32 {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code().unwrap_or(-1);
+            }
+            assert!(Instant::now() < deadline, "process did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Both processes report the other's fingerprint, then stop at the (not yet wired) engine
+/// with exit 1 and a JSON error saying so.
+fn assert_paired_then_engine_stub(host: &mut Proc, joiner: &mut Proc) {
+    let jp = joiner.event("peer");
+    let hp = host.event("peer");
+    assert_eq!(jp["fingerprint"], hp["local_fingerprint"]);
+    assert_eq!(hp["fingerprint"], jp["local_fingerprint"]);
+    assert_eq!(hp["peer"], "joiner 1");
+    for p in [&mut *host, &mut *joiner] {
+        let err = p.event("error");
+        assert!(
+            err["message"]
+                .as_str()
+                .unwrap()
+                .contains("not wired in yet"),
+            "{err}"
+        );
+        assert_eq!(p.wait(), 1);
+    }
+}
+
+#[test]
+fn two_processes_pair_on_the_lan_with_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("f");
+    std::fs::write(&file, b"x").unwrap();
+    let mut host = Proc::spawn(
+        &["host", "--json", "--no-mdns", file.to_str().unwrap()],
+        &[],
+    );
+    let code = host.event("code");
+    let hint = code["peer_hint"].as_str().unwrap();
+    let port = hint.rsplit_once(':').unwrap().1;
+    let mut joiner = Proc::spawn(
+        &[
+            "join",
+            "--json",
+            "--yes",
+            "--peer",
+            &format!("127.0.0.1:{port}"),
+        ],
+        &[("THRU_CODE", code["code"].as_str().unwrap())],
+    );
+    assert_paired_then_engine_stub(&mut host, &mut joiner);
+}
+
+#[test]
+fn two_processes_pair_through_thruserv() {
+    let server = Thruserv::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut host = Proc::spawn(
+        &["host", "--json", dir.path().to_str().unwrap()],
+        &[("THRU_SERVER_URL", server.url().as_str())],
+    );
+    let code = host.event("code");
+    assert_eq!(code["mode"], "server");
+    let mut joiner = Proc::spawn(
+        &[
+            "join",
+            "--json",
+            "--server",
+            &server.url(),
+            code["code"].as_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_paired_then_engine_stub(&mut host, &mut joiner);
+}
+
+#[test]
+fn wrong_code_ends_both_processes_with_exit_3() {
+    let server = Thruserv::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut host = Proc::spawn(
+        &[
+            "host",
+            "--json",
+            "--server",
+            &server.url(),
+            dir.path().to_str().unwrap(),
+        ],
+        &[],
+    );
+    let code = host.event("code");
+    let code = code["code"].as_str().unwrap();
+    let wrong = format!("{}-0000-0000", &code[..6]);
+    let started = Instant::now();
+    let mut joiner = Proc::spawn(&["join", "--json", "--server", &server.url(), &wrong], &[]);
+    let jerr = joiner.event("error");
+    assert!(
+        jerr["message"]
+            .as_str()
+            .unwrap()
+            .contains("join code is wrong"),
+        "{jerr}"
+    );
+    assert_eq!(joiner.wait(), 3);
+    let herr = host.event("error");
+    assert!(
+        herr["message"].as_str().unwrap().contains("burned"),
+        "{herr}"
+    );
+    assert_eq!(host.wait(), 3);
+    assert!(started.elapsed() < PATIENCE);
+}
+
+#[test]
+fn human_mode_prints_the_code_on_stdout_without_banner_when_piped() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = Proc::spawn(&["host", "--no-mdns", dir.path().to_str().unwrap()], &[]);
+    let first = host.line();
+    assert!(first.starts_with("Join code: "), "{first:?}");
+    let code = first.trim_start_matches("Join code: ");
+    assert!(code.parse::<thru::code::JoinCode>().is_ok(), "{code}");
+}

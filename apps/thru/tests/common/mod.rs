@@ -1,0 +1,126 @@
+//! Shared helpers for the `thru` integration tests: a real `thruserv` child process, the
+//! real `thru` binary, identities and deadlines.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use flux_signal::client::ClientConfig;
+use thru::pake::LocalInfo;
+
+/// Upper bound for anything a test waits on; never a performance assertion.
+pub const PATIENCE: Duration = Duration::from_secs(15);
+
+/// The `thru` binary of this package.
+pub fn thru_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_thru"))
+}
+
+/// The `thruserv` binary, built from `apps/thruserv` in the same target directory.
+///
+/// Cargo builds binaries of other packages only for their own tests, so when it is not there
+/// yet (`cargo test -p thru` alone) it is built once with the cargo that runs the tests.
+/// Workspace runs (`cargo nextest run --workspace`) have it already.
+pub fn thruserv_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        // Test executables live in <target>/<profile>/deps/.
+        let exe = std::env::current_exe().unwrap();
+        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+        let bin = profile_dir.join("thruserv");
+        if !bin.exists() {
+            let target_dir = profile_dir.parent().unwrap();
+            let status = Command::new(env!("CARGO"))
+                .args(["build", "-p", "thruserv", "--target-dir"])
+                .arg(target_dir)
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .status()
+                .expect("run cargo build -p thruserv");
+            assert!(status.success(), "building thruserv failed");
+        }
+        assert!(bin.exists(), "thruserv not found at {}", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// A running `thruserv` on 127.0.0.1 with an OS-chosen port; killed on drop.
+pub struct Thruserv {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Thruserv {
+    /// Starts one with loopback candidates allowed plus `args`.
+    pub fn start(args: &[&str]) -> Self {
+        let mut cmd = Command::new(thruserv_bin());
+        cmd.args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--allow-loopback-candidates",
+        ])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(if std::env::var_os("THRU_TEST_LOG").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        });
+        let mut child = cmd.spawn().expect("spawn thruserv");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| {
+                let _ = child.kill();
+                panic!("thruserv did not report its address: {line:?}")
+            });
+        Self { child, addr }
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+}
+
+impl Drop for Thruserv {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Client settings for tests.
+pub fn client() -> ClientConfig {
+    ClientConfig::default().timeout(PATIENCE)
+}
+
+/// A fresh real QUIC identity and loopback addresses with `port`.
+pub fn local(port: u16) -> LocalInfo {
+    let id = flux_quic::Identity::generate().unwrap();
+    LocalInfo {
+        fingerprint: id.fingerprint(),
+        addrs: vec![
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            SocketAddr::from(([127, 0, 0, 2], port)),
+        ],
+    }
+}
+
+/// `fut` within [`PATIENCE`], or the test fails naming `what`.
+pub async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(PATIENCE, fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: nothing within {PATIENCE:?}"))
+}
