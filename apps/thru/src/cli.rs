@@ -247,7 +247,7 @@ pub struct NetArgs {
           value_parser = parse_duration, value_name = "DURATION")]
     pub pair_timeout: Duration,
 
-    /// A name for this peer in logs and JSON events.
+    /// A name for this process in its log lines (default: none).
     #[arg(long, env = "THRU_PEER_ID", value_name = "ID")]
     pub peer_id: Option<String>,
 

@@ -24,6 +24,7 @@ use thru::rendezvous::{
 use thru::transfer::{Job, TransferError, TransferJob, Tuning, run_transfer};
 use thru::ui::Ui;
 use tokio::task::JoinSet;
+use tracing::Instrument as _;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -66,11 +67,13 @@ fn run(cli: Cli, ui: &Ui) -> anyhow::Result<()> {
         }
         Command::Host(args) => {
             ui.banner(env!("CARGO_PKG_VERSION"));
-            runtime()?.block_on(host(args, ui))
+            let span = span(args.net.peer_id.as_deref());
+            runtime()?.block_on(host(args, ui).instrument(span))
         }
         Command::Join(args) => {
             ui.banner(env!("CARGO_PKG_VERSION"));
-            runtime()?.block_on(join(args, ui))
+            let span = span(args.net.peer_id.as_deref());
+            runtime()?.block_on(join(args, ui).instrument(span))
         }
     }
 }
@@ -325,6 +328,14 @@ fn classify(err: &anyhow::Error) -> Exit {
         }
     }
     Exit::TransferFailed
+}
+
+/// A log span naming this process (`--peer-id`).
+fn span(peer_id: Option<&str>) -> tracing::Span {
+    match peer_id {
+        Some(id) => tracing::info_span!("thru", peer_id = id),
+        None => tracing::Span::none(),
+    }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
