@@ -55,7 +55,7 @@ pub struct Thruserv {
 }
 
 impl Thruserv {
-    /// Starts one with loopback candidates allowed plus `args`.
+    /// Starts one with loopback candidates allowed, per-IP rate limits off, plus `args`.
     pub fn start(args: &[&str]) -> Self {
         let mut cmd = Command::new(thruserv_bin());
         cmd.args([
@@ -64,6 +64,14 @@ impl Thruserv {
             "--port",
             "0",
             "--allow-loopback-candidates",
+        ])
+        // Tests connect many times from one address: lift the per-IP budgets (thruserv's own
+        // tests cover them).
+        .args([
+            "--ws-connects-per-min",
+            "0",
+            "--session-creates-per-min",
+            "0",
         ])
         .args(args)
         .stdin(Stdio::null())
