@@ -34,7 +34,7 @@ use flux_engine::{BackendKind, DiskIo, Op};
 use flux_quic::quinn_proto::{
     ClientConfig, ConnectionHandle, DatagramEvent, Endpoint, ServerConfig,
 };
-use flux_quic::{Fingerprint, Identity, TransportParams};
+use flux_quic::{AllowList, Fingerprint, Identity, TransportParams};
 use flux_transfer::{
     Event, LocalFile, Manifest, Receiver, ReceiverConfig, Sender, SenderConfig, TransferError,
 };
@@ -109,6 +109,11 @@ pub struct NetConfig {
     pub serve: Option<usize>,
     /// Give up connecting after this long.
     pub connect_timeout: Duration,
+    /// Host: require joiners to present a certificate on this list (mutual pinning); `None`
+    /// lets any client that pins the host's certificate in.
+    pub allowed_joiners: Option<Arc<AllowList>>,
+    /// Joiner: the identity to present to a host that requires one.
+    pub client_identity: Option<Arc<Identity>>,
 }
 
 impl Default for NetConfig {
@@ -123,6 +128,8 @@ impl Default for NetConfig {
             max_receivers: 10,
             serve: Some(1),
             connect_timeout: Duration::from_secs(10),
+            allowed_joiners: None,
+            client_identity: None,
         }
     }
 }
@@ -266,8 +273,11 @@ pub fn host(
     cfg: &NetConfig,
     control: Control,
 ) -> Result<NetReport, TransferError> {
-    let server = flux_quic::server_config(identity, &cfg.transport)
-        .map_err(|e| TransferError::Io(format!("QUIC configuration: {e}")))?;
+    let server = match &cfg.allowed_joiners {
+        Some(allowed) => flux_quic::server_config_mutual(identity, &cfg.transport, allowed.clone()),
+        None => flux_quic::server_config(identity, &cfg.transport),
+    }
+    .map_err(|e| TransferError::Io(format!("QUIC configuration: {e}")))?;
     let mut w = Worker::new(socket, cfg, control, Some(server))?;
     w.role = Role::Host {
         manifest,
@@ -286,8 +296,11 @@ pub fn join(
     cfg: &NetConfig,
     control: Control,
 ) -> Result<NetReport, TransferError> {
-    let client = flux_quic::client_config(pinned, &cfg.transport)
-        .map_err(|e| TransferError::Io(format!("QUIC configuration: {e}")))?;
+    let client = match &cfg.client_identity {
+        Some(id) => flux_quic::client_config_with_identity(pinned, id, &cfg.transport),
+        None => flux_quic::client_config(pinned, &cfg.transport),
+    }
+    .map_err(|e| TransferError::Io(format!("QUIC configuration: {e}")))?;
     let mut w = Worker::new(socket, cfg, control, None)?;
     w.role = Role::Join {
         dest_root: dest,
@@ -320,6 +333,8 @@ struct Conn {
     machine: Machine,
     peer: SocketAddr,
     connected: bool,
+    /// When the connection attempt began (the handshake must finish within the timeout).
+    created: Instant,
     ended: bool,
     error: Option<String>,
     /// A GSO batch the socket refused with EAGAIN, to send first when writable again.
@@ -346,7 +361,6 @@ struct Worker {
     report: NetReport,
     ended: usize,
     cancelled: bool,
-    started: Instant,
     bufs: Vec<Vec<u8>>,
     tx_buf: Vec<u8>,
     resp_buf: Vec<u8>,
@@ -401,7 +415,6 @@ impl Worker {
             },
             ended: 0,
             cancelled: false,
-            started: Instant::now(),
             bufs: (0..RECV_BUFS).map(|_| vec![0u8; GRO_BUF_LEN]).collect(),
             tx_buf: Vec::with_capacity(GRO_BUF_LEN),
             resp_buf: Vec::with_capacity(2048),
@@ -421,6 +434,7 @@ impl Worker {
             machine: Machine::Recv(Session::new(conn, m, Side::Client)),
             peer,
             connected: false,
+            created: Instant::now(),
             ended: false,
             error: None,
             blocked: None,
@@ -632,6 +646,7 @@ impl Worker {
                     machine: Machine::Send(Session::new(conn, m, Side::Server)),
                     peer,
                     connected: false,
+                    created: now,
                     ended: false,
                     error: None,
                     blocked: None,
@@ -901,7 +916,7 @@ impl Worker {
                 Machine::Recv(s) => s.machine.outbox().ready().is_empty(),
             };
             let connect_expired =
-                !c.connected && now.duration_since(self.started) > self.cfg.connect_timeout;
+                !c.connected && now.duration_since(c.created) > self.cfg.connect_timeout;
             if connect_expired && !over {
                 c.error
                     .get_or_insert_with(|| format!("could not connect to {} (timed out)", c.peer));
@@ -924,6 +939,12 @@ impl Worker {
             }
         }
         for i in newly {
+            let is_host = matches!(self.role, Role::Host { .. });
+            if is_host && !self.conns[i].connected {
+                // A handshake that failed (an unpaired client, a scan): not a transfer.
+                tracing::debug!(peer = %self.conns[i].peer, error = ?self.conns[i].error, "refused a client");
+                continue;
+            }
             self.ended += 1;
             let error = self.conns[i].error.clone();
             if error.is_some() {
@@ -969,8 +990,8 @@ impl Worker {
                 Machine::Recv(s) => consider(s.machine.poll_timeout()),
             }
         }
-        if !self.conns.iter().all(|c| c.connected || c.ended) {
-            consider(Some(self.started + self.cfg.connect_timeout));
+        for c in self.conns.iter().filter(|c| !c.connected && !c.ended) {
+            consider(Some(c.created + self.cfg.connect_timeout));
         }
         // Commands arrive through a channel the loop cannot sleep on: look at least this often.
         let mut timeout = deadline.map_or(COMMAND_POLL, |d| d.saturating_duration_since(now));

@@ -379,3 +379,85 @@ fn wrong_fingerprint_is_refused() {
     );
     assert_eq!(fs::read_dir(dst.path()).unwrap().count(), 0);
 }
+
+#[test]
+fn host_admits_only_paired_joiners() {
+    let src = tempfile::tempdir().unwrap();
+    let f = src.path().join("a");
+    write_random(&f, 300_000, 2);
+    let share = scan(std::slice::from_ref(&f), None).unwrap();
+    let id = Identity::generate().unwrap();
+    let fp = id.fingerprint();
+    let paired = Arc::new(Identity::generate().unwrap());
+    let stranger = Arc::new(Identity::generate().unwrap());
+    let allowed = Arc::new(flux_quic::AllowList::new());
+    allowed.allow(paired.fingerprint());
+    let hs = socket();
+    let addr = hs.local_addr().unwrap();
+    let hc = NetConfig {
+        allowed_joiners: Some(allowed),
+        serve: Some(1),
+        ..cfg(Driver::Uring)
+    };
+    let host = thread::spawn(move || {
+        net::host(
+            hs,
+            &id,
+            Arc::new(share.manifest),
+            share.sources,
+            &hc,
+            Control::none(),
+        )
+        .unwrap()
+    });
+    // A joiner that pins the host but did not pair is refused and gets nothing.
+    let d1 = tempfile::tempdir().unwrap();
+    let jc = NetConfig {
+        client_identity: Some(stranger),
+        ..cfg(Driver::Uring)
+    };
+    let j = net::join(
+        socket(),
+        addr,
+        fp,
+        d1.path().to_owned(),
+        &jc,
+        Control::none(),
+    )
+    .unwrap();
+    assert!(j.error.is_some(), "a stranger was let in: {j:?}");
+    assert_eq!(fs::read_dir(d1.path()).unwrap().count(), 0);
+    // No identity at all: refused too.
+    let j = net::join(
+        socket(),
+        addr,
+        fp,
+        d1.path().to_owned(),
+        &cfg(Driver::Uring),
+        Control::none(),
+    )
+    .unwrap();
+    assert!(
+        j.error.is_some(),
+        "a joiner without a certificate was let in"
+    );
+    // The paired joiner gets the file.
+    let d2 = tempfile::tempdir().unwrap();
+    let jc = NetConfig {
+        client_identity: Some(paired),
+        ..cfg(Driver::Uring)
+    };
+    let j = net::join(
+        socket(),
+        addr,
+        fp,
+        d2.path().to_owned(),
+        &jc,
+        Control::none(),
+    )
+    .unwrap();
+    assert_ok(&j, "paired joiner");
+    assert_same_file(&f, &d2.path().join("a"));
+    let h = host.join().unwrap();
+    assert_eq!(h.succeeded, 1, "{h:?}");
+}

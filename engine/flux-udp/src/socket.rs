@@ -366,6 +366,12 @@ impl UdpSocket {
         Ok((readable, pfd.revents & libc::POLLOUT != 0))
     }
 
+    /// The plain standard-library socket, keeping the options set so far (for handing the
+    /// socket to another UDP stack, e.g. a reference benchmark).
+    pub fn into_std(self) -> std::net::UdpSocket {
+        self.socket.into()
+    }
+
     /// Turns GSO off for this socket (tests and benches use it to exercise the fallback).
     pub fn disable_gso(&self) {
         self.gso.store(false, Ordering::Relaxed);

@@ -86,6 +86,9 @@ pub struct TransportParams {
     pub conn_window: u64,
     /// Per-stream receive window (`--quic-stream-window-bytes`).
     pub stream_window: u64,
+    /// Most unacknowledged and unsent stream data buffered for sending, per connection. This,
+    /// not the peer's receive window, bounds the sender's memory.
+    pub send_window: u64,
     /// Streams the peer may open (`--quic-max-incoming-streams`).
     pub max_incoming_streams: u32,
     /// Idle time after which a silent connection is dropped.
@@ -132,6 +135,7 @@ impl Default for TransportParams {
         Self {
             conn_window: 1 << 30,
             stream_window: 32 << 20,
+            send_window: 64 << 20,
             max_incoming_streams: 100,
             idle_timeout: Duration::from_secs(30),
             keep_alive: Duration::from_secs(5),
@@ -148,7 +152,7 @@ impl TransportParams {
         let mut t = TransportConfig::default();
         t.receive_window(VarInt::from_u64(self.conn_window).unwrap_or(VarInt::MAX))
             .stream_receive_window(VarInt::from_u64(self.stream_window).unwrap_or(VarInt::MAX))
-            .send_window(self.conn_window)
+            .send_window(self.send_window)
             .max_concurrent_uni_streams(VarInt::from_u32(self.max_incoming_streams))
             .max_concurrent_bidi_streams(VarInt::from_u32(4))
             .max_idle_timeout(IdleTimeout::try_from(self.idle_timeout).ok())
@@ -192,6 +196,131 @@ pub fn server_config(id: &Identity, params: &TransportParams) -> Result<ServerCo
     Ok(cfg)
 }
 
+/// The certificate fingerprints a host lets in: one per joiner that completed pairing. Read
+/// once per TLS handshake, never on the data path.
+#[derive(Debug, Default)]
+pub struct AllowList(std::sync::RwLock<std::collections::HashSet<Fingerprint>>);
+
+impl AllowList {
+    /// An empty list: nobody gets in.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Lets `fp` in.
+    pub fn allow(&self, fp: Fingerprint) {
+        if let Ok(mut s) = self.0.write() {
+            s.insert(fp);
+        }
+    }
+
+    /// Whether `fp` may connect.
+    pub fn contains(&self, fp: &Fingerprint) -> bool {
+        self.0.read().is_ok_and(|s| s.contains(fp))
+    }
+}
+
+/// Server (host) configuration presenting `id` that also requires a client certificate whose
+/// fingerprint is on `allowed` (mutual pinning: a party that did not pair cannot connect).
+pub fn server_config_mutual(
+    id: &Identity,
+    params: &TransportParams,
+    allowed: Arc<AllowList>,
+) -> Result<ServerConfig, ConfigError> {
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(id.key.clone()));
+    let provider = provider();
+    let verifier = Arc::new(PinnedClients {
+        allowed,
+        algs: provider.signature_verification_algorithms,
+    });
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![id.cert.clone()], key)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.max_early_data_size = 0;
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| ConfigError::Quic(e.to_string()))?;
+    let mut cfg = ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(Arc::new(params.to_transport()));
+    Ok(cfg)
+}
+
+/// Client configuration that pins the server's `pinned` fingerprint and presents `id`.
+pub fn client_config_with_identity(
+    pinned: Fingerprint,
+    id: &Identity,
+    params: &TransportParams,
+) -> Result<ClientConfig, ConfigError> {
+    let provider = provider();
+    let verifier = Arc::new(PinnedVerifier {
+        pinned,
+        algs: provider.signature_verification_algorithms,
+    });
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(id.key.clone()));
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(vec![id.cert.clone()], key)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = QuicClientConfig::try_from(tls).map_err(|e| ConfigError::Quic(e.to_string()))?;
+    let mut cfg = ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(Arc::new(params.to_transport()));
+    Ok(cfg)
+}
+
+/// Accepts client certificates on an [`AllowList`]; signatures are still checked.
+#[derive(Debug)]
+struct PinnedClients {
+    allowed: Arc<AllowList>,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl rustls::server::danger::ClientCertVerifier for PinnedClients {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        if self.allowed.contains(&fingerprint(end_entity)) {
+            Ok(rustls::server::danger::ClientCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
 /// Client (joiner) configuration that accepts only a server whose certificate hashes to
 /// `pinned`.
 pub fn client_config(
@@ -215,8 +344,19 @@ pub fn client_config(
     Ok(cfg)
 }
 
+/// The cipher suite both ends prefer, so every connection between Thruflux peers uses it.
+pub const CIPHER_SUITE: &str = "TLS13_AES_128_GCM_SHA256";
+
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut p = rustls::crypto::ring::default_provider();
+    // AES-128-GCM first: as strong as needed for a one-off session key and cheaper per byte
+    // than AES-256 (fewer rounds); the other suites stay as fallbacks.
+    p.cipher_suites = vec![
+        rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
+        rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
+        rustls::crypto::ring::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+    ];
+    Arc::new(p)
 }
 
 /// Accepts exactly one certificate, by fingerprint; signatures are still checked, so the peer

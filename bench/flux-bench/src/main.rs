@@ -1,0 +1,882 @@
+//! `flux-bench`: real file transfers on this machine, through the engine's io_uring and epoll
+//! drivers, with GSO/GRO on and off, next to the same transfer over `quinn` on tokio (the
+//! in-house reference) and iperf3 / scp when they are installed — all in one run, medians of
+//! several runs, as a table and as JSON.
+//!
+//! Each side of each transfer runs as its own process (`flux-bench side ...`), so CPU time and
+//! peak memory are per side; the runner spawns them on loopback or, with `--veth`, in two
+//! network namespaces joined by a 1500-MTU veth pair set up like a real NIC.
+//!
+//! What it does not do: assert anything. It measures; targets live in `bench/README.md`.
+
+mod side;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use flux_peer::net::Driver;
+use serde::Serialize;
+use side::{EngineOpts, SideReport};
+
+#[derive(Parser)]
+#[command(name = "flux-bench", version, about = "Thruflux transfer benchmark")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Runs the matrix and prints a table (and JSON with --json).
+    Run(RunArgs),
+    /// One side of one transfer (spawned by `run`).
+    #[command(hide = true)]
+    Side {
+        #[command(subcommand)]
+        side: SideCmd,
+    },
+}
+
+#[derive(Parser, Clone)]
+struct RunArgs {
+    /// File size, e.g. 2GiB, 512MiB.
+    #[arg(long, default_value = "2GiB", value_parser = parse_size)]
+    size: u64,
+    /// Runs per row (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Directory for the source and received files (a real disk for O_DIRECT).
+    #[arg(long, default_value = "/var/tmp/flux-bench")]
+    dir: PathBuf,
+    /// Rows to run.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "uring,epoll,uring-no-gso,epoll-no-gso,quinn,quinn-no-hash,iperf3,scp"
+    )]
+    rows: Vec<Row>,
+    /// Run between two network namespaces over a 1500-MTU veth pair instead of loopback.
+    #[arg(long)]
+    veth: bool,
+    /// Upper bound of QUIC path MTU discovery (UDP payload bytes) for engine and quinn.
+    #[arg(long, default_value_t = 1452)]
+    max_mtu: u16,
+    /// Do not drop the page cache before each run (it is dropped when running as root).
+    #[arg(long)]
+    keep_cache: bool,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Row {
+    /// Engine, io_uring driver, GSO/GRO on.
+    Uring,
+    /// Engine, epoll driver, GSO/GRO on.
+    Epoll,
+    /// Engine, io_uring driver, GSO/GRO off.
+    UringNoGso,
+    /// Engine, epoll driver, GSO/GRO off.
+    EpollNoGso,
+    /// quinn on tokio, BLAKE3 per 4 MiB like the engine.
+    Quinn,
+    /// quinn on tokio, no hashing.
+    QuinnNoHash,
+    /// iperf3 TCP, memory to memory, no encryption.
+    Iperf3,
+    /// scp to localhost.
+    Scp,
+}
+
+#[derive(Subcommand)]
+enum SideCmd {
+    EngineHost {
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long)]
+        driver: String,
+        #[arg(long)]
+        offload: bool,
+        #[arg(long)]
+        max_mtu: u16,
+        #[arg(long)]
+        bind: SocketAddr,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    EngineJoin {
+        #[arg(long)]
+        peer: SocketAddr,
+        #[arg(long)]
+        fp: String,
+        #[arg(long)]
+        dest: PathBuf,
+        #[arg(long)]
+        driver: String,
+        #[arg(long)]
+        offload: bool,
+        #[arg(long)]
+        max_mtu: u16,
+        #[arg(long)]
+        bind: SocketAddr,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    QuinnHost {
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long)]
+        hash: bool,
+        #[arg(long)]
+        max_mtu: u16,
+        #[arg(long)]
+        bind: SocketAddr,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    QuinnJoin {
+        #[arg(long)]
+        peer: SocketAddr,
+        #[arg(long)]
+        fp: String,
+        #[arg(long)]
+        dest: PathBuf,
+        #[arg(long)]
+        hash: bool,
+        #[arg(long)]
+        max_mtu: u16,
+        #[arg(long)]
+        bind: SocketAddr,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = [
+        ("GiB", 1u64 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+        ("G", 1 << 30),
+        ("M", 1 << 20),
+        ("B", 1),
+    ]
+    .iter()
+    .find_map(|(suf, m)| s.strip_suffix(suf).map(|n| (n, *m)))
+    .unwrap_or((s, 1));
+    num.trim()
+        .parse::<u64>()
+        .map(|n| n * mult)
+        .map_err(|e| format!("bad size {s:?}: {e}"))
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Side { side } => run_side(side),
+        Cmd::Run(args) => run_matrix(&args),
+    }
+}
+
+fn run_side(side: SideCmd) -> Result<()> {
+    let driver = |s: &str| s.parse::<Driver>().map_err(|e| anyhow!(e));
+    match side {
+        SideCmd::EngineHost {
+            file,
+            driver: d,
+            offload,
+            max_mtu,
+            bind,
+            out,
+        } => side::engine_host(
+            &file,
+            &EngineOpts {
+                driver: driver(&d)?,
+                offload,
+                max_mtu,
+                bind,
+            },
+            &out,
+        ),
+        SideCmd::EngineJoin {
+            peer,
+            fp,
+            dest,
+            driver: d,
+            offload,
+            max_mtu,
+            bind,
+            out,
+        } => side::engine_join(
+            peer,
+            &fp,
+            &dest,
+            &EngineOpts {
+                driver: driver(&d)?,
+                offload,
+                max_mtu,
+                bind,
+            },
+            &out,
+        ),
+        SideCmd::QuinnHost {
+            file,
+            hash,
+            max_mtu,
+            bind,
+            out,
+        } => side::quinn_host(&file, hash, max_mtu, bind, &out),
+        SideCmd::QuinnJoin {
+            peer,
+            fp,
+            dest,
+            hash,
+            max_mtu,
+            bind,
+            out,
+        } => side::quinn_join(peer, &fp, &dest, hash, max_mtu, bind, &out),
+    }
+}
+
+/// One measured transfer.
+#[derive(Debug, Serialize)]
+struct RunResult {
+    gbit_s: f64,
+    host_cpu_s_per_gib: Option<f64>,
+    join_cpu_s_per_gib: Option<f64>,
+    host_max_rss_mib: Option<f64>,
+    join_max_rss_mib: Option<f64>,
+    connect_ms: Option<f64>,
+    first_chunk_ms: Option<f64>,
+    chunk_latency_ms: Option<Percentiles>,
+    mtu: Option<u16>,
+    gso_gro: Option<bool>,
+    o_direct: Option<(bool, bool)>,
+    loss_pct: Option<f64>,
+    rtt_ms: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Percentiles {
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    max: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct RowResult {
+    row: Row,
+    label: String,
+    skipped: Option<String>,
+    runs: Vec<RunResult>,
+    median_gbit_s: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct Matrix {
+    size_bytes: u64,
+    path: String,
+    max_mtu: u16,
+    cipher: &'static str,
+    cores: usize,
+    kernel: String,
+    rows: Vec<RowResult>,
+    ratios: Vec<(String, f64)>,
+}
+
+/// Where each side runs: loopback, or the two ends of a veth pair.
+struct Place {
+    host_bind: SocketAddr,
+    join_bind: SocketAddr,
+    host_ns: Option<String>,
+    join_ns: Option<String>,
+}
+
+fn run_matrix(a: &RunArgs) -> Result<()> {
+    std::fs::create_dir_all(&a.dir).with_context(|| a.dir.display().to_string())?;
+    let src = a.dir.join(format!("source-{}.bin", a.size));
+    ensure_source(&src, a.size)?;
+    let want = file_hash(&src)?;
+    let _lab;
+    let place = if a.veth {
+        _lab = Some(Veth::up()?);
+        Place {
+            host_bind: "10.201.0.1:0".parse()?,
+            join_bind: "10.201.0.2:0".parse()?,
+            host_ns: Some(VETH_A.into()),
+            join_ns: Some(VETH_B.into()),
+        }
+    } else {
+        Place {
+            host_bind: "127.0.0.1:0".parse()?,
+            join_bind: "127.0.0.1:0".parse()?,
+            host_ns: None,
+            join_ns: None,
+        }
+    };
+    let mut rows = Vec::new();
+    for &row in &a.rows {
+        let label = label(row);
+        eprintln!("== {label}");
+        let mut rr = RowResult {
+            row,
+            label,
+            skipped: None,
+            runs: Vec::new(),
+            median_gbit_s: None,
+        };
+        for i in 0..a.runs {
+            let dest = a.dir.join("dest");
+            let _ = std::fs::remove_dir_all(&dest);
+            std::fs::create_dir_all(&dest)?;
+            if !a.keep_cache {
+                drop_caches();
+            }
+            let res = match row {
+                Row::Uring | Row::Epoll | Row::UringNoGso | Row::EpollNoGso => {
+                    run_engine(row, &src, &dest, a, &place).map(Some)
+                }
+                Row::Quinn | Row::QuinnNoHash => {
+                    run_quinn(row == Row::Quinn, &src, &dest, a, &place).map(Some)
+                }
+                Row::Iperf3 => run_iperf3(a.size, &place),
+                Row::Scp => run_scp(&src, &dest, a.size),
+            };
+            match res {
+                Ok(Some(r)) => {
+                    // Every file-to-file row must have delivered the same bytes.
+                    let got = dest.join(src.file_name().unwrap_or_default());
+                    if !matches!(row, Row::Iperf3) && file_hash(&got)? != want {
+                        bail!("{}: received file differs from the source", rr.label);
+                    }
+                    eprintln!("   run {}: {:.2} Gbit/s", i + 1, r.gbit_s);
+                    rr.runs.push(r);
+                }
+                Ok(None) => {
+                    rr.skipped = Some(skip_reason(row));
+                    break;
+                }
+                Err(e) => {
+                    eprintln!("   run {}: failed: {e:#}", i + 1);
+                    rr.skipped = Some(format!("failed: {e:#}"));
+                    break;
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(a.dir.join("dest"));
+        rr.median_gbit_s = median(rr.runs.iter().map(|r| r.gbit_s).collect());
+        rows.push(rr);
+    }
+    let m = |r: Row| {
+        rows.iter()
+            .find(|x| x.row == r)
+            .and_then(|x| x.median_gbit_s)
+    };
+    let mut ratios = Vec::new();
+    for (name, num, den) in [
+        ("uring / quinn-tokio", Row::Uring, Row::Quinn),
+        (
+            "uring / quinn-tokio (no hashing)",
+            Row::Uring,
+            Row::QuinnNoHash,
+        ),
+        ("uring / epoll", Row::Uring, Row::Epoll),
+        ("uring GSO on / off", Row::Uring, Row::UringNoGso),
+        ("epoll GSO on / off", Row::Epoll, Row::EpollNoGso),
+    ] {
+        if let (Some(n), Some(d)) = (m(num), m(den))
+            && d > 0.0
+        {
+            ratios.push((name.to_string(), n / d));
+        }
+    }
+    let matrix = Matrix {
+        size_bytes: a.size,
+        path: if a.veth {
+            "veth pair between two network namespaces, MTU 1500, segmentation offloads off".into()
+        } else {
+            "loopback (MTU 65536)".into()
+        },
+        max_mtu: a.max_mtu,
+        cipher: flux_quic::CIPHER_SUITE,
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+        rows,
+        ratios,
+    };
+    print_table(&matrix);
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_vec_pretty(&matrix)?)?;
+        eprintln!("JSON written to {}", p.display());
+    }
+    Ok(())
+}
+
+fn label(row: Row) -> String {
+    match row {
+        Row::Uring => "engine io_uring, GSO/GRO on",
+        Row::Epoll => "engine epoll, GSO/GRO on",
+        Row::UringNoGso => "engine io_uring, GSO/GRO off",
+        Row::EpollNoGso => "engine epoll, GSO/GRO off",
+        Row::Quinn => "quinn on tokio (BLAKE3 per 4 MiB)",
+        Row::QuinnNoHash => "quinn on tokio (no hashing)",
+        Row::Iperf3 => "iperf3 TCP mem->mem, no crypto",
+        Row::Scp => "scp localhost",
+    }
+    .into()
+}
+
+fn skip_reason(row: Row) -> String {
+    match row {
+        Row::Iperf3 => "iperf3 not installed".into(),
+        Row::Scp => "scp/sshd to localhost not usable without a password".into(),
+        _ => "skipped".into(),
+    }
+}
+
+fn ns_cmd(ns: &Option<String>) -> Command {
+    match ns {
+        Some(n) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", n]);
+            c.arg(std::env::current_exe().unwrap_or_else(|_| "flux-bench".into()));
+            c
+        }
+        None => Command::new(std::env::current_exe().unwrap_or_else(|_| "flux-bench".into())),
+    }
+}
+
+/// Starts a host side and reads its `READY addr fingerprint` line.
+fn start_host(mut cmd: Command) -> Result<(Child, SocketAddr, String)> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("spawn host side")?;
+    let out = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let mut line = String::new();
+    BufReader::new(out).read_line(&mut line)?;
+    let mut it = line.split_whitespace();
+    match (it.next(), it.next(), it.next()) {
+        (Some("READY"), Some(addr), Some(fp)) => Ok((child, addr.parse()?, fp.to_owned())),
+        _ => {
+            let _ = child.kill();
+            bail!("host side did not start: {line:?}")
+        }
+    }
+}
+
+fn wait_ok(mut c: Child, what: &str) -> Result<()> {
+    let st = c.wait()?;
+    if !st.success() {
+        bail!("{what} exited with {st}");
+    }
+    Ok(())
+}
+
+fn run_engine(row: Row, src: &Path, dest: &Path, a: &RunArgs, p: &Place) -> Result<RunResult> {
+    let (driver, offload) = match row {
+        Row::Uring => ("uring", true),
+        Row::Epoll => ("epoll", true),
+        Row::UringNoGso => ("uring", false),
+        _ => ("epoll", false),
+    };
+    let (hout, jout) = (a.dir.join("host.json"), a.dir.join("join.json"));
+    let mut h = ns_cmd(&p.host_ns);
+    h.args(["side", "engine-host", "--driver", driver, "--max-mtu"])
+        .arg(a.max_mtu.to_string())
+        .arg("--file")
+        .arg(src)
+        .arg("--bind")
+        .arg(p.host_bind.to_string())
+        .arg("--out")
+        .arg(&hout);
+    if offload {
+        h.arg("--offload");
+    }
+    let (hc, addr, fp) = start_host(h)?;
+    let mut j = ns_cmd(&p.join_ns);
+    j.args([
+        "side",
+        "engine-join",
+        "--driver",
+        driver,
+        "--fp",
+        &fp,
+        "--max-mtu",
+    ])
+    .arg(a.max_mtu.to_string())
+    .arg("--peer")
+    .arg(addr.to_string())
+    .arg("--dest")
+    .arg(dest)
+    .arg("--bind")
+    .arg(p.join_bind.to_string())
+    .arg("--out")
+    .arg(&jout);
+    if offload {
+        j.arg("--offload");
+    }
+    let jc = j.spawn().context("spawn joiner side")?;
+    let jr = wait_ok(jc, "joiner");
+    let hr = wait_ok(hc, "host");
+    jr?;
+    hr?;
+    combine(&read_report(&hout)?, &read_report(&jout)?)
+}
+
+fn run_quinn(hash: bool, src: &Path, dest: &Path, a: &RunArgs, p: &Place) -> Result<RunResult> {
+    let (hout, jout) = (a.dir.join("host.json"), a.dir.join("join.json"));
+    let mut h = ns_cmd(&p.host_ns);
+    h.args(["side", "quinn-host", "--max-mtu"])
+        .arg(a.max_mtu.to_string())
+        .arg("--file")
+        .arg(src)
+        .arg("--bind")
+        .arg(p.host_bind.to_string())
+        .arg("--out")
+        .arg(&hout);
+    if hash {
+        h.arg("--hash");
+    }
+    let (hc, addr, fp) = start_host(h)?;
+    let mut j = ns_cmd(&p.join_ns);
+    j.args(["side", "quinn-join", "--fp", &fp, "--max-mtu"])
+        .arg(a.max_mtu.to_string())
+        .arg("--peer")
+        .arg(addr.to_string())
+        .arg("--dest")
+        .arg(dest.join(src.file_name().unwrap_or_default()))
+        .arg("--bind")
+        .arg(p.join_bind.to_string())
+        .arg("--out")
+        .arg(&jout);
+    if hash {
+        j.arg("--hash");
+    }
+    let jc = j.spawn().context("spawn joiner side")?;
+    let jr = wait_ok(jc, "joiner");
+    let hr = wait_ok(hc, "host");
+    jr?;
+    hr?;
+    combine(&read_report(&hout)?, &read_report(&jout)?)
+}
+
+fn read_report(p: &Path) -> Result<SideReport> {
+    let b = std::fs::read(p).with_context(|| p.display().to_string())?;
+    Ok(serde_json::from_slice(&b)?)
+}
+
+fn combine(h: &SideReport, j: &SideReport) -> Result<RunResult> {
+    if j.bytes == 0 || j.wall_s <= 0.0 {
+        bail!("joiner moved nothing");
+    }
+    let gib = j.bytes as f64 / (1u64 << 30) as f64;
+    let mut hist = hdrhistogram::Histogram::<u64>::new(3)?;
+    let sent: std::collections::HashMap<(u32, u32), u64> =
+        h.chunks.iter().map(|&(f, i, t)| ((f, i), t)).collect();
+    for &(f, i, t) in &j.chunks {
+        if let Some(s) = sent.get(&(f, i)) {
+            hist.record(t.saturating_sub(*s) / 1000)?;
+        }
+    }
+    let pct = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    Ok(RunResult {
+        gbit_s: j.bytes as f64 * 8.0 / j.wall_s / 1e9,
+        host_cpu_s_per_gib: Some(h.cpu_s / gib),
+        join_cpu_s_per_gib: Some(j.cpu_s / gib),
+        host_max_rss_mib: Some(h.max_rss_kib as f64 / 1024.0),
+        join_max_rss_mib: Some(j.max_rss_kib as f64 / 1024.0),
+        connect_ms: j.connect_s.map(|s| s * 1e3),
+        first_chunk_ms: j.first_chunk_s.map(|s| s * 1e3),
+        chunk_latency_ms: (!hist.is_empty()).then(|| Percentiles {
+            p50: pct(0.5),
+            p90: pct(0.9),
+            p99: pct(0.99),
+            max: hist.max() as f64 / 1000.0,
+        }),
+        mtu: j.mtu.or(h.mtu),
+        gso_gro: h.gso.zip(j.gro).map(|(a, b)| a && b),
+        o_direct: h.gso.map(|_| (h.direct_ops > 0, j.direct_ops > 0)),
+        loss_pct: (h.packets_sent > 0)
+            .then(|| h.packets_lost as f64 * 100.0 / h.packets_sent as f64),
+        rtt_ms: h.rtt_ms,
+    })
+}
+
+fn run_iperf3(size: u64, p: &Place) -> Result<Option<RunResult>> {
+    if Command::new("iperf3").arg("--version").output().is_err() {
+        return Ok(None);
+    }
+    let port = "5299";
+    let host_ip = p.host_bind.ip().to_string();
+    let mut srv = match &p.host_ns {
+        Some(n) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", n, "iperf3"]);
+            c
+        }
+        None => Command::new("iperf3"),
+    };
+    let mut srv = srv
+        .args(["-s", "-1", "-p", port, "-B", &host_ip])
+        .stdout(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut cli = match &p.join_ns {
+        Some(n) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", n, "iperf3"]);
+            c
+        }
+        None => Command::new("iperf3"),
+    };
+    let out = cli
+        .args(["-c", &host_ip, "-p", port, "-J", "-n"])
+        .arg(size.to_string())
+        .output()?;
+    let _ = srv.wait();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .ok_or_else(|| {
+            anyhow!(
+                "iperf3 gave no result: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+    Ok(Some(RunResult {
+        gbit_s: bps / 1e9,
+        host_cpu_s_per_gib: None,
+        join_cpu_s_per_gib: None,
+        host_max_rss_mib: None,
+        join_max_rss_mib: None,
+        connect_ms: None,
+        first_chunk_ms: None,
+        chunk_latency_ms: None,
+        mtu: None,
+        gso_gro: None,
+        o_direct: None,
+        loss_pct: None,
+        rtt_ms: None,
+    }))
+}
+
+fn run_scp(src: &Path, dest: &Path, size: u64) -> Result<Option<RunResult>> {
+    // Only with key-based access to localhost already set up (BatchMode never prompts).
+    let probe = Command::new("ssh")
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "localhost",
+            "true",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if !probe.is_ok_and(|s| s.success()) {
+        return Ok(None);
+    }
+    let t = Instant::now();
+    let st = Command::new("scp")
+        .args(["-q", "-o", "BatchMode=yes", "-c", "aes128-gcm@openssh.com"])
+        .arg(src)
+        .arg(format!("localhost:{}", dest.display()))
+        .status()?;
+    if !st.success() {
+        bail!("scp failed: {st}");
+    }
+    let secs = t.elapsed().as_secs_f64();
+    Ok(Some(RunResult {
+        gbit_s: size as f64 * 8.0 / secs / 1e9,
+        host_cpu_s_per_gib: None,
+        join_cpu_s_per_gib: None,
+        host_max_rss_mib: None,
+        join_max_rss_mib: None,
+        connect_ms: None,
+        first_chunk_ms: None,
+        chunk_latency_ms: None,
+        mtu: None,
+        gso_gro: None,
+        o_direct: None,
+        loss_pct: None,
+        rtt_ms: None,
+    }))
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    Some(v[v.len() / 2])
+}
+
+fn ensure_source(p: &Path, size: u64) -> Result<()> {
+    if std::fs::metadata(p).is_ok_and(|m| m.len() == size) {
+        return Ok(());
+    }
+    use std::io::Write;
+    eprintln!("writing a {size}-byte source file at {}", p.display());
+    let mut f = std::fs::File::create(p)?;
+    // BLAKE3 in XOF mode as a fast pseudo-random stream: incompressible, every block differs.
+    let mut xof = blake3::Hasher::new().update(b"flux-bench").finalize_xof();
+    let mut buf = vec![0u8; 8 << 20];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        xof.fill(&mut buf[..n]);
+        f.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+fn file_hash(p: &Path) -> Result<blake3::Hash> {
+    let mut h = blake3::Hasher::new();
+    let mut f = std::fs::File::open(p).with_context(|| p.display().to_string())?;
+    std::io::copy(&mut f, &mut h)?;
+    Ok(h.finalize())
+}
+
+fn drop_caches() {
+    // Each run starts from disk, not from the page cache the previous run filled (platform
+    // pitfall 10); needs root, silently skipped otherwise.
+    let _ = Command::new("sync").status();
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "1");
+}
+
+const VETH_A: &str = "fbench-a";
+const VETH_B: &str = "fbench-b";
+
+/// Two namespaces joined by a veth pair with MTU 1500 and segmentation offloads off, so GSO
+/// batches are split like on a NIC (platform pitfall 3); removed on drop.
+struct Veth;
+
+impl Veth {
+    fn up() -> Result<Self> {
+        let _ = Self::down();
+        let sh = |args: &str| -> Result<()> {
+            let st = Command::new("sh").arg("-c").arg(args).status()?;
+            if !st.success() {
+                bail!("`{args}` failed: {st}");
+            }
+            Ok(())
+        };
+        sh(&format!("ip netns add {VETH_A} && ip netns add {VETH_B}"))?;
+        sh(&format!(
+            "ip link add fb-va netns {VETH_A} type veth peer name fb-vb netns {VETH_B}"
+        ))?;
+        for (ns, dev, ip) in [
+            (VETH_A, "fb-va", "10.201.0.1"),
+            (VETH_B, "fb-vb", "10.201.0.2"),
+        ] {
+            sh(&format!(
+                "ip -n {ns} addr add {ip}/24 dev {dev} && ip -n {ns} link set {dev} mtu 1500 up && ip -n {ns} link set lo up"
+            ))?;
+            // Best effort: older ethtool may not know every feature name.
+            let _ = sh(&format!(
+                "ip netns exec {ns} ethtool -K {dev} tso off gso off tx-udp-segmentation off gro on rx-udp-gro-forwarding on >/dev/null 2>&1"
+            ));
+        }
+        Ok(Self)
+    }
+
+    fn down() -> Result<()> {
+        let _ = Command::new("ip").args(["netns", "del", VETH_A]).status();
+        let _ = Command::new("ip").args(["netns", "del", VETH_B]).status();
+        Ok(())
+    }
+}
+
+impl Drop for Veth {
+    fn drop(&mut self) {
+        let _ = Self::down();
+    }
+}
+
+fn print_table(m: &Matrix) {
+    println!(
+        "\nflux-bench: {:.2} GiB file-to-file, {} | QUIC max MTU {} | {} | {} cores | Linux {}",
+        m.size_bytes as f64 / (1u64 << 30) as f64,
+        m.path,
+        m.max_mtu,
+        m.cipher,
+        m.cores,
+        m.kernel
+    );
+    println!(
+        "{:<36} {:>9} {:>13} {:>9} {:>9} {:>8} {:>8} {:>18} {:>5} {:>8} {:>9} {:>6}",
+        "row",
+        "Gbit/s",
+        "runs",
+        "CPU h/GiB",
+        "CPU j/GiB",
+        "RSS h",
+        "RSS j",
+        "chunk p50/p99 ms",
+        "MTU",
+        "GSO/GRO",
+        "O_DIRECT",
+        "loss%"
+    );
+    for r in &m.rows {
+        if let Some(s) = &r.skipped
+            && r.runs.is_empty()
+        {
+            println!("{:<36} skipped: {s}", r.label);
+            continue;
+        }
+        let runs: Vec<String> = r.runs.iter().map(|x| format!("{:.2}", x.gbit_s)).collect();
+        // Show the other figures of the median run.
+        let mid = r.runs.iter().min_by(|a, b| {
+            (a.gbit_s - r.median_gbit_s.unwrap_or(0.0))
+                .abs()
+                .total_cmp(&(b.gbit_s - r.median_gbit_s.unwrap_or(0.0)).abs())
+        });
+        let f = |v: Option<f64>, p: usize| v.map_or("-".into(), |x| format!("{x:.p$}"));
+        let Some(x) = mid else { continue };
+        println!(
+            "{:<36} {:>9} {:>13} {:>9} {:>9} {:>8} {:>8} {:>18} {:>5} {:>8} {:>9} {:>6}",
+            r.label,
+            f(r.median_gbit_s, 2),
+            runs.join("/"),
+            f(x.host_cpu_s_per_gib, 2),
+            f(x.join_cpu_s_per_gib, 2),
+            f(x.host_max_rss_mib, 0),
+            f(x.join_max_rss_mib, 0),
+            x.chunk_latency_ms
+                .map_or("-".into(), |p| format!("{:.0}/{:.0}", p.p50, p.p99)),
+            x.mtu.map_or("-".into(), |v| v.to_string()),
+            x.gso_gro.map_or_else(
+                || "-".to_string(),
+                |v| (if v { "on" } else { "off" }).to_string()
+            ),
+            x.o_direct
+                .map_or("-".into(), |(h, j)| format!("{}/{}", yn(h), yn(j))),
+            f(x.loss_pct, 2),
+        );
+    }
+    for (name, v) in &m.ratios {
+        println!("ratio {name}: {v:.2}x");
+    }
+}
+
+fn yn(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
