@@ -537,7 +537,7 @@ impl Transfer {
             // Linger so the sender sees COMPLETE even if one is lost.
             Role::Controlled => self
                 .last_done_seen
-                .is_some_and(|t| now >= t + Duration::from_millis(1500))
+                .is_some_and(|t| now >= t + Duration::from_millis(600))
                 .then_some((self.bytes, secs)),
         }
     }

@@ -354,6 +354,11 @@ pub struct Stats {
     pub stun_refused: u64,
     /// Datagrams dropped as unknown.
     pub dropped: u64,
+    /// Application datagrams wrapped in ChannelData (4-byte header).
+    pub wrapped_channel_data: u64,
+    /// Application datagrams wrapped in Send indications (36+ bytes: before the channel is
+    /// bound, and on TCP/TLS).
+    pub wrapped_send_indication: u64,
 }
 
 struct StunQuery {
@@ -583,7 +588,12 @@ impl Agent {
     pub fn add_remote_candidate(&mut self, c: &Candidate, now: Instant) -> bool {
         if let Err(why) = check_remote_addr(c.addr, self.config.allow_loopback) {
             self.stats.remote_candidates_ignored += 1;
-            info!(candidate = %c, %why, "remote candidate ignored");
+            // why: a hostile peer can send thousands; the first few tell the story.
+            if self.stats.remote_candidates_ignored <= LOGGED_IGNORED {
+                info!(candidate = %c, %why, "remote candidate ignored");
+            } else {
+                debug!(candidate = %c, %why, "remote candidate ignored");
+            }
             return false;
         }
         if self.remote.contains_key(&c.addr) {
@@ -791,6 +801,11 @@ impl Agent {
         );
         let n = tb.write_into(out).data.len();
         out.truncate(n);
+        if out.first().is_some_and(|b| (0x40..=0x4F).contains(b)) {
+            self.stats.wrapped_channel_data += 1;
+        } else {
+            self.stats.wrapped_send_indication += 1;
+        }
         Ok(match stream {
             Some(s) => SendVia::TurnStream(s),
             None => SendVia::TurnUdp {
@@ -1268,4 +1283,8 @@ fn turn_config(server: &TurnServer) -> TurnConfig {
 }
 
 const UNSPEC: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
+/// Remote candidates kept. An honest peer sends a handful (host, srflx, a relay or two);
+/// RFC 8445 §6.1.2.5 suggests a limit of 100 on the checklist.
 const DEFAULT_MAX_REMOTE_CANDIDATES: usize = 100;
+/// Ignored remote candidates logged at info level before dropping to debug.
+const LOGGED_IGNORED: u64 = 10;

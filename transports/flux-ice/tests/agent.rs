@@ -99,15 +99,82 @@ fn two_hosts_connect_and_select_a_host_pair() {
     );
 }
 
-fn step(from: &mut Agent, to: &mut Agent, now: Instant) {
+/// Runs `from`'s timers and delivers what it sends to `to`; returns the datagram count.
+fn step(from: &mut Agent, to: &mut Agent, now: Instant) -> usize {
     if from.poll_timeout().is_some_and(|t| now >= t) {
         from.handle_timeout(now);
     }
+    let mut n = 0;
     while let Some(t) = from.poll_transmit() {
         assert!(t.stream.is_none());
         let r = to.handle_datagram(now, t.from, t.to, &t.data);
         assert_eq!(r, Received::Handled);
+        n += 1;
     }
+    n
+}
+
+/// Two connected agents; after connecting, keepalive checks keep the pair alive for a minute
+/// at a low rate, and when the peer vanishes the agent reports consent lost.
+#[test]
+fn keepalives_hold_and_consent_expires_when_the_peer_vanishes() {
+    let t0 = Instant::now();
+    let mut a = agent(Role::Controlling, 1, "10.0.0.1:1000", t0);
+    let mut b = agent(Role::Controlled, 2, "10.0.0.2:2000", t0);
+    let ca = local_candidates(&events(&mut a));
+    let cb = local_candidates(&events(&mut b));
+    a.set_remote_credentials(&creds(2), t0);
+    b.set_remote_credentials(&creds(1), t0);
+    a.add_remote_candidate(&cb[0], t0);
+    b.add_remote_candidate(&ca[0], t0);
+    let mut now = t0;
+    let mut connected = false;
+    let mut packets_after = 0;
+    while now < t0 + Duration::from_secs(60) {
+        now += Duration::from_millis(5);
+        let n = step(&mut a, &mut b, now) + step(&mut b, &mut a, now);
+        if connected {
+            packets_after += n;
+        }
+        for e in events(&mut a).into_iter().chain(events(&mut b)) {
+            match e {
+                Event::Selected(_) => connected = true,
+                Event::Failed(r) => panic!("failed while the peer answers: {r}"),
+                _ => {}
+            }
+        }
+    }
+    assert!(connected);
+    // Keepalives, not a stream: both sides together, at most a few per second.
+    assert!(
+        packets_after < 60 * 10,
+        "{packets_after} packets in a minute"
+    );
+    assert!(packets_after > 10, "no keepalives: {packets_after}");
+    // The peer vanishes: nothing is delivered any more.
+    let gone = now;
+    let mut failed = None;
+    while now < gone + Duration::from_secs(90) && failed.is_none() {
+        now += Duration::from_millis(5);
+        if a.poll_timeout().is_some_and(|t| now >= t) {
+            a.handle_timeout(now);
+        }
+        while a.poll_transmit().is_some() {}
+        for e in events(&mut a) {
+            if let Event::Failed(r) = e {
+                failed = Some((r, now - gone));
+            }
+        }
+    }
+    let (reason, after) = failed.expect("consent loss reported");
+    assert!(
+        matches!(reason, flux_ice::FailReason::ConsentLost(_)),
+        "{reason}"
+    );
+    assert!(
+        after >= Duration::from_secs(25) && after <= Duration::from_secs(60),
+        "{after:?}"
+    );
 }
 
 /// A peer that trickles 10,000 candidates gets 100 accepted, and the checks towards them are
@@ -294,4 +361,12 @@ proptest::proptest! {
             while a.poll_event().is_some() {}
         }
     }
+}
+
+/// The engine moves the agent into its worker thread.
+#[test]
+fn agent_is_send() {
+    fn send<T: Send>() {}
+    send::<Agent>();
+    send::<Event>();
 }
