@@ -117,8 +117,8 @@ cmd_up() {
     ip netns list | grep -q "^$(ns wan)\b" && die "lab $PREFIX already up (natlab.sh down --prefix $PREFIX)"
     local d; d=$(lab_dir)
     mkdir -p "$d"
-    # If anything below fails, leave nothing half-built behind.
-    trap 'cmd_down >/dev/null 2>&1 || true' ERR
+    # If anything below fails (a command under `set -e`, or `die`), leave nothing half-built.
+    trap 'rc=$?; [ $rc -eq 0 ] || cmd_down >/dev/null 2>&1 || true' EXIT
 
     new_ns wan
     nsx wan ip link add br0 type bridge
@@ -182,7 +182,7 @@ cmd_up() {
         sleep 0.1
     done
     nsx wan ss -Hlnt "sport = :443" | grep -q . || die "coturn did not start (see $d/turnserver.log)"
-    trap - ERR
+    trap - EXIT
     cmd_env >"$d/env"
     echo "natlab: up (prefix $PREFIX, dir $d)"
 }
