@@ -2,8 +2,9 @@
 //!
 //! A thin binary: parse flags ([`thru::cli`]), install logging, then for `host`/`join`:
 //! bind the QUIC UDP socket, make a throwaway identity, pair (through `thruserv` with
-//! `--server`, otherwise on the LAN), print the code and the verified peer, and hand each
-//! pairing to [`thru::transfer::run_transfer`]. `completions` and `man` print generated
+//! `--server`, otherwise on the LAN), print the code and the verified peer; a host serves every
+//! paired joiner through one [`thru::transfer::HostEngine`], a joiner receives with
+//! [`thru::transfer::run_transfer`]. `completions` and `man` print generated
 //! text. Exit codes are [`thru::cli::Exit`].
 
 use std::io::Write as _;
@@ -21,9 +22,8 @@ use thru::pake::LocalInfo;
 use thru::rendezvous::{
     self, HostEvent, HostOptions, JoinOptions, LanHostConfig, LanTarget, Mdns, PairError,
 };
-use thru::transfer::{Job, TransferError, TransferJob, Tuning, run_transfer};
+use thru::transfer::{HostEngine, HostNote, Job, TransferError, TransferJob, Tuning, run_transfer};
 use thru::ui::Ui;
-use tokio::task::JoinSet;
 use tracing::Instrument as _;
 
 fn main() -> ExitCode {
@@ -116,30 +116,32 @@ async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
         SocketAddr::new(ip, a.port()).to_string()
     });
     ui.code(session.code(), args.net.server.as_deref(), hint);
-    let job = Arc::new(setup.job(
+    let job = setup.job(
         Job::Send {
             paths: args.paths.clone(),
         },
         &args.net,
         args.chunk_size,
         args.parallel_files,
-    ));
-    let mut transfers: JoinSet<Result<(), TransferError>> = JoinSet::new();
-    let mut any_paired = false;
+    );
+    let (notes_tx, mut notes) = tokio::sync::mpsc::unbounded_channel();
+    let engine = HostEngine::start(&job, args.max_receivers as usize, ui, notes_tx)?;
+    let (mut paired, mut finished) = (0usize, 0usize);
+    let mut last_failure: Option<String> = None;
     let mut ended = false;
     loop {
         tokio::select! {
             ev = session.next_event(), if !ended => match ev {
                 Some(HostEvent::Paired(p)) => {
-                    any_paired = true;
+                    paired += 1;
                     ui.peer(&p);
-                    let (job, ui) = (job.clone(), ui.clone());
-                    transfers.spawn_blocking(move || run_transfer(*p, &job, &ui).map(|_| ()));
+                    engine.admit(&p);
                 }
                 Some(HostEvent::Failed { peer, error }) => {
                     ui.pairing_failed(&peer, &error.to_string());
                 }
-                Some(HostEvent::Ended { error: Some(e) }) if !any_paired => {
+                Some(HostEvent::Ended { error: Some(e) }) if paired == 0 => {
+                    drop(engine);
                     return Err(anyhow::Error::new(e).context("pairing failed"));
                 }
                 Some(HostEvent::Ended { error }) => {
@@ -151,14 +153,22 @@ async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
                 Some(_) => {}
                 None => ended = true,
             },
-            Some(done) = transfers.join_next() => {
-                done.context("transfer task")??;
+            Some(HostNote::Ended { peer, result }) = notes.recv() => {
+                finished += 1;
+                if let Err(e) = result {
+                    ui.say(&format!("Transfer to {peer} failed: {e}"));
+                    last_failure = Some(e);
+                }
             }
             else => break,
         }
-        if ended && transfers.is_empty() {
+        if ended && finished >= paired {
             break;
         }
+    }
+    engine.stop()?;
+    if let Some(e) = last_failure {
+        return Err(TransferError::Failed(e).into());
     }
     Ok(())
 }

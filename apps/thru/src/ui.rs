@@ -160,6 +160,32 @@ pub enum Event {
     },
     /// The transfer ended.
     Summary(Summary),
+    /// `--benchmark` figures of one transfer.
+    Benchmark {
+        /// The peer.
+        peer: String,
+        /// Payload bytes that crossed the network in this run (resumed and skipped data
+        /// excluded).
+        bytes: u64,
+        /// Average payload rate over the transfer.
+        avg_gbit_s: f64,
+        /// Best one-second payload rate.
+        peak_1s_gbit_s: f64,
+        /// Time to the completed QUIC handshake (joiner: from the start of connecting).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        connect_ms: Option<f64>,
+        /// Time from acceptance to the first chunk (joiner: verified and written; host: sent).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        first_byte_ms: Option<f64>,
+        /// Smoothed round-trip time at the end.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        rtt_ms: Option<f64>,
+        /// Packets QUIC declared lost, as a share of those sent by this side.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        loss_pct: Option<f64>,
+        /// CPU seconds (user + system) of this process so far.
+        cpu_s: f64,
+    },
     /// The command failed.
     Error {
         /// The message chain.
@@ -220,10 +246,33 @@ impl Ui {
         }
     }
 
-    /// Emits `event` in JSON mode; no-op otherwise.
+    /// Emits `event` in JSON mode; in human mode only the benchmark report is printed.
     pub fn emit(&self, event: &Event) {
         if self.mode == Mode::Json {
             emit_json(event);
+            return;
+        }
+        if let Event::Benchmark {
+            peer,
+            bytes,
+            avg_gbit_s,
+            peak_1s_gbit_s,
+            connect_ms,
+            first_byte_ms,
+            rtt_ms,
+            loss_pct,
+            cpu_s,
+        } = event
+        {
+            let ms = |v: &Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.1} ms"));
+            self.say(&format!(
+                "Benchmark ({peer}): {} moved, avg {avg_gbit_s:.2} Gbit/s, peak 1 s {peak_1s_gbit_s:.2} Gbit/s, connect {}, first byte {}, RTT {}, loss {}, CPU {cpu_s:.2} s",
+                HumanBytes(*bytes),
+                ms(connect_ms),
+                ms(first_byte_ms),
+                ms(rtt_ms),
+                loss_pct.map_or("-".to_string(), |l| format!("{l:.2}%")),
+            ));
         }
     }
 

@@ -5,12 +5,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+use std::time::Instant;
 
-use common::{PATIENCE, Thruserv, thru_bin};
+use common::{PATIENCE, Proc, Thruserv, thru_bin};
 use serde_json::Value;
 
 fn thru(args: &[&str]) -> Output {
@@ -175,86 +173,18 @@ fn unreachable_peer_is_a_pairing_failure_exit_3_with_a_json_error() {
     );
 }
 
-/// A `thru` child with its stdout lines in a channel; killed on drop.
-struct Proc {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Proc {
-    fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(thru_bin())
-            .args(args)
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self { child, lines: rx }
-    }
-
-    fn line(&self) -> String {
-        self.lines
-            .recv_timeout(PATIENCE)
-            .unwrap_or_else(|_| panic!("no output within {PATIENCE:?}"))
-    }
-
-    fn event(&self, event: &str) -> Value {
-        loop {
-            let v: Value = serde_json::from_str(&self.line()).unwrap();
-            if v["event"] == event {
-                return v;
-            }
-        }
-    }
-
-    fn wait(&mut self) -> i32 {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st.code().unwrap_or(-1);
-            }
-            assert!(Instant::now() < deadline, "process did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Both processes report the other's fingerprint, then stop at the (not yet wired) engine
-/// with exit 1 and a JSON error saying so.
-fn assert_paired_then_engine_stub(host: &mut Proc, joiner: &mut Proc) {
+/// Both processes report the other's fingerprint, the joiner receives, and both exit 0 with a
+/// summary.
+fn assert_paired_then_transferred(host: &mut Proc, joiner: &mut Proc) {
     let jp = joiner.event("peer");
     let hp = host.event("peer");
     assert_eq!(jp["fingerprint"], hp["local_fingerprint"]);
     assert_eq!(hp["fingerprint"], jp["local_fingerprint"]);
     assert_eq!(hp["peer"], "joiner 1");
-    for p in [&mut *host, &mut *joiner] {
-        let err = p.event("error");
-        assert!(
-            err["message"]
-                .as_str()
-                .unwrap()
-                .contains("not wired in yet"),
-            "{err}"
-        );
-        assert_eq!(p.wait(), 1);
+    for p in [&mut *joiner, &mut *host] {
+        let sum = p.event("summary");
+        assert_eq!(sum["route"], "lan_direct", "{sum}");
+        assert_eq!(p.wait(), 0);
     }
 }
 
@@ -263,8 +193,16 @@ fn two_processes_pair_on_the_lan_with_peer() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("f");
     std::fs::write(&file, b"x").unwrap();
+    let out = tempfile::tempdir().unwrap();
     let mut host = Proc::spawn(
-        &["host", "--json", "--no-mdns", file.to_str().unwrap()],
+        &[
+            "host",
+            "--json",
+            "--no-mdns",
+            "--max-receivers",
+            "1",
+            file.to_str().unwrap(),
+        ],
         &[],
     );
     let code = host.event("code");
@@ -275,20 +213,31 @@ fn two_processes_pair_on_the_lan_with_peer() {
             "join",
             "--json",
             "--yes",
+            "--out",
+            out.path().to_str().unwrap(),
             "--peer",
             &format!("127.0.0.1:{port}"),
         ],
         &[("THRU_CODE", code["code"].as_str().unwrap())],
     );
-    assert_paired_then_engine_stub(&mut host, &mut joiner);
+    assert_paired_then_transferred(&mut host, &mut joiner);
+    assert_eq!(std::fs::read(out.path().join("f")).unwrap(), b"x");
 }
 
 #[test]
 fn two_processes_pair_through_thruserv() {
     let server = Thruserv::start(&[]);
     let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("g"), b"through the server").unwrap();
+    let out = tempfile::tempdir().unwrap();
     let mut host = Proc::spawn(
-        &["host", "--json", dir.path().to_str().unwrap()],
+        &[
+            "host",
+            "--json",
+            "--max-receivers",
+            "1",
+            dir.path().to_str().unwrap(),
+        ],
         &[("THRU_SERVER_URL", server.url().as_str())],
     );
     let code = host.event("code");
@@ -297,13 +246,21 @@ fn two_processes_pair_through_thruserv() {
         &[
             "join",
             "--json",
+            "--yes",
+            "--out",
+            out.path().to_str().unwrap(),
             "--server",
             &server.url(),
             code["code"].as_str().unwrap(),
         ],
         &[],
     );
-    assert_paired_then_engine_stub(&mut host, &mut joiner);
+    assert_paired_then_transferred(&mut host, &mut joiner);
+    let name = dir.path().file_name().unwrap();
+    assert_eq!(
+        std::fs::read(out.path().join(name).join("g")).unwrap(),
+        b"through the server"
+    );
 }
 
 #[test]

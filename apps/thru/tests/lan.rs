@@ -275,7 +275,18 @@ fn lan_pairing_by_mdns_between_two_namespaces() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("hello.txt");
     std::fs::write(&file, b"hello over the LAN\n").unwrap();
-    let host = Proc::spawn(&a.0, &["host", "--json", file.to_str().unwrap()], &[]);
+    let host = Proc::spawn(
+        &a.0,
+        &[
+            "host",
+            "--json",
+            "--max-receivers",
+            "1",
+            file.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let out = tempfile::tempdir().unwrap();
     let code = host.event("code");
     assert_eq!(code["mode"], "lan");
     let code = code["code"].as_str().unwrap().to_string();
@@ -287,7 +298,7 @@ fn lan_pairing_by_mdns_between_two_namespaces() {
             "--json",
             "--yes",
             "--out",
-            dir.path().to_str().unwrap(),
+            out.path().to_str().unwrap(),
         ],
         &[("THRU_CODE", code.as_str())],
     );
@@ -314,16 +325,21 @@ fn lan_pairing_by_mdns_between_two_namespaces() {
         host_addrs[0].starts_with("10.231.7.1:"),
         "the host's LAN address comes first: {host_addrs:?}"
     );
-    // Both then end (today with "engine not wired in"); neither hangs.
+    // The file then crosses the LAN and both end successfully.
     for (p, who) in [(joiner, "joiner"), (host, "host")] {
         let mut p = p;
         let deadline = std::time::Instant::now() + PATIENCE;
-        loop {
-            if p.child.try_wait().unwrap().is_some() {
-                break;
+        let status = loop {
+            if let Some(st) = p.child.try_wait().unwrap() {
+                break st;
             }
             assert!(std::time::Instant::now() < deadline, "{who} did not exit");
             std::thread::sleep(Duration::from_millis(20));
-        }
+        };
+        assert!(status.success(), "{who} exited with {status}");
     }
+    assert_eq!(
+        std::fs::read(out.path().join("hello.txt")).unwrap(),
+        b"hello over the LAN\n"
+    );
 }

@@ -154,6 +154,9 @@ pub enum NetEvent {
         conn: usize,
         /// The peer's address.
         peer: SocketAddr,
+        /// The fingerprint of the certificate the peer presented (a joiner's, under mutual
+        /// pinning; the host's, on the joiner).
+        fingerprint: Option<Fingerprint>,
         /// When.
         at: Instant,
     },
@@ -741,10 +744,12 @@ impl Worker {
         if !c.connected && !c.conn().is_handshaking() && !c.conn().is_closed() {
             c.connected = true;
             let peer = c.peer;
+            let fingerprint = flux_quic::peer_fingerprint(c.conn());
             if let Some(tx) = &self.control.events {
                 let _ = tx.send(NetEvent::Connected {
                     conn: i,
                     peer,
+                    fingerprint,
                     at: now,
                 });
             }

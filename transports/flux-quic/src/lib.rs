@@ -74,6 +74,14 @@ impl Identity {
     }
 }
 
+/// The fingerprint of the certificate the peer of `conn` presented, once the handshake has
+/// authenticated it (`None` before, or for a client that presented none).
+pub fn peer_fingerprint(conn: &quinn_proto::Connection) -> Option<Fingerprint> {
+    let any = conn.crypto_session().peer_identity()?;
+    let certs = any.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    certs.first().map(fingerprint)
+}
+
 /// The fingerprint of a DER certificate.
 pub fn fingerprint(cert: &CertificateDer<'_>) -> Fingerprint {
     *blake3::hash(cert.as_ref()).as_bytes()

@@ -7,9 +7,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
+use std::sync::mpsc;
 use std::time::Duration;
+use std::time::Instant;
 
 use flux_signal::client::ClientConfig;
+use serde_json::Value;
 use thru::pake::LocalInfo;
 
 /// Upper bound for anything a test waits on; never a performance assertion.
@@ -131,4 +134,72 @@ pub async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) ->
     tokio::time::timeout(PATIENCE, fut)
         .await
         .unwrap_or_else(|_| panic!("{what}: nothing within {PATIENCE:?}"))
+}
+
+/// A running `thru` process whose stdout lines (JSON events) are read on a thread.
+/// A `thru` child with its stdout lines in a channel; killed on drop.
+pub struct Proc {
+    /// The process.
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    /// Starts `thru` with `args` and extra environment, reading its stdout lines.
+    pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut child = Command::new(thru_bin())
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, lines: rx }
+    }
+
+    /// The next stdout line.
+    pub fn line(&self) -> String {
+        self.lines
+            .recv_timeout(PATIENCE)
+            .unwrap_or_else(|_| panic!("no output within {PATIENCE:?}"))
+    }
+
+    /// The next JSON event named `event`, skipping others.
+    pub fn event(&self, event: &str) -> Value {
+        loop {
+            let v: Value = serde_json::from_str(&self.line()).unwrap();
+            if v["event"] == event {
+                return v;
+            }
+        }
+    }
+
+    /// Waits for the exit code.
+    pub fn wait(&mut self) -> i32 {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code().unwrap_or(-1);
+            }
+            assert!(Instant::now() < deadline, "process did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -1,0 +1,330 @@
+//! Whole transfers between real `thru` processes on this machine (LAN mode with `--peer`, and
+//! through a real `thruserv`): trees, several joiners at once, resume after `kill -9`, and
+//! refusing to overwrite.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use common::{Proc, Thruserv};
+
+/// Starts a LAN host of `paths` serving up to `receivers` joiners; returns it and the
+/// loopback `--peer` address and code.
+fn lan_host(paths: &[&Path], receivers: u32) -> (Proc, String, String) {
+    let mut args = vec![
+        "host".to_string(),
+        "--json".into(),
+        "--no-mdns".into(),
+        "--max-receivers".into(),
+        receivers.to_string(),
+    ];
+    args.extend(paths.iter().map(|p| p.to_str().unwrap().to_string()));
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let host = Proc::spawn(&a, &[]);
+    let code = host.event("code");
+    let port = code["peer_hint"]
+        .as_str()
+        .unwrap()
+        .rsplit_once(':')
+        .unwrap()
+        .1
+        .to_string();
+    (
+        host,
+        format!("127.0.0.1:{port}"),
+        code["code"].as_str().unwrap().to_string(),
+    )
+}
+
+fn lan_join(peer: &str, code: &str, out: &Path, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "join",
+        "--json",
+        "--out",
+        out.to_str().unwrap(),
+        "--peer",
+        peer,
+    ];
+    args.extend_from_slice(extra);
+    Proc::spawn(&args, &[("THRU_CODE", code)])
+}
+
+/// Waits for the exit code, with room for gigabyte transfers on a loaded machine.
+fn wait_long(p: &mut Proc, limit: Duration) -> i32 {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(st) = p.child.try_wait().unwrap() {
+            return st.code().unwrap_or(-1);
+        }
+        assert!(std::time::Instant::now() < deadline, "process did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Asserts `b` holds the tree `a`: kinds, bytes, file modes and mtimes.
+fn assert_same_tree(a: &Path, b: &Path) {
+    let mut stack = vec![PathBuf::new()];
+    let mut seen = 0;
+    while let Some(rel) = stack.pop() {
+        let (pa, pb) = (a.join(&rel), b.join(&rel));
+        let ma = fs::symlink_metadata(&pa).unwrap();
+        let mb = fs::symlink_metadata(&pb).unwrap_or_else(|e| panic!("{}: {e}", pb.display()));
+        assert_eq!(ma.file_type(), mb.file_type(), "{}", rel.display());
+        seen += 1;
+        if ma.is_dir() {
+            let mut na: Vec<_> = fs::read_dir(&pa)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            let mut nb: Vec<_> = fs::read_dir(&pb)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            na.sort();
+            nb.sort();
+            assert_eq!(na, nb, "{}", rel.display());
+            stack.extend(na.into_iter().map(|n| rel.join(n)));
+        } else {
+            assert_eq!(ma.len(), mb.len(), "{}", rel.display());
+            assert_eq!(
+                fs::read(&pa).unwrap(),
+                fs::read(&pb).unwrap(),
+                "{}",
+                rel.display()
+            );
+            assert_eq!(
+                ma.permissions().mode() & 0o777,
+                mb.permissions().mode() & 0o777
+            );
+            assert_eq!(
+                ma.modified().unwrap(),
+                mb.modified().unwrap(),
+                "{}",
+                rel.display()
+            );
+        }
+    }
+    assert!(seen > 1);
+}
+
+/// 10,000 small files (a third empty), nested empty directories, odd modes and old mtimes.
+fn make_tree(root: &Path) -> PathBuf {
+    let top = root.join("tree");
+    for d in 0..100 {
+        let dir = top.join(format!("d{d:03}"));
+        fs::create_dir_all(&dir).unwrap();
+        for f in 0..100 {
+            let p = dir.join(format!("f{f:03}.txt"));
+            let body = if f % 3 == 0 {
+                Vec::new()
+            } else {
+                format!("{d}/{f} ").repeat(f + 1).into_bytes()
+            };
+            fs::write(&p, body).unwrap();
+            if f % 7 == 0 {
+                fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+            }
+        }
+    }
+    fs::create_dir_all(top.join("empty/deeper/still-empty")).unwrap();
+    let old = SystemTime::UNIX_EPOCH + Duration::from_secs(1_500_000_000);
+    fs::File::options()
+        .write(true)
+        .open(top.join("d000/f001.txt"))
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    top
+}
+
+#[test]
+fn tree_of_10000_files_and_a_mix_arrive_identical() {
+    let src = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let tree = make_tree(src.path());
+    let single = src.path().join("single.bin");
+    fs::write(
+        &single,
+        (0..3_000_000u32)
+            .map(|i| (i % 251) as u8)
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let (mut host, peer, code) = lan_host(&[&tree, &single], 1);
+    let mut joiner = lan_join(&peer, &code, out.path(), &["--yes"]);
+    let sum = joiner.event("summary");
+    assert_eq!(sum["route"], "lan_direct");
+    assert_eq!(wait_long(&mut joiner, Duration::from_secs(120)), 0);
+    assert_eq!(wait_long(&mut host, Duration::from_secs(30)), 0);
+    assert_same_tree(&tree, &out.path().join("tree"));
+    assert_eq!(
+        fs::read(&single).unwrap(),
+        fs::read(out.path().join("single.bin")).unwrap()
+    );
+}
+
+#[test]
+fn three_joiners_receive_at_once_through_thruserv() {
+    let server = Thruserv::start(&[]);
+    let src = tempfile::tempdir().unwrap();
+    let f = src.path().join("shared.bin");
+    fs::write(
+        &f,
+        (0..20_000_000u32)
+            .map(|i| (i * 7 % 253) as u8)
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let host = Proc::spawn(
+        &[
+            "host",
+            "--json",
+            "--server",
+            &server.url(),
+            "--max-receivers",
+            "3",
+            f.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let code = host.event("code")["code"].as_str().unwrap().to_string();
+    let outs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut joiners: Vec<Proc> = outs
+        .iter()
+        .map(|o| {
+            Proc::spawn(
+                &[
+                    "join",
+                    "--json",
+                    "--yes",
+                    "--server",
+                    &server.url(),
+                    "--out",
+                    o.path().to_str().unwrap(),
+                    &code,
+                ],
+                &[],
+            )
+        })
+        .collect();
+    for j in &mut joiners {
+        assert_eq!(wait_long(j, Duration::from_secs(90)), 0);
+    }
+    let mut host = host;
+    assert_eq!(wait_long(&mut host, Duration::from_secs(30)), 0);
+    let want = fs::read(&f).unwrap();
+    for o in &outs {
+        assert_eq!(fs::read(o.path().join("shared.bin")).unwrap(), want);
+    }
+}
+
+#[test]
+fn existing_file_is_not_overwritten_without_force() {
+    let src = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let f = src.path().join("report.txt");
+    fs::write(&f, b"new version").unwrap();
+    fs::write(out.path().join("report.txt"), b"precious local copy").unwrap();
+    let (mut host, peer, code) = lan_host(&[&f], 2);
+    let mut joiner = lan_join(&peer, &code, out.path(), &["--yes"]);
+    let err = joiner.event("error");
+    assert!(
+        err["message"].as_str().unwrap().contains("already exists"),
+        "{err}"
+    );
+    assert_eq!(wait_long(&mut joiner, Duration::from_secs(30)), 5);
+    assert_eq!(
+        fs::read(out.path().join("report.txt")).unwrap(),
+        b"precious local copy"
+    );
+    // With --force the same host replaces it.
+    let mut joiner = lan_join(&peer, &code, out.path(), &["--yes", "--force"]);
+    assert_eq!(wait_long(&mut joiner, Duration::from_secs(30)), 0);
+    assert_eq!(
+        fs::read(out.path().join("report.txt")).unwrap(),
+        b"new version"
+    );
+    let _ = wait_long(&mut host, Duration::from_secs(30));
+}
+
+/// Bytes the partial file's resume sidecar vouches for (64-byte header, 40-byte records).
+fn held_bytes(dir: &Path, name: &str, chunk: u64) -> u64 {
+    let state = dir.join(format!(".{name}.thrupart.state"));
+    let len = fs::metadata(&state).map_or(0, |m| m.len());
+    len.saturating_sub(64) / 40 * chunk
+}
+
+#[test]
+fn gib_resume_after_the_joiner_is_killed() {
+    let src = tempfile::tempdir_in("/var/tmp").unwrap();
+    let out = tempfile::tempdir_in("/var/tmp").unwrap();
+    let f = src.path().join("big.bin");
+    let total: u64 = 1 << 30;
+    {
+        use std::io::Write;
+        let mut w = std::io::BufWriter::new(fs::File::create(&f).unwrap());
+        let mut x = blake3::Hasher::new().finalize_xof();
+        let mut buf = vec![0u8; 1 << 20];
+        for _ in 0..(total >> 20) {
+            x.fill(&mut buf);
+            w.write_all(&buf).unwrap();
+        }
+    }
+    let chunk: u64 = 4 << 20; // the automatic chunk size for 1 GiB
+    let (mut host, peer, code) = lan_host(&[&f], 3);
+    let mut first = lan_join(&peer, &code, out.path(), &["--yes"]);
+    loop {
+        let v = first.event("progress");
+        if v["overall_done"].as_u64().unwrap() >= total / 2 {
+            break;
+        }
+    }
+    first.child.kill().unwrap(); // SIGKILL
+    let _ = first.child.wait();
+    let held = held_bytes(out.path(), "big.bin", chunk);
+    assert!(held > 0 && held < total, "held {held}");
+    let mut second = lan_join(&peer, &code, out.path(), &["--yes", "--benchmark"]);
+    let bench = second.event("benchmark");
+    assert_eq!(wait_long(&mut second, Duration::from_secs(180)), 0);
+    let moved = bench["bytes"].as_u64().unwrap();
+    // Only the missing part moved, plus at most the chunks whose write had not been recorded.
+    assert!(
+        moved <= total - held + 16 * chunk,
+        "second run moved {moved} bytes, {} were missing",
+        total - held
+    );
+    assert!(
+        moved < total - total / 4,
+        "second run moved {moved} of {total}"
+    );
+    let a = blake3::hash(&fs::read(&f).unwrap());
+    let b = blake3::hash(&fs::read(out.path().join("big.bin")).unwrap());
+    assert_eq!(a, b, "received bytes differ");
+    let _ = host.child.kill();
+}
+
+#[test]
+fn wrong_code_writes_nothing() {
+    let src = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let f = src.path().join("secret.txt");
+    fs::write(&f, b"not for you").unwrap();
+    let (mut host, peer, code) = lan_host(&[&f], 1);
+    // Same routing part, different secret.
+    let mut wrong: Vec<char> = code.chars().collect();
+    let last = wrong.len() - 1;
+    wrong[last] = if wrong[last] == '2' { '3' } else { '2' };
+    let wrong: String = wrong.into_iter().collect();
+    let mut joiner = lan_join(&peer, &wrong, out.path(), &["--yes"]);
+    assert_eq!(wait_long(&mut joiner, Duration::from_secs(20)), 3);
+    assert_eq!(wait_long(&mut host, Duration::from_secs(20)), 3);
+    assert_eq!(
+        fs::read_dir(out.path()).unwrap().count(),
+        0,
+        "something was written"
+    );
+}
