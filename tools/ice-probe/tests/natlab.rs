@@ -382,3 +382,64 @@ fn natlab_two_percent_loss_completes_intact() {
         assert!(a["repairs"].as_u64().unwrap() > 0, "{a}");
     }
 }
+
+/// Wrong TURN password on one side: its allocation is refused (logged), and the pair still
+/// relays through the other side's allocation.
+#[test]
+fn natlab_bad_turn_credentials_on_one_side_still_relays() {
+    let Some(lab) = Lab::up("bc") else { return };
+    let r = run_case(
+        &lab,
+        "bad-turn-creds",
+        &Side {
+            ns: "sym1",
+            ip: "10.0.3.2",
+            extra: &["--turn", TURN_UDP, "--turn-pass", "wrong"],
+        },
+        &Side {
+            ns: "sym2",
+            ip: "10.0.4.2",
+            extra: &["--turn", TURN_UDP],
+        },
+    );
+    assert_route(&r, "relay", RELAY_MS);
+    for (a, b) in &r {
+        assert_ne!(a["local"], "relay", "{a}");
+        assert_eq!(b["local"], "relay", "{b}");
+    }
+}
+
+/// Symmetric on both sides and no TURN: nothing can work, and both sides say so with the
+/// cause, within the connect time-out, instead of hanging.
+#[test]
+fn natlab_symmetric_without_turn_fails_with_the_cause() {
+    let Some(lab) = Lab::up("nf") else { return };
+    let xdir = lab.dir.join("no-turn");
+    std::fs::create_dir_all(&xdir).unwrap();
+    let started = Instant::now();
+    let pa = lab.probe(
+        "sym1",
+        "controlling",
+        "10.0.3.2",
+        &xdir,
+        &["--connect-timeout", "4"],
+    );
+    let pb = lab.probe(
+        "sym2",
+        "controlled",
+        "10.0.4.2",
+        &xdir,
+        &["--connect-timeout", "4"],
+    );
+    for r in [pa.result(), pb.result()] {
+        assert_eq!(r["ok"], false, "{r}");
+        let e = r["error"].as_str().unwrap();
+        assert!(
+            e.starts_with("failed to establish ICE connection: no candidate pair succeeded"),
+            "{e}"
+        );
+    }
+    let took = started.elapsed();
+    println!("no-turn: both sides failed with the cause after {took:?}");
+    assert!(took.as_secs() < 15, "{took:?}");
+}

@@ -329,6 +329,17 @@ pub enum SendVia {
     TurnStream(StreamId),
 }
 
+/// A bound TURN channel for the selected pair ([`Agent::relay_channel`]).
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub struct RelayChannel {
+    /// Channel number (0x4000..=0x4FFF).
+    pub channel: u16,
+    /// Local socket address.
+    pub from: SocketAddr,
+    /// TURN server.
+    pub to: SocketAddr,
+}
+
 /// Why an application datagram cannot be sent.
 #[derive(Clone, Copy, Debug, Eq, PartialEq, thiserror::Error)]
 #[non_exhaustive]
@@ -378,6 +389,8 @@ struct TurnSlot {
     failed: bool,
     wait_until: Option<Instant>,
     channel_peer: Option<SocketAddr>,
+    /// The bound channel's number, once turn-client-proto reports it created.
+    channel: Option<(SocketAddr, u16)>,
 }
 
 impl TurnSlot {
@@ -446,6 +459,7 @@ impl Agent {
                 failed: false,
                 wait_until: None,
                 channel_peer: None,
+                channel: None,
             })
             .collect();
         let mut events = VecDeque::new();
@@ -664,6 +678,10 @@ impl Agent {
                 } else if let Some(r) = turn.and_then(|i| self.turn_recv(i, now, from, local, data))
                 {
                     r
+                } else if let Some(i) = turn
+                    && self.turn_refused(i, data)
+                {
+                    Received::Handled
                 } else {
                     self.handle_stun(now, from, local, data);
                     Received::Handled
@@ -696,15 +714,20 @@ impl Agent {
         };
         let (server, local) = (client.remote_addr(), client.local_addr());
         let mut peer_data = Vec::new();
+        let mut ignored = false;
         match client.recv(
             TurnTransmit::new(data, TransportType::Tcp, server, local),
             tnow,
         ) {
             TurnRecvRet::PeerData(pd) => peer_data.push((pd.peer, pd.data().to_vec())),
-            TurnRecvRet::Handled | TurnRecvRet::Ignored(_) | TurnRecvRet::PeerIcmp { .. } => {}
+            TurnRecvRet::Ignored(_) => ignored = true,
+            TurnRecvRet::Handled | TurnRecvRet::PeerIcmp { .. } => {}
         }
         while let Some(pd) = client.poll_recv(tnow) {
             peer_data.push((pd.peer, pd.data().to_vec()));
+        }
+        if ignored {
+            self.turn_refused(stream.0, data);
         }
         for (peer, inner) in peer_data {
             self.relayed_inner(now, peer, relayed, &inner, true);
@@ -812,6 +835,28 @@ impl Agent {
                 from,
                 to: slot.server.addr,
             },
+        })
+    }
+
+    /// When we relay over UDP and the channel to the selected peer is bound: its number and
+    /// 5-tuple. The engine can then frame each QUIC packet itself — a 4-byte
+    /// [`crate::channel_header`] written into headroom in front of the packet (per GSO
+    /// segment) and sent from `from` to `to` — with no copy; [`Agent::wrap`] does the same with
+    /// one copy. `None` until the channel is bound (use [`Agent::wrap`] meanwhile) and on
+    /// TCP/TLS. turn-client-proto refreshes the binding; check again after each
+    /// [`Event::Selected`].
+    pub fn relay_channel(&self) -> Option<RelayChannel> {
+        let sel = self.selected?;
+        if sel.local_kind != CandidateKind::Relay || sel.transport != TurnTransport::Udp {
+            return None;
+        }
+        let slot = self.turns.iter().find(|s| s.relayed == Some(sel.local))?;
+        let (peer, channel) = slot.channel?;
+        let client = slot.client.as_ref()?;
+        (peer == sel.remote).then(|| RelayChannel {
+            channel,
+            from: client.local_addr(),
+            to: slot.server.addr,
         })
     }
 
@@ -1104,6 +1149,26 @@ impl Agent {
         Some(self.relayed_inner(now, peer, relayed, inner, false))
     }
 
+    /// An Allocate error the TURN client did not take (turn-client-proto ignores the error
+    /// to its authenticated request — wrong credentials — and would retransmit for ~40 s):
+    /// give up on that server now, with the cause in the log.
+    fn turn_refused(&mut self, i: usize, data: &[u8]) -> bool {
+        let Some((kind, code)) = stun::error_response(data) else {
+            return false;
+        };
+        let Some(slot) = self.turns.get_mut(i) else {
+            return false;
+        };
+        if kind != stun::ALLOCATE_ERROR || slot.relayed.is_some() || slot.client.is_none() {
+            return false;
+        }
+        warn!(server = ?slot.server, code, "TURN server refused the allocation (credentials?)");
+        slot.failed = true;
+        slot.client = None;
+        slot.wait_until = None;
+        true
+    }
+
     /// A datagram the peer sent to our relayed address.
     fn relayed_inner<'a>(
         &mut self,
@@ -1207,6 +1272,20 @@ impl Agent {
                 TurnEvent::ChannelCreateFailed(_, peer) => {
                     debug!(%peer, "TURN channel refused");
                     slot.channel_peer = None;
+                    slot.channel = None;
+                }
+                TurnEvent::ChannelCreated(_, peer) => {
+                    // why: turn-client-proto does not expose the number; an empty ChannelData
+                    // it builds (and we never send) carries it in its first two bytes.
+                    if let Ok(Some(tb)) =
+                        client.send_to(TransportType::Udp, peer, [0u8; 0].as_slice(), tnow)
+                    {
+                        let b = tb.build().data;
+                        if let Some((channel, _)) = crate::demux::channel_data(&b) {
+                            debug!(%peer, channel, "TURN channel bound");
+                            slot.channel = Some((peer, channel));
+                        }
+                    }
                 }
                 _ => {}
             }

@@ -88,8 +88,9 @@ mod demux;
 mod stun;
 
 pub use agent::{
-    Agent, AppDatagram, BadCredentials, Config, Credentials, Event, FailReason, Received, Role,
-    RouteKind, Selected, SendVia, Stats, StreamId, Transmit, TurnServer, TurnTransport, WrapError,
+    Agent, AppDatagram, BadCredentials, Config, Credentials, Event, FailReason, Received,
+    RelayChannel, Role, RouteKind, Selected, SendVia, Stats, StreamId, Transmit, TurnServer,
+    TurnTransport, WrapError,
 };
 pub use candidate::{
     AddrRejection, Candidate, CandidateKind, MAX_CANDIDATE_LEN, MAX_FOUNDATION_LEN,

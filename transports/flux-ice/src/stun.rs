@@ -9,6 +9,9 @@ const BINDING_REQUEST: u16 = 0x0001;
 const BINDING_SUCCESS: u16 = 0x0101;
 const MAPPED_ADDRESS: u16 = 0x0001;
 const XOR_MAPPED_ADDRESS: u16 = 0x0020;
+const ERROR_CODE: u16 = 0x0009;
+/// Allocate error response (RFC 8656 §7.2): method 0x003, class error.
+pub(crate) const ALLOCATE_ERROR: u16 = 0x0113;
 
 /// A Binding request without attributes.
 pub(crate) fn binding_request(trans_id: [u8; 12]) -> Vec<u8> {
@@ -18,6 +21,30 @@ pub(crate) fn binding_request(trans_id: [u8; 12]) -> Vec<u8> {
     m.extend_from_slice(&MAGIC.to_be_bytes());
     m.extend_from_slice(&trans_id);
     m
+}
+
+/// The message type and error code of a STUN error response (class 0b11), if `data` is one.
+pub(crate) fn error_response(data: &[u8]) -> Option<(u16, u16)> {
+    let header = data.get(..20)?;
+    let kind = u16::from_be_bytes([header[0], header[1]]);
+    let len = usize::from(u16::from_be_bytes([header[2], header[3]]));
+    // Class bits are 0x0100 and 0x0010 of the type; both set = error response.
+    if kind & 0x0110 != 0x0110 || header[4..8] != MAGIC.to_be_bytes() {
+        return None;
+    }
+    let mut attrs = data.get(20..20 + len)?;
+    while attrs.len() >= 4 {
+        let t = u16::from_be_bytes([attrs[0], attrs[1]]);
+        let l = usize::from(u16::from_be_bytes([attrs[2], attrs[3]]));
+        let value = attrs.get(4..4 + l)?;
+        if t == ERROR_CODE {
+            let class = u16::from(*value.get(2)? & 0x07);
+            let number = u16::from(*value.get(3)?);
+            return Some((kind, class * 100 + number));
+        }
+        attrs = attrs.get((4 + l).next_multiple_of(4)..).unwrap_or(&[]);
+    }
+    None
 }
 
 /// The transaction id and mapped address of a Binding success response; `None` for anything
@@ -125,10 +152,26 @@ mod tests {
         assert_eq!(binding_request(t).len(), 20);
     }
 
+    #[test]
+    fn allocate_401() {
+        let mut m = Vec::new();
+        m.extend_from_slice(&ALLOCATE_ERROR.to_be_bytes());
+        m.extend_from_slice(&16u16.to_be_bytes());
+        m.extend_from_slice(&MAGIC.to_be_bytes());
+        m.extend_from_slice(&[1; 12]);
+        m.extend_from_slice(&ERROR_CODE.to_be_bytes());
+        m.extend_from_slice(&12u16.to_be_bytes());
+        m.extend_from_slice(&[0, 0, 4, 1]);
+        m.extend_from_slice(b"Unauthorized");
+        assert_eq!(error_response(&m), Some((ALLOCATE_ERROR, 401)));
+        assert_eq!(error_response(&binding_request([0; 12])), None);
+    }
+
     proptest::proptest! {
         #[test]
         fn never_panics(data: Vec<u8>) {
             let _ = binding_success(&data);
+            let _ = error_response(&data);
         }
     }
 }
