@@ -391,6 +391,8 @@ struct TurnSlot {
     channel_peer: Option<SocketAddr>,
     /// The bound channel's number, once turn-client-proto reports it created.
     channel: Option<(SocketAddr, u16)>,
+    /// Transaction ids of Allocate errors the client handled (the authentication challenge).
+    challenges: Vec<[u8; 12]>,
 }
 
 impl TurnSlot {
@@ -460,6 +462,7 @@ impl Agent {
                 wait_until: None,
                 channel_peer: None,
                 channel: None,
+                challenges: Vec::new(),
             })
             .collect();
         let mut events = VecDeque::new();
@@ -721,7 +724,8 @@ impl Agent {
         ) {
             TurnRecvRet::PeerData(pd) => peer_data.push((pd.peer, pd.data().to_vec())),
             TurnRecvRet::Ignored(_) => ignored = true,
-            TurnRecvRet::Handled | TurnRecvRet::PeerIcmp { .. } => {}
+            TurnRecvRet::Handled => note_challenge(slot.relayed, &mut slot.challenges, data),
+            TurnRecvRet::PeerIcmp { .. } => {}
         }
         while let Some(pd) = client.poll_recv(tnow) {
             peer_data.push((pd.peer, pd.data().to_vec()));
@@ -1136,6 +1140,7 @@ impl Agent {
         ) {
             TurnRecvRet::Handled => {
                 slot.wait_until = Some(now);
+                note_challenge(slot.relayed, &mut slot.challenges, data);
                 return Some(Received::Handled);
             }
             TurnRecvRet::Ignored(_) => return None,
@@ -1153,13 +1158,21 @@ impl Agent {
     /// to its authenticated request — wrong credentials — and would retransmit for ~40 s):
     /// give up on that server now, with the cause in the log.
     fn turn_refused(&mut self, i: usize, data: &[u8]) -> bool {
-        let Some((kind, code)) = stun::error_response(data) else {
+        let Some((kind, code, trans_id)) = stun::error_response(data) else {
             return false;
         };
         let Some(slot) = self.turns.get_mut(i) else {
             return false;
         };
-        if kind != stun::ALLOCATE_ERROR || slot.relayed.is_some() || slot.client.is_none() {
+        // why: only a rejection of the authenticated request counts — after a challenge, and
+        // not a duplicate of the challenge itself (a retransmitted Allocate under loss gets
+        // two 401s with the challenge's transaction id; the client ignores the second).
+        if kind != stun::ALLOCATE_ERROR
+            || slot.relayed.is_some()
+            || slot.client.is_none()
+            || slot.challenges.is_empty()
+            || slot.challenges.contains(&trans_id)
+        {
             return false;
         }
         warn!(server = ?slot.server, code, "TURN server refused the allocation (credentials?)");
@@ -1328,6 +1341,17 @@ impl Agent {
         // why: a WaitUntil in the past would spin; turn-client-proto reports "now" when it has
         // nothing better, so poll again no sooner than 10 ms later.
         self.turns[i].wait_until = w.map(|w| w.max(now + Duration::from_millis(10)));
+    }
+}
+
+/// Remembers an Allocate error the TURN client accepted (the 401 challenge), so a duplicate
+/// of it is never mistaken for a refusal.
+fn note_challenge(relayed: Option<SocketAddr>, challenges: &mut Vec<[u8; 12]>, data: &[u8]) {
+    if relayed.is_none()
+        && challenges.len() < 8
+        && let Some((stun::ALLOCATE_ERROR, _, trans_id)) = stun::error_response(data)
+    {
+        challenges.push(trans_id);
     }
 }
 

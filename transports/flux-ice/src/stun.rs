@@ -23,8 +23,9 @@ pub(crate) fn binding_request(trans_id: [u8; 12]) -> Vec<u8> {
     m
 }
 
-/// The message type and error code of a STUN error response (class 0b11), if `data` is one.
-pub(crate) fn error_response(data: &[u8]) -> Option<(u16, u16)> {
+/// The message type, error code and transaction id of a STUN error response (class 0b11), if
+/// `data` is one.
+pub(crate) fn error_response(data: &[u8]) -> Option<(u16, u16, [u8; 12])> {
     let header = data.get(..20)?;
     let kind = u16::from_be_bytes([header[0], header[1]]);
     let len = usize::from(u16::from_be_bytes([header[2], header[3]]));
@@ -40,7 +41,7 @@ pub(crate) fn error_response(data: &[u8]) -> Option<(u16, u16)> {
         if t == ERROR_CODE {
             let class = u16::from(*value.get(2)? & 0x07);
             let number = u16::from(*value.get(3)?);
-            return Some((kind, class * 100 + number));
+            return Some((kind, class * 100 + number, header[8..20].try_into().ok()?));
         }
         attrs = attrs.get((4 + l).next_multiple_of(4)..).unwrap_or(&[]);
     }
@@ -163,7 +164,7 @@ mod tests {
         m.extend_from_slice(&12u16.to_be_bytes());
         m.extend_from_slice(&[0, 0, 4, 1]);
         m.extend_from_slice(b"Unauthorized");
-        assert_eq!(error_response(&m), Some((ALLOCATE_ERROR, 401)));
+        assert_eq!(error_response(&m), Some((ALLOCATE_ERROR, 401, [1; 12])));
         assert_eq!(error_response(&binding_request([0; 12])), None);
     }
 
