@@ -133,6 +133,17 @@ impl IoDriver {
 
 fn net_config(job: &TransferJob) -> NetConfig {
     let t = &job.tuning;
+    if t.cores.is_some_and(|c| c > 1) {
+        tracing::warn!(
+            "--cores: the engine runs one data worker per process for now; using 1 \
+             (sharding a transfer across cores is not implemented yet)"
+        );
+    }
+    if !t.turn_servers.is_empty() {
+        tracing::warn!(
+            "--turn-server: NAT traversal is not wired into thru yet; connecting directly"
+        );
+    }
     let mut cfg = NetConfig {
         driver: t.io_driver.driver(),
         transport: t.transport.clone(),

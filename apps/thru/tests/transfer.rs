@@ -258,48 +258,91 @@ fn held_bytes(dir: &Path, name: &str, chunk: u64) -> u64 {
     len.saturating_sub(64) / 40 * chunk
 }
 
+const GIB: u64 = 1 << 30;
+/// The automatic chunk size for a 1 GiB file.
+const CHUNK: u64 = 4 << 20;
+
+fn gib_file(dir: &Path) -> PathBuf {
+    use std::io::Write;
+    let f = dir.join("big.bin");
+    let mut w = std::io::BufWriter::new(fs::File::create(&f).unwrap());
+    let mut x = blake3::Hasher::new().finalize_xof();
+    let mut buf = vec![0u8; 1 << 20];
+    for _ in 0..(GIB >> 20) {
+        x.fill(&mut buf);
+        w.write_all(&buf).unwrap();
+    }
+    f
+}
+
+/// Waits until the joiner reports at least half of the file done.
+fn until_half(joiner: &Proc) {
+    loop {
+        let v = joiner.event("progress");
+        if v["overall_done"].as_u64().unwrap() >= GIB / 2 {
+            return;
+        }
+    }
+}
+
+/// Resumes into `out` from a fresh host and checks only the missing part moved.
+fn resume_and_check(f: &Path, out: &Path) {
+    let held = held_bytes(out, "big.bin", CHUNK);
+    assert!(held > 0 && held < GIB, "held {held}");
+    let (mut host, peer, code) = lan_host(&[f], 1);
+    let mut joiner = lan_join(&peer, &code, out, &["--yes", "--benchmark"]);
+    let bench = joiner.event("benchmark");
+    assert_eq!(wait_long(&mut joiner, Duration::from_secs(180)), 0);
+    let moved = bench["bytes"].as_u64().unwrap();
+    assert!(
+        moved <= GIB - held + 16 * CHUNK,
+        "second run moved {moved} bytes, {} were missing",
+        GIB - held
+    );
+    let a = blake3::hash(&fs::read(f).unwrap());
+    let b = blake3::hash(&fs::read(out.join("big.bin")).unwrap());
+    assert_eq!(a, b, "received bytes differ");
+    assert_eq!(wait_long(&mut host, Duration::from_secs(30)), 0);
+}
+
+#[test]
+fn gib_resume_after_the_host_is_killed() {
+    let src = tempfile::tempdir_in("/var/tmp").unwrap();
+    let out = tempfile::tempdir_in("/var/tmp").unwrap();
+    let f = gib_file(src.path());
+    let (mut host, peer, code) = lan_host(&[&f], 1);
+    let mut first = lan_join(&peer, &code, out.path(), &["--yes"]);
+    until_half(&first);
+    host.child.kill().unwrap(); // SIGKILL
+    let _ = host.child.wait();
+    // The joiner notices on its own (idle timeout) and fails with the resume hint's exit code.
+    assert_eq!(wait_long(&mut first, Duration::from_secs(90)), 1);
+    // A new host on the same paths: only the missing part moves.
+    resume_and_check(&f, out.path());
+}
+
 #[test]
 fn gib_resume_after_the_joiner_is_killed() {
     let src = tempfile::tempdir_in("/var/tmp").unwrap();
     let out = tempfile::tempdir_in("/var/tmp").unwrap();
-    let f = src.path().join("big.bin");
-    let total: u64 = 1 << 30;
-    {
-        use std::io::Write;
-        let mut w = std::io::BufWriter::new(fs::File::create(&f).unwrap());
-        let mut x = blake3::Hasher::new().finalize_xof();
-        let mut buf = vec![0u8; 1 << 20];
-        for _ in 0..(total >> 20) {
-            x.fill(&mut buf);
-            w.write_all(&buf).unwrap();
-        }
-    }
-    let chunk: u64 = 4 << 20; // the automatic chunk size for 1 GiB
-    let (mut host, peer, code) = lan_host(&[&f], 3);
+    let f = gib_file(src.path());
+    let (mut host, peer, code) = lan_host(&[&f], 2);
     let mut first = lan_join(&peer, &code, out.path(), &["--yes"]);
-    loop {
-        let v = first.event("progress");
-        if v["overall_done"].as_u64().unwrap() >= total / 2 {
-            break;
-        }
-    }
+    until_half(&first);
     first.child.kill().unwrap(); // SIGKILL
     let _ = first.child.wait();
-    let held = held_bytes(out.path(), "big.bin", chunk);
-    assert!(held > 0 && held < total, "held {held}");
+    let held = held_bytes(out.path(), "big.bin", CHUNK);
+    assert!(held > 0 && held < GIB, "held {held}");
+    // The same host, the same code: only the missing part moves.
     let mut second = lan_join(&peer, &code, out.path(), &["--yes", "--benchmark"]);
     let bench = second.event("benchmark");
     assert_eq!(wait_long(&mut second, Duration::from_secs(180)), 0);
     let moved = bench["bytes"].as_u64().unwrap();
-    // Only the missing part moved, plus at most the chunks whose write had not been recorded.
+    // At most the chunks whose write had not been recorded when the joiner died move twice.
     assert!(
-        moved <= total - held + 16 * chunk,
+        moved <= GIB - held + 16 * CHUNK,
         "second run moved {moved} bytes, {} were missing",
-        total - held
-    );
-    assert!(
-        moved < total - total / 4,
-        "second run moved {moved} of {total}"
+        GIB - held
     );
     let a = blake3::hash(&fs::read(&f).unwrap());
     let b = blake3::hash(&fs::read(out.path().join("big.bin")).unwrap());
