@@ -170,10 +170,17 @@ pub struct Config {
     pub consent_timeout: Duration,
     /// Accept loopback remote candidates (single-host tests only).
     pub allow_loopback: bool,
+    /// Relayed candidates (ours and the peer's) join the checks this long after checking
+    /// starts, so direct pairs get a head start and a relay is chosen only when nothing else
+    /// works: the controlling side nominates the first pair that succeeds, and a relay pair
+    /// that wins a race against a lost direct check would otherwise carry traffic until the
+    /// direct pair is renominated. Zero disables the hold.
+    pub relay_hold: Duration,
 }
 
 impl Config {
-    /// Defaults: Ta 50 ms, 100 remote candidates, 10 s to connect, 30 s consent.
+    /// Defaults: Ta 50 ms, 100 remote candidates, 10 s to connect, 30 s consent, relays held
+    /// back 500 ms.
     pub fn new(role: Role, credentials: Credentials, tie_breaker: u64) -> Self {
         Self {
             role,
@@ -186,6 +193,7 @@ impl Config {
             connect_timeout: Duration::from_secs(10),
             consent_timeout: Duration::from_secs(30),
             allow_loopback: false,
+            relay_hold: Duration::from_millis(500),
         }
     }
 }
@@ -415,6 +423,8 @@ pub struct Agent {
     checking_since: Option<Instant>,
     ice_due: Option<Instant>,
     ice_ran: Option<Instant>,
+    held_local: Vec<(is::Candidate, SocketAddr, TurnTransport)>,
+    held_remote: Vec<is::Candidate>,
     last_check_response: Option<Instant>,
     selected: Option<Selected>,
     failed: bool,
@@ -488,6 +498,8 @@ impl Agent {
             checking_since: None,
             ice_due: Some(now),
             ice_ran: None,
+            held_local: Vec::new(),
+            held_remote: Vec::new(),
             last_check_response: None,
             selected: None,
             failed: false,
@@ -635,7 +647,11 @@ impl Agent {
         debug!(candidate = %c, "remote candidate");
         self.stats.remote_candidates += 1;
         self.remote.insert(c.addr, c.kind);
-        self.ice.add_remote_candidate(ic);
+        if c.kind == CandidateKind::Relay && !self.relays_released(now) {
+            self.held_remote.push(ic);
+        } else {
+            self.ice.add_remote_candidate(ic);
+        }
         if self.remote_ips.insert(c.addr.ip()) {
             let ip = c.addr.ip();
             let tnow = self.turn_now(now);
@@ -697,8 +713,11 @@ impl Agent {
                 None => Received::Ignored,
             },
         };
-        if r == Received::Ignored {
-            self.stats.dropped += 1;
+        match r {
+            // Hot path (relayed QUIC): nothing changed that needs the timers run.
+            Received::App { .. } => return r,
+            Received::Ignored => self.stats.dropped += 1,
+            Received::Handled => {}
         }
         self.process(now);
         r
@@ -764,6 +783,9 @@ impl Agent {
         }
         for slot in &self.turns {
             take(slot.wait_until);
+        }
+        if !self.held_local.is_empty() || !self.held_remote.is_empty() {
+            take(self.checking_since.map(|t| t + self.config.relay_hold));
         }
         if !self.failed {
             if self.selected.is_none() {
@@ -896,6 +918,31 @@ impl Agent {
         self.ice_due = Some(self.ice_due.map_or(earliest, |d| d.min(earliest)));
     }
 
+    /// Whether relayed candidates may join the checks ([`Config::relay_hold`]).
+    fn relays_released(&self, now: Instant) -> bool {
+        self.checking_since
+            .is_some_and(|t| now >= t + self.config.relay_hold)
+    }
+
+    /// Adds held relayed candidates to the agent (and trickles ours) once the hold is over.
+    fn release_relays(&mut self, now: Instant) {
+        if !self.relays_released(now) {
+            return;
+        }
+        for (c, local, via) in std::mem::take(&mut self.held_local) {
+            if let Some(c) = self.ice.add_local_candidate(c) {
+                let mut c = from_is(c);
+                c.related = Some(local);
+                info!(candidate = %c, via = via.as_str(), "local candidate");
+                self.events.push_back(Event::LocalCandidate(c));
+            }
+        }
+        for c in std::mem::take(&mut self.held_remote) {
+            self.ice.add_remote_candidate(c);
+        }
+        self.schedule_ice(now);
+    }
+
     fn udp_turn(&self, from: SocketAddr) -> Option<usize> {
         self.turns.iter().position(|s| {
             s.server.transport == TurnTransport::Udp && s.server.addr == from && s.client.is_some()
@@ -927,6 +974,9 @@ impl Agent {
         // TURN clients.
         for i in 0..self.turns.len() {
             self.turn_poll(i, now);
+        }
+        if !self.held_local.is_empty() || !self.held_remote.is_empty() {
+            self.release_relays(now);
         }
         // The ICE agent, never more often than its own schedule: that is what paces checks.
         if self.ice_due.is_some_and(|t| now >= t) {
@@ -1313,13 +1363,10 @@ impl Agent {
                 let _ = client.create_permission(TransportType::Udp, *ip, tnow);
             }
             slot.relayed = Some(relayed);
-            if let Ok(c) = is::Candidate::relayed(relayed, local, "udp")
-                && let Some(c) = self.ice.add_local_candidate(c)
-            {
-                let mut c = from_is(c);
-                c.related = Some(local);
-                info!(candidate = %c, via = slot.server.transport.as_str(), "local candidate");
-                self.events.push_back(Event::LocalCandidate(c));
+            let via = slot.server.transport;
+            if let Ok(c) = is::Candidate::relayed(relayed, local, "udp") {
+                self.held_local.push((c, local, via));
+                self.release_relays(now);
             }
             self.schedule_ice(now);
             // New permissions have transmits: poll again right away.
