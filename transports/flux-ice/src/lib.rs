@@ -37,8 +37,16 @@
 //!     //                        SendVia::Direct { from, to } => send pkt,
 //!     //                        SendVia::TurnUdp { from, to } => send buf,
 //!     //                        SendVia::TurnStream(id) => write buf to the stream }
+//!     // zero-copy relay:   if let Some(rc) = agent.relay_channel() { write
+//!     //                    channel_header(rc.channel, len) into 4 bytes of headroom before
+//!     //                    each QUIC packet (each GSO segment) and send from rc.from to rc.to }
 //! }
 //! ```
+//!
+//! Route preference: host and server-reflexive pairs are checked first; relayed candidates
+//! (ours and the peer's) join [`Config::relay_hold`] (500 ms) later, so a relay carries
+//! traffic only when no direct pair works (or until one does: the controlling side upgrades
+//! the nomination).
 //!
 //! Drain contract: after any input, drain `poll_transmit`, then `poll_timeout`, then
 //! `poll_event` before the next input. Checks are paced by the Ta timer
@@ -86,6 +94,7 @@ mod agent;
 mod candidate;
 mod demux;
 mod stun;
+mod url;
 
 pub use agent::{
     Agent, AppDatagram, BadCredentials, Config, Credentials, Event, FailReason, Received,
@@ -97,3 +106,4 @@ pub use candidate::{
     ParseCandidateError, check_remote_addr,
 };
 pub use demux::{Packet, channel_data, channel_header, classify};
+pub use url::{BadTurnUrl, TurnUrl};
