@@ -54,6 +54,9 @@ impl Lab {
             dir,
             _lock: lock,
         };
+        // A lab left behind by a killed run with the same prefix (we hold the lock, so it is
+        // not running).
+        let _ = lab.natlab(&["down"]);
         let out = lab.natlab(&["up"]);
         assert!(out.status.success(), "natlab up failed: {out:?}");
         Some(lab)
