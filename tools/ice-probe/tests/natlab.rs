@@ -183,11 +183,13 @@ fn run_case(
         );
         assert_eq!(ra["bytes"], 20 * 1024 * 1024);
         println!(
-            "{name} run {run}: route {} ({}→{}, {}/{}) connect {} ms / {} ms, {} Mbit/s, {} repairs, wall {:.1} s",
+            "{name} run {run}: route {} (a {}→{} {}, b {}→{} {}) connect {} ms / {} ms, {} Mbit/s, {} repairs, wall {:.1} s",
             ra["route"],
             ra["local"],
             ra["remote"],
             ra["transport"],
+            rb["local"],
+            rb["remote"],
             rb["transport"],
             ra["connect_ms"],
             rb["connect_ms"],
@@ -204,6 +206,19 @@ fn assert_route(results: &[(serde_json::Value, serde_json::Value)], route: &str,
     for (a, b) in results {
         assert_eq!(a["route"], route, "controlling: {a}");
         assert_eq!(b["route"], route, "controlled: {b}");
+        // Both directions on the same pair: a side sends from its relay exactly when the
+        // other sends to a relayed address.
+        let relay = |r: &serde_json::Value, k: &str| r[k] == "relay";
+        assert_eq!(
+            relay(a, "local"),
+            relay(b, "remote"),
+            "pair differs: {a} / {b}"
+        );
+        assert_eq!(
+            relay(a, "remote"),
+            relay(b, "local"),
+            "pair differs: {a} / {b}"
+        );
         for r in [a, b] {
             let ms = r["connect_ms"].as_u64().unwrap();
             assert!(ms <= max_ms, "connect took {ms} ms (limit {max_ms}): {r}");

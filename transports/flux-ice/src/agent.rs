@@ -390,6 +390,13 @@ struct StunQuery {
     done: bool,
 }
 
+/// A pair the controlling side nominated, as the controlled side saw it.
+struct Nomination {
+    local: SocketAddr,
+    remote: SocketAddr,
+    last: Instant,
+}
+
 struct TurnSlot {
     server: TurnServer,
     client: Option<TurnClient>,
@@ -424,6 +431,7 @@ pub struct Agent {
     ice_due: Option<Instant>,
     ice_ran: Option<Instant>,
     held_local: Vec<(is::Candidate, SocketAddr, TurnTransport)>,
+    nominations: Vec<Nomination>,
     held_remote: Vec<is::Candidate>,
     last_check_response: Option<Instant>,
     selected: Option<Selected>,
@@ -499,6 +507,7 @@ impl Agent {
             ice_due: Some(now),
             ice_ran: None,
             held_local: Vec::new(),
+            nominations: Vec::new(),
             held_remote: Vec::new(),
             last_check_response: None,
             selected: None,
@@ -985,6 +994,9 @@ impl Agent {
             self.ice_due = self.ice.poll_timeout();
         }
         self.drain_ice(now);
+        if !self.ice.controlling() {
+            self.nomination_failover(now);
+        }
         self.check_failure(now);
     }
 
@@ -1009,7 +1021,8 @@ impl Agent {
                     source,
                     destination,
                     ..
-                } => self.select(now, source, destination),
+                } if self.ice.controlling() => self.select(now, source, destination),
+                IceAgentEvent::NominatedSend { .. } => {}
                 IceAgentEvent::IceConnectionStateChange(s) => {
                     debug!(state = ?s, "ICE state");
                     if s.is_connected() {
@@ -1156,6 +1169,7 @@ impl Agent {
         destination: SocketAddr,
         message: StunMessage<'_>,
     ) {
+        let nominating = message.is_binding_request() && message.use_candidate();
         let packet = StunPacket {
             proto: Protocol::Udp,
             source,
@@ -1167,8 +1181,67 @@ impl Agent {
             debug!(%source, "STUN refused (bad integrity, unknown user or unexpected)");
             return;
         }
+        if nominating && !self.ice.controlling() {
+            self.nominated(now, destination, source);
+        }
         // A request or response can make a check due now (triggered check, nomination).
         self.schedule_ice(now);
+    }
+
+    /// Controlled side: a nominating check arrived on (local, remote).
+    ///
+    /// The controlled side sends on the pair the controlling side nominated most recently
+    /// (RFC 8445 §8.1.1). The controlling side nominates a pair only after its check on that
+    /// 5-tuple succeeded — our response reached it — so both directions are proven. Why not
+    /// `is`'s choice: it keeps the best-priority pair ever nominated, which after a
+    /// renomination can leave the two directions on different pairs (each side sending to the
+    /// other's relay). Every later check on a nominated pair repeats USE-CANDIDATE, so only
+    /// the first one on a pair counts as a (re)nomination; repeats mark the pair alive.
+    fn nominated(&mut self, now: Instant, local: SocketAddr, remote: SocketAddr) {
+        if let Some(n) = self
+            .nominations
+            .iter_mut()
+            .find(|n| n.local == local && n.remote == remote)
+        {
+            n.last = now;
+            return;
+        }
+        if self.nominations.len() >= MAX_NOMINATIONS {
+            self.nominations.remove(0);
+        }
+        self.nominations.push(Nomination {
+            local,
+            remote,
+            last: now,
+        });
+        self.select(now, local, remote);
+    }
+
+    /// Controlled side: when the selected pair's nominating checks stop arriving (the
+    /// controlling side went back to an older pair because ours died), follow the pair that
+    /// is still being checked.
+    fn nomination_failover(&mut self, now: Instant) {
+        let Some(sel) = self.selected else {
+            return;
+        };
+        let silent = |n: &Nomination| now.saturating_duration_since(n.last) > NOMINATION_SILENCE;
+        let current = self
+            .nominations
+            .iter()
+            .find(|n| n.local == sel.local && n.remote == sel.remote);
+        if current.is_some_and(|n| !silent(n)) {
+            return;
+        }
+        if let Some(alive) = self
+            .nominations
+            .iter()
+            .filter(|n| !silent(n))
+            .max_by_key(|n| n.last)
+            .map(|n| (n.local, n.remote))
+        {
+            info!(local = %alive.0, remote = %alive.1, "selected pair went quiet; following the live nomination");
+            self.select(now, alive.0, alive.1);
+        }
     }
 
     /// Data from the TURN server at `from` on the UDP socket.
@@ -1436,5 +1509,10 @@ const UNSPEC: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPEC
 /// Remote candidates kept. An honest peer sends a handful (host, srflx, a relay or two);
 /// RFC 8445 §6.1.2.5 suggests a limit of 100 on the checklist.
 const DEFAULT_MAX_REMOTE_CANDIDATES: usize = 100;
+/// Nominated pairs remembered by the controlled side (renominations are rare).
+const MAX_NOMINATIONS: usize = 16;
+/// A nominated pair with no check for this long is given up by the controlling side: `is`
+/// rechecks every pair at least every 3 s (its max RTO), so this is three missed rounds.
+const NOMINATION_SILENCE: Duration = Duration::from_secs(9);
 /// Ignored remote candidates logged at info level before dropping to debug.
 const LOGGED_IGNORED: u64 = 10;

@@ -58,13 +58,16 @@
 //! [`Event::Selected`] can come more than once: the controlling side may upgrade the
 //! nomination (for example from a relay to a direct pair); always send on the latest.
 //!
+//! **Addresses.** `local` in [`Agent::handle_datagram`] must be the host address the datagram
+//! arrived on, exactly as given to [`Agent::add_host`] (with a wildcard-bound socket, read it
+//! from `IP_PKTINFO`): checks are matched to candidates by it.
+//!
 //! **QUIC on top.** Give quinn-proto one constant peer address for the connection (for example
 //! the first selected remote) and send every QUIC datagram through [`Agent::wrap`], which
 //! knows the current path; feed every [`Received::App`] to that connection whatever its
-//! `peer`. Why: the path can change under QUIC (renomination), and when both sides relay the
-//! two directions may use different pairs (each side sends to the other's relayed address —
-//! `is` lets each side keep the best pair it has seen nominated), so per-packet addresses are
-//! ICE's business, not QUIC's. Never negotiate QUIC-bit greasing on this socket.
+//! `peer`. Why: the path can change under QUIC (renomination: the controlling side upgrades, the
+//! controlled side follows the latest nomination), so per-packet addresses are ICE's
+//! business, not QUIC's. Never negotiate QUIC-bit greasing on this socket.
 //!
 //! # Implementation choice
 //!
