@@ -264,6 +264,27 @@ struct RunResult {
     rtt_ms: Option<f64>,
 }
 
+impl RunResult {
+    /// A comparator that reports only its rate.
+    fn rate_only(gbit_s: f64) -> Self {
+        Self {
+            gbit_s,
+            host_cpu_s_per_gib: None,
+            join_cpu_s_per_gib: None,
+            host_max_rss_mib: None,
+            join_max_rss_mib: None,
+            connect_ms: None,
+            first_chunk_ms: None,
+            chunk_latency_ms: None,
+            mtu: None,
+            gso_gro: None,
+            o_direct: None,
+            loss_pct: None,
+            rtt_ms: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Serialize)]
 struct Percentiles {
     p50: f64,
@@ -493,79 +514,53 @@ fn run_engine(row: Row, src: &Path, dest: &Path, a: &RunArgs, p: &Place) -> Resu
         Row::UringNoGso => ("uring", false),
         _ => ("epoll", false),
     };
-    let (hout, jout) = (a.dir.join("host.json"), a.dir.join("join.json"));
-    let mut h = ns_cmd(&p.host_ns);
-    h.args(["side", "engine-host", "--driver", driver, "--max-mtu"])
-        .arg(a.max_mtu.to_string())
-        .arg("--file")
-        .arg(src)
-        .arg("--bind")
-        .arg(p.host_bind.to_string())
-        .arg("--out")
-        .arg(&hout);
+    let mut common = vec!["--driver".to_string(), driver.into()];
     if offload {
-        h.arg("--offload");
+        common.push("--offload".into());
     }
-    let (hc, addr, fp) = start_host(h)?;
-    let mut j = ns_cmd(&p.join_ns);
-    j.args([
-        "side",
-        "engine-join",
-        "--driver",
-        driver,
-        "--fp",
-        &fp,
-        "--max-mtu",
-    ])
-    .arg(a.max_mtu.to_string())
-    .arg("--peer")
-    .arg(addr.to_string())
-    .arg("--dest")
-    .arg(dest)
-    .arg("--bind")
-    .arg(p.join_bind.to_string())
-    .arg("--out")
-    .arg(&jout);
-    if offload {
-        j.arg("--offload");
-    }
-    let jc = j.spawn().context("spawn joiner side")?;
-    let jr = wait_ok(jc, "joiner");
-    let hr = wait_ok(hc, "host");
-    jr?;
-    hr?;
-    combine(&read_report(&hout)?, &read_report(&jout)?)
+    run_pair(("engine-host", "engine-join"), &common, src, dest, a, p)
 }
 
 fn run_quinn(hash: bool, src: &Path, dest: &Path, a: &RunArgs, p: &Place) -> Result<RunResult> {
+    let common: Vec<String> = if hash {
+        vec!["--hash".into()]
+    } else {
+        Vec::new()
+    };
+    let dest_file = dest.join(src.file_name().unwrap_or_default());
+    run_pair(("quinn-host", "quinn-join"), &common, src, &dest_file, a, p)
+}
+
+/// Runs a host side and a joiner side (`flux-bench side <kind> ...`) with the flags both take
+/// plus `common`, and combines their reports.
+fn run_pair(
+    (host_kind, join_kind): (&str, &str),
+    common: &[String],
+    src: &Path,
+    dest: &Path,
+    a: &RunArgs,
+    p: &Place,
+) -> Result<RunResult> {
     let (hout, jout) = (a.dir.join("host.json"), a.dir.join("join.json"));
+    let mtu = a.max_mtu.to_string();
     let mut h = ns_cmd(&p.host_ns);
-    h.args(["side", "quinn-host", "--max-mtu"])
-        .arg(a.max_mtu.to_string())
+    h.args(["side", host_kind, "--max-mtu", &mtu])
+        .args(common)
         .arg("--file")
         .arg(src)
-        .arg("--bind")
-        .arg(p.host_bind.to_string())
+        .args(["--bind", &p.host_bind.to_string()])
         .arg("--out")
         .arg(&hout);
-    if hash {
-        h.arg("--hash");
-    }
     let (hc, addr, fp) = start_host(h)?;
     let mut j = ns_cmd(&p.join_ns);
-    j.args(["side", "quinn-join", "--fp", &fp, "--max-mtu"])
-        .arg(a.max_mtu.to_string())
-        .arg("--peer")
-        .arg(addr.to_string())
+    j.args(["side", join_kind, "--max-mtu", &mtu, "--fp", &fp])
+        .args(common)
+        .args(["--peer", &addr.to_string()])
         .arg("--dest")
-        .arg(dest.join(src.file_name().unwrap_or_default()))
-        .arg("--bind")
-        .arg(p.join_bind.to_string())
+        .arg(dest)
+        .args(["--bind", &p.join_bind.to_string()])
         .arg("--out")
         .arg(&jout);
-    if hash {
-        j.arg("--hash");
-    }
     let jc = j.spawn().context("spawn joiner side")?;
     let jr = wait_ok(jc, "joiner");
     let hr = wait_ok(hc, "host");
@@ -657,21 +652,7 @@ fn run_iperf3(size: u64, p: &Place) -> Result<Option<RunResult>> {
                 String::from_utf8_lossy(&out.stderr)
             )
         })?;
-    Ok(Some(RunResult {
-        gbit_s: bps / 1e9,
-        host_cpu_s_per_gib: None,
-        join_cpu_s_per_gib: None,
-        host_max_rss_mib: None,
-        join_max_rss_mib: None,
-        connect_ms: None,
-        first_chunk_ms: None,
-        chunk_latency_ms: None,
-        mtu: None,
-        gso_gro: None,
-        o_direct: None,
-        loss_pct: None,
-        rtt_ms: None,
-    }))
+    Ok(Some(RunResult::rate_only(bps / 1e9)))
 }
 
 fn run_scp(src: &Path, dest: &Path, size: u64) -> Result<Option<RunResult>> {
@@ -701,21 +682,7 @@ fn run_scp(src: &Path, dest: &Path, size: u64) -> Result<Option<RunResult>> {
         bail!("scp failed: {st}");
     }
     let secs = t.elapsed().as_secs_f64();
-    Ok(Some(RunResult {
-        gbit_s: size as f64 * 8.0 / secs / 1e9,
-        host_cpu_s_per_gib: None,
-        join_cpu_s_per_gib: None,
-        host_max_rss_mib: None,
-        join_max_rss_mib: None,
-        connect_ms: None,
-        first_chunk_ms: None,
-        chunk_latency_ms: None,
-        mtu: None,
-        gso_gro: None,
-        o_direct: None,
-        loss_pct: None,
-        rtt_ms: None,
-    }))
+    Ok(Some(RunResult::rate_only(size as f64 * 8.0 / secs / 1e9)))
 }
 
 fn median(mut v: Vec<f64>) -> Option<f64> {

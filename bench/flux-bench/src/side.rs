@@ -250,6 +250,14 @@ fn quinn_socket(bind: SocketAddr) -> Result<std::net::UdpSocket> {
     Ok(s.into_std())
 }
 
+fn quinn_stats(r: &mut SideReport, conn: &quinn::Connection) {
+    let st = conn.stats();
+    r.mtu = Some(st.path.current_mtu);
+    r.rtt_ms = Some(conn.rtt().as_secs_f64() * 1e3);
+    r.packets_sent = st.path.sent_packets;
+    r.packets_lost = st.path.lost_packets;
+}
+
 /// The quinn-on-tokio reference host: one unidirectional stream carrying the file, read with
 /// `tokio::fs` in 4 MiB pieces, each hashed with BLAKE3 when `hash` (as the engine does).
 pub fn quinn_host(
@@ -315,11 +323,7 @@ pub fn quinn_host(
         s.finish()?;
         // The joiner closes once it has everything.
         let _ = conn.closed().await;
-        let st = conn.stats();
-        r.mtu = Some(st.path.current_mtu);
-        r.rtt_ms = Some(conn.rtt().as_secs_f64() * 1e3);
-        r.packets_sent = st.path.sent_packets;
-        r.packets_lost = st.path.lost_packets;
+        quinn_stats(&mut r, &conn);
         ep.wait_idle().await;
         Ok(())
     });
@@ -392,11 +396,7 @@ pub fn quinn_join(
         }
         // No fsync: the engine's receiver does not fsync either.
         f.flush().await?;
-        let st = conn.stats();
-        r.mtu = Some(st.path.current_mtu);
-        r.rtt_ms = Some(conn.rtt().as_secs_f64() * 1e3);
-        r.packets_sent = st.path.sent_packets;
-        r.packets_lost = st.path.lost_packets;
+        quinn_stats(&mut r, &conn);
         conn.close(0u32.into(), b"done");
         ep.wait_idle().await;
         Ok(())

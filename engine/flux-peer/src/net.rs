@@ -374,9 +374,9 @@ struct Worker {
 /// GRO buffers read per `recvmmsg`.
 const RECV_BUFS: usize = 16;
 /// `recvmmsg` calls per loop turn before the loop turns to sending.
-const RECV_ROUNDS: usize = 8;
+const RECV_ROUNDS: usize = 2;
 /// GSO batches sent per connection per loop turn before the loop turns to receiving.
-const SEND_ROUNDS: usize = 32;
+const SEND_ROUNDS: usize = 8;
 
 impl Worker {
     fn new(

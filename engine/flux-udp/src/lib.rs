@@ -214,10 +214,11 @@ pub const MAX_GSO_SEGMENTS: usize = 64;
 /// Receive buffer size that holds any GRO batch (64 KiB).
 pub const GRO_BUF_LEN: usize = 65_536;
 
-/// Default requested socket buffer: 8 MiB. The 208 KiB default loses thousands of packets per
-/// 2 GiB transfer on loopback (platform pitfall 2); without `CAP_NET_ADMIN` the kernel caps it
-/// at `rmem_max` (4 MiB on the dev VM).
-pub const DEFAULT_SOCKET_BUFFER: usize = 8 << 20;
+/// Default requested socket buffer: 32 MiB (the kernel doubles it for bookkeeping). The 208 KiB
+/// default loses thousands of packets per 2 GiB transfer on loopback (platform pitfall 2), and
+/// 8 MiB still overflowed at 1% loss while the receiver was busy; without `CAP_NET_ADMIN` the
+/// kernel caps it at `rmem_max` (4 MiB on the dev VM).
+pub const DEFAULT_SOCKET_BUFFER: usize = 32 << 20;
 
 #[cfg(test)]
 mod tests {

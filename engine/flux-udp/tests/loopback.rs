@@ -342,11 +342,11 @@ fn buffer_sizes_read_back() {
             "{caps:?}"
         );
     }
-    // The default config asks for 8 MiB.
+    // The default config asks for DEFAULT_SOCKET_BUFFER; the kernel reports it doubled.
     let s = sock("127.0.0.1:0", true);
     let caps = s.capabilities();
     if caps.buffers_forced {
-        assert_eq!(caps.recv_buffer, 16 << 20);
+        assert_eq!(caps.recv_buffer, 2 * flux_udp::DEFAULT_SOCKET_BUFFER);
     } else {
         assert!(caps.recv_buffer >= 208 * 1024, "{caps:?}");
     }

@@ -191,11 +191,27 @@ pub fn endpoint_config() -> EndpointConfig {
 
 /// Server (host) configuration presenting `id`.
 pub fn server_config(id: &Identity, params: &TransportParams) -> Result<ServerConfig, ConfigError> {
+    server_with(id, params, None)
+}
+
+/// The server configuration, with client certificates checked by `clients` when given.
+fn server_with(
+    id: &Identity,
+    params: &TransportParams,
+    clients: Option<Arc<AllowList>>,
+) -> Result<ServerConfig, ConfigError> {
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(id.key.clone()));
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(vec![id.cert.clone()], key)?;
+    let provider = provider();
+    let algs = provider.signature_verification_algorithms;
+    let builder = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    let builder = match clients {
+        Some(allowed) => {
+            builder.with_client_cert_verifier(Arc::new(PinnedClients { allowed, algs }))
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut tls = builder.with_single_cert(vec![id.cert.clone()], key)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     tls.max_early_data_size = 0;
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| ConfigError::Quic(e.to_string()))?;
@@ -235,22 +251,7 @@ pub fn server_config_mutual(
     params: &TransportParams,
     allowed: Arc<AllowList>,
 ) -> Result<ServerConfig, ConfigError> {
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(id.key.clone()));
-    let provider = provider();
-    let verifier = Arc::new(PinnedClients {
-        allowed,
-        algs: provider.signature_verification_algorithms,
-    });
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(vec![id.cert.clone()], key)?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    tls.max_early_data_size = 0;
-    let crypto = QuicServerConfig::try_from(tls).map_err(|e| ConfigError::Quic(e.to_string()))?;
-    let mut cfg = ServerConfig::with_crypto(Arc::new(crypto));
-    cfg.transport_config(Arc::new(params.to_transport()));
-    Ok(cfg)
+    server_with(id, params, Some(allowed))
 }
 
 /// Client configuration that pins the server's `pinned` fingerprint and presents `id`.
@@ -259,22 +260,7 @@ pub fn client_config_with_identity(
     id: &Identity,
     params: &TransportParams,
 ) -> Result<ClientConfig, ConfigError> {
-    let provider = provider();
-    let verifier = Arc::new(PinnedVerifier {
-        pinned,
-        algs: provider.signature_verification_algorithms,
-    });
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(id.key.clone()));
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_client_auth_cert(vec![id.cert.clone()], key)?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    let crypto = QuicClientConfig::try_from(tls).map_err(|e| ConfigError::Quic(e.to_string()))?;
-    let mut cfg = ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(Arc::new(params.to_transport()));
-    Ok(cfg)
+    client_with(pinned, Some(id), params)
 }
 
 /// Accepts client certificates on an [`AllowList`]; signatures are still checked.
@@ -335,16 +321,31 @@ pub fn client_config(
     pinned: Fingerprint,
     params: &TransportParams,
 ) -> Result<ClientConfig, ConfigError> {
+    client_with(pinned, None, params)
+}
+
+/// The client configuration pinning `pinned`, presenting `id` when given.
+fn client_with(
+    pinned: Fingerprint,
+    id: Option<&Identity>,
+    params: &TransportParams,
+) -> Result<ClientConfig, ConfigError> {
     let provider = provider();
     let verifier = Arc::new(PinnedVerifier {
         pinned,
         algs: provider.signature_verification_algorithms,
     });
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
+        .with_custom_certificate_verifier(verifier);
+    let mut tls = match id {
+        Some(id) => {
+            let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(id.key.clone()));
+            builder.with_client_auth_cert(vec![id.cert.clone()], key)?
+        }
+        None => builder.with_no_client_auth(),
+    };
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| ConfigError::Quic(e.to_string()))?;
     let mut cfg = ClientConfig::new(Arc::new(crypto));
