@@ -758,6 +758,9 @@ impl Agent {
         while let Some(pd) = client.poll_recv(tnow) {
             peer_data.push((pd.peer, pd.data().to_vec()));
         }
+        // why: a response (the 401 challenge, an allocation) makes the client want to send
+        // now; its earlier WaitUntil can be a TCP request time-out tens of seconds away.
+        slot.wait_until = Some(now);
         if ignored {
             self.turn_refused(stream.0, data);
         }

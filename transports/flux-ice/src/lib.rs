@@ -95,8 +95,10 @@
 //! small binding codec of our own (`stun.rs`).
 //!
 //! Randomness: credentials and the tie-breaker are inputs ([`Credentials::from_random`]);
-//! STUN transaction ids come from `is`'s internal non-cryptographic generator, which is fine
-//! for transaction ids (RFC 8489 §6 asks for uniqueness, integrity protects the checks).
+//! transaction ids of checks come from `is`'s internal non-cryptographic generator and those
+//! of TURN requests from `stun-proto`'s `rand::thread_rng` (through `getrandom`, hence `libc`
+//! in the dependency tree) — the one place a dependency reads global randomness; fine for
+//! transaction ids (RFC 8489 §6 asks for uniqueness; integrity protects the messages).
 
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
