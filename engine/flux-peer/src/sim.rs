@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use flux_quic::quinn_proto::{
-    ConnectionHandle, DatagramEvent, Endpoint, EndpointConfig, ServerConfig,
+    Connection, ConnectionHandle, DatagramEvent, Endpoint, EndpointConfig, ServerConfig,
 };
 use flux_quic::{Identity, TransportParams};
 use flux_transfer::{
@@ -413,18 +413,8 @@ impl Sim {
                 break;
             }
         }
-        let (ch, s) = (&self.receiver.0, &mut self.receiver.1);
-        while let Some(ev) = s.conn.poll_endpoint_events() {
-            if let Some(ce) = self.client.handle_event(*ch, ev) {
-                s.conn.handle_event(ce);
-            }
-        }
-        let mut out = Vec::new();
-        while let Some(t) = s.conn.poll_transmit(now, 10, &mut self.buf) {
-            split(&self.buf[..t.size], t.segment_size, &mut out);
-            self.buf.clear();
-        }
-        for d in out {
+        let (ch, s) = (self.receiver.0, &mut self.receiver.1);
+        for d in flush(&mut s.conn, ch, &mut self.client, now, &mut self.buf) {
             self.send(true, d);
         }
     }
@@ -456,17 +446,7 @@ impl Sim {
                 break;
             }
         }
-        while let Some(ev) = s.conn.poll_endpoint_events() {
-            if let Some(ce) = self.server.handle_event(*ch, ev) {
-                s.conn.handle_event(ce);
-            }
-        }
-        let mut out = Vec::new();
-        while let Some(t) = s.conn.poll_transmit(now, 10, &mut self.buf) {
-            split(&self.buf[..t.size], t.segment_size, &mut out);
-            self.buf.clear();
-        }
-        for d in out {
+        for d in flush(&mut s.conn, *ch, &mut self.server, now, &mut self.buf) {
             self.send(false, d);
         }
     }
@@ -500,6 +480,27 @@ impl Sim {
         self.queue.push(Reverse((at, self.seq)));
         self.packets.insert(self.seq, Packet { to_sender, data });
     }
+}
+
+/// Routes a connection's endpoint events and collects its datagrams (GSO batches split).
+fn flush(
+    conn: &mut Connection,
+    ch: ConnectionHandle,
+    endpoint: &mut Endpoint,
+    now: Instant,
+    buf: &mut Vec<u8>,
+) -> Vec<Vec<u8>> {
+    while let Some(ev) = conn.poll_endpoint_events() {
+        if let Some(ce) = endpoint.handle_event(ch, ev) {
+            conn.handle_event(ce);
+        }
+    }
+    let mut out = Vec::new();
+    while let Some(t) = conn.poll_transmit(now, 10, buf) {
+        split(&buf[..t.size], t.segment_size, &mut out);
+        buf.clear();
+    }
+    out
 }
 
 fn split(buf: &[u8], segment: Option<usize>, out: &mut Vec<Vec<u8>>) {

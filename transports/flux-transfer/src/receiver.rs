@@ -11,7 +11,7 @@ use crate::io::{
     DiskFailure, DiskOp, DiskResult, Event, FrameBuf, OpId, Outbox, Stream, TransferError,
 };
 use crate::manifest::{Assembler, Limits, Manifest};
-use crate::sender::truncate;
+use crate::sender::{report_failure, truncate};
 use crate::{check_hello, hello};
 
 /// Settings of a [`Receiver`].
@@ -778,20 +778,8 @@ impl Receiver {
         if self.is_over() {
             return;
         }
-        tracing::debug!(error = %e, "transfer failed");
         self.phase = Phase::Failed;
-        if !matches!(e, TransferError::Peer { .. }) {
-            self.out.push_msg(
-                Stream::Control,
-                &Message::Error {
-                    code: e.code(),
-                    file: None,
-                    message: truncate(&e.to_string()),
-                },
-            );
-        }
-        self.out.finish(Stream::Control);
-        self.events.push_back(Event::Failed(e));
+        report_failure(&mut self.out, &mut self.events, e);
     }
 }
 

@@ -639,21 +639,27 @@ impl Sender {
         if self.is_over() {
             return;
         }
-        tracing::debug!(error = %e, "transfer failed");
         self.phase = Phase::Failed;
-        if !matches!(e, TransferError::Peer { .. }) {
-            self.out.push_msg(
-                Stream::Control,
-                &Message::Error {
-                    code: e.code(),
-                    file: None,
-                    message: truncate(&e.to_string()),
-                },
-            );
-        }
-        self.out.finish(Stream::Control);
-        self.events.push_back(Event::Failed(e));
+        report_failure(&mut self.out, &mut self.events, e);
     }
+}
+
+/// Ends a machine's side of the transfer on `e`: tells the peer why (unless the peer itself
+/// reported it), closes the control stream and raises [`Event::Failed`].
+pub(crate) fn report_failure(out: &mut Outbox, events: &mut VecDeque<Event>, e: TransferError) {
+    tracing::debug!(error = %e, "transfer failed");
+    if !matches!(e, TransferError::Peer { .. }) {
+        out.push_msg(
+            Stream::Control,
+            &Message::Error {
+                code: e.code(),
+                file: None,
+                message: truncate(&e.to_string()),
+            },
+        );
+    }
+    out.finish(Stream::Control);
+    events.push_back(Event::Failed(e));
 }
 
 /// Cuts error text to what the wire carries.
