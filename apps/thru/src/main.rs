@@ -129,6 +129,11 @@ async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
     let (mut paired, mut finished) = (0usize, 0usize);
     let mut last_failure: Option<String> = None;
     let mut ended = false;
+    // Joiners that paired but have not connected yet, with when they paired: one that never
+    // connects (killed, unreachable) must not keep the host waiting forever.
+    let mut waiting: std::collections::HashMap<[u8; 32], (String, std::time::Instant)> =
+        std::collections::HashMap::new();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         tokio::select! {
             ev = session.next_event(), if !ended => match ev {
@@ -136,6 +141,10 @@ async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
                     paired += 1;
                     ui.peer(&p);
                     engine.admit(&p);
+                    waiting.insert(
+                        p.peer_fingerprint,
+                        (p.peer_label.clone(), std::time::Instant::now()),
+                    );
                 }
                 Some(HostEvent::Failed { peer, error }) => {
                     ui.pairing_failed(&peer, &error.to_string());
@@ -153,11 +162,32 @@ async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
                 Some(_) => {}
                 None => ended = true,
             },
-            Some(HostNote::Ended { peer, result }) = notes.recv() => {
-                finished += 1;
-                if let Err(e) = result {
-                    ui.say(&format!("Transfer to {peer} failed: {e}"));
-                    last_failure = Some(e);
+            Some(note) = notes.recv() => match note {
+                HostNote::Connected { fingerprint } => {
+                    waiting.remove(&fingerprint);
+                }
+                HostNote::Ended { peer, result } => {
+                    finished += 1;
+                    if let Err(e) = result {
+                        ui.say(&format!("Transfer to {peer} failed: {e}"));
+                        last_failure = Some(e);
+                    }
+                }
+            },
+            _ = tick.tick() => {
+                let limit = args.net.pair_timeout;
+                let late: Vec<[u8; 32]> = waiting
+                    .iter()
+                    .filter(|(_, (_, at))| at.elapsed() > limit)
+                    .map(|(fp, _)| *fp)
+                    .collect();
+                for fp in late {
+                    if let Some((peer, _)) = waiting.remove(&fp) {
+                        finished += 1;
+                        let e = format!("{peer} paired but never connected over QUIC");
+                        ui.say(&format!("Transfer to {peer} failed: {e}"));
+                        last_failure = Some(e);
+                    }
                 }
             }
             else => break,

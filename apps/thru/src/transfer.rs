@@ -440,6 +440,11 @@ fn decide(
 /// What the host side learns as its engine serves joiners.
 #[derive(Debug)]
 pub enum HostNote {
+    /// A joiner's QUIC connection was established (its certificate is this fingerprint).
+    Connected {
+        /// The joiner's certificate fingerprint.
+        fingerprint: Fingerprint,
+    },
     /// A joiner's transfer ended.
     Ended {
         /// The joiner's label.
@@ -561,6 +566,9 @@ fn host_events(
                 at,
                 ..
             } => {
+                if let Some(fp) = fingerprint {
+                    let _ = notes.send(HostNote::Connected { fingerprint: fp });
+                }
                 let label = fingerprint
                     .and_then(|fp| labels.lock().ok().and_then(|l| l.get(&fp).cloned()))
                     .unwrap_or_else(|| format!("joiner (connection {conn})"));

@@ -371,3 +371,55 @@ fn wrong_code_writes_nothing() {
         "something was written"
     );
 }
+
+#[test]
+fn host_does_not_wait_forever_for_a_joiner_that_never_connects() {
+    let src = tempfile::tempdir().unwrap();
+    let f = src.path().join("x");
+    fs::write(&f, b"x").unwrap();
+    let mut host = Proc::spawn(
+        &[
+            "host",
+            "--json",
+            "--no-mdns",
+            "--max-receivers",
+            "1",
+            "--pair-timeout",
+            "2s",
+            f.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let code = host.event("code");
+    let peer: std::net::SocketAddr = code["peer_hint"]
+        .as_str()
+        .unwrap()
+        .rsplit_once(':')
+        .map(|(_, port)| format!("127.0.0.1:{port}"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let code: thru::code::JoinCode = code["code"].as_str().unwrap().parse().unwrap();
+    // Pair through the library and then never start QUIC.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut opts = thru::rendezvous::JoinOptions::new(common::local(9));
+    opts.allow_loopback = true;
+    let paired = rt
+        .block_on(thru::rendezvous::join_lan(
+            &code,
+            thru::rendezvous::LanTarget::Peer(peer),
+            opts,
+        ))
+        .unwrap();
+    assert_eq!(paired.peer_label, "host");
+    // The host gives up on it after the pairing timeout and ends with a failure.
+    let err = host.event("error");
+    assert!(
+        err["message"].as_str().unwrap().contains("never connected"),
+        "{err}"
+    );
+    assert_eq!(wait_long(&mut host, Duration::from_secs(30)), 1);
+}
