@@ -7,7 +7,7 @@
 //!   `--peer`), on tokio.
 //! - [`pairing`]: [`pairing::Paired`], the result the data engine consumes.
 //! - [`ui`]: JSON events, human output, progress bars and the receiver's prompt.
-//! - [`transfer`]: the hand-over to the data engine (a stub until the engine is wired in).
+//! - [`transfer`]: the hand-over to the data engine: the joiner's receive and the host's serving worker.
 //!
 //! What this crate does not do: move file data (the engine does, in `engine/`), NAT
 //! traversal (only local interface addresses are exchanged so far).

@@ -95,67 +95,78 @@ enum Row {
     Scp,
 }
 
+/// Flags every side takes.
+#[derive(Parser)]
+struct SideCommon {
+    /// Upper bound of QUIC path MTU discovery.
+    #[arg(long)]
+    max_mtu: u16,
+    /// Local address to bind.
+    #[arg(long)]
+    bind: SocketAddr,
+    /// Where to write the side's JSON report.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// Where a joiner side connects and writes.
+#[derive(Parser)]
+struct JoinTo {
+    /// The host's address.
+    #[arg(long)]
+    peer: SocketAddr,
+    /// The host's certificate fingerprint (hex).
+    #[arg(long)]
+    fp: String,
+    /// Destination (engine: a directory; quinn: the file).
+    #[arg(long)]
+    dest: PathBuf,
+}
+
+/// Engine flags.
+#[derive(Parser)]
+struct EngineFlags {
+    /// `uring` or `epoll`.
+    #[arg(long)]
+    driver: String,
+    /// GSO and GRO on.
+    #[arg(long)]
+    offload: bool,
+}
+
 #[derive(Subcommand)]
 enum SideCmd {
     EngineHost {
         #[arg(long)]
         file: PathBuf,
-        #[arg(long)]
-        driver: String,
-        #[arg(long)]
-        offload: bool,
-        #[arg(long)]
-        max_mtu: u16,
-        #[arg(long)]
-        bind: SocketAddr,
-        #[arg(long)]
-        out: PathBuf,
+        #[command(flatten)]
+        engine: EngineFlags,
+        #[command(flatten)]
+        common: SideCommon,
     },
     EngineJoin {
-        #[arg(long)]
-        peer: SocketAddr,
-        #[arg(long)]
-        fp: String,
-        #[arg(long)]
-        dest: PathBuf,
-        #[arg(long)]
-        driver: String,
-        #[arg(long)]
-        offload: bool,
-        #[arg(long)]
-        max_mtu: u16,
-        #[arg(long)]
-        bind: SocketAddr,
-        #[arg(long)]
-        out: PathBuf,
+        #[command(flatten)]
+        to: JoinTo,
+        #[command(flatten)]
+        engine: EngineFlags,
+        #[command(flatten)]
+        common: SideCommon,
     },
     QuinnHost {
         #[arg(long)]
         file: PathBuf,
         #[arg(long)]
         hash: bool,
-        #[arg(long)]
-        max_mtu: u16,
-        #[arg(long)]
-        bind: SocketAddr,
-        #[arg(long)]
-        out: PathBuf,
+        #[command(flatten)]
+        common: SideCommon,
     },
     QuinnJoin {
-        #[arg(long)]
-        peer: SocketAddr,
-        #[arg(long)]
-        fp: String,
-        #[arg(long)]
-        dest: PathBuf,
+        #[command(flatten)]
+        to: JoinTo,
         #[arg(long)]
         hash: bool,
-        #[arg(long)]
-        max_mtu: u16,
-        #[arg(long)]
-        bind: SocketAddr,
-        #[arg(long)]
-        out: PathBuf,
+        #[command(flatten)]
+        common: SideCommon,
     },
 }
 
@@ -187,62 +198,35 @@ fn main() -> Result<()> {
 }
 
 fn run_side(side: SideCmd) -> Result<()> {
-    let driver = |s: &str| s.parse::<Driver>().map_err(|e| anyhow!(e));
+    let engine = |e: &EngineFlags, c: &SideCommon| -> Result<EngineOpts> {
+        Ok(EngineOpts {
+            driver: e.driver.parse::<Driver>().map_err(|e| anyhow!(e))?,
+            offload: e.offload,
+            max_mtu: c.max_mtu,
+            bind: c.bind,
+        })
+    };
     match side {
         SideCmd::EngineHost {
             file,
-            driver: d,
-            offload,
-            max_mtu,
-            bind,
-            out,
-        } => side::engine_host(
-            &file,
-            &EngineOpts {
-                driver: driver(&d)?,
-                offload,
-                max_mtu,
-                bind,
-            },
-            &out,
-        ),
+            engine: e,
+            common: c,
+        } => side::engine_host(&file, &engine(&e, &c)?, &c.out),
         SideCmd::EngineJoin {
-            peer,
-            fp,
-            dest,
-            driver: d,
-            offload,
-            max_mtu,
-            bind,
-            out,
-        } => side::engine_join(
-            peer,
-            &fp,
-            &dest,
-            &EngineOpts {
-                driver: driver(&d)?,
-                offload,
-                max_mtu,
-                bind,
-            },
-            &out,
-        ),
+            to,
+            engine: e,
+            common: c,
+        } => side::engine_join(to.peer, &to.fp, &to.dest, &engine(&e, &c)?, &c.out),
         SideCmd::QuinnHost {
             file,
             hash,
-            max_mtu,
-            bind,
-            out,
-        } => side::quinn_host(&file, hash, max_mtu, bind, &out),
+            common: c,
+        } => side::quinn_host(&file, hash, c.max_mtu, c.bind, &c.out),
         SideCmd::QuinnJoin {
-            peer,
-            fp,
-            dest,
+            to,
             hash,
-            max_mtu,
-            bind,
-            out,
-        } => side::quinn_join(peer, &fp, &dest, hash, max_mtu, bind, &out),
+            common: c,
+        } => side::quinn_join(to.peer, &to.fp, &to.dest, hash, c.max_mtu, c.bind, &c.out),
     }
 }
 

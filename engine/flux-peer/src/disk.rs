@@ -128,6 +128,11 @@ impl Destination {
         (id, res.map(|()| DiskResult::Done))
     }
 
+    /// The relative path of manifest entry `file`, for messages.
+    pub fn entry_path(&self, file: u32) -> Option<&str> {
+        self.manifest.entry(file).map(|e| e.path.as_str())
+    }
+
     /// What is already at the destination for each file: verified partial chunks (re-hashed
     /// against the partial file's bytes), identical-size complete files (hashed), or conflicts.
     /// A damaged or stale sidecar is removed with its partial file, so the file restarts.

@@ -61,9 +61,7 @@ struct Pending {
 }
 
 enum What {
-    Read {
-        len: usize,
-    },
+    Read,
     Write {
         file: u32,
         index: u32,
@@ -128,18 +126,20 @@ impl DiskExec {
             self.done.push_back((tag, id, res));
             return;
         };
-        if self.io.kind() == BackendKind::Std {
-            self.stats.buffered_ops += 1;
-            let (id, res) = src.execute(op);
-            self.done.push_back((tag, id, res));
-            return;
-        }
-        let submitted = self.read_uring(tag, src, id, file, offset, len as usize);
-        if let Err(e) = submitted {
-            self.done.push_back((tag, id, Err(e)));
+        match self.read_uring(tag, src, id, file, offset, len as usize) {
+            Ok(true) => {}
+            Ok(false) => {
+                // Blocking backend, or an offset the device alignment does not allow:
+                // `SourceFiles` reads it (buffered, with its own open-file cache).
+                self.stats.buffered_ops += 1;
+                let (id, res) = src.execute(op);
+                self.done.push_back((tag, id, res));
+            }
+            Err(e) => self.done.push_back((tag, id, Err(e))),
         }
     }
 
+    /// Queues an io_uring read; `Ok(false)` when it must be done on the blocking path.
     fn read_uring(
         &mut self,
         tag: usize,
@@ -148,7 +148,10 @@ impl DiskExec {
         file: u32,
         offset: u64,
         len: usize,
-    ) -> Result<(), DiskFailure> {
+    ) -> Result<bool, DiskFailure> {
+        if self.io.kind() == BackendKind::Std {
+            return Ok(false);
+        }
         if !self.files.contains_key(&file) {
             let path = src
                 .path(file)
@@ -160,11 +163,8 @@ impl DiskExec {
         let Some(f) = self.files.get(&file) else {
             return Err(DiskFailure::Io(format!("entry {file}: not open")));
         };
-        if f.mode() == IoMode::Direct && !offset.is_multiple_of(f.alignment().offset as u64) {
-            // A chunk size that is not a multiple of the device alignment: read it buffered
-            // with a plain descriptor.
-            self.stats.buffered_ops += 1;
-            return self.read_unaligned(tag, src, id, file, offset, len);
+        if !aligned(f, offset) {
+            return Ok(false);
         }
         let buf = take_buf(&mut self.free, f, len)?;
         count(&mut self.stats, f.mode());
@@ -172,63 +172,40 @@ impl DiskExec {
         self.pending.push(Pending {
             tag,
             id,
-            what: What::Read { len },
+            what: What::Read,
             op,
         });
-        Ok(())
-    }
-
-    fn read_unaligned(
-        &mut self,
-        tag: usize,
-        src: &SourceFiles,
-        id: OpId,
-        file: u32,
-        offset: u64,
-        len: usize,
-    ) -> Result<(), DiskFailure> {
-        let path = src
-            .path(file)
-            .ok_or_else(|| DiskFailure::Io(format!("no source for entry {file}")))?;
-        let mut data = vec![0u8; len];
-        let f = std::fs::File::open(path).map_err(|e| io_err("open", path, &e))?;
-        let n = read_full(&f, &mut data, offset).map_err(|e| io_err("read", path, &e))?;
-        data.truncate(n);
-        self.done
-            .push_back((tag, id, Ok(DiskResult::Read(Bytes::from(data)))));
-        Ok(())
+        Ok(true)
     }
 
     /// Submits a receiver's request, writing under `dst`.
     pub fn submit_write(&mut self, tag: usize, dst: &mut Destination, op: DiskOp) {
-        match op {
-            DiskOp::WriteChunk {
-                id,
-                file,
-                index,
-                offset,
-                hash,
-                data,
-            } if self.io.kind() == BackendKind::Uring => {
-                if let Err(e) = self.write_uring(tag, dst, id, file, index, offset, hash, &data) {
-                    self.done.push_back((tag, id, Err(e)));
-                }
-            }
-            op => {
-                if let DiskOp::Finalize { file, .. } = &op {
-                    // Every write of the file has completed (the machine finalizes only
-                    // then); close our descriptor before the file is renamed.
-                    self.files.remove(file);
-                }
-                if matches!(op, DiskOp::WriteChunk { .. }) {
-                    self.stats.buffered_ops += 1;
-                }
-                let (id, res) = dst.execute(op);
-                self.done.push_back((tag, id, res));
+        if let DiskOp::WriteChunk {
+            id,
+            file,
+            index,
+            offset,
+            hash,
+            data,
+        } = &op
+        {
+            match self.write_uring(tag, dst, *id, *file, *index, *offset, *hash, data) {
+                Ok(true) => return,
+                Ok(false) => self.stats.buffered_ops += 1,
+                Err(e) => return self.done.push_back((tag, *id, Err(e))),
             }
         }
+        if let DiskOp::Finalize { file, .. } = &op {
+            // Every write of the file has completed (the machine finalizes only then); close
+            // our descriptor before the file is renamed.
+            self.files.remove(file);
+        }
+        // The blocking backend, unaligned chunks, and the rare operations: `Destination`.
+        let (id, res) = dst.execute(op);
+        self.done.push_back((tag, id, res));
     }
 
+    /// Queues an io_uring chunk write; `Ok(false)` when it must be done on the blocking path.
     #[allow(clippy::too_many_arguments)]
     fn write_uring(
         &mut self,
@@ -240,28 +217,25 @@ impl DiskExec {
         offset: u64,
         hash: [u8; 32],
         data: &[u8],
-    ) -> Result<(), DiskFailure> {
+    ) -> Result<bool, DiskFailure> {
+        if self.io.kind() == BackendKind::Std {
+            return Ok(false);
+        }
         if !self.files.contains_key(&file) {
             let pf = dst.open_partial(file)?;
             let fd: OwnedFd = pf
                 .try_clone()
                 .map_err(|e| DiskFailure::Io(format!("entry {file}: dup: {e}")))?
                 .into();
-            let f = DmaFile::from_fd(fd, Path::new(&format!("entry {file}")), self.direct)
-                .map_err(engine_err)?;
+            let name = dst.entry_path(file).unwrap_or("?").to_owned();
+            let f = DmaFile::from_fd(fd, Path::new(&name), self.direct).map_err(engine_err)?;
             self.remember(file, f);
         }
         let Some(f) = self.files.get(&file) else {
             return Err(DiskFailure::Io(format!("entry {file}: not open")));
         };
-        if f.mode() == IoMode::Direct && !offset.is_multiple_of(f.alignment().offset as u64) {
-            self.stats.buffered_ops += 1;
-            let pf = dst.open_partial(file)?;
-            std::os::unix::fs::FileExt::write_all_at(pf, data, offset)
-                .map_err(|e| DiskFailure::Io(format!("entry {file}: write: {e}")))?;
-            dst.record(file, index, &hash)?;
-            self.done.push_back((tag, id, Ok(DiskResult::Done)));
-            return Ok(());
+        if !aligned(f, offset) {
+            return Ok(false);
         }
         let mut buf = take_buf(&mut self.free, f, data.len())?;
         buf.clear();
@@ -274,7 +248,7 @@ impl DiskExec {
             what: What::Write { file, index, hash },
             op,
         });
-        Ok(())
+        Ok(true)
     }
 
     fn remember(&mut self, file: u32, f: DmaFile) {
@@ -308,9 +282,8 @@ impl DiskExec {
                 }
             };
             let out = match (p.what, res) {
-                (What::Read { len }, Ok(n)) => {
-                    Ok(DiskResult::Read(Bytes::copy_from_slice(&buf[..n.min(len)])))
-                }
+                // `n` is already capped at the length asked for.
+                (What::Read, Ok(n)) => Ok(DiskResult::Read(Bytes::copy_from_slice(&buf[..n]))),
                 (What::Write { file, index, hash }, Ok(_)) => match dst.as_deref_mut() {
                     Some(d) => d.record(file, index, &hash).map(|()| DiskResult::Done),
                     None => Err(DiskFailure::Io(
@@ -348,6 +321,11 @@ fn take_buf(
     f.alloc_buf(need.max(align)).map_err(engine_err)
 }
 
+/// Whether `offset` suits the file's direct-I/O alignment (always, when buffered).
+fn aligned(f: &DmaFile, offset: u64) -> bool {
+    f.mode() != IoMode::Direct || offset.is_multiple_of(f.alignment().offset as u64)
+}
+
 fn count(stats: &mut DiskStats, mode: IoMode) {
     match mode {
         IoMode::Direct => stats.direct_ops += 1,
@@ -355,24 +333,6 @@ fn count(stats: &mut DiskStats, mode: IoMode) {
     }
 }
 
-fn read_full(f: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-    use std::os::unix::fs::FileExt;
-    let mut done = 0;
-    while done < buf.len() {
-        match f.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
-}
-
 fn engine_err(e: EngineError) -> DiskFailure {
     DiskFailure::Io(e.to_string())
-}
-
-fn io_err(op: &str, p: &Path, e: &std::io::Error) -> DiskFailure {
-    DiskFailure::Io(format!("{op} {}: {e}", p.display()))
 }

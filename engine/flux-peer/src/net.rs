@@ -281,12 +281,11 @@ pub fn host(
         None => flux_quic::server_config(identity, &cfg.transport),
     }
     .map_err(|e| TransferError::Io(format!("QUIC configuration: {e}")))?;
-    let mut w = Worker::new(socket, cfg, control, Some(server))?;
-    w.role = Role::Host {
+    let role = Role::Host {
         manifest,
         sources: SourceFiles::new(sources),
     };
-    w.run()
+    Worker::new(socket, cfg, control, Some(server), role)?.run()
 }
 
 /// Connects to the host at `peer`, accepting only the certificate `pinned`, and receives into
@@ -304,12 +303,12 @@ pub fn join(
         None => flux_quic::client_config(pinned, &cfg.transport),
     }
     .map_err(|e| TransferError::Io(format!("QUIC configuration: {e}")))?;
-    let mut w = Worker::new(socket, cfg, control, None)?;
-    w.role = Role::Join {
+    let role = Role::Join {
         dest_root: dest,
         dest: None,
         offered: false,
     };
+    let mut w = Worker::new(socket, cfg, control, None, role)?;
     w.connect(client, peer)?;
     w.run()
 }
@@ -384,6 +383,7 @@ impl Worker {
         cfg: &NetConfig,
         control: Control,
         server: Option<ServerConfig>,
+        role: Role,
     ) -> Result<Self, TransferError> {
         let io = match cfg.driver {
             Driver::Uring => DiskIo::new(BackendKind::Uring)
@@ -404,11 +404,7 @@ impl Worker {
             control,
             endpoint,
             conns: Vec::new(),
-            role: Role::Join {
-                dest_root: PathBuf::new(),
-                dest: None,
-                offered: false,
-            },
+            role,
             exec: DiskExec::new(io, cfg.direct_io && cfg.driver == Driver::Uring),
             report: NetReport {
                 driver: Some(cfg.driver),
@@ -564,8 +560,11 @@ impl Worker {
         }; RECV_BUFS];
         for _ in 0..RECV_ROUNDS {
             let n = {
-                let mut slices: Vec<IoSliceMut<'_>> =
-                    self.bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+                // On the stack: no allocation per receive round.
+                let mut bufs = self.bufs.iter_mut();
+                let mut slices: [IoSliceMut<'_>; RECV_BUFS] = std::array::from_fn(|_| {
+                    IoSliceMut::new(bufs.next().map_or(&mut [][..], |b| &mut b[..]))
+                });
                 match self.socket.recv_batch(&mut slices, &mut meta) {
                     Ok(n) => n,
                     Err(e) if e.is_would_block() => break,
@@ -963,11 +962,6 @@ impl Worker {
                 error,
                 stats,
             });
-        }
-        if let Role::Join { .. } = self.role
-            && self.conns.is_empty()
-        {
-            self.cancelled = true;
         }
     }
 
