@@ -21,6 +21,7 @@
 
 pub mod disk;
 pub mod exec;
+pub mod ice;
 pub mod net;
 pub mod scan;
 pub mod session;

@@ -15,10 +15,16 @@
 //! Control crosses threads only through channels: the loop reports [`NetEvent`]s and takes
 //! [`Command`]s (accept an offer, cancel) without any lock on the data path.
 //!
-//! What it does not do: pairing, NAT traversal or user interface. It is handed a bound socket,
-//! the peer's address and pinned certificate fingerprint (joiner) or its own identity (host).
-//! Datagrams that are not QUIC (STUN, TURN channel data: first byte below 64, RFC 9443) are
-//! counted and dropped until ICE shares the socket.
+//! NAT traversal: with ICE ([`join_ice`], [`Command::AddPeer`]) the same socket carries one
+//! `flux_ice` agent per peer ([`crate::ice`]). Each datagram is demultiplexed per GRO segment
+//! by its first byte (RFC 9443): STUN goes to the agents, TURN ChannelData to the agent whose
+//! TURN server sent it, QUIC to the endpoint under the peer's constant QUIC address; each
+//! connection's QUIC packets leave through its agent's selected pair (directly as GSO
+//! batches, or framed for TURN). Without ICE, non-QUIC datagrams are counted and dropped.
+//!
+//! What it does not do: pairing, signaling or user interface. It is handed a bound socket and
+//! the peer's address or ICE settings, the pinned certificate fingerprint (joiner) or its own
+//! identity (host); candidates go in and out through the channels.
 
 use std::collections::HashMap;
 use std::io::IoSliceMut;
@@ -42,6 +48,7 @@ use flux_udp::{GRO_BUF_LEN, RecvMeta, UdpSocket};
 
 use crate::disk::{Destination, SourceFiles};
 use crate::exec::{DiskExec, DiskStats};
+use crate::ice::{IceSetup, Link, LinkNote};
 use crate::session::{Session, Side};
 
 /// How the worker waits and performs disk I/O.
@@ -143,6 +150,20 @@ pub enum Command {
     Reject(String),
     /// Stop everything and end.
     Cancel,
+    /// Host: start ICE with a new peer, numbered `link` by the caller.
+    AddPeer {
+        /// The caller's number for this peer.
+        link: u64,
+        /// ICE settings.
+        ice: Box<IceSetup>,
+    },
+    /// A candidate the peer trickled (a `flux_ice::Candidate` line).
+    RemoteCandidate {
+        /// The peer.
+        link: u64,
+        /// The candidate line.
+        candidate: String,
+    },
 }
 
 /// What a worker reports while it runs. `conn` numbers the connections of a worker.
@@ -177,6 +198,29 @@ pub enum NetEvent {
         /// When the worker saw it.
         at: Instant,
     },
+    /// A local ICE candidate to trickle to peer `link`.
+    LocalCandidate {
+        /// The peer.
+        link: u64,
+        /// The candidate line.
+        candidate: String,
+    },
+    /// ICE selected a pair with peer `link` (again, when the selection changes).
+    Route {
+        /// The peer.
+        link: u64,
+        /// The pair.
+        route: flux_ice::Selected,
+        /// From the start of ICE with this peer to the first selection.
+        after: Duration,
+    },
+    /// ICE with peer `link` failed (`failed to establish ICE connection: …`).
+    IceFailed {
+        /// The peer.
+        link: u64,
+        /// Why.
+        error: String,
+    },
     /// A connection's transfer ended.
     Ended {
         /// Connection number.
@@ -207,6 +251,10 @@ pub struct ConnReport {
     pub udp_tx_bytes: u64,
     /// UDP payload bytes received.
     pub udp_rx_bytes: u64,
+    /// The ICE pair the connection ran on last, when ICE was used.
+    pub route: Option<flux_ice::Selected>,
+    /// From the start of ICE to the first selected pair.
+    pub ice_connect: Option<Duration>,
 }
 
 /// What a worker did, returned when it ends.
@@ -228,7 +276,7 @@ pub struct NetReport {
     pub error: Option<String>,
     /// Per-connection statistics, in connection order.
     pub conns: Vec<ConnReport>,
-    /// Datagrams that were not QUIC (dropped).
+    /// Datagrams that were neither QUIC nor ICE/STUN/TURN (dropped).
     pub foreign_datagrams: u64,
 }
 
@@ -313,6 +361,33 @@ pub fn join(
     w.run()
 }
 
+/// Like [`join`], but the host is reached through ICE: the worker gathers candidates (reported
+/// as [`NetEvent::LocalCandidate`] with link 0), takes the host's through
+/// [`Command::RemoteCandidate`], and connects QUIC over the selected pair.
+pub fn join_ice(
+    socket: UdpSocket,
+    ice: IceSetup,
+    pinned: Fingerprint,
+    dest: PathBuf,
+    cfg: &NetConfig,
+    control: Control,
+) -> Result<NetReport, TransferError> {
+    let client = match &cfg.client_identity {
+        Some(id) => flux_quic::client_config_with_identity(pinned, id, &cfg.transport),
+        None => flux_quic::client_config(pinned, &cfg.transport),
+    }
+    .map_err(|e| TransferError::Io(format!("QUIC configuration: {e}")))?;
+    let role = Role::Join {
+        dest_root: dest,
+        dest: None,
+        offered: false,
+    };
+    let mut w = Worker::new(socket, cfg, control, None, role)?;
+    w.links.push(Link::new(0, ice, Instant::now()));
+    w.pending_client = Some(client);
+    w.run()
+}
+
 enum Role {
     Host {
         manifest: Arc<Manifest>,
@@ -341,6 +416,8 @@ struct Conn {
     error: Option<String>,
     /// A GSO batch the socket refused with EAGAIN, to send first when writable again.
     blocked: Option<(Vec<u8>, Option<usize>, SocketAddr)>,
+    /// The ICE link the connection runs over (index into `Worker::links`).
+    link: Option<usize>,
 }
 
 impl Conn {
@@ -368,6 +445,16 @@ struct Worker {
     resp_buf: Vec<u8>,
     poll_in: Option<Op<()>>,
     poll_out: Option<Op<()>>,
+    /// ICE, one link per peer.
+    links: Vec<Link>,
+    /// Every remote address a link selected, to its link: QUIC from there belongs to it.
+    link_addrs: HashMap<SocketAddr, usize>,
+    /// Joiner over ICE: the QUIC client settings, until a pair is selected.
+    pending_client: Option<ClientConfig>,
+    /// The socket's own address (its port, and the address when not bound to a wildcard).
+    local: SocketAddr,
+    /// Scratch for TURN ChannelData batches.
+    relay_buf: Vec<u8>,
 }
 
 /// GRO buffers read per `recvmmsg`.
@@ -392,6 +479,9 @@ impl Worker {
                 .map_err(|e| TransferError::Io(format!("epoll driver: {e}")))?,
         };
         let caps = socket.capabilities();
+        let local = socket
+            .local_addr()
+            .map_err(|e| TransferError::Io(format!("socket address: {e}")))?;
         let endpoint = Endpoint::new(
             Arc::new(flux_quic::endpoint_config()),
             server.map(Arc::new),
@@ -419,10 +509,24 @@ impl Worker {
             resp_buf: Vec::with_capacity(2048),
             poll_in: None,
             poll_out: None,
+            links: Vec::new(),
+            link_addrs: HashMap::new(),
+            pending_client: None,
+            local,
+            relay_buf: Vec::with_capacity(GRO_BUF_LEN),
         })
     }
 
     fn connect(&mut self, client: ClientConfig, peer: SocketAddr) -> Result<(), TransferError> {
+        self.connect_via(client, peer, None)
+    }
+
+    fn connect_via(
+        &mut self,
+        client: ClientConfig,
+        peer: SocketAddr,
+        link: Option<usize>,
+    ) -> Result<(), TransferError> {
         let (handle, conn) = self
             .endpoint
             .connect(Instant::now(), client, peer, flux_quic::SERVER_NAME)
@@ -437,6 +541,7 @@ impl Worker {
             ended: false,
             error: None,
             blocked: None,
+            link,
         });
         Ok(())
     }
@@ -446,6 +551,7 @@ impl Worker {
             let now = Instant::now();
             self.commands(now);
             let mut busy = self.receive(now)?;
+            busy |= self.ice(now)?;
             self.timers(now);
             busy |= self.drive(now);
             busy |= self.transmit(now)?;
@@ -459,7 +565,12 @@ impl Worker {
         let now = Instant::now();
         let _ = self.transmit(now);
         self.report.disk = self.exec.stats();
-        self.report.conns = self.conns.iter_mut().map(conn_report).collect();
+        let links = &self.links;
+        self.report.conns = self
+            .conns
+            .iter_mut()
+            .map(|c| conn_report(c, links))
+            .collect();
         if self.report.error.is_none() {
             self.report.error = self.conns.iter().find_map(|c| c.error.clone());
         }
@@ -471,7 +582,9 @@ impl Worker {
             return self.conns.iter().all(|c| c.ended);
         }
         match &self.role {
-            Role::Join { .. } => self.conns.iter().all(|c| c.ended),
+            Role::Join { .. } => {
+                self.pending_client.is_none() && self.conns.iter().all(|c| c.ended)
+            }
             Role::Host { .. } => self
                 .cfg
                 .serve
@@ -501,6 +614,18 @@ impl Worker {
                     }
                 }
                 Ok(Command::Accept) => self.accept(now),
+                Ok(Command::AddPeer { link, ice }) => {
+                    if self.cancelled || self.links.iter().any(|l| l.id == link) {
+                        continue;
+                    }
+                    tracing::debug!(link, "ICE with a new peer");
+                    self.links.push(Link::new(link, *ice, now));
+                }
+                Ok(Command::RemoteCandidate { link, candidate }) => {
+                    if let Some(l) = self.links.iter_mut().find(|l| l.id == link && l.live()) {
+                        l.remote_candidate(&candidate, now);
+                    }
+                }
                 Ok(Command::Reject(reason)) => {
                     for c in &mut self.conns {
                         if let Machine::Recv(s) = &mut c.machine {
@@ -515,6 +640,9 @@ impl Worker {
 
     fn cancel(&mut self) {
         self.cancelled = true;
+        if self.pending_client.take().is_some() {
+            self.report.error.get_or_insert_with(|| "cancelled".into());
+        }
         for c in &mut self.conns {
             match &mut c.machine {
                 Machine::Send(s) => s.machine.cancel(),
@@ -596,20 +724,96 @@ impl Worker {
         let ecn = m
             .ecn
             .and_then(|e| flux_quic::quinn_proto::EcnCodepoint::from_bits(e as u8));
+        let local = SocketAddr::new(m.dst_ip.unwrap_or(self.local.ip()), self.local.port());
         while !data.is_empty() {
             let seg = data.split_to(stride.min(data.len()));
             // RFC 9443: QUIC packets have the fixed bit (0x40) set; STUN starts 0..=3, TURN
-            // channel data 64..=79 collides only with QUIC short headers the demux of ICE
-            // will sort out. Demultiplex per segment (platform facts: GRO may append a STUN
-            // datagram to a QUIC batch).
-            if seg[0] & 0x40 == 0 {
-                self.report.foreign_datagrams += 1;
-                continue;
+            // ChannelData 64..=79 (only from a TURN server). Demultiplex per segment
+            // (platform facts: GRO may append a STUN datagram to a QUIC batch).
+            let mut from = m.addr;
+            let seg = if self.links.is_empty() {
+                if seg[0] & 0x40 == 0 {
+                    self.report.foreign_datagrams += 1;
+                    continue;
+                }
+                seg
+            } else {
+                match self.demux_ice(now, from, local, seg) {
+                    Some((addr, seg)) => {
+                        from = addr;
+                        seg
+                    }
+                    None => continue,
+                }
+            };
+            self.feed_quic(now, from, m.dst_ip, ecn, seg);
+        }
+    }
+
+    /// Sorts one segment when ICE shares the socket: ICE traffic is consumed by its link, and
+    /// QUIC (direct or unwrapped from TURN) comes back with the address QUIC knows its
+    /// sender by. `None`: consumed or dropped.
+    fn demux_ice(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        local: SocketAddr,
+        seg: BytesMut,
+    ) -> Option<(SocketAddr, BytesMut)> {
+        let first = seg[0];
+        if (0x40..=0x4F).contains(&first) || first <= 3 {
+            // ChannelData from a link's TURN server, or STUN for one of the links (agents
+            // refuse what is not theirs: unknown transaction, wrong user name).
+            let channel = first >= 0x40;
+            for i in 0..self.links.len() {
+                let l = &mut self.links[i];
+                if !l.live()
+                    || (channel && l.agent.classify(from, &seg) != flux_ice::Packet::ChannelData)
+                {
+                    continue;
+                }
+                match l.agent.handle_datagram(now, from, local, &seg) {
+                    flux_ice::Received::App { data, peer } => {
+                        // Relayed QUIC can overtake the selection event: the link is known.
+                        let addr = *l.quic_addr.get_or_insert(peer);
+                        self.link_addrs.entry(peer).or_insert(i);
+                        return Some((addr, BytesMut::from(data)));
+                    }
+                    flux_ice::Received::Handled if channel => return None,
+                    _ => {}
+                }
             }
+            if !channel {
+                return None;
+            }
+        }
+        if first & 0x40 == 0 {
+            self.report.foreign_datagrams += 1;
+            return None;
+        }
+        // Direct QUIC: under the link's constant address when it comes from a selected pair.
+        let addr = self
+            .link_addrs
+            .get(&from)
+            .and_then(|&i| self.links.get(i))
+            .and_then(|l| l.quic_addr)
+            .unwrap_or(from);
+        Some((addr, seg))
+    }
+
+    fn feed_quic(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        dst_ip: Option<std::net::IpAddr>,
+        ecn: Option<flux_quic::quinn_proto::EcnCodepoint>,
+        seg: BytesMut,
+    ) {
+        {
             self.resp_buf.clear();
             let ev = self
                 .endpoint
-                .handle(now, m.addr, m.dst_ip, ecn, seg, &mut self.resp_buf);
+                .handle(now, from, dst_ip, ecn, seg, &mut self.resp_buf);
             match ev {
                 Some(DatagramEvent::ConnectionEvent(h, ev)) => {
                     if let Some(c) = self.conns.iter_mut().find(|c| c.handle == h) {
@@ -642,6 +846,10 @@ impl Worker {
         self.resp_buf.clear();
         match self.endpoint.accept(inc, now, &mut self.resp_buf, None) {
             Ok((handle, conn)) => {
+                let link = self
+                    .links
+                    .iter()
+                    .position(|l| l.live() && l.quic_addr == Some(peer));
                 let m = Sender::new(manifest.clone(), self.cfg.sender.clone());
                 self.conns.push(Conn {
                     handle,
@@ -652,6 +860,7 @@ impl Worker {
                     ended: false,
                     error: None,
                     blocked: None,
+                    link,
                 });
             }
             Err(e) => {
@@ -674,6 +883,80 @@ impl Worker {
             src_ip: t.src_ip,
         };
         let _ = self.socket.send(&t);
+    }
+
+    /// Drives the ICE links: timers, TURN streams, candidates out, selections and failures.
+    /// Returns whether anything happened.
+    fn ice(&mut self, now: Instant) -> Result<bool, TransferError> {
+        if self.links.is_empty() {
+            return Ok(false);
+        }
+        let mut any = false;
+        let mut notes = Vec::new();
+        for i in 0..self.links.len() {
+            let socket = &self.socket;
+            let mut send = |data: &[u8], to: SocketAddr| {
+                // Best effort, like any datagram: ICE retransmits.
+                let _ = socket.send(&flux_udp::Transmit {
+                    destination: to,
+                    contents: data,
+                    segment_size: None,
+                    ecn: None,
+                    src_ip: None,
+                });
+            };
+            self.links[i].pump(now, &mut send, &mut notes);
+            for note in notes.drain(..) {
+                any = true;
+                let id = self.links[i].id;
+                match note {
+                    LinkNote::Candidate(candidate) => {
+                        self.emit(NetEvent::LocalCandidate {
+                            link: id,
+                            candidate,
+                        });
+                    }
+                    LinkNote::Selected(route) => {
+                        tracing::info!(
+                            link = id,
+                            kind = route.kind.as_str(),
+                            local = %route.local,
+                            remote = %route.remote,
+                            transport = route.transport.as_str(),
+                            "ICE selected a pair"
+                        );
+                        self.link_addrs.insert(route.remote, i);
+                        let after = self.links[i].selected_after.unwrap_or_default();
+                        self.emit(NetEvent::Route {
+                            link: id,
+                            route,
+                            after,
+                        });
+                        if let Some(client) = self.pending_client.take() {
+                            let peer = self.links[i].quic_addr.unwrap_or(route.remote);
+                            self.connect_via(client, peer, Some(i))?;
+                        }
+                    }
+                    LinkNote::Failed(why) => {
+                        let error = format!("failed to establish ICE connection: {why}");
+                        tracing::warn!(link = id, "{error}");
+                        if self.pending_client.take().is_some() {
+                            self.report.error.get_or_insert_with(|| error.clone());
+                        }
+                        for c in self.conns.iter_mut().filter(|c| c.link == Some(i)) {
+                            c.error.get_or_insert_with(|| error.clone());
+                        }
+                        self.emit(NetEvent::IceFailed { link: id, error });
+                    }
+                    LinkNote::App(d) => {
+                        if let Some(addr) = self.links[i].quic_addr {
+                            self.feed_quic(now, addr, None, None, BytesMut::from(&d.data[..]));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(any)
     }
 
     fn timers(&mut self, now: Instant) {
@@ -846,7 +1129,7 @@ impl Worker {
         let max_segments = self.socket.capabilities().max_gso_segments(1452).max(1);
         for i in 0..self.conns.len() {
             if let Some((buf, seg, dst)) = self.conns[i].blocked.take() {
-                match self.send(&buf, seg, dst) {
+                match self.send_conn(i, &buf, seg, dst) {
                     Ok(true) => sent_any = true,
                     Ok(false) => {
                         self.conns[i].blocked = Some((buf, seg, dst));
@@ -862,7 +1145,7 @@ impl Worker {
                     break;
                 };
                 let buf = std::mem::take(&mut self.tx_buf);
-                let ok = self.send(&buf[..t.size], t.segment_size, t.destination)?;
+                let ok = self.send_conn(i, &buf[..t.size], t.segment_size, t.destination)?;
                 if ok {
                     sent_any = true;
                     self.tx_buf = buf;
@@ -876,6 +1159,65 @@ impl Worker {
             }
         }
         Ok(sent_any)
+    }
+
+    /// Sends one batch of connection `i`, through its ICE link when it has one; `Ok(false)`
+    /// when the socket buffer is full (the caller keeps the batch for later).
+    fn send_conn(
+        &mut self,
+        i: usize,
+        buf: &[u8],
+        segment_size: Option<usize>,
+        dst: SocketAddr,
+    ) -> Result<bool, TransferError> {
+        let Some(l) = self.conns[i].link else {
+            return self.send(buf, segment_size, dst);
+        };
+        let now = Instant::now();
+        let link = &mut self.links[l];
+        if let Some(rc) = link.agent.relay_channel() {
+            // Relayed over UDP with a bound channel: a 4-byte ChannelData header in front of
+            // each segment, still one GSO batch (UDP needs no padding).
+            let seg = segment_size.unwrap_or(buf.len()).max(1);
+            self.relay_buf.clear();
+            for p in buf.chunks(seg) {
+                let len = u16::try_from(p.len()).unwrap_or(u16::MAX);
+                self.relay_buf
+                    .extend_from_slice(&flux_ice::channel_header(rc.channel, len));
+                self.relay_buf.extend_from_slice(p);
+            }
+            let framed = std::mem::take(&mut self.relay_buf);
+            let r = self.send(&framed, segment_size.map(|s| s + 4), rc.to);
+            self.relay_buf = framed;
+            return r;
+        }
+        let seg = segment_size.unwrap_or(buf.len()).max(1);
+        let mut wrapped = std::mem::take(&mut link.wrapped);
+        for (n, p) in buf.chunks(seg).enumerate() {
+            let via = self.links[l].agent.wrap(now, p, &mut wrapped);
+            match via {
+                Ok(flux_ice::SendVia::Direct { to, .. }) if n == 0 => {
+                    // The whole batch goes one way: keep GSO.
+                    self.links[l].wrapped = wrapped;
+                    return self.send(buf, segment_size, to);
+                }
+                Ok(flux_ice::SendVia::Direct { to, .. }) => {
+                    let _ = self.send(p, None, to)?;
+                }
+                Ok(flux_ice::SendVia::TurnUdp { to, .. }) => {
+                    // Before the channel is bound: Send indications, one per packet. A full
+                    // socket buffer drops the packet, which QUIC recovers like a loss.
+                    let _ = self.send(&wrapped, None, to)?;
+                }
+                Ok(flux_ice::SendVia::TurnStream(id)) => {
+                    self.links[l].write_stream(id, &wrapped);
+                }
+                // Not selected yet or relay not ready: dropped like a lost packet.
+                Err(_) => {}
+            }
+        }
+        self.links[l].wrapped = wrapped;
+        Ok(true)
     }
 
     /// Sends one batch; `Ok(false)` when the socket buffer is full.
@@ -956,7 +1298,11 @@ impl Worker {
             } else {
                 self.report.succeeded += 1;
             }
-            let stats = conn_report(&mut self.conns[i]);
+            if let Some(l) = self.conns[i].link {
+                // The transfer is over: stop checks and keepalives towards that peer.
+                self.links[l].closed = true;
+            }
+            let stats = conn_report(&mut self.conns[i], &self.links);
             self.emit(NetEvent::Ended {
                 conn: i,
                 error,
@@ -992,10 +1338,25 @@ impl Worker {
         for c in self.conns.iter().filter(|c| !c.connected && !c.ended) {
             consider(Some(c.created + self.cfg.connect_timeout));
         }
-        // Commands arrive through a channel the loop cannot sleep on: look at least this often.
+        for l in self.links.iter().filter(|l| l.live()) {
+            consider(l.agent.poll_timeout());
+        }
+        // Commands arrive through a channel the loop cannot sleep on: look at least this often
+        // (more often while ICE waits for trickled candidates, and while TURN stream threads
+        // may have bytes for us).
         let mut timeout = deadline.map_or(COMMAND_POLL, |d| d.saturating_duration_since(now));
         if self.control.commands.is_some() {
             timeout = timeout.min(COMMAND_POLL);
+            if self
+                .links
+                .iter()
+                .any(|l| l.live() && l.selected_after.is_none())
+            {
+                timeout = timeout.min(ICE_POLL);
+            }
+        }
+        if self.links.iter().any(Link::has_streams) {
+            timeout = timeout.min(STREAM_POLL);
         }
         let want_write = self.conns.iter().any(|c| c.blocked.is_some());
         let fd = self.socket.as_raw_fd();
@@ -1028,9 +1389,14 @@ impl Worker {
 
 /// Longest sleep before the loop looks at its command channel.
 const COMMAND_POLL: Duration = Duration::from_millis(50);
+/// The same while ICE is still looking for a pair (trickled candidates come as commands).
+const ICE_POLL: Duration = Duration::from_millis(5);
+/// Longest sleep while TURN stream threads may have bytes for the loop.
+const STREAM_POLL: Duration = Duration::from_millis(1);
 
-fn conn_report(c: &mut Conn) -> ConnReport {
+fn conn_report(c: &mut Conn, links: &[Link]) -> ConnReport {
     let peer = c.peer;
+    let link = c.link.and_then(|l| links.get(l));
     let s = c.conn().stats();
     let rtt = c.conn().rtt();
     ConnReport {
@@ -1042,6 +1408,8 @@ fn conn_report(c: &mut Conn) -> ConnReport {
         congestion_events: s.path.congestion_events,
         udp_tx_bytes: s.udp_tx.bytes,
         udp_rx_bytes: s.udp_rx.bytes,
+        route: link.and_then(|l| l.agent.selected()),
+        ice_connect: link.and_then(|l| l.selected_after),
     }
 }
 

@@ -461,3 +461,163 @@ fn host_admits_only_paired_joiners() {
     let h = host.join().unwrap();
     assert_eq!(h.succeeded, 1, "{h:?}");
 }
+
+/// ICE settings for one side of a loopback pair; both sides know both credentials, as paired
+/// peers do.
+fn ice_setup(
+    role: flux_ice::Role,
+    ours: &flux_ice::Credentials,
+    theirs: &flux_ice::Credentials,
+    host: std::net::SocketAddr,
+) -> flux_peer::ice::IceSetup {
+    let mut config = flux_ice::Config::new(
+        role,
+        ours.clone(),
+        u64::from(ours.ufrag.len() as u32)
+            ^ 0x5eed_u64
+            ^ (role == flux_ice::Role::Controlling) as u64,
+    );
+    config.allow_loopback = true;
+    flux_peer::ice::IceSetup {
+        config,
+        hosts: vec![host],
+        remote_credentials: theirs.clone(),
+        remote_candidates: Vec::new(),
+        turn_tls: None,
+        turn_names: Vec::new(),
+    }
+}
+
+/// Forwards one side's trickled candidates to the other side's worker until the events end;
+/// returns the routes this side reported.
+fn trickle(
+    events: crossbeam_channel::Receiver<NetEvent>,
+    to: crossbeam_channel::Sender<Command>,
+    link: u64,
+) -> thread::JoinHandle<Vec<flux_ice::Selected>> {
+    thread::spawn(move || {
+        let mut routes = Vec::new();
+        for ev in events {
+            match ev {
+                NetEvent::LocalCandidate { candidate, .. } => {
+                    let _ = to.send(Command::RemoteCandidate { link, candidate });
+                }
+                NetEvent::Route { route, .. } => routes.push(route),
+                NetEvent::Transfer { .. } => {}
+                other => eprintln!("link {link}: {other:?}"),
+            }
+        }
+        routes
+    })
+}
+
+#[test]
+fn ice_on_the_engine_socket_selects_a_pair_and_transfers() {
+    let src = tempfile::tempdir().unwrap();
+    let dst = tempfile::tempdir().unwrap();
+    let top = small_tree(src.path());
+    let share = scan(std::slice::from_ref(&top), None).unwrap();
+    let id = Identity::generate().unwrap();
+    let fp = id.fingerprint();
+    let host_creds = flux_ice::Credentials::from_random(&[1; 18]);
+    let join_creds = flux_ice::Credentials::from_random(&[2; 18]);
+    let (hs, js) = (socket(), socket());
+    let (ha, ja) = (hs.local_addr().unwrap(), js.local_addr().unwrap());
+    let (hctl, hev, hcmd) = Control::channels();
+    let (jctl, jev, jcmd) = Control::channels();
+    // The host learns of the peer when pairing succeeds; candidates flow both ways after. The
+    // host controls (nominates): it then knows the pair before the joiner's first QUIC packet.
+    hcmd.send(Command::AddPeer {
+        link: 7,
+        ice: Box::new(ice_setup(
+            flux_ice::Role::Controlling,
+            &host_creds,
+            &join_creds,
+            ha,
+        )),
+    })
+    .unwrap();
+    let host_fwd = trickle(hev, jcmd.clone(), 0);
+    let join_fwd = trickle(jev, hcmd.clone(), 7);
+    let hc = cfg(Driver::Uring);
+    let host = thread::spawn(move || {
+        net::host(hs, &id, Arc::new(share.manifest), share.sources, &hc, hctl).unwrap()
+    });
+    let ice = ice_setup(flux_ice::Role::Controlled, &join_creds, &host_creds, ja);
+    let j = net::join_ice(
+        js,
+        ice,
+        fp,
+        dst.path().to_owned(),
+        &cfg(Driver::Uring),
+        jctl,
+    )
+    .unwrap();
+    drop((hcmd, jcmd));
+    let h = host.join().unwrap();
+    assert_ok(&j, "joiner");
+    assert_ok(&h, "host");
+    for e in walk(&top) {
+        let got = dst.path().join(e.strip_prefix(src.path()).unwrap());
+        if e.is_file() {
+            assert_same_file(&e, &got);
+        }
+    }
+    let (hr, jr) = (host_fwd.join().unwrap(), join_fwd.join().unwrap());
+    let (hr, jr) = (
+        hr.last().expect("the host reported no route"),
+        jr.last().expect("the joiner reported no route"),
+    );
+    assert_eq!(jr.kind, flux_ice::RouteKind::Host);
+    // Both directions on one pair.
+    assert_eq!((jr.local, jr.remote), (ja, ha));
+    assert_eq!((hr.local, hr.remote), (ha, ja));
+    let route = j.conns[0]
+        .route
+        .expect("the joiner's connection reports its pair");
+    assert_eq!(route.remote, ha);
+    assert!(j.conns[0].ice_connect.is_some());
+    assert_eq!(h.conns[0].route.map(|r| r.remote), Some(ja));
+}
+
+#[test]
+fn ice_failure_is_reported_with_its_cause() {
+    let dst = tempfile::tempdir().unwrap();
+    let js = socket();
+    let ja = js.local_addr().unwrap();
+    let mut ice = ice_setup(
+        flux_ice::Role::Controlling,
+        &flux_ice::Credentials::from_random(&[3; 18]),
+        &flux_ice::Credentials::from_random(&[4; 18]),
+        ja,
+    );
+    ice.config.connect_timeout = std::time::Duration::from_millis(600);
+    // Nobody answers at this candidate.
+    let dead = UdpSocket::bind("127.0.0.1:0".parse().unwrap(), &SocketConfig::default()).unwrap();
+    ice.remote_candidates = vec![flux_peer::ice::host_candidate(
+        dead.local_addr().unwrap(),
+        0,
+    )];
+    let fp = Identity::generate().unwrap().fingerprint();
+    let (jctl, jev, _jcmd) = Control::channels();
+    let j = net::join_ice(
+        js,
+        ice,
+        fp,
+        dst.path().to_owned(),
+        &cfg(Driver::Epoll),
+        jctl,
+    )
+    .unwrap();
+    let err = j.error.expect("ICE failure must fail the join");
+    assert!(
+        err.starts_with("failed to establish ICE connection: "),
+        "{err}"
+    );
+    assert!(
+        jev.try_iter()
+            .any(|e| matches!(e, NetEvent::IceFailed { link: 0, .. })),
+        "no IceFailed event"
+    );
+    assert_eq!(fs::read_dir(dst.path()).unwrap().count(), 0);
+}
