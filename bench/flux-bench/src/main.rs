@@ -7,8 +7,12 @@
 //! peak memory are per side; the runner spawns them on loopback or, with `--veth`, in two
 //! network namespaces joined by a 1500-MTU veth pair set up like a real NIC.
 //!
+//! `flux-bench natlab` runs real `thru host` / `thru join` pairs across the NAT lab
+//! (`tools/natlab`) and reports the route ICE chose, the connect time and the rate per case.
+//!
 //! What it does not do: assert anything. It measures; targets live in `bench/README.md`.
 
+mod natlab;
 mod side;
 
 use std::io::{BufRead, BufReader};
@@ -34,6 +38,9 @@ struct Cli {
 enum Cmd {
     /// Runs the matrix and prints a table (and JSON with --json).
     Run(RunArgs),
+    /// Real `thru` pairs across the NAT lab (tools/natlab): route, connect time and rate per
+    /// case (needs root; builds and removes the lab).
+    Natlab(natlab::NatlabArgs),
     /// One side of one transfer (spawned by `run`).
     #[command(hide = true)]
     Side {
@@ -194,6 +201,7 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Side { side } => run_side(side),
         Cmd::Run(args) => run_matrix(&args),
+        Cmd::Natlab(args) => natlab::run(&args),
     }
 }
 
