@@ -130,20 +130,24 @@ async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
     let mut last_failure: Option<String> = None;
     let mut ended = false;
     // Joiners that paired but have not connected yet, with when they paired: one that never
-    // connects (killed, unreachable) must not keep the host waiting forever.
-    let mut waiting: std::collections::HashMap<[u8; 32], (String, std::time::Instant)> =
-        std::collections::HashMap::new();
+    // connects (killed, unreachable) must not keep the host waiting forever. Each keeps its
+    // candidate trickle (through a server) alive while it waits.
+    #[allow(clippy::type_complexity)]
+    let mut waiting: std::collections::HashMap<
+        [u8; 32],
+        (String, std::time::Instant, Option<rendezvous::Trickle>),
+    > = std::collections::HashMap::new();
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         tokio::select! {
             ev = session.next_event(), if !ended => match ev {
-                Some(HostEvent::Paired(p)) => {
+                Some(HostEvent::Paired(p, trickle)) => {
                     paired += 1;
                     ui.peer(&p);
                     engine.admit(&p);
                     waiting.insert(
                         p.peer_fingerprint,
-                        (p.peer_label.clone(), std::time::Instant::now()),
+                        (p.peer_label.clone(), std::time::Instant::now(), trickle),
                     );
                 }
                 Some(HostEvent::Failed { peer, error }) => {
@@ -178,11 +182,11 @@ async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
                 let limit = args.net.pair_timeout;
                 let late: Vec<[u8; 32]> = waiting
                     .iter()
-                    .filter(|(_, (_, at))| at.elapsed() > limit)
+                    .filter(|(_, (_, at, _))| at.elapsed() > limit)
                     .map(|(fp, _)| *fp)
                     .collect();
                 for fp in late {
-                    if let Some((peer, _)) = waiting.remove(&fp) {
+                    if let Some((peer, _, _)) = waiting.remove(&fp) {
                         finished += 1;
                         let e = format!("{peer} paired but never connected over QUIC");
                         ui.say(&format!("Transfer to {peer} failed: {e}"));
@@ -215,9 +219,13 @@ async fn join(args: JoinArgs, ui: &Ui) -> anyhow::Result<()> {
     let mut opts = JoinOptions::new(setup.local.clone());
     opts.timeout = args.net.pair_timeout;
     opts.allow_loopback = setup.allow_loopback || args.peer.is_some_and(|p| p.ip().is_loopback());
-    let paired = match (&args.net.server, args.peer) {
-        (Some(url), _) => rendezvous::join_server(url, &client_config(url)?, &code, opts).await,
-        (None, Some(peer)) => rendezvous::join_lan(&code, LanTarget::Peer(peer), opts).await,
+    let (paired, trickle) = match (&args.net.server, args.peer) {
+        (Some(url), _) => rendezvous::join_server(url, &client_config(url)?, &code, opts)
+            .await
+            .map(|(p, t)| (p, Some(t))),
+        (None, Some(peer)) => rendezvous::join_lan(&code, LanTarget::Peer(peer), opts)
+            .await
+            .map(|p| (p, None)),
         (None, None) => {
             let m = mdns(&args.net);
             if m == Mdns::Off {
@@ -226,10 +234,14 @@ async fn join(args: JoinArgs, ui: &Ui) -> anyhow::Result<()> {
                 )
                 .into());
             }
-            rendezvous::join_lan(&code, LanTarget::Mdns(m), opts).await
+            rendezvous::join_lan(&code, LanTarget::Mdns(m), opts)
+                .await
+                .map(|p| (p, None))
         }
     }
     .context("pairing failed")?;
+    // The candidate trickle with the host (through a server) lives until the transfer ends.
+    let _trickle = trickle;
     ui.peer(&paired);
     let job = Arc::new(setup.job(
         Job::Receive {

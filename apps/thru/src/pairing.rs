@@ -70,6 +70,29 @@ impl Paired {
     pub fn local_fingerprint_hex(&self) -> String {
         hex(&self.local_fingerprint)
     }
+
+    /// ICE credentials for this pair, derived from [`Paired::session_key`] (never sent
+    /// anywhere, so the server cannot learn them): (ours, the peer's). Both ends derive the
+    /// same two; each calls its own role's "ours".
+    pub fn ice_credentials(&self) -> (flux_ice::Credentials, flux_ice::Credentials) {
+        let host = ice_credentials_for(ICE_CREDENTIALS_HOST, &self.session_key);
+        let joiner = ice_credentials_for(ICE_CREDENTIALS_JOINER, &self.session_key);
+        match self.role {
+            Role::Host => (host, joiner),
+            Role::Joiner => (joiner, host),
+        }
+    }
+}
+
+/// BLAKE3 `derive_key` contexts for the two ends' ICE credentials.
+const ICE_CREDENTIALS_HOST: &str = "thruflux 2026 ice credentials host";
+const ICE_CREDENTIALS_JOINER: &str = "thruflux 2026 ice credentials joiner";
+
+fn ice_credentials_for(context: &str, session_key: &[u8; 32]) -> flux_ice::Credentials {
+    let key = blake3::derive_key(context, session_key);
+    let mut bytes = [0u8; 18];
+    bytes.copy_from_slice(&key[..18]);
+    flux_ice::Credentials::from_random(&bytes)
 }
 
 impl fmt::Debug for Paired {
@@ -84,5 +107,39 @@ impl fmt::Debug for Paired {
             .field("local_fingerprint", &self.local_fingerprint_hex())
             .field("local_addrs", &self.local_addrs)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(role: Role, session_key: [u8; 32]) -> Paired {
+        Paired {
+            role,
+            rendezvous: Rendezvous::Server,
+            peer_label: "peer".into(),
+            peer_fingerprint: [1; 32],
+            peer_addrs: vec![],
+            local_fingerprint: [2; 32],
+            local_addrs: vec![],
+            session_key,
+        }
+    }
+
+    #[test]
+    fn ice_credentials_agree_across_roles_and_differ_across_pairs() {
+        let (h_ours, h_theirs) = pair(Role::Host, [7; 32]).ice_credentials();
+        let (j_ours, j_theirs) = pair(Role::Joiner, [7; 32]).ice_credentials();
+        assert_eq!(h_ours, j_theirs);
+        assert_eq!(j_ours, h_theirs);
+        assert_ne!(h_ours, h_theirs);
+        assert_ne!(h_ours.ufrag, h_theirs.ufrag);
+
+        let (other, _) = pair(Role::Host, [8; 32]).ice_credentials();
+        assert_ne!(other, h_ours);
+        // Valid RFC 8445 credentials: they survive the signaling form.
+        let text = h_ours.to_string();
+        assert_eq!(text.parse::<flux_ice::Credentials>().ok(), Some(h_ours));
     }
 }

@@ -22,8 +22,21 @@
 //! the server is told (`reject_peer`) and after `max_failed_attempts` the host ends the
 //! session.
 //!
+//! **Trickle** (through `thruserv` only): after pairing, each joiner and the host keep their
+//! signaling connections open and exchange ICE candidate lines through a [`Trickle`], as
+//! `relay` payloads `{"t":"ice","seq":N,"line":"…","mac":"hex"}`. The MAC is a BLAKE3 keyed
+//! hash over `seq` (8 bytes, big-endian) and the line, under a key derived from
+//! [`Paired::session_key`], one key per direction: the server or a relay cannot forge,
+//! alter, replay, reorder or reflect a line. A receiver delivers only lines with a valid MAC
+//! and a strictly increasing `seq`; anything else, a line over [`MAX_TRICKLE_LINE`] bytes,
+//! or lines beyond [`MAX_TRICKLE_LINES`] is dropped with a warning (the transfer goes on).
+//! Sending is paced at [`TRICKLE_SEND_RATE`] messages a second per connection (burst
+//! [`TRICKLE_SEND_BURST`]), below thruserv's default flood limit (50/s, burst 100, which
+//! closes the connection). A LAN pairing has no trickle: its authenticated addresses suffice.
+//!
 //! What this module does not do: move file data, open QUIC, gather STUN/TURN candidates
-//! (only local interface addresses are advertised), retry or reconnect. It runs on tokio,
+//! (only local interface addresses are advertised in the handshake; the engine's ICE agent
+//! gathers and hands its lines to the [`Trickle`]), retry or reconnect. It runs on tokio,
 //! the control plane only.
 
 use std::collections::HashMap;
@@ -38,6 +51,7 @@ use flux_signal_proto::{
 };
 use mdns_sd::{IfKind, ServiceDaemon, ServiceEvent, ServiceInfo};
 use rand::rngs::OsRng;
+use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
@@ -242,8 +256,11 @@ impl PairError {
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum HostEvent {
-    /// A joiner paired.
-    Paired(Box<Paired>),
+    /// A joiner paired, with its candidate exchange: `Some` through thruserv, `None` on a
+    /// LAN. Keep the [`Trickle`] (its `to_peer`) alive while candidates may still flow; the
+    /// session stays on the server, after [`HostEvent::Ended`] too, until every trickle is
+    /// dropped or the [`HostSession`] is.
+    Paired(Box<Paired>, Option<Trickle>),
     /// A joiner's pairing failed.
     Failed {
         /// `joiner N`.
@@ -251,15 +268,16 @@ pub enum HostEvent {
         /// Why.
         error: PairError,
     },
-    /// The session is over (all receivers paired, too many failures, server gone). The last
-    /// event.
+    /// Pairing is over (all receivers paired, too many failures, server gone). The last
+    /// event; trickles of paired joiners go on until dropped.
     Ended {
         /// Why, when it is an error.
         error: Option<PairError>,
     },
 }
 
-/// A running host rendezvous. Dropping it ends the session.
+/// A running host rendezvous. Dropping it ends the session, and every host-side
+/// [`Trickle`] with it.
 #[derive(Debug)]
 pub struct HostSession {
     code: JoinCode,
@@ -313,6 +331,7 @@ pub async fn host_server(
     info!(session = %created.session, "session created");
     let (tx, rx) = mpsc::channel(64);
     let (stop_tx, stop_rx) = oneshot::channel();
+    let (lines_tx, lines_rx) = mpsc::unbounded_channel();
     let task = ServerHost {
         signal,
         code: code.clone(),
@@ -321,6 +340,11 @@ pub async fn host_server(
         peers: HashMap::new(),
         paired: 0,
         failed: 0,
+        accepting: true,
+        trickles: HashMap::new(),
+        lines_tx,
+        lines_rx,
+        pacer: Pacer::new(Instant::now()),
     };
     tokio::spawn(task.run(stop_rx));
     Ok(HostSession {
@@ -332,12 +356,16 @@ pub async fn host_server(
 }
 
 /// Joins the session named by `code` through `url` and pairs with its host.
+///
+/// On success the signaling connection stays open in a background task that carries the
+/// returned [`Trickle`]; it leaves the session when every `to_peer` sender is dropped, and
+/// closes `from_peer` when the server connection ends.
 pub async fn join_server(
     url: &str,
     client: &ClientConfig,
     code: &JoinCode,
     opts: JoinOptions,
-) -> Result<Paired, PairError> {
+) -> Result<(Paired, Trickle), PairError> {
     let limit = opts.timeout;
     let mut signal = SignalClient::connect(url, client).await?;
     let res = match timeout(limit, join_server_inner(&mut signal, code, &opts)).await {
@@ -347,21 +375,25 @@ pub async fn join_server(
             after: limit,
         }),
     };
-    if let Err(e) = &res {
-        // Tell the host, so that it counts the attempt at once instead of timing out.
-        if !matches!(e, PairError::Signal(_) | PairError::SessionClosed(_)) {
-            let abort = PairMsg::Abort {
-                reason: match e {
-                    PairError::Handshake { source, .. } => source.abort_reason(),
-                    _ => AbortReason::ConfirmFailed,
-                },
-            };
-            let _ = signal.relay(PeerId::HOST, abort.to_json()).await;
+    let e = match res {
+        Ok(paired) => {
+            let trickle = spawn_joiner_trickle(signal, &paired);
+            return Ok((paired, trickle));
         }
+        Err(e) => e,
+    };
+    // Tell the host, so that it counts the attempt at once instead of timing out.
+    if !matches!(e, PairError::Signal(_) | PairError::SessionClosed(_)) {
+        let abort = PairMsg::Abort {
+            reason: match &e {
+                PairError::Handshake { source, .. } => source.abort_reason(),
+                _ => AbortReason::ConfirmFailed,
+            },
+        };
+        let _ = signal.relay(PeerId::HOST, abort.to_json()).await;
     }
-    // The pairing is settled either way; the server is not needed any more.
     let _ = timeout(Duration::from_secs(2), signal.leave()).await;
-    res
+    Err(e)
 }
 
 async fn join_server_inner(
@@ -395,6 +427,9 @@ async fn join_server_inner(
                 if candidates.len() < MAX_CANDIDATES {
                     candidates.push(candidate.addr);
                 }
+            }
+            ServerMsg::Relay { from, payload } if from == PeerId::HOST && is_trickle(&payload) => {
+                debug!("trickle line before pairing completed, ignored");
             }
             ServerMsg::Relay { from, payload } if from == PeerId::HOST => {
                 let msg = PairMsg::from_json(payload).map_err(hs)?;
@@ -442,6 +477,13 @@ struct PeerState {
     candidates: Vec<SocketAddr>,
 }
 
+/// The host's end of one paired joiner's trickle.
+struct HostTrickle {
+    auth: TrickleAuth,
+    /// Towards the app's [`Trickle::from_peer`].
+    from_peer: mpsc::UnboundedSender<String>,
+}
+
 struct ServerHost {
     signal: SignalClient,
     code: JoinCode,
@@ -450,18 +492,31 @@ struct ServerHost {
     peers: HashMap<PeerId, PeerState>,
     paired: u32,
     failed: u32,
+    /// False once pairing is over ([`HostEvent::Ended`] sent); trickles may go on.
+    accepting: bool,
+    trickles: HashMap<PeerId, HostTrickle>,
+    /// Lines from every joiner's [`Trickle::to_peer`] (`None`: that trickle was dropped).
+    lines_tx: mpsc::UnboundedSender<(PeerId, Option<String>)>,
+    lines_rx: mpsc::UnboundedReceiver<(PeerId, Option<String>)>,
+    pacer: Pacer,
 }
 
 /// What to do after handling one server message.
 enum Flow {
     Continue,
+    /// Pairing is over; serve the trickles of paired joiners until they end.
+    Drain(Option<PairError>),
+    /// Leave the session now.
     End(Option<PairError>),
 }
 
 impl ServerHost {
     async fn run(mut self, mut stop: oneshot::Receiver<()>) {
+        // Whether `Ended` went out already (pairing over, trickles still served).
+        let mut reported = false;
         let end = loop {
             let next_deadline = self.peers.values().map(|p| p.deadline).min();
+            let ready = self.pacer.ready(Instant::now());
             let flow = tokio::select! {
                 _ = &mut stop => Flow::End(None),
                 msg = self.signal.recv() => match msg {
@@ -469,19 +524,98 @@ impl ServerHost {
                     Err(e) => Flow::End(Some(e.into())),
                 },
                 () = deadline(next_deadline) => self.expire().await,
+                Some((peer, line)) = self.lines_rx.recv(), if ready => {
+                    self.send_line(peer, line).await
+                }
+                () = sleep_until(self.pacer.next_token()), if !ready => Flow::Continue,
             };
-            if let Flow::End(e) = flow {
-                break e;
+            match flow {
+                Flow::Continue => {}
+                Flow::End(e) => break e,
+                Flow::Drain(e) => {
+                    if !self.accepting {
+                        continue;
+                    }
+                    self.accepting = false;
+                    // Joiners still in their handshake get no pairing now.
+                    for peer in std::mem::take(&mut self.peers).into_keys() {
+                        let abort = PairMsg::Abort {
+                            reason: AbortReason::Full,
+                        };
+                        let _ = self.signal.relay(peer, abort.to_json()).await;
+                    }
+                    if self.trickles.is_empty() {
+                        break e;
+                    }
+                    debug!(
+                        trickles = self.trickles.len(),
+                        "pairing over; serving trickles"
+                    );
+                    reported = true;
+                    if self
+                        .events
+                        .send(HostEvent::Ended { error: e })
+                        .await
+                        .is_err()
+                    {
+                        break None;
+                    }
+                }
+            }
+            if !self.accepting && self.trickles.is_empty() {
+                debug!("every trickle ended");
+                break None;
             }
         };
-        let _ = self.events.send(HostEvent::Ended { error: end }).await;
+        if !reported {
+            let _ = self.events.send(HostEvent::Ended { error: end }).await;
+        } else if let Some(e) = end {
+            debug!(%e, "session ended after pairing");
+        }
         let _ = timeout(Duration::from_secs(2), self.signal.leave()).await;
+    }
+
+    /// Sends one of our lines to `peer` (`None`: the app dropped that trickle).
+    async fn send_line(&mut self, peer: PeerId, line: Option<String>) -> Flow {
+        let Some(t) = self.trickles.get_mut(&peer) else {
+            debug!(%peer, "trickle line for a joiner that has left, dropped");
+            return Flow::Continue;
+        };
+        let Some(line) = line else {
+            debug!(%peer, "trickle dropped by the app");
+            self.trickles.remove(&peer);
+            return Flow::Continue;
+        };
+        match t.auth.seal(&line) {
+            Ok(payload) => {
+                self.pacer.take();
+                if let Err(e) = self.signal.relay(peer, payload).await {
+                    return Flow::End(Some(e.into()));
+                }
+            }
+            Err(why) => warn!(peer = %label(peer), reason = why.as_str(), "trickle line not sent"),
+        }
+        Flow::Continue
+    }
+
+    /// A trickle line from `from`: delivered when authentic, else dropped with a warning.
+    fn receive_line(&mut self, from: PeerId, payload: &Value) {
+        let Some(t) = self.trickles.get_mut(&from) else {
+            debug!(peer = %from, "trickle line from a joiner that has not paired, ignored");
+            return;
+        };
+        match t.auth.open(payload) {
+            Ok(line) => {
+                let _ = t.from_peer.send(line);
+            }
+            Err(why) => warn!(peer = %label(from), reason = why.as_str(), "trickle line dropped"),
+        }
     }
 
     async fn handle(&mut self, msg: ServerMsg) -> Flow {
         match msg {
             ServerMsg::PeerJoined { peer } => {
-                if self.paired >= self.opts.max_receivers {
+                if !self.accepting || self.paired >= self.opts.max_receivers {
                     let abort = PairMsg::Abort {
                         reason: AbortReason::Full,
                     };
@@ -500,6 +634,10 @@ impl ServerHost {
                 Flow::Continue
             }
             ServerMsg::PeerLeft { peer, reason } => match self.peers.remove(&peer) {
+                None if self.trickles.remove(&peer).is_some() => {
+                    debug!(%peer, "paired joiner left; its trickle ends");
+                    Flow::Continue
+                }
                 Some(PeerState {
                     stage: Stage::AwaitConfirm(_),
                     ..
@@ -524,6 +662,10 @@ impl ServerHost {
             ServerMsg::Error {
                 code, fatal: true, ..
             } => Flow::End(Some(PairError::SessionClosed(code))),
+            ServerMsg::Error { code, message, .. } => {
+                warn!(%code, %message, "the signaling server refused a message");
+                Flow::Continue
+            }
             other => {
                 debug!(?other, "ignored");
                 Flow::Continue
@@ -531,7 +673,11 @@ impl ServerHost {
         }
     }
 
-    async fn handle_relay(&mut self, from: PeerId, payload: serde_json::Value) -> Flow {
+    async fn handle_relay(&mut self, from: PeerId, payload: Value) -> Flow {
+        if is_trickle(&payload) {
+            self.receive_line(from, &payload);
+            return Flow::Continue;
+        }
         let Some(state) = self.peers.remove(&from) else {
             return Flow::Continue;
         };
@@ -591,16 +737,17 @@ impl ServerHost {
                         None,
                     );
                     info!(peer = %from, "joiner paired");
+                    let trickle = self.open_trickle(from, &p);
                     if self
                         .events
-                        .send(HostEvent::Paired(Box::new(p)))
+                        .send(HostEvent::Paired(Box::new(p), Some(trickle)))
                         .await
                         .is_err()
                     {
                         return Flow::End(None);
                     }
                     if self.paired >= self.opts.max_receivers {
-                        Flow::End(None)
+                        Flow::Drain(None)
                     } else {
                         Flow::Continue
                     }
@@ -626,8 +773,9 @@ impl ServerHost {
                     what: "waiting for a joiner's handshake",
                     after: self.opts.handshake_timeout,
                 };
-                if let Flow::End(e) = self.fail(peer, err, counted).await {
-                    return Flow::End(e);
+                let flow = self.fail(peer, err, counted).await;
+                if !matches!(flow, Flow::Continue) {
+                    return flow;
                 }
             }
         }
@@ -660,10 +808,306 @@ impl ServerHost {
         if counted {
             self.failed += 1;
             if self.failed >= self.opts.max_failed_attempts.max(1) {
-                return Flow::End(Some(PairError::TooManyFailures(self.failed)));
+                return Flow::Drain(Some(PairError::TooManyFailures(self.failed)));
             }
         }
         Flow::Continue
+    }
+
+    /// Starts the trickle with a joiner that just paired.
+    fn open_trickle(&mut self, peer: PeerId, paired: &Paired) -> Trickle {
+        let (to_peer, ours) = mpsc::unbounded_channel();
+        let (theirs, from_peer) = mpsc::unbounded_channel();
+        self.trickles.insert(
+            peer,
+            HostTrickle {
+                auth: TrickleAuth::new(Role::Host, &paired.session_key),
+                from_peer: theirs,
+            },
+        );
+        tokio::spawn(forward_lines(peer, ours, self.lines_tx.clone()));
+        Trickle { to_peer, from_peer }
+    }
+}
+
+/// Moves one joiner's outgoing lines into the host task's shared queue, then `None` when
+/// the app drops the trickle. Ends early when the host task is gone.
+async fn forward_lines(
+    peer: PeerId,
+    mut lines: mpsc::UnboundedReceiver<String>,
+    out: mpsc::UnboundedSender<(PeerId, Option<String>)>,
+) {
+    loop {
+        tokio::select! {
+            line = lines.recv() => {
+                let end = line.is_none();
+                if out.send((peer, line)).is_err() || end {
+                    return;
+                }
+            }
+            () = out.closed() => return,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Trickle.
+
+/// Post-pairing candidate exchange with one peer through thruserv. Lines are opaque here
+/// (flux-ice candidate strings, `Display` of `flux_ice::Candidate`).
+#[derive(Debug)]
+pub struct Trickle {
+    /// Our candidate lines, to the peer. Dropping every sender ends the exchange.
+    pub to_peer: mpsc::UnboundedSender<String>,
+    /// The peer's lines, authenticated, in order. Ends when the signaling connection does.
+    pub from_peer: mpsc::UnboundedReceiver<String>,
+}
+
+/// Longest trickle line in bytes; longer ones are neither sent nor accepted.
+pub const MAX_TRICKLE_LINE: usize = 512;
+/// Most trickle lines sent to, and accepted from, one peer.
+pub const MAX_TRICKLE_LINES: u64 = 200;
+/// Trickle messages sent per second on one signaling connection (all of a host's joiners
+/// together). thruserv closes a connection above `--ws-msgs-per-sec` (default 50).
+pub const TRICKLE_SEND_RATE: u32 = 20;
+/// Burst allowance for [`TRICKLE_SEND_RATE`] (thruserv's default `--ws-msgs-burst`: 100).
+pub const TRICKLE_SEND_BURST: u32 = 40;
+
+/// `t` of a trickle relay payload; pairing messages use other tags.
+const TRICKLE_TAG: &str = "ice";
+/// BLAKE3 `derive_key` contexts of the two directions' MAC keys: distinct, so that a line
+/// cannot be reflected back to its sender.
+const TRICKLE_MAC_HOST: &str = "thruflux 2026 ice trickle mac host to joiner";
+const TRICKLE_MAC_JOINER: &str = "thruflux 2026 ice trickle mac joiner to host";
+
+fn is_trickle(payload: &Value) -> bool {
+    payload.get("t").and_then(Value::as_str) == Some(TRICKLE_TAG)
+}
+
+/// Why a trickle line was not sent or not delivered.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+enum LineDropped {
+    /// Missing or mistyped fields, or a line that is not one printable line.
+    Malformed,
+    /// Over [`MAX_TRICKLE_LINE`] bytes.
+    TooLong,
+    /// The MAC does not verify: forged or altered.
+    BadMac,
+    /// `seq` not above the last accepted one: replayed or reordered.
+    Replayed,
+    /// Over [`MAX_TRICKLE_LINES`].
+    TooMany,
+}
+
+impl LineDropped {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::TooLong => "line too long",
+            Self::BadMac => "bad MAC (forged or altered)",
+            Self::Replayed => "replayed or out-of-order seq",
+            Self::TooMany => "too many lines",
+        }
+    }
+}
+
+/// Sealing and opening the trickle lines of one pair, one end. Plain state, no I/O.
+struct TrickleAuth {
+    send_key: [u8; 32],
+    recv_key: [u8; 32],
+    /// `seq` of the last line sealed (the first is 1).
+    sent: u64,
+    /// Highest `seq` accepted.
+    received: u64,
+    accepted: u64,
+}
+
+impl TrickleAuth {
+    fn new(role: Role, session_key: &[u8; 32]) -> Self {
+        let host = blake3::derive_key(TRICKLE_MAC_HOST, session_key);
+        let joiner = blake3::derive_key(TRICKLE_MAC_JOINER, session_key);
+        let (send_key, recv_key) = match role {
+            Role::Host => (host, joiner),
+            Role::Joiner => (joiner, host),
+        };
+        Self {
+            send_key,
+            recv_key,
+            sent: 0,
+            received: 0,
+            accepted: 0,
+        }
+    }
+
+    /// The relay payload carrying `line`.
+    fn seal(&mut self, line: &str) -> Result<Value, LineDropped> {
+        check_line(line)?;
+        if self.sent >= MAX_TRICKLE_LINES {
+            return Err(LineDropped::TooMany);
+        }
+        self.sent += 1;
+        let mac = line_mac(&self.send_key, self.sent, line);
+        Ok(serde_json::json!({
+            "t": TRICKLE_TAG,
+            "seq": self.sent,
+            "line": line,
+            "mac": mac.to_hex().as_str(),
+        }))
+    }
+
+    /// The line in a peer's payload, when authentic and new.
+    fn open(&mut self, payload: &Value) -> Result<String, LineDropped> {
+        let field = |name| payload.get(name).ok_or(LineDropped::Malformed);
+        let seq = field("seq")?.as_u64().ok_or(LineDropped::Malformed)?;
+        let line = field("line")?.as_str().ok_or(LineDropped::Malformed)?;
+        let mac = field("mac")?.as_str().ok_or(LineDropped::Malformed)?;
+        check_line(line)?;
+        let mac = blake3::Hash::from_hex(mac).map_err(|_| LineDropped::Malformed)?;
+        // `blake3::Hash` compares in constant time.
+        if mac != line_mac(&self.recv_key, seq, line) {
+            return Err(LineDropped::BadMac);
+        }
+        if seq <= self.received {
+            return Err(LineDropped::Replayed);
+        }
+        if self.accepted >= MAX_TRICKLE_LINES {
+            return Err(LineDropped::TooMany);
+        }
+        self.received = seq;
+        self.accepted += 1;
+        Ok(line.to_owned())
+    }
+}
+
+/// Lines are UTF-8 by construction (JSON strings); also one line, no control characters.
+fn check_line(line: &str) -> Result<(), LineDropped> {
+    if line.len() > MAX_TRICKLE_LINE {
+        Err(LineDropped::TooLong)
+    } else if line.is_empty() || line.chars().any(char::is_control) {
+        Err(LineDropped::Malformed)
+    } else {
+        Ok(())
+    }
+}
+
+fn line_mac(key: &[u8; 32], seq: u64, line: &str) -> blake3::Hash {
+    let mut h = blake3::Hasher::new_keyed(key);
+    h.update(&seq.to_be_bytes());
+    h.update(line.as_bytes());
+    h.finalize()
+}
+
+/// Token bucket for the messages one signaling connection sends.
+struct Pacer {
+    tokens: u32,
+    /// When the last token was added (or the bucket was last full).
+    last: Instant,
+}
+
+impl Pacer {
+    const STEP: Duration = Duration::from_millis(1000 / TRICKLE_SEND_RATE as u64);
+
+    fn new(now: Instant) -> Self {
+        Self {
+            tokens: TRICKLE_SEND_BURST,
+            last: now,
+        }
+    }
+
+    /// Refills, then says whether a message may go now.
+    fn ready(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last);
+        let add = (elapsed.as_nanos() / Self::STEP.as_nanos()).min(u128::from(TRICKLE_SEND_BURST));
+        // `add` is at most the burst, a u32.
+        let add = u32::try_from(add).unwrap_or(TRICKLE_SEND_BURST);
+        self.tokens = (self.tokens + add).min(TRICKLE_SEND_BURST);
+        self.last = if self.tokens == TRICKLE_SEND_BURST {
+            now
+        } else {
+            self.last + Self::STEP * add
+        };
+        self.tokens > 0
+    }
+
+    fn take(&mut self) {
+        self.tokens = self.tokens.saturating_sub(1);
+    }
+
+    /// When the next token arrives.
+    fn next_token(&self) -> Instant {
+        self.last + Self::STEP
+    }
+}
+
+/// Keeps a joiner's signaling connection for its trickle with the host.
+fn spawn_joiner_trickle(signal: SignalClient, paired: &Paired) -> Trickle {
+    let (to_peer, ours) = mpsc::unbounded_channel();
+    let (theirs, from_peer) = mpsc::unbounded_channel();
+    let auth = TrickleAuth::new(Role::Joiner, &paired.session_key);
+    tokio::spawn(joiner_trickle(signal, auth, ours, theirs));
+    Trickle { to_peer, from_peer }
+}
+
+async fn joiner_trickle(
+    mut signal: SignalClient,
+    mut auth: TrickleAuth,
+    mut ours: mpsc::UnboundedReceiver<String>,
+    theirs: mpsc::UnboundedSender<String>,
+) {
+    let mut pacer = Pacer::new(Instant::now());
+    loop {
+        let ready = pacer.ready(Instant::now());
+        tokio::select! {
+            line = ours.recv(), if ready => {
+                let Some(line) = line else {
+                    debug!("trickle dropped by the app; leaving the session");
+                    let _ = timeout(Duration::from_secs(2), signal.leave()).await;
+                    return;
+                };
+                match auth.seal(&line) {
+                    Ok(payload) => {
+                        pacer.take();
+                        if let Err(e) = signal.relay(PeerId::HOST, payload).await {
+                            warn!(%e, "trickle: the signaling connection failed");
+                            return;
+                        }
+                    }
+                    Err(why) => warn!(peer = "host", reason = why.as_str(), "trickle line not sent"),
+                }
+            }
+            () = sleep_until(pacer.next_token()), if !ready => {}
+            msg = signal.recv() => match msg {
+                Ok(ServerMsg::Relay { from, payload })
+                    if from == PeerId::HOST && is_trickle(&payload) =>
+                {
+                    match auth.open(&payload) {
+                        Ok(line) => {
+                            let _ = theirs.send(line);
+                        }
+                        Err(why) => {
+                            warn!(peer = "host", reason = why.as_str(), "trickle line dropped");
+                        }
+                    }
+                }
+                Ok(ServerMsg::SessionClosed { reason }) => {
+                    debug!(%reason, "trickle: the session ended");
+                    signal.close().await;
+                    return;
+                }
+                Ok(ServerMsg::Error { code, fatal: true, message }) => {
+                    warn!(%code, %message, "trickle: the signaling server closed the connection");
+                    return;
+                }
+                Ok(ServerMsg::Error { code, message, .. }) => {
+                    warn!(%code, %message, "the signaling server refused a message");
+                }
+                Ok(other) => debug!(?other, "ignored after pairing"),
+                Err(e) => {
+                    debug!(%e, "trickle: the signaling connection ended");
+                    return;
+                }
+            },
+        }
     }
 }
 
@@ -876,7 +1320,7 @@ async fn lan_host_loop(
                 match res {
                     Ok(p) => {
                         paired += 1;
-                        if events.send(HostEvent::Paired(Box::new(p))).await.is_err() {
+                        if events.send(HostEvent::Paired(Box::new(p), None)).await.is_err() {
                             break None;
                         }
                         if paired >= opts.max_receivers {
@@ -1173,5 +1617,119 @@ async fn deadline(at: Option<Instant>) {
     match at {
         Some(at) => sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: [u8; 32] = [9; 32];
+    const LINE: &str = "candidate:1 1 udp 2130706431 192.0.2.1 4001 typ host";
+
+    fn ends() -> (TrickleAuth, TrickleAuth) {
+        (
+            TrickleAuth::new(Role::Host, &KEY),
+            TrickleAuth::new(Role::Joiner, &KEY),
+        )
+    }
+
+    #[test]
+    fn trickle_lines_open_in_order_both_ways() {
+        let (mut host, mut joiner) = ends();
+        for i in 0..3 {
+            let line = format!("{LINE} {i}");
+            let p = host.seal(&line).unwrap_or_else(|e| panic!("{e:?}"));
+            assert!(is_trickle(&p));
+            assert_eq!(joiner.open(&p), Ok(line.clone()));
+            let p = joiner.seal(&line).unwrap_or_else(|e| panic!("{e:?}"));
+            assert_eq!(host.open(&p), Ok(line));
+        }
+    }
+
+    #[test]
+    fn trickle_refuses_altered_forged_replayed_and_reflected_lines() {
+        let (mut host, mut joiner) = ends();
+        let first = host.seal(LINE).unwrap_or_else(|e| panic!("{e:?}"));
+        let second = host.seal(LINE).unwrap_or_else(|e| panic!("{e:?}"));
+
+        let mut altered = first.clone();
+        altered["line"] = "candidate:1 1 udp 2130706431 127.0.0.66 6666 typ host".into();
+        assert_eq!(joiner.open(&altered), Err(LineDropped::BadMac));
+        let mut reseq = first.clone();
+        reseq["seq"] = 7.into();
+        assert_eq!(joiner.open(&reseq), Err(LineDropped::BadMac));
+        let mut forged = first.clone();
+        forged["mac"] = "00".repeat(32).into();
+        assert_eq!(joiner.open(&forged), Err(LineDropped::BadMac));
+        // The host's own line sent back to it: the other direction's key.
+        assert_eq!(host.open(&first), Err(LineDropped::BadMac));
+        // Another pair's line.
+        let mut other = TrickleAuth::new(Role::Host, &[1; 32]);
+        let foreign = other.seal(LINE).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(joiner.open(&foreign), Err(LineDropped::BadMac));
+
+        // Out of order: the second first, then the first is old.
+        assert_eq!(joiner.open(&second), Ok(LINE.to_owned()));
+        assert_eq!(joiner.open(&first), Err(LineDropped::Replayed));
+        assert_eq!(joiner.open(&second), Err(LineDropped::Replayed));
+
+        for bad in [
+            serde_json::json!({"t": "ice"}),
+            serde_json::json!({"t": "ice", "seq": -1, "line": LINE, "mac": "00"}),
+            serde_json::json!({"t": "ice", "seq": 3, "line": 5, "mac": "00"}),
+            serde_json::json!({"t": "ice", "seq": 3, "line": LINE, "mac": "zz"}),
+        ] {
+            assert_eq!(joiner.open(&bad), Err(LineDropped::Malformed), "{bad}");
+        }
+    }
+
+    #[test]
+    fn trickle_caps_line_length_and_count() {
+        let (mut host, mut joiner) = ends();
+        let long = "a".repeat(MAX_TRICKLE_LINE + 1);
+        assert_eq!(host.seal(&long), Err(LineDropped::TooLong));
+        assert_eq!(host.seal("two\nlines"), Err(LineDropped::Malformed));
+        let mut oversized = TrickleAuth::new(Role::Host, &KEY)
+            .seal(LINE)
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        oversized["line"] = long.into();
+        assert_eq!(joiner.open(&oversized), Err(LineDropped::TooLong));
+
+        for _ in 0..MAX_TRICKLE_LINES {
+            let p = host.seal(LINE).unwrap_or_else(|e| panic!("{e:?}"));
+            assert!(joiner.open(&p).is_ok());
+        }
+        assert_eq!(host.seal(LINE), Err(LineDropped::TooMany));
+        // A peer that ignores the cap is refused at the receiver too.
+        let seq = MAX_TRICKLE_LINES + 1;
+        let extra = serde_json::json!({
+            "t": "ice",
+            "seq": seq,
+            "line": LINE,
+            "mac": line_mac(&host.send_key, seq, LINE).to_hex().as_str(),
+        });
+        assert_eq!(joiner.open(&extra), Err(LineDropped::TooMany));
+    }
+
+    #[test]
+    fn pacer_allows_a_burst_then_the_rate() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(t0);
+        for _ in 0..TRICKLE_SEND_BURST {
+            assert!(p.ready(t0));
+            p.take();
+        }
+        assert!(!p.ready(t0));
+        assert_eq!(p.next_token(), t0 + Pacer::STEP);
+        assert!(p.ready(p.next_token()));
+        p.take();
+        assert!(!p.ready(t0 + Pacer::STEP));
+        // A second refills `TRICKLE_SEND_RATE` tokens, never more than the burst.
+        let later = t0 + Duration::from_secs(1) + Pacer::STEP;
+        assert!(p.ready(later));
+        assert_eq!(p.tokens, TRICKLE_SEND_RATE);
+        assert!(p.ready(t0 + Duration::from_secs(60)));
+        assert_eq!(p.tokens, TRICKLE_SEND_BURST);
     }
 }

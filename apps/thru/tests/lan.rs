@@ -71,7 +71,8 @@ async fn lan_pairs_over_loopback_with_peer() {
     assert_eq!(joined.peer_addrs[0].ip(), addr.ip());
 
     match within("host event", session.next_event()).await {
-        Some(HostEvent::Paired(p)) => {
+        Some(HostEvent::Paired(p, trickle)) => {
+            assert!(trickle.is_none(), "a LAN pairing has no trickle");
             assert_eq!(p.peer_fingerprint, joiner_local.fingerprint);
             assert_eq!(p.peer_addrs, joiner_local.addrs);
             assert_eq!(p.session_key, joined.session_key);
@@ -152,7 +153,7 @@ async fn a_code_for_another_session_costs_no_guess() {
         .unwrap();
     assert!(matches!(
         within("host paired", session.next_event()).await,
-        Some(HostEvent::Paired(_))
+        Some(HostEvent::Paired(_, None))
     ));
 }
 

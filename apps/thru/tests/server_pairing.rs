@@ -1,5 +1,6 @@
-//! Pairing through a real `thruserv` process: right code, wrong code, three joiners, and a
-//! malicious relay in front of the server that tampers with the handshake.
+//! Pairing through a real `thruserv` process: right code, wrong code, three joiners, the
+//! candidate trickle after pairing, and a malicious relay in front of the server that
+//! tampers with the handshake or the trickle.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -14,7 +15,7 @@ use thru::code::JoinCode;
 use thru::pairing::{Paired, Rendezvous, Role};
 use thru::pake::{LocalInfo, PakeError};
 use thru::rendezvous::{
-    HostEvent, HostOptions, HostSession, JoinOptions, PairError, host_server, join_server,
+    HostEvent, HostOptions, HostSession, JoinOptions, PairError, Trickle, host_server, join_server,
 };
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
@@ -40,7 +41,7 @@ async fn host_events(mut s: HostSession) -> (Vec<Paired>, Vec<String>, Option<Pa
     let mut failed = Vec::new();
     loop {
         match within("host event", s.next_event()).await {
-            Some(HostEvent::Paired(p)) => paired.push(*p),
+            Some(HostEvent::Paired(p, _)) => paired.push(*p),
             Some(HostEvent::Failed { peer, error }) => failed.push(format!("{peer}: {error}")),
             Some(HostEvent::Ended { error }) => return (paired, failed, error),
             Some(_) => {}
@@ -60,7 +61,7 @@ async fn right_code_pairs_with_the_right_fingerprints_on_both_sides() {
     let code: JoinCode = session.code().to_string().parse().unwrap();
     let host_task = tokio::spawn(host_events(session));
 
-    let joined = join_server(
+    let (joined, _trickle) = join_server(
         &server.url(),
         &client(),
         &code,
@@ -152,7 +153,7 @@ async fn three_joiners_pair_with_one_host() {
     let mut joiner_fps = Vec::new();
     for j in joiners {
         let (me, p) = within("joiner", j).await.unwrap();
-        let p = p.unwrap();
+        let (p, _trickle) = p.unwrap();
         assert_eq!(p.peer_fingerprint, host_local.fingerprint);
         joiner_fps.push(me.fingerprint);
     }
@@ -182,6 +183,128 @@ async fn unknown_session_is_a_clear_error() {
     assert!(err.to_string().contains("K7QF2M"), "{err}");
 }
 
+const LINES: [&str; 3] = [
+    "candidate:1 1 udp 2130706431 192.0.2.1 4001 typ host",
+    "candidate:2 1 udp 1694498815 198.51.100.7 40001 typ srflx raddr 192.0.2.1 rport 4001",
+    "candidate:3 1 udp 16777215 203.0.113.9 3478 typ relay raddr 198.51.100.7 rport 40001",
+];
+/// Sent after [`LINES`] so that a receiver knows it has everything that will arrive.
+const END: &str = "end-of-candidates";
+
+fn lines_from(who: &str) -> Vec<String> {
+    LINES.iter().map(|l| format!("{l} {who}")).collect()
+}
+
+/// Sends [`LINES`] (tagged with `who`), then [`END`].
+fn send_lines(t: &Trickle, who: &str) {
+    for l in lines_from(who) {
+        t.to_peer.send(l).unwrap();
+    }
+    t.to_peer.send(END.into()).unwrap();
+}
+
+/// The lines received before [`END`].
+async fn lines_until_end(t: &mut Trickle) -> Vec<String> {
+    let mut got = Vec::new();
+    loop {
+        match within("trickle line", t.from_peer.recv()).await {
+            Some(l) if l == END => return got,
+            Some(l) => got.push(l),
+            None => panic!("the trickle ended after {got:?}"),
+        }
+    }
+}
+
+/// The host's first paired joiner and its trickle.
+async fn first_paired(s: &mut HostSession) -> (Paired, Trickle) {
+    match within("host event", s.next_event()).await {
+        Some(HostEvent::Paired(p, t)) => (*p, t.expect("a trickle through a server")),
+        other => panic!("expected a pairing, got {other:?}"),
+    }
+}
+
+/// Pairs one joiner with a host (max 1 receiver) through `url`.
+async fn pair_one(url: &str, port: u16) -> (HostSession, (Paired, Trickle), (Paired, Trickle)) {
+    let mut session = host_server(url, &client(), host_opts(local(port), 1))
+        .await
+        .unwrap();
+    let (url2, code) = (url.to_string(), session.code().clone());
+    let joiner = tokio::spawn(async move {
+        join_server(&url2, &client(), &code, join_opts(local(port + 1000))).await
+    });
+    let host_side = first_paired(&mut session).await;
+    let joiner_side = within("joiner", joiner).await.unwrap().unwrap();
+    (session, host_side, joiner_side)
+}
+
+#[tokio::test]
+async fn trickle_carries_lines_both_ways_in_order_then_ends_when_the_joiner_drops_it() {
+    let server = Thruserv::start(&[]);
+    let (mut session, (host_p, mut host_t), (join_p, mut join_t)) =
+        pair_one(&server.url(), 4200).await;
+    let (host_ours, host_theirs) = host_p.ice_credentials();
+    let (join_ours, join_theirs) = join_p.ice_credentials();
+    assert_eq!(host_ours, join_theirs);
+    assert_eq!(join_ours, host_theirs);
+
+    send_lines(&host_t, "from the host");
+    send_lines(&join_t, "from the joiner");
+    assert_eq!(
+        lines_until_end(&mut join_t).await,
+        lines_from("from the host")
+    );
+    assert_eq!(
+        lines_until_end(&mut host_t).await,
+        lines_from("from the joiner")
+    );
+    // Pairing is over (one receiver), the trickle goes on.
+    assert!(matches!(
+        within("host event", session.next_event()).await,
+        Some(HostEvent::Ended { error: None })
+    ));
+    send_lines(&host_t, "later");
+    assert_eq!(lines_until_end(&mut join_t).await, lines_from("later"));
+
+    // The joiner drops its trickle: it leaves the session, the host's side ends, and with
+    // no trickle left the host leaves too.
+    drop(join_t);
+    assert_eq!(
+        within("host trickle end", host_t.from_peer.recv()).await,
+        None
+    );
+    assert!(
+        within("host session end", session.next_event())
+            .await
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn trickle_paces_a_burst_of_lines_below_the_server_flood_limit() {
+    // thruserv's default: 50 messages/s per connection, burst 100; more closes it.
+    let server = Thruserv::start(&[]);
+    let (_session, (_, mut host_t), (_, join_t)) = pair_one(&server.url(), 4201).await;
+    let lines: Vec<String> = (0..130).map(|i| format!("{} {i}", LINES[0])).collect();
+    for l in &lines {
+        join_t.to_peer.send(l.clone()).unwrap();
+    }
+    join_t.to_peer.send(END.into()).unwrap();
+    let started = Instant::now();
+    let mut got = Vec::new();
+    loop {
+        match tokio::time::timeout(2 * common::PATIENCE, host_t.from_peer.recv())
+            .await
+            .unwrap()
+        {
+            Some(l) if l == END => break,
+            Some(l) => got.push(l),
+            None => panic!("the trickle ended after {} lines", got.len()),
+        }
+    }
+    assert_eq!(got, lines);
+    eprintln!("130 lines in {:?}", started.elapsed());
+}
+
 /// What the malicious relay does to the traffic it forwards.
 #[derive(Clone, Copy, Debug)]
 enum Tamper {
@@ -195,10 +318,19 @@ enum Tamper {
     CandidateAddr,
     /// Swaps in the attacker's own SPAKE2 message (a guessed secret) for the joiner's.
     HelloPake,
+    /// Changes the line of the second trickle message each way (MAC left as it was).
+    IceAlter,
+    /// Delivers every trickle message twice.
+    IceReplay,
+    /// Injects a forged trickle line (its own `seq`, a copied MAC) before every real one.
+    IceForge,
+    /// Sends every trickle message back to its sender as if the peer had sent it.
+    IceReflect,
 }
 
 const ATTACKER_FP: [u8; 32] = [0xEE; 32];
 const ATTACKER_ADDR: &str = "127.0.0.66:6666";
+const ATTACKER_LINE: &str = "candidate:9 1 udp 2130706431 127.0.0.66 6666 typ host";
 
 fn tamper(mode: Tamper, text: &str) -> String {
     let Ok(mut v) = serde_json::from_str::<Value>(text) else {
@@ -241,8 +373,48 @@ fn tamper(mode: Tamper, text: &str) -> String {
     v.to_string()
 }
 
+/// One text frame through the relay, `up` from client to server: (frames to forward, frames
+/// to send back to the client instead).
+fn edit(mode: Tamper, text: &str, up: bool) -> (Vec<String>, Vec<String>) {
+    let ice = matches!(
+        mode,
+        Tamper::IceAlter | Tamper::IceReplay | Tamper::IceForge | Tamper::IceReflect
+    );
+    if !ice {
+        return (vec![tamper(mode, text)], vec![]);
+    }
+    let Ok(mut v) = serde_json::from_str::<Value>(text) else {
+        return (vec![text.to_string()], vec![]);
+    };
+    if v["type"] != "relay" || v["payload"]["t"] != "ice" || v["payload"]["line"] == END {
+        return (vec![text.to_string()], vec![]);
+    }
+    match (mode, up) {
+        (Tamper::IceAlter, false) if v["payload"]["seq"] == 2 => {
+            v["payload"]["line"] = ATTACKER_LINE.into();
+            (vec![v.to_string()], vec![])
+        }
+        (Tamper::IceReplay, false) => (vec![text.to_string(), text.to_string()], vec![]),
+        (Tamper::IceForge, false) => {
+            let mut forged = v.clone();
+            forged["payload"]["seq"] = 1000.into();
+            forged["payload"]["line"] = ATTACKER_LINE.into();
+            (vec![forged.to_string(), text.to_string()], vec![])
+        }
+        (Tamper::IceReflect, true) => {
+            let back = serde_json::json!({
+                "type": "relay",
+                "from": v["to"],
+                "payload": v["payload"],
+            });
+            (vec![text.to_string()], vec![back.to_string()])
+        }
+        _ => (vec![text.to_string()], vec![]),
+    }
+}
+
 /// A WebSocket man in the middle in front of a real `thruserv`: forwards every frame both
-/// ways, editing the handshake as `mode` says. Returns its URL.
+/// ways, editing the handshake or the trickle as `mode` says. Returns its URL.
 async fn malicious_relay(upstream: SocketAddr, mode: Tamper) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -262,25 +434,45 @@ async fn malicious_relay(upstream: SocketAddr, mode: Tamper) -> String {
                 };
                 let (mut down_tx, mut down_rx) = down.split();
                 let (mut up_tx, mut up_rx) = up.split();
+                let (back_tx, mut back_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
                 let to_server = async {
                     while let Some(Ok(m)) = down_rx.next().await {
-                        let m = match m {
-                            Message::Text(t) => Message::text(tamper(mode, t.as_str())),
-                            other => other,
+                        let Message::Text(t) = m else {
+                            if up_tx.send(m).await.is_err() {
+                                break;
+                            }
+                            continue;
                         };
-                        if up_tx.send(m).await.is_err() {
-                            break;
+                        let (forward, back) = edit(mode, t.as_str(), true);
+                        for f in forward {
+                            if up_tx.send(Message::text(f)).await.is_err() {
+                                return;
+                            }
+                        }
+                        for b in back {
+                            let _ = back_tx.send(b);
                         }
                     }
                 };
                 let to_client = async {
-                    while let Some(Ok(m)) = up_rx.next().await {
-                        let m = match m {
-                            Message::Text(t) => Message::text(tamper(mode, t.as_str())),
-                            other => other,
+                    loop {
+                        let frames = tokio::select! {
+                            m = up_rx.next() => match m {
+                                Some(Ok(Message::Text(t))) => edit(mode, t.as_str(), false).0,
+                                Some(Ok(other)) => {
+                                    if down_tx.send(other).await.is_err() {
+                                        return;
+                                    }
+                                    continue;
+                                }
+                                _ => return,
+                            },
+                            Some(b) = back_rx.recv() => vec![b],
                         };
-                        if down_tx.send(m).await.is_err() {
-                            break;
+                        for f in frames {
+                            if down_tx.send(Message::text(f)).await.is_err() {
+                                return;
+                            }
                         }
                     }
                 };
@@ -328,5 +520,37 @@ async fn a_relay_that_tampers_with_the_handshake_is_detected_and_refused() {
             "{mode:?}: {end:?}"
         );
         eprintln!("{mode:?}: joiner: {err}; host: {}", failed[0]);
+    }
+}
+
+#[tokio::test]
+async fn a_relay_that_tampers_with_trickle_lines_gets_nothing_delivered() {
+    let server = Thruserv::start(&[]);
+    for mode in [
+        Tamper::IceAlter,
+        Tamper::IceReplay,
+        Tamper::IceForge,
+        Tamper::IceReflect,
+    ] {
+        let url = malicious_relay(server.addr, mode).await;
+        let (_session, (_, mut host_t), (_, mut join_t)) = pair_one(&url, 4300).await;
+        send_lines(&host_t, "from the host");
+        send_lines(&join_t, "from the joiner");
+        let mut want_joiner = lines_from("from the host");
+        let mut want_host = lines_from("from the joiner");
+        if matches!(mode, Tamper::IceAlter) {
+            // The altered second line is dropped; the others still arrive, in order.
+            want_joiner.remove(1);
+            want_host.remove(1);
+        }
+        assert_eq!(lines_until_end(&mut join_t).await, want_joiner, "{mode:?}");
+        assert_eq!(lines_until_end(&mut host_t).await, want_host, "{mode:?}");
+        // Still working afterwards (the relay altered only `seq` 2).
+        send_lines(&join_t, "again");
+        assert_eq!(
+            lines_until_end(&mut host_t).await,
+            lines_from("again"),
+            "{mode:?}"
+        );
     }
 }
