@@ -18,7 +18,10 @@ DIR=${NATLAB_DIR:-}
 
 # --- topology -----------------------------------------------------------------------------
 WAN_NET=198.51.100          # "public" addresses (TEST-NET-2)
-WAN_SERVER=$WAN_NET.2       # coturn (and thruserv, later) listen here
+WAN_SERVER=$WAN_NET.2       # coturn listens here
+# A second server address for TCP services on 443 next to coturn's TLS port, e.g. thruserv
+# in the thru lab tests: the fw network reaches nothing but TCP 443.
+WAN_SIGNAL=$WAN_NET.3
 TURN_USER=flux
 TURN_PASS=fluxpass
 TURN_REALM=natlab
@@ -123,6 +126,7 @@ cmd_up() {
     new_ns wan
     nsx wan ip link add br0 type bridge
     nsx wan ip addr add "$WAN_SERVER/24" dev br0
+    nsx wan ip addr add "$WAN_SIGNAL/24" dev br0
     nsx wan ip link set br0 up
     # coturn needs a default route, or a send error to an unroutable peer address tears the
     # whole allocation down (platform-facts).
@@ -259,6 +263,7 @@ cmd_env() {
 NATLAB_PREFIX=$PREFIX
 NATLAB_DIR=$d
 NATLAB_WAN_SERVER=$WAN_SERVER
+NATLAB_WAN_SIGNAL=$WAN_SIGNAL
 NATLAB_STUN=$WAN_SERVER:3478
 NATLAB_TURN_UDP=$WAN_SERVER:3478
 NATLAB_TURN_TCP=$WAN_SERVER:3478

@@ -1,4 +1,5 @@
-//! NAT-lab matrix with the real binaries: `thruserv` in the lab's public network, `thru host`
+//! NAT-lab matrix with the real binaries: `thruserv` in the lab's public network (TCP 443 on
+//! 198.51.100.3, reachable from every lab network), `thru host`
 //! behind one NAT and `thru join` behind another (namespaces built by
 //! `tools/natlab/natlab.sh`), pairing through the server with STUN and TURN (coturn) from the
 //! lab. Each case runs five times; every run must move an 8 MiB file byte-identical, both
@@ -30,9 +31,13 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 const RUNS: usize = 5;
-/// coturn, and where `thruserv` listens (in the `wan` namespace).
+/// coturn (STUN and TURN) in the `wan` namespace.
 const SERVER: &str = "198.51.100.2";
-const SIGNAL_PORT: u16 = 8080;
+/// Where `thruserv` listens in the `wan` namespace: TCP 443 on the lab's second server
+/// address, because the `fw` network reaches nothing but TCP 443 (and coturn's TLS listener
+/// holds 443 on `SERVER`). Every case uses it, so all cases pair the same way.
+const SIGNAL: &str = "198.51.100.3";
+const SIGNAL_PORT: u16 = 443;
 const FILE_BYTES: usize = 8 << 20;
 /// Longest a `thru` process may run before it is killed and the run fails.
 const PROC_LIMIT: Duration = Duration::from_secs(60);
@@ -152,7 +157,7 @@ impl Drop for Lab {
     }
 }
 
-/// `thruserv` in the lab's `wan` namespace on `SERVER:SIGNAL_PORT`; killed on drop (before
+/// `thruserv` in the lab's `wan` namespace on `SIGNAL:SIGNAL_PORT`; killed on drop (before
 /// the lab goes: declare it after the [`Lab`]).
 struct Signal(Child);
 
@@ -161,7 +166,7 @@ impl Signal {
         let log = File::create(lab.dir.join("thruserv.log")).unwrap();
         let mut child = lab
             .exec("wan", &common::thruserv_bin())
-            .args(["--bind", SERVER, "--port", &SIGNAL_PORT.to_string()])
+            .args(["--bind", SIGNAL, "--port", &SIGNAL_PORT.to_string()])
             // Every run pairs from the same router addresses: lift the per-IP budgets.
             .args([
                 "--ws-connects-per-min",
@@ -180,7 +185,7 @@ impl Signal {
             .unwrap();
         let signal = Self(child);
         assert!(
-            line.starts_with(&format!("listening on {SERVER}:{SIGNAL_PORT}")),
+            line.starts_with(&format!("listening on {SIGNAL}:{SIGNAL_PORT}")),
             "thruserv did not start in the wan namespace: {line:?}\n{}",
             std::fs::read_to_string(lab.dir.join("thruserv.log")).unwrap_or_default()
         );
@@ -224,7 +229,7 @@ fn net_flags(lab: &Lab, side: Side) -> Vec<String> {
         "--json",
         "--verbose",
         "--server",
-        &format!("ws://{SERVER}:{SIGNAL_PORT}"),
+        &format!("ws://{SIGNAL}:{SIGNAL_PORT}"),
         "--stun-server",
         &format!("stun:{SERVER}:3478"),
         "--turn-server",
@@ -415,12 +420,16 @@ fn run_case(lab: &Lab, case: &Case) -> Vec<Run> {
         args.extend(net_flags(lab, case.host));
         let mut host = Thru::spawn(lab, "host", case.host.ns, &args, rdir.join("host.log"));
         let Some(code) = host.event("code", Instant::now() + CODE_LIMIT) else {
+            let exited = host.child.try_wait().unwrap();
             let _ = host.child.kill();
             let _ = host.finish();
             panic!(
-                "{} run {n}: the host printed no join code within {CODE_LIMIT:?} (thruserv \
-                 unreachable from {}?)\n{}",
+                "{} run {n}: the host printed no join code ({}; thruserv unreachable from \
+                 {}?)\n{}",
                 case.name,
+                exited.map_or(format!("nothing within {CODE_LIMIT:?}"), |st| format!(
+                    "exited with {st}"
+                )),
                 case.host.ns,
                 host.report()
             );

@@ -21,9 +21,12 @@ use clap::{Parser, ValueEnum};
 use serde::Serialize;
 use serde_json::Value;
 
-/// The lab's public server address: coturn, and `thruserv` here.
+/// coturn (STUN and TURN) in the lab's public network.
 const SERVER: &str = "198.51.100.2";
-const SIGNAL_PORT: u16 = 8080;
+/// `thruserv`: TCP 443 on the lab's second server address, the only port the `fw` network
+/// reaches (coturn's TLS listener holds 443 on `SERVER`).
+const SIGNAL: &str = "198.51.100.3";
+const SIGNAL_PORT: u16 = 443;
 
 #[derive(Parser, Clone)]
 pub struct NatlabArgs {
@@ -204,7 +207,8 @@ pub fn run(a: &NatlabArgs) -> Result<()> {
             let _ = std::fs::remove_dir_all(&dest);
             std::fs::create_dir_all(&dest)?;
             super::drop_caches();
-            let tag = format!("{case:?}-{i}").to_lowercase();
+            let name = case.to_possible_value().map(|v| v.get_name().to_owned());
+            let tag = format!("{}-{i}", name.unwrap_or_default());
             let res = run_once(a, &lab, case, &thru, &src, &dest, &logs.join(&tag)).and_then(|r| {
                 let got = dest.join(src.file_name().unwrap_or_default());
                 if super::file_hash(&got)? != want {
@@ -328,7 +332,7 @@ impl Lab {
             "--json".into(),
             "--verbose".into(),
             "--server".into(),
-            format!("ws://{SERVER}:{SIGNAL_PORT}"),
+            format!("ws://{SIGNAL}:{SIGNAL_PORT}"),
             "--stun-server".into(),
             format!("stun:{SERVER}:3478"),
             "--turn-server".into(),
@@ -360,7 +364,7 @@ impl Signal {
     fn start(lab: &Lab, bin: &Path, logs: &Path) -> Result<Self> {
         let mut child = lab
             .exec("wan", bin)
-            .args(["--bind", SERVER, "--port", &SIGNAL_PORT.to_string()])
+            .args(["--bind", SIGNAL, "--port", &SIGNAL_PORT.to_string()])
             .args([
                 "--ws-connects-per-min",
                 "0",
@@ -506,9 +510,13 @@ fn run_once(
     ];
     args.extend(lab.net_flags(hns));
     let mut host = Thru::spawn(lab, hns, thru, &args, log.with_extension("host.log"))?;
-    let code = host
-        .event("code", Instant::now() + Duration::from_secs(20))
-        .ok_or_else(|| anyhow!("host printed no join code (thruserv unreachable from {hns}?)"))?;
+    let Some(code) = host.event("code", Instant::now() + Duration::from_secs(20)) else {
+        let why = match host.child.try_wait() {
+            Ok(Some(st)) => format!("thru host exited with {st} before printing a join code"),
+            _ => format!("no join code within 20 s (thruserv unreachable from {hns}?)"),
+        };
+        bail!("{why}; log ({}): {}", host.log.display(), tail(&host.log));
+    };
     let code = code["code"]
         .as_str()
         .ok_or_else(|| anyhow!("code event without a code: {code}"))?
@@ -549,6 +557,13 @@ fn run_once(
         loss_pct: f(&bench["loss_pct"]),
         wall_s: wall.elapsed().as_secs_f64(),
     })
+}
+
+/// The last lines of a log file, one line.
+fn tail(p: &Path) -> String {
+    let s = std::fs::read_to_string(p).unwrap_or_default();
+    let lines: Vec<&str> = s.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(4)..].join(" | ")
 }
 
 /// `kind local→remote transport` of a `path` object.
