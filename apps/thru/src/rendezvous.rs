@@ -537,15 +537,16 @@ impl ServerHost {
                         continue;
                     }
                     self.accepting = false;
-                    // Joiners still in their handshake get no pairing now.
+                    if self.trickles.is_empty() {
+                        break e;
+                    }
+                    // The session stays for the trickles: joiners still in their handshake
+                    // are told now that they will not be paired.
                     for peer in std::mem::take(&mut self.peers).into_keys() {
                         let abort = PairMsg::Abort {
                             reason: AbortReason::Full,
                         };
                         let _ = self.signal.relay(peer, abort.to_json()).await;
-                    }
-                    if self.trickles.is_empty() {
-                        break e;
                     }
                     debug!(
                         trickles = self.trickles.len(),
