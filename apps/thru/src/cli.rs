@@ -175,6 +175,17 @@ pub struct JoinArgs {
     pub net: NetArgs,
 }
 
+/// The public STUN servers asked when `--stun-server` is not given.
+pub const DEFAULT_STUN_SERVERS: &str = "stun:stun.l.google.com:19302,stun:stun.cloudflare.com:3478";
+
+/// [`DEFAULT_STUN_SERVERS`] as the list `--stun-server` parses into.
+pub fn default_stun_servers() -> Vec<String> {
+    DEFAULT_STUN_SERVERS
+        .split(',')
+        .map(str::to_string)
+        .collect()
+}
+
 /// Flags both sides take.
 #[derive(Debug, Args)]
 pub struct NetArgs {
@@ -193,11 +204,12 @@ pub struct NetArgs {
         env = "THRU_STUN_SERVERS",
         value_delimiter = ',',
         value_name = "URLS",
-        default_value = "stun:stun.l.google.com:19302,stun:stun.cloudflare.com:3478"
+        default_value = DEFAULT_STUN_SERVERS
     )]
     pub stun_server: Vec<String>,
 
-    /// TURN servers, comma-separated (turn:user:pass@host:port; default none).
+    /// TURN servers, comma-separated: turn:USER:PASS@HOST[:PORT][?transport=tcp], or
+    /// turns:USER:PASS@HOST:443 for TLS (networks that block UDP). Default none.
     #[arg(
         long,
         env = "THRU_TURN_SERVERS",
@@ -205,6 +217,11 @@ pub struct NetArgs {
         value_name = "URLS"
     )]
     pub turn_server: Vec<String>,
+
+    /// Certificate (PEM or DER) a turns: server must present, for a self-hosted TURN server
+    /// with a self-signed certificate. Without it the Web PKI roots are used.
+    #[arg(long, env = "THRU_TURN_CERT", value_name = "FILE")]
+    pub turn_cert: Option<PathBuf>,
 
     /// QUIC connection receive window.
     #[arg(long, env = "THRU_QUIC_CONN_WINDOW_BYTES", default_value = "1GiB",

@@ -16,13 +16,16 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use flux_quic::{Identity, TransportParams};
 use flux_signal::client::ClientConfig;
-use thru::cli::{Cli, Command, Exit, HostArgs, JoinArgs, NetArgs};
+use thru::cli::{self, Cli, Command, Exit, HostArgs, JoinArgs, NetArgs};
 use thru::code::JoinCode;
 use thru::pake::LocalInfo;
 use thru::rendezvous::{
     self, HostEvent, HostOptions, JoinOptions, LanHostConfig, LanTarget, Mdns, PairError,
 };
-use thru::transfer::{HostEngine, HostNote, Job, TransferError, TransferJob, Tuning, run_transfer};
+use thru::transfer::{
+    HostEngine, HostNote, IceServers, Job, TransferError, TransferJob, Tuning, resolve_ice_servers,
+    run_transfer,
+};
 use thru::ui::Ui;
 use tracing::Instrument as _;
 
@@ -88,7 +91,7 @@ async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
         std::fs::symlink_metadata(p)
             .map_err(|e| UsageError(format!("cannot read {}: {e}", p.display())))?;
     }
-    let setup = Setup::new(&args.net)?;
+    let setup = Setup::new(&args.net).await?;
     let mut opts = HostOptions::new(setup.local.clone());
     opts.max_receivers = args.max_receivers;
     opts.handshake_timeout = args.net.pair_timeout;
@@ -130,13 +133,9 @@ async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
     let mut last_failure: Option<String> = None;
     let mut ended = false;
     // Joiners that paired but have not connected yet, with when they paired: one that never
-    // connects (killed, unreachable) must not keep the host waiting forever. Each keeps its
-    // candidate trickle (through a server) alive while it waits.
-    #[allow(clippy::type_complexity)]
-    let mut waiting: std::collections::HashMap<
-        [u8; 32],
-        (String, std::time::Instant, Option<rendezvous::Trickle>),
-    > = std::collections::HashMap::new();
+    // connects (killed, unreachable, ICE failed) must not keep the host waiting forever.
+    let mut waiting: std::collections::HashMap<[u8; 32], (String, std::time::Instant)> =
+        std::collections::HashMap::new();
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         tokio::select! {
@@ -144,10 +143,11 @@ async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
                 Some(HostEvent::Paired(p, trickle)) => {
                     paired += 1;
                     ui.peer(&p);
-                    engine.admit(&p);
+                    // With a server, the engine runs ICE with the joiner over its trickle.
+                    engine.admit(&p, trickle);
                     waiting.insert(
                         p.peer_fingerprint,
-                        (p.peer_label.clone(), std::time::Instant::now(), trickle),
+                        (p.peer_label.clone(), std::time::Instant::now()),
                     );
                 }
                 Some(HostEvent::Failed { peer, error }) => {
@@ -182,11 +182,11 @@ async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
                 let limit = args.net.pair_timeout;
                 let late: Vec<[u8; 32]> = waiting
                     .iter()
-                    .filter(|(_, (_, at, _))| at.elapsed() > limit)
+                    .filter(|(_, (_, at))| at.elapsed() > limit)
                     .map(|(fp, _)| *fp)
                     .collect();
                 for fp in late {
-                    if let Some((peer, _, _)) = waiting.remove(&fp) {
+                    if let Some((peer, _)) = waiting.remove(&fp) {
                         finished += 1;
                         let e = format!("{peer} paired but never connected over QUIC");
                         ui.say(&format!("Transfer to {peer} failed: {e}"));
@@ -215,7 +215,7 @@ async fn join(args: JoinArgs, ui: &Ui) -> anyhow::Result<()> {
     let code: JoinCode = text
         .parse()
         .map_err(|e| UsageError(format!("invalid join code: {e}")))?;
-    let setup = Setup::new(&args.net)?;
+    let setup = Setup::new(&args.net).await?;
     let mut opts = JoinOptions::new(setup.local.clone());
     opts.timeout = args.net.pair_timeout;
     opts.allow_loopback = setup.allow_loopback || args.peer.is_some_and(|p| p.ip().is_loopback());
@@ -240,8 +240,6 @@ async fn join(args: JoinArgs, ui: &Ui) -> anyhow::Result<()> {
         }
     }
     .context("pairing failed")?;
-    // The candidate trickle with the host (through a server) lives until the transfer ends.
-    let _trickle = trickle;
     ui.peer(&paired);
     let job = Arc::new(setup.job(
         Job::Receive {
@@ -254,7 +252,7 @@ async fn join(args: JoinArgs, ui: &Ui) -> anyhow::Result<()> {
         None,
     ));
     let ui2 = ui.clone();
-    tokio::task::spawn_blocking(move || run_transfer(paired, &job, &ui2))
+    tokio::task::spawn_blocking(move || run_transfer(paired, trickle, &job, &ui2))
         .await
         .context("transfer task")??;
     Ok(())
@@ -266,10 +264,12 @@ struct Setup {
     identity: Arc<Identity>,
     local: LocalInfo,
     allow_loopback: bool,
+    /// STUN/TURN for ICE, with a signaling server.
+    ice: Option<IceServers>,
 }
 
 impl Setup {
-    fn new(net: &NetArgs) -> anyhow::Result<Self> {
+    async fn new(net: &NetArgs) -> anyhow::Result<Self> {
         let socket = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], net.port)))
             .with_context(|| format!("cannot bind UDP port {}", net.port))?;
         let port = socket
@@ -287,11 +287,35 @@ impl Setup {
             fingerprint: identity.fingerprint(),
             addrs: rendezvous::local_addrs(port, allow_loopback),
         };
+        // ICE only through a server: on a LAN the host's addresses come authenticated in
+        // pairing. With a server on loopback both ends are this machine: no NAT to cross, so
+        // the default public STUN servers are not asked (explicit ones still are).
+        let ice = match &net.server {
+            None => None,
+            Some(_) => {
+                let defaults = net.stun_server == cli::default_stun_servers();
+                let stun: &[String] = if allow_loopback && defaults {
+                    &[]
+                } else {
+                    &net.stun_server
+                };
+                let servers = resolve_ice_servers(
+                    stun,
+                    &net.turn_server,
+                    net.turn_cert.as_deref(),
+                    allow_loopback,
+                )
+                .await
+                .map_err(UsageError)?;
+                Some(servers)
+            }
+        };
         Ok(Self {
             socket: Arc::new(socket),
             identity: Arc::new(identity),
             local,
             allow_loopback,
+            ice,
         })
     }
 
@@ -319,8 +343,7 @@ impl Setup {
                 io_driver: net.io_driver,
                 cores: net.cores,
                 benchmark: net.benchmark,
-                stun_servers: net.stun_server.clone(),
-                turn_servers: net.turn_server.clone(),
+                ice: self.ice.clone(),
             },
         }
     }

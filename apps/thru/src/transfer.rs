@@ -7,25 +7,36 @@
 //!   UDP socket and serves every joiner on its own QUIC connection; [`HostEngine::admit`] lets
 //!   a joiner's certificate in once its pairing succeeded, and nobody else gets in.
 //!
+//! Through a signaling server both sides run ICE on the engine's socket: credentials come
+//! from the pairing key ([`Paired::ice_credentials`]), candidates are trickled through the
+//! server ([`Trickle`]), the host nominates (controlling) and the joiner connects QUIC over the
+//! selected pair; the route (host, hole-punched or relayed, UDP/TCP/TLS) is reported as soon
+//! as it is known and in the summary. On a LAN (no server) the joiner dials the host's
+//! authenticated addresses directly.
+//!
 //! The engine runs on its own thread; this module only reads its events and sends commands
-//! through channels. What it does not do: NAT traversal (the route is always direct for now).
+//! through channels. What it does not do: pairing, DNS beyond resolving the STUN/TURN names
+//! once ([`resolve_ice_servers`]).
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use clap::ValueEnum;
+use flux_peer::ice::IceSetup;
 use flux_peer::net::{self, Command, Control, Driver, NetConfig, NetEvent, NetReport};
 use flux_quic::{AllowList, Fingerprint, Identity, TransportParams};
 use flux_transfer::{Event, LocalFile, Manifest};
 use flux_wire::EntryKind;
+use rand::RngCore;
 
 use crate::cli::Exit;
 use crate::pairing::Paired;
-use crate::ui::{self, Offer, OfferedFile, Route, Summary, TransferProgress, Ui};
+use crate::rendezvous::Trickle;
+use crate::ui::{self, Offer, OfferedFile, Route, RoutePath, Summary, TransferProgress, Ui};
 
 /// Which I/O driver the engine uses.
 #[derive(Clone, Copy, Debug, Default, Eq, PartialEq, ValueEnum)]
@@ -73,10 +84,169 @@ pub struct Tuning {
     pub cores: Option<u16>,
     /// `--benchmark`.
     pub benchmark: bool,
-    /// `--stun-server` list.
-    pub stun_servers: Vec<String>,
-    /// `--turn-server` list.
-    pub turn_servers: Vec<String>,
+    /// STUN and TURN servers for ICE (with a signaling server); `None` on a LAN.
+    pub ice: Option<IceServers>,
+}
+
+/// STUN and TURN servers, resolved, and the TLS settings for `turns:` servers.
+#[derive(Clone, Debug, Default)]
+pub struct IceServers {
+    /// STUN servers (IPv4: the engine's socket is IPv4).
+    pub stun: Vec<SocketAddr>,
+    /// TURN servers.
+    pub turn: Vec<flux_ice::TurnServer>,
+    /// Per TURN server, the name its TLS certificate must carry.
+    pub turn_names: Vec<String>,
+    /// TLS settings for `turns:` servers.
+    pub turn_tls: Option<Arc<rustls::ClientConfig>>,
+    /// Accept loopback candidates (a signaling server on loopback: single-machine use).
+    pub allow_loopback: bool,
+}
+
+/// How long resolving one STUN/TURN name may take.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Parses `--stun-server` and `--turn-server` and resolves their names. A malformed entry or
+/// an unreadable `--turn-cert` is an error naming it; a name that does not resolve is skipped
+/// with a warning (the defaults are public servers, unreachable on isolated networks).
+pub async fn resolve_ice_servers(
+    stun: &[String],
+    turn: &[String],
+    turn_cert: Option<&Path>,
+    allow_loopback: bool,
+) -> Result<IceServers, String> {
+    let mut out = IceServers {
+        allow_loopback,
+        ..IceServers::default()
+    };
+    // Parse everything first (a typo is an error before any waiting), then resolve the
+    // names concurrently.
+    let mut stuns = Vec::new();
+    for entry in stun.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        let (host, port) = parse_stun(entry)
+            .ok_or_else(|| format!("--stun-server {entry:?}: expected stun:HOST[:PORT]"))?;
+        stuns.push((entry.to_string(), tokio::spawn(resolve(host, port))));
+    }
+    let mut turns = Vec::new();
+    for entry in turn.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        let url: flux_ice::TurnUrl = entry.parse().map_err(|e| {
+            // The password stays out of the message.
+            format!(
+                "--turn-server: {e} (form: turn:USER:PASS@HOST[:PORT][?transport=tcp] or \
+                 turns:USER:PASS@HOST:443)"
+            )
+        })?;
+        let lookup = tokio::spawn(resolve(url.host.clone(), url.port));
+        turns.push((url, lookup));
+    }
+    for (entry, lookup) in stuns {
+        match lookup.await.unwrap_or_else(|e| Err(e.to_string())) {
+            Ok(addr) => out.stun.push(addr),
+            Err(e) => tracing::warn!("STUN server {entry}: {e}; skipping it"),
+        }
+    }
+    for (url, lookup) in turns {
+        match lookup.await.unwrap_or_else(|e| Err(e.to_string())) {
+            Ok(addr) => {
+                out.turn.push(url.server(addr.ip()));
+                out.turn_names.push(url.host.clone());
+            }
+            Err(e) => tracing::warn!("TURN server {}:{}: {e}; skipping it", url.host, url.port),
+        }
+    }
+    let pinned = match turn_cert {
+        Some(p) => Some(read_cert(p)?),
+        None => None,
+    };
+    if out
+        .turn
+        .iter()
+        .any(|t| t.transport == flux_ice::TurnTransport::Tls)
+    {
+        out.turn_tls = Some(flux_peer::ice::turn_tls_config(pinned)?);
+    }
+    Ok(out)
+}
+
+/// `stun:HOST[:PORT]` (or without the scheme) → host and port (3478 by default).
+fn parse_stun(s: &str) -> Option<(String, u16)> {
+    let s = s.strip_prefix("stun:").unwrap_or(s);
+    if s.is_empty() || s.contains('@') || s.contains('/') || s.starts_with("stuns:") {
+        return None;
+    }
+    if let Some(rest) = s.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => p.parse().ok()?,
+            None if after.is_empty() => 3478,
+            None => return None,
+        };
+        return Some((host.to_string(), port));
+    }
+    match s.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => Some((h.to_string(), p.parse().ok()?)),
+        Some(_) => None,
+        None => Some((s.to_string(), 3478)),
+    }
+}
+
+async fn resolve(host: String, port: u16) -> Result<SocketAddr, String> {
+    let found = tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((&*host, port)))
+        .await
+        .map_err(|_| format!("resolving {host} timed out"))?
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?;
+    found
+        .into_iter()
+        .find(SocketAddr::is_ipv4)
+        .ok_or_else(|| format!("{host} has no IPv4 address"))
+}
+
+/// A certificate file, PEM or DER.
+fn read_cert(p: &Path) -> Result<Vec<u8>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let bytes = std::fs::read(p).map_err(|e| format!("--turn-cert {}: {e}", p.display()))?;
+    if bytes.starts_with(b"-----BEGIN") {
+        rustls::pki_types::CertificateDer::from_pem_slice(&bytes)
+            .map(|c| c.as_ref().to_vec())
+            .map_err(|e| format!("--turn-cert {}: not a PEM certificate: {e}", p.display()))
+    } else if bytes.first() == Some(&0x30) {
+        Ok(bytes)
+    } else {
+        Err(format!(
+            "--turn-cert {}: neither a PEM nor a DER certificate",
+            p.display()
+        ))
+    }
+}
+
+/// ICE settings towards a paired peer.
+fn ice_setup(paired: &Paired, servers: &IceServers, role: flux_ice::Role) -> IceSetup {
+    let (ours, theirs) = paired.ice_credentials();
+    let mut config = flux_ice::Config::new(role, ours, rand::rngs::OsRng.next_u64());
+    config.stun_servers = servers.stun.clone();
+    config.turn_servers = servers.turn.clone();
+    config.allow_loopback = servers.allow_loopback;
+    IceSetup {
+        config,
+        // The engine's socket is bound to 0.0.0.0: IPv4 only.
+        hosts: paired
+            .local_addrs
+            .iter()
+            .filter(|a| a.is_ipv4())
+            .copied()
+            .collect(),
+        remote_credentials: theirs,
+        // The peer's interface addresses were authenticated in pairing: check them at once.
+        remote_candidates: paired
+            .peer_addrs
+            .iter()
+            .filter(|a| a.is_ipv4())
+            .enumerate()
+            .map(|(i, a)| flux_peer::ice::host_candidate(*a, i))
+            .collect(),
+        turn_tls: servers.turn_tls.clone(),
+        turn_names: servers.turn_names.clone(),
+    }
 }
 
 /// Everything but the peer; shared by all of a host's transfers.
@@ -137,11 +307,6 @@ fn net_config(job: &TransferJob) -> NetConfig {
         tracing::warn!(
             "--cores: the engine runs one data worker per process for now; using 1 \
              (sharding a transfer across cores is not implemented yet)"
-        );
-    }
-    if !t.turn_servers.is_empty() {
-        tracing::warn!(
-            "--turn-server: NAT traversal is not wired into thru yet; connecting directly"
         );
     }
     let mut cfg = NetConfig {
@@ -236,6 +401,7 @@ impl Bench {
     }
 
     fn report(&self, ui: &Ui, peer: &str, rep: Option<&net::ConnReport>, secs: f64) {
+        let path = rep.and_then(path_of);
         let avg = self.bytes as f64 * 8.0 / secs.max(1e-9) / 1e9;
         let peak = self.seconds.iter().copied().max().unwrap_or(0) as f64 * 8.0 / 1e9;
         let cpu = cpu_seconds();
@@ -254,7 +420,21 @@ impl Bench {
             rtt_ms: rtt,
             loss_pct: loss,
             cpu_s: cpu,
+            path,
         });
+    }
+}
+
+/// The ICE pair a connection ran on, for reports.
+fn path_of(r: &net::ConnReport) -> Option<RoutePath> {
+    Some(RoutePath::new(&r.route?, r.ice_connect.unwrap_or_default()))
+}
+
+/// The route of a finished connection: from ICE when it chose, else a LAN dial.
+fn route_of(r: Option<&net::ConnReport>) -> (Route, Option<RoutePath>) {
+    match r.and_then(|r| r.route.map(|s| (s, r))) {
+        Some((s, r)) => (Route::of(s.kind), path_of(r)),
+        None => (Route::LanDirect, None),
     }
 }
 
@@ -267,8 +447,15 @@ fn cpu_seconds() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-/// Receives from a paired host. Blocking; call it off the async runtime.
-pub fn run_transfer(paired: Paired, job: &TransferJob, ui: &Ui) -> Result<Summary, TransferError> {
+/// Receives from a paired host: through ICE when pairing went through a signaling server
+/// (`trickle` carries the candidates), else by dialing its LAN addresses. Blocking; call it
+/// off the async runtime.
+pub fn run_transfer(
+    paired: Paired,
+    trickle: Option<Trickle>,
+    job: &TransferJob,
+    ui: &Ui,
+) -> Result<Summary, TransferError> {
     let Job::Receive { out, yes, force } = &job.job else {
         return Err(TransferError::Failed(
             "run_transfer receives; a host serves through HostEngine".into(),
@@ -281,10 +468,15 @@ pub fn run_transfer(paired: Paired, job: &TransferJob, ui: &Ui) -> Result<Summar
     cfg.receiver.overwrite = *force;
     cfg.client_identity = Some(job.identity.clone());
     cfg.connect_timeout = Duration::from_secs(5);
+    if let (Some(trickle), Some(servers)) = (trickle, &job.tuning.ice) {
+        let setup = ice_setup(&paired, servers, flux_ice::Role::Controlled);
+        let start = Start::Ice(Box::new(setup), trickle);
+        return receive_from(start, &paired, job, &cfg, out, *yes, ui)?;
+    }
     let mut last_err = None;
     // Most promising address first; a few at most, so a wrong one costs seconds, not minutes.
     for addr in paired.peer_addrs.iter().take(4) {
-        match receive_from(*addr, &paired, job, &cfg, out, *yes, ui)? {
+        match receive_from(Start::Dial(*addr), &paired, job, &cfg, out, *yes, ui)? {
             Ok(summary) => return Ok(summary),
             Err(e) => last_err = Some(e),
         }
@@ -292,11 +484,19 @@ pub fn run_transfer(paired: Paired, job: &TransferJob, ui: &Ui) -> Result<Summar
     Err(last_err.unwrap_or_else(|| TransferError::Failed("the host advertised no address".into())))
 }
 
+/// How the joiner reaches the host.
+enum Start {
+    /// Dial this address.
+    Dial(SocketAddr),
+    /// ICE, with candidates through the signaling server.
+    Ice(Box<IceSetup>, Trickle),
+}
+
 /// One attempt: `Ok(Err(_))` means the host could not be reached there (try the next
 /// address); `Err(_)` is final.
 #[allow(clippy::too_many_arguments)]
 fn receive_from(
-    addr: SocketAddr,
+    start: Start,
     paired: &Paired,
     job: &TransferJob,
     cfg: &NetConfig,
@@ -308,8 +508,19 @@ fn receive_from(
     let (control, events, commands) = Control::channels();
     let fp = paired.peer_fingerprint;
     let (cfg2, out2) = (cfg.clone(), out.to_owned());
-    let worker: JoinHandle<Result<NetReport, flux_transfer::TransferError>> =
-        std::thread::spawn(move || net::join(socket, addr, fp, out2, &cfg2, control));
+    type Worker = JoinHandle<Result<NetReport, flux_transfer::TransferError>>;
+    let (target, worker, mut trickle): (String, Worker, Option<Trickle>) = match start {
+        Start::Dial(addr) => (
+            format!("the host at {addr}"),
+            std::thread::spawn(move || net::join(socket, addr, fp, out2, &cfg2, control)),
+            None,
+        ),
+        Start::Ice(setup, t) => (
+            "the host".into(),
+            std::thread::spawn(move || net::join_ice(socket, *setup, fp, out2, &cfg2, control)),
+            Some(t),
+        ),
+    };
     let mut bench = Bench {
         start: Some(Instant::now()),
         ..Bench::default()
@@ -318,8 +529,33 @@ fn receive_from(
     let mut files: Option<Files> = None;
     let mut verdict: Option<TransferError> = None;
     let mut ended: Option<(Option<String>, net::ConnReport)> = None;
-    for ev in events.iter() {
+    let mut ice_failed: Option<String> = None;
+    loop {
+        // The host's trickled candidates, into the engine.
+        if let Some(t) = trickle.as_mut() {
+            while let Ok(candidate) = t.from_peer.try_recv() {
+                let _ = commands.send(Command::RemoteCandidate { link: 0, candidate });
+            }
+        }
+        let ev = match events.recv_timeout(TRICKLE_POLL) {
+            Ok(ev) => ev,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+        };
         match ev {
+            NetEvent::LocalCandidate { candidate, .. } => {
+                if let Some(t) = &trickle {
+                    let _ = t.to_peer.send(candidate);
+                }
+            }
+            NetEvent::Route { route, after, .. } => {
+                let r = Route::of(route.kind);
+                ui.route(&paired.peer_label, &RoutePath::new(&route, after), r);
+                if let Some(f) = &files {
+                    f.progress.set_route(r);
+                }
+            }
+            NetEvent::IceFailed { error, .. } => ice_failed = Some(error),
             NetEvent::Connected { at, .. } => {
                 connected = true;
                 bench.connected = bench.start.map(|s| at.saturating_duration_since(s));
@@ -373,8 +609,12 @@ fn receive_from(
         .and_then(|(e, _)| e.clone())
         .or(report.error.clone());
     if let Some(e) = error {
+        if let Some(ice) = ice_failed {
+            // ICE's own words: `failed to establish ICE connection: …`.
+            return Err(TransferError::Failed(ice));
+        }
         if !connected {
-            return Ok(Err(failed(&format!("cannot reach the host at {addr}"), e)));
+            return Ok(Err(failed(&format!("cannot reach {target}"), e)));
         }
         return Err(TransferError::Failed(e));
     }
@@ -383,7 +623,8 @@ fn receive_from(
             "the host ended before offering anything".into(),
         ));
     };
-    let summary = f.progress.finish(Route::LanDirect);
+    let (route, path) = route_of(ended.as_ref().map(|(_, s)| s));
+    let summary = f.progress.finish(route, path);
     if job.tuning.benchmark {
         bench.report(
             ui,
@@ -394,6 +635,9 @@ fn receive_from(
     }
     Ok(Ok(summary))
 }
+
+/// Longest wait for engine events before looking at the trickled candidates again.
+const TRICKLE_POLL: Duration = Duration::from_millis(5);
 
 /// Shows the offer and asks; refuses name clashes unless overwriting is allowed.
 fn decide(
@@ -458,6 +702,10 @@ pub enum HostNote {
 pub struct HostEngine {
     allowed: Arc<AllowList>,
     labels: Arc<std::sync::Mutex<HashMap<Fingerprint, String>>>,
+    /// ICE links: the joiner's label and its candidate channel, by link number.
+    links: Arc<Mutex<HashMap<u64, HostLink>>>,
+    next_link: std::sync::atomic::AtomicU64,
+    ice: Option<IceServers>,
     commands: crossbeam_channel::Sender<Command>,
     worker: Option<JoinHandle<Result<NetReport, flux_transfer::TransferError>>>,
     events: Option<JoinHandle<()>>,
@@ -502,25 +750,57 @@ impl HostEngine {
             net::host(socket, &identity, m, share.sources, &cfg, control)
         });
         let labels: Arc<std::sync::Mutex<HashMap<Fingerprint, String>>> = Arc::default();
+        let links: Arc<Mutex<HashMap<u64, HostLink>>> = Arc::default();
         let (labels2, ui2, bench) = (labels.clone(), ui.clone(), job.tuning.benchmark);
+        let (links2, commands2) = (links.clone(), commands.clone());
         let events = std::thread::spawn(move || {
-            host_events(&events, &manifest, &labels2, &ui2, bench, &notes);
+            let ctx = HostCtx {
+                manifest: &manifest,
+                labels: &labels2,
+                links: &links2,
+                commands: &commands2,
+                ui: &ui2,
+                bench,
+                notes: &notes,
+            };
+            host_events(&events, &ctx);
         });
         Ok(Self {
             allowed,
             labels,
+            links,
+            next_link: std::sync::atomic::AtomicU64::new(1),
+            ice: job.tuning.ice.clone(),
             commands,
             worker: Some(worker),
             events: Some(events),
         })
     }
 
-    /// Lets a paired joiner in.
-    pub fn admit(&self, paired: &Paired) {
+    /// Lets a paired joiner in; with a signaling server (`trickle`), starts ICE with it.
+    pub fn admit(&self, paired: &Paired, trickle: Option<Trickle>) {
         if let Ok(mut l) = self.labels.lock() {
             l.insert(paired.peer_fingerprint, paired.peer_label.clone());
         }
         self.allowed.allow(paired.peer_fingerprint);
+        let (Some(trickle), Some(servers)) = (trickle, &self.ice) else {
+            return;
+        };
+        let link = self
+            .next_link
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut l) = self.links.lock() {
+            l.insert(
+                link,
+                HostLink {
+                    label: paired.peer_label.clone(),
+                    trickle,
+                },
+            );
+        }
+        // The host nominates: it knows the pair before the joiner's first QUIC packet.
+        let ice = Box::new(ice_setup(paired, servers, flux_ice::Role::Controlling));
+        let _ = self.commands.send(Command::AddPeer { link, ice });
     }
 
     /// Stops serving and waits for the engine.
@@ -544,22 +824,84 @@ impl Drop for HostEngine {
     }
 }
 
-fn host_events(
-    events: &crossbeam_channel::Receiver<NetEvent>,
-    manifest: &Arc<Manifest>,
-    labels: &std::sync::Mutex<HashMap<Fingerprint, String>>,
-    ui: &Ui,
+/// One joiner's ICE link on the host.
+#[derive(Debug)]
+struct HostLink {
+    label: String,
+    trickle: Trickle,
+}
+
+/// What the host's event thread works with.
+struct HostCtx<'a> {
+    manifest: &'a Arc<Manifest>,
+    labels: &'a Mutex<HashMap<Fingerprint, String>>,
+    links: &'a Mutex<HashMap<u64, HostLink>>,
+    commands: &'a crossbeam_channel::Sender<Command>,
+    ui: &'a Ui,
     bench: bool,
-    notes: &tokio::sync::mpsc::UnboundedSender<HostNote>,
-) {
+    notes: &'a tokio::sync::mpsc::UnboundedSender<HostNote>,
+}
+
+fn host_events(events: &crossbeam_channel::Receiver<NetEvent>, ctx: &HostCtx<'_>) {
     struct Peer {
         label: String,
         files: Files,
         bench: Bench,
     }
+    let HostCtx {
+        manifest,
+        labels,
+        ui,
+        bench,
+        notes,
+        ..
+    } = *ctx;
     let mut peers: HashMap<usize, Peer> = HashMap::new();
-    for ev in events.iter() {
+    loop {
+        // Joiners' trickled candidates, into the engine.
+        if let Ok(mut links) = ctx.links.lock() {
+            for (&link, l) in links.iter_mut() {
+                while let Ok(candidate) = l.trickle.from_peer.try_recv() {
+                    let _ = ctx
+                        .commands
+                        .send(Command::RemoteCandidate { link, candidate });
+                }
+            }
+        }
+        let ev = match events.recv_timeout(TRICKLE_POLL) {
+            Ok(ev) => ev,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+        };
         match ev {
+            NetEvent::LocalCandidate { link, candidate } => {
+                if let Some(l) = ctx.links.lock().ok().as_ref().and_then(|m| m.get(&link)) {
+                    let _ = l.trickle.to_peer.send(candidate);
+                }
+            }
+            NetEvent::Route { link, route, after } => {
+                let label = ctx
+                    .links
+                    .lock()
+                    .ok()
+                    .and_then(|m| m.get(&link).map(|l| l.label.clone()))
+                    .unwrap_or_else(|| format!("joiner (link {link})"));
+                ui.route(
+                    &label,
+                    &RoutePath::new(&route, after),
+                    Route::of(route.kind),
+                );
+            }
+            NetEvent::IceFailed { link, error } => {
+                // The joiner's transfer never starts; the pairing time-out in the host loop
+                // gives it up. Say why now.
+                let label = ctx
+                    .links
+                    .lock()
+                    .ok()
+                    .and_then(|mut m| m.remove(&link).map(|l| l.label));
+                tracing::warn!(peer = label.as_deref().unwrap_or("?"), "{error}");
+            }
             NetEvent::Connected {
                 conn,
                 fingerprint,
@@ -603,12 +945,17 @@ fn host_events(
                 }
             }
             NetEvent::Ended { conn, error, stats } => {
+                if let (Some(link), Ok(mut links)) = (stats.link, ctx.links.lock()) {
+                    // Its trickle is no longer needed: the joiner's signaling can close.
+                    links.remove(&link);
+                }
                 let Some(p) = peers.remove(&conn) else {
                     continue;
                 };
                 let result = match error {
                     None => {
-                        let s = p.files.progress.finish(Route::LanDirect);
+                        let (route, path) = route_of(Some(&stats));
+                        let s = p.files.progress.finish(route, path);
                         if bench {
                             p.bench.report(ui, &p.label, Some(&stats), s.seconds);
                         }

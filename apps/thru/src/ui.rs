@@ -49,6 +49,70 @@ impl std::fmt::Display for Route {
     }
 }
 
+impl Route {
+    /// The route of an ICE route kind.
+    pub fn of(kind: flux_ice::RouteKind) -> Self {
+        match kind {
+            flux_ice::RouteKind::Host => Self::LanDirect,
+            flux_ice::RouteKind::Srflx => Self::HolePunched,
+            flux_ice::RouteKind::Relay => Self::Relayed,
+        }
+    }
+}
+
+/// The candidate pair a transfer runs on, as ICE selected it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RoutePath {
+    /// `host`, `srflx` (direct through NATs) or `relay`.
+    pub kind: &'static str,
+    /// Our candidate's type: `host`, `srflx`, `prflx` or `relay`.
+    pub local: &'static str,
+    /// The peer's candidate's type.
+    pub remote: &'static str,
+    /// `udp`, or `tcp`/`tls` when we reach our TURN server over a stream.
+    pub transport: &'static str,
+    /// `v4` or `v6`.
+    pub family: &'static str,
+    /// Our address on the pair (our relayed address when we relay).
+    pub local_addr: String,
+    /// The peer's address on the pair.
+    pub remote_addr: String,
+    /// From the start of ICE (pairing done) to the first selected pair.
+    pub connect_ms: f64,
+}
+
+impl RoutePath {
+    /// The path of a selected pair.
+    pub fn new(s: &flux_ice::Selected, connect: Duration) -> Self {
+        Self {
+            kind: s.kind.as_str(),
+            local: s.local_kind.as_str(),
+            remote: s.remote_kind.as_str(),
+            transport: s.transport.as_str(),
+            family: if s.remote.is_ipv4() { "v4" } else { "v6" },
+            local_addr: s.local.to_string(),
+            remote_addr: s.remote.to_string(),
+            connect_ms: connect.as_secs_f64() * 1e3,
+        }
+    }
+}
+
+impl std::fmt::Display for RoutePath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} → {} over {} ({}), {} → {}, ICE {:.0} ms",
+            self.local,
+            self.remote,
+            self.transport,
+            self.family,
+            self.local_addr,
+            self.remote_addr,
+            self.connect_ms
+        )
+    }
+}
+
 /// One offered file, as the receiver's prompt shows it.
 #[derive(Clone, Debug, Eq, PartialEq, Serialize)]
 pub struct OfferedFile {
@@ -85,6 +149,9 @@ pub struct Summary {
     pub seconds: f64,
     /// The path taken.
     pub route: Route,
+    /// The ICE pair, when ICE chose the path (through a signaling server).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<RoutePath>,
 }
 
 /// One `--json` line. Field names are stable; new fields may be added.
@@ -116,6 +183,16 @@ pub enum Event {
         local_fingerprint: String,
         /// The peer's authenticated addresses.
         addrs: Vec<String>,
+    },
+    /// ICE selected the pair the transfer with `peer` runs on (again when it changes).
+    Route {
+        /// The peer.
+        peer: String,
+        /// `lan_direct`, `hole_punched` or `relayed`.
+        route: Route,
+        /// The pair.
+        #[serde(flatten)]
+        path: RoutePath,
     },
     /// A pairing attempt failed.
     PairingFailed {
@@ -185,6 +262,9 @@ pub enum Event {
         loss_pct: Option<f64>,
         /// CPU seconds (user + system) of this process so far.
         cpu_s: f64,
+        /// The ICE pair, when ICE chose the path.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        path: Option<RoutePath>,
     },
     /// The command failed.
     Error {
@@ -262,11 +342,15 @@ impl Ui {
             rtt_ms,
             loss_pct,
             cpu_s,
+            path,
         } = event
         {
             let ms = |v: &Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.1} ms"));
+            let route = path
+                .as_ref()
+                .map_or_else(|| "LAN dial".to_string(), |p| format!("{} ({p})", p.kind));
             self.say(&format!(
-                "Benchmark ({peer}): {} moved, avg {avg_gbit_s:.2} Gbit/s, peak 1 s {peak_1s_gbit_s:.2} Gbit/s, connect {}, first byte {}, RTT {}, loss {}, CPU {cpu_s:.2} s",
+                "Benchmark ({peer}): {} moved, avg {avg_gbit_s:.2} Gbit/s, peak 1 s {peak_1s_gbit_s:.2} Gbit/s, connect {}, first byte {}, RTT {}, loss {}, CPU {cpu_s:.2} s, route {route}",
                 HumanBytes(*bytes),
                 ms(connect_ms),
                 ms(first_byte_ms),
@@ -327,6 +411,18 @@ impl Ui {
                     fp.get(..16).unwrap_or(&fp)
                 ));
             }
+        }
+    }
+
+    /// Reports the pair ICE selected towards `peer`.
+    pub fn route(&self, peer: &str, path: &RoutePath, route: Route) {
+        match self.mode {
+            Mode::Json => emit_json(&Event::Route {
+                peer: peer.to_string(),
+                route,
+                path: path.clone(),
+            }),
+            Mode::Human { .. } => self.say(&format!("Route to {peer}: {route}, {path}")),
         }
     }
 
@@ -393,7 +489,7 @@ impl Ui {
         let overall = multi.add(ProgressBar::new(total_bytes));
         overall.set_style(
             ProgressStyle::with_template(
-                "{prefix:>10} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+                "{prefix:>10} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
             )
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
@@ -597,8 +693,13 @@ impl TransferProgress {
         }
     }
 
+    /// Shows the route next to the overall progress.
+    pub fn set_route(&self, route: Route) {
+        self.lock().overall.set_message(route.to_string());
+    }
+
     /// Ends the display and reports the summary.
-    pub fn finish(&self, route: Route) -> Summary {
+    pub fn finish(&self, route: Route, path: Option<RoutePath>) -> Summary {
         let g = self.lock();
         g.overall.finish_and_clear();
         let summary = Summary {
@@ -607,6 +708,7 @@ impl TransferProgress {
             bytes: g.overall_done,
             seconds: g.started.elapsed().as_secs_f64(),
             route,
+            path,
         };
         match g.ui.mode {
             Mode::Json => emit_json(&Event::Summary(summary.clone())),
@@ -768,10 +870,38 @@ mod tests {
             bytes: 10,
             seconds: 1.5,
             route: Route::LanDirect,
+            path: None,
         });
         let v: serde_json::Value = serde_json::to_value(&s).unwrap();
         assert_eq!(v["event"], "summary");
         assert_eq!(v["route"], "lan_direct");
+        assert!(v.get("path").is_none());
+        // Through NATs: the pair, in the fields scripts read.
+        let sel = flux_ice::Selected {
+            local: "10.0.1.2:5000".parse().unwrap(),
+            remote: "198.51.100.12:6000".parse().unwrap(),
+            kind: flux_ice::RouteKind::Srflx,
+            local_kind: flux_ice::CandidateKind::Host,
+            remote_kind: flux_ice::CandidateKind::Srflx,
+            transport: flux_ice::TurnTransport::Udp,
+        };
+        let path = RoutePath::new(&sel, Duration::from_millis(142));
+        let r = Event::Route {
+            peer: "joiner 1".into(),
+            route: Route::of(sel.kind),
+            path: path.clone(),
+        };
+        let v: serde_json::Value = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["event"], "route");
+        assert_eq!(v["route"], "hole_punched");
+        assert_eq!(v["kind"], "srflx");
+        assert_eq!(v["local"], "host");
+        assert_eq!(v["remote"], "srflx");
+        assert_eq!(v["transport"], "udp");
+        assert_eq!(v["family"], "v4");
+        assert_eq!(v["remote_addr"], "198.51.100.12:6000");
+        assert!((v["connect_ms"].as_f64().unwrap() - 142.0).abs() < 1e-6);
+        assert!(path.to_string().contains("host → srflx over udp (v4)"));
     }
 
     #[test]
@@ -786,7 +916,7 @@ mod tests {
         p.file_progress(9, 999); // unknown id
         p.file_done(1);
         p.file_done(2);
-        let s = p.finish(Route::LanDirect);
+        let s = p.finish(Route::LanDirect, None);
         assert_eq!((s.files, s.bytes), (2, 300));
     }
 

@@ -447,11 +447,16 @@ fn stream_thread(
         {
             let mut st = lock_tls(&state)?;
             let TlsState { conn, sock } = &mut *st;
-            conn.read_tls(&mut &buf[..n])
-                .map_err(|e| format!("TLS read: {e}"))?;
-            conn.process_new_packets()
-                .map_err(|e| format!("TLS with TURN {addr}: {e}"))?;
-            let _ = conn.reader().read_to_end(&mut plain);
+            // read_tls takes at most what its buffer has room for: feed the whole read in
+            // turns, taking the plaintext out in between, or the rest would be lost.
+            let mut rest = &buf[..n];
+            while !rest.is_empty() {
+                conn.read_tls(&mut rest)
+                    .map_err(|e| format!("TLS read: {e}"))?;
+                conn.process_new_packets()
+                    .map_err(|e| format!("TLS with TURN {addr}: {e}"))?;
+                let _ = conn.reader().read_to_end(&mut plain);
+            }
             while conn.wants_write() {
                 conn.write_tls(sock)
                     .map_err(|e| format!("TLS write: {e}"))?;

@@ -255,6 +255,8 @@ pub struct ConnReport {
     pub route: Option<flux_ice::Selected>,
     /// From the start of ICE to the first selected pair.
     pub ice_connect: Option<Duration>,
+    /// The caller's number of the ICE link the connection ran over.
+    pub link: Option<u64>,
 }
 
 /// What a worker did, returned when it ends.
@@ -1410,6 +1412,7 @@ fn conn_report(c: &mut Conn, links: &[Link]) -> ConnReport {
         udp_rx_bytes: s.udp_rx.bytes,
         route: link.and_then(|l| l.agent.selected()),
         ice_connect: link.and_then(|l| l.selected_after),
+        link: link.map(|l| l.id),
     }
 }
 

@@ -669,9 +669,13 @@ fn stream_thread(
         {
             let mut st = lock(&state)?;
             let TlsState { conn, sock } = &mut *st;
-            conn.read_tls(&mut &buf[..n])?;
-            conn.process_new_packets().context("TLS")?;
-            let _ = conn.reader().read_to_end(&mut plain);
+            // read_tls takes at most what its buffer has room for: feed the whole read.
+            let mut rest = &buf[..n];
+            while !rest.is_empty() {
+                conn.read_tls(&mut rest)?;
+                conn.process_new_packets().context("TLS")?;
+                let _ = conn.reader().read_to_end(&mut plain);
+            }
             while conn.wants_write() {
                 conn.write_tls(sock)?;
             }
