@@ -425,7 +425,7 @@ fn init_logging(verbose: u8, quiet: bool) {
     let default = match (quiet, verbose) {
         (true, _) => "error",
         (false, 0) => "warn",
-        (false, 1) => "info,thru=debug",
+        (false, 1) => "info,thru=debug,flux_ice=debug,flux_peer=info",
         (false, _) => "debug",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));

@@ -257,6 +257,8 @@ pub struct ConnReport {
     pub ice_connect: Option<Duration>,
     /// The caller's number of the ICE link the connection ran over.
     pub link: Option<u64>,
+    /// That link's ICE counters (checks sent, candidates ignored, STUN refused…).
+    pub ice_stats: Option<flux_ice::Stats>,
 }
 
 /// What a worker did, returned when it ends.
@@ -1413,6 +1415,7 @@ fn conn_report(c: &mut Conn, links: &[Link]) -> ConnReport {
         route: link.and_then(|l| l.agent.selected()),
         ice_connect: link.and_then(|l| l.selected_after),
         link: link.map(|l| l.id),
+        ice_stats: link.map(|l| l.agent.stats()),
     }
 }
 

@@ -621,3 +621,161 @@ fn ice_failure_is_reported_with_its_cause() {
     );
     assert_eq!(fs::read_dir(dst.path()).unwrap().count(), 0);
 }
+
+/// A STUN binding request with a made-up MESSAGE-INTEGRITY (RFC 8489 §14.5): it names the
+/// right user but nobody with the password made it.
+fn forged_check(user: &str, n: u32) -> Vec<u8> {
+    let mut attrs = Vec::new();
+    let u = user.as_bytes();
+    attrs.extend_from_slice(&0x0006u16.to_be_bytes());
+    attrs.extend_from_slice(&(u.len() as u16).to_be_bytes());
+    attrs.extend_from_slice(u);
+    attrs.resize(attrs.len().next_multiple_of(4), 0);
+    // PRIORITY and ICE-CONTROLLING, as a real check carries.
+    attrs.extend_from_slice(&0x0024u16.to_be_bytes());
+    attrs.extend_from_slice(&4u16.to_be_bytes());
+    attrs.extend_from_slice(&0x6E00_01FFu32.to_be_bytes());
+    attrs.extend_from_slice(&0x802Au16.to_be_bytes());
+    attrs.extend_from_slice(&8u16.to_be_bytes());
+    attrs.extend_from_slice(&[3; 8]);
+    attrs.extend_from_slice(&0x0008u16.to_be_bytes());
+    attrs.extend_from_slice(&20u16.to_be_bytes());
+    attrs.extend_from_slice(&[0xA5; 20]);
+    let mut m = Vec::new();
+    m.extend_from_slice(&0x0001u16.to_be_bytes());
+    // Length counts the FINGERPRINT attribute (8 bytes) appended below.
+    m.extend_from_slice(&(attrs.len() as u16 + 8).to_be_bytes());
+    m.extend_from_slice(&0x2112_A442u32.to_be_bytes());
+    m.extend_from_slice(&[7; 8]);
+    m.extend_from_slice(&n.to_be_bytes());
+    m.extend_from_slice(&attrs);
+    // A valid FINGERPRINT (CRC-32 ^ 0x5354554e), so the message parses and is refused for
+    // its integrity, not for its form.
+    let crc = crc32(&m) ^ 0x5354_554e;
+    m.extend_from_slice(&0x8028u16.to_be_bytes());
+    m.extend_from_slice(&4u16.to_be_bytes());
+    m.extend_from_slice(&crc.to_be_bytes());
+    m
+}
+
+/// CRC-32 (IEEE, reflected), as STUN's FINGERPRINT uses.
+fn crc32(data: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in data {
+        c ^= u32::from(b);
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0xEDB8_8320
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
+}
+
+/// Bad input on the engine's socket and through the trickle: 10,000 candidates (link-local,
+/// multicast, garbage, and thousands of unreachable addresses) and 2,000 checks with a forged
+/// MESSAGE-INTEGRITY. The transfer completes, the candidates past the cap are ignored, the
+/// forged checks refused, and checks stay paced (no storm towards the listed addresses).
+#[test]
+fn ice_shrugs_off_a_candidate_flood_and_forged_checks() {
+    let src = tempfile::tempdir().unwrap();
+    let dst = tempfile::tempdir().unwrap();
+    let f = src.path().join("a");
+    write_random(&f, 2_000_000, 9);
+    let share = scan(std::slice::from_ref(&f), None).unwrap();
+    let id = Identity::generate().unwrap();
+    let fp = id.fingerprint();
+    let host_creds = flux_ice::Credentials::from_random(&[5; 18]);
+    let join_creds = flux_ice::Credentials::from_random(&[6; 18]);
+    let (hs, js) = (socket(), socket());
+    let (ha, ja) = (hs.local_addr().unwrap(), js.local_addr().unwrap());
+    let (hctl, hev, hcmd) = Control::channels();
+    let (jctl, jev, jcmd) = Control::channels();
+    // The hostile trickle reaches the joiner before anything else.
+    for i in 0..10_000u32 {
+        let (a, b) = ((i / 250 % 250) as u8, (i % 250) as u8 + 1);
+        let line = match i % 4 {
+            0 => format!("candidate:f 1 udp 2130706431 169.254.{a}.{b} 9 typ host"),
+            1 => format!("candidate:f 1 udp 2130706431 224.0.{a}.{b} 9 typ host"),
+            2 => format!("candidate:{i} garbage"),
+            _ => format!(
+                "candidate:f 1 udp 2130706431 192.0.2.{b} {} typ host",
+                1024 + i
+            ),
+        };
+        jcmd.send(Command::RemoteCandidate {
+            link: 0,
+            candidate: line,
+        })
+        .unwrap();
+    }
+    hcmd.send(Command::AddPeer {
+        link: 1,
+        ice: Box::new(ice_setup(
+            flux_ice::Role::Controlling,
+            &host_creds,
+            &join_creds,
+            ha,
+        )),
+    })
+    .unwrap();
+    let host_fwd = trickle(hev, jcmd.clone(), 0);
+    let join_fwd = trickle(jev, hcmd.clone(), 1);
+    let forger = {
+        let user = format!("{}:{}", join_creds.ufrag, host_creds.ufrag);
+        thread::spawn(move || {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            for n in 0..2000 {
+                s.send_to(&forged_check(&user, n), ja).unwrap();
+            }
+        })
+    };
+    // All of them wait in the joiner's socket buffer, so every one meets the agent however
+    // fast the transfer is.
+    forger.join().unwrap();
+    let hc = cfg(Driver::Epoll);
+    let host = thread::spawn(move || {
+        net::host(hs, &id, Arc::new(share.manifest), share.sources, &hc, hctl).unwrap()
+    });
+    let started = std::time::Instant::now();
+    let ice = ice_setup(flux_ice::Role::Controlled, &join_creds, &host_creds, ja);
+    let j = net::join_ice(
+        js,
+        ice,
+        fp,
+        dst.path().to_owned(),
+        &cfg(Driver::Epoll),
+        jctl,
+    )
+    .unwrap();
+    let elapsed = started.elapsed();
+    drop((hcmd, jcmd));
+    let h = host.join().unwrap();
+    let _ = (host_fwd.join().unwrap(), join_fwd.join().unwrap());
+    assert_ok(&j, "joiner");
+    assert_ok(&h, "host");
+    assert_same_file(&f, &dst.path().join("a"));
+    let stats = j.conns[0].ice_stats.expect("ICE counters");
+    // 5,000 link-local and multicast lines, and the 2,500 reachable-looking ones beyond the
+    // cap of 100 (the 2,500 garbage lines do not parse and never reach the agent).
+    assert!(
+        stats.remote_candidates_ignored >= 7_300,
+        "candidates not ignored: {stats:?}"
+    );
+    assert!(stats.remote_candidates <= 101, "cap not applied: {stats:?}");
+    assert!(
+        stats.stun_refused >= 2_000,
+        "forged checks not refused: {stats:?}"
+    );
+    // Ta = 50 ms paces new checks; each may be retransmitted (RFC 8445 §14.3). Anything near
+    // the candidate count would be a storm.
+    let budget = 8 * (elapsed.as_millis() as u64 / 50 + 5);
+    assert!(
+        stats.checks_sent <= budget,
+        "{} checks in {elapsed:?} (budget {budget}): not paced",
+        stats.checks_sent
+    );
+    println!("flood: {stats:?} in {elapsed:?}");
+}
