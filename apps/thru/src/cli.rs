@@ -208,8 +208,8 @@ pub struct NetArgs {
     )]
     pub stun_server: Vec<String>,
 
-    /// TURN servers, comma-separated: turn:USER:PASS@HOST[:PORT][?transport=tcp], or
-    /// turns:USER:PASS@HOST:443 for TLS (networks that block UDP). Default none.
+    /// TURN servers, comma-separated: `turn:USER:PASS@HOST[:PORT][?transport=tcp]`, or
+    /// `turns:USER:PASS@HOST:443` for TLS (networks that block UDP). Default none.
     #[arg(
         long,
         env = "THRU_TURN_SERVERS",

@@ -3,7 +3,7 @@
 //!
 //! The worker ([`crate::net`]) hands every non-QUIC datagram to the links, sends each
 //! connection's QUIC packets through its link (directly, in TURN ChannelData, or on a TURN
-//! stream) and gives QUIC one constant peer address per link ([`Link::quic_addr`], the first
+//! stream) and gives QUIC one constant peer address per link (`Link::quic_addr`, the first
 //! selected remote) so a renomination never looks like a migration to quinn.
 //!
 //! TURN streams run on two small threads each (connect, then a blocking reader); the worker
