@@ -705,6 +705,8 @@ pub struct HostEngine {
     /// ICE links: the joiner's label and its candidate channel, by link number.
     links: Arc<Mutex<HashMap<u64, HostLink>>>,
     next_link: std::sync::atomic::AtomicU64,
+    /// A link already holds the socket's TURN allocations over UDP.
+    udp_turn_taken: std::sync::atomic::AtomicBool,
     ice: Option<IceServers>,
     commands: crossbeam_channel::Sender<Command>,
     worker: Option<JoinHandle<Result<NetReport, flux_transfer::TransferError>>>,
@@ -770,6 +772,7 @@ impl HostEngine {
             labels,
             links,
             next_link: std::sync::atomic::AtomicU64::new(1),
+            udp_turn_taken: std::sync::atomic::AtomicBool::new(false),
             ice: job.tuning.ice.clone(),
             commands,
             worker: Some(worker),
@@ -789,17 +792,34 @@ impl HostEngine {
         let link = self
             .next_link
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if let Ok(mut l) = self.links.lock() {
-            l.insert(
-                link,
-                HostLink {
-                    label: paired.peer_label.clone(),
-                    trickle,
-                },
-            );
-        }
         // The host nominates: it knows the pair before the joiner's first QUIC packet.
-        let ice = Box::new(ice_setup(paired, servers, flux_ice::Role::Controlling));
+        let mut ice = Box::new(ice_setup(paired, servers, flux_ice::Role::Controlling));
+        let Ok(mut links) = self.links.lock() else {
+            return;
+        };
+        // One socket holds one TURN allocation per server over UDP (a second from the same
+        // 5-tuple is refused, and the two clients would read each other's replies; a finished
+        // link's allocation lives on at the server until it expires): the first joiner's
+        // link gets it, later ones reach the same servers over TCP, which gives each its own
+        // 5-tuple and allocation.
+        let udp_turn = !self
+            .udp_turn_taken
+            .swap(true, std::sync::atomic::Ordering::Relaxed);
+        if !udp_turn {
+            for t in &mut ice.config.turn_servers {
+                if t.transport == flux_ice::TurnTransport::Udp {
+                    t.transport = flux_ice::TurnTransport::Tcp;
+                }
+            }
+        }
+        links.insert(
+            link,
+            HostLink {
+                label: paired.peer_label.clone(),
+                trickle,
+            },
+        );
+        drop(links);
         let _ = self.commands.send(Command::AddPeer { link, ice });
     }
 

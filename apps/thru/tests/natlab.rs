@@ -207,6 +207,8 @@ enum Turn {
     Udp,
     /// `turns:` over TLS 443, pinning the lab's self-signed certificate (`--turn-cert`).
     Tls,
+    /// No TURN server: only the peer's relay can carry a relayed path.
+    None,
 }
 
 /// One side of a case: its namespace and TURN transport.
@@ -232,14 +234,18 @@ fn net_flags(lab: &Lab, side: Side) -> Vec<String> {
         &format!("ws://{SIGNAL}:{SIGNAL_PORT}"),
         "--stun-server",
         &format!("stun:{SERVER}:3478"),
-        "--turn-server",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
     match side.turn {
-        Turn::Udp => v.push(format!("turn:flux:fluxpass@{SERVER}:3478")),
+        Turn::None => {}
+        Turn::Udp => {
+            v.push("--turn-server".into());
+            v.push(format!("turn:flux:fluxpass@{SERVER}:3478"));
+        }
         Turn::Tls => {
+            v.push("--turn-server".into());
             v.push(format!("turns:flux:fluxpass@{SERVER}:443"));
             v.push("--turn-cert".into());
             v.push(lab.dir.join("turn.der").display().to_string());
@@ -680,4 +686,114 @@ fn natlab_thru_two_percent_loss_completes_intact() {
             assert!(out.status.success(), "natlab loss: {out:?}");
         },
     );
+}
+
+/// Two joiners at once, both behind NATs no direct pair crosses (symmetric, and cone against
+/// the symmetric host), and neither with a TURN server of its own: both transfers must run
+/// through the host's relays. The host's socket can hold one TURN allocation over UDP
+/// (coturn refuses a second from the same 5-tuple), so the second joiner's relay must come
+/// over TCP to the same server.
+#[test]
+fn natlab_thru_two_relayed_joiners_at_once_share_the_hosts_turn_server() {
+    let Some(lab) = Lab::up("h2") else { return };
+    let _signal = Signal::start(&lab);
+    let src = source(&lab.dir);
+    let want = std::fs::read(&src).unwrap();
+    for n in 1..=RUNS {
+        let rdir = lab.dir.join(format!("two-joiners-{n}"));
+        std::fs::create_dir_all(&rdir).unwrap();
+        let mut args: Vec<String> = vec!["host".into(), src.display().to_string()];
+        args.extend(["--max-receivers".into(), "2".into()]);
+        args.extend(net_flags(&lab, udp("sym1")));
+        let mut host = Thru::spawn(&lab, "host", "sym1", &args, rdir.join("host.log"));
+        let code = host
+            .event("code", Instant::now() + CODE_LIMIT)
+            .unwrap_or_else(|| panic!("run {n}: no join code\n{}", host.report()));
+        let code = code["code"].as_str().unwrap().to_string();
+        let no_turn = |ns| Side {
+            ns,
+            turn: Turn::None,
+        };
+        let mut joiners: Vec<(Thru, PathBuf)> = ["sym2", "cone1"]
+            .into_iter()
+            .map(|ns| {
+                let out = rdir.join(format!("out-{ns}"));
+                std::fs::create_dir_all(&out).unwrap();
+                let mut args: Vec<String> = vec![
+                    "join".into(),
+                    code.clone(),
+                    "--out".into(),
+                    out.display().to_string(),
+                    "--yes".into(),
+                ];
+                args.extend(net_flags(&lab, no_turn(ns)));
+                let log = rdir.join(format!("join-{ns}.log"));
+                (Thru::spawn(&lab, "joiner", ns, &args, log), out)
+            })
+            .collect();
+        let exits: Vec<_> = joiners.iter_mut().map(|(j, _)| j.finish()).collect();
+        let hexit = host.finish();
+        let report = || {
+            let mut r = host.report();
+            for (j, _) in &joiners {
+                r.push('\n');
+                r.push_str(&j.report());
+            }
+            r
+        };
+        assert!(
+            hexit == Ok(0) && exits.iter().all(|e| *e == Ok(0)),
+            "run {n}: host {hexit:?}, joiners {exits:?}\n{}",
+            report()
+        );
+        for (j, out) in &joiners {
+            let got = std::fs::read(out.join("payload.bin")).unwrap();
+            assert!(got == want, "run {n}: a joiner's copy differs");
+            let path = &j.last("summary").expect("joiner summary")["path"];
+            assert_eq!(path["kind"], "relay", "run {n}: {}", report());
+            assert_eq!(
+                path["remote"], "relay",
+                "run {n}: relayed by the host: {path}"
+            );
+        }
+        let mut transports: Vec<String> = host
+            .events
+            .iter()
+            .filter(|v| v["event"] == "summary")
+            .map(|v| v["path"]["transport"].as_str().unwrap_or("?").to_string())
+            .collect();
+        transports.sort();
+        assert_eq!(
+            transports,
+            ["tcp", "udp"],
+            "run {n}: the host relays one joiner over UDP, the other over TCP\n{}",
+            report()
+        );
+        println!("two-joiners run {n}: host relays over {transports:?}");
+    }
+}
+
+/// Only the host has a TURN server (the joiner has none): the path must run from the host's
+/// own relay, QUIC framed in ChannelData on the engine's socket.
+#[test]
+fn natlab_thru_symmetric_pair_relays_through_the_hosts_own_turn_allocation() {
+    let Some(runs) = lab_case(
+        "ho",
+        &Case {
+            name: "sym-sym-host-relay",
+            host: udp("sym1"),
+            joiner: Side {
+                ns: "sym2",
+                turn: Turn::None,
+            },
+            kind: "relay",
+        },
+        |_| {},
+    ) else {
+        return;
+    };
+    for r in &runs {
+        assert_eq!(r.host["path"]["local"], "relay", "{}", r.host);
+        assert_eq!(r.joiner["path"]["remote"], "relay", "{}", r.joiner);
+    }
 }

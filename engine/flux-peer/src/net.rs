@@ -422,6 +422,8 @@ struct Conn {
     blocked: Option<(Vec<u8>, Option<usize>, SocketAddr)>,
     /// The ICE link the connection runs over (index into `Worker::links`).
     link: Option<usize>,
+    /// Sender: when its transfer completed; it then waits for the receiver to close.
+    done_at: Option<Instant>,
 }
 
 impl Conn {
@@ -546,6 +548,7 @@ impl Worker {
             error: None,
             blocked: None,
             link,
+            done_at: None,
         });
         Ok(())
     }
@@ -865,6 +868,7 @@ impl Worker {
                     error: None,
                     blocked: None,
                     link,
+                    done_at: None,
                 });
             }
             Err(e) => {
@@ -1190,8 +1194,29 @@ impl Worker {
                     .extend_from_slice(&flux_ice::channel_header(rc.channel, len));
                 self.relay_buf.extend_from_slice(p);
             }
+            // The headers make the batch bigger than the one QUIC filled: send it in groups
+            // that stay within a GSO batch's limit (one UDP payload), or it fails whole.
             let framed = std::mem::take(&mut self.relay_buf);
-            let r = self.send(&framed, segment_size.map(|s| s + 4), rc.to);
+            let fseg = seg + 4;
+            let group = flux_udp::max_gso_segments(fseg) * fseg;
+            let mut r = Ok(true);
+            for (k, batch) in framed.chunks(group).enumerate() {
+                let gso = segment_size.map(|_| fseg).filter(|_| batch.len() > fseg);
+                match self.send(batch, gso, rc.to) {
+                    // Nothing sent yet: the caller keeps the whole batch for later.
+                    Ok(false) if k == 0 => {
+                        r = Ok(false);
+                        break;
+                    }
+                    // Part sent: the rest is lost like any dropped datagram; QUIC repairs it.
+                    Ok(false) => break,
+                    Ok(true) => {}
+                    Err(e) => {
+                        r = Err(e);
+                        break;
+                    }
+                }
+            }
             self.relay_buf = framed;
             return r;
         }
@@ -1271,6 +1296,17 @@ impl Worker {
                 c.error
                     .get_or_insert_with(|| format!("could not connect to {} (timed out)", c.peer));
             }
+            // A sender that completed lets the receiver close: closing first would discard its
+            // final Close message if a packet carrying it was lost (the receiver would see
+            // the connection die before the transfer's end). It closes itself only after
+            // SENDER_LINGER.
+            let sender = matches!(c.machine, Machine::Send(_));
+            if sender && over && flushed && !closed && c.error.is_none() {
+                let t = *c.done_at.get_or_insert(now);
+                if now.duration_since(t) < SENDER_LINGER {
+                    continue;
+                }
+            }
             if (over && flushed) || closed || connect_expired {
                 if !closed {
                     c.conn().close(now, 0u32.into(), bytes::Bytes::new());
@@ -1342,6 +1378,9 @@ impl Worker {
         for c in self.conns.iter().filter(|c| !c.connected && !c.ended) {
             consider(Some(c.created + self.cfg.connect_timeout));
         }
+        for c in self.conns.iter().filter(|c| !c.ended) {
+            consider(c.done_at.map(|t| t + SENDER_LINGER));
+        }
         for l in self.links.iter().filter(|l| l.live()) {
             consider(l.agent.poll_timeout());
         }
@@ -1390,6 +1429,9 @@ impl Worker {
         Ok(())
     }
 }
+
+/// How long a sender that completed waits for the receiver to close the connection.
+const SENDER_LINGER: Duration = Duration::from_secs(3);
 
 /// Longest sleep before the loop looks at its command channel.
 const COMMAND_POLL: Duration = Duration::from_millis(50);
