@@ -651,11 +651,17 @@ impl Worker {
             self.report.error.get_or_insert_with(|| "cancelled".into());
         }
         for c in &mut self.conns {
+            // A transfer that completed (a sender waiting for the receiver to close) stays a
+            // success; it just stops waiting.
+            let over = match &mut c.machine {
+                Machine::Send(s) => s.machine.is_over(),
+                Machine::Recv(s) => s.machine.is_over(),
+            };
             match &mut c.machine {
                 Machine::Send(s) => s.machine.cancel(),
                 Machine::Recv(s) => s.machine.cancel(),
             }
-            if !c.ended {
+            if !c.ended && !over {
                 c.error.get_or_insert_with(|| "cancelled".into());
             }
         }
@@ -1301,7 +1307,7 @@ impl Worker {
             // the connection die before the transfer's end). It closes itself only after
             // SENDER_LINGER.
             let sender = matches!(c.machine, Machine::Send(_));
-            if sender && over && flushed && !closed && c.error.is_none() {
+            if sender && over && flushed && !closed && c.error.is_none() && !self.cancelled {
                 let t = *c.done_at.get_or_insert(now);
                 if now.duration_since(t) < SENDER_LINGER {
                     continue;
