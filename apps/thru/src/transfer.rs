@@ -862,6 +862,24 @@ struct HostCtx<'a> {
     notes: &'a tokio::sync::mpsc::UnboundedSender<HostNote>,
 }
 
+impl HostCtx<'_> {
+    /// The joiner's label for ICE link `link`.
+    fn label(&self, link: u64) -> String {
+        self.links
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&link).map(|l| l.label.clone()))
+            .unwrap_or_else(|| format!("joiner (link {link})"))
+    }
+
+    /// Drops link `link` and with it the joiner's trickle.
+    fn forget(&self, link: u64) {
+        if let Ok(mut m) = self.links.lock() {
+            m.remove(&link);
+        }
+    }
+}
+
 fn host_events(events: &crossbeam_channel::Receiver<NetEvent>, ctx: &HostCtx<'_>) {
     struct Peer {
         label: String,
@@ -900,12 +918,7 @@ fn host_events(events: &crossbeam_channel::Receiver<NetEvent>, ctx: &HostCtx<'_>
                 }
             }
             NetEvent::Route { link, route, after } => {
-                let label = ctx
-                    .links
-                    .lock()
-                    .ok()
-                    .and_then(|m| m.get(&link).map(|l| l.label.clone()))
-                    .unwrap_or_else(|| format!("joiner (link {link})"));
+                let label = ctx.label(link);
                 ui.route(
                     &label,
                     &RoutePath::new(&route, after),
@@ -914,13 +927,9 @@ fn host_events(events: &crossbeam_channel::Receiver<NetEvent>, ctx: &HostCtx<'_>
             }
             NetEvent::IceFailed { link, error } => {
                 // The joiner's transfer never starts; the pairing time-out in the host loop
-                // gives it up. Say why now.
-                let label = ctx
-                    .links
-                    .lock()
-                    .ok()
-                    .and_then(|mut m| m.remove(&link).map(|l| l.label));
-                tracing::warn!(peer = label.as_deref().unwrap_or("?"), "{error}");
+                // gives it up. Say why now, and let its trickle go.
+                tracing::warn!(peer = ctx.label(link), "{error}");
+                ctx.forget(link);
             }
             NetEvent::Connected {
                 conn,
@@ -965,9 +974,9 @@ fn host_events(events: &crossbeam_channel::Receiver<NetEvent>, ctx: &HostCtx<'_>
                 }
             }
             NetEvent::Ended { conn, error, stats } => {
-                if let (Some(link), Ok(mut links)) = (stats.link, ctx.links.lock()) {
+                if let Some(link) = stats.link {
                     // Its trickle is no longer needed: the joiner's signaling can close.
-                    links.remove(&link);
+                    ctx.forget(link);
                 }
                 let Some(p) = peers.remove(&conn) else {
                     continue;

@@ -156,12 +156,8 @@ pub(crate) struct Link {
     pub failed: bool,
     /// The peer's connection ended; the agent is no longer driven.
     pub closed: bool,
-    streams: Vec<Option<StreamWriter>>,
+    streams: TurnStreams,
     uses_streams: bool,
-    stream_tx: Tx<StreamMsg>,
-    stream_rx: Rx<StreamMsg>,
-    tls: Option<Arc<rustls::ClientConfig>>,
-    names: Vec<String>,
     /// Scratch for TURN framing.
     pub wrapped: Vec<u8>,
 }
@@ -188,7 +184,6 @@ impl Link {
         for c in &remote_candidates {
             agent.add_remote_candidate(c, now);
         }
-        let (stream_tx, stream_rx) = crossbeam_channel::unbounded();
         Self {
             id,
             agent,
@@ -197,12 +192,8 @@ impl Link {
             selected_after: None,
             failed: false,
             closed: false,
-            streams: Vec::new(),
+            streams: TurnStreams::new(turn_tls, turn_names),
             uses_streams,
-            stream_tx,
-            stream_rx,
-            tls: turn_tls,
-            names: turn_names,
             wrapped: Vec::with_capacity(2048),
         }
     }
@@ -238,25 +229,7 @@ impl Link {
         if !self.live() {
             return;
         }
-        while let Ok(msg) = self.stream_rx.try_recv() {
-            match msg {
-                StreamMsg::Connected(id, local, w) => {
-                    if self.streams.len() <= id.0 {
-                        self.streams.resize_with(id.0 + 1, || None);
-                    }
-                    self.streams[id.0] = Some(w);
-                    self.agent.turn_stream_connected(id, local, now);
-                }
-                StreamMsg::Data(id, data) => self.agent.handle_stream_data(now, id, &data),
-                StreamMsg::Failed(id, e) => {
-                    tracing::warn!(link = self.id, error = %e, "TURN stream failed");
-                    if let Some(s) = self.streams.get_mut(id.0) {
-                        *s = None;
-                    }
-                    self.agent.turn_stream_failed(id, now);
-                }
-            }
-        }
+        self.streams.poll(&mut self.agent, now);
         if self.agent.poll_timeout().is_some_and(|t| t <= now) {
             self.agent.handle_timeout(now);
         }
@@ -265,7 +238,7 @@ impl Link {
             match ev {
                 Event::LocalCandidate(c) => notes.push(LinkNote::Candidate(c.to_string())),
                 Event::ConnectTurnStream { stream, addr, tls } => {
-                    self.open_stream(stream, addr, tls)
+                    self.streams.open(stream, addr, tls);
                 }
                 Event::Selected(s) => {
                     self.quic_addr.get_or_insert(s.remote);
@@ -288,28 +261,43 @@ impl Link {
 
     /// Sends what the agent queued.
     pub fn flush(&mut self, send: &mut dyn FnMut(&[u8], SocketAddr)) {
-        while let Some(t) = self.agent.poll_transmit() {
-            match t.stream {
-                None => send(&t.data, t.to),
-                Some(id) => self.write_stream(id, &t.data),
-            }
-        }
+        self.streams.flush(&mut self.agent, send);
     }
 
     /// Appends bytes to TURN stream `id`; a failed write fails the stream.
     pub fn write_stream(&mut self, id: StreamId, data: &[u8]) {
-        let Some(Some(w)) = self.streams.get_mut(id.0) else {
-            return;
-        };
-        if let Err(e) = w.write(data) {
-            tracing::warn!(link = self.id, error = %e, "TURN stream write failed");
-            self.streams[id.0] = None;
-            self.agent.turn_stream_failed(id, Instant::now());
+        self.streams.write(&mut self.agent, id, data);
+    }
+}
+
+/// The TCP/TLS streams to TURN servers that one agent asked for ([`Event::ConnectTurnStream`]):
+/// each is connected (and TLS-wrapped) on its own thread, which then reads it; bytes and
+/// failures come back through a channel the driver drains with [`TurnStreams::poll`].
+pub struct TurnStreams {
+    streams: Vec<Option<StreamWriter>>,
+    tx: Tx<StreamMsg>,
+    rx: Rx<StreamMsg>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    names: Vec<String>,
+}
+
+impl TurnStreams {
+    /// `tls` for `turns:` servers (see [`turn_tls_config`]; `None` refuses TLS); `names[i]`
+    /// is the name TURN server `i`'s certificate must carry (its IP when missing).
+    pub fn new(tls: Option<Arc<rustls::ClientConfig>>, names: Vec<String>) -> Self {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        Self {
+            streams: Vec::new(),
+            tx,
+            rx,
+            tls,
+            names,
         }
     }
 
-    fn open_stream(&mut self, id: StreamId, addr: SocketAddr, tls: bool) {
-        let tx = self.stream_tx.clone();
+    /// Starts connecting stream `id` to `addr` (wrapped in TLS when `tls`).
+    pub fn open(&mut self, id: StreamId, addr: SocketAddr, tls: bool) {
+        let tx = self.tx.clone();
         let tls = match (tls, &self.tls) {
             (false, _) => None,
             (true, Some(cfg)) => {
@@ -333,10 +321,59 @@ impl Link {
                 }
             });
         if let Err(e) = spawned {
-            let _ = self.stream_tx.send(StreamMsg::Failed(
+            let _ = self.tx.send(StreamMsg::Failed(
                 id,
                 format!("spawning the stream thread: {e}"),
             ));
+        }
+    }
+
+    /// Hands what the stream threads report (connected, bytes read, failures) to `agent`.
+    /// Returns whether there was anything.
+    pub fn poll(&mut self, agent: &mut Agent, now: Instant) -> bool {
+        let mut any = false;
+        while let Ok(msg) = self.rx.try_recv() {
+            any = true;
+            match msg {
+                StreamMsg::Connected(id, local, w) => {
+                    if self.streams.len() <= id.0 {
+                        self.streams.resize_with(id.0 + 1, || None);
+                    }
+                    self.streams[id.0] = Some(w);
+                    agent.turn_stream_connected(id, local, now);
+                }
+                StreamMsg::Data(id, data) => agent.handle_stream_data(now, id, &data),
+                StreamMsg::Failed(id, e) => {
+                    tracing::warn!(error = %e, "TURN stream failed");
+                    if let Some(s) = self.streams.get_mut(id.0) {
+                        *s = None;
+                    }
+                    agent.turn_stream_failed(id, now);
+                }
+            }
+        }
+        any
+    }
+
+    /// Appends bytes to stream `id`; a failed write fails the stream in `agent`.
+    pub fn write(&mut self, agent: &mut Agent, id: StreamId, data: &[u8]) {
+        let Some(Some(w)) = self.streams.get_mut(id.0) else {
+            return;
+        };
+        if let Err(e) = w.write(data) {
+            tracing::warn!(error = %e, "TURN stream write failed");
+            self.streams[id.0] = None;
+            agent.turn_stream_failed(id, Instant::now());
+        }
+    }
+
+    /// Sends what `agent` queued: datagrams through `send`, stream bytes to their stream.
+    pub fn flush(&mut self, agent: &mut Agent, send: &mut dyn FnMut(&[u8], SocketAddr)) {
+        while let Some(t) = agent.poll_transmit() {
+            match t.stream {
+                None => send(&t.data, t.to),
+                Some(id) => self.write(agent, id, &t.data),
+            }
         }
     }
 }

@@ -350,18 +350,8 @@ pub fn join(
     cfg: &NetConfig,
     control: Control,
 ) -> Result<NetReport, TransferError> {
-    let client = match &cfg.client_identity {
-        Some(id) => flux_quic::client_config_with_identity(pinned, id, &cfg.transport),
-        None => flux_quic::client_config(pinned, &cfg.transport),
-    }
-    .map_err(|e| TransferError::Io(format!("QUIC configuration: {e}")))?;
-    let role = Role::Join {
-        dest_root: dest,
-        dest: None,
-        offered: false,
-    };
-    let mut w = Worker::new(socket, cfg, control, None, role)?;
-    w.connect(client, peer)?;
+    let (mut w, client) = Worker::joiner(socket, pinned, dest, cfg, control)?;
+    w.connect(client, peer, None)?;
     w.run()
 }
 
@@ -376,17 +366,7 @@ pub fn join_ice(
     cfg: &NetConfig,
     control: Control,
 ) -> Result<NetReport, TransferError> {
-    let client = match &cfg.client_identity {
-        Some(id) => flux_quic::client_config_with_identity(pinned, id, &cfg.transport),
-        None => flux_quic::client_config(pinned, &cfg.transport),
-    }
-    .map_err(|e| TransferError::Io(format!("QUIC configuration: {e}")))?;
-    let role = Role::Join {
-        dest_root: dest,
-        dest: None,
-        offered: false,
-    };
-    let mut w = Worker::new(socket, cfg, control, None, role)?;
+    let (mut w, client) = Worker::joiner(socket, pinned, dest, cfg, control)?;
     w.links.push(Link::new(0, ice, Instant::now()));
     w.pending_client = Some(client);
     w.run()
@@ -427,6 +407,27 @@ struct Conn {
 }
 
 impl Conn {
+    fn new(
+        handle: ConnectionHandle,
+        machine: Machine,
+        peer: SocketAddr,
+        now: Instant,
+        link: Option<usize>,
+    ) -> Self {
+        Self {
+            handle,
+            machine,
+            peer,
+            connected: false,
+            created: now,
+            ended: false,
+            error: None,
+            blocked: None,
+            link,
+            done_at: None,
+        }
+    }
+
     fn conn(&mut self) -> &mut flux_quic::quinn_proto::Connection {
         match &mut self.machine {
             Machine::Send(s) => &mut s.conn,
@@ -523,11 +524,29 @@ impl Worker {
         })
     }
 
-    fn connect(&mut self, client: ClientConfig, peer: SocketAddr) -> Result<(), TransferError> {
-        self.connect_via(client, peer, None)
+    /// A receiving worker and the QUIC client settings that pin the host.
+    fn joiner(
+        socket: UdpSocket,
+        pinned: Fingerprint,
+        dest: PathBuf,
+        cfg: &NetConfig,
+        control: Control,
+    ) -> Result<(Self, ClientConfig), TransferError> {
+        let client = match &cfg.client_identity {
+            Some(id) => flux_quic::client_config_with_identity(pinned, id, &cfg.transport),
+            None => flux_quic::client_config(pinned, &cfg.transport),
+        }
+        .map_err(|e| TransferError::Io(format!("QUIC configuration: {e}")))?;
+        let role = Role::Join {
+            dest_root: dest,
+            dest: None,
+            offered: false,
+        };
+        Ok((Self::new(socket, cfg, control, None, role)?, client))
     }
 
-    fn connect_via(
+    /// Connects to `peer` (over ICE link `link` when given).
+    fn connect(
         &mut self,
         client: ClientConfig,
         peer: SocketAddr,
@@ -538,18 +557,9 @@ impl Worker {
             .connect(Instant::now(), client, peer, flux_quic::SERVER_NAME)
             .map_err(|e| TransferError::Io(format!("connect to {peer}: {e}")))?;
         let m = Receiver::new(self.cfg.receiver.clone());
-        self.conns.push(Conn {
-            handle,
-            machine: Machine::Recv(Session::new(conn, m, Side::Client)),
-            peer,
-            connected: false,
-            created: Instant::now(),
-            ended: false,
-            error: None,
-            blocked: None,
-            link,
-            done_at: None,
-        });
+        let machine = Machine::Recv(Session::new(conn, m, Side::Client));
+        self.conns
+            .push(Conn::new(handle, machine, peer, Instant::now(), link));
         Ok(())
     }
 
@@ -652,17 +662,19 @@ impl Worker {
         }
         for c in &mut self.conns {
             // A transfer that completed (a sender waiting for the receiver to close) stays a
-            // success; it just stops waiting.
+            // success; it just stops waiting (cancelling a machine that is over does nothing).
             let over = match &mut c.machine {
                 Machine::Send(s) => s.machine.is_over(),
                 Machine::Recv(s) => s.machine.is_over(),
             };
-            match &mut c.machine {
-                Machine::Send(s) => s.machine.cancel(),
-                Machine::Recv(s) => s.machine.cancel(),
-            }
-            if !c.ended && !over {
-                c.error.get_or_insert_with(|| "cancelled".into());
+            if !over {
+                match &mut c.machine {
+                    Machine::Send(s) => s.machine.cancel(),
+                    Machine::Recv(s) => s.machine.cancel(),
+                }
+                if !c.ended {
+                    c.error.get_or_insert_with(|| "cancelled".into());
+                }
             }
         }
         if self.conns.is_empty() {
@@ -864,18 +876,8 @@ impl Worker {
                     .iter()
                     .position(|l| l.live() && l.quic_addr == Some(peer));
                 let m = Sender::new(manifest.clone(), self.cfg.sender.clone());
-                self.conns.push(Conn {
-                    handle,
-                    machine: Machine::Send(Session::new(conn, m, Side::Server)),
-                    peer,
-                    connected: false,
-                    created: now,
-                    ended: false,
-                    error: None,
-                    blocked: None,
-                    link,
-                    done_at: None,
-                });
+                let machine = Machine::Send(Session::new(conn, m, Side::Server));
+                self.conns.push(Conn::new(handle, machine, peer, now, link));
             }
             Err(e) => {
                 tracing::debug!(peer = %peer, error = %e.cause, "refused a connection");
@@ -948,7 +950,7 @@ impl Worker {
                         });
                         if let Some(client) = self.pending_client.take() {
                             let peer = self.links[i].quic_addr.unwrap_or(route.remote);
-                            self.connect_via(client, peer, Some(i))?;
+                            self.connect(client, peer, Some(i))?;
                         }
                     }
                     LinkNote::Failed(why) => {

@@ -516,7 +516,71 @@ fn ice_on_the_engine_socket_selects_a_pair_and_transfers() {
     let src = tempfile::tempdir().unwrap();
     let dst = tempfile::tempdir().unwrap();
     let top = small_tree(src.path());
-    let share = scan(std::slice::from_ref(&top), None).unwrap();
+    let r = ice_transfer(
+        std::slice::from_ref(&top),
+        dst.path(),
+        Driver::Uring,
+        |_| {},
+    );
+    assert_ok(&r.joiner, "joiner");
+    assert_ok(&r.host, "host");
+    for e in walk(&top) {
+        let got = dst.path().join(e.strip_prefix(src.path()).unwrap());
+        if e.is_file() {
+            assert_same_file(&e, &got);
+        }
+    }
+    let (hr, jr) = (
+        r.host_routes.last().expect("the host reported no route"),
+        r.joiner_routes
+            .last()
+            .expect("the joiner reported no route"),
+    );
+    let (ha, ja) = (r.host_addr, r.joiner_addr);
+    assert_eq!(jr.kind, flux_ice::RouteKind::Host);
+    // Both directions on one pair.
+    assert_eq!((jr.local, jr.remote), (ja, ha));
+    assert_eq!((hr.local, hr.remote), (ha, ja));
+    let route = r.joiner.conns[0]
+        .route
+        .expect("the joiner's connection reports its pair");
+    assert_eq!(route.remote, ha);
+    assert!(r.joiner.conns[0].ice_connect.is_some());
+    assert_eq!(r.host.conns[0].route.map(|r| r.remote), Some(ja));
+}
+
+/// What a test may do before an ICE transfer starts.
+struct IcePrep<'a> {
+    /// The joiner's command channel (trickled lines reach the joiner through it).
+    joiner_commands: &'a crossbeam_channel::Sender<Command>,
+    host_creds: &'a flux_ice::Credentials,
+    join_creds: &'a flux_ice::Credentials,
+    joiner_addr: std::net::SocketAddr,
+}
+
+/// What an ICE transfer reported.
+struct IceRun {
+    host: NetReport,
+    joiner: NetReport,
+    host_routes: Vec<flux_ice::Selected>,
+    joiner_routes: Vec<flux_ice::Selected>,
+    host_addr: std::net::SocketAddr,
+    joiner_addr: std::net::SocketAddr,
+    /// How long the joiner's worker ran.
+    join_time: std::time::Duration,
+}
+
+/// Shares `paths` from a host worker to a joiner worker over ICE on loopback, trickling
+/// candidates between their channels; `prepare` runs before either worker starts. The host
+/// learns of the peer as after pairing and controls (nominates): it then knows the pair
+/// before the joiner's first QUIC packet.
+fn ice_transfer(
+    paths: &[PathBuf],
+    dest: &Path,
+    driver: Driver,
+    prepare: impl FnOnce(&IcePrep<'_>),
+) -> IceRun {
+    let share = scan(paths, None).unwrap();
     let id = Identity::generate().unwrap();
     let fp = id.fingerprint();
     let host_creds = flux_ice::Credentials::from_random(&[1; 18]);
@@ -525,8 +589,12 @@ fn ice_on_the_engine_socket_selects_a_pair_and_transfers() {
     let (ha, ja) = (hs.local_addr().unwrap(), js.local_addr().unwrap());
     let (hctl, hev, hcmd) = Control::channels();
     let (jctl, jev, jcmd) = Control::channels();
-    // The host learns of the peer when pairing succeeds; candidates flow both ways after. The
-    // host controls (nominates): it then knows the pair before the joiner's first QUIC packet.
+    prepare(&IcePrep {
+        joiner_commands: &jcmd,
+        host_creds: &host_creds,
+        join_creds: &join_creds,
+        joiner_addr: ja,
+    });
     hcmd.send(Command::AddPeer {
         link: 7,
         ice: Box::new(ice_setup(
@@ -539,45 +607,24 @@ fn ice_on_the_engine_socket_selects_a_pair_and_transfers() {
     .unwrap();
     let host_fwd = trickle(hev, jcmd.clone(), 0);
     let join_fwd = trickle(jev, hcmd.clone(), 7);
-    let hc = cfg(Driver::Uring);
+    let hc = cfg(driver);
     let host = thread::spawn(move || {
         net::host(hs, &id, Arc::new(share.manifest), share.sources, &hc, hctl).unwrap()
     });
+    let started = std::time::Instant::now();
     let ice = ice_setup(flux_ice::Role::Controlled, &join_creds, &host_creds, ja);
-    let j = net::join_ice(
-        js,
-        ice,
-        fp,
-        dst.path().to_owned(),
-        &cfg(Driver::Uring),
-        jctl,
-    )
-    .unwrap();
+    let joiner = net::join_ice(js, ice, fp, dest.to_owned(), &cfg(driver), jctl).unwrap();
+    let join_time = started.elapsed();
     drop((hcmd, jcmd));
-    let h = host.join().unwrap();
-    assert_ok(&j, "joiner");
-    assert_ok(&h, "host");
-    for e in walk(&top) {
-        let got = dst.path().join(e.strip_prefix(src.path()).unwrap());
-        if e.is_file() {
-            assert_same_file(&e, &got);
-        }
+    IceRun {
+        host: host.join().unwrap(),
+        joiner,
+        host_routes: host_fwd.join().unwrap(),
+        joiner_routes: join_fwd.join().unwrap(),
+        host_addr: ha,
+        joiner_addr: ja,
+        join_time,
     }
-    let (hr, jr) = (host_fwd.join().unwrap(), join_fwd.join().unwrap());
-    let (hr, jr) = (
-        hr.last().expect("the host reported no route"),
-        jr.last().expect("the joiner reported no route"),
-    );
-    assert_eq!(jr.kind, flux_ice::RouteKind::Host);
-    // Both directions on one pair.
-    assert_eq!((jr.local, jr.remote), (ja, ha));
-    assert_eq!((hr.local, hr.remote), (ha, ja));
-    let route = j.conns[0]
-        .route
-        .expect("the joiner's connection reports its pair");
-    assert_eq!(route.remote, ha);
-    assert!(j.conns[0].ice_connect.is_some());
-    assert_eq!(h.conns[0].route.map(|r| r.remote), Some(ja));
 }
 
 #[test]
@@ -684,78 +731,37 @@ fn ice_shrugs_off_a_candidate_flood_and_forged_checks() {
     let dst = tempfile::tempdir().unwrap();
     let f = src.path().join("a");
     write_random(&f, 2_000_000, 9);
-    let share = scan(std::slice::from_ref(&f), None).unwrap();
-    let id = Identity::generate().unwrap();
-    let fp = id.fingerprint();
-    let host_creds = flux_ice::Credentials::from_random(&[5; 18]);
-    let join_creds = flux_ice::Credentials::from_random(&[6; 18]);
-    let (hs, js) = (socket(), socket());
-    let (ha, ja) = (hs.local_addr().unwrap(), js.local_addr().unwrap());
-    let (hctl, hev, hcmd) = Control::channels();
-    let (jctl, jev, jcmd) = Control::channels();
-    // The hostile trickle reaches the joiner before anything else.
-    for i in 0..10_000u32 {
-        let (a, b) = ((i / 250 % 250) as u8, (i % 250) as u8 + 1);
-        let line = match i % 4 {
-            0 => format!("candidate:f 1 udp 2130706431 169.254.{a}.{b} 9 typ host"),
-            1 => format!("candidate:f 1 udp 2130706431 224.0.{a}.{b} 9 typ host"),
-            2 => format!("candidate:{i} garbage"),
-            _ => format!(
-                "candidate:f 1 udp 2130706431 192.0.2.{b} {} typ host",
-                1024 + i
-            ),
-        };
-        jcmd.send(Command::RemoteCandidate {
-            link: 0,
-            candidate: line,
-        })
-        .unwrap();
-    }
-    hcmd.send(Command::AddPeer {
-        link: 1,
-        ice: Box::new(ice_setup(
-            flux_ice::Role::Controlling,
-            &host_creds,
-            &join_creds,
-            ha,
-        )),
-    })
-    .unwrap();
-    let host_fwd = trickle(hev, jcmd.clone(), 0);
-    let join_fwd = trickle(jev, hcmd.clone(), 1);
-    let forger = {
-        let user = format!("{}:{}", join_creds.ufrag, host_creds.ufrag);
-        thread::spawn(move || {
-            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-            for n in 0..2000 {
-                s.send_to(&forged_check(&user, n), ja).unwrap();
-            }
-        })
-    };
-    // All of them wait in the joiner's socket buffer, so every one meets the agent however
-    // fast the transfer is.
-    forger.join().unwrap();
-    let hc = cfg(Driver::Epoll);
-    let host = thread::spawn(move || {
-        net::host(hs, &id, Arc::new(share.manifest), share.sources, &hc, hctl).unwrap()
+    let r = ice_transfer(std::slice::from_ref(&f), dst.path(), Driver::Epoll, |p| {
+        // The hostile trickle reaches the joiner before anything else.
+        for i in 0..10_000u32 {
+            let (a, b) = ((i / 250 % 250) as u8, (i % 250) as u8 + 1);
+            let line = match i % 4 {
+                0 => format!("candidate:f 1 udp 2130706431 169.254.{a}.{b} 9 typ host"),
+                1 => format!("candidate:f 1 udp 2130706431 224.0.{a}.{b} 9 typ host"),
+                2 => format!("candidate:{i} garbage"),
+                _ => format!(
+                    "candidate:f 1 udp 2130706431 192.0.2.{b} {} typ host",
+                    1024 + i
+                ),
+            };
+            p.joiner_commands
+                .send(Command::RemoteCandidate {
+                    link: 0,
+                    candidate: line,
+                })
+                .unwrap();
+        }
+        // All forged checks wait in the joiner's socket buffer, so every one meets the agent
+        // however fast the transfer is.
+        let user = format!("{}:{}", p.join_creds.ufrag, p.host_creds.ufrag);
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for n in 0..2000 {
+            s.send_to(&forged_check(&user, n), p.joiner_addr).unwrap();
+        }
     });
-    let started = std::time::Instant::now();
-    let ice = ice_setup(flux_ice::Role::Controlled, &join_creds, &host_creds, ja);
-    let j = net::join_ice(
-        js,
-        ice,
-        fp,
-        dst.path().to_owned(),
-        &cfg(Driver::Epoll),
-        jctl,
-    )
-    .unwrap();
-    let elapsed = started.elapsed();
-    drop((hcmd, jcmd));
-    let h = host.join().unwrap();
-    let _ = (host_fwd.join().unwrap(), join_fwd.join().unwrap());
-    assert_ok(&j, "joiner");
-    assert_ok(&h, "host");
+    let (j, elapsed) = (&r.joiner, r.join_time);
+    assert_ok(j, "joiner");
+    assert_ok(&r.host, "host");
     assert_same_file(&f, &dst.path().join("a"));
     let stats = j.conns[0].ice_stats.expect("ICE counters");
     // 5,000 link-local and multicast lines, and the 2,500 reachable-looking ones beyond the

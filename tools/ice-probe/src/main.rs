@@ -12,20 +12,19 @@
 //! `0xC1 seq:u32...` receiver's missing list, `0xC3` receiver complete.
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::io::Write;
+use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::mpsc::{Sender, channel};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
 use flux_ice::{
     Agent, Candidate, Config, Credentials, Event, Packet, Received, Role, Selected, SendVia,
-    StreamId, TurnServer, TurnTransport,
+    TurnServer, TurnTransport,
 };
+use flux_peer::ice::TurnStreams;
 
 /// Command line.
 #[derive(Debug, Parser)]
@@ -134,8 +133,11 @@ fn run(args: Args) -> anyhow::Result<()> {
             password: args.turn_pass.clone(),
         });
     }
-    let pinned = match &args.turn_cert {
-        Some(p) => Some(std::fs::read(p).context("read --turn-cert")?),
+    let turn_tls = match &args.turn_cert {
+        Some(p) => Some(
+            flux_peer::ice::turn_tls_config(Some(std::fs::read(p).context("read --turn-cert")?))
+                .map_err(anyhow::Error::msg)?,
+        ),
         None => None,
     };
 
@@ -144,8 +146,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     let mut agent = Agent::new(config, start);
     agent.add_host(local, start);
 
-    let (stream_tx, stream_rx) = channel::<StreamMsg>();
-    let mut streams: Vec<Option<StreamWriter>> = Vec::new();
+    // TURN over TCP/TLS: the engine's stream handling (a thread per stream; pinned TLS).
+    let mut streams = TurnStreams::new(turn_tls, Vec::new());
     let mut selected: Option<Selected> = None;
     let mut connect_ms = None;
     let mut xfer = Transfer::new(role, args.bytes, args.rate_mbit);
@@ -196,23 +198,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         if got == 0 && !xfer.sending() {
             std::thread::sleep(Duration::from_micros(500));
         }
-        while let Ok(msg) = stream_rx.try_recv() {
-            let now = Instant::now();
-            match msg {
-                StreamMsg::Connected(id, local, w) => {
-                    if streams.len() <= id.0 {
-                        streams.resize_with(id.0 + 1, || None);
-                    }
-                    streams[id.0] = Some(w);
-                    agent.turn_stream_connected(id, local, now);
-                }
-                StreamMsg::Data(id, data) => agent.handle_stream_data(now, id, &data),
-                StreamMsg::Failed(id, e) => {
-                    eprintln!("TURN stream {id:?} failed: {e}");
-                    agent.turn_stream_failed(id, now);
-                }
-            }
-        }
+        streams.poll(&mut agent, Instant::now());
         while let Some(d) = agent.poll_app() {
             xfer.on_datagram(&d.data);
         }
@@ -220,12 +206,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         if agent.poll_timeout().is_some_and(|t| now >= t) {
             agent.handle_timeout(now);
         }
-        flush(&mut agent, &sock, &mut streams)?;
+        streams.flush(&mut agent, &mut |d, to| send_udp(&sock, d, to));
         while let Some(e) = agent.poll_event() {
             match e {
                 Event::LocalCandidate(c) => out.send(&format!("cand {c}"))?,
                 Event::ConnectTurnStream { stream, addr, tls } => {
-                    spawn_stream(stream, addr, tls, pinned.clone(), stream_tx.clone());
+                    streams.open(stream, addr, tls);
                 }
                 Event::Selected(s) => {
                     eprintln!("selected {s:?}");
@@ -249,7 +235,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 }
             }
         }
-        flush(&mut agent, &sock, &mut streams)?;
+        streams.flush(&mut agent, &mut |d, to| send_udp(&sock, d, to));
 
         // Application data.
         if selected.is_some() {
@@ -269,11 +255,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 match agent.wrap(now, &pkt, &mut wrapped) {
                     Ok(SendVia::Direct { to, .. }) => send_udp(&sock, &pkt, to),
                     Ok(SendVia::TurnUdp { to, .. }) => send_udp(&sock, &wrapped, to),
-                    Ok(SendVia::TurnStream(id)) => {
-                        if let Some(Some(w)) = streams.get_mut(id.0) {
-                            w.write(&wrapped)?;
-                        }
-                    }
+                    Ok(SendVia::TurnStream(id)) => streams.write(&mut agent, id, &wrapped),
                     Err(_) => {}
                 }
             }
@@ -308,24 +290,6 @@ fn send_udp(sock: &UdpSocket, data: &[u8], to: SocketAddr) {
     // why: a full socket buffer or an unreachable candidate must not stop the probe; ICE and
     // the repair loop retransmit.
     let _ = sock.send_to(data, to);
-}
-
-fn flush(
-    agent: &mut Agent,
-    sock: &UdpSocket,
-    streams: &mut [Option<StreamWriter>],
-) -> anyhow::Result<()> {
-    while let Some(t) = agent.poll_transmit() {
-        match t.stream {
-            None => send_udp(sock, &t.data, t.to),
-            Some(id) => {
-                if let Some(Some(w)) = streams.get_mut(id.0) {
-                    w.write(&t.data)?;
-                }
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Candidate exchange through two files.
@@ -563,186 +527,4 @@ fn pattern(seq: u32, i: usize) -> u8 {
     (seq.wrapping_mul(2_654_435_761)
         .wrapping_add(i as u32 * 40_503)
         >> 13) as u8
-}
-
-// --- TURN over TCP/TLS: the probe owns the stream, the agent sees bytes ---------------------
-
-enum StreamMsg {
-    Connected(StreamId, SocketAddr, StreamWriter),
-    Data(StreamId, Vec<u8>),
-    Failed(StreamId, String),
-}
-
-enum StreamWriter {
-    Tcp(TcpStream),
-    Tls(Arc<Mutex<TlsState>>),
-}
-
-struct TlsState {
-    conn: rustls::ClientConnection,
-    sock: TcpStream,
-}
-
-impl StreamWriter {
-    fn write(&mut self, data: &[u8]) -> anyhow::Result<()> {
-        match self {
-            Self::Tcp(s) => s.write_all(data).context("TURN TCP write")?,
-            Self::Tls(state) => {
-                let mut st = state
-                    .lock()
-                    .map_err(|_| anyhow::anyhow!("TLS lock poisoned"))?;
-                let TlsState { conn, sock } = &mut *st;
-                conn.writer().write_all(data)?;
-                while conn.wants_write() {
-                    conn.write_tls(sock).context("TURN TLS write")?;
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-fn spawn_stream(
-    id: StreamId,
-    addr: SocketAddr,
-    tls: bool,
-    pinned: Option<Vec<u8>>,
-    tx: Sender<StreamMsg>,
-) {
-    std::thread::spawn(move || {
-        if let Err(e) = stream_thread(id, addr, tls, pinned, &tx) {
-            let _ = tx.send(StreamMsg::Failed(id, format!("{e:#}")));
-        }
-    });
-}
-
-fn stream_thread(
-    id: StreamId,
-    addr: SocketAddr,
-    tls: bool,
-    pinned: Option<Vec<u8>>,
-    tx: &Sender<StreamMsg>,
-) -> anyhow::Result<()> {
-    let sock = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).context("connect")?;
-    sock.set_nodelay(true)?;
-    let local = sock.local_addr()?;
-    let mut reader = sock.try_clone()?;
-    let mut buf = vec![0u8; 65536];
-    if !tls {
-        tx.send(StreamMsg::Connected(id, local, StreamWriter::Tcp(sock)))?;
-        loop {
-            let n = reader.read(&mut buf)?;
-            if n == 0 {
-                bail!("closed by server");
-            }
-            tx.send(StreamMsg::Data(id, buf[..n].to_vec()))?;
-        }
-    }
-    let pinned = pinned.context("TLS TURN needs --turn-cert")?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(Pinned {
-            der: pinned,
-            algs: provider.signature_verification_algorithms,
-        }))
-        .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-    let conn = rustls::ClientConnection::new(Arc::new(config), name)?;
-    let state = Arc::new(Mutex::new(TlsState { conn, sock }));
-    {
-        let mut st = lock(&state)?;
-        let TlsState { conn, sock } = &mut *st;
-        while conn.wants_write() {
-            conn.write_tls(sock)?;
-        }
-    }
-    let mut connected = false;
-    loop {
-        let n = reader.read(&mut buf)?;
-        if n == 0 {
-            bail!("closed by server");
-        }
-        let mut plain = Vec::new();
-        let handshaking;
-        {
-            let mut st = lock(&state)?;
-            let TlsState { conn, sock } = &mut *st;
-            // read_tls takes at most what its buffer has room for: feed the whole read.
-            let mut rest = &buf[..n];
-            while !rest.is_empty() {
-                conn.read_tls(&mut rest)?;
-                conn.process_new_packets().context("TLS")?;
-                let _ = conn.reader().read_to_end(&mut plain);
-            }
-            while conn.wants_write() {
-                conn.write_tls(sock)?;
-            }
-            handshaking = conn.is_handshaking();
-        }
-        if !connected && !handshaking {
-            connected = true;
-            tx.send(StreamMsg::Connected(
-                id,
-                local,
-                StreamWriter::Tls(state.clone()),
-            ))?;
-        }
-        if !plain.is_empty() {
-            tx.send(StreamMsg::Data(id, plain))?;
-        }
-    }
-}
-
-/// Accepts exactly the lab's self-signed TURN certificate.
-#[derive(Debug)]
-struct Pinned {
-    der: Vec<u8>,
-    algs: rustls::crypto::WebPkiSupportedAlgorithms,
-}
-
-impl rustls::client::danger::ServerCertVerifier for Pinned {
-    fn verify_server_cert(
-        &self,
-        end_entity: &rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        if end_entity.as_ref() == self.der.as_slice() {
-            Ok(rustls::client::danger::ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General(
-                "TURN certificate is not the pinned one".into(),
-            ))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.algs.supported_schemes()
-    }
-}
-
-fn lock(s: &Mutex<TlsState>) -> anyhow::Result<std::sync::MutexGuard<'_, TlsState>> {
-    s.lock().map_err(|_| anyhow::anyhow!("TLS lock poisoned"))
 }
