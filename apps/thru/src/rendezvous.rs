@@ -568,12 +568,14 @@ impl ServerHost {
                 break None;
             }
         };
+        // Leave first: once `Ended` is seen the session is gone at the server too (a joiner
+        // arriving right after finds no session rather than one whose host is leaving).
+        let _ = timeout(Duration::from_secs(2), self.signal.leave()).await;
         if !reported {
             let _ = self.events.send(HostEvent::Ended { error: end }).await;
         } else if let Some(e) = end {
             debug!(%e, "session ended after pairing");
         }
-        let _ = timeout(Duration::from_secs(2), self.signal.leave()).await;
     }
 
     /// Sends one of our lines to `peer` (`None`: the app dropped that trickle).
