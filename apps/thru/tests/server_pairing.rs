@@ -122,6 +122,7 @@ async fn wrong_code_fails_on_both_sides_within_seconds_and_burns_the_code() {
         matches!(end, Some(PairError::TooManyFailures(1))),
         "{end:?}"
     );
+    // A hang guard: a wrong code fails within about a second; PATIENCE is 15 s.
     assert!(started.elapsed() < PATIENCE);
 
     // The session is gone: even the right code now finds nothing.

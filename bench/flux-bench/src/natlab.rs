@@ -82,13 +82,15 @@ enum Case {
     UdpBlocked,
     /// cone1 ↔ cone2 with 2% random drop on rcone1.
     Loss,
+    /// cone1 ↔ cone2 with 10% random drop on rcone1.
+    Loss10,
 }
 
 impl Case {
     fn sides(self) -> (&'static str, &'static str) {
         match self {
             Self::Lan => ("lan1", "lan2"),
-            Self::ConeCone | Self::Loss => ("cone1", "cone2"),
+            Self::ConeCone | Self::Loss | Self::Loss10 => ("cone1", "cone2"),
             Self::ConeSym => ("cone1", "sym2"),
             Self::SymSym => ("sym1", "sym2"),
             Self::UdpBlocked => ("fw", "cone2"),
@@ -99,7 +101,7 @@ impl Case {
     fn expected_kind(self) -> &'static str {
         match self {
             Self::Lan => "host",
-            Self::ConeCone | Self::Loss => "srflx",
+            Self::ConeCone | Self::Loss | Self::Loss10 => "srflx",
             Self::ConeSym | Self::SymSym | Self::UdpBlocked => "relay",
         }
     }
@@ -112,6 +114,16 @@ impl Case {
             Self::SymSym => "symmetric ↔ symmetric",
             Self::UdpBlocked => "UDP blocked, TURN TLS 443 ↔ cone",
             Self::Loss => "cone ↔ cone, 2% loss on rcone1",
+            Self::Loss10 => "cone ↔ cone, 10% loss on rcone1",
+        }
+    }
+
+    /// Random drop (percent) on rcone1 for this case.
+    fn loss_pct(self) -> Option<u32> {
+        match self {
+            Self::Loss => Some(2),
+            Self::Loss10 => Some(10),
+            _ => None,
         }
     }
 }
@@ -142,6 +154,35 @@ struct NatRow {
     runs: Vec<NatRun>,
     median_gbit_s: Option<f64>,
     median_connect_ms: Option<f64>,
+    /// Connect time over all runs (the later side's `path.connect_ms`).
+    connect_ms: Option<Quantiles>,
+    /// Runs that failed (each is reported; the case goes on).
+    failed: usize,
+}
+
+/// p50 / p90 / max of a sample (nearest rank).
+#[derive(Clone, Copy, Debug, Serialize)]
+struct Quantiles {
+    n: usize,
+    p50: f64,
+    p90: f64,
+    max: f64,
+}
+
+impl Quantiles {
+    fn of(mut v: Vec<f64>) -> Option<Self> {
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let rank = |q: f64| v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
+        Some(Self {
+            n: v.len(),
+            p50: rank(0.5),
+            p90: rank(0.9),
+            max: v[v.len() - 1],
+        })
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -197,10 +238,12 @@ pub fn run(a: &NatlabArgs) -> Result<()> {
             runs: Vec::new(),
             median_gbit_s: None,
             median_connect_ms: None,
+            connect_ms: None,
+            failed: 0,
         };
-        let loss = case == Case::Loss;
-        if loss {
-            lab.sh(&["loss", "rcone1", "2"])?;
+        let loss = case.loss_pct();
+        if let Some(pct) = loss {
+            lab.sh(&["loss", "rcone1", &pct.to_string()])?;
         }
         for i in 1..=a.runs {
             let dest = a.dir.join("natlab-dest");
@@ -236,22 +279,31 @@ pub fn run(a: &NatlabArgs) -> Result<()> {
                 }
                 Err(e) => {
                     eprintln!("   run {i}: failed: {e:#}");
+                    row.failed += 1;
                     row.skipped = Some(format!("failed: {e:#}"));
-                    break;
+                    // A broken case (no lab route at all) is not worth 30 time-outs.
+                    if row.runs.is_empty() && row.failed >= 3 {
+                        break;
+                    }
                 }
             }
         }
-        if loss {
+        if loss.is_some() {
             lab.sh(&["loss", "rcone1", "0"])?;
         }
         let _ = std::fs::remove_dir_all(a.dir.join("natlab-dest"));
         row.median_gbit_s = super::median(row.runs.iter().map(|r| r.gbit_s).collect());
-        row.median_connect_ms = super::median(
-            row.runs
-                .iter()
-                .filter_map(|r| r.joiner_connect_ms)
-                .collect(),
-        );
+        // The later of the two sides: the connection is usable when both selected.
+        let connect: Vec<f64> = row
+            .runs
+            .iter()
+            .filter_map(|r| match (r.host_connect_ms, r.joiner_connect_ms) {
+                (Some(h), Some(j)) => Some(h.max(j)),
+                (h, j) => h.or(j),
+            })
+            .collect();
+        row.median_connect_ms = super::median(connect.clone());
+        row.connect_ms = Quantiles::of(connect);
         rows.push(row);
     }
     let m = NatMatrix {
@@ -609,7 +661,11 @@ fn print_table(m: &NatMatrix) {
             println!("{:<34} skipped: {s}", r.label);
             continue;
         }
-        let runs: Vec<String> = r.runs.iter().map(|x| format!("{:.3}", x.gbit_s)).collect();
+        let runs: Vec<String> = if r.runs.len() <= 5 {
+            r.runs.iter().map(|x| format!("{:.3}", x.gbit_s)).collect()
+        } else {
+            vec![format!("{} runs", r.runs.len())]
+        };
         let med = r.median_gbit_s.unwrap_or(0.0);
         let Some(x) = r
             .runs
@@ -646,6 +702,18 @@ fn print_table(m: &NatMatrix) {
         );
         if let Some(s) = &r.skipped {
             println!("{:<34} then: {s}", "");
+        }
+    }
+    println!(
+        "\nconnect time (pairing done → pair selected on both sides), ms\n{:<34} {:>5} {:>7} {:>8} {:>8} {:>8}",
+        "case", "runs", "failed", "p50", "p90", "max"
+    );
+    for r in &m.rows {
+        if let Some(q) = r.connect_ms {
+            println!(
+                "{:<34} {:>5} {:>7} {:>8.0} {:>8.0} {:>8.0}",
+                r.label, q.n, r.failed, q.p50, q.p90, q.max
+            );
         }
     }
 }

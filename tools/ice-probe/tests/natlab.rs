@@ -41,8 +41,8 @@ impl Lab {
                 return None;
             }
         }
-        // why: labs are heavy (14 namespaces, coturn, 20 MiB transfers) on a 2-core machine
-        // and timing is part of what is measured: one at a time, across test processes too.
+        // why: labs are heavy (14 namespaces, coturn, 20 MiB transfers) on a 2-core machine:
+        // one at a time, across test processes too.
         let lock = File::create(std::env::temp_dir().join("thruflux-natlab-tests.lock")).unwrap();
         lock.lock().unwrap();
         let prefix = format!("{code}{:04}", std::process::id() % 10_000);
@@ -202,7 +202,9 @@ fn run_case(
     results
 }
 
-fn assert_route(results: &[(serde_json::Value, serde_json::Value)], route: &str, max_ms: u64) {
+/// Every run took `route`, on the same pair in both directions. Connect times are printed by
+/// [`run_case`], never asserted: they are measured as distributions by `flux-bench natlab`.
+fn assert_route(results: &[(serde_json::Value, serde_json::Value)], route: &str) {
     for (a, b) in results {
         assert_eq!(a["route"], route, "controlling: {a}");
         assert_eq!(b["route"], route, "controlled: {b}");
@@ -220,18 +222,12 @@ fn assert_route(results: &[(serde_json::Value, serde_json::Value)], route: &str,
             "pair differs: {a} / {b}"
         );
         for r in [a, b] {
-            let ms = r["connect_ms"].as_u64().unwrap();
-            assert!(ms <= max_ms, "connect took {ms} ms (limit {max_ms}): {r}");
+            assert!(r["connect_ms"].is_u64(), "no connect time reported: {r}");
         }
     }
 }
 
 const TURN_UDP: &str = "udp:198.51.100.2:3478";
-
-// why these limits: the targets are 1 s direct and 3 s relayed (issue 6); the assertions
-// leave head-room for a loaded 2-core CI machine, and every run prints the measured figure.
-const DIRECT_MS: u64 = 2_000;
-const RELAY_MS: u64 = 5_000;
 
 #[test]
 fn natlab_same_lan_uses_host_candidates() {
@@ -250,7 +246,7 @@ fn natlab_same_lan_uses_host_candidates() {
             extra: &["--turn", TURN_UDP],
         },
     );
-    assert_route(&r, "host", DIRECT_MS);
+    assert_route(&r, "host");
     for (a, _) in &r {
         assert_eq!(a["local"], "host");
         assert_eq!(a["remote"], "host");
@@ -275,7 +271,7 @@ fn natlab_cone_to_cone_hole_punches_without_relay() {
             extra: &["--turn", TURN_UDP],
         },
     );
-    assert_route(&r, "srflx", DIRECT_MS);
+    assert_route(&r, "srflx");
 }
 
 /// Relayed, by design of the lab's NATs: the cone router filters by address and port
@@ -302,7 +298,7 @@ fn natlab_cone_to_symmetric_relays() {
             extra: &["--turn", TURN_UDP],
         },
     );
-    assert_route(&r, "relay", RELAY_MS);
+    assert_route(&r, "relay");
 }
 
 #[test]
@@ -322,7 +318,7 @@ fn natlab_symmetric_to_symmetric_relays_through_turn() {
             extra: &["--turn", TURN_UDP],
         },
     );
-    assert_route(&r, "relay", RELAY_MS);
+    assert_route(&r, "relay");
 }
 
 /// The `fw` network lets only TCP 443 out: its probe reaches coturn over TLS on 443.
@@ -343,7 +339,7 @@ fn natlab_udp_blocked_relays_over_tls_443() {
             extra: &["--turn", TURN_UDP],
         },
     );
-    assert_route(&r, "relay", RELAY_MS);
+    assert_route(&r, "relay");
     for (a, _) in &r {
         assert_eq!(a["local"], "relay", "the blocked side must relay: {a}");
         assert_eq!(a["transport"], "tls");
@@ -368,7 +364,7 @@ fn natlab_turn_over_tcp() {
             extra: &[],
         },
     );
-    assert_route(&r, "relay", RELAY_MS);
+    assert_route(&r, "relay");
     for (a, _) in &r {
         assert_eq!(a["local"], "relay");
         assert_eq!(a["transport"], "tcp");
@@ -394,7 +390,7 @@ fn natlab_two_percent_loss_completes_intact() {
             extra: &["--turn", TURN_UDP],
         },
     );
-    assert_route(&r, "srflx", DIRECT_MS);
+    assert_route(&r, "srflx");
     for (a, _) in &r {
         // Loss happened and was repaired; the receiver checked every byte.
         assert!(a["repairs"].as_u64().unwrap() > 0, "{a}");
@@ -420,7 +416,7 @@ fn natlab_bad_turn_credentials_on_one_side_still_relays() {
             extra: &["--turn", TURN_UDP],
         },
     );
-    assert_route(&r, "relay", RELAY_MS);
+    assert_route(&r, "relay");
     for (a, b) in &r {
         assert_ne!(a["local"], "relay", "{a}");
         assert_eq!(b["local"], "relay", "{b}");
@@ -459,5 +455,7 @@ fn natlab_symmetric_without_turn_fails_with_the_cause() {
     }
     let took = started.elapsed();
     println!("no-turn: both sides failed with the cause after {took:?}");
-    assert!(took.as_secs() < 15, "{took:?}");
+    // A hang guard, not a timing check: both sides give up after their 4 s connect time-out
+    // (about 5 s with start-up); 60 s is over 10× that.
+    assert!(took.as_secs() < 60, "still running after {took:?}: hung?");
 }

@@ -20,6 +20,7 @@ use turn_client_proto::udp::TurnClientUdp;
 
 use crate::candidate::{Candidate, CandidateKind, check_remote_addr};
 use crate::demux::{Packet, classify};
+use crate::rto::RttEstimator;
 use crate::stun;
 
 turn_client_proto::impl_client!(TurnClient, (Udp, TurnClientUdp), (Tcp, TurnClientTcp));
@@ -176,11 +177,18 @@ pub struct Config {
     /// that wins a race against a lost direct check would otherwise carry traffic until the
     /// direct pair is renominated. Zero disables the hold.
     pub relay_hold: Duration,
+    /// Lowest retransmission time-out for connectivity checks. The RTO follows the measured
+    /// RTT (RFC 6298: `srtt + 4·rttvar`, from STUN-server queries and checks) between this
+    /// floor and 500 ms; before any sample it is 250 ms. While no pair is selected, a pair's
+    /// retransmissions back off to at most 4× the RTO (200 ms–1 s), so a lost check or
+    /// nomination costs one short wait, and earlier transactions stay valid: several checks
+    /// per pair are in flight on a lossy path.
+    pub check_rto_floor: Duration,
 }
 
 impl Config {
     /// Defaults: Ta 50 ms, 100 remote candidates, 10 s to connect, 30 s consent, relays held
-    /// back 500 ms.
+    /// back 500 ms, check RTO floor 50 ms.
     pub fn new(role: Role, credentials: Credentials, tie_breaker: u64) -> Self {
         Self {
             role,
@@ -194,6 +202,7 @@ impl Config {
             consent_timeout: Duration::from_secs(30),
             allow_loopback: false,
             relay_hold: Duration::from_millis(500),
+            check_rto_floor: Duration::from_millis(50),
         }
     }
 }
@@ -386,6 +395,8 @@ struct StunQuery {
     trans_id: [u8; 12],
     request: Vec<u8>,
     sent: u32,
+    /// When the latest transmission left (an RTT sample only when `sent == 1`: Karn).
+    last_sent: Instant,
     next: Instant,
     done: bool,
 }
@@ -442,6 +453,12 @@ pub struct Agent {
     transmits: VecDeque<Transmit>,
     app: VecDeque<AppDatagram>,
     stats: Stats,
+    /// RTT from STUN transactions; drives the check RTO.
+    rtt: RttEstimator,
+    /// Our recent Binding requests to the peer (transaction id, sent at), for RTT samples.
+    checks_in_flight: VecDeque<([u8; 12], Instant)>,
+    /// The retransmission timing last given to `is` (initial RTO, max RTO, retransmits).
+    timing: Option<(Duration, Duration, usize)>,
 }
 
 impl fmt::Debug for Agent {
@@ -483,6 +500,7 @@ impl Agent {
                 challenges: Vec::new(),
             })
             .collect();
+        let rtt = RttEstimator::new(config.check_rto_floor, CHECK_RTO_CEILING);
         let mut events = VecDeque::new();
         for (i, t) in turns.iter().enumerate() {
             if t.server.transport != TurnTransport::Udp {
@@ -493,7 +511,7 @@ impl Agent {
                 });
             }
         }
-        Self {
+        let mut agent = Self {
             config,
             ice,
             epoch: now,
@@ -518,7 +536,12 @@ impl Agent {
             transmits: VecDeque::new(),
             app: VecDeque::new(),
             stats: Stats::default(),
-        }
+            rtt,
+            checks_in_flight: VecDeque::new(),
+            timing: None,
+        };
+        agent.tune_checks();
+        agent
     }
 
     /// Adds the engine socket's local address on one interface (a host candidate) and starts
@@ -556,6 +579,7 @@ impl Agent {
                 trans_id,
                 request: stun::binding_request(trans_id),
                 sent: 0,
+                last_sent: now,
                 next: now,
                 done: false,
             });
@@ -982,6 +1006,7 @@ impl Agent {
             });
             q.next = now + Duration::from_millis(250) * (1 << q.sent);
             q.sent += 1;
+            q.last_sent = now;
         }
         // TURN clients.
         for i in 0..self.turns.len() {
@@ -1006,6 +1031,12 @@ impl Agent {
     fn drain_ice(&mut self, now: Instant) {
         while let Some(t) = self.ice.poll_transmit() {
             let data: Vec<u8> = t.contents.into();
+            if let Some(id) = stun::binding_request_id(&data) {
+                if self.checks_in_flight.len() >= MAX_CHECKS_TRACKED {
+                    self.checks_in_flight.pop_front();
+                }
+                self.checks_in_flight.push_back((id, now));
+            }
             if let Some(i) = self.turns.iter().position(|s| s.relayed == Some(t.source)) {
                 self.send_via_turn(i, now, t.destination, &data);
             } else {
@@ -1042,6 +1073,44 @@ impl Agent {
         if self.ice.state().is_connected() {
             self.last_check_response = Some(now);
         }
+    }
+
+    /// Gives `is` the check retransmission timing for the current RTT estimate and phase.
+    ///
+    /// Connecting: retransmissions back off only to 4× the RTO (200 ms–1 s), and the
+    /// retransmission count grows so that a pair still needs about [`PAIR_FAIL_AFTER`] of
+    /// silence to fail. `is` counts every attempt on a pair (answered or not) in its backoff,
+    /// so with its defaults (250 ms doubling to 3 s) a nomination lost after three good checks
+    /// waited 2 s. Selected: `is`'s defaults for keep-alives and failure detection, with the
+    /// measured RTO as the first step.
+    fn tune_checks(&mut self) {
+        let initial = self.rtt.rto().unwrap_or(DEFAULT_CHECK_RTO);
+        let (max, retransmits) = if self.selected.is_none() {
+            let max = (initial * 4).clamp(CONNECTING_MAX_RTO.0, CONNECTING_MAX_RTO.1);
+            let n = PAIR_FAIL_AFTER.as_millis().div_ceil(max.as_millis().max(1));
+            (
+                max,
+                usize::try_from(n).unwrap_or(usize::MAX).max(IS_RETRANSMITS),
+            )
+        } else {
+            (SELECTED_MAX_RTO, IS_RETRANSMITS)
+        };
+        let timing = (initial, max, retransmits);
+        if self.timing == Some(timing) {
+            return;
+        }
+        debug!(?initial, ?max, retransmits, srtt = ?self.rtt.srtt(), "check timing");
+        self.timing = Some(timing);
+        self.ice.set_initial_stun_rto(initial);
+        self.ice.set_max_stun_rto(max);
+        self.ice.set_max_stun_retransmits(retransmits);
+        self.ice_due = self.ice.poll_timeout().or(self.ice_due);
+    }
+
+    /// The smoothed RTT of our STUN transactions (STUN servers and checks), once measured.
+    #[must_use]
+    pub fn rtt(&self) -> Option<Duration> {
+        self.rtt.srtt()
     }
 
     fn select(&mut self, now: Instant, source: SocketAddr, destination: SocketAddr) {
@@ -1081,6 +1150,7 @@ impl Agent {
         }
         info!(?sel, "ICE pair selected");
         self.selected = Some(sel);
+        self.tune_checks();
         self.last_check_response = Some(now);
         if let Some(i) = relay_slot {
             let tnow = self.turn_now(now);
@@ -1137,6 +1207,11 @@ impl Agent {
         }
         q.done = true;
         let base = q.base;
+        if q.sent == 1 {
+            let rtt = now.saturating_duration_since(q.last_sent);
+            self.rtt.sample(rtt);
+            self.tune_checks();
+        }
         if mapped == base {
             debug!(%mapped, "no NAT towards the STUN server");
             return true;
@@ -1162,7 +1237,7 @@ impl Agent {
                 return;
             }
         };
-        self.feed_ice(now, from, local, message);
+        self.feed_ice(now, from, local, data, message);
     }
 
     fn feed_ice(
@@ -1170,8 +1245,13 @@ impl Agent {
         now: Instant,
         source: SocketAddr,
         destination: SocketAddr,
+        raw: &[u8],
         message: StunMessage<'_>,
     ) {
+        let answered = message
+            .is_successful_binding_response()
+            .then(|| stun::transaction_id(raw))
+            .flatten();
         let nominating = message.is_binding_request() && message.use_candidate();
         let packet = StunPacket {
             proto: Protocol::Udp,
@@ -1183,6 +1263,14 @@ impl Agent {
             self.stats.stun_refused += 1;
             debug!(%source, "STUN refused (bad integrity, unknown user or unexpected)");
             return;
+        }
+        // Only after `is` accepted it: a forged response must not shape our timers.
+        if let Some(id) = answered
+            && let Some(i) = self.checks_in_flight.iter().position(|(t, _)| *t == id)
+        {
+            let (_, sent) = self.checks_in_flight.remove(i).unwrap_or((id, now));
+            self.rtt.sample(now.saturating_duration_since(sent));
+            self.tune_checks();
         }
         if nominating && !self.ice.controlling() {
             self.nominated(now, destination, source);
@@ -1320,7 +1408,7 @@ impl Agent {
         match classify(inner, false) {
             Packet::Stun => {
                 if let Ok(message) = StunMessage::parse(inner) {
-                    self.feed_ice(now, peer, relayed, message);
+                    self.feed_ice(now, peer, relayed, inner, message);
                 }
                 Received::Handled
             }
@@ -1514,6 +1602,22 @@ const UNSPEC: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPEC
 const DEFAULT_MAX_REMOTE_CANDIDATES: usize = 100;
 /// Nominated pairs remembered by the controlled side (renominations are rare).
 const MAX_NOMINATIONS: usize = 16;
+/// Check RTO before any RTT sample (`is`'s default, libwebrtc's initial STUN RTO).
+const DEFAULT_CHECK_RTO: Duration = Duration::from_millis(250);
+/// The measured check RTO never exceeds this (RFC 8445 §14.3's 500 ms).
+const CHECK_RTO_CEILING: Duration = Duration::from_millis(500);
+/// While connecting, a pair's retransmissions back off to 4× the RTO, within these bounds.
+const CONNECTING_MAX_RTO: (Duration, Duration) =
+    (Duration::from_millis(200), Duration::from_secs(1));
+/// After selection: `is`'s default keep-alive interval and backoff cap.
+const SELECTED_MAX_RTO: Duration = Duration::from_secs(3);
+/// `is`'s default: unanswered checks before a pair fails.
+const IS_RETRANSMITS: usize = 9;
+/// While connecting, a pair fails after about this long without an answer (the peer's
+/// candidates and NAT bindings may take a while to arrive), however short the RTO.
+const PAIR_FAIL_AFTER: Duration = Duration::from_secs(8);
+/// Outgoing checks remembered for RTT samples.
+const MAX_CHECKS_TRACKED: usize = 128;
 /// A nominated pair with no check for this long is given up by the controlling side: `is`
 /// rechecks every pair at least every 3 s (its max RTO), so this is three missed rounds.
 const NOMINATION_SILENCE: Duration = Duration::from_secs(9);

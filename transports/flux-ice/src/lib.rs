@@ -106,6 +106,7 @@
 mod agent;
 mod candidate;
 mod demux;
+mod rto;
 mod stun;
 mod url;
 

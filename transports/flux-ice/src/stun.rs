@@ -23,6 +23,23 @@ pub(crate) fn binding_request(trans_id: [u8; 12]) -> Vec<u8> {
     m
 }
 
+/// The transaction id of any well-formed STUN message header.
+pub(crate) fn transaction_id(data: &[u8]) -> Option<[u8; 12]> {
+    let header = data.get(..20)?;
+    if header[4..8] != MAGIC.to_be_bytes() {
+        return None;
+    }
+    header[8..20].try_into().ok()
+}
+
+/// The transaction id of a Binding request (a connectivity check we are about to send).
+pub(crate) fn binding_request_id(data: &[u8]) -> Option<[u8; 12]> {
+    let kind = u16::from_be_bytes([*data.first()?, *data.get(1)?]);
+    (kind == BINDING_REQUEST)
+        .then(|| transaction_id(data))
+        .flatten()
+}
+
 /// The message type, error code and transaction id of a STUN error response (class 0b11), if
 /// `data` is one.
 pub(crate) fn error_response(data: &[u8]) -> Option<(u16, u16, [u8; 12])> {
