@@ -179,7 +179,7 @@ pub struct Config {
     pub relay_hold: Duration,
     /// Lowest retransmission time-out for connectivity checks. The RTO follows the measured
     /// RTT (RFC 6298: `srtt + 4·rttvar`, from STUN-server queries and checks) between this
-    /// floor and 500 ms; before any sample it is 250 ms. While no pair is selected, a pair's
+    /// floor and 500 ms; before any sample it is 100 ms. While no pair is selected, a pair's
     /// retransmissions back off to at most 4× the RTO (200 ms–1 s), so a lost check or
     /// nomination costs one short wait, and earlier transactions stay valid: several checks
     /// per pair are in flight on a lossy path.
@@ -392,11 +392,12 @@ pub struct Stats {
 struct StunQuery {
     base: SocketAddr,
     server: SocketAddr,
-    trans_id: [u8; 12],
-    request: Vec<u8>,
-    sent: u32,
-    /// When the latest transmission left (an RTT sample only when `sent == 1`: Karn).
-    last_sent: Instant,
+    /// Unique per query; each transmission carries its own transaction id (this plus the
+    /// attempt number), so a response times exactly the request it answers (no Karn
+    /// ambiguity: a lost first query still gives an RTT sample).
+    id: u32,
+    /// When each attempt left.
+    sent_at: Vec<Instant>,
     next: Instant,
     done: bool,
 }
@@ -568,18 +569,12 @@ impl Agent {
             if server.is_ipv4() != addr.is_ipv4() {
                 continue;
             }
-            // why: unique per query; the tie-breaker is the caller's randomness (sans-IO).
             self.query_counter += 1;
-            let mut trans_id = [0u8; 12];
-            trans_id[..8].copy_from_slice(&self.config.tie_breaker.to_le_bytes());
-            trans_id[8..].copy_from_slice(&self.query_counter.to_be_bytes());
             self.queries.push(StunQuery {
                 base: addr,
                 server,
-                trans_id,
-                request: stun::binding_request(trans_id),
-                sent: 0,
-                last_sent: now,
+                id: self.query_counter,
+                sent_at: Vec::new(),
                 next: now,
                 done: false,
             });
@@ -988,25 +983,25 @@ impl Agent {
     /// Runs everything that is due and moves outputs into the queues.
     fn process(&mut self, now: Instant) {
         // STUN queries for server-reflexive candidates: RFC 8489 §6.2.1 style retransmission,
-        // 250 ms doubling, 6 tries (about 8 s).
+        // 250 ms doubling, 6 tries (about 8 s), a new transaction id each time.
         for q in &mut self.queries {
             if q.done || now < q.next {
                 continue;
             }
-            if q.sent >= 6 {
+            if q.sent_at.len() >= STUN_QUERY_TRIES {
                 q.done = true;
                 info!(server = %q.server, "STUN server did not answer");
                 continue;
             }
+            let attempt = q.sent_at.len();
             self.transmits.push_back(Transmit {
                 stream: None,
                 from: q.base,
                 to: q.server,
-                data: q.request.clone(),
+                data: stun::binding_request(query_trans_id(self.config.tie_breaker, q.id, attempt)),
             });
-            q.next = now + Duration::from_millis(250) * (1 << q.sent);
-            q.sent += 1;
-            q.last_sent = now;
+            q.next = now + Duration::from_millis(250) * (1 << attempt);
+            q.sent_at.push(now);
         }
         // TURN clients.
         for i in 0..self.turns.len() {
@@ -1195,11 +1190,13 @@ impl Agent {
         let Some((trans_id, mapped)) = stun::binding_success(data) else {
             return false;
         };
-        let Some(q) = self
-            .queries
-            .iter_mut()
-            .find(|q| q.server == from && q.trans_id == trans_id)
-        else {
+        let tie_breaker = self.config.tie_breaker;
+        let Some((q, sent)) = self.queries.iter_mut().find_map(|q| {
+            let attempt = (0..q.sent_at.len())
+                .find(|&i| q.server == from && query_trans_id(tie_breaker, q.id, i) == trans_id)?;
+            let sent = q.sent_at[attempt];
+            Some((q, sent))
+        }) else {
             return false;
         };
         if q.done {
@@ -1207,11 +1204,8 @@ impl Agent {
         }
         q.done = true;
         let base = q.base;
-        if q.sent == 1 {
-            let rtt = now.saturating_duration_since(q.last_sent);
-            self.rtt.sample(rtt);
-            self.tune_checks();
-        }
+        self.rtt.sample(now.saturating_duration_since(sent));
+        self.tune_checks();
         if mapped == base {
             debug!(%mapped, "no NAT towards the STUN server");
             return true;
@@ -1602,8 +1596,10 @@ const UNSPEC: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPEC
 const DEFAULT_MAX_REMOTE_CANDIDATES: usize = 100;
 /// Nominated pairs remembered by the controlled side (renominations are rare).
 const MAX_NOMINATIONS: usize = 16;
-/// Check RTO before any RTT sample (`is`'s default, libwebrtc's initial STUN RTO).
-const DEFAULT_CHECK_RTO: Duration = Duration::from_millis(250);
+/// Check RTO before any RTT sample. Below `is`'s 250 ms: until a pair answers, the peer's
+/// NAT may still be closed and the first checks are expected to vanish; libwebrtc pings such
+/// not-yet-writable pairs every 48 ms. Checks are small and paced by Ta across pairs.
+const DEFAULT_CHECK_RTO: Duration = Duration::from_millis(100);
 /// The measured check RTO never exceeds this (RFC 8445 §14.3's 500 ms).
 const CHECK_RTO_CEILING: Duration = Duration::from_millis(500);
 /// While connecting, a pair's retransmissions back off to 4× the RTO, within these bounds.
@@ -1616,6 +1612,19 @@ const IS_RETRANSMITS: usize = 9;
 /// While connecting, a pair fails after about this long without an answer (the peer's
 /// candidates and NAT bindings may take a while to arrive), however short the RTO.
 const PAIR_FAIL_AFTER: Duration = Duration::from_secs(8);
+/// Transmissions of a STUN-server query (250 ms doubling: about 8 s).
+const STUN_QUERY_TRIES: usize = 6;
+
+/// The transaction id of attempt `attempt` of query `id`: the caller's random tie-breaker
+/// (sans-IO: no RNG here), the query and the attempt.
+fn query_trans_id(tie_breaker: u64, id: u32, attempt: usize) -> [u8; 12] {
+    let mut t = [0u8; 12];
+    t[..8].copy_from_slice(&tie_breaker.to_le_bytes());
+    t[8..11].copy_from_slice(&id.to_be_bytes()[1..]);
+    t[11] = u8::try_from(attempt).unwrap_or(u8::MAX);
+    t
+}
+
 /// Outgoing checks remembered for RTT samples.
 const MAX_CHECKS_TRACKED: usize = 128;
 /// A nominated pair with no check for this long is given up by the controlling side: `is`

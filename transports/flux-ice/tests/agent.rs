@@ -478,7 +478,8 @@ fn a_lost_nomination_costs_one_short_retransmission() {
 }
 
 /// 10 % random loss each way on a 5 ms path, 200 seeded runs: nine in ten connect within
-/// 600 ms of virtual time, and all of them connect.
+/// 400 ms of virtual time and all within 1 s (with `is`'s fixed timing: p90 605 ms, max
+/// 1.36 s; now p90 205 ms, max 410 ms).
 #[test]
 fn checks_under_ten_percent_loss_connect_fast() {
     let mut times = Vec::new();
@@ -502,5 +503,6 @@ fn checks_under_ten_percent_loss_connect_fast() {
         times[times.len() / 2],
         times[times.len() - 1]
     );
-    assert!(p90 < Duration::from_millis(600), "{times:?}");
+    assert!(p90 < Duration::from_millis(400), "{times:?}");
+    assert!(times[times.len() - 1] < Duration::from_secs(1), "{times:?}");
 }
