@@ -26,6 +26,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use clap::ValueEnum;
+use flux_peer::disk::ModePolicy;
 use flux_peer::ice::IceSetup;
 use flux_peer::net::{self, Command, Control, Driver, NetConfig, NetEvent, NetReport};
 use flux_quic::{AllowList, Fingerprint, Identity, TransportParams};
@@ -66,6 +67,8 @@ pub enum Job {
         yes: bool,
         /// Allow overwriting (`--force`).
         force: bool,
+        /// Keep the sender's permission bits (`--keep-modes`).
+        keep_modes: bool,
     },
 }
 
@@ -456,7 +459,13 @@ pub fn run_transfer(
     job: &TransferJob,
     ui: &Ui,
 ) -> Result<Summary, TransferError> {
-    let Job::Receive { out, yes, force } = &job.job else {
+    let Job::Receive {
+        out,
+        yes,
+        force,
+        keep_modes,
+    } = &job.job
+    else {
         return Err(TransferError::Failed(
             "run_transfer receives; a host serves through HostEngine".into(),
         ));
@@ -466,6 +475,11 @@ pub fn run_transfer(
     let mut cfg = net_config(job);
     cfg.auto_accept = false;
     cfg.receiver.overwrite = *force;
+    cfg.modes = if *keep_modes {
+        ModePolicy::Keep
+    } else {
+        ModePolicy::Safe
+    };
     cfg.client_identity = Some(job.identity.clone());
     cfg.connect_timeout = Duration::from_secs(5);
     if let (Some(trickle), Some(servers)) = (trickle, &job.tuning.ice) {

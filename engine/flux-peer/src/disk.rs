@@ -7,14 +7,18 @@
 //! - data goes to `.<name>.thrupart` with its resume sidecar `.<name>.thrupart.state` beside it,
 //!   and reaches its final name only when the whole file is verified;
 //! - the final step never replaces an existing entry unless the transfer allows it (a hard link
-//!   is attempted first, which fails atomically if the name is taken).
+//!   is attempted first, which fails atomically if the name is taken);
+//! - received modes lose setuid, setgid and sticky bits, then the receiver's umask and the group
+//!   and world write bits unless [`ModePolicy::Keep`] is chosen (see [`received_mode`]);
+//! - a directory that existed before the transfer keeps its mode and times: only directories
+//!   this transfer created take the sender's values.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -91,21 +95,74 @@ impl SourceFiles {
     }
 }
 
+/// How the sender's permission bits become the received entries' modes.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub enum ModePolicy {
+    /// The default: the sender's bits less the receiver's umask, and never group- or
+    /// world-writable.
+    #[default]
+    Safe,
+    /// The sender's read/write/execute bits as sent (`thru join --keep-modes`), umask
+    /// ignored, as `tar -p` does.
+    Keep,
+}
+
+/// The mode a received file or directory is given: setuid, setgid and sticky bits are always
+/// dropped; with [`ModePolicy::Safe`], so are the bits of `umask` and group and world write.
+pub fn received_mode(sent: u32, umask: u32, policy: ModePolicy) -> u32 {
+    let bits = sent & 0o777;
+    match policy {
+        ModePolicy::Keep => bits,
+        ModePolicy::Safe => bits & !(umask & 0o777) & !0o022,
+    }
+}
+
+/// This process's umask, read once from `/proc/self/status` (reading it with `umask(2)` would
+/// briefly change it for every thread). Where that is unavailable, `022` is assumed, which the
+/// safe policy's no-group/world-write rule already implies.
+pub fn process_umask() -> u32 {
+    static UMASK: OnceLock<u32> = OnceLock::new();
+    *UMASK.get_or_init(|| {
+        fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Umask:"))
+                    .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+            })
+            .unwrap_or(0o022)
+    })
+}
+
 /// Performs a receiver's writes under a destination directory.
 #[derive(Debug)]
 pub struct Destination {
     root: PathBuf,
     manifest: Arc<Manifest>,
     open: HashMap<u32, (File, File)>,
+    modes: ModePolicy,
+    umask: u32,
+    /// Directories (relative paths) this transfer created; only these take the sender's mode
+    /// and times in [`Destination::finish`].
+    created: HashSet<String>,
 }
 
 impl Destination {
-    /// Entries of `manifest` land under `root`, which must exist.
+    /// Entries of `manifest` land under `root`, which must exist; modes follow
+    /// [`ModePolicy::Safe`].
     pub fn new(root: PathBuf, manifest: Arc<Manifest>) -> Self {
+        Self::with_modes(root, manifest, ModePolicy::Safe)
+    }
+
+    /// As [`Destination::new`], with the given mode policy.
+    pub fn with_modes(root: PathBuf, manifest: Arc<Manifest>, modes: ModePolicy) -> Self {
         Self {
             root,
             manifest,
             open: HashMap::new(),
+            modes,
+            umask: process_umask(),
+            created: HashSet::new(),
         }
     }
 
@@ -144,7 +201,7 @@ impl Destination {
                 continue;
             }
             let i = i as u32;
-            let Some((dir, name)) = self.locate(e, false)? else {
+            let Some((dir, name)) = locate(&self.root, e, None)? else {
                 continue;
             };
             let final_path = dir.join(name);
@@ -285,9 +342,14 @@ impl Destination {
         let target = dir.join(name);
         match e.kind {
             EntryKind::Dir => match fs::symlink_metadata(&target) {
+                // An existing directory is used as it is: its mode and times stay the user's.
                 Ok(md) if md.is_dir() => Ok(()),
                 Ok(_) => Err(DiskFailure::Exists(e.path.clone())),
-                Err(_) => fs::create_dir(&target).map_err(|err| io_err("mkdir", &target, &err)),
+                Err(_) => {
+                    fs::create_dir(&target).map_err(|err| io_err("mkdir", &target, &err))?;
+                    self.created.insert(e.path.clone());
+                    Ok(())
+                }
             },
             EntryKind::Symlink => {
                 if fs::symlink_metadata(&target).is_ok() {
@@ -309,8 +371,10 @@ impl Destination {
                 };
                 pf.set_len(e.size)
                     .map_err(|err| io_err("truncate", &part, &err))?;
-                pf.set_permissions(fs::Permissions::from_mode(e.mode & 0o777))
-                    .map_err(|err| io_err("chmod", &part, &err))?;
+                pf.set_permissions(fs::Permissions::from_mode(received_mode(
+                    e.mode, self.umask, self.modes,
+                )))
+                .map_err(|err| io_err("chmod", &part, &err))?;
                 pf.set_modified(to_system_time(e.mtime))
                     .map_err(|err| io_err("set mtime", &part, &err))?;
                 drop(pf);
@@ -334,6 +398,11 @@ impl Destination {
         // Deepest first: setting a child's time must not be undone by touching its parent.
         dirs.sort_by_key(|e| std::cmp::Reverse(e.path.matches('/').count()));
         for e in dirs {
+            if !self.created.contains(&e.path) {
+                // It existed before this transfer (or an earlier, interrupted one made it):
+                // never re-permission or re-time a directory the user already had.
+                continue;
+            }
             let p = self.root.join(&e.path);
             let md = fs::symlink_metadata(&p).map_err(|err| io_err("stat", &p, &err))?;
             if !md.is_dir() {
@@ -342,7 +411,8 @@ impl Destination {
                     e.path
                 )));
             }
-            fs::set_permissions(&p, fs::Permissions::from_mode((e.mode & 0o777) | 0o700))
+            let mode = received_mode(e.mode, self.umask, self.modes) | 0o700;
+            fs::set_permissions(&p, fs::Permissions::from_mode(mode))
                 .map_err(|err| io_err("chmod", &p, &err))?;
             let f = File::open(&p).map_err(|err| io_err("open", &p, &err))?;
             f.set_modified(to_system_time(e.mtime))
@@ -361,36 +431,52 @@ impl Destination {
     /// must be a real directory (not a link). With `create`, missing ones are made; without,
     /// `None` means one is missing.
     fn locate<'e>(
-        &self,
+        &mut self,
         e: &'e Entry,
         create: bool,
     ) -> Result<Option<(PathBuf, &'e str)>, DiskFailure> {
-        let mut parts: Vec<&str> = e.path.split('/').collect();
-        let name = parts.pop().unwrap_or_default();
-        let mut dir = self.root.clone();
-        for p in parts {
-            dir.push(p);
-            match fs::symlink_metadata(&dir) {
-                Ok(md) if md.file_type().is_symlink() => {
-                    return Err(DiskFailure::Io(format!(
-                        "{}: refusing to follow the symbolic link at {}",
-                        e.path,
-                        dir.display()
-                    )));
-                }
-                Ok(md) if md.is_dir() => {}
-                Ok(_) => return Err(DiskFailure::Exists(dir.display().to_string())),
-                Err(err) if err.kind() == io::ErrorKind::NotFound => {
-                    if !create {
-                        return Ok(None);
-                    }
-                    fs::create_dir(&dir).map_err(|err| io_err("mkdir", &dir, &err))?;
-                }
-                Err(err) => return Err(io_err("stat", &dir, &err)),
-            }
-        }
-        Ok(Some((dir, name)))
+        locate(&self.root, e, create.then_some(&mut self.created))
     }
+}
+
+/// [`Destination::locate`] on `root`; with `created`, missing directories are made and their
+/// relative paths recorded there.
+fn locate<'e>(
+    root: &Path,
+    e: &'e Entry,
+    mut created: Option<&mut HashSet<String>>,
+) -> Result<Option<(PathBuf, &'e str)>, DiskFailure> {
+    let mut parts: Vec<&str> = e.path.split('/').collect();
+    let name = parts.pop().unwrap_or_default();
+    let mut dir = root.to_path_buf();
+    let mut rel = String::new();
+    for p in parts {
+        dir.push(p);
+        if !rel.is_empty() {
+            rel.push('/');
+        }
+        rel.push_str(p);
+        match fs::symlink_metadata(&dir) {
+            Ok(md) if md.file_type().is_symlink() => {
+                return Err(DiskFailure::Io(format!(
+                    "{}: refusing to follow the symbolic link at {}",
+                    e.path,
+                    dir.display()
+                )));
+            }
+            Ok(md) if md.is_dir() => {}
+            Ok(_) => return Err(DiskFailure::Exists(dir.display().to_string())),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                let Some(created) = created.as_deref_mut() else {
+                    return Ok(None);
+                };
+                fs::create_dir(&dir).map_err(|err| io_err("mkdir", &dir, &err))?;
+                created.insert(rel.clone());
+            }
+            Err(err) => return Err(io_err("stat", &dir, &err)),
+        }
+    }
+    Ok(Some((dir, name)))
 }
 
 /// Moves `from` to `to`, replacing an existing `to` only when allowed.
