@@ -167,3 +167,38 @@ fn mode_rule() {
     assert_eq!(received_mode(0o666, 0o002, ModePolicy::Safe), 0o644);
     assert_eq!(received_mode(0o7777, 0o077, ModePolicy::Keep), 0o777);
 }
+
+fn link(path: &str, target: &str) -> Entry {
+    Entry {
+        link_target: target.into(),
+        ..entry(path, EntryKind::Symlink, 0, 0o777)
+    }
+}
+
+/// Issue 13's reproduction: `l1` climbs ten levels from `a1/…/a10` (inside), and `notes.txt`
+/// passes through `l1` and climbs eleven more (lexically inside, really `/etc/passwd`). The
+/// share must be refused, naming the link and its target; before the fix it was laid out and
+/// `notes.txt` resolved outside the destination.
+#[test]
+fn link_chain_cannot_reach_outside_the_destination() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    fs::create_dir(&out).unwrap();
+    let l1 = "a1/a2/a3/a4/a5/a6/a7/a8/a9/a10/l1";
+    let target = format!("{l1}/{}/etc/passwd", [".."; 11].join("/"));
+    let entries = vec![
+        link(l1, &[".."; 10].join("/")),
+        link("notes.txt", &target),
+    ];
+    match receive(&out, entries, ModePolicy::Safe) {
+        Err(e) => {
+            assert!(e.contains("notes.txt"), "{e}");
+            assert!(e.contains(&target), "{e}");
+        }
+        Ok(()) => panic!(
+            "the chain was laid out: notes.txt resolves to {:?}",
+            fs::canonicalize(out.join("notes.txt"))
+        ),
+    }
+    assert!(fs::symlink_metadata(out.join("notes.txt")).is_err());
+}
