@@ -37,7 +37,9 @@ use rand::RngCore;
 use crate::cli::Exit;
 use crate::pairing::Paired;
 use crate::rendezvous::Trickle;
-use crate::ui::{self, Offer, OfferedFile, Route, RoutePath, Summary, TransferProgress, Ui};
+use crate::ui::{
+    self, Offer, OfferedFile, OfferedLink, Route, RoutePath, Summary, TransferProgress, Ui,
+};
 
 /// Which I/O driver the engine uses.
 #[derive(Clone, Copy, Debug, Default, Eq, PartialEq, ValueEnum)]
@@ -682,6 +684,15 @@ fn decide(
             .map(|e| OfferedFile {
                 name: e.path.clone(),
                 size: e.size,
+            })
+            .collect(),
+        links: manifest
+            .entries()
+            .iter()
+            .filter(|e| e.kind == EntryKind::Symlink)
+            .map(|e| OfferedLink {
+                name: e.path.clone(),
+                target: e.link_target.clone(),
             })
             .collect(),
     };

@@ -145,6 +145,8 @@ pub struct Destination {
     /// Directories (relative paths) this transfer created; only these take the sender's mode
     /// and times in [`Destination::finish`].
     created: HashSet<String>,
+    /// Paths of the share's links, gathered at the first link put in place.
+    links: Option<HashSet<String>>,
 }
 
 impl Destination {
@@ -163,6 +165,7 @@ impl Destination {
             modes,
             umask: process_umask(),
             created: HashSet::new(),
+            links: None,
         }
     }
 
@@ -352,6 +355,7 @@ impl Destination {
                 }
             },
             EntryKind::Symlink => {
+                self.check_link_path(&e)?;
                 if fs::symlink_metadata(&target).is_ok() {
                     if !replace {
                         return Err(DiskFailure::Exists(e.path.clone()));
@@ -417,6 +421,60 @@ impl Destination {
             let f = File::open(&p).map_err(|err| io_err("open", &p, &err))?;
             f.set_modified(to_system_time(e.mtime))
                 .map_err(|err| io_err("set mtime", &p, &err))?;
+        }
+        Ok(())
+    }
+
+    /// Refuses link `e` when its target, resolved lexically from the link's directory, passes
+    /// through or ends at a symbolic link already under the destination that is not one of the
+    /// share's own links (whose targets the manifest checked): such a link could point anywhere.
+    fn check_link_path(&mut self, e: &Entry) -> Result<(), DiskFailure> {
+        let links = self.links.get_or_insert_with(|| {
+            self.manifest
+                .entries()
+                .iter()
+                .filter(|e| e.kind == EntryKind::Symlink)
+                .map(|e| e.path.clone())
+                .collect()
+        });
+        let refuse = |why: String| {
+            DiskFailure::Io(format!(
+                "link {} -> {}: {why}",
+                flux_transfer::path::Escaped(&e.path),
+                flux_transfer::path::Escaped(&e.link_target)
+            ))
+        };
+        let mut at: Vec<&str> = e.path.split('/').collect();
+        at.pop();
+        let parts: Vec<&str> = e
+            .link_target
+            .split('/')
+            .filter(|p| !matches!(*p, "" | "."))
+            .collect();
+        for (i, part) in parts.iter().enumerate() {
+            if *part == ".." {
+                if at.pop().is_none() {
+                    return Err(refuse("leads outside the destination".into()));
+                }
+                continue;
+            }
+            at.push(part);
+            let rel = at.join("/");
+            let p = self.root.join(&rel);
+            match fs::symlink_metadata(&p) {
+                Ok(md) if md.file_type().is_symlink() => {
+                    if i + 1 == parts.len() && links.contains(&rel) {
+                        continue;
+                    }
+                    return Err(refuse(format!(
+                        "passes through {}, a symbolic link already under the destination",
+                        p.display()
+                    )));
+                }
+                Ok(md) if md.is_dir() => {}
+                // A file, or nothing yet: nothing further can be a link already there.
+                _ => break,
+            }
         }
         Ok(())
     }

@@ -186,10 +186,7 @@ fn link_chain_cannot_reach_outside_the_destination() {
     fs::create_dir(&out).unwrap();
     let l1 = "a1/a2/a3/a4/a5/a6/a7/a8/a9/a10/l1";
     let target = format!("{l1}/{}/etc/passwd", [".."; 11].join("/"));
-    let entries = vec![
-        link(l1, &[".."; 10].join("/")),
-        link("notes.txt", &target),
-    ];
+    let entries = vec![link(l1, &[".."; 10].join("/")), link("notes.txt", &target)];
     match receive(&out, entries, ModePolicy::Safe) {
         Err(e) => {
             assert!(e.contains("notes.txt"), "{e}");
@@ -201,4 +198,43 @@ fn link_chain_cannot_reach_outside_the_destination() {
         ),
     }
     assert!(fs::symlink_metadata(out.join("notes.txt")).is_err());
+}
+
+/// A link of the share must not lead through a link the receiver already has under `--out`
+/// (here `outside -> /etc`): the manifest cannot see it, the receiver can.
+#[test]
+fn link_through_an_existing_link_under_the_destination_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    fs::create_dir(&out).unwrap();
+    std::os::unix::fs::symlink("/etc", out.join("outside")).unwrap();
+    let err = receive(
+        &out,
+        vec![link("notes.txt", "outside/passwd")],
+        ModePolicy::Safe,
+    );
+    match err {
+        Err(e) => {
+            assert!(e.contains("notes.txt -> outside/passwd"), "{e}");
+            assert!(e.contains("outside"), "{e}");
+        }
+        Ok(()) => panic!(
+            "notes.txt resolves to {:?}",
+            fs::canonicalize(out.join("notes.txt"))
+        ),
+    }
+    // Links of the share itself, pointing at each other's last component, are fine.
+    let ok = tmp.path().join("ok");
+    fs::create_dir(&ok).unwrap();
+    receive(
+        &ok,
+        vec![
+            link("b", "a"),
+            entry("d", EntryKind::Dir, 0, 0o755),
+            link("a", "d"),
+            link("d/c", "../b"),
+        ],
+        ModePolicy::Safe,
+    )
+    .unwrap();
 }
