@@ -5,7 +5,9 @@
 //!   `lstat` and created if missing, and a symbolic link anywhere under the destination is
 //!   refused, never followed;
 //! - data goes to `.<name>.thrupart` with its resume sidecar `.<name>.thrupart.state` beside it,
-//!   and reaches its final name only when the whole file is verified;
+//!   both created exclusively (`O_EXCL`, `O_NOFOLLOW`) and, when resumed, used only if they are
+//!   regular files with a single link; it reaches its final name only when the whole file is
+//!   verified;
 //! - the final step never replaces an existing entry unless the transfer allows it (a hard link
 //!   is attempted first, which fails atomically if the name is taken);
 //! - received modes lose setuid, setgid and sticky bits, then the receiver's umask and the group
@@ -15,8 +17,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -231,7 +233,7 @@ impl Destination {
                 Err(err) => return Err(io_err("stat", &final_path, &err)),
             }
             let (part, state) = partial_names(&dir, name);
-            let (Ok(bytes), Ok(pf)) = (fs::read(&state), open_nofollow(&part, false)) else {
+            let (Ok(bytes), Ok(pf)) = (read_private(&state), open_private(&part, false)) else {
                 continue;
             };
             let recorded = match sidecar::parse(&bytes, e, cs) {
@@ -290,21 +292,12 @@ impl Destination {
                 .locate(&e, true)?
                 .ok_or_else(|| DiskFailure::Io("no parent".into()))?;
             let (part, state) = partial_names(&dir, name);
-            let pf = open_nofollow(&part, true).map_err(|err| io_err("open", &part, &err))?;
-            let mut sf = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .mode(0o600)
-                .open(&state)
-                .map_err(|err| io_err("open", &state, &err))?;
-            let len = sf
-                .metadata()
-                .map_err(|err| io_err("stat", &state, &err))?
-                .len();
-            let valid = len >= sidecar::HEADER_LEN as u64
-                && fs::read(&state)
-                    .is_ok_and(|b| sidecar::parse(&b, &e, self.manifest.chunk_size()).is_ok());
+            let pf = open_private(&part, true).map_err(|err| io_err("open", &part, &err))?;
+            let mut sf = open_private_append(&state).map_err(|err| io_err("open", &state, &err))?;
+            let mut bytes = Vec::new();
+            let valid = (&sf).read_to_end(&mut bytes).is_ok()
+                && bytes.len() >= sidecar::HEADER_LEN
+                && sidecar::parse(&bytes, &e, self.manifest.chunk_size()).is_ok();
             if !valid {
                 // A fresh start: an unusable sidecar describes nothing worth keeping.
                 sf.set_len(0)
@@ -369,9 +362,7 @@ impl Destination {
                 let (part, state) = partial_names(&dir, name);
                 let pf = match self.open.remove(&file) {
                     Some((pf, _)) => pf,
-                    None => {
-                        open_nofollow(&part, true).map_err(|err| io_err("open", &part, &err))?
-                    }
+                    None => open_private(&part, true).map_err(|err| io_err("open", &part, &err))?,
                 };
                 pf.set_len(e.size)
                     .map_err(|err| io_err("truncate", &part, &err))?;
@@ -569,14 +560,60 @@ fn partial_names(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     (dir.join(&base), dir.join(format!("{base}.state")))
 }
 
-fn open_nofollow(p: &Path, create: bool) -> io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(create)
-        .create(create)
-        .custom_flags(libc::O_NOFOLLOW)
-        .mode(0o600)
-        .open(p)
+/// Opens a partial file or sidecar: never through a symbolic link (`O_NOFOLLOW`), never
+/// blocking on a FIFO (`O_NONBLOCK`, no effect on regular files). With `write`, a new file is
+/// created exclusively (`O_CREAT|O_EXCL`, mode 0600); an existing one (a resume) must then be a
+/// regular file with a single link, so that a hard link planted by another local user to one
+/// of the receiving user's files is never written through.
+fn open_private(p: &Path, write: bool) -> io::Result<File> {
+    let mut o = OpenOptions::new();
+    o.read(true)
+        .write(write)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .mode(0o600);
+    private(open_exclusive_or_existing(&o, p, write)?)
+}
+
+/// [`open_private`] for appending (the sidecar), readable too.
+fn open_private_append(p: &Path) -> io::Result<File> {
+    let mut o = OpenOptions::new();
+    o.read(true)
+        .append(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .mode(0o600);
+    private(open_exclusive_or_existing(&o, p, true)?)
+}
+
+fn open_exclusive_or_existing(o: &OpenOptions, p: &Path, create: bool) -> io::Result<File> {
+    if create {
+        match o.clone().create_new(true).open(p) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            other => return other,
+        }
+    }
+    o.open(p)
+}
+
+/// `f` if it is a regular file with exactly one link.
+fn private(f: File) -> io::Result<File> {
+    let md = f.metadata()?;
+    if !md.file_type().is_file() {
+        return Err(io::Error::other("not a regular file; refusing to use it"));
+    }
+    if md.nlink() != 1 {
+        return Err(io::Error::other(format!(
+            "has {} hard links; refusing to write through a link",
+            md.nlink()
+        )));
+    }
+    Ok(f)
+}
+
+/// The whole of a sidecar, read under [`open_private`]'s rules.
+fn read_private(p: &Path) -> io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    open_private(p, false)?.read_to_end(&mut buf)?;
+    Ok(buf)
 }
 
 fn read_exact(f: &File, off: u64, len: u32, p: &Path) -> Result<Vec<u8>, DiskFailure> {

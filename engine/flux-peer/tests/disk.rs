@@ -238,3 +238,31 @@ fn link_through_an_existing_link_under_the_destination_is_refused() {
     )
     .unwrap();
 }
+
+/// A local user who can write in `--out` plants the partial file (or its sidecar) as a hard
+/// link to a file of the receiving user's: the receiver must refuse to write through it, and
+/// the victim must keep its bytes.
+#[test]
+fn hard_linked_partial_files_are_not_written_through() {
+    for planted in [".f.thrupart", ".f.thrupart.state"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        fs::create_dir(&out).unwrap();
+        let victim = tmp.path().join("victim");
+        fs::write(&victim, "precious bytes").unwrap();
+        fs::hard_link(&victim, out.join(planted)).unwrap();
+        let res = receive(
+            &out,
+            vec![entry("f", EntryKind::File, 3, 0o644)],
+            ModePolicy::Safe,
+        );
+        assert_eq!(
+            fs::read_to_string(&victim).unwrap(),
+            "precious bytes",
+            "{planted}: written through a hard link"
+        );
+        let e = res.expect_err(planted);
+        assert!(e.contains(planted), "{planted}: {e}");
+        assert!(e.contains("link"), "{planted}: {e}");
+    }
+}
