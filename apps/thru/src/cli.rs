@@ -166,6 +166,13 @@ pub struct JoinArgs {
     #[arg(long, env = "THRU_FORCE")]
     pub force: bool,
 
+    /// Give received files and new directories the sender's permission bits as sent,
+    /// including group- and world-writable ones, ignoring your umask. Without it your umask
+    /// applies and nothing is made group- or world-writable. Setuid, setgid and sticky bits
+    /// are never set, and directories that already exist are never changed.
+    #[arg(long, env = "THRU_KEEP_MODES")]
+    pub keep_modes: bool,
+
     /// LAN: the host's pairing address (IP or IP:PORT, as the host prints), skipping mDNS.
     #[arg(long, env = "THRU_PEER", value_parser = parse_peer, value_name = "ADDR")]
     pub peer: Option<SocketAddr>,

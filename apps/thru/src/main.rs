@@ -246,6 +246,7 @@ async fn join(args: JoinArgs, ui: &Ui) -> anyhow::Result<()> {
             out: args.out.clone(),
             yes: args.yes,
             force: args.force,
+            keep_modes: args.keep_modes,
         },
         &args.net,
         None,

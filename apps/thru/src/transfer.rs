@@ -26,6 +26,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use clap::ValueEnum;
+use flux_peer::disk::ModePolicy;
 use flux_peer::ice::IceSetup;
 use flux_peer::net::{self, Command, Control, Driver, NetConfig, NetEvent, NetReport};
 use flux_quic::{AllowList, Fingerprint, Identity, TransportParams};
@@ -36,7 +37,9 @@ use rand::RngCore;
 use crate::cli::Exit;
 use crate::pairing::Paired;
 use crate::rendezvous::Trickle;
-use crate::ui::{self, Offer, OfferedFile, Route, RoutePath, Summary, TransferProgress, Ui};
+use crate::ui::{
+    self, Offer, OfferedFile, OfferedLink, Route, RoutePath, Summary, TransferProgress, Ui,
+};
 
 /// Which I/O driver the engine uses.
 #[derive(Clone, Copy, Debug, Default, Eq, PartialEq, ValueEnum)]
@@ -66,6 +69,8 @@ pub enum Job {
         yes: bool,
         /// Allow overwriting (`--force`).
         force: bool,
+        /// Keep the sender's permission bits (`--keep-modes`).
+        keep_modes: bool,
     },
 }
 
@@ -456,7 +461,13 @@ pub fn run_transfer(
     job: &TransferJob,
     ui: &Ui,
 ) -> Result<Summary, TransferError> {
-    let Job::Receive { out, yes, force } = &job.job else {
+    let Job::Receive {
+        out,
+        yes,
+        force,
+        keep_modes,
+    } = &job.job
+    else {
         return Err(TransferError::Failed(
             "run_transfer receives; a host serves through HostEngine".into(),
         ));
@@ -466,6 +477,11 @@ pub fn run_transfer(
     let mut cfg = net_config(job);
     cfg.auto_accept = false;
     cfg.receiver.overwrite = *force;
+    cfg.modes = if *keep_modes {
+        ModePolicy::Keep
+    } else {
+        ModePolicy::Safe
+    };
     cfg.client_identity = Some(job.identity.clone());
     cfg.connect_timeout = Duration::from_secs(5);
     if let (Some(trickle), Some(servers)) = (trickle, &job.tuning.ice) {
@@ -668,6 +684,15 @@ fn decide(
             .map(|e| OfferedFile {
                 name: e.path.clone(),
                 size: e.size,
+            })
+            .collect(),
+        links: manifest
+            .entries()
+            .iter()
+            .filter(|e| e.kind == EntryKind::Symlink)
+            .map(|e| OfferedLink {
+                name: e.path.clone(),
+                target: e.link_target.clone(),
             })
             .collect(),
     };

@@ -122,11 +122,22 @@ pub struct OfferedFile {
     pub size: u64,
 }
 
+/// One offered symbolic link, as the receiver's prompt shows it.
+#[derive(Clone, Debug, Eq, PartialEq, Serialize)]
+pub struct OfferedLink {
+    /// Relative path of the link (untrusted: printed escaped).
+    pub name: String,
+    /// Where it points, as sent (untrusted: printed escaped).
+    pub target: String,
+}
+
 /// What the sender offers.
 #[derive(Clone, Debug, Default, Eq, PartialEq, Serialize)]
 pub struct Offer {
     /// Files (directories are implied by paths).
     pub files: Vec<OfferedFile>,
+    /// Symbolic links, every one listed with its target.
+    pub links: Vec<OfferedLink>,
 }
 
 impl Offer {
@@ -568,6 +579,13 @@ pub fn describe_offer(offer: &Offer, limit: usize) -> String {
     if offer.files.len() > limit {
         let _ = writeln!(s, "  … and {} more", offer.files.len() - limit);
     }
+    if !offer.links.is_empty() {
+        // Every link, uncut: where each points matters more than how many there are.
+        let _ = writeln!(s, "links:");
+        for l in &offer.links {
+            let _ = writeln!(s, "  {} -> {}", safe_name(&l.name), safe_name(&l.target));
+        }
+    }
     let n = offer.files.len();
     let _ = writeln!(
         s,
@@ -791,6 +809,7 @@ mod tests {
                     size: 3 << 30,
                 },
             ],
+            links: Vec::new(),
         }
     }
 
@@ -821,6 +840,32 @@ mod tests {
     }
 
     #[test]
+    fn links_are_listed_with_their_targets() {
+        let mut o = offer();
+        o.links = (0..50)
+            .map(|i| OfferedLink {
+                name: format!("l{i}"),
+                target: format!("../t{i}"),
+            })
+            .collect();
+        o.links.push(OfferedLink {
+            name: "notes.txt".into(),
+            target: "a1/l1/../etc/passwd\u{1b}[2J".into(),
+        });
+        let text = describe_offer(&o, 40);
+        assert!(text.contains("links:\n"), "{text}");
+        assert!(
+            text.contains("  l49 -> ../t49\n"),
+            "every link is listed: {text}"
+        );
+        assert!(
+            text.contains("  notes.txt -> a1/l1/../etc/passwd\\u{1b}[2J\n"),
+            "{text}"
+        );
+        assert!(!text.contains('\u{1b}'), "{text:?}");
+    }
+
+    #[test]
     fn default_is_no() {
         for answer in ["\n", "", "n\n", "nope\n", "Y es\n"] {
             assert!(!ask(false, true, answer).0.unwrap(), "{answer:?}");
@@ -847,6 +892,7 @@ mod tests {
                     size: 1,
                 })
                 .collect(),
+            links: Vec::new(),
         };
         let text = describe_offer(&o, 40);
         assert!(text.contains("… and 60 more"), "{text}");

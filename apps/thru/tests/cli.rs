@@ -62,6 +62,7 @@ fn completions_name_every_subcommand_and_flag() {
         "--cores",
         "--yes",
         "--force",
+        "--keep-modes",
         "--json",
         "--peer",
     ] {

@@ -5,16 +5,22 @@
 //!   `lstat` and created if missing, and a symbolic link anywhere under the destination is
 //!   refused, never followed;
 //! - data goes to `.<name>.thrupart` with its resume sidecar `.<name>.thrupart.state` beside it,
-//!   and reaches its final name only when the whole file is verified;
+//!   both created exclusively (`O_EXCL`, `O_NOFOLLOW`) and, when resumed, used only if they are
+//!   regular files with a single link; it reaches its final name only when the whole file is
+//!   verified;
 //! - the final step never replaces an existing entry unless the transfer allows it (a hard link
-//!   is attempted first, which fails atomically if the name is taken).
+//!   is attempted first, which fails atomically if the name is taken);
+//! - received modes lose setuid, setgid and sticky bits, then the receiver's umask and the group
+//!   and world write bits unless [`ModePolicy::Keep`] is chosen (see [`received_mode`]);
+//! - a directory that existed before the transfer keeps its mode and times: only directories
+//!   this transfer created take the sender's values.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -91,21 +97,77 @@ impl SourceFiles {
     }
 }
 
+/// How the sender's permission bits become the received entries' modes.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub enum ModePolicy {
+    /// The default: the sender's bits less the receiver's umask, and never group- or
+    /// world-writable.
+    #[default]
+    Safe,
+    /// The sender's read/write/execute bits as sent (`thru join --keep-modes`), umask
+    /// ignored, as `tar -p` does.
+    Keep,
+}
+
+/// The mode a received file or directory is given: setuid, setgid and sticky bits are always
+/// dropped; with [`ModePolicy::Safe`], so are the bits of `umask` and group and world write.
+pub fn received_mode(sent: u32, umask: u32, policy: ModePolicy) -> u32 {
+    let bits = sent & 0o777;
+    match policy {
+        ModePolicy::Keep => bits,
+        ModePolicy::Safe => bits & !(umask & 0o777) & !0o022,
+    }
+}
+
+/// This process's umask, read once from `/proc/self/status` (reading it with `umask(2)` would
+/// briefly change it for every thread). Where that is unavailable, `022` is assumed, which the
+/// safe policy's no-group/world-write rule already implies.
+pub fn process_umask() -> u32 {
+    static UMASK: OnceLock<u32> = OnceLock::new();
+    *UMASK.get_or_init(|| {
+        fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Umask:"))
+                    .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+            })
+            .unwrap_or(0o022)
+    })
+}
+
 /// Performs a receiver's writes under a destination directory.
 #[derive(Debug)]
 pub struct Destination {
     root: PathBuf,
     manifest: Arc<Manifest>,
     open: HashMap<u32, (File, File)>,
+    modes: ModePolicy,
+    umask: u32,
+    /// Directories (relative paths) this transfer created; only these take the sender's mode
+    /// and times in [`Destination::finish`].
+    created: HashSet<String>,
+    /// Paths of the share's links, gathered at the first link put in place.
+    links: Option<HashSet<String>>,
 }
 
 impl Destination {
-    /// Entries of `manifest` land under `root`, which must exist.
+    /// Entries of `manifest` land under `root`, which must exist; modes follow
+    /// [`ModePolicy::Safe`].
     pub fn new(root: PathBuf, manifest: Arc<Manifest>) -> Self {
+        Self::with_modes(root, manifest, ModePolicy::Safe)
+    }
+
+    /// As [`Destination::new`], with the given mode policy.
+    pub fn with_modes(root: PathBuf, manifest: Arc<Manifest>, modes: ModePolicy) -> Self {
         Self {
             root,
             manifest,
             open: HashMap::new(),
+            modes,
+            umask: process_umask(),
+            created: HashSet::new(),
+            links: None,
         }
     }
 
@@ -144,7 +206,7 @@ impl Destination {
                 continue;
             }
             let i = i as u32;
-            let Some((dir, name)) = self.locate(e, false)? else {
+            let Some((dir, name)) = locate(&self.root, e, None)? else {
                 continue;
             };
             let final_path = dir.join(name);
@@ -171,7 +233,7 @@ impl Destination {
                 Err(err) => return Err(io_err("stat", &final_path, &err)),
             }
             let (part, state) = partial_names(&dir, name);
-            let (Ok(bytes), Ok(pf)) = (fs::read(&state), open_nofollow(&part, false)) else {
+            let (Ok(bytes), Ok(pf)) = (read_private(&state), open_private(&part, false)) else {
                 continue;
             };
             let recorded = match sidecar::parse(&bytes, e, cs) {
@@ -230,21 +292,12 @@ impl Destination {
                 .locate(&e, true)?
                 .ok_or_else(|| DiskFailure::Io("no parent".into()))?;
             let (part, state) = partial_names(&dir, name);
-            let pf = open_nofollow(&part, true).map_err(|err| io_err("open", &part, &err))?;
-            let mut sf = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .mode(0o600)
-                .open(&state)
-                .map_err(|err| io_err("open", &state, &err))?;
-            let len = sf
-                .metadata()
-                .map_err(|err| io_err("stat", &state, &err))?
-                .len();
-            let valid = len >= sidecar::HEADER_LEN as u64
-                && fs::read(&state)
-                    .is_ok_and(|b| sidecar::parse(&b, &e, self.manifest.chunk_size()).is_ok());
+            let pf = open_private(&part, true).map_err(|err| io_err("open", &part, &err))?;
+            let mut sf = open_private_append(&state).map_err(|err| io_err("open", &state, &err))?;
+            let mut bytes = Vec::new();
+            let valid = (&sf).read_to_end(&mut bytes).is_ok()
+                && bytes.len() >= sidecar::HEADER_LEN
+                && sidecar::parse(&bytes, &e, self.manifest.chunk_size()).is_ok();
             if !valid {
                 // A fresh start: an unusable sidecar describes nothing worth keeping.
                 sf.set_len(0)
@@ -285,11 +338,17 @@ impl Destination {
         let target = dir.join(name);
         match e.kind {
             EntryKind::Dir => match fs::symlink_metadata(&target) {
+                // An existing directory is used as it is: its mode and times stay the user's.
                 Ok(md) if md.is_dir() => Ok(()),
                 Ok(_) => Err(DiskFailure::Exists(e.path.clone())),
-                Err(_) => fs::create_dir(&target).map_err(|err| io_err("mkdir", &target, &err)),
+                Err(_) => {
+                    fs::create_dir(&target).map_err(|err| io_err("mkdir", &target, &err))?;
+                    self.created.insert(e.path.clone());
+                    Ok(())
+                }
             },
             EntryKind::Symlink => {
+                self.check_link_path(&e)?;
                 if fs::symlink_metadata(&target).is_ok() {
                     if !replace {
                         return Err(DiskFailure::Exists(e.path.clone()));
@@ -303,14 +362,14 @@ impl Destination {
                 let (part, state) = partial_names(&dir, name);
                 let pf = match self.open.remove(&file) {
                     Some((pf, _)) => pf,
-                    None => {
-                        open_nofollow(&part, true).map_err(|err| io_err("open", &part, &err))?
-                    }
+                    None => open_private(&part, true).map_err(|err| io_err("open", &part, &err))?,
                 };
                 pf.set_len(e.size)
                     .map_err(|err| io_err("truncate", &part, &err))?;
-                pf.set_permissions(fs::Permissions::from_mode(e.mode & 0o777))
-                    .map_err(|err| io_err("chmod", &part, &err))?;
+                pf.set_permissions(fs::Permissions::from_mode(received_mode(
+                    e.mode, self.umask, self.modes,
+                )))
+                .map_err(|err| io_err("chmod", &part, &err))?;
                 pf.set_modified(to_system_time(e.mtime))
                     .map_err(|err| io_err("set mtime", &part, &err))?;
                 drop(pf);
@@ -334,6 +393,11 @@ impl Destination {
         // Deepest first: setting a child's time must not be undone by touching its parent.
         dirs.sort_by_key(|e| std::cmp::Reverse(e.path.matches('/').count()));
         for e in dirs {
+            if !self.created.contains(&e.path) {
+                // It existed before this transfer (or an earlier, interrupted one made it):
+                // never re-permission or re-time a directory the user already had.
+                continue;
+            }
             let p = self.root.join(&e.path);
             let md = fs::symlink_metadata(&p).map_err(|err| io_err("stat", &p, &err))?;
             if !md.is_dir() {
@@ -342,11 +406,66 @@ impl Destination {
                     e.path
                 )));
             }
-            fs::set_permissions(&p, fs::Permissions::from_mode((e.mode & 0o777) | 0o700))
+            let mode = received_mode(e.mode, self.umask, self.modes) | 0o700;
+            fs::set_permissions(&p, fs::Permissions::from_mode(mode))
                 .map_err(|err| io_err("chmod", &p, &err))?;
             let f = File::open(&p).map_err(|err| io_err("open", &p, &err))?;
             f.set_modified(to_system_time(e.mtime))
                 .map_err(|err| io_err("set mtime", &p, &err))?;
+        }
+        Ok(())
+    }
+
+    /// Refuses link `e` when its target, resolved lexically from the link's directory, passes
+    /// through or ends at a symbolic link already under the destination that is not one of the
+    /// share's own links (whose targets the manifest checked): such a link could point anywhere.
+    fn check_link_path(&mut self, e: &Entry) -> Result<(), DiskFailure> {
+        let links = self.links.get_or_insert_with(|| {
+            self.manifest
+                .entries()
+                .iter()
+                .filter(|e| e.kind == EntryKind::Symlink)
+                .map(|e| e.path.clone())
+                .collect()
+        });
+        let refuse = |why: String| {
+            DiskFailure::Io(format!(
+                "link {} -> {}: {why}",
+                flux_transfer::path::Escaped(&e.path),
+                flux_transfer::path::Escaped(&e.link_target)
+            ))
+        };
+        let mut at: Vec<&str> = e.path.split('/').collect();
+        at.pop();
+        let parts: Vec<&str> = e
+            .link_target
+            .split('/')
+            .filter(|p| !matches!(*p, "" | "."))
+            .collect();
+        for (i, part) in parts.iter().enumerate() {
+            if *part == ".." {
+                if at.pop().is_none() {
+                    return Err(refuse("leads outside the destination".into()));
+                }
+                continue;
+            }
+            at.push(part);
+            let rel = at.join("/");
+            let p = self.root.join(&rel);
+            match fs::symlink_metadata(&p) {
+                Ok(md) if md.file_type().is_symlink() => {
+                    if i + 1 == parts.len() && links.contains(&rel) {
+                        continue;
+                    }
+                    return Err(refuse(format!(
+                        "passes through {}, a symbolic link already under the destination",
+                        p.display()
+                    )));
+                }
+                Ok(md) if md.is_dir() => {}
+                // A file, or nothing yet: nothing further can be a link already there.
+                _ => break,
+            }
         }
         Ok(())
     }
@@ -361,36 +480,52 @@ impl Destination {
     /// must be a real directory (not a link). With `create`, missing ones are made; without,
     /// `None` means one is missing.
     fn locate<'e>(
-        &self,
+        &mut self,
         e: &'e Entry,
         create: bool,
     ) -> Result<Option<(PathBuf, &'e str)>, DiskFailure> {
-        let mut parts: Vec<&str> = e.path.split('/').collect();
-        let name = parts.pop().unwrap_or_default();
-        let mut dir = self.root.clone();
-        for p in parts {
-            dir.push(p);
-            match fs::symlink_metadata(&dir) {
-                Ok(md) if md.file_type().is_symlink() => {
-                    return Err(DiskFailure::Io(format!(
-                        "{}: refusing to follow the symbolic link at {}",
-                        e.path,
-                        dir.display()
-                    )));
-                }
-                Ok(md) if md.is_dir() => {}
-                Ok(_) => return Err(DiskFailure::Exists(dir.display().to_string())),
-                Err(err) if err.kind() == io::ErrorKind::NotFound => {
-                    if !create {
-                        return Ok(None);
-                    }
-                    fs::create_dir(&dir).map_err(|err| io_err("mkdir", &dir, &err))?;
-                }
-                Err(err) => return Err(io_err("stat", &dir, &err)),
-            }
-        }
-        Ok(Some((dir, name)))
+        locate(&self.root, e, create.then_some(&mut self.created))
     }
+}
+
+/// [`Destination::locate`] on `root`; with `created`, missing directories are made and their
+/// relative paths recorded there.
+fn locate<'e>(
+    root: &Path,
+    e: &'e Entry,
+    mut created: Option<&mut HashSet<String>>,
+) -> Result<Option<(PathBuf, &'e str)>, DiskFailure> {
+    let mut parts: Vec<&str> = e.path.split('/').collect();
+    let name = parts.pop().unwrap_or_default();
+    let mut dir = root.to_path_buf();
+    let mut rel = String::new();
+    for p in parts {
+        dir.push(p);
+        if !rel.is_empty() {
+            rel.push('/');
+        }
+        rel.push_str(p);
+        match fs::symlink_metadata(&dir) {
+            Ok(md) if md.file_type().is_symlink() => {
+                return Err(DiskFailure::Io(format!(
+                    "{}: refusing to follow the symbolic link at {}",
+                    e.path,
+                    dir.display()
+                )));
+            }
+            Ok(md) if md.is_dir() => {}
+            Ok(_) => return Err(DiskFailure::Exists(dir.display().to_string())),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                let Some(created) = created.as_deref_mut() else {
+                    return Ok(None);
+                };
+                fs::create_dir(&dir).map_err(|err| io_err("mkdir", &dir, &err))?;
+                created.insert(rel.clone());
+            }
+            Err(err) => return Err(io_err("stat", &dir, &err)),
+        }
+    }
+    Ok(Some((dir, name)))
 }
 
 /// Moves `from` to `to`, replacing an existing `to` only when allowed.
@@ -425,14 +560,60 @@ fn partial_names(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     (dir.join(&base), dir.join(format!("{base}.state")))
 }
 
-fn open_nofollow(p: &Path, create: bool) -> io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(create)
-        .create(create)
-        .custom_flags(libc::O_NOFOLLOW)
-        .mode(0o600)
-        .open(p)
+/// Opens a partial file or sidecar: never through a symbolic link (`O_NOFOLLOW`), never
+/// blocking on a FIFO (`O_NONBLOCK`, no effect on regular files). With `write`, a new file is
+/// created exclusively (`O_CREAT|O_EXCL`, mode 0600); an existing one (a resume) must then be a
+/// regular file with a single link, so that a hard link planted by another local user to one
+/// of the receiving user's files is never written through.
+fn open_private(p: &Path, write: bool) -> io::Result<File> {
+    let mut o = OpenOptions::new();
+    o.read(true)
+        .write(write)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .mode(0o600);
+    private(open_exclusive_or_existing(&o, p, write)?)
+}
+
+/// [`open_private`] for appending (the sidecar), readable too.
+fn open_private_append(p: &Path) -> io::Result<File> {
+    let mut o = OpenOptions::new();
+    o.read(true)
+        .append(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .mode(0o600);
+    private(open_exclusive_or_existing(&o, p, true)?)
+}
+
+fn open_exclusive_or_existing(o: &OpenOptions, p: &Path, create: bool) -> io::Result<File> {
+    if create {
+        match o.clone().create_new(true).open(p) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            other => return other,
+        }
+    }
+    o.open(p)
+}
+
+/// `f` if it is a regular file with exactly one link.
+fn private(f: File) -> io::Result<File> {
+    let md = f.metadata()?;
+    if !md.file_type().is_file() {
+        return Err(io::Error::other("not a regular file; refusing to use it"));
+    }
+    if md.nlink() != 1 {
+        return Err(io::Error::other(format!(
+            "has {} hard links; refusing to write through a link",
+            md.nlink()
+        )));
+    }
+    Ok(f)
+}
+
+/// The whole of a sidecar, read under [`open_private`]'s rules.
+fn read_private(p: &Path) -> io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    open_private(p, false)?.read_to_end(&mut buf)?;
+    Ok(buf)
 }
 
 fn read_exact(f: &File, off: u64, len: u32, p: &Path) -> Result<Vec<u8>, DiskFailure> {

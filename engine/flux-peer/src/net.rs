@@ -46,7 +46,7 @@ use flux_transfer::{
 };
 use flux_udp::{GRO_BUF_LEN, RecvMeta, UdpSocket};
 
-use crate::disk::{Destination, SourceFiles};
+use crate::disk::{Destination, ModePolicy, SourceFiles};
 use crate::exec::{DiskExec, DiskStats};
 use crate::ice::{IceSetup, Link, LinkNote};
 use crate::session::{Session, Side};
@@ -110,6 +110,8 @@ pub struct NetConfig {
     pub receiver: ReceiverConfig,
     /// Receiver: accept the offer without asking (else wait for [`Command::Accept`]).
     pub auto_accept: bool,
+    /// Receiver: how the sender's modes apply to received entries.
+    pub modes: ModePolicy,
     /// Host: most receivers connected at once; more are refused.
     pub max_receivers: usize,
     /// Host: stop after this many transfers ended (`None`: serve until cancelled).
@@ -132,6 +134,7 @@ impl Default for NetConfig {
             sender: SenderConfig::default(),
             receiver: ReceiverConfig::default(),
             auto_accept: true,
+            modes: ModePolicy::Safe,
             max_receivers: 10,
             serve: Some(1),
             connect_timeout: Duration::from_secs(10),
@@ -1109,7 +1112,7 @@ impl Worker {
             let Some(m) = s.machine.manifest().cloned() else {
                 return;
             };
-            let d = Destination::new(dest_root.clone(), m.clone());
+            let d = Destination::with_modes(dest_root.clone(), m.clone(), self.cfg.modes);
             let scanned = d.scan();
             *dest = Some(d);
             match scanned {

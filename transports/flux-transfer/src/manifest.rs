@@ -366,6 +366,17 @@ impl Assembler {
                 actual: self.total,
             });
         }
+        // Links are checked together once all are known: a chain can be split in any order.
+        let links: Vec<(&str, &str)> = self
+            .entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::Symlink)
+            .map(|e| (e.path.as_str(), e.link_target.as_str()))
+            .collect();
+        path::check_link_chains(&links).map_err(|(path, source)| ManifestError::Path {
+            path: path.to_owned(),
+            source,
+        })?;
         Ok(Manifest {
             entries: self.entries,
             chunk_size: self.chunk_size,

@@ -6,13 +6,24 @@
 //! forbids, and no component may be a Windows device name or end in a dot or space. The checks
 //! are lexical; the driver additionally refuses to follow any symbolic link already present under
 //! the destination.
+//!
+//! Symbolic links are checked twice: each target on its own ([`validate_link_target`]), then all
+//! of a share's links together ([`check_link_chains`]). A target is resolved lexically against
+//! the tree the share lays out, and refused when it leaves the destination or when it passes
+//! *through* another link of the share (`l1/../x` where `l1` is a link): a lexical `..` after a
+//! link is not what the kernel does, which follows the link first. Such chains are refused
+//! rather than followed; a link whose *last* component is another link of the share is allowed,
+//! since that link's own target is checked the same way.
 
+use std::collections::HashMap;
 use std::fmt;
 
 /// Longest component accepted, in bytes (the common `NAME_MAX`).
 pub const MAX_COMPONENT_BYTES: usize = 255;
 /// Deepest path accepted, in components.
 pub const MAX_DEPTH: usize = 256;
+/// Longest link target accepted, in bytes (Linux refuses longer ones: `PATH_MAX` - 1).
+pub const MAX_LINK_TARGET_BYTES: usize = 4095;
 
 /// Why a path was refused.
 #[derive(Clone, Debug, Eq, PartialEq, thiserror::Error)]
@@ -45,6 +56,17 @@ pub enum PathError {
     /// A symbolic link whose target is absolute or leaves the destination.
     #[error("link target {0:?} leads outside the destination")]
     LinkEscapes(String),
+    /// A symbolic link whose target passes through another link of the same share.
+    #[error(
+        "link target {target:?} passes through {via:?}, another link of the share (link chains \
+         are refused)"
+    )]
+    LinkThroughLink {
+        /// The target, as received.
+        target: String,
+        /// The link of the share it passes through.
+        via: String,
+    },
 }
 
 /// Checks a received relative path and returns its components.
@@ -75,6 +97,9 @@ pub fn validate_link_target(link_path: &str, target: &str) -> Result<(), PathErr
     if target.starts_with('/') {
         return Err(escapes());
     }
+    if target.len() > MAX_LINK_TARGET_BYTES {
+        return Err(PathError::TooLong);
+    }
     // Depth of the directory holding the link.
     let mut depth: usize = link_path.split('/').count().saturating_sub(1);
     for part in target.split('/') {
@@ -85,6 +110,68 @@ pub fn validate_link_target(link_path: &str, target: &str) -> Result<(), PathErr
                 validate_component(p)?;
                 depth += 1;
             }
+        }
+    }
+    Ok(())
+}
+
+/// Checks a share's links together, given as `(link path, target)` pairs that each passed
+/// [`validate`] and [`validate_link_target`]: each target is resolved lexically against the tree
+/// the share lays out, and refused if it leaves the destination or passes through another of
+/// these links (see the module documentation). On refusal, returns the link's path and why.
+///
+/// Cost: linear in the bytes of the links' paths and targets.
+pub fn check_link_chains<'a>(links: &[(&'a str, &'a str)]) -> Result<(), (&'a str, PathError)> {
+    if links.is_empty() {
+        return Ok(());
+    }
+    // A trie of the links' paths: node 0 is the destination; `link` marks a link's node.
+    let mut children: HashMap<(usize, &str), usize> = HashMap::new();
+    let mut link: Vec<Option<&str>> = vec![None];
+    for (path, _) in links {
+        let mut node = 0;
+        for part in path.split('/') {
+            let next = link.len();
+            node = *children.entry((node, part)).or_insert(next);
+            if node == next {
+                link.push(None);
+            }
+        }
+        link[node] = Some(path);
+    }
+    for &(path, target) in links {
+        let refuse = |source| Err((path, source));
+        // Where resolution stands: one item per level below the destination, holding the trie
+        // node when the level is part of some link's path (`None`: no link lies below).
+        let mut stack: Vec<Option<usize>> = Vec::new();
+        let mut parts: Vec<&str> = path.split('/').collect();
+        parts.pop();
+        for part in parts {
+            let up = stack.last().copied().unwrap_or(Some(0));
+            stack.push(up.and_then(|n| children.get(&(n, part)).copied()));
+        }
+        // The link just stepped onto, if any: anything but the end after it is refused.
+        let mut on_link: Option<&str> = None;
+        for part in target.split('/') {
+            if matches!(part, "" | ".") {
+                continue;
+            }
+            if let Some(via) = on_link {
+                return refuse(PathError::LinkThroughLink {
+                    target: target.to_owned(),
+                    via: via.to_owned(),
+                });
+            }
+            if part == ".." {
+                if stack.pop().is_none() {
+                    return refuse(PathError::LinkEscapes(target.to_owned()));
+                }
+                continue;
+            }
+            let up = stack.last().copied().unwrap_or(Some(0));
+            let node = up.and_then(|n| children.get(&(n, part)).copied());
+            on_link = node.and_then(|n| link.get(n).copied().flatten());
+            stack.push(node);
         }
     }
     Ok(())
@@ -218,6 +305,44 @@ mod tests {
         assert_eq!(
             validate_link_target("a/link", "../../x"),
             Err(PathError::LinkEscapes("../../x".into()))
+        );
+    }
+
+    #[test]
+    fn link_chains_are_refused_by_name() {
+        let deep = "a1/a2/a3/a4/a5/a6/a7/a8/a9/a10";
+        let l1 = format!("{deep}/l1");
+        let up10 = [".."; 10].join("/");
+        let through = format!("{l1}/{}/etc/passwd", [".."; 11].join("/"));
+        // Each target alone stays inside lexically...
+        assert!(validate_link_target(&l1, &up10).is_ok());
+        assert!(validate_link_target("notes.txt", &through).is_ok());
+        // ...but together the second passes through the first.
+        let err = check_link_chains(&[(&l1, &up10), ("notes.txt", &through)]).unwrap_err();
+        assert_eq!(
+            err,
+            (
+                "notes.txt",
+                PathError::LinkThroughLink {
+                    target: through.clone(),
+                    via: l1.clone()
+                }
+            )
+        );
+        // Order does not matter.
+        assert!(check_link_chains(&[("notes.txt", &through), (&l1, &up10)]).is_err());
+        // `..` right after a link is the same trap.
+        assert!(check_link_chains(&[("d/l", "../x"), ("m", "d/l/..")]).is_err());
+        // Paths that only share a prefix with a link, and links ending at a link, are fine.
+        assert!(check_link_chains(&[("d/l", "../x"), ("m", "d/lx/../y"), ("n", "d/l")]).is_ok());
+        assert!(check_link_chains(&[("a/b/l", "../../c"), ("x", "./a/./b/../b/l")]).is_ok());
+        assert_eq!(
+            check_link_chains(&[("a/l", "../../x")]),
+            Err(("a/l", PathError::LinkEscapes("../../x".into())))
+        );
+        assert_eq!(
+            validate_link_target("l", &"a/".repeat(3000)),
+            Err(PathError::TooLong)
         );
     }
 

@@ -182,6 +182,26 @@ fn link_leading_outside_is_refused() {
     assert!(msg.contains("leads outside"), "{msg}");
 }
 
+/// Issue 13, item 2: each link alone stays inside lexically, but `notes.txt` passes through
+/// `l1` (itself ten levels up), which the kernel follows: together they reach `/etc/passwd`.
+#[test]
+fn link_chain_through_another_link_is_refused_naming_both() {
+    let link = |path: &str, target: &str| Entry {
+        kind: EntryKind::Symlink,
+        link_target: target.into(),
+        ..file(path, 0)
+    };
+    let l1 = "a1/a2/a3/a4/a5/a6/a7/a8/a9/a10/l1";
+    let target = format!("{l1}/{}/etc/passwd", [".."; 11].join("/"));
+    let msg = manifest_err(vec![
+        link("notes.txt", &target),
+        link(l1, &[".."; 10].join("/")),
+    ]);
+    assert!(msg.contains("\"notes.txt\""), "must name the link: {msg}");
+    assert!(msg.contains(&target), "must name its target: {msg}");
+    assert!(msg.contains(l1), "must name the link passed through: {msg}");
+}
+
 #[test]
 fn chunk_beyond_end_and_wrong_length_are_refused() {
     let control = frames(&manifest(vec![file("f", 100)]));

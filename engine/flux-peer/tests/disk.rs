@@ -1,0 +1,268 @@
+//! The receiver's disk rules against a hostile manifest, on real files in a temporary
+//! directory: what a sender may and may not do to the destination.
+
+#![allow(clippy::unwrap_used)]
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use flux_peer::disk::{Destination, ModePolicy, process_umask, received_mode};
+use flux_transfer::digest::chunk_hash;
+use flux_transfer::{DiskOp, DiskResult, Manifest, OpId};
+use flux_wire::{Entry, EntryKind, Timestamp};
+
+const CHUNK: u32 = 64 << 10;
+
+fn entry(path: &str, kind: EntryKind, size: u64, mode: u32) -> Entry {
+    Entry {
+        path: path.into(),
+        kind,
+        size,
+        // 2001-09-09: far from now, so a re-timed directory shows.
+        mtime: Timestamp {
+            secs: 1_000_000_000,
+            nanos: 0,
+        },
+        mode,
+        link_target: String::new(),
+    }
+}
+
+/// Puts every entry of `entries` in place under `root` as a receiver would (files get
+/// `contents`), then finishes; returns the first failure.
+fn receive(root: &Path, entries: Vec<Entry>, policy: ModePolicy) -> Result<(), String> {
+    let m = Arc::new(Manifest::new(entries, CHUNK).map_err(|e| e.to_string())?);
+    let mut d = Destination::with_modes(root.to_path_buf(), m.clone(), policy);
+    let mut id = 0;
+    let mut next = || {
+        id += 1;
+        OpId(id)
+    };
+    let run = |d: &mut Destination, op: DiskOp| match d.execute(op).1 {
+        Ok(DiskResult::Done) => Ok(()),
+        Ok(other) => Err(format!("unexpected result {other:?}")),
+        Err(e) => Err(e.to_string()),
+    };
+    for (i, e) in m.entries().iter().enumerate() {
+        let file = i as u32;
+        if e.kind == EntryKind::File && e.size > 0 {
+            let data = vec![b'x'; e.size as usize];
+            let op = DiskOp::WriteChunk {
+                id: next(),
+                file,
+                index: 0,
+                offset: 0,
+                hash: chunk_hash(&data),
+                data: data.into(),
+            };
+            run(&mut d, op)?;
+        }
+        let op = DiskOp::Finalize {
+            id: next(),
+            file,
+            replace: false,
+        };
+        run(&mut d, op)?;
+    }
+    run(&mut d, DiskOp::Finish { id: next() })
+}
+
+fn mode(p: &Path) -> u32 {
+    fs::symlink_metadata(p).unwrap().mode() & 0o7777
+}
+
+/// A share naming a directory the receiver already has (`.ssh` with `--out ~`) must not
+/// re-permission or re-time it: it keeps 0700 and its mtime, even though the sender said 0777.
+#[test]
+fn existing_directory_keeps_its_mode_and_times() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ssh = tmp.path().join(".ssh");
+    fs::create_dir(&ssh).unwrap();
+    fs::set_permissions(&ssh, fs::Permissions::from_mode(0o700)).unwrap();
+    let before = SystemTime::now() - Duration::from_secs(3600);
+    fs::File::open(&ssh).unwrap().set_modified(before).unwrap();
+
+    receive(
+        tmp.path(),
+        vec![
+            entry(".ssh", EntryKind::Dir, 0, 0o777),
+            entry(".ssh/new", EntryKind::Dir, 0, 0o777),
+            entry(".ssh/new/f", EntryKind::File, 3, 0o644),
+        ],
+        ModePolicy::Keep,
+    )
+    .unwrap();
+
+    assert_eq!(
+        mode(&ssh),
+        0o700,
+        "an existing directory was re-permissioned"
+    );
+    // Creating `new` inside touches it (now); the sender's time must not be applied.
+    assert!(
+        fs::metadata(&ssh).unwrap().modified().unwrap() >= before,
+        "an existing directory was re-timed to the sender's value"
+    );
+    // The directory this transfer created does take the sender's values (0777 kept here).
+    assert_eq!(mode(&ssh.join("new")), 0o777);
+    assert_eq!(
+        fs::metadata(ssh.join("new"))
+            .unwrap()
+            .modified()
+            .unwrap()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
+        1_000_000_000
+    );
+}
+
+/// By default received modes never carry setuid/setgid/sticky bits, nor group or world write,
+/// and the receiver's umask applies; `--keep-modes` keeps the rwx bits but still no special
+/// bits.
+#[test]
+fn received_modes_are_tamed_unless_kept() {
+    let umask = process_umask();
+    let tmp = tempfile::tempdir().unwrap();
+    let safe = tmp.path().join("safe");
+    fs::create_dir(&safe).unwrap();
+    let shared = || {
+        vec![
+            entry("d", EntryKind::Dir, 0, 0o7777),
+            entry("d/suid", EntryKind::File, 3, 0o4777),
+            entry("d/sgid", EntryKind::File, 0, 0o2666),
+            entry("plain", EntryKind::File, 1, 0o640),
+        ]
+    };
+    receive(&safe, shared(), ModePolicy::Safe).unwrap();
+    for (p, sent) in [("d/suid", 0o4777), ("d/sgid", 0o2666), ("plain", 0o640)] {
+        let got = mode(&safe.join(p));
+        assert_eq!(got & 0o7000, 0, "{p}: special bits {got:o}");
+        assert_eq!(got & 0o022, 0, "{p}: group/world writable {got:o}");
+        assert_eq!(
+            got & umask,
+            0,
+            "{p}: umask {umask:o} not applied to {got:o}"
+        );
+        assert_eq!(got, sent & 0o777 & !umask & !0o022, "{p}");
+    }
+    let d = mode(&safe.join("d"));
+    assert_eq!(d & 0o7022, 0, "directory: {d:o}");
+
+    let kept = tmp.path().join("kept");
+    fs::create_dir(&kept).unwrap();
+    receive(&kept, shared(), ModePolicy::Keep).unwrap();
+    assert_eq!(mode(&kept.join("d/suid")), 0o777);
+    assert_eq!(mode(&kept.join("d/sgid")), 0o666);
+    assert_eq!(mode(&kept.join("d")), 0o777);
+}
+
+#[test]
+fn mode_rule() {
+    assert_eq!(received_mode(0o4755, 0o022, ModePolicy::Safe), 0o755);
+    assert_eq!(received_mode(0o777, 0o077, ModePolicy::Safe), 0o700);
+    assert_eq!(received_mode(0o666, 0o002, ModePolicy::Safe), 0o644);
+    assert_eq!(received_mode(0o7777, 0o077, ModePolicy::Keep), 0o777);
+}
+
+fn link(path: &str, target: &str) -> Entry {
+    Entry {
+        link_target: target.into(),
+        ..entry(path, EntryKind::Symlink, 0, 0o777)
+    }
+}
+
+/// Issue 13's reproduction: `l1` climbs ten levels from `a1/…/a10` (inside), and `notes.txt`
+/// passes through `l1` and climbs eleven more (lexically inside, really `/etc/passwd`). The
+/// share must be refused, naming the link and its target; before the fix it was laid out and
+/// `notes.txt` resolved outside the destination.
+#[test]
+fn link_chain_cannot_reach_outside_the_destination() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    fs::create_dir(&out).unwrap();
+    let l1 = "a1/a2/a3/a4/a5/a6/a7/a8/a9/a10/l1";
+    let target = format!("{l1}/{}/etc/passwd", [".."; 11].join("/"));
+    let entries = vec![link(l1, &[".."; 10].join("/")), link("notes.txt", &target)];
+    match receive(&out, entries, ModePolicy::Safe) {
+        Err(e) => {
+            assert!(e.contains("notes.txt"), "{e}");
+            assert!(e.contains(&target), "{e}");
+        }
+        Ok(()) => panic!(
+            "the chain was laid out: notes.txt resolves to {:?}",
+            fs::canonicalize(out.join("notes.txt"))
+        ),
+    }
+    assert!(fs::symlink_metadata(out.join("notes.txt")).is_err());
+}
+
+/// A link of the share must not lead through a link the receiver already has under `--out`
+/// (here `outside -> /etc`): the manifest cannot see it, the receiver can.
+#[test]
+fn link_through_an_existing_link_under_the_destination_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    fs::create_dir(&out).unwrap();
+    std::os::unix::fs::symlink("/etc", out.join("outside")).unwrap();
+    let err = receive(
+        &out,
+        vec![link("notes.txt", "outside/passwd")],
+        ModePolicy::Safe,
+    );
+    match err {
+        Err(e) => {
+            assert!(e.contains("notes.txt -> outside/passwd"), "{e}");
+            assert!(e.contains("outside"), "{e}");
+        }
+        Ok(()) => panic!(
+            "notes.txt resolves to {:?}",
+            fs::canonicalize(out.join("notes.txt"))
+        ),
+    }
+    // Links of the share itself, pointing at each other's last component, are fine.
+    let ok = tmp.path().join("ok");
+    fs::create_dir(&ok).unwrap();
+    receive(
+        &ok,
+        vec![
+            link("b", "a"),
+            entry("d", EntryKind::Dir, 0, 0o755),
+            link("a", "d"),
+            link("d/c", "../b"),
+        ],
+        ModePolicy::Safe,
+    )
+    .unwrap();
+}
+
+/// A local user who can write in `--out` plants the partial file (or its sidecar) as a hard
+/// link to a file of the receiving user's: the receiver must refuse to write through it, and
+/// the victim must keep its bytes.
+#[test]
+fn hard_linked_partial_files_are_not_written_through() {
+    for planted in [".f.thrupart", ".f.thrupart.state"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        fs::create_dir(&out).unwrap();
+        let victim = tmp.path().join("victim");
+        fs::write(&victim, "precious bytes").unwrap();
+        fs::hard_link(&victim, out.join(planted)).unwrap();
+        let res = receive(
+            &out,
+            vec![entry("f", EntryKind::File, 3, 0o644)],
+            ModePolicy::Safe,
+        );
+        assert_eq!(
+            fs::read_to_string(&victim).unwrap(),
+            "precious bytes",
+            "{planted}: written through a hard link"
+        );
+        let e = res.expect_err(planted);
+        assert!(e.contains(planted), "{planted}: {e}");
+        assert!(e.contains("link"), "{planted}: {e}");
+    }
+}
