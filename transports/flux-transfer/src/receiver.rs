@@ -98,19 +98,19 @@ enum Phase {
     Failed,
 }
 
-#[derive(Clone, Copy, Debug, Eq, PartialEq)]
-enum Chunk {
-    Missing,
-    Claimed,
-    Writing,
-    Verified,
-}
-
+/// One file being received. Its per-chunk state grows with the chunks actually claimed,
+/// in flight or verified, never with the size the manifest declares: accepting a share
+/// allocates the same for a declared petabyte as for a byte.
 #[derive(Debug)]
 struct FileState {
-    chunks: Vec<Chunk>,
-    hashes: Vec<Hash>,
-    unverified: u32,
+    /// Chunks in the file.
+    count: u32,
+    /// Hashes of the chunks verified so far (received and written, or held and confirmed).
+    verified: BTreeMap<u32, Hash>,
+    /// Chunks held locally and claimed, awaiting the sender's verdict.
+    claimed: BTreeMap<u32, Hash>,
+    /// Chunks handed to the disk and not yet written.
+    writing: HashMap<u32, Hash>,
     claim_pending: bool,
     existing: bool,
     written: bool,
@@ -236,8 +236,9 @@ impl Receiver {
             let Some(f) = self.files.get_mut(&file) else {
                 return;
             };
-            f.chunks[index as usize] = Chunk::Verified;
-            f.unverified -= 1;
+            if let Some(h) = f.writing.remove(&index) {
+                f.verified.insert(index, h);
+            }
             self.bytes_done += u64::from(len);
             self.events
                 .push_back(Event::ChunkVerified { file, index, len });
@@ -297,9 +298,10 @@ impl Receiver {
             }
             let n = m.chunk_count(i);
             let mut f = FileState {
-                chunks: vec![Chunk::Missing; n as usize],
-                hashes: vec![[0; 32]; n as usize],
-                unverified: n,
+                count: n,
+                verified: BTreeMap::new(),
+                claimed: BTreeMap::new(),
+                writing: HashMap::new(),
                 claim_pending: false,
                 existing: false,
                 written: false,
@@ -326,16 +328,13 @@ impl Receiver {
                 }
             };
             if !claims.is_empty() || f.existing {
-                for (&k, h) in &claims {
-                    f.chunks[k as usize] = Chunk::Claimed;
-                    f.hashes[k as usize] = *h;
-                }
                 f.claim_pending = true;
                 haves.push(Message::Have {
                     file: i,
                     ranges: to_ranges(claims.keys().copied()),
                     digest: claim_digest(claims.iter().map(|(k, h)| (*k, h))),
                 });
+                f.claimed = claims;
             }
             self.files.insert(i, f);
         }
@@ -518,17 +517,11 @@ impl Receiver {
             )));
         };
         f.claim_pending = false;
+        let claimed = std::mem::take(&mut f.claimed);
         let mut held = Vec::new();
-        for (k, c) in f.chunks.iter_mut().enumerate() {
-            if *c == Chunk::Claimed {
-                if accepted {
-                    *c = Chunk::Verified;
-                    f.unverified -= 1;
-                    held.push(k as u32);
-                } else {
-                    *c = Chunk::Missing;
-                }
-            }
+        if accepted {
+            held.extend(claimed.keys().copied());
+            f.verified.extend(claimed);
         }
         if !accepted && f.existing && !overwrite {
             return self.fail(TransferError::Exists(path));
@@ -653,8 +646,7 @@ impl Receiver {
         let Some(f) = self.files.get_mut(&inc.file) else {
             return;
         };
-        let i = inc.index as usize;
-        if matches!(f.chunks[i], Chunk::Writing | Chunk::Verified) {
+        if f.writing.contains_key(&inc.index) || f.verified.contains_key(&inc.index) {
             // A refetched chunk can arrive twice; the first good copy counts.
             return;
         }
@@ -682,8 +674,8 @@ impl Receiver {
             );
             return;
         }
-        f.chunks[i] = Chunk::Writing;
-        f.hashes[i] = inc.hash;
+        f.claimed.remove(&inc.index);
+        f.writing.insert(inc.index, inc.hash);
         f.written = true;
         let id = self.op_id();
         self.writes.insert(id, (inc.file, inc.index, inc.len));
@@ -704,12 +696,12 @@ impl Receiver {
         let Some(f) = self.files.get_mut(&file) else {
             return;
         };
-        if f.complete || f.unverified > 0 || f.claim_pending {
+        if f.complete || f.verified.len() < f.count as usize || f.claim_pending {
             return;
         }
         let Some(digest) = f.digest else { return };
         let size = m.entry(file).map_or(0, |e| e.size);
-        if file_digest(size, m.chunk_size(), &f.hashes) != digest {
+        if file_digest(size, m.chunk_size(), f.verified.values()) != digest {
             let path = self.path(file);
             return self.fail(TransferError::Protocol(format!(
                 "whole-file digest of {path} does not match its chunks"
