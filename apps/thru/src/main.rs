@@ -246,6 +246,7 @@ async fn join(args: JoinArgs, ui: &Ui) -> anyhow::Result<()> {
             out: args.out.clone(),
             yes: args.yes,
             force: args.force,
+            skip_identical: !args.no_skip_identical,
         },
         &args.net,
         None,

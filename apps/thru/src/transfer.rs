@@ -66,6 +66,8 @@ pub enum Job {
         yes: bool,
         /// Allow overwriting (`--force`).
         force: bool,
+        /// Claim files already held so the sender skips them (off with `--no-skip-identical`).
+        skip_identical: bool,
     },
 }
 
@@ -456,7 +458,13 @@ pub fn run_transfer(
     job: &TransferJob,
     ui: &Ui,
 ) -> Result<Summary, TransferError> {
-    let Job::Receive { out, yes, force } = &job.job else {
+    let Job::Receive {
+        out,
+        yes,
+        force,
+        skip_identical,
+    } = &job.job
+    else {
         return Err(TransferError::Failed(
             "run_transfer receives; a host serves through HostEngine".into(),
         ));
@@ -466,6 +474,7 @@ pub fn run_transfer(
     let mut cfg = net_config(job);
     cfg.auto_accept = false;
     cfg.receiver.overwrite = *force;
+    cfg.receiver.skip_identical = *skip_identical;
     cfg.client_identity = Some(job.identity.clone());
     cfg.connect_timeout = Duration::from_secs(5);
     if let (Some(trickle), Some(servers)) = (trickle, &job.tuning.ice) {
@@ -560,7 +569,18 @@ fn receive_from(
                 connected = true;
                 bench.connected = bench.start.map(|s| at.saturating_duration_since(s));
             }
-            NetEvent::Offer { manifest, local } => {
+            NetEvent::Offer {
+                manifest,
+                mut local,
+            } => {
+                if !cfg.receiver.skip_identical {
+                    // As the receiver will count them at accept: held files are conflicts.
+                    let unskipped: HashMap<u32, LocalFile> = local
+                        .iter()
+                        .filter_map(|(i, l)| l.clone().unskipped().map(|l| (*i, l)))
+                        .collect();
+                    local = Arc::new(unskipped);
+                }
                 match decide(&manifest, &local, yes, cfg.receiver.overwrite, ui) {
                     Ok(()) => {
                         let _ = commands.send(Command::Accept);

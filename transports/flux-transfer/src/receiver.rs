@@ -21,6 +21,12 @@ pub struct ReceiverConfig {
     pub limits: Limits,
     /// Whether existing destination entries may be replaced.
     pub overwrite: bool,
+    /// Whether chunks the receiver already holds (an identical existing file, a partial file
+    /// from an interrupted transfer) are claimed so the sender skips them. A claim tells the
+    /// sender whether the receiver holds those bytes; without it every byte is sent, an
+    /// existing file is a conflict (replaced only when `overwrite` is set) and partial files
+    /// start over. See [`LocalFile::unskipped`].
+    pub skip_identical: bool,
     /// Inactivity after which the transfer fails (not applied while the local user decides).
     pub stall_timeout: Duration,
     /// Verified chunks waiting for the disk before stream reading pauses.
@@ -36,6 +42,7 @@ impl Default for ReceiverConfig {
         Self {
             limits: Limits::default(),
             overwrite: false,
+            skip_identical: true,
             stall_timeout: Duration::from_secs(30),
             max_pending_writes: 16,
             max_lanes: 16,
@@ -53,6 +60,18 @@ pub enum LocalFile {
     Existing(Vec<Hash>),
     /// Something at the final path that cannot be the same file (another size, a directory).
     Conflict,
+}
+
+impl LocalFile {
+    /// What this file counts as when nothing held may be skipped
+    /// ([`ReceiverConfig::skip_identical`] off): an existing file is a conflict, and a partial
+    /// file is not claimed (`None`), so every byte is sent.
+    pub fn unskipped(self) -> Option<LocalFile> {
+        match self {
+            LocalFile::Partial(_) => None,
+            LocalFile::Existing(_) | LocalFile::Conflict => Some(LocalFile::Conflict),
+        }
+    }
 }
 
 /// Receives one share.
@@ -290,6 +309,12 @@ impl Receiver {
         let Some(m) = self.manifest.clone() else {
             return;
         };
+        if !self.cfg.skip_identical {
+            local = local
+                .into_iter()
+                .filter_map(|(i, l)| l.unskipped().map(|l| (i, l)))
+                .collect();
+        }
         let mut haves = Vec::new();
         for (i, e) in m.entries().iter().enumerate() {
             let i = i as u32;
