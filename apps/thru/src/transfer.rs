@@ -277,6 +277,9 @@ pub enum TransferError {
         /// The file.
         path: PathBuf,
     },
+    /// The destination has too little free space for the offer (and no `--yes`).
+    #[error(transparent)]
+    NoSpace(#[from] crate::space::Short),
     /// Anything else, with context (`transfer failed: control stream timeout`).
     #[error("transfer failed: {0}")]
     Failed(String),
@@ -286,7 +289,7 @@ impl TransferError {
     /// The process exit code for this error.
     pub fn exit(&self) -> Exit {
         match self {
-            Self::Refused => Exit::Refused,
+            Self::Refused | Self::NoSpace(_) => Exit::Refused,
             Self::Conflict { .. } => Exit::Conflict,
             Self::Failed(_) => Exit::TransferFailed,
         }
@@ -581,7 +584,7 @@ fn receive_from(
                         .collect();
                     local = Arc::new(unskipped);
                 }
-                match decide(&manifest, &local, yes, cfg.receiver.overwrite, ui) {
+                match decide(&manifest, &local, out, yes, cfg.receiver.overwrite, ui) {
                     Ok(()) => {
                         let _ = commands.send(Command::Accept);
                         let progress = ui.transfer(
@@ -659,10 +662,12 @@ fn receive_from(
 /// Longest wait for engine events before looking at the trickled candidates again.
 const TRICKLE_POLL: Duration = Duration::from_millis(5);
 
-/// Shows the offer and asks; refuses name clashes unless overwriting is allowed.
+/// Shows the offer and asks; refuses name clashes unless overwriting is allowed, and an offer
+/// larger than the free space at `out` unless `yes` (then it warns).
 fn decide(
     manifest: &Manifest,
     local: &HashMap<u32, LocalFile>,
+    out: &std::path::Path,
     yes: bool,
     overwrite: bool,
     ui: &Ui,
@@ -679,6 +684,16 @@ fn decide(
                 path: PathBuf::from(ui::safe_name(&e.path)),
             });
         }
+    }
+    let needed = crate::space::still_needed(manifest, local);
+    match crate::space::free_bytes(out) {
+        Ok(free) => {
+            if let Some(warning) = crate::space::decide(needed, free, out, yes)? {
+                tracing::warn!(%warning, "accepting with --yes regardless");
+                ui.say(&format!("thru: warning: {warning}"));
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read the free space at the destination"),
     }
     let offer = Offer {
         files: manifest

@@ -300,6 +300,34 @@ fn identical_file_is_sent_again_with_no_skip_identical() {
     let _ = wait_long(&mut host, Duration::from_secs(30));
 }
 
+/// An offer larger than the free space at `--out` is refused before anything is written, with
+/// a message naming both numbers. The file is sparse: it claims more than the disk holds
+/// without taking any of it.
+#[test]
+fn offer_larger_than_free_space_is_refused() {
+    let src = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let free = thru::space::free_bytes(out.path()).unwrap();
+    let f = src.path().join("huge.bin");
+    let size = free + (1 << 30);
+    fs::File::create(&f).unwrap().set_len(size).unwrap();
+    let (mut host, peer, code) = lan_host(&[&f], 1);
+    let mut joiner = lan_join(&peer, &code, out.path(), &[]);
+    let err = joiner.event("error");
+    let msg = err["message"].as_str().unwrap();
+    assert!(
+        msg.contains("are free") && msg.contains(&size.to_string()),
+        "{err}"
+    );
+    assert_eq!(wait_long(&mut joiner, Duration::from_secs(60)), 4);
+    assert_eq!(
+        fs::read_dir(out.path()).unwrap().count(),
+        0,
+        "nothing written"
+    );
+    let _ = wait_long(&mut host, Duration::from_secs(30));
+}
+
 /// Bytes the partial file's resume sidecar vouches for (64-byte header, 40-byte records).
 fn held_bytes(dir: &Path, name: &str, chunk: u64) -> u64 {
     let state = dir.join(format!(".{name}.thrupart.state"));
