@@ -172,6 +172,11 @@ pub struct JoinArgs {
     /// are never set, and directories that already exist are never changed.
     #[arg(long, env = "THRU_KEEP_MODES")]
     pub keep_modes: bool,
+    /// Send every byte: never skip a file already here or resume a partial one. Skipping tells
+    /// the sender whether you hold an identical file; with this flag an existing file is a
+    /// conflict (replaced only with --force).
+    #[arg(long, env = "THRU_NO_SKIP_IDENTICAL")]
+    pub no_skip_identical: bool,
 
     /// LAN: the host's pairing address (IP or IP:PORT, as the host prints), skipping mDNS.
     #[arg(long, env = "THRU_PEER", value_parser = parse_peer, value_name = "ADDR")]

@@ -20,5 +20,6 @@ pub mod code;
 pub mod pairing;
 pub mod pake;
 pub mod rendezvous;
+pub mod space;
 pub mod transfer;
 pub mod ui;

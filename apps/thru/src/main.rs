@@ -247,6 +247,7 @@ async fn join(args: JoinArgs, ui: &Ui) -> anyhow::Result<()> {
             yes: args.yes,
             force: args.force,
             keep_modes: args.keep_modes,
+            skip_identical: !args.no_skip_identical,
         },
         &args.net,
         None,

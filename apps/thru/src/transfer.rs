@@ -71,6 +71,8 @@ pub enum Job {
         force: bool,
         /// Keep the sender's permission bits (`--keep-modes`).
         keep_modes: bool,
+        /// Claim files already held so the sender skips them (off with `--no-skip-identical`).
+        skip_identical: bool,
     },
 }
 
@@ -280,6 +282,9 @@ pub enum TransferError {
         /// The file.
         path: PathBuf,
     },
+    /// The destination has too little free space for the offer (and no `--yes`).
+    #[error(transparent)]
+    NoSpace(#[from] crate::space::Short),
     /// Anything else, with context (`transfer failed: control stream timeout`).
     #[error("transfer failed: {0}")]
     Failed(String),
@@ -289,7 +294,7 @@ impl TransferError {
     /// The process exit code for this error.
     pub fn exit(&self) -> Exit {
         match self {
-            Self::Refused => Exit::Refused,
+            Self::Refused | Self::NoSpace(_) => Exit::Refused,
             Self::Conflict { .. } => Exit::Conflict,
             Self::Failed(_) => Exit::TransferFailed,
         }
@@ -466,6 +471,7 @@ pub fn run_transfer(
         yes,
         force,
         keep_modes,
+        skip_identical,
     } = &job.job
     else {
         return Err(TransferError::Failed(
@@ -482,6 +488,7 @@ pub fn run_transfer(
     } else {
         ModePolicy::Safe
     };
+    cfg.receiver.skip_identical = *skip_identical;
     cfg.client_identity = Some(job.identity.clone());
     cfg.connect_timeout = Duration::from_secs(5);
     if let (Some(trickle), Some(servers)) = (trickle, &job.tuning.ice) {
@@ -576,8 +583,19 @@ fn receive_from(
                 connected = true;
                 bench.connected = bench.start.map(|s| at.saturating_duration_since(s));
             }
-            NetEvent::Offer { manifest, local } => {
-                match decide(&manifest, &local, yes, cfg.receiver.overwrite, ui) {
+            NetEvent::Offer {
+                manifest,
+                mut local,
+            } => {
+                if !cfg.receiver.skip_identical {
+                    // As the receiver will count them at accept: held files are conflicts.
+                    let unskipped: HashMap<u32, LocalFile> = local
+                        .iter()
+                        .filter_map(|(i, l)| l.clone().unskipped().map(|l| (*i, l)))
+                        .collect();
+                    local = Arc::new(unskipped);
+                }
+                match decide(&manifest, &local, out, yes, cfg.receiver.overwrite, ui) {
                     Ok(()) => {
                         let _ = commands.send(Command::Accept);
                         let progress = ui.transfer(
@@ -655,10 +673,12 @@ fn receive_from(
 /// Longest wait for engine events before looking at the trickled candidates again.
 const TRICKLE_POLL: Duration = Duration::from_millis(5);
 
-/// Shows the offer and asks; refuses name clashes unless overwriting is allowed.
+/// Shows the offer and asks; refuses name clashes unless overwriting is allowed, and an offer
+/// larger than the free space at `out` unless `yes` (then it warns).
 fn decide(
     manifest: &Manifest,
     local: &HashMap<u32, LocalFile>,
+    out: &std::path::Path,
     yes: bool,
     overwrite: bool,
     ui: &Ui,
@@ -675,6 +695,16 @@ fn decide(
                 path: PathBuf::from(ui::safe_name(&e.path)),
             });
         }
+    }
+    let needed = crate::space::still_needed(manifest, local);
+    match crate::space::free_bytes(out) {
+        Ok(free) => {
+            if let Some(warning) = crate::space::decide(needed, free, out, yes)? {
+                tracing::warn!(%warning, "accepting with --yes regardless");
+                ui.say(&format!("thru: warning: {warning}"));
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read the free space at the destination"),
     }
     let offer = Offer {
         files: manifest

@@ -251,6 +251,83 @@ fn existing_file_is_not_overwritten_without_force() {
     let _ = wait_long(&mut host, Duration::from_secs(30));
 }
 
+/// An identical file at the receiver is skipped by default (nothing crosses the network, the
+/// file is not touched: the sender learns the receiver holds it); with `--no-skip-identical`
+/// every byte is sent again, and the existing file counts as a conflict that needs `--force`.
+#[test]
+fn identical_file_is_sent_again_with_no_skip_identical() {
+    use std::os::unix::fs::MetadataExt;
+    let src = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..1_500_000u32).map(|i| (i % 253) as u8).collect();
+    let f = src.path().join("same.bin");
+    fs::write(&f, &data).unwrap();
+    let held = out.path().join("same.bin");
+    fs::write(&held, &data).unwrap();
+    let ino = || fs::metadata(&held).unwrap().ino();
+    let before = ino();
+    let (mut host, peer, code) = lan_host(&[&f], 3);
+
+    let mut joiner = lan_join(&peer, &code, out.path(), &["--yes", "--benchmark"]);
+    let bench = joiner.event("benchmark");
+    assert_eq!(wait_long(&mut joiner, Duration::from_secs(60)), 0);
+    assert_eq!(bench["bytes"], 0, "skipped by default: {bench}");
+    assert_eq!(ino(), before, "a skipped file is not touched");
+
+    let mut joiner = lan_join(&peer, &code, out.path(), &["--yes", "--no-skip-identical"]);
+    let err = joiner.event("error");
+    assert!(
+        err["message"].as_str().unwrap().contains("already exists"),
+        "{err}"
+    );
+    assert_eq!(wait_long(&mut joiner, Duration::from_secs(60)), 5);
+
+    let mut joiner = lan_join(
+        &peer,
+        &code,
+        out.path(),
+        &["--yes", "--force", "--no-skip-identical", "--benchmark"],
+    );
+    let bench = joiner.event("benchmark");
+    assert_eq!(wait_long(&mut joiner, Duration::from_secs(60)), 0);
+    assert_eq!(
+        bench["bytes"],
+        data.len() as u64,
+        "every byte sent: {bench}"
+    );
+    assert_ne!(ino(), before, "the file was received again and replaced");
+    assert_eq!(fs::read(&held).unwrap(), data);
+    let _ = wait_long(&mut host, Duration::from_secs(30));
+}
+
+/// An offer larger than the free space at `--out` is refused before anything is written, with
+/// a message naming both numbers. The file is sparse: it claims more than the disk holds
+/// without taking any of it.
+#[test]
+fn offer_larger_than_free_space_is_refused() {
+    let src = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let free = thru::space::free_bytes(out.path()).unwrap();
+    let f = src.path().join("huge.bin");
+    let size = free + (1 << 30);
+    fs::File::create(&f).unwrap().set_len(size).unwrap();
+    let (mut host, peer, code) = lan_host(&[&f], 1);
+    let mut joiner = lan_join(&peer, &code, out.path(), &[]);
+    let err = joiner.event("error");
+    let msg = err["message"].as_str().unwrap();
+    assert!(
+        msg.contains("are free") && msg.contains(&size.to_string()),
+        "{err}"
+    );
+    assert_eq!(wait_long(&mut joiner, Duration::from_secs(60)), 4);
+    assert_eq!(
+        fs::read_dir(out.path()).unwrap().count(),
+        0,
+        "nothing written"
+    );
+    let _ = wait_long(&mut host, Duration::from_secs(30));
+}
+
 /// Bytes the partial file's resume sidecar vouches for (64-byte header, 40-byte records).
 fn held_bytes(dir: &Path, name: &str, chunk: u64) -> u64 {
     let state = dir.join(format!(".{name}.thrupart.state"));

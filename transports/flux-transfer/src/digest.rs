@@ -17,7 +17,11 @@ pub fn chunk_hash(data: &[u8]) -> Hash {
 }
 
 /// The whole-file digest from its chunk hashes in index order.
-pub fn file_digest(size: u64, chunk_size: u32, chunk_hashes: &[Hash]) -> Hash {
+pub fn file_digest<'a>(
+    size: u64,
+    chunk_size: u32,
+    chunk_hashes: impl IntoIterator<Item = &'a Hash>,
+) -> Hash {
     let mut h = blake3::Hasher::new();
     h.update(b"thruflux file digest v1");
     h.update(&size.to_le_bytes());

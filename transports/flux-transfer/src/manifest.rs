@@ -1,6 +1,7 @@
 //! The manifest: every entry of a share, with the chunk geometry both sides derive from it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+use std::collections::hash_map::Entry as Slot;
 
 use flux_wire::{Entry, EntryKind, MAX_FRAME_BODY, Message};
 
@@ -14,6 +15,25 @@ pub const MAX_CHUNK_SIZE: u32 = 16 << 20;
 /// Chunk sizes must be a multiple of this.
 pub const CHUNK_ALIGN: u32 = 4096;
 
+/// Memory an [`Assembler`] counts for one entry, besides the bytes of its path and link target:
+/// the entry record itself, twice (a growing list may hold up to double its length).
+///
+/// Every entry also costs at least its encoded size on the wire (path, link target and under
+/// 40 bytes of fields), so the memory limit caps the manifest's bytes on the wire as well.
+pub const ENTRY_COST: u64 = 192;
+/// Memory an [`Assembler`] counts for one distinct path component (a node of its index of
+/// paths), besides the bytes of the component's name: the node's slot in a hash table that may
+/// be at half its capacity or growing, and its kind.
+///
+/// Every prefix of every path is stored once, as one node naming one component, so the index
+/// costs at most `NODE_COST` per component plus the path bytes, never depth × length.
+pub const NODE_COST: u64 = 128;
+/// Default of [`Limits::max_manifest_memory`]: 512 MiB, enough for [`DEFAULT_MAX_ENTRIES`]
+/// entries whose paths average over 100 bytes.
+pub const DEFAULT_MAX_MANIFEST_MEMORY: u64 = 512 << 20;
+/// Default of [`Limits::max_entries`].
+pub const DEFAULT_MAX_ENTRIES: u64 = 1_000_000;
+
 /// Limits a receiver applies to a manifest before allocating for it.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -21,14 +41,21 @@ pub struct Limits {
     pub max_entries: u64,
     /// Largest share accepted, in bytes.
     pub max_total_bytes: u64,
+    /// Most memory the manifest may cost while it is assembled and held, counted by this rule:
+    /// each entry costs [`ENTRY_COST`] plus the bytes of its path and link target, and each
+    /// distinct path prefix costs [`NODE_COST`] plus the bytes of its last component. An entry
+    /// that would take the count over this limit is refused with
+    /// [`ManifestError::TooMuchMemory`] before anything is allocated for it.
+    pub max_manifest_memory: u64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_entries: 1_000_000,
+            max_entries: DEFAULT_MAX_ENTRIES,
             // 1 PiB: far above any real share, far below overflow in offset arithmetic.
             max_total_bytes: 1 << 50,
+            max_manifest_memory: DEFAULT_MAX_MANIFEST_MEMORY,
         }
     }
 }
@@ -92,6 +119,19 @@ pub enum ManifestError {
     /// A file with more chunks than a chunk index can count.
     #[error("entry {0:?} is too large for the chunk size")]
     TooManyChunks(String),
+    /// Holding the manifest would cost more memory than [`Limits::max_manifest_memory`].
+    #[error(
+        "entry {path:?} would take the manifest to {needed} bytes of memory, over the \
+         manifest memory limit of {max} bytes"
+    )]
+    TooMuchMemory {
+        /// The entry refused.
+        path: String,
+        /// Memory the manifest would cost with it, by the rule of [`Limits::max_manifest_memory`].
+        needed: u64,
+        /// The limit.
+        max: u64,
+    },
 }
 
 /// A validated share: entries in order, and the chunk size every file is cut with.
@@ -113,9 +153,11 @@ impl Manifest {
             entries.len() as u64,
             total,
             chunk_size,
+            // The sender's own files: no limits.
             Limits {
                 max_entries: u64::MAX,
                 max_total_bytes: u64::MAX,
+                max_manifest_memory: u64::MAX,
             },
         )?;
         for e in entries {
@@ -235,17 +277,29 @@ pub fn check_chunk_size(chunk_size: u32) -> Result<(), ManifestError> {
 
 /// Builds a [`Manifest`] from a stream of entries, validating each as it arrives so that a
 /// hostile peer is refused at the first bad entry, before the rest is buffered.
+///
+/// Its memory is bounded by [`Limits::max_manifest_memory`]: paths are indexed as a tree of
+/// components, each prefix stored once.
 #[derive(Debug)]
 pub struct Assembler {
     claimed_entries: u64,
     claimed_total: u64,
     chunk_size: u32,
+    max_memory: u64,
     entries: Vec<Entry>,
     total: u64,
-    seen: HashSet<String>,
-    /// Kind of every path seen, and every implied parent directory.
-    kinds: HashMap<String, EntryKind>,
+    /// Memory counted so far, by the rule of [`Limits::max_manifest_memory`].
+    memory: u64,
+    /// Every path seen and every implied parent directory, as a tree: `(parent, component)`
+    /// to node. The root's children have parent [`ROOT`].
+    children: HashMap<(u32, Box<str>), u32>,
+    /// Per node: its kind, and whether an entry declared it (rather than only implying it as a
+    /// parent directory).
+    nodes: Vec<(EntryKind, bool)>,
 }
+
+/// The parent of top-level nodes.
+const ROOT: u32 = u32::MAX;
 
 impl Assembler {
     /// Starts a manifest from its header, refusing claims beyond `limits` up front.
@@ -272,11 +326,13 @@ impl Assembler {
             claimed_entries: entry_count,
             claimed_total: total_bytes,
             chunk_size,
+            max_memory: limits.max_manifest_memory,
             // Grow with what actually arrives, not with what was claimed.
             entries: Vec::new(),
             total: 0,
-            seen: HashSet::new(),
-            kinds: HashMap::new(),
+            memory: 0,
+            children: HashMap::new(),
+            nodes: Vec::new(),
         })
     }
 
@@ -314,37 +370,73 @@ impl Assembler {
         if u64::from(chunks_for(e.size, self.chunk_size)) * u64::from(self.chunk_size) < e.size {
             return Err(ManifestError::TooManyChunks(e.path));
         }
-        if !self.seen.insert(e.path.clone()) {
-            return Err(ManifestError::Duplicate(e.path));
-        }
-        // Every parent must be (or become) a directory; this entry must not already be an
-        // implied parent unless it is a directory itself.
-        let mut prefix = String::new();
+        // Walk the part of the path already indexed. Every parent must be (or become) a
+        // directory; this entry must not already be declared, nor be an implied parent unless
+        // it is a directory itself. Nodes are only ever added below the indexed part, so every
+        // clash is found here, before anything is allocated for this entry.
+        let mut parent = ROOT;
+        let mut known = 0;
         for (i, part) in parts.iter().enumerate() {
-            if i > 0 {
-                prefix.push('/');
-            }
-            prefix.push_str(part);
+            let Some(&node) = self.children.get(&(parent, Box::from(*part))) else {
+                break;
+            };
             let last = i + 1 == parts.len();
-            let kind = if last { e.kind } else { EntryKind::Dir };
-            match self.kinds.get(&prefix) {
-                Some(EntryKind::Dir) if kind == EntryKind::Dir => {}
-                Some(_) if last => return Err(ManifestError::Duplicate(e.path)),
-                Some(_) => return Err(ManifestError::ParentNotDir(e.path)),
-                None => {
-                    self.kinds.insert(prefix.clone(), kind);
-                }
+            match self.nodes[node as usize] {
+                (EntryKind::Dir, false) if last && e.kind == EntryKind::Dir => {}
+                _ if last => return Err(ManifestError::Duplicate(e.path)),
+                (EntryKind::Dir, _) => {}
+                _ => return Err(ManifestError::ParentNotDir(e.path)),
             }
+            parent = node;
+            known = i + 1;
         }
-        self.total = self.total.saturating_add(e.size);
-        if self.total > self.claimed_total {
-            return Err(ManifestError::TotalMismatch {
-                claimed: self.claimed_total,
-                actual: self.total,
+        let needed = ENTRY_COST
+            + e.path.len() as u64
+            + e.link_target.len() as u64
+            + parts[known..]
+                .iter()
+                .map(|p| NODE_COST + p.len() as u64)
+                .sum::<u64>();
+        let needed = self.memory.saturating_add(needed);
+        if needed > self.max_memory {
+            return Err(ManifestError::TooMuchMemory {
+                path: e.path,
+                needed,
+                max: self.max_memory,
             });
         }
+        if e.size > self.claimed_total - self.total {
+            return Err(ManifestError::TotalMismatch {
+                claimed: self.claimed_total,
+                actual: self.total.saturating_add(e.size),
+            });
+        }
+        for (i, part) in parts.iter().enumerate().skip(known) {
+            let kind = if i + 1 == parts.len() {
+                e.kind
+            } else {
+                EntryKind::Dir
+            };
+            let node = u32::try_from(self.nodes.len()).unwrap_or(ROOT);
+            if let Slot::Vacant(v) = self.children.entry((parent, Box::from(*part))) {
+                v.insert(node);
+            }
+            self.nodes.push((kind, false));
+            parent = node;
+        }
+        // `parent` is now this entry's own node.
+        if let Some(n) = self.nodes.get_mut(parent as usize) {
+            n.1 = true;
+        }
+        self.memory = needed;
+        self.total += e.size;
         self.entries.push(e);
         Ok(())
+    }
+
+    /// Memory the manifest costs so far, by the rule of [`Limits::max_manifest_memory`].
+    pub fn memory(&self) -> u64 {
+        self.memory
     }
 
     /// Entries received so far.
@@ -454,6 +546,35 @@ mod tests {
             Assembler::begin(1, 1, 1000, l).err(),
             Some(ManifestError::BadChunkSize(1000))
         );
+    }
+
+    #[test]
+    fn manifest_memory_is_counted_and_capped() {
+        // Two entries sharing the directory `d`: the prefix is counted once.
+        let mut a = Assembler::begin(3, 0, 65536, Limits::default()).unwrap();
+        a.push(file("d/x", 0)).unwrap();
+        let one = ENTRY_COST + 3 + (NODE_COST + 1) * 2;
+        assert_eq!(a.memory(), one);
+        a.push(file("d/y", 0)).unwrap();
+        assert_eq!(a.memory(), one + ENTRY_COST + 3 + NODE_COST + 1);
+        // A limit that the third entry would cross refuses it, naming the limit.
+        let limits = Limits {
+            max_manifest_memory: a.memory() + ENTRY_COST,
+            ..Limits::default()
+        };
+        let mut a = Assembler::begin(3, 0, 65536, limits).unwrap();
+        a.push(file("d/x", 0)).unwrap();
+        a.push(file("d/y", 0)).unwrap();
+        let err = a.push(file("e", 0)).unwrap_err();
+        assert_eq!(
+            err,
+            ManifestError::TooMuchMemory {
+                path: "e".into(),
+                needed: limits.max_manifest_memory + 1 + NODE_COST + 1,
+                max: limits.max_manifest_memory,
+            }
+        );
+        assert!(err.to_string().contains("manifest memory limit"), "{err}");
     }
 
     #[test]

@@ -21,6 +21,12 @@ pub struct ReceiverConfig {
     pub limits: Limits,
     /// Whether existing destination entries may be replaced.
     pub overwrite: bool,
+    /// Whether chunks the receiver already holds (an identical existing file, a partial file
+    /// from an interrupted transfer) are claimed so the sender skips them. A claim tells the
+    /// sender whether the receiver holds those bytes; without it every byte is sent, an
+    /// existing file is a conflict (replaced only when `overwrite` is set) and partial files
+    /// start over. See [`LocalFile::unskipped`].
+    pub skip_identical: bool,
     /// Inactivity after which the transfer fails (not applied while the local user decides).
     pub stall_timeout: Duration,
     /// Verified chunks waiting for the disk before stream reading pauses.
@@ -36,6 +42,7 @@ impl Default for ReceiverConfig {
         Self {
             limits: Limits::default(),
             overwrite: false,
+            skip_identical: true,
             stall_timeout: Duration::from_secs(30),
             max_pending_writes: 16,
             max_lanes: 16,
@@ -53,6 +60,18 @@ pub enum LocalFile {
     Existing(Vec<Hash>),
     /// Something at the final path that cannot be the same file (another size, a directory).
     Conflict,
+}
+
+impl LocalFile {
+    /// What this file counts as when nothing held may be skipped
+    /// ([`ReceiverConfig::skip_identical`] off): an existing file is a conflict, and a partial
+    /// file is not claimed (`None`), so every byte is sent.
+    pub fn unskipped(self) -> Option<LocalFile> {
+        match self {
+            LocalFile::Partial(_) => None,
+            LocalFile::Existing(_) | LocalFile::Conflict => Some(LocalFile::Conflict),
+        }
+    }
 }
 
 /// Receives one share.
@@ -98,19 +117,19 @@ enum Phase {
     Failed,
 }
 
-#[derive(Clone, Copy, Debug, Eq, PartialEq)]
-enum Chunk {
-    Missing,
-    Claimed,
-    Writing,
-    Verified,
-}
-
+/// One file being received. Its per-chunk state grows with the chunks actually claimed,
+/// in flight or verified, never with the size the manifest declares: accepting a share
+/// allocates the same for a declared petabyte as for a byte.
 #[derive(Debug)]
 struct FileState {
-    chunks: Vec<Chunk>,
-    hashes: Vec<Hash>,
-    unverified: u32,
+    /// Chunks in the file.
+    count: u32,
+    /// Hashes of the chunks verified so far (received and written, or held and confirmed).
+    verified: BTreeMap<u32, Hash>,
+    /// Chunks held locally and claimed, awaiting the sender's verdict.
+    claimed: BTreeMap<u32, Hash>,
+    /// Chunks handed to the disk and not yet written.
+    writing: HashMap<u32, Hash>,
     claim_pending: bool,
     existing: bool,
     written: bool,
@@ -236,8 +255,9 @@ impl Receiver {
             let Some(f) = self.files.get_mut(&file) else {
                 return;
             };
-            f.chunks[index as usize] = Chunk::Verified;
-            f.unverified -= 1;
+            if let Some(h) = f.writing.remove(&index) {
+                f.verified.insert(index, h);
+            }
             self.bytes_done += u64::from(len);
             self.events
                 .push_back(Event::ChunkVerified { file, index, len });
@@ -289,6 +309,12 @@ impl Receiver {
         let Some(m) = self.manifest.clone() else {
             return;
         };
+        if !self.cfg.skip_identical {
+            local = local
+                .into_iter()
+                .filter_map(|(i, l)| l.unskipped().map(|l| (i, l)))
+                .collect();
+        }
         let mut haves = Vec::new();
         for (i, e) in m.entries().iter().enumerate() {
             let i = i as u32;
@@ -297,9 +323,10 @@ impl Receiver {
             }
             let n = m.chunk_count(i);
             let mut f = FileState {
-                chunks: vec![Chunk::Missing; n as usize],
-                hashes: vec![[0; 32]; n as usize],
-                unverified: n,
+                count: n,
+                verified: BTreeMap::new(),
+                claimed: BTreeMap::new(),
+                writing: HashMap::new(),
                 claim_pending: false,
                 existing: false,
                 written: false,
@@ -326,16 +353,13 @@ impl Receiver {
                 }
             };
             if !claims.is_empty() || f.existing {
-                for (&k, h) in &claims {
-                    f.chunks[k as usize] = Chunk::Claimed;
-                    f.hashes[k as usize] = *h;
-                }
                 f.claim_pending = true;
                 haves.push(Message::Have {
                     file: i,
                     ranges: to_ranges(claims.keys().copied()),
                     digest: claim_digest(claims.iter().map(|(k, h)| (*k, h))),
                 });
+                f.claimed = claims;
             }
             self.files.insert(i, f);
         }
@@ -518,17 +542,11 @@ impl Receiver {
             )));
         };
         f.claim_pending = false;
+        let claimed = std::mem::take(&mut f.claimed);
         let mut held = Vec::new();
-        for (k, c) in f.chunks.iter_mut().enumerate() {
-            if *c == Chunk::Claimed {
-                if accepted {
-                    *c = Chunk::Verified;
-                    f.unverified -= 1;
-                    held.push(k as u32);
-                } else {
-                    *c = Chunk::Missing;
-                }
-            }
+        if accepted {
+            held.extend(claimed.keys().copied());
+            f.verified.extend(claimed);
         }
         if !accepted && f.existing && !overwrite {
             return self.fail(TransferError::Exists(path));
@@ -653,8 +671,7 @@ impl Receiver {
         let Some(f) = self.files.get_mut(&inc.file) else {
             return;
         };
-        let i = inc.index as usize;
-        if matches!(f.chunks[i], Chunk::Writing | Chunk::Verified) {
+        if f.writing.contains_key(&inc.index) || f.verified.contains_key(&inc.index) {
             // A refetched chunk can arrive twice; the first good copy counts.
             return;
         }
@@ -682,8 +699,8 @@ impl Receiver {
             );
             return;
         }
-        f.chunks[i] = Chunk::Writing;
-        f.hashes[i] = inc.hash;
+        f.claimed.remove(&inc.index);
+        f.writing.insert(inc.index, inc.hash);
         f.written = true;
         let id = self.op_id();
         self.writes.insert(id, (inc.file, inc.index, inc.len));
@@ -704,12 +721,12 @@ impl Receiver {
         let Some(f) = self.files.get_mut(&file) else {
             return;
         };
-        if f.complete || f.unverified > 0 || f.claim_pending {
+        if f.complete || f.verified.len() < f.count as usize || f.claim_pending {
             return;
         }
         let Some(digest) = f.digest else { return };
         let size = m.entry(file).map_or(0, |e| e.size);
-        if file_digest(size, m.chunk_size(), &f.hashes) != digest {
+        if file_digest(size, m.chunk_size(), f.verified.values()) != digest {
             let path = self.path(file);
             return self.fail(TransferError::Protocol(format!(
                 "whole-file digest of {path} does not match its chunks"
