@@ -68,6 +68,7 @@ use crate::pake::{
     AbortReason, GuessBudget, HostAwaitConfirm, JoinerStart, LocalInfo, PairMsg, PakeError,
     PeerInfo,
 };
+use crate::ui::safe_text;
 
 /// TCP port a LAN host listens on for pairing when it is free (else any port).
 pub const DEFAULT_LAN_PORT: u16 = 47115;
@@ -705,7 +706,7 @@ impl ServerHost {
                 code, fatal: true, ..
             } => Flow::End(Some(PairError::SessionClosed(code))),
             ServerMsg::Error { code, message, .. } => {
-                warn!(%code, %message, "the signaling server refused a message");
+                warn!(%code, message = %safe_text(&message), "the signaling server refused a message");
                 Flow::Continue
             }
             other => {
@@ -1212,13 +1213,13 @@ async fn joiner_trickle(
                 Ok(ServerMsg::Error { code, fatal: true, message }) => {
                     warn!(
                         %code,
-                        %message,
+                        message = %safe_text(&message),
                         "trickle: the signaling server closed the connection"
                     );
                     return;
                 }
                 Ok(ServerMsg::Error { code, message, .. }) => {
-                    warn!(%code, %message, "the signaling server refused a message");
+                    warn!(%code, message = %safe_text(&message), "the signaling server refused a message");
                 }
                 Ok(other) => debug!(?other, "ignored after pairing"),
                 Err(e) => {

@@ -309,3 +309,63 @@ fn human_mode_prints_the_code_on_stdout_without_banner_when_piped() {
     let code = first.trim_start_matches("Join code: ");
     assert!(code.parse::<thru::code::JoinCode>().is_ok(), "{code}");
 }
+
+/// Text a hostile server sends as an error: retitles the terminal, erases the line, and
+/// fakes a success line.
+const EVIL: &str = "\u{1b}]0;owned title\u{7}\u{1b}[2K\r\nDone: 3 files received, all verified";
+
+/// A fake signaling server on a thread: greets, then answers the first request with a fatal
+/// error carrying [`EVIL`]. Returns its URL.
+fn evil_server() -> String {
+    use tokio_tungstenite::tungstenite::{Message, accept};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let Ok((tcp, _)) = listener.accept() else {
+            return;
+        };
+        let Ok(mut ws) = accept(tcp) else { return };
+        let welcome = serde_json::json!({
+            "type": "welcome", "protocol": 1, "server": EVIL, "max_message_bytes": 65536,
+        });
+        let _ = ws.send(Message::text(welcome.to_string()));
+        let _ = ws.read();
+        let err = serde_json::json!({
+            "type": "error", "code": "session_full", "message": EVIL, "fatal": true,
+        });
+        let _ = ws.send(Message::text(err.to_string()));
+        let _ = ws.close(None);
+        while ws.read().is_ok() {}
+    });
+    url
+}
+
+#[test]
+fn a_server_error_message_reaches_the_terminal_escaped() {
+    for json in [false, true] {
+        let url = evil_server();
+        let mut args = vec!["join", "K7QF2M-XD4P-RT9A", "--server", url.as_str()];
+        if json {
+            args.push("--json");
+        }
+        let out = thru(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(3), "{stderr}{stdout}");
+        let shown = if json { &stdout } else { &stderr };
+        for text in [&stderr, &stdout] {
+            assert!(
+                !text.contains('\u{1b}') && !text.contains('\u{7}') && !text.contains('\r'),
+                "raw control characters reached the terminal: {text:?}"
+            );
+            assert!(
+                !text.lines().any(|l| l.starts_with("Done:")),
+                "a line was faked: {text:?}"
+            );
+        }
+        assert!(
+            shown.contains("owned title") && shown.contains("u{1b}]0;"),
+            "the message is shown, escaped: {shown:?}"
+        );
+    }
+}
