@@ -369,3 +369,65 @@ fn a_server_error_message_reaches_the_terminal_escaped() {
         );
     }
 }
+
+const TURN_PASSWORD: &str = "S3cretTurnPw";
+
+#[test]
+fn help_does_not_print_secret_env_values() {
+    for sub in ["host", "join"] {
+        let out = Command::new(thru_bin())
+            .args([sub, "--help"])
+            .env(
+                "THRU_TURN_SERVERS",
+                format!("turn:user:{TURN_PASSWORD}@relay.example:3478"),
+            )
+            .env("THRU_CODE", "K7QF2M-XD4P-RT9A")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("THRU_TURN_SERVERS"), "{text}");
+        assert!(
+            !text.contains(TURN_PASSWORD),
+            "{sub} --help shows the TURN password"
+        );
+        assert!(!text.contains("XD4P"), "{sub} --help shows the join code");
+    }
+}
+
+#[test]
+fn turn_servers_come_from_a_file_without_echoing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("turn.txt");
+    // A malformed entry (no host): the error must come from the file, and not show it.
+    std::fs::write(&file, format!("# our relay\nturn:user:{TURN_PASSWORD}@\n")).unwrap();
+    let path = file.to_str().unwrap();
+    let out = thru(&[
+        "join",
+        "K7QF2M-XD4P-RT9A",
+        "--server",
+        "ws://127.0.0.1:9",
+        "--turn-server-file",
+        path,
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--turn-server:"), "{stderr}");
+    assert!(!stderr.contains(TURN_PASSWORD), "{stderr}");
+
+    let missing = dir.path().join("nope.txt");
+    let out = thru(&[
+        "join",
+        "K7QF2M-XD4P-RT9A",
+        "--server",
+        "ws://127.0.0.1:9",
+        "--turn-server-file",
+        missing.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--turn-server-file") && stderr.contains("cannot read it"),
+        "{stderr}"
+    );
+}
