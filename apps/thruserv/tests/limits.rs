@@ -53,7 +53,11 @@ async fn messages_per_second_per_connection() {
     let mut joiner = srv.client().await;
     joiner.join_session(created.session).await.unwrap();
     for i in 0..50 {
-        if joiner.relay(PeerId::HOST, json!(i)).await.is_err() {
+        if joiner
+            .relay(PeerId::HOST, json!({"t": "hello", "n": i}))
+            .await
+            .is_err()
+        {
             break; // already closed by the server
         }
     }
@@ -174,7 +178,10 @@ async fn max_sessions() {
     let created = third.create_session().await.unwrap();
     let mut joiner = srv.client().await;
     let joined = joiner.join_session(created.session).await.unwrap();
-    joiner.relay(PeerId::HOST, json!("hi")).await.unwrap();
+    joiner
+        .relay(PeerId::HOST, json!({"t": "hello"}))
+        .await
+        .unwrap();
     assert_eq!(
         recv(&mut third).await,
         ServerMsg::PeerJoined { peer: joined.peer }
@@ -183,7 +190,7 @@ async fn max_sessions() {
         recv(&mut third).await,
         ServerMsg::Relay {
             from: joined.peer,
-            payload: json!("hi")
+            payload: json!({"t": "hello"})
         }
     );
 }
@@ -220,7 +227,9 @@ async fn message_size_closes_only_the_offending_connection() {
     )
     .await;
 
-    // The pair next to it is untouched; a message just under the cap still relays.
+    // The pair next to it is untouched; once paired, a message just under the cap still
+    // relays.
+    pair(&mut host, &mut joiner, PeerId(1)).await;
     let payload = json!("y".repeat(3900));
     joiner.relay(PeerId::HOST, payload.clone()).await.unwrap();
     assert_eq!(
@@ -275,7 +284,10 @@ async fn session_lifetime() {
         recv(&mut host).await,
         ServerMsg::PeerJoined { .. }
     ));
-    joiner.relay(PeerId::HOST, json!(1)).await.unwrap();
+    joiner
+        .relay(PeerId::HOST, json!({"t": "hello"}))
+        .await
+        .unwrap();
     assert!(matches!(recv(&mut host).await, ServerMsg::Relay { .. }));
     expect_session_closed(&mut host, ErrorCode::SessionExpired).await;
     expect_session_closed(&mut joiner, ErrorCode::SessionExpired).await;
@@ -345,9 +357,15 @@ async fn session_message_and_candidate_budgets() {
         ServerMsg::PeerJoined { .. }
     ));
     for i in 0..3 {
-        joiner.relay(PeerId::HOST, json!(i)).await.unwrap();
+        joiner
+            .relay(PeerId::HOST, json!({"t": "hello", "n": i}))
+            .await
+            .unwrap();
     }
-    joiner.relay(PeerId::HOST, json!(3)).await.unwrap();
+    joiner
+        .relay(PeerId::HOST, json!({"t": "hello", "n": 3}))
+        .await
+        .unwrap();
     expect_error(&mut joiner, ErrorCode::SessionQuotaExceeded).await;
     let cand = Candidate {
         addr: "198.51.100.7:5000".parse().unwrap(),
@@ -364,7 +382,7 @@ async fn session_message_and_candidate_budgets() {
             recv(&mut host).await,
             ServerMsg::Relay {
                 from: PeerId(1),
-                payload: json!(i)
+                payload: json!({"t": "hello", "n": i})
             }
         );
     }
@@ -440,6 +458,7 @@ async fn a_reader_that_stops_reading_is_bounded() {
     let created = host.create_session().await.unwrap();
     let mut joiner = srv.client().await;
     joiner.join_session(created.session).await.unwrap();
+    pair(&mut host, &mut joiner, PeerId(1)).await;
     // The host now stops reading. Its socket buffers fill, the server's write to it stalls,
     // relays queue up to the 1 MiB budget and are then refused with peer_busy.
     let chunk = json!("z".repeat(1_000_000));

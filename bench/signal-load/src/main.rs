@@ -187,7 +187,7 @@ async fn pair_once(
         ServerMsg::PeerJoined { peer } if peer == joined.peer => {}
         other => bail!("host expected peer_joined, got {other:?}"),
     }
-    host.relay(joined.peer, serde_json::json!({"pake": "x"}))
+    host.relay(joined.peer, serde_json::json!({"t": "reply", "pake": "x"}))
         .await?;
     match joiner.recv().await? {
         ServerMsg::Relay {
