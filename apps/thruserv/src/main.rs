@@ -85,6 +85,14 @@ struct Args {
     #[arg(long, env = "THRUSERV_MAX_WS_CONNECTIONS", default_value_t = 2000)]
     max_ws_connections: usize,
 
+    /// Most open WebSocket connections from one client IP (IPv6: per /64; 0 disables).
+    #[arg(long, env = "THRUSERV_MAX_WS_CONNECTIONS_PER_IP", default_value_t = 64)]
+    max_ws_connections_per_ip: usize,
+
+    /// Most live sessions hosted from one client IP (IPv6: per /64; 0 disables).
+    #[arg(long, env = "THRUSERV_MAX_SESSIONS_PER_IP", default_value_t = 20)]
+    max_sessions_per_ip: usize,
+
     /// Close a connection that sends nothing (not even a ping) for this long (0 disables).
     #[arg(long, env = "THRUSERV_WS_IDLE_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
     ws_idle_timeout: Duration,
@@ -214,6 +222,8 @@ fn config_from(args: &Args) -> ServerConfig {
     c.session_creates_per_min = args.session_creates_per_min;
     c.session_creates_burst = args.session_creates_burst;
     c.max_ws_connections = args.max_ws_connections;
+    c.max_ws_connections_per_ip = args.max_ws_connections_per_ip;
+    c.max_sessions_per_ip = args.max_sessions_per_ip;
     c.ws_idle_timeout = nonzero(args.ws_idle_timeout);
     c.session_lifetime = nonzero(args.session_lifetime);
     c.max_failed_joins = args.max_failed_joins;
@@ -320,6 +330,8 @@ mod tests {
             (10, 5)
         );
         assert_eq!(a.max_ws_connections, 2000);
+        assert_eq!(a.max_ws_connections_per_ip, 64);
+        assert_eq!(a.max_sessions_per_ip, 20);
         assert_eq!(a.ws_idle_timeout, Duration::from_secs(600));
     }
 

@@ -488,3 +488,64 @@ async fn a_reader_that_stops_reading_is_bounded() {
     drop(host);
     srv.assert_pairs("127.0.0.1", "127.0.0.1").await;
 }
+
+#[tokio::test]
+async fn connections_and_sessions_per_ip() {
+    let srv = Thruserv::start(&[
+        "--max-ws-connections-per-ip",
+        "3",
+        "--max-sessions-per-ip",
+        "2",
+        "--ws-connects-per-min",
+        "0",
+        "--session-creates-per-min",
+        "0",
+    ]);
+    // One address holds its 3 connections; a 4th is refused, another address is not.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(srv.client_from("127.0.0.2").await);
+    }
+    match srv.try_client_from("127.0.0.2").await {
+        Err(ClientError::Refused {
+            status: 503,
+            code: ErrorCode::TooManyConnections,
+        }) => {}
+        other => panic!("expected 503 too_many_connections, got {:?}", other.err()),
+    }
+    let other = srv.client_from("127.0.0.3").await;
+    // Closing one frees a place for that address.
+    held.pop().unwrap().close().await;
+    srv.wait_metric("thruserv_connections_active", |v| v == 3)
+        .await;
+    held.push(srv.client_from("127.0.0.2").await);
+    drop(other);
+    drop(held);
+    srv.wait_metric("thruserv_connections_active", |v| v == 0)
+        .await;
+
+    // One address hosts 2 live sessions; a 3rd is refused, another address may host.
+    let mut hosts = Vec::new();
+    for _ in 0..2 {
+        let mut h = srv.client_from("127.0.0.4").await;
+        h.create_session().await.unwrap();
+        hosts.push(h);
+    }
+    let mut third = srv.client_from("127.0.0.4").await;
+    match third.create_session().await {
+        Err(ClientError::Server {
+            code: ErrorCode::TooManySessions,
+            message,
+            fatal: false,
+        }) => assert!(message.contains("this address"), "{message}"),
+        other => panic!("expected too_many_sessions, got {other:?}"),
+    }
+    let mut elsewhere = srv.client_from("127.0.0.5").await;
+    elsewhere.create_session().await.unwrap();
+    // A session ending frees a place.
+    hosts.pop().unwrap().leave().await.unwrap();
+    srv.wait_metric("thruserv_sessions_active", |v| v == 2)
+        .await;
+    third.create_session().await.unwrap();
+    srv.assert_healthy().await;
+}

@@ -214,6 +214,12 @@ impl ServerProcess {
             // Lift caps and per-IP limits: this measures capacity, not the abuse limits.
             .args(["--max-sessions", "0", "--max-ws-connections", "0"])
             .args([
+                "--max-sessions-per-ip",
+                "0",
+                "--max-ws-connections-per-ip",
+                "0",
+            ])
+            .args([
                 "--ws-connects-per-min",
                 "0",
                 "--session-creates-per-min",

@@ -311,13 +311,9 @@ where
                 )
                 .await;
         }
-        let created = match self.shared.create(&self.me) {
+        let created = match self.shared.create(&self.me, self.ip) {
             Ok(created) => created,
-            Err(code) => {
-                return self
-                    .refuse(code, "the server has no room for another session")
-                    .await;
-            }
+            Err((code, why)) => return self.refuse(code, why).await,
         };
         self.member = Some(Member {
             session: created.id,

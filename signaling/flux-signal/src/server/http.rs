@@ -131,7 +131,7 @@ fn upgrade(mut req: Request<Incoming>, peer: SocketAddr, shared: &Arc<Shared>) -
             .insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
         return resp;
     }
-    let Some(slot) = shared.try_reserve_ws() else {
+    let Some(slot) = shared.try_reserve_ws(ip) else {
         debug!(%ip, "connection cap reached");
         return refuse(
             shared,

@@ -53,6 +53,10 @@ pub struct ServerConfig {
     pub session_creates_burst: u32,
     /// Most open WebSocket connections; 0 = unlimited.
     pub max_ws_connections: usize,
+    /// Most open WebSocket connections from one client IP (IPv6: /64); 0 = unlimited.
+    pub max_ws_connections_per_ip: usize,
+    /// Most live sessions hosted from one client IP (IPv6: /64); 0 = unlimited.
+    pub max_sessions_per_ip: usize,
     /// Close a connection that sends no frame for this long; `None` = never.
     pub ws_idle_timeout: Option<Duration>,
     /// Close a session this long after its creation, whatever its activity; `None` = never.
@@ -96,6 +100,8 @@ impl Default for ServerConfig {
             session_creates_per_min: 10,
             session_creates_burst: 5,
             max_ws_connections: 2000,
+            max_ws_connections_per_ip: 64,
+            max_sessions_per_ip: 20,
             ws_idle_timeout: Some(Duration::from_secs(600)),
             session_lifetime: Some(Duration::from_secs(3600)),
             max_failed_joins: 5,

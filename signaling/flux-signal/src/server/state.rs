@@ -27,6 +27,7 @@ pub(crate) struct Shared {
     ws_connections: AtomicUsize,
     pending_handshakes: AtomicUsize,
     pending_by_ip: Mutex<HashMap<IpAddr, usize>>,
+    ws_by_ip: Mutex<HashMap<IpAddr, usize>>,
     next_conn_id: AtomicU64,
 }
 
@@ -59,6 +60,8 @@ pub(crate) enum RouteKind<'a> {
 
 struct Session {
     host: PeerHandle,
+    /// The host's per-IP key ([`ip_key`]).
+    host_ip: IpAddr,
     joiners: HashMap<PeerId, PeerHandle>,
     next_peer: u32,
     failed_joins: u32,
@@ -118,6 +121,7 @@ impl Shared {
             ws_connections: AtomicUsize::new(0),
             pending_handshakes: AtomicUsize::new(0),
             pending_by_ip: Mutex::new(HashMap::new()),
+            ws_by_ip: Mutex::new(HashMap::new()),
             next_conn_id: AtomicU64::new(1),
         }
     }
@@ -140,23 +144,39 @@ impl Shared {
         self.lock().len()
     }
 
-    /// Creates a session hosted by `host`.
-    pub(crate) fn create(&self, host: &PeerHandle) -> Result<Created, ErrorCode> {
+    /// Creates a session hosted by `host`, connected from `ip`. The error carries the code
+    /// and the refusal's text.
+    pub(crate) fn create(
+        &self,
+        host: &PeerHandle,
+        ip: IpAddr,
+    ) -> Result<Created, (ErrorCode, &'static str)> {
+        const FULL: &str = "the server has no room for another session";
         let mut sessions = self.lock();
         let max = self.config.max_sessions;
         if max != 0 && sessions.len() >= max {
-            return Err(ErrorCode::TooManySessions);
+            return Err((ErrorCode::TooManySessions, FULL));
+        }
+        let host_ip = ip_key(ip);
+        let per_ip = self.config.max_sessions_per_ip;
+        // A linear count: the table holds at most `max_sessions` entries.
+        if per_ip != 0 && sessions.values().filter(|s| s.host_ip == host_ip).count() >= per_ip {
+            return Err((
+                ErrorCode::TooManySessions,
+                "too many live sessions hosted from this address",
+            ));
         }
         // 30-bit ids: with ≤ a few thousand live sessions a collision is rare; retry a few
         // times, then report the table as full rather than loop.
         let id = (0..8)
             .filter_map(|_| random_u64().map(RoutingId::from_entropy))
             .find(|id| !sessions.contains_key(id))
-            .ok_or(ErrorCode::TooManySessions)?;
+            .ok_or((ErrorCode::TooManySessions, FULL))?;
         sessions.insert(
             id,
             Session {
                 host: host.clone(),
+                host_ip,
                 joiners: HashMap::new(),
                 next_peer: 1,
                 failed_joins: 0,
@@ -326,16 +346,30 @@ impl Shared {
         self.next_conn_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Reserves a WebSocket slot under `max_ws_connections`.
-    pub(crate) fn try_reserve_ws(self: &Arc<Self>) -> Option<WsSlot> {
+    /// Reserves a WebSocket slot for a client at `ip` under `max_ws_connections` and
+    /// `max_ws_connections_per_ip`.
+    pub(crate) fn try_reserve_ws(self: &Arc<Self>, ip: IpAddr) -> Option<WsSlot> {
         let max = self.config.max_ws_connections;
         let before = self.ws_connections.fetch_add(1, Ordering::AcqRel);
         if max != 0 && before >= max {
             self.ws_connections.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
+        let per_ip = self.config.max_ws_connections_per_ip;
+        let ip = (per_ip != 0).then(|| ip_key(ip));
+        if let Some(ip) = ip {
+            let mut by_ip = lock(&self.ws_by_ip);
+            let n = by_ip.entry(ip).or_insert(0);
+            if *n >= per_ip {
+                drop(by_ip);
+                self.ws_connections.fetch_sub(1, Ordering::AcqRel);
+                return None;
+            }
+            *n += 1;
+        }
         Some(WsSlot {
             shared: self.clone(),
+            ip,
         })
     }
 
@@ -418,13 +452,23 @@ impl PeerHandle {
     }
 }
 
-/// A held WebSocket slot; released on drop.
+/// A held WebSocket slot (global and per client IP); released on drop.
 pub(crate) struct WsSlot {
     shared: Arc<Shared>,
+    ip: Option<IpAddr>,
 }
 
 impl Drop for WsSlot {
     fn drop(&mut self) {
+        if let Some(ip) = self.ip {
+            let mut by_ip = lock(&self.shared.ws_by_ip);
+            if let Some(n) = by_ip.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    by_ip.remove(&ip);
+                }
+            }
+        }
         self.shared.ws_connections.fetch_sub(1, Ordering::AcqRel);
     }
 }
