@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{ArgAction, Parser, ValueEnum};
-use flux_signal::server::{Server, ServerConfig, load_tls};
+use flux_signal::server::{Cidr, Server, ServerConfig, load_tls};
 use tracing::{info, warn};
 
 /// Thruflux signaling server: pairs hosts with joiners and relays their ICE candidates and
@@ -134,9 +134,20 @@ struct Args {
     #[arg(long, env = "THRUSERV_ALLOW_LOOPBACK_CANDIDATES")]
     allow_loopback_candidates: bool,
 
-    /// Key per-IP limits on the rightmost X-Forwarded-For address. Only behind a reverse
-    /// proxy you run that sets the header; otherwise clients can pick their own key.
-    #[arg(long, env = "THRUSERV_TRUST_FORWARDED_FOR")]
+    /// A reverse proxy (address or CIDR range, repeatable) whose X-Forwarded-For is believed:
+    /// per-IP limits of connections from it are keyed on the header's rightmost entry. The
+    /// header is ignored from every other peer.
+    #[arg(
+        long,
+        env = "THRUSERV_TRUSTED_PROXY",
+        value_delimiter = ',',
+        value_name = "CIDR"
+    )]
+    trusted_proxy: Vec<Cidr>,
+
+    /// Obsolete: X-Forwarded-For is believed only from --trusted-proxy; given alone this is
+    /// a usage error (it trusted the header from anyone).
+    #[arg(long, env = "THRUSERV_TRUST_FORWARDED_FOR", hide = true)]
     trust_forwarded_for: bool,
 
     /// PEM certificate chain; with --tls-key, serve HTTPS/WSS directly.
@@ -177,6 +188,12 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if args.trust_forwarded_for && args.trusted_proxy.is_empty() {
+        anyhow::bail!(
+            "--trust-forwarded-for believed X-Forwarded-For from any client; name the proxies \
+             whose header to believe with --trusted-proxy CIDR instead"
+        );
+    }
     raise_nofile_limit();
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
@@ -234,7 +251,7 @@ fn config_from(args: &Args) -> ServerConfig {
     c.max_pending_handshakes = args.max_pending_handshakes;
     c.max_pending_per_ip = args.max_pending_per_ip;
     c.allow_loopback_candidates = args.allow_loopback_candidates;
-    c.trust_forwarded_for = args.trust_forwarded_for;
+    c.trusted_proxies = args.trusted_proxy.clone();
     c.shutdown_grace = args.shutdown_grace;
     c.server_name = format!("thruserv/{}", env!("CARGO_PKG_VERSION"));
     if args.allow_loopback_candidates {

@@ -305,7 +305,8 @@ async fn forwarded_for_keys_limits_only_when_trusted() {
         "1",
         "--ws-connects-burst",
         "1",
-        "--trust-forwarded-for",
+        "--trusted-proxy",
+        "127.0.0.1",
     ]);
     RawWs::connect_with(
         proxied.addr,
@@ -425,6 +426,56 @@ fn version_flag_prints_the_version() {
             String::from_utf8_lossy(&out.stdout).trim(),
             format!("thruserv {}", env!("CARGO_PKG_VERSION"))
         );
+    }
+}
+
+#[tokio::test]
+async fn forwarded_for_is_believed_only_from_trusted_proxies() {
+    let srv = Thruserv::start(&[
+        "--ws-connects-per-min",
+        "1",
+        "--ws-connects-burst",
+        "1",
+        "--trusted-proxy",
+        "127.0.0.2/32",
+        "--trusted-proxy",
+        "10.0.0.0/8",
+    ]);
+    // A client that connects directly, not through the proxy, cannot pick its own key.
+    RawWs::connect_with(srv.addr, "127.0.0.1", "X-Forwarded-For: 198.51.100.1\r\n")
+        .await
+        .unwrap();
+    let refused =
+        RawWs::connect_with(srv.addr, "127.0.0.1", "X-Forwarded-For: 198.51.100.2\r\n").await;
+    assert!(
+        refused.err().unwrap().starts_with("HTTP/1.1 429"),
+        "the header of a peer that is not a trusted proxy must be ignored"
+    );
+    // The proxy's clients are keyed on the header.
+    for client in ["198.51.100.3", "198.51.100.4"] {
+        RawWs::connect_with(
+            srv.addr,
+            "127.0.0.2",
+            &format!("X-Forwarded-For: {client}\r\n"),
+        )
+        .await
+        .unwrap();
+    }
+
+    // The old flag alone, which believed anyone, is refused; so is a malformed range.
+    for args in [
+        &["--trust-forwarded-for"][..],
+        &["--trusted-proxy", "10.0.0.0/33"][..],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_thruserv"))
+            .args(["--bind", "127.0.0.1", "--port", "0"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("--trusted-proxy"), "{args:?}: {stderr}");
     }
 }
 

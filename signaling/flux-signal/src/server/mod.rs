@@ -9,6 +9,7 @@
 //! the connection, and no connection stays in its HTTP phase longer than
 //! [`ServerConfig::handshake_timeout`].
 
+mod cidr;
 mod conn;
 mod http;
 mod limits;
@@ -17,7 +18,7 @@ mod state;
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +27,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+pub use self::cidr::{Cidr, ParseCidrError};
 pub use self::metrics::Metrics;
 use self::state::Shared;
 
@@ -75,16 +77,25 @@ pub struct ServerConfig {
     /// 0 = unlimited.
     pub max_pending_handshakes: usize,
     /// Most connections in their handshake from one client IP (IPv6: /64); 0 = unlimited.
-    /// Not applied with `trust_forwarded_for`, where the TCP peer is the proxy.
+    /// Not applied to connections from a trusted proxy.
     pub max_pending_per_ip: usize,
     /// Relay loopback candidates (tests and single-machine development only).
     pub allow_loopback_candidates: bool,
-    /// Key per-IP limits on the rightmost `X-Forwarded-For` address (behind a trusted proxy).
-    pub trust_forwarded_for: bool,
+    /// Reverse proxies whose `X-Forwarded-For` is believed: a connection from one of these
+    /// is keyed for per-IP limits on the rightmost entry of the header; from anyone else
+    /// the header is ignored. Empty (the default): never believed.
+    pub trusted_proxies: Vec<Cidr>,
     /// How long shutdown waits for connections to close after telling them.
     pub shutdown_grace: Duration,
     /// Name and version sent in the welcome message.
     pub server_name: String,
+}
+
+impl ServerConfig {
+    /// Whether `ip` is one of [`ServerConfig::trusted_proxies`].
+    pub fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|c| c.contains(ip))
+    }
 }
 
 impl Default for ServerConfig {
@@ -112,7 +123,7 @@ impl Default for ServerConfig {
             max_pending_handshakes: 1024,
             max_pending_per_ip: 16,
             allow_loopback_candidates: false,
-            trust_forwarded_for: false,
+            trusted_proxies: Vec::new(),
             shutdown_grace: Duration::from_secs(5),
             server_name: format!("flux-signal/{}", env!("CARGO_PKG_VERSION")),
         }
@@ -281,7 +292,7 @@ fn spawn_connection(
     peer: SocketAddr,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
-    let per_ip = (!shared.config.trust_forwarded_for).then(|| peer.ip());
+    let per_ip = (!shared.config.is_trusted_proxy(peer.ip())).then(|| peer.ip());
     let Some(pending) = state::PendingGuard::try_new(shared, per_ip) else {
         shared
             .metrics
