@@ -549,3 +549,38 @@ async fn connections_and_sessions_per_ip() {
     third.create_session().await.unwrap();
     srv.assert_healthy().await;
 }
+
+#[tokio::test]
+async fn pings_do_not_keep_an_unpaired_session_past_its_lifetime() {
+    let srv = Thruserv::start(&[
+        "--session-lifetime",
+        "2s",
+        "--ws-idle-timeout",
+        "1s",
+        "--ws-msgs-per-sec",
+        "0",
+    ]);
+    // Host and joiner ping well within the idle timeout and never pair.
+    let pinging = config_from("127.0.0.1").ping_interval(Some(Duration::from_millis(100)));
+    let mut host = SignalClient::connect(&srv.url(), &pinging).await.unwrap();
+    let created = host.create_session().await.unwrap();
+    let mut joiner = SignalClient::connect(&srv.url(), &pinging).await.unwrap();
+    joiner.join_session(created.session).await.unwrap();
+    let started = std::time::Instant::now();
+    assert!(matches!(
+        recv(&mut host).await,
+        ServerMsg::PeerJoined { .. }
+    ));
+    // Both wait in recv(), which sends the pings.
+    tokio::join!(
+        expect_session_closed(&mut joiner, ErrorCode::SessionExpired),
+        expect_session_closed(&mut host, ErrorCode::SessionExpired),
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    srv.wait_metric("thruserv_sessions_active", |v| v == 0)
+        .await;
+}
