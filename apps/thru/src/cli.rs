@@ -221,14 +221,21 @@ pub struct NetArgs {
     pub stun_server: Vec<String>,
 
     /// TURN servers, comma-separated: `turn:USER:PASS@HOST[:PORT][?transport=tcp]`, or
-    /// `turns:USER:PASS@HOST:443` for TLS (networks that block UDP). Default none.
+    /// `turns:USER:PASS@HOST:443` for TLS (networks that block UDP). Default none. Values
+    /// here show in `ps`; prefer --turn-server-file for passwords.
     #[arg(
         long,
         env = "THRU_TURN_SERVERS",
+        hide_env_values = true,
         value_delimiter = ',',
         value_name = "URLS"
     )]
     pub turn_server: Vec<String>,
+
+    /// File of TURN servers, one URL per line (as --turn-server; `#` comments and blank
+    /// lines skipped), added to --turn-server: keeps the passwords out of argv.
+    #[arg(long, env = "THRU_TURN_SERVER_FILE", value_name = "PATH")]
+    pub turn_server_file: Option<PathBuf>,
 
     /// Certificate (PEM or DER) a turns: server must present, for a self-hosted TURN server
     /// with a self-signed certificate. Without it the Web PKI roots are used.
@@ -283,6 +290,31 @@ pub struct NetArgs {
     /// Print throughput, time to first byte, peak rate, RTT, loss, CPU time and the route.
     #[arg(long, env = "THRU_BENCHMARK")]
     pub benchmark: bool,
+}
+
+impl NetArgs {
+    /// `--turn-server` followed by the entries of `--turn-server-file`. The error names the
+    /// file, never its contents (they hold passwords).
+    pub fn turn_servers(&self) -> Result<Vec<String>, String> {
+        let mut out = self.turn_server.clone();
+        if let Some(path) = &self.turn_server_file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                format!("--turn-server-file {}: cannot read it: {e}", path.display())
+            })?;
+            out.extend(turn_server_lines(&text));
+        }
+        Ok(out)
+    }
+}
+
+/// The TURN URLs in a `--turn-server-file`: one per line, trimmed; blank lines and lines
+/// starting with `#` skipped.
+pub fn turn_server_lines(text: &str) -> Vec<String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect()
 }
 
 /// The clap command (for completions, man page and tests).
@@ -407,6 +439,15 @@ mod tests {
         assert!(j.yes);
         assert_eq!(j.net.quic_conn_window_bytes, 1 << 30);
         assert_eq!(j.net.stun_server.len(), 2);
+    }
+
+    #[test]
+    fn turn_server_file_lines() {
+        let text = "# relay\n turn:u:p@relay.example:3478 \n\nturns:u:p@relay.example:443\r\n";
+        assert_eq!(
+            turn_server_lines(text),
+            ["turn:u:p@relay.example:3478", "turns:u:p@relay.example:443"]
+        );
     }
 
     #[test]

@@ -301,14 +301,11 @@ impl Setup {
                 } else {
                     &net.stun_server
                 };
-                let servers = resolve_ice_servers(
-                    stun,
-                    &net.turn_server,
-                    net.turn_cert.as_deref(),
-                    allow_loopback,
-                )
-                .await
-                .map_err(UsageError)?;
+                let turn = net.turn_servers().map_err(UsageError)?;
+                let servers =
+                    resolve_ice_servers(stun, &turn, net.turn_cert.as_deref(), allow_loopback)
+                        .await
+                        .map_err(UsageError)?;
                 Some(servers)
             }
         };

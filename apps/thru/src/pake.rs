@@ -26,8 +26,8 @@
 //! checks the other's MAC in constant time (`blake3::Hash` equality).
 //!
 //! One attempt is one guess: a joiner that sends a hello and receives a reply has tested
-//! exactly one candidate secret, and [`crate::rendezvous`] counts every such attempt that does
-//! not end in a valid `confirm` as a failure.
+//! exactly one candidate secret. The host charges every reply to a [`GuessBudget`] before
+//! sending it, answers one `hello` at a time, and refunds only a valid `confirm`.
 //!
 //! What this module does not do: decide what to do after a failure (the rendezvous ends the
 //! host session), time out (the caller does), or talk to QUIC (the engine pins
@@ -448,6 +448,109 @@ impl std::fmt::Debug for JoinerStart {
     }
 }
 
+/// The host's budget of online guesses: every `reply` it sends is one full password test
+/// for whoever sent the `hello`, so every reply is charged here *before* it goes out, and
+/// only a joiner that then proves the secret (a valid `confirm`) gets its charge back.
+///
+/// At most one handshake is in flight at a time: a second `hello` waits (the rendezvous
+/// queues it, without answering) until the first one is settled. So at any moment the
+/// replies sent that did not end in a pairing are at most `max_failed`; with the default of
+/// 1, the first failed attempt, of any kind (wrong MAC, abort, disconnect, the joiner
+/// reported gone by the server for whatever reason, timeout), burns the code.
+///
+/// Plain state, no I/O, no clock.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct GuessBudget {
+    max_failed: u32,
+    /// Replies sent that did not (yet) end in a pairing, the one in flight included.
+    charged: u32,
+    in_flight: bool,
+    /// Pairing is over: no reply goes out any more.
+    closed: bool,
+}
+
+/// Why [`GuessBudget::begin`] refused to let a reply go out.
+#[derive(Clone, Copy, Debug, Eq, PartialEq, thiserror::Error)]
+pub enum GuessRefused {
+    /// Another joiner's handshake is in flight: wait until it is settled.
+    #[error("another pairing handshake is in progress")]
+    Busy,
+    /// The failed attempts used the whole budget: the code is burned.
+    #[error("the join code is burned after {0} failed attempt(s)")]
+    Spent(u32),
+    /// The host stopped pairing.
+    #[error("the host no longer pairs")]
+    Closed,
+}
+
+impl GuessBudget {
+    /// A budget of `max_failed` failed attempts (0 is read as 1).
+    pub fn new(max_failed: u32) -> Self {
+        Self {
+            max_failed: max_failed.max(1),
+            charged: 0,
+            in_flight: false,
+            closed: false,
+        }
+    }
+
+    /// Whether a reply may go out now; does not charge.
+    pub fn check(&self) -> Result<(), GuessRefused> {
+        if self.closed {
+            Err(GuessRefused::Closed)
+        } else if self.charged >= self.max_failed {
+            Err(GuessRefused::Spent(self.charged))
+        } else if self.in_flight {
+            Err(GuessRefused::Busy)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Charges one guess for a reply about to be sent; refuses when busy or spent.
+    pub fn begin(&mut self) -> Result<(), GuessRefused> {
+        self.check()?;
+        self.charged += 1;
+        self.in_flight = true;
+        Ok(())
+    }
+
+    /// The handshake in flight ended with a valid confirmation: its charge is given back.
+    pub fn succeeded(&mut self) {
+        if self.in_flight {
+            self.in_flight = false;
+            self.charged = self.charged.saturating_sub(1);
+        }
+    }
+
+    /// The handshake in flight ended any other way: the charge stays. True when the budget
+    /// is now spent (end the session).
+    pub fn failed(&mut self) -> bool {
+        self.in_flight = false;
+        self.spent()
+    }
+
+    /// Whether a handshake is in flight.
+    pub fn in_flight(&self) -> bool {
+        self.in_flight
+    }
+
+    /// Failed attempts so far (the one in flight included).
+    pub fn charged(&self) -> u32 {
+        self.charged
+    }
+
+    /// Whether the failed attempts used the whole budget.
+    pub fn spent(&self) -> bool {
+        self.charged >= self.max_failed
+    }
+
+    /// Pairing is over: every later [`GuessBudget::begin`] is refused.
+    pub fn close(&mut self) {
+        self.closed = true;
+    }
+}
+
 /// Binary data, unpadded base64 in JSON; at most [`Bytes::MAX`] bytes.
 #[derive(Clone, Debug, Eq, PartialEq)]
 pub struct Bytes(pub Vec<u8>);
@@ -764,6 +867,39 @@ mod tests {
             &mut OsRng,
         );
         assert!(HostAwaitConfirm::respond(&c, &host, hello, &mut OsRng).is_err());
+    }
+
+    #[test]
+    fn guess_budget_charges_every_reply_and_allows_one_in_flight() {
+        let mut b = GuessBudget::new(1);
+        assert_eq!(b.begin(), Ok(()));
+        // A second hello while the first is in flight gets no reply.
+        assert_eq!(b.begin(), Err(GuessRefused::Spent(1)));
+        b.succeeded();
+        assert!(!b.spent());
+        assert_eq!(b.begin(), Ok(()));
+        assert!(b.failed(), "the first failure burns a budget of 1");
+        assert_eq!(b.begin(), Err(GuessRefused::Spent(1)));
+        assert_eq!(b.check(), Err(GuessRefused::Spent(1)));
+
+        let mut b = GuessBudget::new(3);
+        assert_eq!(b.begin(), Ok(()));
+        assert_eq!(b.begin(), Err(GuessRefused::Busy));
+        assert!(!b.failed());
+        assert_eq!(b.begin(), Ok(()));
+        assert!(!b.failed());
+        assert_eq!(b.begin(), Ok(()));
+        assert!(b.failed());
+        assert_eq!(b.charged(), 3);
+        assert_eq!(b.begin(), Err(GuessRefused::Spent(3)));
+        // A stray success report with nothing in flight refunds nothing.
+        b.succeeded();
+        assert!(b.spent());
+        assert_eq!(GuessBudget::new(0), GuessBudget::new(1));
+
+        let mut b = GuessBudget::new(2);
+        b.close();
+        assert_eq!(b.begin(), Err(GuessRefused::Closed));
     }
 
     #[test]

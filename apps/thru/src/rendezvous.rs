@@ -17,10 +17,13 @@
 //!   then runs as newline-delimited JSON over that TCP connection. LAN codes carry no
 //!   addresses.
 //!
-//! Failure policy (one guess per attempt): a joiner that got the host's reply but did not
-//! complete a valid confirmation (bad MAC, abort, disconnect, timeout) is a failed attempt;
-//! the server is told (`reject_peer`) and after `max_failed_attempts` the host ends the
-//! session.
+//! Failure policy (one guess per attempt, [`GuessBudget`]): every reply the host sends is
+//! charged before it goes out, and only a valid confirmation gives the charge back. A joiner
+//! that got the host's reply but did not complete a valid confirmation (bad MAC, abort,
+//! disconnect, reported gone by the server for any reason, timeout) is a failed attempt; the
+//! server is told (`reject_peer`) and after `max_failed_attempts` the host ends the session.
+//! At most one handshake is in flight: a `hello` arriving meanwhile waits, unanswered, in a
+//! queue of at most [`MAX_WAITING`] joiners (more are refused as `full`), in both modes.
 //!
 //! **Trickle** (through `thruserv` only): after pairing, each joiner and the host keep their
 //! signaling connections open and exchange ICE candidate lines through a [`Trickle`], as
@@ -39,9 +42,10 @@
 //! gathers and hands its lines to the [`Trickle`]), retry or reconnect. It runs on tokio,
 //! the control plane only.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use flux_signal::client::{ClientConfig, ClientError, SignalClient};
@@ -54,15 +58,17 @@ use rand::rngs::OsRng;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 use tracing::{debug, info, warn};
 
 use crate::code::JoinCode;
 use crate::pairing::{Paired, Rendezvous, Role};
 use crate::pake::{
-    AbortReason, HostAwaitConfirm, JoinerStart, LocalInfo, PairMsg, PakeError, PeerInfo,
+    AbortReason, GuessBudget, HostAwaitConfirm, JoinerStart, LocalInfo, PairMsg, PakeError,
+    PeerInfo,
 };
+use crate::ui::safe_text;
 
 /// TCP port a LAN host listens on for pairing when it is free (else any port).
 pub const DEFAULT_LAN_PORT: u16 = 47115;
@@ -72,6 +78,9 @@ pub const MDNS_SERVICE: &str = "_thruflux._tcp.local.";
 const MAX_LINE: u64 = 16 * 1024;
 /// Most candidates remembered per peer.
 const MAX_CANDIDATES: usize = 64;
+/// Most joiners a host keeps waiting for their handshake (through thruserv: joined and not
+/// yet settled; on a LAN: connections). More are refused as `full`.
+pub const MAX_WAITING: usize = 32;
 
 /// Settings shared by both host flavours.
 #[derive(Clone, Debug)]
@@ -332,6 +341,7 @@ pub async fn host_server(
     let (tx, rx) = mpsc::channel(64);
     let (stop_tx, stop_rx) = oneshot::channel();
     let (lines_tx, lines_rx) = mpsc::unbounded_channel();
+    let opts_max_failed = opts.max_failed_attempts;
     let task = ServerHost {
         signal,
         code: code.clone(),
@@ -339,7 +349,9 @@ pub async fn host_server(
         events: tx,
         peers: HashMap::new(),
         paired: 0,
-        failed: 0,
+        budget: GuessBudget::new(opts_max_failed),
+        handshaking: None,
+        queue: VecDeque::new(),
         accepting: true,
         trickles: HashMap::new(),
         lines_tx,
@@ -468,6 +480,8 @@ async fn join_server_inner(
 
 enum Stage {
     AwaitHello,
+    /// Its `hello` arrived while another handshake was in flight: not answered yet.
+    Queued(Box<PairMsg>),
     AwaitConfirm(Box<HostAwaitConfirm>),
 }
 
@@ -491,7 +505,12 @@ struct ServerHost {
     events: mpsc::Sender<HostEvent>,
     peers: HashMap<PeerId, PeerState>,
     paired: u32,
-    failed: u32,
+    /// Every reply sent is charged here; one handshake in flight at a time.
+    budget: GuessBudget,
+    /// The joiner whose handshake is in flight (it has our reply).
+    handshaking: Option<PeerId>,
+    /// Joiners whose `hello` waits for the handshake in flight, oldest first.
+    queue: VecDeque<PeerId>,
     /// False once pairing is over ([`HostEvent::Ended`] sent); trickles may go on.
     accepting: bool,
     trickles: HashMap<PeerId, HostTrickle>,
@@ -529,6 +548,10 @@ impl ServerHost {
                 }
                 () = sleep_until(self.pacer.next_token()), if !ready => Flow::Continue,
             };
+            let flow = match flow {
+                Flow::Continue => self.next_queued().await,
+                other => other,
+            };
             match flow {
                 Flow::Continue => {}
                 Flow::End(e) => break e,
@@ -542,6 +565,8 @@ impl ServerHost {
                     }
                     // The session stays for the trickles: joiners still in their handshake
                     // are told now that they will not be paired.
+                    self.queue.clear();
+                    self.handshaking = None;
                     for peer in std::mem::take(&mut self.peers).into_keys() {
                         let abort = PairMsg::Abort {
                             reason: AbortReason::Full,
@@ -618,7 +643,12 @@ impl ServerHost {
     async fn handle(&mut self, msg: ServerMsg) -> Flow {
         match msg {
             ServerMsg::PeerJoined { peer } => {
-                if !self.accepting || self.paired >= self.opts.max_receivers {
+                if !self.accepting
+                    || self.paired >= self.opts.max_receivers
+                    || self.peers.len() >= MAX_WAITING
+                    || self.peers.contains_key(&peer)
+                    || self.trickles.contains_key(&peer)
+                {
                     let abort = PairMsg::Abort {
                         reason: AbortReason::Full,
                     };
@@ -641,14 +671,24 @@ impl ServerHost {
                     debug!(%peer, "paired joiner left; its trickle ends");
                     Flow::Continue
                 }
+                // It had our reply: a guess was made, whatever the server says about why it
+                // left. (Our own `reject_peer` comes back as `rejected` too, but by then the
+                // joiner is no longer in `peers`.)
                 Some(PeerState {
                     stage: Stage::AwaitConfirm(_),
                     ..
-                }) if reason != PeerLeftReason::Rejected => {
+                }) => {
+                    if reason == PeerLeftReason::Rejected {
+                        warn!(%peer, "the server reports a joiner we did not reject as rejected");
+                    }
                     self.fail(peer, PairError::PeerGone(label(peer)), true)
                         .await
                 }
-                _ => Flow::Continue,
+                Some(_) => {
+                    self.queue.retain(|p| *p != peer);
+                    Flow::Continue
+                }
+                None => Flow::Continue,
             },
             ServerMsg::Candidate { from, candidate } => {
                 if let Some(p) = self.peers.get_mut(&from)
@@ -666,7 +706,7 @@ impl ServerHost {
                 code, fatal: true, ..
             } => Flow::End(Some(PairError::SessionClosed(code))),
             ServerMsg::Error { code, message, .. } => {
-                warn!(%code, %message, "the signaling server refused a message");
+                warn!(%code, message = %safe_text(&message), "the signaling server refused a message");
                 Flow::Continue
             }
             other => {
@@ -692,40 +732,43 @@ impl ServerHost {
             Ok(m) => m,
             Err(e) => {
                 let counted = matches!(state.stage, Stage::AwaitConfirm(_));
+                self.queue.retain(|p| *p != from);
                 return self.fail(from, hs(e), counted).await;
             }
         };
         match state.stage {
-            Stage::AwaitHello => {
-                match HostAwaitConfirm::respond(&self.code, &self.opts.local, msg, &mut OsRng) {
-                    Ok((next, reply)) => {
-                        // Candidates first: the joiner checks them against the reply.
-                        for (i, addr) in self.opts.local.addrs.iter().enumerate() {
-                            if let Err(e) = self.signal.candidate(from, candidate(*addr, i)).await {
-                                return Flow::End(Some(e.into()));
-                            }
-                        }
-                        if let Err(e) = self.signal.relay(from, reply.to_json()).await {
-                            return Flow::End(Some(e.into()));
-                        }
-                        self.peers.insert(
-                            from,
-                            PeerState {
-                                stage: Stage::AwaitConfirm(Box::new(next)),
-                                ..state
-                            },
-                        );
-                        Flow::Continue
-                    }
-                    // No reply was sent: no guess was made.
-                    Err(e) => self.fail(from, hs(e), false).await,
-                }
+            Stage::AwaitHello
+                if self.budget.in_flight() && matches!(msg, PairMsg::Hello { .. }) =>
+            {
+                // One handshake at a time: this one waits, unanswered.
+                debug!(peer = %from, "hello queued behind the handshake in flight");
+                self.queue.push_back(from);
+                self.peers.insert(
+                    from,
+                    PeerState {
+                        stage: Stage::Queued(Box::new(msg)),
+                        ..state
+                    },
+                );
+                Flow::Continue
+            }
+            Stage::AwaitHello => self.answer_hello(from, state, msg).await,
+            Stage::Queued(_) => {
+                // A second message before its hello was answered.
+                self.queue.retain(|p| *p != from);
+                let e = PakeError::Unexpected {
+                    expected: "nothing until the reply",
+                    got: msg.kind(),
+                };
+                self.fail(from, hs(e), false).await
             }
             Stage::AwaitConfirm(s) => match s.handle_confirm(msg) {
                 Ok((peer, accepted)) => {
                     if let Err(e) = check_candidates(&state.candidates, &peer.addrs, &label(from)) {
                         return self.fail(from, e, true).await;
                     }
+                    self.budget.succeeded();
+                    self.handshaking = None;
                     if let Err(e) = self.signal.relay(from, accepted.to_json()).await {
                         return Flow::End(Some(e.into()));
                     }
@@ -760,6 +803,73 @@ impl ServerHost {
         }
     }
 
+    /// Answers the oldest queued `hello` once no handshake is in flight.
+    async fn next_queued(&mut self) -> Flow {
+        while self.accepting && !self.budget.in_flight() {
+            let Some(from) = self.queue.pop_front() else {
+                break;
+            };
+            let Some(state) = self.peers.remove(&from) else {
+                continue;
+            };
+            let Stage::Queued(hello) = state.stage else {
+                self.peers.insert(from, state);
+                continue;
+            };
+            let state = PeerState {
+                stage: Stage::AwaitHello,
+                ..state
+            };
+            let flow = self.answer_hello(from, state, *hello).await;
+            if !matches!(flow, Flow::Continue) {
+                return flow;
+            }
+        }
+        Flow::Continue
+    }
+
+    /// Answers `from`'s hello: the reply is charged to the budget before it goes out.
+    async fn answer_hello(&mut self, from: PeerId, state: PeerState, msg: PairMsg) -> Flow {
+        let hs = |source| PairError::Handshake {
+            peer: label(from),
+            source,
+        };
+        match HostAwaitConfirm::respond(&self.code, &self.opts.local, msg, &mut OsRng) {
+            Ok((next, reply)) => {
+                if let Err(why) = self.budget.begin() {
+                    // Not reached (hellos wait while one is in flight, and a spent budget
+                    // ends pairing), but no reply ever goes out past the budget.
+                    warn!(peer = %from, %why, "hello not answered");
+                    let abort = PairMsg::Abort {
+                        reason: AbortReason::Full,
+                    };
+                    let _ = self.signal.relay(from, abort.to_json()).await;
+                    return Flow::Continue;
+                }
+                self.handshaking = Some(from);
+                self.peers.insert(
+                    from,
+                    PeerState {
+                        stage: Stage::AwaitConfirm(Box::new(next)),
+                        ..state
+                    },
+                );
+                // Candidates first: the joiner checks them against the reply.
+                for (i, addr) in self.opts.local.addrs.iter().enumerate() {
+                    if let Err(e) = self.signal.candidate(from, candidate(*addr, i)).await {
+                        return Flow::End(Some(e.into()));
+                    }
+                }
+                if let Err(e) = self.signal.relay(from, reply.to_json()).await {
+                    return Flow::End(Some(e.into()));
+                }
+                Flow::Continue
+            }
+            // No reply was sent: no guess was made.
+            Err(e) => self.fail(from, hs(e), false).await,
+        }
+    }
+
     /// Expires handshakes past their deadline.
     async fn expire(&mut self) -> Flow {
         let now = Instant::now();
@@ -772,6 +882,7 @@ impl ServerHost {
         for peer in late {
             if let Some(state) = self.peers.remove(&peer) {
                 let counted = matches!(state.stage, Stage::AwaitConfirm(_));
+                self.queue.retain(|p| *p != peer);
                 let err = PairError::Timeout {
                     what: "waiting for a joiner's handshake",
                     after: self.opts.handshake_timeout,
@@ -808,10 +919,12 @@ impl ServerHost {
                 error,
             })
             .await;
-        if counted {
-            self.failed += 1;
-            if self.failed >= self.opts.max_failed_attempts.max(1) {
-                return Flow::Drain(Some(PairError::TooManyFailures(self.failed)));
+        // `counted`: this joiner had our reply, so it is the handshake in flight; its guess
+        // was charged when the reply went out.
+        if counted && self.handshaking == Some(peer) {
+            self.handshaking = None;
+            if self.budget.failed() {
+                return Flow::Drain(Some(PairError::TooManyFailures(self.budget.charged())));
             }
         }
         Flow::Continue
@@ -1098,11 +1211,15 @@ async fn joiner_trickle(
                     return;
                 }
                 Ok(ServerMsg::Error { code, fatal: true, message }) => {
-                    warn!(%code, %message, "trickle: the signaling server closed the connection");
+                    warn!(
+                        %code,
+                        message = %safe_text(&message),
+                        "trickle: the signaling server closed the connection"
+                    );
                     return;
                 }
                 Ok(ServerMsg::Error { code, message, .. }) => {
-                    warn!(%code, %message, "the signaling server refused a message");
+                    warn!(%code, message = %safe_text(&message), "the signaling server refused a message");
                 }
                 Ok(other) => debug!(?other, "ignored after pairing"),
                 Err(e) => {
@@ -1288,6 +1405,12 @@ async fn lan_host_loop(
     mut stop: oneshot::Receiver<()>,
 ) {
     let (done_tx, mut done_rx) = mpsc::channel::<(String, Result<Paired, (PairError, bool)>)>(16);
+    // Shared by every connection: each reply is charged before it goes out, and `turn` lets
+    // one handshake at a time past the hello (the others wait, unanswered, in FIFO order).
+    let budget = Arc::new(std::sync::Mutex::new(GuessBudget::new(
+        opts.max_failed_attempts,
+    )));
+    let turn = Arc::new(Semaphore::new(1));
     let mut paired = 0u32;
     let mut in_flight = 0u32;
     let mut failed = 0u32;
@@ -1306,13 +1429,18 @@ async fn lan_host_loop(
                 let peer = format!("joiner {next_id}");
                 next_id += 1;
                 debug!(%from, %peer, "pairing connection");
-                let full = paired + in_flight >= opts.max_receivers;
+                let full = paired + in_flight >= opts.max_receivers
+                    || in_flight as usize >= MAX_WAITING;
                 if !full {
                     in_flight += 1;
                 }
                 let (code, opts, tx) = (code.clone(), opts.clone(), done_tx.clone());
+                let shared = LanShared {
+                    budget: budget.clone(),
+                    turn: turn.clone(),
+                };
                 tokio::spawn(async move {
-                    let res = lan_host_conn(stream, &code, &opts, &peer, full).await;
+                    let res = lan_host_conn(stream, &code, &opts, &peer, full, &shared).await;
                     if !full {
                         let _ = tx.send((peer, res)).await;
                     }
@@ -1344,52 +1472,80 @@ async fn lan_host_loop(
             }
         }
     };
+    // Connections still waiting for their turn get no reply.
+    lock(&budget).close();
     if let Some(d) = daemon {
         let _ = d.shutdown();
     }
     let _ = events.send(HostEvent::Ended { error: end }).await;
 }
 
-/// One LAN pairing connection, host side. `Err((error, counted))`.
+/// What the LAN host's connections share.
+struct LanShared {
+    budget: Arc<std::sync::Mutex<GuessBudget>>,
+    /// One permit: the handshake in flight holds it from the reply to its settlement.
+    turn: Arc<Semaphore>,
+}
+
+fn lock(b: &std::sync::Mutex<GuessBudget>) -> std::sync::MutexGuard<'_, GuessBudget> {
+    // Nothing panics while holding it; a poisoned budget is still the right count.
+    b.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// One LAN pairing connection, host side. `Err((error, counted))`: `counted` when this
+/// joiner got a reply (one guess) and did not pair.
 async fn lan_host_conn(
     stream: TcpStream,
     code: &JoinCode,
     opts: &HostOptions,
     peer: &str,
     full: bool,
+    shared: &LanShared,
 ) -> Result<Paired, (PairError, bool)> {
     let limit = opts.handshake_timeout;
+    let until = Instant::now() + limit;
+    let timed_out = || PairError::Timeout {
+        what: "waiting for a joiner's handshake",
+        after: limit,
+    };
     let mut conn = Lines::new(stream);
     let hs = |source| PairError::Handshake {
         peer: peer.to_string(),
         source,
     };
-    let work = async {
-        let hello = conn.read().await.map_err(|e| (e, false))?;
-        if full {
-            let _ = conn
-                .write(&PairMsg::Abort {
-                    reason: AbortReason::Full,
-                })
-                .await;
-            return Err((PairError::PeerGone(peer.into()), false));
+    let hello = match timeout_at(until, conn.read()).await {
+        Ok(r) => r.map_err(|e| (e, false))?,
+        Err(_) => return Err((timed_out(), false)),
+    };
+    let refuse = |reason| PairMsg::Abort { reason };
+    if full {
+        let _ = conn.write(&refuse(AbortReason::Full)).await;
+        return Err((PairError::PeerGone(peer.into()), false));
+    }
+    // Wait, unanswered, for the handshake in flight (if any) to settle.
+    let _turn = match timeout_at(until, shared.turn.acquire()).await {
+        Ok(Ok(permit)) => permit,
+        Ok(Err(_)) | Err(_) => return Err((timed_out(), false)),
+    };
+    let (state, reply) = match HostAwaitConfirm::respond(code, &opts.local, hello, &mut OsRng) {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = conn.write(&refuse(e.abort_reason())).await;
+            return Err((hs(e), false));
         }
-        let (state, reply) = match HostAwaitConfirm::respond(code, &opts.local, hello, &mut OsRng) {
-            Ok(x) => x,
-            Err(e) => {
-                let _ = conn
-                    .write(&PairMsg::Abort {
-                        reason: e.abort_reason(),
-                    })
-                    .await;
-                return Err((hs(e), false));
-            }
-        };
-        conn.write(&reply).await.map_err(|e| (e, true))?;
-        let confirm = conn.read().await.map_err(|e| (e, true))?;
+    };
+    let begun = lock(&shared.budget).begin();
+    if let Err(why) = begun {
+        debug!(%peer, %why, "hello not answered");
+        let _ = conn.write(&refuse(AbortReason::Full)).await;
+        return Err((PairError::PeerGone(peer.into()), false));
+    }
+    let rest = async {
+        conn.write(&reply).await?;
+        let confirm = conn.read().await?;
         match state.handle_confirm(confirm) {
             Ok((info, accepted)) => {
-                conn.write(&accepted).await.map_err(|e| (e, true))?;
+                conn.write(&accepted).await?;
                 Ok(paired(
                     Role::Host,
                     Rendezvous::LanDirect,
@@ -1401,24 +1557,26 @@ async fn lan_host_conn(
                 ))
             }
             Err(e) => {
-                let _ = conn
-                    .write(&PairMsg::Abort {
-                        reason: e.abort_reason(),
-                    })
-                    .await;
-                Err((hs(e), true))
+                let _ = conn.write(&refuse(e.abort_reason())).await;
+                Err(hs(e))
             }
         }
     };
-    match timeout(limit, work).await {
+    let res = match timeout_at(until, rest).await {
         Ok(r) => r,
-        Err(_) => Err((
-            PairError::Timeout {
-                what: "waiting for a joiner's handshake",
-                after: limit,
-            },
-            true,
-        )),
+        Err(_) => Err(timed_out()),
+    };
+    // Settled while still holding the turn: the next hello sees the new count.
+    let mut budget = lock(&shared.budget);
+    match res {
+        Ok(p) => {
+            budget.succeeded();
+            Ok(p)
+        }
+        Err(e) => {
+            budget.failed();
+            Err((e, true))
+        }
     }
 }
 

@@ -983,7 +983,11 @@ fn host_events(events: &crossbeam_channel::Receiver<NetEvent>, ctx: &HostCtx<'_>
             NetEvent::IceFailed { link, error } => {
                 // The joiner's transfer never starts; the pairing time-out in the host loop
                 // gives it up. Say why now, and let its trickle go.
-                tracing::warn!(peer = ctx.label(link), "{error}");
+                tracing::warn!(
+                    peer = ctx.label(link),
+                    "{}",
+                    crate::ui::safe_text(&error.to_string())
+                );
                 ctx.forget(link);
             }
             NetEvent::Connected {

@@ -442,7 +442,7 @@ impl Ui {
         match self.mode {
             Mode::Json => emit_json(&Event::PairingFailed {
                 peer: peer.to_string(),
-                error: error.to_string(),
+                error: safe_text(error),
             }),
             Mode::Human { .. } => self.say(&format!("Pairing with {peer} failed: {error}")),
         }
@@ -452,19 +452,20 @@ impl Ui {
     pub fn error(&self, message: &str, exit_code: u8) {
         match self.mode {
             Mode::Json => emit_json(&Event::Error {
-                message: message.to_string(),
+                message: safe_text(message),
                 exit_code,
             }),
             Mode::Human { .. } => {
-                let _ = writeln!(io::stderr().lock(), "thru: error: {message}");
+                let _ = writeln!(io::stderr().lock(), "thru: error: {}", safe_text(message));
             }
         }
     }
 
-    /// A line for people on stderr (silent in JSON and quiet modes).
+    /// A line for people on stderr (silent in JSON and quiet modes). Escaped with
+    /// [`safe_text`]: these lines carry errors, and errors carry peer and server text.
     pub fn say(&self, text: &str) {
         if matches!(self.mode, Mode::Human { .. }) && !self.quiet {
-            let _ = writeln!(io::stderr().lock(), "{text}");
+            let _ = writeln!(io::stderr().lock(), "{}", safe_text(text));
         }
     }
 
@@ -611,6 +612,15 @@ pub fn safe_name(name: &str) -> String {
         }
     }
     out
+}
+
+/// Text that may hold strings from the network (a server's error message, a peer's
+/// Error or Reject reason, anything in an error chain) made safe for a terminal or a log
+/// line, as [`safe_name`] does for file names: control characters (ESC, BEL, CR, LF…) and
+/// bidirectional overrides are shown as escapes, so the text stays on its own line and
+/// cannot retitle the window, erase lines, or fake a status line.
+pub fn safe_text(text: &str) -> String {
+    safe_name(text)
 }
 
 /// Progress of one transfer; clone freely, call from any thread.
@@ -863,6 +873,16 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains('\u{1b}'), "{text:?}");
+    }
+
+    #[test]
+    fn network_text_is_escaped_for_the_terminal() {
+        let evil = "\u{1b}]0;owned title\u{7}\u{1b}[2K\r\nDone: 3 files received, all verified";
+        let safe = safe_text(evil);
+        assert!(!safe.chars().any(char::is_control), "{safe:?}");
+        assert!(safe.contains("\\u{1b}]0;owned title\\u{7}"), "{safe}");
+        assert!(safe.contains("Done: 3 files received"), "{safe}");
+        assert_eq!(safe_text("plain: text"), "plain: text");
     }
 
     #[test]

@@ -311,3 +311,125 @@ fn human_mode_prints_the_code_on_stdout_without_banner_when_piped() {
     let code = first.trim_start_matches("Join code: ");
     assert!(code.parse::<thru::code::JoinCode>().is_ok(), "{code}");
 }
+
+/// Text a hostile server sends as an error: retitles the terminal, erases the line, and
+/// fakes a success line.
+const EVIL: &str = "\u{1b}]0;owned title\u{7}\u{1b}[2K\r\nDone: 3 files received, all verified";
+
+/// A fake signaling server on a thread: greets, then answers the first request with a fatal
+/// error carrying [`EVIL`]. Returns its URL.
+fn evil_server() -> String {
+    use tokio_tungstenite::tungstenite::{Message, accept};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let Ok((tcp, _)) = listener.accept() else {
+            return;
+        };
+        let Ok(mut ws) = accept(tcp) else { return };
+        let welcome = serde_json::json!({
+            "type": "welcome", "protocol": 1, "server": EVIL, "max_message_bytes": 65536,
+        });
+        let _ = ws.send(Message::text(welcome.to_string()));
+        let _ = ws.read();
+        let err = serde_json::json!({
+            "type": "error", "code": "session_full", "message": EVIL, "fatal": true,
+        });
+        let _ = ws.send(Message::text(err.to_string()));
+        let _ = ws.close(None);
+        while ws.read().is_ok() {}
+    });
+    url
+}
+
+#[test]
+fn a_server_error_message_reaches_the_terminal_escaped() {
+    for json in [false, true] {
+        let url = evil_server();
+        let mut args = vec!["join", "K7QF2M-XD4P-RT9A", "--server", url.as_str()];
+        if json {
+            args.push("--json");
+        }
+        let out = thru(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(3), "{stderr}{stdout}");
+        let shown = if json { &stdout } else { &stderr };
+        for text in [&stderr, &stdout] {
+            assert!(
+                !text.contains('\u{1b}') && !text.contains('\u{7}') && !text.contains('\r'),
+                "raw control characters reached the terminal: {text:?}"
+            );
+            assert!(
+                !text.lines().any(|l| l.starts_with("Done:")),
+                "a line was faked: {text:?}"
+            );
+        }
+        assert!(
+            shown.contains("owned title") && shown.contains("u{1b}]0;"),
+            "the message is shown, escaped: {shown:?}"
+        );
+    }
+}
+
+const TURN_PASSWORD: &str = "S3cretTurnPw";
+
+#[test]
+fn help_does_not_print_secret_env_values() {
+    for sub in ["host", "join"] {
+        let out = Command::new(thru_bin())
+            .args([sub, "--help"])
+            .env(
+                "THRU_TURN_SERVERS",
+                format!("turn:user:{TURN_PASSWORD}@relay.example:3478"),
+            )
+            .env("THRU_CODE", "K7QF2M-XD4P-RT9A")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("THRU_TURN_SERVERS"), "{text}");
+        assert!(
+            !text.contains(TURN_PASSWORD),
+            "{sub} --help shows the TURN password"
+        );
+        assert!(!text.contains("XD4P"), "{sub} --help shows the join code");
+    }
+}
+
+#[test]
+fn turn_servers_come_from_a_file_without_echoing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("turn.txt");
+    // A malformed entry (no host): the error must come from the file, and not show it.
+    std::fs::write(&file, format!("# our relay\nturn:user:{TURN_PASSWORD}@\n")).unwrap();
+    let path = file.to_str().unwrap();
+    let out = thru(&[
+        "join",
+        "K7QF2M-XD4P-RT9A",
+        "--server",
+        "ws://127.0.0.1:9",
+        "--turn-server-file",
+        path,
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--turn-server:"), "{stderr}");
+    assert!(!stderr.contains(TURN_PASSWORD), "{stderr}");
+
+    let missing = dir.path().join("nope.txt");
+    let out = thru(&[
+        "join",
+        "K7QF2M-XD4P-RT9A",
+        "--server",
+        "ws://127.0.0.1:9",
+        "--turn-server-file",
+        missing.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--turn-server-file") && stderr.contains("cannot read it"),
+        "{stderr}"
+    );
+}

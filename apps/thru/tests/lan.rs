@@ -344,3 +344,52 @@ fn lan_pairing_by_mdns_between_two_namespaces() {
         b"hello over the LAN\n"
     );
 }
+
+/// One raw guessing LAN joiner: true when the host replied to its hello (one password test).
+/// It then hangs up, as a joiner whose check of the reply failed would.
+async fn lan_guess(addr: SocketAddr, routing: String, i: usize) -> bool {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let guess: JoinCode = format!("{routing}-{:04}-0000", i).parse().unwrap();
+    let (_, hello) = thru::pake::JoinerStart::start(&guess, local(7100), &mut rand::rngs::OsRng);
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (r, mut w) = stream.into_split();
+    w.write_all(format!("{}\n", hello.to_json()).as_bytes())
+        .await
+        .unwrap();
+    let mut line = String::new();
+    let _ = tokio::io::BufReader::new(r).read_line(&mut line).await;
+    line.contains("\"t\":\"reply\"")
+}
+
+#[tokio::test]
+async fn lan_nine_concurrent_hellos_get_at_most_one_reply() {
+    let mut opts = opts_host(local(7010));
+    opts.max_receivers = 9;
+    let mut session = host_lan(lan_host_config(), opts).await.unwrap();
+    let addr = session.lan_addr().unwrap();
+    let routing = session.code().routing().to_string();
+    let guesses: Vec<_> = (0..9)
+        .map(|i| tokio::spawn(lan_guess(addr, routing.clone(), i)))
+        .collect();
+    let mut replies = 0;
+    for g in guesses {
+        if within("guess", g).await.unwrap() {
+            replies += 1;
+        }
+    }
+    assert_eq!(replies, 1, "9 concurrent LAN hellos got {replies} replies");
+    loop {
+        match within("host event", session.next_event()).await {
+            Some(HostEvent::Ended { error }) => {
+                assert!(
+                    matches!(error, Some(PairError::TooManyFailures(1))),
+                    "{error:?}"
+                );
+                break;
+            }
+            Some(HostEvent::Paired(..)) => panic!("a guess paired"),
+            Some(_) => {}
+            None => panic!("no Ended"),
+        }
+    }
+}

@@ -555,3 +555,187 @@ async fn a_relay_that_tampers_with_trickle_lines_gets_nothing_delivered() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// One online guess per session (issue 13, item 7).
+
+/// A `hello` for `routing` with a guessed (wrong) secret, as JSON.
+fn guessing_hello(routing: &str, i: usize) -> Value {
+    let guess: JoinCode = format!("{routing}-{:04}-0000", i % 10_000).parse().unwrap();
+    let (_, hello) = thru::pake::JoinerStart::start(&guess, local(5500), &mut rand::rngs::OsRng);
+    hello.to_json()
+}
+
+/// A hostile signaling server for one host connection: it creates the session, announces
+/// `hellos` joiners at once, each with a guessing hello, and reports every joiner that gets
+/// a reply as `peer_left{reason:"rejected"}` (which the host did not ask for), so that an
+/// uncounted attempt could be followed by the next. Returns its URL and, when the host is
+/// gone or after a quiet spell, the number of `reply` messages the host produced.
+async fn hostile_server(hellos: usize) -> (String, tokio::task::JoinHandle<usize>) {
+    use flux_signal_proto::{PeerId, PeerLeftReason, RoutingId, ServerMsg};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        let (mut tx, mut rx) = ws.split();
+        let send = |m: ServerMsg| Message::text(m.encode());
+        tx.send(send(ServerMsg::Welcome {
+            protocol: flux_signal_proto::PROTOCOL_VERSION,
+            server: "hostile".into(),
+            max_message_bytes: 65536,
+        }))
+        .await
+        .unwrap();
+        let routing: RoutingId = "K7QF2M".parse().unwrap();
+        // Wait for create_session.
+        while let Some(Ok(m)) = rx.next().await {
+            if m.to_text().unwrap_or("").contains("create_session") {
+                break;
+            }
+        }
+        tx.send(send(ServerMsg::SessionCreated {
+            session: routing,
+            peer: PeerId::HOST,
+            max_receivers: 1000,
+            expires_in_ms: None,
+        }))
+        .await
+        .unwrap();
+        for i in 1..=hellos {
+            let peer = PeerId(i as u32);
+            tx.send(send(ServerMsg::PeerJoined { peer })).await.unwrap();
+            tx.send(send(ServerMsg::Relay {
+                from: peer,
+                payload: guessing_hello(routing.as_str(), i),
+            }))
+            .await
+            .unwrap();
+        }
+        let mut replies = 0;
+        loop {
+            let m = match tokio::time::timeout(std::time::Duration::from_secs(3), rx.next()).await {
+                Ok(Some(Ok(m))) => m,
+                // The host left, closed, or went quiet.
+                _ => break,
+            };
+            let Ok(v) = serde_json::from_str::<Value>(m.to_text().unwrap_or("")) else {
+                continue;
+            };
+            if v["type"] == "leave" {
+                break;
+            }
+            if v["type"] == "relay" && v["payload"]["t"] == "reply" {
+                replies += 1;
+                // "The joiner was rejected": not by the host, and not counted by it before.
+                let peer = PeerId(v["to"].as_u64().unwrap() as u32);
+                let _ = tx
+                    .send(send(ServerMsg::PeerLeft {
+                        peer,
+                        reason: PeerLeftReason::Rejected,
+                    }))
+                    .await;
+            }
+        }
+        replies
+    });
+    (url, task)
+}
+
+#[tokio::test]
+async fn a_hostile_server_gets_at_most_one_reply_from_many_hellos() {
+    let (url, server) = hostile_server(50).await;
+    let session = host_server(&url, &client(), host_opts(local(4400), 4))
+        .await
+        .unwrap();
+    let (paired, _failed, end) = within("host", host_events(session)).await;
+    let replies = within("hostile server", server).await.unwrap();
+    assert!(paired.is_empty());
+    assert_eq!(
+        replies, 1,
+        "the host answered {replies} guessing hellos (the budget is 1)"
+    );
+    assert!(
+        matches!(end, Some(PairError::TooManyFailures(1))),
+        "a joiner reported gone after our reply is a failed attempt: {end:?}"
+    );
+}
+
+/// One raw guessing joiner through a real thruserv: true when it got the host's reply (one
+/// password test). It then gives up the way a real joiner with the wrong code does.
+async fn guessing_joiner(url: String, routing: thru::code::JoinCode, i: usize) -> bool {
+    use flux_signal::client::SignalClient;
+    use flux_signal_proto::{PeerId, ServerMsg};
+    let mut signal = SignalClient::connect(&url, &client()).await.unwrap();
+    if signal.join_session(routing.routing()).await.is_err() {
+        return false;
+    }
+    let hello = guessing_hello(routing.routing().as_str(), i);
+    if signal.relay(PeerId::HOST, hello).await.is_err() {
+        return false;
+    }
+    loop {
+        match signal.recv().await {
+            Ok(ServerMsg::Relay { payload, .. }) if payload["t"] == "reply" => {
+                let abort = serde_json::json!({"t": "abort", "reason": "confirm_failed"});
+                let _ = signal.relay(PeerId::HOST, abort).await;
+                return true;
+            }
+            Ok(ServerMsg::Relay { payload, .. }) if payload["t"] == "abort" => return false,
+            Ok(ServerMsg::SessionClosed { .. }) | Err(_) => return false,
+            Ok(_) => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn nine_concurrent_hellos_through_thruserv_get_at_most_one_reply() {
+    let server = Thruserv::start(&[]);
+    let mut opts = host_opts(local(4401), 9);
+    opts.handshake_timeout = std::time::Duration::from_secs(5);
+    let session = host_server(&server.url(), &client(), opts).await.unwrap();
+    let code = session.code().clone();
+    let host_task = tokio::spawn(host_events(session));
+    let joiners: Vec<_> = (0..9)
+        .map(|i| tokio::spawn(guessing_joiner(server.url(), code.clone(), i)))
+        .collect();
+    let mut replies = 0;
+    for j in joiners {
+        if within("guessing joiner", j).await.unwrap() {
+            replies += 1;
+        }
+    }
+    assert_eq!(replies, 1, "9 concurrent hellos got {replies} replies");
+    let (paired, _failed, end) = within("host", host_task).await.unwrap();
+    assert!(paired.is_empty());
+    assert!(
+        matches!(end, Some(PairError::TooManyFailures(1))),
+        "{end:?}"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_right_code_joiners_still_all_pair_one_at_a_time() {
+    // The queue serializes handshakes; honest joiners arriving together all get through.
+    let server = Thruserv::start(&[]);
+    let session = host_server(&server.url(), &client(), host_opts(local(4402), 4))
+        .await
+        .unwrap();
+    let code = session.code().clone();
+    let host_task = tokio::spawn(host_events(session));
+    let joiners: Vec<_> = (0..4u16)
+        .map(|i| {
+            let (url, code) = (server.url(), code.clone());
+            tokio::spawn(async move {
+                join_server(&url, &client(), &code, join_opts(local(6100 + i))).await
+            })
+        })
+        .collect();
+    for j in joiners {
+        within("joiner", j).await.unwrap().unwrap();
+    }
+    let (paired, failed, end) = within("host", host_task).await.unwrap();
+    assert_eq!(paired.len(), 4);
+    assert!(failed.is_empty(), "{failed:?}");
+    assert!(end.is_none(), "{end:?}");
+}

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{ArgAction, Parser, ValueEnum};
-use flux_signal::server::{Server, ServerConfig, load_tls};
+use flux_signal::server::{Cidr, Server, ServerConfig, load_tls};
 use tracing::{info, warn};
 
 /// Thruflux signaling server: pairs hosts with joiners and relays their ICE candidates and
@@ -85,6 +85,14 @@ struct Args {
     #[arg(long, env = "THRUSERV_MAX_WS_CONNECTIONS", default_value_t = 2000)]
     max_ws_connections: usize,
 
+    /// Most open WebSocket connections from one client IP (IPv6: per /64; 0 disables).
+    #[arg(long, env = "THRUSERV_MAX_WS_CONNECTIONS_PER_IP", default_value_t = 64)]
+    max_ws_connections_per_ip: usize,
+
+    /// Most live sessions hosted from one client IP (IPv6: per /64; 0 disables).
+    #[arg(long, env = "THRUSERV_MAX_SESSIONS_PER_IP", default_value_t = 20)]
+    max_sessions_per_ip: usize,
+
     /// Close a connection that sends nothing (not even a ping) for this long (0 disables).
     #[arg(long, env = "THRUSERV_WS_IDLE_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
     ws_idle_timeout: Duration,
@@ -126,9 +134,20 @@ struct Args {
     #[arg(long, env = "THRUSERV_ALLOW_LOOPBACK_CANDIDATES")]
     allow_loopback_candidates: bool,
 
-    /// Key per-IP limits on the rightmost X-Forwarded-For address. Only behind a reverse
-    /// proxy you run that sets the header; otherwise clients can pick their own key.
-    #[arg(long, env = "THRUSERV_TRUST_FORWARDED_FOR")]
+    /// A reverse proxy (address or CIDR range, repeatable) whose X-Forwarded-For is believed:
+    /// per-IP limits of connections from it are keyed on the header's rightmost entry. The
+    /// header is ignored from every other peer.
+    #[arg(
+        long,
+        env = "THRUSERV_TRUSTED_PROXY",
+        value_delimiter = ',',
+        value_name = "CIDR"
+    )]
+    trusted_proxy: Vec<Cidr>,
+
+    /// Obsolete: X-Forwarded-For is believed only from --trusted-proxy; given alone this is
+    /// a usage error (it trusted the header from anyone).
+    #[arg(long, env = "THRUSERV_TRUST_FORWARDED_FOR", hide = true)]
     trust_forwarded_for: bool,
 
     /// PEM certificate chain; with --tls-key, serve HTTPS/WSS directly.
@@ -169,6 +188,12 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if args.trust_forwarded_for && args.trusted_proxy.is_empty() {
+        anyhow::bail!(
+            "--trust-forwarded-for believed X-Forwarded-For from any client; name the proxies \
+             whose header to believe with --trusted-proxy CIDR instead"
+        );
+    }
     raise_nofile_limit();
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
@@ -214,6 +239,8 @@ fn config_from(args: &Args) -> ServerConfig {
     c.session_creates_per_min = args.session_creates_per_min;
     c.session_creates_burst = args.session_creates_burst;
     c.max_ws_connections = args.max_ws_connections;
+    c.max_ws_connections_per_ip = args.max_ws_connections_per_ip;
+    c.max_sessions_per_ip = args.max_sessions_per_ip;
     c.ws_idle_timeout = nonzero(args.ws_idle_timeout);
     c.session_lifetime = nonzero(args.session_lifetime);
     c.max_failed_joins = args.max_failed_joins;
@@ -224,7 +251,7 @@ fn config_from(args: &Args) -> ServerConfig {
     c.max_pending_handshakes = args.max_pending_handshakes;
     c.max_pending_per_ip = args.max_pending_per_ip;
     c.allow_loopback_candidates = args.allow_loopback_candidates;
-    c.trust_forwarded_for = args.trust_forwarded_for;
+    c.trusted_proxies = args.trusted_proxy.clone();
     c.shutdown_grace = args.shutdown_grace;
     c.server_name = format!("thruserv/{}", env!("CARGO_PKG_VERSION"));
     if args.allow_loopback_candidates {
@@ -320,6 +347,8 @@ mod tests {
             (10, 5)
         );
         assert_eq!(a.max_ws_connections, 2000);
+        assert_eq!(a.max_ws_connections_per_ip, 64);
+        assert_eq!(a.max_sessions_per_ip, 20);
         assert_eq!(a.ws_idle_timeout, Duration::from_secs(600));
     }
 

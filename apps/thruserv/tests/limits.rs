@@ -53,7 +53,11 @@ async fn messages_per_second_per_connection() {
     let mut joiner = srv.client().await;
     joiner.join_session(created.session).await.unwrap();
     for i in 0..50 {
-        if joiner.relay(PeerId::HOST, json!(i)).await.is_err() {
+        if joiner
+            .relay(PeerId::HOST, json!({"t": "hello", "n": i}))
+            .await
+            .is_err()
+        {
             break; // already closed by the server
         }
     }
@@ -174,7 +178,10 @@ async fn max_sessions() {
     let created = third.create_session().await.unwrap();
     let mut joiner = srv.client().await;
     let joined = joiner.join_session(created.session).await.unwrap();
-    joiner.relay(PeerId::HOST, json!("hi")).await.unwrap();
+    joiner
+        .relay(PeerId::HOST, json!({"t": "hello"}))
+        .await
+        .unwrap();
     assert_eq!(
         recv(&mut third).await,
         ServerMsg::PeerJoined { peer: joined.peer }
@@ -183,7 +190,7 @@ async fn max_sessions() {
         recv(&mut third).await,
         ServerMsg::Relay {
             from: joined.peer,
-            payload: json!("hi")
+            payload: json!({"t": "hello"})
         }
     );
 }
@@ -220,7 +227,9 @@ async fn message_size_closes_only_the_offending_connection() {
     )
     .await;
 
-    // The pair next to it is untouched; a message just under the cap still relays.
+    // The pair next to it is untouched; once paired, a message just under the cap still
+    // relays.
+    pair(&mut host, &mut joiner, PeerId(1)).await;
     let payload = json!("y".repeat(3900));
     joiner.relay(PeerId::HOST, payload.clone()).await.unwrap();
     assert_eq!(
@@ -275,7 +284,10 @@ async fn session_lifetime() {
         recv(&mut host).await,
         ServerMsg::PeerJoined { .. }
     ));
-    joiner.relay(PeerId::HOST, json!(1)).await.unwrap();
+    joiner
+        .relay(PeerId::HOST, json!({"t": "hello"}))
+        .await
+        .unwrap();
     assert!(matches!(recv(&mut host).await, ServerMsg::Relay { .. }));
     expect_session_closed(&mut host, ErrorCode::SessionExpired).await;
     expect_session_closed(&mut joiner, ErrorCode::SessionExpired).await;
@@ -345,9 +357,15 @@ async fn session_message_and_candidate_budgets() {
         ServerMsg::PeerJoined { .. }
     ));
     for i in 0..3 {
-        joiner.relay(PeerId::HOST, json!(i)).await.unwrap();
+        joiner
+            .relay(PeerId::HOST, json!({"t": "hello", "n": i}))
+            .await
+            .unwrap();
     }
-    joiner.relay(PeerId::HOST, json!(3)).await.unwrap();
+    joiner
+        .relay(PeerId::HOST, json!({"t": "hello", "n": 3}))
+        .await
+        .unwrap();
     expect_error(&mut joiner, ErrorCode::SessionQuotaExceeded).await;
     let cand = Candidate {
         addr: "198.51.100.7:5000".parse().unwrap(),
@@ -364,7 +382,7 @@ async fn session_message_and_candidate_budgets() {
             recv(&mut host).await,
             ServerMsg::Relay {
                 from: PeerId(1),
-                payload: json!(i)
+                payload: json!({"t": "hello", "n": i})
             }
         );
     }
@@ -440,6 +458,7 @@ async fn a_reader_that_stops_reading_is_bounded() {
     let created = host.create_session().await.unwrap();
     let mut joiner = srv.client().await;
     joiner.join_session(created.session).await.unwrap();
+    pair(&mut host, &mut joiner, PeerId(1)).await;
     // The host now stops reading. Its socket buffers fill, the server's write to it stalls,
     // relays queue up to the 1 MiB budget and are then refused with peer_busy.
     let chunk = json!("z".repeat(1_000_000));
@@ -468,4 +487,100 @@ async fn a_reader_that_stops_reading_is_bounded() {
     .await;
     drop(host);
     srv.assert_pairs("127.0.0.1", "127.0.0.1").await;
+}
+
+#[tokio::test]
+async fn connections_and_sessions_per_ip() {
+    let srv = Thruserv::start(&[
+        "--max-ws-connections-per-ip",
+        "3",
+        "--max-sessions-per-ip",
+        "2",
+        "--ws-connects-per-min",
+        "0",
+        "--session-creates-per-min",
+        "0",
+    ]);
+    // One address holds its 3 connections; a 4th is refused, another address is not.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(srv.client_from("127.0.0.2").await);
+    }
+    match srv.try_client_from("127.0.0.2").await {
+        Err(ClientError::Refused {
+            status: 503,
+            code: ErrorCode::TooManyConnections,
+        }) => {}
+        other => panic!("expected 503 too_many_connections, got {:?}", other.err()),
+    }
+    let other = srv.client_from("127.0.0.3").await;
+    // Closing one frees a place for that address.
+    held.pop().unwrap().close().await;
+    srv.wait_metric("thruserv_connections_active", |v| v == 3)
+        .await;
+    held.push(srv.client_from("127.0.0.2").await);
+    drop(other);
+    drop(held);
+    srv.wait_metric("thruserv_connections_active", |v| v == 0)
+        .await;
+
+    // One address hosts 2 live sessions; a 3rd is refused, another address may host.
+    let mut hosts = Vec::new();
+    for _ in 0..2 {
+        let mut h = srv.client_from("127.0.0.4").await;
+        h.create_session().await.unwrap();
+        hosts.push(h);
+    }
+    let mut third = srv.client_from("127.0.0.4").await;
+    match third.create_session().await {
+        Err(ClientError::Server {
+            code: ErrorCode::TooManySessions,
+            message,
+            fatal: false,
+        }) => assert!(message.contains("this address"), "{message}"),
+        other => panic!("expected too_many_sessions, got {other:?}"),
+    }
+    let mut elsewhere = srv.client_from("127.0.0.5").await;
+    elsewhere.create_session().await.unwrap();
+    // A session ending frees a place.
+    hosts.pop().unwrap().leave().await.unwrap();
+    srv.wait_metric("thruserv_sessions_active", |v| v == 2)
+        .await;
+    third.create_session().await.unwrap();
+    srv.assert_healthy().await;
+}
+
+#[tokio::test]
+async fn pings_do_not_keep_an_unpaired_session_past_its_lifetime() {
+    let srv = Thruserv::start(&[
+        "--session-lifetime",
+        "2s",
+        "--ws-idle-timeout",
+        "1s",
+        "--ws-msgs-per-sec",
+        "0",
+    ]);
+    // Host and joiner ping well within the idle timeout and never pair.
+    let pinging = config_from("127.0.0.1").ping_interval(Some(Duration::from_millis(100)));
+    let mut host = SignalClient::connect(&srv.url(), &pinging).await.unwrap();
+    let created = host.create_session().await.unwrap();
+    let mut joiner = SignalClient::connect(&srv.url(), &pinging).await.unwrap();
+    joiner.join_session(created.session).await.unwrap();
+    let started = std::time::Instant::now();
+    assert!(matches!(
+        recv(&mut host).await,
+        ServerMsg::PeerJoined { .. }
+    ));
+    // Both wait in recv(), which sends the pings.
+    tokio::join!(
+        expect_session_closed(&mut joiner, ErrorCode::SessionExpired),
+        expect_session_closed(&mut host, ErrorCode::SessionExpired),
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    srv.wait_metric("thruserv_sessions_active", |v| v == 0)
+        .await;
 }

@@ -68,18 +68,20 @@ async fn host_and_joiners_pair_and_relay_both_ways_up_to_the_cap() {
 
     // Joiner → host, each tagged with its sender.
     for (i, j) in joiners.iter_mut().enumerate() {
-        j.relay(PeerId::HOST, json!({"pake": i})).await.unwrap();
+        j.relay(PeerId::HOST, json!({"t": "hello", "n": i}))
+            .await
+            .unwrap();
         assert_eq!(
             recv(&mut host).await,
             ServerMsg::Relay {
                 from: PeerId(i as u32 + 1),
-                payload: json!({"pake": i})
+                payload: json!({"t": "hello", "n": i})
             }
         );
     }
     // Host → each joiner; each gets only its own.
     for n in (1..=3u32).rev() {
-        host.relay(PeerId(n), json!(format!("to {n}")))
+        host.relay(PeerId(n), json!({"t": "reply", "to": n}))
             .await
             .unwrap();
     }
@@ -88,7 +90,7 @@ async fn host_and_joiners_pair_and_relay_both_ways_up_to_the_cap() {
             recv(j).await,
             ServerMsg::Relay {
                 from: PeerId::HOST,
-                payload: json!(format!("to {}", i + 1))
+                payload: json!({"t": "reply", "to": i + 1})
             }
         );
     }
@@ -214,7 +216,10 @@ async fn metrics_and_healthz_report_live_state() {
     let created = host.create_session().await.unwrap();
     let mut joiner = srv.client().await;
     joiner.join_session(created.session).await.unwrap();
-    joiner.relay(PeerId::HOST, json!(1)).await.unwrap();
+    joiner
+        .relay(PeerId::HOST, json!({"t": "hello"}))
+        .await
+        .unwrap();
     assert!(matches!(
         recv(&mut host).await,
         ServerMsg::PeerJoined { .. }
@@ -300,7 +305,8 @@ async fn forwarded_for_keys_limits_only_when_trusted() {
         "1",
         "--ws-connects-burst",
         "1",
-        "--trust-forwarded-for",
+        "--trusted-proxy",
+        "127.0.0.1",
     ]);
     RawWs::connect_with(
         proxied.addr,
@@ -357,7 +363,10 @@ async fn tls_serves_wss_with_the_given_certificate() {
     let created = host.create_session().await.unwrap();
     let mut joiner = SignalClient::connect(&url, &config).await.unwrap();
     joiner.join_session(created.session).await.unwrap();
-    joiner.relay(PeerId::HOST, json!("over tls")).await.unwrap();
+    joiner
+        .relay(PeerId::HOST, json!({"t": "hello", "via": "tls"}))
+        .await
+        .unwrap();
     assert!(matches!(
         recv(&mut host).await,
         ServerMsg::PeerJoined { .. }
@@ -366,7 +375,7 @@ async fn tls_serves_wss_with_the_given_certificate() {
         recv(&mut host).await,
         ServerMsg::Relay {
             from: PeerId(1),
-            payload: json!("over tls")
+            payload: json!({"t": "hello", "via": "tls"})
         }
     );
 
@@ -417,6 +426,56 @@ fn version_flag_prints_the_version() {
             String::from_utf8_lossy(&out.stdout).trim(),
             format!("thruserv {}", env!("CARGO_PKG_VERSION"))
         );
+    }
+}
+
+#[tokio::test]
+async fn forwarded_for_is_believed_only_from_trusted_proxies() {
+    let srv = Thruserv::start(&[
+        "--ws-connects-per-min",
+        "1",
+        "--ws-connects-burst",
+        "1",
+        "--trusted-proxy",
+        "127.0.0.2/32",
+        "--trusted-proxy",
+        "10.0.0.0/8",
+    ]);
+    // A client that connects directly, not through the proxy, cannot pick its own key.
+    RawWs::connect_with(srv.addr, "127.0.0.1", "X-Forwarded-For: 198.51.100.1\r\n")
+        .await
+        .unwrap();
+    let refused =
+        RawWs::connect_with(srv.addr, "127.0.0.1", "X-Forwarded-For: 198.51.100.2\r\n").await;
+    assert!(
+        refused.err().unwrap().starts_with("HTTP/1.1 429"),
+        "the header of a peer that is not a trusted proxy must be ignored"
+    );
+    // The proxy's clients are keyed on the header.
+    for client in ["198.51.100.3", "198.51.100.4"] {
+        RawWs::connect_with(
+            srv.addr,
+            "127.0.0.2",
+            &format!("X-Forwarded-For: {client}\r\n"),
+        )
+        .await
+        .unwrap();
+    }
+
+    // The old flag alone, which believed anyone, is refused; so is a malformed range.
+    for args in [
+        &["--trust-forwarded-for"][..],
+        &["--trusted-proxy", "10.0.0.0/33"][..],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_thruserv"))
+            .args(["--bind", "127.0.0.1", "--port", "0"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("--trusted-proxy"), "{args:?}: {stderr}");
     }
 }
 
@@ -476,4 +535,60 @@ async fn unknown_fields_are_ignored_for_forward_compatibility() {
     assert_eq!(v["session"].as_str().unwrap().len(), 6);
     let _ = ClientMsg::Leave;
     let _ = Duration::ZERO;
+}
+
+#[tokio::test]
+async fn strangers_relay_only_pairing_messages_within_a_budget_until_accepted() {
+    let srv = Thruserv::start(&["--ws-msgs-per-sec", "0"]);
+    let mut host = srv.client().await;
+    let created = host.create_session().await.unwrap();
+    let mut joiner = srv.client().await;
+    joiner.join_session(created.session).await.unwrap();
+    assert_eq!(
+        recv(&mut host).await,
+        ServerMsg::PeerJoined { peer: PeerId(1) }
+    );
+
+    // Arbitrary JSON between a host and a joiner it has not accepted: refused both ways.
+    let blob = json!({"t": "data", "blob": "x".repeat(1000)});
+    joiner.relay(PeerId::HOST, blob.clone()).await.unwrap();
+    expect_error(&mut joiner, ErrorCode::NotAllowed).await;
+    joiner.relay(PeerId::HOST, json!("untagged")).await.unwrap();
+    expect_error(&mut joiner, ErrorCode::NotAllowed).await;
+    host.relay(PeerId(1), blob.clone()).await.unwrap();
+    expect_error(&mut host, ErrorCode::NotAllowed).await;
+
+    // Pairing messages pass, but only a small budget of them.
+    let hello = json!({"t": "hello", "pad": "h".repeat(1000)});
+    let mut passed = 0;
+    loop {
+        joiner.relay(PeerId::HOST, hello.clone()).await.unwrap();
+        if let Ok(Ok(ServerMsg::Error { code, .. })) =
+            tokio::time::timeout(Duration::from_millis(100), joiner.recv()).await
+        {
+            assert_eq!(code, ErrorCode::SessionQuotaExceeded);
+            break;
+        }
+        match recv(&mut host).await {
+            ServerMsg::Relay { payload, .. } => {
+                assert_eq!(payload, hello);
+                passed += 1;
+                assert!(passed < 64, "the pairing budget never ran out");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!((2..=8).contains(&passed), "{passed} KB of pairing passed");
+
+    // Once the host accepts the joiner, payloads of any shape pass.
+    pair(&mut host, &mut joiner, PeerId(1)).await;
+    joiner.relay(PeerId::HOST, blob.clone()).await.unwrap();
+    assert_eq!(
+        recv(&mut host).await,
+        ServerMsg::Relay {
+            from: PeerId(1),
+            payload: blob
+        }
+    );
+    srv.assert_healthy().await;
 }

@@ -187,7 +187,7 @@ async fn pair_once(
         ServerMsg::PeerJoined { peer } if peer == joined.peer => {}
         other => bail!("host expected peer_joined, got {other:?}"),
     }
-    host.relay(joined.peer, serde_json::json!({"pake": "x"}))
+    host.relay(joined.peer, serde_json::json!({"t": "reply", "pake": "x"}))
         .await?;
     match joiner.recv().await? {
         ServerMsg::Relay {
@@ -213,6 +213,12 @@ impl ServerProcess {
             .args(["--bind", "127.0.0.1", "--port", "0"])
             // Lift caps and per-IP limits: this measures capacity, not the abuse limits.
             .args(["--max-sessions", "0", "--max-ws-connections", "0"])
+            .args([
+                "--max-sessions-per-ip",
+                "0",
+                "--max-ws-connections-per-ip",
+                "0",
+            ])
             .args([
                 "--ws-connects-per-min",
                 "0",

@@ -142,22 +142,25 @@ impl Thruserv {
             recv(&mut host).await,
             ServerMsg::PeerJoined { peer: joined.peer }
         );
-        host.relay(joined.peer, json!({"pake": "hello"}))
+        host.relay(joined.peer, json!({"t": "reply", "pake": "b64=="}))
             .await
             .unwrap();
         assert_eq!(
             recv(&mut joiner).await,
             ServerMsg::Relay {
                 from: PeerId::HOST,
-                payload: json!({"pake": "hello"})
+                payload: json!({"t": "reply", "pake": "b64=="})
             }
         );
-        joiner.relay(PeerId::HOST, json!("b64==")).await.unwrap();
+        joiner
+            .relay(PeerId::HOST, json!({"t": "hello", "pake": "b64=="}))
+            .await
+            .unwrap();
         assert_eq!(
             recv(&mut host).await,
             ServerMsg::Relay {
                 from: joined.peer,
-                payload: json!("b64==")
+                payload: json!({"t": "hello", "pake": "b64=="})
             }
         );
         joiner.close().await;
@@ -170,6 +173,19 @@ impl Drop for Thruserv {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The host accepts `peer` (relays it `{"t":"accepted"}`, as `thru` does after a valid
+/// confirmation); from then on payloads of any shape pass between them.
+pub async fn pair(host: &mut SignalClient, joiner: &mut SignalClient, peer: PeerId) {
+    host.relay(peer, json!({"t": "accepted"})).await.unwrap();
+    assert_eq!(
+        recv(joiner).await,
+        ServerMsg::Relay {
+            from: PeerId::HOST,
+            payload: json!({"t": "accepted"})
+        }
+    );
 }
 
 pub fn config_from(ip: &str) -> ClientConfig {

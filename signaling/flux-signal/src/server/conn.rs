@@ -30,7 +30,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{Instrument, debug, debug_span, trace};
 
-use super::state::{Outbound, PeerHandle, RouteKind, Shared, WsSlot};
+use super::state::{Outbound, PeerHandle, RouteKind, RouteRefusal, Shared, WsSlot};
 
 /// Runs one upgraded connection to completion.
 pub(crate) async fn run<S>(io: S, ip: IpAddr, shared: Arc<Shared>, slot: WsSlot)
@@ -256,12 +256,16 @@ where
                         .refuse(ErrorCode::NotInSession, "join or create a session first")
                         .await;
                 };
+                let tag = payload.get("t").and_then(|t| t.as_str()).map(str::to_owned);
                 let text = ServerMsg::Relay {
                     from: m.peer,
                     payload,
                 }
                 .encode();
-                self.route(m, to, RouteKind::Relay, text).await
+                let kind = RouteKind::Relay {
+                    tag: tag.as_deref(),
+                };
+                self.route(m, to, kind, text).await
             }
             ClientMsg::RejectPeer { peer, reason } => {
                 let Some(m) = self.member else {
@@ -307,13 +311,9 @@ where
                 )
                 .await;
         }
-        let created = match self.shared.create(&self.me) {
+        let created = match self.shared.create(&self.me, self.ip) {
             Ok(created) => created,
-            Err(code) => {
-                return self
-                    .refuse(code, "the server has no room for another session")
-                    .await;
-            }
+            Err((code, why)) => return self.refuse(code, why).await,
         };
         self.member = Some(Member {
             session: created.id,
@@ -378,7 +378,7 @@ where
         &mut self,
         m: Member,
         to: PeerId,
-        kind: RouteKind,
+        kind: RouteKind<'_>,
         text: String,
     ) -> Result<(), End> {
         match self
@@ -388,12 +388,27 @@ where
             Ok(()) => {
                 let counter = match kind {
                     RouteKind::Candidate => &self.shared.metrics.candidates,
-                    RouteKind::Relay => &self.shared.metrics.relays,
+                    RouteKind::Relay { .. } => &self.shared.metrics.relays,
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
-            Err(code) => self.refuse(code, "message not relayed").await,
+            Err(RouteRefusal::Code(code)) => self.refuse(code, "message not relayed").await,
+            Err(RouteRefusal::NotPaired) => {
+                self.refuse(
+                    ErrorCode::NotAllowed,
+                    "not relayed: until the host accepts the joiner only pairing messages \
+                     (t: hello, reply, confirm, accepted, abort) pass",
+                )
+                .await
+            }
+            Err(RouteRefusal::PairingBudget) => {
+                self.refuse(
+                    ErrorCode::SessionQuotaExceeded,
+                    "not relayed: the pairing byte budget is spent",
+                )
+                .await
+            }
         }
     }
 

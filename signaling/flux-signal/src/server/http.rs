@@ -109,7 +109,7 @@ fn upgrade(mut req: Request<Incoming>, peer: SocketAddr, shared: &Arc<Shared>) -
         return resp;
     }
     let accept = derive_accept_key(key.as_bytes());
-    let ip = client_ip(headers, peer, shared.config.trust_forwarded_for);
+    let ip = client_ip(headers, peer, shared.config.is_trusted_proxy(peer.ip()));
 
     if *shared.shutdown.borrow() {
         return refuse(
@@ -131,7 +131,7 @@ fn upgrade(mut req: Request<Incoming>, peer: SocketAddr, shared: &Arc<Shared>) -
             .insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
         return resp;
     }
-    let Some(slot) = shared.try_reserve_ws() else {
+    let Some(slot) = shared.try_reserve_ws(ip) else {
         debug!(%ip, "connection cap reached");
         return refuse(
             shared,
@@ -163,7 +163,7 @@ fn upgrade(mut req: Request<Incoming>, peer: SocketAddr, shared: &Arc<Shared>) -
     resp
 }
 
-/// The address per-IP limits are keyed on. With `trust_forwarded_for`, the rightmost
+/// The address per-IP limits are keyed on. From a trusted proxy, the rightmost
 /// parseable `X-Forwarded-For` entry: the one the trusted proxy appended (entries to its
 /// left are whatever the client claimed).
 fn client_ip(headers: &HeaderMap, peer: SocketAddr, trust_forwarded_for: bool) -> IpAddr {

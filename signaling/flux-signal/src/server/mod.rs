@@ -9,6 +9,7 @@
 //! the connection, and no connection stays in its HTTP phase longer than
 //! [`ServerConfig::handshake_timeout`].
 
+mod cidr;
 mod conn;
 mod http;
 mod limits;
@@ -17,7 +18,7 @@ mod state;
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +27,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+pub use self::cidr::{Cidr, ParseCidrError};
 pub use self::metrics::Metrics;
 use self::state::Shared;
 
@@ -53,6 +55,10 @@ pub struct ServerConfig {
     pub session_creates_burst: u32,
     /// Most open WebSocket connections; 0 = unlimited.
     pub max_ws_connections: usize,
+    /// Most open WebSocket connections from one client IP (IPv6: /64); 0 = unlimited.
+    pub max_ws_connections_per_ip: usize,
+    /// Most live sessions hosted from one client IP (IPv6: /64); 0 = unlimited.
+    pub max_sessions_per_ip: usize,
     /// Close a connection that sends no frame for this long; `None` = never.
     pub ws_idle_timeout: Option<Duration>,
     /// Close a session this long after its creation, whatever its activity; `None` = never.
@@ -71,16 +77,25 @@ pub struct ServerConfig {
     /// 0 = unlimited.
     pub max_pending_handshakes: usize,
     /// Most connections in their handshake from one client IP (IPv6: /64); 0 = unlimited.
-    /// Not applied with `trust_forwarded_for`, where the TCP peer is the proxy.
+    /// Not applied to connections from a trusted proxy.
     pub max_pending_per_ip: usize,
     /// Relay loopback candidates (tests and single-machine development only).
     pub allow_loopback_candidates: bool,
-    /// Key per-IP limits on the rightmost `X-Forwarded-For` address (behind a trusted proxy).
-    pub trust_forwarded_for: bool,
+    /// Reverse proxies whose `X-Forwarded-For` is believed: a connection from one of these
+    /// is keyed for per-IP limits on the rightmost entry of the header; from anyone else
+    /// the header is ignored. Empty (the default): never believed.
+    pub trusted_proxies: Vec<Cidr>,
     /// How long shutdown waits for connections to close after telling them.
     pub shutdown_grace: Duration,
     /// Name and version sent in the welcome message.
     pub server_name: String,
+}
+
+impl ServerConfig {
+    /// Whether `ip` is one of [`ServerConfig::trusted_proxies`].
+    pub fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|c| c.contains(ip))
+    }
 }
 
 impl Default for ServerConfig {
@@ -96,6 +111,8 @@ impl Default for ServerConfig {
             session_creates_per_min: 10,
             session_creates_burst: 5,
             max_ws_connections: 2000,
+            max_ws_connections_per_ip: 64,
+            max_sessions_per_ip: 20,
             ws_idle_timeout: Some(Duration::from_secs(600)),
             session_lifetime: Some(Duration::from_secs(3600)),
             max_failed_joins: 5,
@@ -106,7 +123,7 @@ impl Default for ServerConfig {
             max_pending_handshakes: 1024,
             max_pending_per_ip: 16,
             allow_loopback_candidates: false,
-            trust_forwarded_for: false,
+            trusted_proxies: Vec::new(),
             shutdown_grace: Duration::from_secs(5),
             server_name: format!("flux-signal/{}", env!("CARGO_PKG_VERSION")),
         }
@@ -275,7 +292,7 @@ fn spawn_connection(
     peer: SocketAddr,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
-    let per_ip = (!shared.config.trust_forwarded_for).then(|| peer.ip());
+    let per_ip = (!shared.config.is_trusted_proxy(peer.ip())).then(|| peer.ip());
     let Some(pending) = state::PendingGuard::try_new(shared, per_ip) else {
         shared
             .metrics

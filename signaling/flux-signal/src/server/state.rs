@@ -4,7 +4,7 @@
 //! messages to other connections go through their unbounded channels with a byte budget
 //! ([`MAX_QUEUED_BYTES`]) so one slow reader cannot make the server buffer without bound.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -27,6 +27,7 @@ pub(crate) struct Shared {
     ws_connections: AtomicUsize,
     pending_handshakes: AtomicUsize,
     pending_by_ip: Mutex<HashMap<IpAddr, usize>>,
+    ws_by_ip: Mutex<HashMap<IpAddr, usize>>,
     next_conn_id: AtomicU64,
 }
 
@@ -49,18 +50,58 @@ pub(crate) struct PeerHandle {
 
 /// Kinds of routed message, each with its own per-session budget.
 #[derive(Clone, Copy, Debug)]
-pub(crate) enum RouteKind {
+pub(crate) enum RouteKind<'a> {
     Candidate,
-    Relay,
+    /// A relay whose payload has this `t` field.
+    Relay {
+        tag: Option<&'a str>,
+    },
 }
 
 struct Session {
     host: PeerHandle,
+    /// The host's per-IP key ([`ip_key`]).
+    host_ip: IpAddr,
     joiners: HashMap<PeerId, PeerHandle>,
     next_peer: u32,
     failed_joins: u32,
     relays: u64,
     candidates: u64,
+    /// Joiners the host has accepted (it relayed them `{"t":"accepted"}`): payloads of any
+    /// shape flow between them and the host. Before that only [`PAIRING_TAGS`] pass.
+    paired: HashSet<PeerId>,
+    /// Relay bytes each unpaired joiner's pairing used, both directions.
+    pairing_bytes: HashMap<PeerId, usize>,
+    /// Relay bytes used by every pairing in the session together.
+    pairing_bytes_total: usize,
+}
+
+/// `t` tags of the pairing (PAKE) messages, the only relay payloads that pass between a
+/// host and a joiner it has not accepted yet.
+pub(crate) const PAIRING_TAGS: [&str; 5] = ["hello", "reply", "confirm", "accepted", "abort"];
+
+/// Relay bytes (encoded messages) one joiner's pairing may use before the host accepts it,
+/// both directions together: a pairing needs about 2 KiB with 32 addresses each way.
+pub(crate) const PAIRING_BYTES_PER_JOINER: usize = 8 * 1024;
+
+/// Relay bytes all pairings of one session may use together before acceptance.
+pub(crate) const PAIRING_BYTES_PER_SESSION: usize = 64 * 1024;
+
+/// Why a relay was refused.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub(crate) enum RouteRefusal {
+    /// A general refusal with its code.
+    Code(ErrorCode),
+    /// Not a pairing message, and the joiner is not paired.
+    NotPaired,
+    /// The pairing byte budget (per joiner or per session) is spent.
+    PairingBudget,
+}
+
+impl From<ErrorCode> for RouteRefusal {
+    fn from(code: ErrorCode) -> Self {
+        Self::Code(code)
+    }
 }
 
 /// The answer to `create_session`.
@@ -80,6 +121,7 @@ impl Shared {
             ws_connections: AtomicUsize::new(0),
             pending_handshakes: AtomicUsize::new(0),
             pending_by_ip: Mutex::new(HashMap::new()),
+            ws_by_ip: Mutex::new(HashMap::new()),
             next_conn_id: AtomicU64::new(1),
         }
     }
@@ -102,28 +144,47 @@ impl Shared {
         self.lock().len()
     }
 
-    /// Creates a session hosted by `host`.
-    pub(crate) fn create(&self, host: &PeerHandle) -> Result<Created, ErrorCode> {
+    /// Creates a session hosted by `host`, connected from `ip`. The error carries the code
+    /// and the refusal's text.
+    pub(crate) fn create(
+        &self,
+        host: &PeerHandle,
+        ip: IpAddr,
+    ) -> Result<Created, (ErrorCode, &'static str)> {
+        const FULL: &str = "the server has no room for another session";
         let mut sessions = self.lock();
         let max = self.config.max_sessions;
         if max != 0 && sessions.len() >= max {
-            return Err(ErrorCode::TooManySessions);
+            return Err((ErrorCode::TooManySessions, FULL));
+        }
+        let host_ip = ip_key(ip);
+        let per_ip = self.config.max_sessions_per_ip;
+        // A linear count: the table holds at most `max_sessions` entries.
+        if per_ip != 0 && sessions.values().filter(|s| s.host_ip == host_ip).count() >= per_ip {
+            return Err((
+                ErrorCode::TooManySessions,
+                "too many live sessions hosted from this address",
+            ));
         }
         // 30-bit ids: with ≤ a few thousand live sessions a collision is rare; retry a few
         // times, then report the table as full rather than loop.
         let id = (0..8)
             .filter_map(|_| random_u64().map(RoutingId::from_entropy))
             .find(|id| !sessions.contains_key(id))
-            .ok_or(ErrorCode::TooManySessions)?;
+            .ok_or((ErrorCode::TooManySessions, FULL))?;
         sessions.insert(
             id,
             Session {
                 host: host.clone(),
+                host_ip,
                 joiners: HashMap::new(),
                 next_peer: 1,
                 failed_joins: 0,
                 relays: 0,
                 candidates: 0,
+                paired: HashSet::new(),
+                pairing_bytes: HashMap::new(),
+                pairing_bytes_total: 0,
             },
         );
         self.metrics
@@ -153,29 +214,31 @@ impl Shared {
     }
 
     /// Routes an encoded message from `from` (connection `me`) to `to` in session `id`.
+    /// Between a host and a joiner it has not accepted, only relays tagged as pairing
+    /// messages pass, within a byte budget.
     pub(crate) fn route(
         &self,
         id: RoutingId,
         me: u64,
         from: PeerId,
         to: PeerId,
-        kind: RouteKind,
+        kind: RouteKind<'_>,
         text: String,
-    ) -> Result<(), ErrorCode> {
+    ) -> Result<(), RouteRefusal> {
         let mut sessions = self.lock();
         let session = sessions.get_mut(&id).ok_or(ErrorCode::NotInSession)?;
         if !session.is_member(from, me) {
-            return Err(ErrorCode::NotInSession);
+            return Err(ErrorCode::NotInSession.into());
         }
         if from != PeerId::HOST && to != PeerId::HOST {
-            return Err(ErrorCode::NotAllowed);
+            return Err(ErrorCode::NotAllowed.into());
         }
         let (used, cap) = match kind {
             RouteKind::Candidate => (&mut session.candidates, self.config.max_session_candidates),
-            RouteKind::Relay => (&mut session.relays, self.config.max_session_messages),
+            RouteKind::Relay { .. } => (&mut session.relays, self.config.max_session_messages),
         };
         if cap != 0 && *used >= cap {
-            return Err(ErrorCode::SessionQuotaExceeded);
+            return Err(ErrorCode::SessionQuotaExceeded.into());
         }
         let target = if to == PeerId::HOST {
             Some(&session.host)
@@ -184,10 +247,36 @@ impl Shared {
         };
         let target = target.ok_or(ErrorCode::NoSuchPeer)?;
         if target.conn_id == me {
-            return Err(ErrorCode::NotAllowed);
+            return Err(ErrorCode::NotAllowed.into());
+        }
+        let joiner = if from == PeerId::HOST { to } else { from };
+        let tag = match kind {
+            RouteKind::Relay { tag } => tag,
+            RouteKind::Candidate => None,
+        };
+        let pairing = matches!(kind, RouteKind::Relay { .. }) && !session.paired.contains(&joiner);
+        let len = text.len();
+        if pairing {
+            if !tag.is_some_and(|t| PAIRING_TAGS.contains(&t)) {
+                return Err(RouteRefusal::NotPaired);
+            }
+            let mine = session.pairing_bytes.get(&joiner).copied().unwrap_or(0);
+            if mine + len > PAIRING_BYTES_PER_JOINER
+                || session.pairing_bytes_total + len > PAIRING_BYTES_PER_SESSION
+            {
+                return Err(RouteRefusal::PairingBudget);
+            }
         }
         target.push(text)?;
         *used += 1;
+        if pairing {
+            *session.pairing_bytes.entry(joiner).or_insert(0) += len;
+            session.pairing_bytes_total += len;
+            if from == PeerId::HOST && tag == Some("accepted") {
+                session.paired.insert(joiner);
+                session.pairing_bytes.remove(&joiner);
+            }
+        }
         Ok(())
     }
 
@@ -200,6 +289,7 @@ impl Shared {
             return Err(ErrorCode::NotAllowed);
         }
         let joiner = session.joiners.remove(&peer).ok_or(ErrorCode::NoSuchPeer)?;
+        session.forget(peer);
         joiner.close(ErrorCode::RejectedByHost);
         session.failed_joins += 1;
         self.metrics.failed_joins.fetch_add(1, Ordering::Relaxed);
@@ -237,6 +327,7 @@ impl Shared {
             }
         } else if session.joiners.get(&peer).is_some_and(|j| j.conn_id == me) {
             session.joiners.remove(&peer);
+            session.forget(peer);
             session
                 .host
                 .push_control(ServerMsg::PeerLeft { peer, reason }.encode());
@@ -255,16 +346,30 @@ impl Shared {
         self.next_conn_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Reserves a WebSocket slot under `max_ws_connections`.
-    pub(crate) fn try_reserve_ws(self: &Arc<Self>) -> Option<WsSlot> {
+    /// Reserves a WebSocket slot for a client at `ip` under `max_ws_connections` and
+    /// `max_ws_connections_per_ip`.
+    pub(crate) fn try_reserve_ws(self: &Arc<Self>, ip: IpAddr) -> Option<WsSlot> {
         let max = self.config.max_ws_connections;
         let before = self.ws_connections.fetch_add(1, Ordering::AcqRel);
         if max != 0 && before >= max {
             self.ws_connections.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
+        let per_ip = self.config.max_ws_connections_per_ip;
+        let ip = (per_ip != 0).then(|| ip_key(ip));
+        if let Some(ip) = ip {
+            let mut by_ip = lock(&self.ws_by_ip);
+            let n = by_ip.entry(ip).or_insert(0);
+            if *n >= per_ip {
+                drop(by_ip);
+                self.ws_connections.fetch_sub(1, Ordering::AcqRel);
+                return None;
+            }
+            *n += 1;
+        }
         Some(WsSlot {
             shared: self.clone(),
+            ip,
         })
     }
 
@@ -279,6 +384,12 @@ impl Shared {
 }
 
 impl Session {
+    /// Drops a departed joiner's pairing state (its bytes stay charged to the session).
+    fn forget(&mut self, peer: PeerId) {
+        self.paired.remove(&peer);
+        self.pairing_bytes.remove(&peer);
+    }
+
     fn is_member(&self, peer: PeerId, conn: u64) -> bool {
         if peer == PeerId::HOST {
             self.host.conn_id == conn
@@ -341,13 +452,23 @@ impl PeerHandle {
     }
 }
 
-/// A held WebSocket slot; released on drop.
+/// A held WebSocket slot (global and per client IP); released on drop.
 pub(crate) struct WsSlot {
     shared: Arc<Shared>,
+    ip: Option<IpAddr>,
 }
 
 impl Drop for WsSlot {
     fn drop(&mut self) {
+        if let Some(ip) = self.ip {
+            let mut by_ip = lock(&self.shared.ws_by_ip);
+            if let Some(n) = by_ip.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    by_ip.remove(&ip);
+                }
+            }
+        }
         self.shared.ws_connections.fetch_sub(1, Ordering::AcqRel);
     }
 }
