@@ -178,6 +178,10 @@ pub struct JoinArgs {
     #[arg(long, env = "THRU_NO_SKIP_IDENTICAL")]
     pub no_skip_identical: bool,
 
+    /// List every offered file in the prompt, not only the first 40.
+    #[arg(long, env = "THRU_LIST")]
+    pub list: bool,
+
     /// LAN: the host's pairing address (IP or IP:PORT, as the host prints), skipping mDNS.
     #[arg(long, env = "THRU_PEER", value_parser = parse_peer, value_name = "ADDR")]
     pub peer: Option<SocketAddr>,

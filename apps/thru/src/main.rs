@@ -248,6 +248,7 @@ async fn join(args: JoinArgs, ui: &Ui) -> anyhow::Result<()> {
             force: args.force,
             keep_modes: args.keep_modes,
             skip_identical: !args.no_skip_identical,
+            list: args.list,
         },
         &args.net,
         None,

@@ -73,6 +73,8 @@ pub enum Job {
         keep_modes: bool,
         /// Claim files already held so the sender skips them (off with `--no-skip-identical`).
         skip_identical: bool,
+        /// List every offered file in the prompt (`--list`).
+        list: bool,
     },
 }
 
@@ -472,6 +474,7 @@ pub fn run_transfer(
         force,
         keep_modes,
         skip_identical,
+        list: _,
     } = &job.job
     else {
         return Err(TransferError::Failed(
@@ -595,7 +598,16 @@ fn receive_from(
                         .collect();
                     local = Arc::new(unskipped);
                 }
-                match decide(&manifest, &local, out, yes, cfg.receiver.overwrite, ui) {
+                let list = matches!(job.job, Job::Receive { list: true, .. });
+                match decide(
+                    &manifest,
+                    &local,
+                    out,
+                    yes,
+                    cfg.receiver.overwrite,
+                    list,
+                    ui,
+                ) {
                     Ok(()) => {
                         let _ = commands.send(Command::Accept);
                         let progress = ui.transfer(
@@ -681,6 +693,7 @@ fn decide(
     out: &std::path::Path,
     yes: bool,
     overwrite: bool,
+    list_all: bool,
     ui: &Ui,
 ) -> Result<(), TransferError> {
     if !overwrite {
@@ -706,18 +719,24 @@ fn decide(
         }
         Err(e) => tracing::warn!(error = %e, "cannot read the free space at the destination"),
     }
+    let entries = manifest.entries();
+    let mut replaces: Vec<(u32, String)> = local
+        .iter()
+        .filter(|(_, l)| matches!(l, LocalFile::Conflict))
+        .filter_map(|(i, _)| Some((*i, entries.get(*i as usize)?.path.clone())))
+        .collect();
+    replaces.sort_unstable();
     let offer = Offer {
-        files: manifest
-            .entries()
+        files: entries
             .iter()
             .filter(|e| e.kind == EntryKind::File)
             .map(|e| OfferedFile {
                 name: e.path.clone(),
                 size: e.size,
+                mode: e.mode,
             })
             .collect(),
-        links: manifest
-            .entries()
+        links: entries
             .iter()
             .filter(|e| e.kind == EntryKind::Symlink)
             .map(|e| OfferedLink {
@@ -725,8 +744,15 @@ fn decide(
                 target: e.link_target.clone(),
             })
             .collect(),
+        dirs: entries.iter().filter(|e| e.kind == EntryKind::Dir).count(),
+        destination: out.display().to_string(),
+        replaces: replaces.into_iter().map(|(_, p)| p).collect(),
+        same_size_here: local
+            .values()
+            .filter(|l| matches!(l, LocalFile::Existing(_)))
+            .count(),
     };
-    match ui.confirm_offer(&offer, yes) {
+    match ui.confirm_offer(&offer, yes, list_all) {
         Ok(true) => Ok(()),
         Ok(false) => Err(TransferError::Refused),
         Err(e) => {

@@ -120,6 +120,8 @@ pub struct OfferedFile {
     pub name: String,
     /// Size in bytes.
     pub size: u64,
+    /// Permission bits as sent (before the receiver's mode rules).
+    pub mode: u32,
 }
 
 /// One offered symbolic link, as the receiver's prompt shows it.
@@ -131,13 +133,22 @@ pub struct OfferedLink {
     pub target: String,
 }
 
-/// What the sender offers.
+/// What the sender offers, and what accepting it would do here.
 #[derive(Clone, Debug, Default, Eq, PartialEq, Serialize)]
 pub struct Offer {
     /// Files (directories are implied by paths).
     pub files: Vec<OfferedFile>,
     /// Symbolic links, every one listed with its target.
     pub links: Vec<OfferedLink>,
+    /// Directory entries in the share.
+    pub dirs: usize,
+    /// Where it would land (`--out`).
+    pub destination: String,
+    /// Files that would replace an existing file of another size or kind (only with
+    /// `--force`; without it such a clash refuses the offer before the prompt).
+    pub replaces: Vec<String>,
+    /// Files already here with the same size: skipped when identical.
+    pub same_size_here: usize,
 }
 
 impl Offer {
@@ -218,6 +229,16 @@ pub enum Event {
         files: usize,
         /// Total bytes.
         bytes: u64,
+        /// Number of directories.
+        dirs: usize,
+        /// Every link with its target (escaped when shown to a person, raw here as JSON).
+        links: Vec<OfferedLink>,
+        /// Files that would replace existing ones (`--force`).
+        replaces: Vec<String>,
+        /// Files already here with the same size.
+        same_size_here: usize,
+        /// The destination directory.
+        destination: String,
     },
     /// Receiver: the offer was accepted.
     Accepted {
@@ -471,16 +492,28 @@ impl Ui {
 
     /// Receiver: shows the offer and asks. `yes` accepts without asking. Reads the answer
     /// from stdin when it is a terminal; otherwise refuses with [`PromptError::NotATerminal`].
-    pub fn confirm_offer(&self, offer: &Offer, yes: bool) -> Result<bool, PromptError> {
+    /// `list_all` shows every file instead of the first [`LIST_LIMIT`].
+    pub fn confirm_offer(
+        &self,
+        offer: &Offer,
+        yes: bool,
+        list_all: bool,
+    ) -> Result<bool, PromptError> {
         self.emit(&Event::Offer {
             files: offer.files.len(),
             bytes: offer.total_bytes(),
+            dirs: offer.dirs,
+            links: offer.links.clone(),
+            replaces: offer.replaces.clone(),
+            same_size_here: offer.same_size_here,
+            destination: offer.destination.clone(),
         });
         let interactive = io::stdin().is_terminal();
         let stdin = io::stdin();
         let mut input = stdin.lock();
         let mut err = io::stderr().lock();
-        let accepted = confirm(offer, yes, interactive, &mut input, &mut err)?;
+        let limit = if list_all { usize::MAX } else { LIST_LIMIT };
+        let accepted = confirm(offer, yes, interactive, limit, &mut input, &mut err)?;
         if accepted {
             self.emit(&Event::Accepted {
                 files: offer.files.len(),
@@ -539,17 +572,18 @@ pub enum PromptError {
     Io(#[from] io::Error),
 }
 
-/// The prompt logic with explicit streams (testable): prints the offer to `out`; `yes`
-/// accepts; otherwise reads one line from `input` if `interactive`, where only `y`/`yes`
-/// (any case) accepts.
+/// The prompt logic with explicit streams (testable): prints the offer to `out` (up to
+/// `limit` files); `yes` accepts; otherwise reads one line from `input` if `interactive`,
+/// where only `y`/`yes` (any case) accepts.
 pub fn confirm(
     offer: &Offer,
     yes: bool,
     interactive: bool,
+    limit: usize,
     input: &mut dyn BufRead,
     out: &mut dyn Write,
 ) -> Result<bool, PromptError> {
-    out.write_all(describe_offer(offer, LIST_LIMIT).as_bytes())?;
+    out.write_all(describe_offer(offer, limit).as_bytes())?;
     if yes {
         writeln!(out, "Accepted (--yes).")?;
         return Ok(true);
@@ -565,20 +599,35 @@ pub fn confirm(
     Ok(answer == "y" || answer == "yes")
 }
 
-/// The offer as shown before the question: up to `limit` names, escaped, with sizes, then
-/// the count and total.
+/// The offer as shown before the question: counts by kind, the total and the destination;
+/// up to `limit` files (escaped, with size and mode); every link with its target; every file
+/// that would replace an existing one; and how many are already here.
 pub fn describe_offer(offer: &Offer, limit: usize) -> String {
-    let mut s = String::from("The sender offers:\n");
+    let plural =
+        |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+    let mut s = format!(
+        "The sender offers {}, {} and {}, {} in all, to {}:\n",
+        plural(offer.files.len(), "file", "files"),
+        plural(offer.dirs, "directory", "directories"),
+        plural(offer.links.len(), "link", "links"),
+        HumanBytes(offer.total_bytes()),
+        safe_name(&offer.destination),
+    );
     for f in offer.files.iter().take(limit) {
         let _ = writeln!(
             s,
-            "  {:>10}  {}",
+            "  {:>10}  {:04o}  {}",
             HumanBytes(f.size).to_string(),
+            f.mode & 0o7777,
             safe_name(&f.name)
         );
     }
     if offer.files.len() > limit {
-        let _ = writeln!(s, "  … and {} more", offer.files.len() - limit);
+        let _ = writeln!(
+            s,
+            "  … and {} more (thru join --list shows every file)",
+            offer.files.len() - limit
+        );
     }
     if !offer.links.is_empty() {
         // Every link, uncut: where each points matters more than how many there are.
@@ -586,6 +635,24 @@ pub fn describe_offer(offer: &Offer, limit: usize) -> String {
         for l in &offer.links {
             let _ = writeln!(s, "  {} -> {}", safe_name(&l.name), safe_name(&l.target));
         }
+    }
+    if !offer.replaces.is_empty() {
+        // Every one, uncut: these are the user's files.
+        let _ = writeln!(
+            s,
+            "replaces {} here (--force):",
+            plural(offer.replaces.len(), "existing file", "existing files")
+        );
+        for r in &offer.replaces {
+            let _ = writeln!(s, "  {}", safe_name(r));
+        }
+    }
+    if offer.same_size_here > 0 {
+        let _ = writeln!(
+            s,
+            "{} already here with the same size (skipped where identical)",
+            plural(offer.same_size_here, "file", "files")
+        );
     }
     let n = offer.files.len();
     let _ = writeln!(
@@ -761,8 +828,8 @@ impl TransferProgress {
     }
 }
 
-/// Names shown in the prompt before "… and N more".
-const LIST_LIMIT: usize = 40;
+/// Files listed in the prompt before "… and N more", unless `thru join --list`.
+pub const LIST_LIMIT: usize = 40;
 /// Least time between two JSON progress lines.
 const JSON_PROGRESS_EVERY: Duration = Duration::from_millis(250);
 
@@ -813,20 +880,26 @@ mod tests {
                 OfferedFile {
                     name: "photos/a.jpg".into(),
                     size: 1536,
+                    mode: 0o644,
                 },
                 OfferedFile {
                     name: "evil\u{1b}[2Jname\u{202e}gpj.exe".into(),
                     size: 3 << 30,
+                    mode: 0o644,
                 },
             ],
             links: Vec::new(),
+            dirs: 1,
+            destination: "/home/me/in".into(),
+            replaces: Vec::new(),
+            same_size_here: 0,
         }
     }
 
     fn ask(yes: bool, interactive: bool, answer: &str) -> (Result<bool, PromptError>, String) {
         let mut input = io::Cursor::new(answer.as_bytes().to_vec());
         let mut out = Vec::new();
-        let r = confirm(&offer(), yes, interactive, &mut input, &mut out);
+        let r = confirm(&offer(), yes, interactive, LIST_LIMIT, &mut input, &mut out);
         (r, String::from_utf8(out).unwrap())
     }
 
@@ -910,13 +983,54 @@ mod tests {
                 .map(|i| OfferedFile {
                     name: format!("f{i}"),
                     size: 1,
+                    mode: 0o644,
                 })
                 .collect(),
-            links: Vec::new(),
+            ..Offer::default()
         };
         let text = describe_offer(&o, 40);
-        assert!(text.contains("… and 60 more"), "{text}");
+        assert!(text.contains("… and 60 more (thru join --list"), "{text}");
         assert!(text.contains("100 files, 100 B total"), "{text}");
+        // --list: every file.
+        let all = describe_offer(&o, usize::MAX);
+        assert!(all.contains("  f99\n"), "{all}");
+        assert!(!all.contains("more"), "{all}");
+    }
+
+    /// The prompt shows counts by kind, the destination, the total, modes, every link, every
+    /// file it would replace and how many are already here (issue 13, item 5).
+    #[test]
+    fn the_prompt_hides_nothing_that_matters() {
+        let mut o = offer();
+        o.files[0].mode = 0o4755;
+        o.dirs = 3;
+        o.links = vec![OfferedLink {
+            name: "latest".into(),
+            target: "photos".into(),
+        }];
+        o.replaces = (0..45).map(|i| format!("old{i}.txt")).collect();
+        o.same_size_here = 2;
+        let text = describe_offer(&o, 1);
+        assert!(
+            text.starts_with(
+                "The sender offers 2 files, 3 directories and 1 link, 3.00 GiB in all, to /home/me/in:"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("4755  photos/a.jpg"), "{text}");
+        assert!(text.contains("  latest -> photos\n"), "{text}");
+        assert!(
+            text.contains("replaces 45 existing files here (--force):"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  old44.txt\n"),
+            "every replaced file: {text}"
+        );
+        assert!(
+            text.contains("2 files already here with the same size"),
+            "{text}"
+        );
     }
 
     #[test]

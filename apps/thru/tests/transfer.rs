@@ -243,6 +243,19 @@ fn existing_file_is_not_overwritten_without_force() {
     );
     // With --force the same host replaces it.
     let mut joiner = lan_join(&peer, &code, out.path(), &["--yes", "--force"]);
+    // The offer names what it replaces and where it lands (issue 13, item 5).
+    let offer = joiner.event("offer");
+    assert_eq!(
+        offer["replaces"],
+        serde_json::json!(["report.txt"]),
+        "{offer}"
+    );
+    assert_eq!(
+        offer["destination"].as_str(),
+        out.path().to_str(),
+        "{offer}"
+    );
+    assert_eq!(offer["files"], 1, "{offer}");
     assert_eq!(wait_long(&mut joiner, Duration::from_secs(30)), 0);
     assert_eq!(
         fs::read(out.path().join("report.txt")).unwrap(),
