@@ -7,7 +7,7 @@ use flux_signal_proto::{AddrRejection, ErrorCode};
 
 /// Live counters. Gauges that are derived from state (open connections, live sessions) are
 /// filled in at render time.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     /// WebSocket connections accepted.
     pub connections: AtomicU64,
@@ -25,6 +25,24 @@ pub struct Metrics {
     pub candidates: AtomicU64,
     rejections: [AtomicU64; ErrorCode::ALL.len()],
     filtered: [AtomicU64; FILTER_REASONS.len()],
+}
+
+// By hand: `Default` for arrays stops at 32 elements, and there are more error codes.
+impl Default for Metrics {
+    fn default() -> Self {
+        let zero = |_| AtomicU64::new(0);
+        Self {
+            connections: AtomicU64::new(0),
+            sessions_created: AtomicU64::new(0),
+            joins: AtomicU64::new(0),
+            failed_joins: AtomicU64::new(0),
+            messages_received: AtomicU64::new(0),
+            relays: AtomicU64::new(0),
+            candidates: AtomicU64::new(0),
+            rejections: std::array::from_fn(zero),
+            filtered: std::array::from_fn(zero),
+        }
+    }
 }
 
 /// Gauges read from the server state when rendering.
