@@ -23,6 +23,8 @@ pub struct Metrics {
     pub relays: AtomicU64,
     /// Candidates delivered to a peer's queue.
     pub candidates: AtomicU64,
+    /// Relay bytes (encoded) delivered between a host and a joiner not yet paired.
+    pub pairing_bytes: AtomicU64,
     rejections: [AtomicU64; ErrorCode::ALL.len()],
     filtered: [AtomicU64; FILTER_REASONS.len()],
 }
@@ -39,6 +41,7 @@ impl Default for Metrics {
             messages_received: AtomicU64::new(0),
             relays: AtomicU64::new(0),
             candidates: AtomicU64::new(0),
+            pairing_bytes: AtomicU64::new(0),
             rejections: std::array::from_fn(zero),
             filtered: std::array::from_fn(zero),
         }
@@ -138,6 +141,13 @@ impl Metrics {
              thruserv_messages_relayed_total{{kind=\"candidate\"}} {}",
             load(&self.relays),
             load(&self.candidates)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP thruserv_pairing_bytes_relayed_total Relay bytes delivered between a host and a joiner not yet paired.\n\
+             # TYPE thruserv_pairing_bytes_relayed_total counter\n\
+             thruserv_pairing_bytes_relayed_total {}",
+            load(&self.pairing_bytes)
         );
         let _ = writeln!(
             out,
