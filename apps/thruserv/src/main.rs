@@ -113,6 +113,11 @@ struct Args {
     #[arg(long, env = "THRUSERV_MAX_SESSION_CANDIDATES", default_value_t = 1000)]
     max_session_candidates: u64,
 
+    /// Relay bytes one client IP (IPv6: per /64) may send per minute between hosts and
+    /// joiners not yet paired; more are refused with pairing_rate_limited (0 disables).
+    #[arg(long, env = "THRUSERV_PRE_PAIRING_BYTES_PER_IP", default_value_t = 256 * 1024)]
+    pre_pairing_bytes_per_ip: u32,
+
     /// Deadline for the TLS handshake and HTTP request of a new connection.
     #[arg(long, env = "THRUSERV_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_nonzero_duration)]
     handshake_timeout: Duration,
@@ -246,6 +251,7 @@ fn config_from(args: &Args) -> ServerConfig {
     c.max_failed_joins = args.max_failed_joins;
     c.max_session_messages = args.max_session_messages;
     c.max_session_candidates = args.max_session_candidates;
+    c.pre_pairing_bytes_per_ip = args.pre_pairing_bytes_per_ip;
     c.handshake_timeout = args.handshake_timeout;
     c.frame_timeout = args.frame_timeout;
     c.max_pending_handshakes = args.max_pending_handshakes;
@@ -350,6 +356,11 @@ mod tests {
         assert_eq!(a.max_ws_connections_per_ip, 64);
         assert_eq!(a.max_sessions_per_ip, 20);
         assert_eq!(a.ws_idle_timeout, Duration::from_secs(600));
+        assert_eq!(a.pre_pairing_bytes_per_ip, 256 * 1024);
+        assert_eq!(
+            config_from(&a).pre_pairing_bytes_per_ip,
+            ServerConfig::default().pre_pairing_bytes_per_ip
+        );
     }
 
     #[test]

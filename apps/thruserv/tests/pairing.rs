@@ -592,3 +592,162 @@ async fn strangers_relay_only_pairing_messages_within_a_budget_until_accepted() 
     );
     srv.assert_healthy().await;
 }
+
+/// Sends `payload` from `host` to `peer`, then a probe to a peer that does not exist. The
+/// server answers a connection's messages in order, so the next thing `host` hears tells
+/// whether the payload was relayed (`None`: only the probe's `no_such_peer` comes back) or
+/// refused (`Some(code)`, then the probe's answer).
+async fn relay_outcome(
+    host: &mut SignalClient,
+    peer: PeerId,
+    payload: serde_json::Value,
+) -> Option<ErrorCode> {
+    host.relay(peer, payload).await.unwrap();
+    host.relay(PeerId(999_999), json!({"t": "hello"}))
+        .await
+        .unwrap();
+    match recv(host).await {
+        ServerMsg::Error {
+            code: ErrorCode::NoSuchPeer,
+            ..
+        } => None,
+        ServerMsg::Error { code, .. } => {
+            expect_error(host, ErrorCode::NoSuchPeer).await;
+            Some(code)
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn one_ip_spreading_pairing_bytes_over_sessions_is_cut_off_at_its_budget() {
+    // The default per-IP budget (256 KiB per minute); the other per-IP limits are lifted
+    // so that only the pairing budget can stop the flood.
+    let srv = Thruserv::start(&[
+        "--ws-connects-per-min",
+        "0",
+        "--session-creates-per-min",
+        "0",
+        "--ws-msgs-per-sec",
+        "0",
+    ]);
+    // Pairing-shaped messages of ~1.9 KiB: 4 per joiner stay under the 8 KiB per-joiner
+    // budget, 8 joiners per session under the 64 KiB per-session one, so five sessions
+    // (~305 KiB) would all pass without a per-IP budget.
+    let reply = json!({"t": "reply", "pad": "r".repeat(1900)});
+    let len = ServerMsg::Relay {
+        from: PeerId::HOST,
+        payload: reply.clone(),
+    }
+    .encode()
+    .len();
+    let mut passed_bytes = 0;
+    let mut cut = None;
+    let mut held = Vec::new();
+    'flood: for session in 0..5 {
+        let mut host = srv.client().await;
+        let created = host.create_session().await.unwrap();
+        let mut joiners = Vec::new();
+        for _ in 0..8 {
+            let mut joiner = srv.client().await;
+            let joined = joiner.join_session(created.session).await.unwrap();
+            assert_eq!(
+                recv(&mut host).await,
+                ServerMsg::PeerJoined { peer: joined.peer }
+            );
+            joiners.push((joined.peer, joiner));
+        }
+        for (peer, _) in &joiners {
+            for _ in 0..4 {
+                match relay_outcome(&mut host, *peer, reply.clone()).await {
+                    None => passed_bytes += len,
+                    Some(code) => {
+                        cut = Some((session, code));
+                        held.push((host, joiners));
+                        break 'flood;
+                    }
+                }
+            }
+        }
+        held.push((host, joiners));
+    }
+    let (session, code) = cut.unwrap_or_else(|| {
+        panic!("{passed_bytes} bytes of pairing from one IP passed without a refusal")
+    });
+    assert_eq!(code, ErrorCode::PairingRateLimited);
+    assert!(
+        session >= 3,
+        "cut off in session {session}, before the IP budget"
+    );
+    assert!(
+        (192 * 1024..=272 * 1024).contains(&passed_bytes),
+        "{passed_bytes} bytes passed"
+    );
+    assert_eq!(
+        srv.metric("thruserv_pairing_bytes_relayed_total").await,
+        passed_bytes as u64
+    );
+    assert_eq!(
+        srv.metric("thruserv_rejections_total{reason=\"pairing_rate_limited\"}")
+            .await,
+        1
+    );
+
+    // The same IP stays cut off in a fresh session; others pair as usual.
+    let mut host = srv.client().await;
+    let created = host.create_session().await.unwrap();
+    let mut joiner = srv.client_from("127.0.0.2").await;
+    let joined = joiner.join_session(created.session).await.unwrap();
+    assert_eq!(
+        recv(&mut host).await,
+        ServerMsg::PeerJoined { peer: joined.peer }
+    );
+    assert_eq!(
+        relay_outcome(&mut host, joined.peer, reply.clone()).await,
+        Some(ErrorCode::PairingRateLimited)
+    );
+    srv.assert_pairs("127.0.0.3", "127.0.0.4").await;
+    srv.assert_healthy().await;
+}
+
+#[tokio::test]
+async fn pre_pairing_bytes_per_ip_sets_the_budget() {
+    let srv = Thruserv::start(&[
+        "--ws-msgs-per-sec",
+        "0",
+        "--pre-pairing-bytes-per-ip",
+        "4096",
+    ]);
+    let mut host = srv.client().await;
+    let created = host.create_session().await.unwrap();
+    let mut joiner = srv.client_from("127.0.0.2").await;
+    let joined = joiner.join_session(created.session).await.unwrap();
+    assert_eq!(
+        recv(&mut host).await,
+        ServerMsg::PeerJoined { peer: joined.peer }
+    );
+    // ~1 KiB messages: the 4 KiB IP budget runs out before the 8 KiB per-joiner one.
+    let reply = json!({"t": "reply", "pad": "r".repeat(1000)});
+    let mut passed = 0;
+    let code = loop {
+        match relay_outcome(&mut host, joined.peer, reply.clone()).await {
+            None => passed += 1,
+            Some(code) => break code,
+        }
+        assert!(passed < 8, "the per-IP budget never ran out");
+    };
+    assert_eq!(code, ErrorCode::PairingRateLimited);
+    assert_eq!(passed, 3, "three ~1 KiB messages fit in 4 KiB");
+    // The joiner's own IP still has its budget: its hello reaches the host.
+    joiner
+        .relay(PeerId::HOST, json!({"t": "hello"}))
+        .await
+        .unwrap();
+    assert_eq!(
+        recv(&mut host).await,
+        ServerMsg::Relay {
+            from: joined.peer,
+            payload: json!({"t": "hello"})
+        }
+    );
+}

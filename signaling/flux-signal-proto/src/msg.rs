@@ -299,6 +299,9 @@ pub enum ErrorCode {
     NotAllowed,
     /// The session's message or candidate budget is spent.
     SessionQuotaExceeded,
+    /// The sender's client IP spent its budget of relay bytes between peers that have not
+    /// paired yet; it refills over a minute.
+    PairingRateLimited,
     /// A candidate address was refused by the filter and not relayed.
     CandidateRejected,
     /// The recipient is not reading fast enough; the message was dropped.
@@ -330,7 +333,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for metrics.
-    pub const ALL: [ErrorCode; 32] = [
+    pub const ALL: [ErrorCode; 33] = [
         Self::InvalidJson,
         Self::InvalidUtf8,
         Self::UnknownType,
@@ -350,6 +353,7 @@ impl ErrorCode {
         Self::NoSuchPeer,
         Self::NotAllowed,
         Self::SessionQuotaExceeded,
+        Self::PairingRateLimited,
         Self::CandidateRejected,
         Self::PeerBusy,
         Self::IdleTimeout,
@@ -387,6 +391,7 @@ impl ErrorCode {
             Self::NoSuchPeer => "no_such_peer",
             Self::NotAllowed => "not_allowed",
             Self::SessionQuotaExceeded => "session_quota_exceeded",
+            Self::PairingRateLimited => "pairing_rate_limited",
             Self::CandidateRejected => "candidate_rejected",
             Self::PeerBusy => "peer_busy",
             Self::IdleTimeout => "idle_timeout",

@@ -381,10 +381,14 @@ where
         kind: RouteKind<'_>,
         text: String,
     ) -> Result<(), End> {
-        match self
-            .shared
-            .route(m.session, self.me.conn_id, m.peer, to, kind, text)
-        {
+        match self.shared.route(
+            m.session,
+            (self.me.conn_id, self.ip),
+            m.peer,
+            to,
+            kind,
+            text,
+        ) {
             Ok(()) => {
                 let counter = match kind {
                     RouteKind::Candidate => &self.shared.metrics.candidates,
@@ -406,6 +410,14 @@ where
                 self.refuse(
                     ErrorCode::SessionQuotaExceeded,
                     "not relayed: the pairing byte budget is spent",
+                )
+                .await
+            }
+            Err(RouteRefusal::PairingIpBudget) => {
+                self.refuse(
+                    ErrorCode::PairingRateLimited,
+                    "not relayed: this address has sent its budget of pairing bytes for now \
+                     (--pre-pairing-bytes-per-ip per minute); try again later",
                 )
                 .await
             }

@@ -14,6 +14,8 @@ use super::state::{Shared, ip_key};
 pub(crate) struct Limiters {
     connects: Option<DefaultKeyedRateLimiter<IpAddr>>,
     creates: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    /// Pre-pairing relay bytes per client IP; one cell per byte.
+    pairing_bytes: Option<DefaultKeyedRateLimiter<IpAddr>>,
     messages: Option<Quota>,
 }
 
@@ -33,6 +35,11 @@ impl Limiters {
                 .map(RateLimiter::keyed),
             creates: per_min(config.session_creates_per_min, config.session_creates_burst)
                 .map(RateLimiter::keyed),
+            pairing_bytes: per_min(
+                config.pre_pairing_bytes_per_ip,
+                config.pre_pairing_bytes_per_ip,
+            )
+            .map(RateLimiter::keyed),
             messages,
         }
     }
@@ -51,13 +58,28 @@ impl Limiters {
             .is_none_or(|l| l.check_key(&ip_key(ip)).is_ok())
     }
 
+    /// Takes `len` pre-pairing relay bytes from `ip`'s budget; all or nothing, so a refused
+    /// message costs nothing. A message larger than the whole budget is always refused.
+    pub(crate) fn allow_pairing_bytes(&self, ip: IpAddr, len: usize) -> bool {
+        let Some(limiter) = &self.pairing_bytes else {
+            return true;
+        };
+        let Some(n) = u32::try_from(len).ok().and_then(NonZeroU32::new) else {
+            return len == 0;
+        };
+        matches!(limiter.check_key_n(&ip_key(ip), n), Ok(Ok(())))
+    }
+
     /// A fresh per-connection message limiter, or `None` when unlimited.
     pub(crate) fn message_limiter(&self) -> Option<DefaultDirectRateLimiter> {
         self.messages.map(RateLimiter::direct)
     }
 
     fn purge(&self) {
-        for limiter in [&self.connects, &self.creates].into_iter().flatten() {
+        for limiter in [&self.connects, &self.creates, &self.pairing_bytes]
+            .into_iter()
+            .flatten()
+        {
             limiter.retain_recent();
             limiter.shrink_to_fit();
         }

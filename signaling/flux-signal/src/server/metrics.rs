@@ -7,7 +7,7 @@ use flux_signal_proto::{AddrRejection, ErrorCode};
 
 /// Live counters. Gauges that are derived from state (open connections, live sessions) are
 /// filled in at render time.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     /// WebSocket connections accepted.
     pub connections: AtomicU64,
@@ -23,8 +23,29 @@ pub struct Metrics {
     pub relays: AtomicU64,
     /// Candidates delivered to a peer's queue.
     pub candidates: AtomicU64,
+    /// Relay bytes (encoded) delivered between a host and a joiner not yet paired.
+    pub pairing_bytes: AtomicU64,
     rejections: [AtomicU64; ErrorCode::ALL.len()],
     filtered: [AtomicU64; FILTER_REASONS.len()],
+}
+
+// By hand: `Default` for arrays stops at 32 elements, and there are more error codes.
+impl Default for Metrics {
+    fn default() -> Self {
+        let zero = |_| AtomicU64::new(0);
+        Self {
+            connections: AtomicU64::new(0),
+            sessions_created: AtomicU64::new(0),
+            joins: AtomicU64::new(0),
+            failed_joins: AtomicU64::new(0),
+            messages_received: AtomicU64::new(0),
+            relays: AtomicU64::new(0),
+            candidates: AtomicU64::new(0),
+            pairing_bytes: AtomicU64::new(0),
+            rejections: std::array::from_fn(zero),
+            filtered: std::array::from_fn(zero),
+        }
+    }
 }
 
 /// Gauges read from the server state when rendering.
@@ -120,6 +141,13 @@ impl Metrics {
              thruserv_messages_relayed_total{{kind=\"candidate\"}} {}",
             load(&self.relays),
             load(&self.candidates)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP thruserv_pairing_bytes_relayed_total Relay bytes delivered between a host and a joiner not yet paired.\n\
+             # TYPE thruserv_pairing_bytes_relayed_total counter\n\
+             thruserv_pairing_bytes_relayed_total {}",
+            load(&self.pairing_bytes)
         );
         let _ = writeln!(
             out,

@@ -69,6 +69,11 @@ pub struct ServerConfig {
     pub max_session_messages: u64,
     /// Most candidates routed in one session (both directions); 0 = unlimited.
     pub max_session_candidates: u64,
+    /// Relay bytes (encoded messages) that one client IP (IPv6: /64) may send between a
+    /// host and a joiner that have not paired yet, per minute: a token bucket of this size
+    /// that refills continuously. Spent, such relays are refused with
+    /// `pairing_rate_limited`. 0 = unlimited.
+    pub pre_pairing_bytes_per_ip: u32,
     /// Deadline for the TLS handshake plus the HTTP request (upgrade or plain).
     pub handshake_timeout: Duration,
     /// Deadline for a started WebSocket frame to complete, and for any write to the peer.
@@ -118,6 +123,7 @@ impl Default for ServerConfig {
             max_failed_joins: 5,
             max_session_messages: 2000,
             max_session_candidates: 1000,
+            pre_pairing_bytes_per_ip: 256 * 1024,
             handshake_timeout: Duration::from_secs(10),
             frame_timeout: Duration::from_secs(10),
             max_pending_handshakes: 1024,

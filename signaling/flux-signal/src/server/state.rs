@@ -96,6 +96,8 @@ pub(crate) enum RouteRefusal {
     NotPaired,
     /// The pairing byte budget (per joiner or per session) is spent.
     PairingBudget,
+    /// The sending IP's pre-pairing byte budget is spent for now.
+    PairingIpBudget,
 }
 
 impl From<ErrorCode> for RouteRefusal {
@@ -213,13 +215,13 @@ impl Shared {
         Ok(peer)
     }
 
-    /// Routes an encoded message from `from` (connection `me`) to `to` in session `id`.
-    /// Between a host and a joiner it has not accepted, only relays tagged as pairing
-    /// messages pass, within a byte budget.
+    /// Routes an encoded message from `from` (connection `me`, client IP `ip`) to `to` in
+    /// session `id`. Between a host and a joiner it has not accepted, only relays tagged as
+    /// pairing messages pass, within byte budgets per joiner, per session and per sending IP.
     pub(crate) fn route(
         &self,
         id: RoutingId,
-        me: u64,
+        (me, ip): (u64, IpAddr),
         from: PeerId,
         to: PeerId,
         kind: RouteKind<'_>,
@@ -266,12 +268,20 @@ impl Shared {
             {
                 return Err(RouteRefusal::PairingBudget);
             }
+            // Last of the checks, so a message refused by one above costs the IP nothing
+            // (one the recipient cannot take, peer_busy, stays charged).
+            if !self.limiters.allow_pairing_bytes(ip, len) {
+                return Err(RouteRefusal::PairingIpBudget);
+            }
         }
         target.push(text)?;
         *used += 1;
         if pairing {
             *session.pairing_bytes.entry(joiner).or_insert(0) += len;
             session.pairing_bytes_total += len;
+            self.metrics
+                .pairing_bytes
+                .fetch_add(len as u64, Ordering::Relaxed);
             if from == PeerId::HOST && tag == Some("accepted") {
                 session.paired.insert(joiner);
                 session.pairing_bytes.remove(&joiner);
