@@ -149,6 +149,8 @@ pub struct Destination {
     created: HashSet<String>,
     /// Paths of the share's links, gathered at the first link put in place.
     links: Option<HashSet<String>>,
+    /// See [`Destination::set_resolved_hook`].
+    resolved_hook: Option<fn(&Path)>,
 }
 
 impl Destination {
@@ -168,7 +170,16 @@ impl Destination {
             umask: process_umask(),
             created: HashSet::new(),
             links: None,
+            resolved_hook: None,
         }
+    }
+
+    /// Test seam: `hook` is called with the path of an entry's parent directory each time it
+    /// has been resolved, before anything is created, renamed or re-permissioned in it, so that
+    /// a test can swap that directory for a symbolic link at the worst moment.
+    #[doc(hidden)]
+    pub fn set_resolved_hook(&mut self, hook: fn(&Path)) {
+        self.resolved_hook = Some(hook);
     }
 
     /// Performs one request.
@@ -484,7 +495,11 @@ impl Destination {
         e: &'e Entry,
         create: bool,
     ) -> Result<Option<(PathBuf, &'e str)>, DiskFailure> {
-        locate(&self.root, e, create.then_some(&mut self.created))
+        let found = locate(&self.root, e, create.then_some(&mut self.created))?;
+        if let (Some(hook), Some((dir, _))) = (self.resolved_hook, &found) {
+            hook(dir);
+        }
+        Ok(found)
     }
 }
 
