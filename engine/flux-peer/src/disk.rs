@@ -1,4 +1,5 @@
-//! Disk requests performed with `std::fs`, and the receiver's scan of its destination.
+//! Disk requests performed with `std::fs` (and, under the receiver's destination, `*at` calls
+//! through `rustix`), and the receiver's scan of its destination.
 //!
 //! Safety rules on the receiving side:
 //! - paths come from a validated [`Manifest`]; each directory on the way is checked and created
@@ -621,12 +622,14 @@ fn locate<'e>(
     Ok(Some((dir, name)))
 }
 
+/// Set once `openat2` is found missing (`ENOSYS`); from then on parents are walked.
+static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
+
 /// `rel` (several components) opened as a directory (`O_PATH`) beneath `dir` with `openat2`,
 /// following no symbolic link and never leaving `dir`; `None` when that fails or the kernel lacks
 /// `openat2` (remembered), for the caller to walk the components instead.
 fn open_beneath(dir: BorrowedFd<'_>, rel: &str) -> Option<OwnedFd> {
-    static UNSUPPORTED: AtomicBool = AtomicBool::new(false);
-    if UNSUPPORTED.load(Ordering::Relaxed) {
+    if NO_OPENAT2.load(Ordering::Relaxed) {
         return None;
     }
     match rustix::fs::openat2(
@@ -638,7 +641,7 @@ fn open_beneath(dir: BorrowedFd<'_>, rel: &str) -> Option<OwnedFd> {
     ) {
         Ok(fd) => Some(fd),
         Err(Errno::NOSYS) => {
-            UNSUPPORTED.store(true, Ordering::Relaxed);
+            NO_OPENAT2.store(true, Ordering::Relaxed);
             None
         }
         Err(_) => None,
@@ -815,4 +818,70 @@ fn op_id(op: &DiskOp) -> OpId {
 
 fn io_err(op: &str, p: &Path, e: &io::Error) -> DiskFailure {
     DiskFailure::Io(format!("{op} {}: {e}", p.display()))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn entry(path: &str) -> Entry {
+        Entry {
+            path: path.into(),
+            kind: EntryKind::File,
+            size: 0,
+            mtime: Timestamp { secs: 0, nanos: 0 },
+            mode: 0o644,
+            link_target: String::new(),
+        }
+    }
+
+    /// Without `openat2` (Linux before 5.6), the component walk alone resolves an existing
+    /// parent to a descriptor of that very directory, makes missing ones, and refuses a component
+    /// swapped for a symbolic link, naming it. (Marking `openat2` missing affects other tests of
+    /// this process only by making them take this same path.)
+    #[test]
+    fn component_walk_without_openat2() {
+        NO_OPENAT2.store(true, Ordering::Relaxed);
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("out");
+        fs::create_dir_all(root.join("a/b")).unwrap();
+        fs::write(root.join("a/b/marker"), "").unwrap();
+        let cell = OnceLock::new();
+        let root_fd = open_root(&cell, &root).unwrap();
+
+        let e = entry("a/b/f");
+        let (dir, name) = locate(&root, root_fd, &e, None).unwrap().unwrap();
+        assert_eq!(
+            (dir.path.as_path(), name),
+            (root.join("a/b").as_path(), "f")
+        );
+        assert!(lstat_at(&dir.fd, "marker").is_ok());
+
+        let mut created = HashSet::new();
+        let e = entry("x/y/f");
+        assert!(locate(&root, root_fd, &e, None).unwrap().is_none());
+        locate(&root, root_fd, &e, Some(&mut created))
+            .unwrap()
+            .unwrap();
+        assert!(root.join("x/y").is_dir());
+        assert_eq!(created, HashSet::from(["x".into(), "x/y".into()]));
+
+        let outside = tmp.path().join("outside");
+        fs::create_dir_all(outside.join("b")).unwrap();
+        fs::rename(root.join("a/b"), root.join("a/b.moved")).unwrap();
+        std::os::unix::fs::symlink(outside.join("b"), root.join("a/b")).unwrap();
+        let err = locate(&root, root_fd, &entry("a/b/f"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!(
+                "refusing to follow the symbolic link at {}",
+                root.join("a/b").display()
+            )),
+            "{err}"
+        );
+        // The descriptor resolved before the swap still names the moved directory.
+        assert!(lstat_at(&dir.fd, "marker").is_ok());
+    }
 }
