@@ -34,8 +34,23 @@ fn entry(path: &str, kind: EntryKind, size: u64, mode: u32) -> Entry {
 /// Puts every entry of `entries` in place under `root` as a receiver would (files get
 /// `contents`), then finishes; returns the first failure.
 fn receive(root: &Path, entries: Vec<Entry>, policy: ModePolicy) -> Result<(), String> {
+    receive_with(root, entries, policy, None, || {})
+}
+
+/// [`receive`], with `hook` called each time an entry's parent directory has been resolved
+/// (see `Destination::set_resolved_hook`) and `before_finish` run just before the last step.
+fn receive_with(
+    root: &Path,
+    entries: Vec<Entry>,
+    policy: ModePolicy,
+    hook: Option<fn(&Path)>,
+    before_finish: impl FnOnce(),
+) -> Result<(), String> {
     let m = Arc::new(Manifest::new(entries, CHUNK).map_err(|e| e.to_string())?);
     let mut d = Destination::with_modes(root.to_path_buf(), m.clone(), policy);
+    if let Some(hook) = hook {
+        d.set_resolved_hook(hook);
+    }
     let mut id = 0;
     let mut next = || {
         id += 1;
@@ -67,6 +82,7 @@ fn receive(root: &Path, entries: Vec<Entry>, policy: ModePolicy) -> Result<(), S
         };
         run(&mut d, op)?;
     }
+    before_finish();
     run(&mut d, DiskOp::Finish { id: next() })
 }
 
@@ -264,5 +280,109 @@ fn hard_linked_partial_files_are_not_written_through() {
         let e = res.expect_err(planted);
         assert!(e.contains(planted), "{planted}: {e}");
         assert!(e.contains("link"), "{planted}: {e}");
+    }
+}
+
+/// What a local attacker does mid-transfer: the real `out/sub` is moved aside to
+/// `out/sub.moved` and `out/sub` becomes a symbolic link to `outside/sub` (beside `out`), a
+/// directory only the receiving user can write. Done once, the first time `dir` is the real
+/// `sub`.
+fn swap_to_outside(dir: &Path) {
+    if dir.file_name().is_none_or(|n| n != "sub") || !fs::symlink_metadata(dir).unwrap().is_dir() {
+        return;
+    }
+    let tmp = dir.parent().unwrap().parent().unwrap();
+    fs::rename(dir, dir.with_file_name("sub.moved")).unwrap();
+    std::os::unix::fs::symlink(tmp.join("outside/sub"), dir).unwrap();
+}
+
+/// Every entry under `dir`, with its mode and mtime, following no link.
+fn snapshot(dir: &Path) -> Vec<(String, u32, i64)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let md = fs::symlink_metadata(&p).unwrap();
+            if md.is_dir() {
+                todo.push(p.clone());
+            }
+            let rel = p.strip_prefix(dir).unwrap().display().to_string();
+            out.push((rel, md.mode(), md.mtime()));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Issue 13 item 13: a local user who can write in `--out` swaps a directory of the transfer
+/// for a symbolic link to a directory outside it while the transfer runs. No create (partial
+/// file, sidecar, directory), final rename/link, chmod or utimes may land outside `--out`; the
+/// transfer stops with an error naming the path. The swap happens right after the parent
+/// directory was checked (the seam), or, for `finish()`, after every entry was placed.
+#[test]
+fn swapped_directory_cannot_redirect_writes_outside_the_destination() {
+    let dir = |p: &str| entry(p, EntryKind::Dir, 0, 0o777);
+    let file = |p: &str, size| entry(p, EntryKind::File, size, 0o777);
+    // (case, entries, swap at the seam (else before finish()), what the error must contain)
+    let cases: Vec<(&str, Vec<Entry>, bool, &str)> = vec![
+        // The partial file and its sidecar are created after the swap.
+        (
+            "create",
+            vec![dir("sub"), file("sub/f", 3)],
+            true,
+            "out/sub",
+        ),
+        // An empty file is created and linked to its final name after the swap.
+        ("place", vec![dir("sub"), file("sub/empty", 0)], true, "sub"),
+        // A directory of the share is made after the swap.
+        ("mkdir", vec![dir("sub"), dir("sub/new")], true, "out/sub"),
+        // finish() chmods and re-times `sub/inner`, which it created, after the swap.
+        (
+            "finish",
+            vec![dir("sub"), dir("sub/inner"), file("sub/inner/f", 3)],
+            false,
+            "sub/inner",
+        ),
+    ];
+    for (case, entries, at_seam, named) in cases {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        fs::create_dir(&out).unwrap();
+        let inner = tmp.path().join("outside/sub/inner");
+        fs::create_dir_all(&inner).unwrap();
+        fs::set_permissions(&inner, fs::Permissions::from_mode(0o700)).unwrap();
+        let before = snapshot(&tmp.path().join("outside"));
+
+        let sub = out.join("sub");
+        let res = if at_seam {
+            receive_with(
+                &out,
+                entries,
+                ModePolicy::Keep,
+                Some(swap_to_outside),
+                || {},
+            )
+        } else {
+            receive_with(&out, entries, ModePolicy::Keep, None, || {
+                swap_to_outside(&sub)
+            })
+        };
+
+        assert!(
+            fs::symlink_metadata(&sub).unwrap().is_symlink(),
+            "{case}: the swap did not happen"
+        );
+        assert_eq!(
+            snapshot(&tmp.path().join("outside")),
+            before,
+            "{case}: something outside --out was created, renamed or changed"
+        );
+        let e = res.expect_err(case);
+        assert!(e.contains(named), "{case}: {e}");
+        if case == "place" {
+            // The verified file reached its name in the directory the transfer made.
+            assert!(out.join("sub.moved/empty").is_file(), "{case}");
+        }
     }
 }
