@@ -33,7 +33,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use flux_transfer::digest::chunk_hash;
-use flux_transfer::{DiskFailure, DiskOp, DiskResult, LocalFile, Manifest, OpId, sidecar};
+use flux_transfer::{
+    ChunkData, DiskFailure, DiskOp, DiskResult, LocalFile, Manifest, OpId, sidecar,
+};
 use flux_wire::{Entry, EntryKind, Timestamp};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Stat};
 use rustix::io::Errno;
@@ -103,7 +105,11 @@ impl SourceFiles {
             }
         }
         buf.truncate(done);
-        Ok(DiskResult::Read(Bytes::from(buf)))
+        let hash = chunk_hash(&buf);
+        Ok(DiskResult::Read {
+            data: Bytes::from(buf),
+            hash,
+        })
     }
 }
 
@@ -298,11 +304,16 @@ impl Destination {
         index: u32,
         offset: u64,
         hash: &[u8; 32],
-        data: &[u8],
+        data: &ChunkData,
     ) -> Result<(), DiskFailure> {
+        // Verified before anything is written: no unverified byte reaches the partial file.
+        let data = data.to_contiguous();
+        if chunk_hash(&data) != *hash {
+            return Err(DiskFailure::Corrupt);
+        }
         let path = self.entry(file)?.path.clone();
         let pf = self.open_partial(file)?;
-        pf.write_all_at(data, offset)
+        pf.write_all_at(&data, offset)
             .map_err(|err| DiskFailure::Io(format!("{path}: write: {err}")))?;
         self.record(file, index, hash)
     }
