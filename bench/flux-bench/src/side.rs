@@ -109,6 +109,23 @@ fn net_config(o: &EngineOpts) -> NetConfig {
         ..NetConfig::default()
     };
     cfg.transport.max_mtu = o.max_mtu;
+    // Experiment knobs (queue-discipline measurements in bench/README.md).
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+    if let Some(v) = env("FLUX_BENCH_CONN_WINDOW") {
+        cfg.transport.conn_window = v;
+    }
+    if let Some(v) = env("FLUX_BENCH_STREAM_WINDOW") {
+        cfg.transport.stream_window = v;
+    }
+    if let Some(v) = env("FLUX_BENCH_SEND_WINDOW") {
+        cfg.transport.send_window = v;
+    }
+    if let Some(v) = env("FLUX_BENCH_LANES") {
+        cfg.sender.parallel_files = v as u16;
+    }
+    if let Some(v) = env("FLUX_BENCH_READ_AHEAD") {
+        cfg.sender.read_ahead = v as u32;
+    }
     cfg
 }
 

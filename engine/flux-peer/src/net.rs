@@ -407,6 +407,9 @@ struct Conn {
     link: Option<usize>,
     /// Sender: when its transfer completed; it then waits for the receiver to close.
     done_at: Option<Instant>,
+    /// Receiver: grows the connection's receive window with the measured bandwidth-delay
+    /// product (flux_quic::WindowTuner has the reasons).
+    tuner: Option<flux_quic::WindowTuner>,
 }
 
 impl Conn {
@@ -428,6 +431,7 @@ impl Conn {
             blocked: None,
             link,
             done_at: None,
+            tuner: None,
         }
     }
 
@@ -561,8 +565,9 @@ impl Worker {
             .map_err(|e| TransferError::Io(format!("connect to {peer}: {e}")))?;
         let m = Receiver::new(self.cfg.receiver.clone());
         let machine = Machine::Recv(Session::new(conn, m, Side::Client));
-        self.conns
-            .push(Conn::new(handle, machine, peer, Instant::now(), link));
+        let mut c = Conn::new(handle, machine, peer, Instant::now(), link);
+        c.tuner = Some(flux_quic::WindowTuner::new(self.cfg.transport.conn_window));
+        self.conns.push(c);
         Ok(())
     }
 
@@ -989,6 +994,22 @@ impl Worker {
             match &mut c.machine {
                 Machine::Send(s) => s.machine.handle_timeout(now),
                 Machine::Recv(s) => s.machine.handle_timeout(now),
+            }
+            if c.connected
+                && let Some(t) = c.tuner.as_mut()
+                && t.next_sample().is_none_or(|at| now >= at)
+            {
+                let (received, rtt) = match &mut c.machine {
+                    Machine::Send(s) => (s.conn.stats().udp_rx.bytes, s.conn.rtt()),
+                    Machine::Recv(s) => (s.conn.stats().udp_rx.bytes, s.conn.rtt()),
+                };
+                if let Some(w) = t.sample(now, received, rtt) {
+                    tracing::debug!(window = w, ?rtt, "receive window grown");
+                    c.conn().set_receive_window(
+                        flux_quic::quinn_proto::VarInt::from_u64(w)
+                            .unwrap_or(flux_quic::quinn_proto::VarInt::MAX),
+                    );
+                }
             }
         }
     }
