@@ -64,7 +64,7 @@ struct RunArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "uring,epoll,uring-no-gso,epoll-no-gso,quinn,quinn-no-hash,iperf3,scp"
+        default_value = "uring,epoll,uring-no-gso,epoll-no-gso,quinn,quinn-no-hash,quinn-mem,iperf3,scp"
     )]
     rows: Vec<Row>,
     /// Run between two network namespaces over a 1500-MTU veth pair instead of loopback.
@@ -96,6 +96,8 @@ enum Row {
     Quinn,
     /// quinn on tokio, no hashing.
     QuinnNoHash,
+    /// quinn on tokio, memory to memory: no disk, no hashing (like quinn's perf tool).
+    QuinnMem,
     /// iperf3 TCP, memory to memory, no encryption.
     Iperf3,
     /// scp to localhost.
@@ -164,6 +166,9 @@ enum SideCmd {
         file: PathBuf,
         #[arg(long)]
         hash: bool,
+        /// Send the file's size from memory; the joiner drops what it gets.
+        #[arg(long)]
+        mem: bool,
         #[command(flatten)]
         common: SideCommon,
     },
@@ -172,6 +177,8 @@ enum SideCmd {
         to: JoinTo,
         #[arg(long)]
         hash: bool,
+        #[arg(long)]
+        mem: bool,
         #[command(flatten)]
         common: SideCommon,
     },
@@ -228,13 +235,17 @@ fn run_side(side: SideCmd) -> Result<()> {
         SideCmd::QuinnHost {
             file,
             hash,
+            mem,
             common: c,
-        } => side::quinn_host(&file, hash, c.max_mtu, c.bind, &c.out),
+        } => side::quinn_host(&file, hash, mem, c.max_mtu, c.bind, &c.out),
         SideCmd::QuinnJoin {
             to,
             hash,
+            mem,
             common: c,
-        } => side::quinn_join(to.peer, &to.fp, &to.dest, hash, c.max_mtu, c.bind, &c.out),
+        } => side::quinn_join(
+            to.peer, &to.fp, &to.dest, hash, mem, c.max_mtu, c.bind, &c.out,
+        ),
     }
 }
 
@@ -358,8 +369,8 @@ fn run_matrix(a: &RunArgs) -> Result<()> {
                 Row::Uring | Row::Epoll | Row::UringNoGso | Row::EpollNoGso => {
                     run_engine(row, &src, &dest, a, &place).map(Some)
                 }
-                Row::Quinn | Row::QuinnNoHash => {
-                    run_quinn(row == Row::Quinn, &src, &dest, a, &place).map(Some)
+                Row::Quinn | Row::QuinnNoHash | Row::QuinnMem => {
+                    run_quinn(row, &src, &dest, a, &place).map(Some)
                 }
                 Row::Iperf3 => run_iperf3(a.size, &place),
                 Row::Scp => run_scp(&src, &dest, a.size),
@@ -368,7 +379,7 @@ fn run_matrix(a: &RunArgs) -> Result<()> {
                 Ok(Some(r)) => {
                     // Every file-to-file row must have delivered the same bytes.
                     let got = dest.join(src.file_name().unwrap_or_default());
-                    if !matches!(row, Row::Iperf3) && file_hash(&got)? != want {
+                    if !matches!(row, Row::Iperf3 | Row::QuinnMem) && file_hash(&got)? != want {
                         bail!("{}: received file differs from the source", rr.label);
                     }
                     eprintln!("   run {}: {:.2} Gbit/s", i + 1, r.gbit_s);
@@ -402,6 +413,8 @@ fn run_matrix(a: &RunArgs) -> Result<()> {
             Row::Uring,
             Row::QuinnNoHash,
         ),
+        ("uring / quinn mem->mem", Row::Uring, Row::QuinnMem),
+        ("epoll / quinn mem->mem", Row::Epoll, Row::QuinnMem),
         ("uring / epoll", Row::Uring, Row::Epoll),
         ("uring GSO on / off", Row::Uring, Row::UringNoGso),
         ("epoll GSO on / off", Row::Epoll, Row::EpollNoGso),
@@ -445,6 +458,7 @@ fn label(row: Row) -> String {
         Row::EpollNoGso => "engine epoll, GSO/GRO off",
         Row::Quinn => "quinn on tokio (BLAKE3 per 4 MiB)",
         Row::QuinnNoHash => "quinn on tokio (no hashing)",
+        Row::QuinnMem => "quinn on tokio mem->mem (no disk/hash)",
         Row::Iperf3 => "iperf3 TCP mem->mem, no crypto",
         Row::Scp => "scp localhost",
     }
@@ -513,11 +527,11 @@ fn run_engine(row: Row, src: &Path, dest: &Path, a: &RunArgs, p: &Place) -> Resu
     run_pair(("engine-host", "engine-join"), &common, src, dest, a, p)
 }
 
-fn run_quinn(hash: bool, src: &Path, dest: &Path, a: &RunArgs, p: &Place) -> Result<RunResult> {
-    let common: Vec<String> = if hash {
-        vec!["--hash".into()]
-    } else {
-        Vec::new()
+fn run_quinn(row: Row, src: &Path, dest: &Path, a: &RunArgs, p: &Place) -> Result<RunResult> {
+    let common: Vec<String> = match row {
+        Row::Quinn => vec!["--hash".into()],
+        Row::QuinnMem => vec!["--mem".into()],
+        _ => Vec::new(),
     };
     let dest_file = dest.join(src.file_name().unwrap_or_default());
     run_pair(("quinn-host", "quinn-join"), &common, src, &dest_file, a, p)

@@ -280,6 +280,7 @@ fn quinn_stats(r: &mut SideReport, conn: &quinn::Connection) {
 pub fn quinn_host(
     file: &Path,
     hash: bool,
+    mem: bool,
     max_mtu: u16,
     bind: SocketAddr,
     out: &Path,
@@ -289,10 +290,10 @@ pub fn quinn_host(
         .enable_all()
         .build()?;
     let mut r = SideReport {
-        kind: if hash {
-            "quinn-tokio"
-        } else {
-            "quinn-tokio-nohash"
+        kind: match (mem, hash) {
+            (true, _) => "quinn-tokio-mem",
+            (false, true) => "quinn-tokio",
+            (false, false) => "quinn-tokio-nohash",
         }
         .into(),
         ..SideReport::default()
@@ -314,6 +315,27 @@ pub fn quinn_host(
             .ok_or_else(|| anyhow!("endpoint closed"))?
             .await?;
         let mut s = conn.open_uni().await?;
+        if mem {
+            // Memory to memory, like quinn's perf tool: the file's size in 4 MiB pieces of
+            // one buffer handed over as `Bytes` (no read, no copy, no hash).
+            let size = std::fs::metadata(file)?.len();
+            let piece = bytes::Bytes::from(vec![0x5au8; QUINN_CHUNK]);
+            let mut left = size;
+            let mut idx = 0u32;
+            while left > 0 {
+                let n = left.min(QUINN_CHUNK as u64) as usize;
+                s.write_chunk(piece.slice(..n)).await?;
+                left -= n as u64;
+                r.bytes += n as u64;
+                r.chunks.push((0, idx, mono_ns()));
+                idx += 1;
+            }
+            s.finish()?;
+            let _ = conn.closed().await;
+            quinn_stats(&mut r, &conn);
+            ep.wait_idle().await;
+            return Ok(());
+        }
         let mut f = tokio::fs::File::open(file).await?;
         let mut buf = vec![0u8; QUINN_CHUNK];
         let mut idx = 0u32;
@@ -351,11 +373,13 @@ pub fn quinn_host(
 }
 
 /// The quinn-on-tokio reference joiner: writes the stream to `dest/<name>` with `tokio::fs`.
+#[allow(clippy::too_many_arguments)] // one flag per side option, as for the host
 pub fn quinn_join(
     peer: SocketAddr,
     fp_hex: &str,
     dest_file: &Path,
     hash: bool,
+    mem: bool,
     max_mtu: u16,
     bind: SocketAddr,
     out: &Path,
@@ -365,10 +389,10 @@ pub fn quinn_join(
         .enable_all()
         .build()?;
     let mut r = SideReport {
-        kind: if hash {
-            "quinn-tokio"
-        } else {
-            "quinn-tokio-nohash"
+        kind: match (mem, hash) {
+            (true, _) => "quinn-tokio-mem",
+            (false, true) => "quinn-tokio",
+            (false, false) => "quinn-tokio-nohash",
         }
         .into(),
         ..SideReport::default()
@@ -388,6 +412,25 @@ pub fn quinn_join(
         let conn = ep.connect(peer, flux_quic::SERVER_NAME)?.await?;
         r.connect_s = Some(start.elapsed().as_secs_f64());
         let mut s = conn.accept_uni().await?;
+        if mem {
+            // A sink: chunks are dropped as they arrive (QUINN_CHUNK bytes count as a chunk).
+            let mut idx = 0u32;
+            let mut in_chunk = 0usize;
+            while let Some(c) = s.read_chunk(usize::MAX, true).await? {
+                r.first_chunk_s.get_or_insert(start.elapsed().as_secs_f64());
+                r.bytes += c.bytes.len() as u64;
+                in_chunk += c.bytes.len();
+                while in_chunk >= QUINN_CHUNK {
+                    in_chunk -= QUINN_CHUNK;
+                    r.chunks.push((0, idx, mono_ns()));
+                    idx += 1;
+                }
+            }
+            quinn_stats(&mut r, &conn);
+            conn.close(0u32.into(), b"done");
+            ep.wait_idle().await;
+            return Ok(());
+        }
         let mut f = tokio::fs::File::create(&dest_file).await?;
         let mut buf = vec![0u8; QUINN_CHUNK];
         let mut idx = 0u32;
