@@ -159,7 +159,8 @@ pub struct Destination {
     /// `root`, opened once (`O_PATH`): everything below is reached from it.
     root_fd: OnceLock<OwnedFd>,
     manifest: Arc<Manifest>,
-    open: HashMap<u32, (File, File)>,
+    /// Partial files open for writing, with their sidecars (none for single-chunk files).
+    open: HashMap<u32, (File, Option<File>)>,
     modes: ModePolicy,
     umask: u32,
     /// Directories (relative paths) this transfer created; only these take the sender's mode
@@ -333,20 +334,14 @@ impl Destination {
             let (part, state) = partial_names(name);
             let pf = open_private(&dir.fd, &part, true)
                 .map_err(|err| io_err("open", &dir.path.join(&part), &err))?;
-            let state_path = dir.path.join(&state);
-            let mut sf = open_private_append(&dir.fd, &state)
-                .map_err(|err| io_err("open", &state_path, &err))?;
-            let mut bytes = Vec::new();
-            let valid = (&sf).read_to_end(&mut bytes).is_ok()
-                && bytes.len() >= sidecar::HEADER_LEN
-                && sidecar::parse(&bytes, &e, self.manifest.chunk_size()).is_ok();
-            if !valid {
-                // A fresh start: an unusable sidecar describes nothing worth keeping.
-                sf.set_len(0)
-                    .map_err(|err| io_err("truncate", &state_path, &err))?;
-                sf.write_all(&sidecar::header(&e, self.manifest.chunk_size()))
-                    .map_err(|err| io_err("write", &state_path, &err))?;
-            }
+            // A file of one chunk has nothing to resume partway: it needs no sidecar (a
+            // partial file without one is fetched whole again). This spares small files two
+            // inode creations and deletions, the receiver's main cost for many small files.
+            let sf = if self.manifest.chunk_count(file) > 1 {
+                Some(self.open_sidecar(&dir, &state, &e)?)
+            } else {
+                None
+            };
             self.open.insert(file, (pf, sf));
         }
         match self.open.get(&file) {
@@ -355,6 +350,25 @@ impl Destination {
                 "entry {file}: partial file not open"
             ))),
         }
+    }
+
+    /// Opens (or starts afresh) the sidecar `state` of entry `e` in `dir`.
+    fn open_sidecar(&self, dir: &Dir, state: &str, e: &Entry) -> Result<File, DiskFailure> {
+        let state_path = dir.path.join(state);
+        let mut sf =
+            open_private_append(&dir.fd, state).map_err(|err| io_err("open", &state_path, &err))?;
+        let mut bytes = Vec::new();
+        let valid = (&sf).read_to_end(&mut bytes).is_ok()
+            && bytes.len() >= sidecar::HEADER_LEN
+            && sidecar::parse(&bytes, e, self.manifest.chunk_size()).is_ok();
+        if !valid {
+            // A fresh start: an unusable sidecar describes nothing worth keeping.
+            sf.set_len(0)
+                .map_err(|err| io_err("truncate", &state_path, &err))?;
+            sf.write_all(&sidecar::header(e, self.manifest.chunk_size()))
+                .map_err(|err| io_err("write", &state_path, &err))?;
+        }
+        Ok(sf)
     }
 
     /// Appends the sidecar record of chunk `index` of entry `file`. Call only after the
@@ -367,6 +381,10 @@ impl Destination {
         }
         let Some((_, sf)) = self.open.get_mut(&file) else {
             return Err(DiskFailure::Io(format!("{path}: partial file not open")));
+        };
+        let Some(sf) = sf else {
+            // A single-chunk file keeps no sidecar.
+            return Ok(());
         };
         sf.write_all(&sidecar::record(index, hash))
             .map_err(|err| DiskFailure::Io(format!("{path}: sidecar: {err}")))
@@ -690,8 +708,13 @@ fn place(dir: impl AsFd, from: &str, to: &str, replace: bool) -> io::Result<()> 
     if replace {
         return Ok(rustix::fs::renameat(dir, from, dir, to)?);
     }
-    // A hard link fails atomically if `to` exists; fall back to a checked rename where links are
-    // unsupported.
+    // One atomic step that fails if `to` exists; where the filesystem lacks RENAME_NOREPLACE,
+    // a hard link (which fails atomically too), and else a checked rename.
+    match rustix::fs::renameat_with(dir, from, dir, to, rustix::fs::RenameFlags::NOREPLACE) {
+        Ok(()) => return Ok(()),
+        Err(Errno::EXIST) => return Err(io::Error::from(io::ErrorKind::AlreadyExists)),
+        Err(_) => {}
+    }
     match rustix::fs::linkat(dir, from, dir, to, AtFlags::empty()) {
         Ok(()) => Ok(rustix::fs::unlinkat(dir, from, AtFlags::empty())?),
         Err(Errno::EXIST) => Err(io::Error::from(io::ErrorKind::AlreadyExists)),

@@ -267,9 +267,15 @@ fn hard_linked_partial_files_are_not_written_through() {
         let victim = tmp.path().join("victim");
         fs::write(&victim, "precious bytes").unwrap();
         fs::hard_link(&victim, out.join(planted)).unwrap();
+        // Only a file of more than one chunk keeps a sidecar.
+        let size = if planted.ends_with(".state") {
+            u64::from(CHUNK) + 3
+        } else {
+            3
+        };
         let res = receive(
             &out,
-            vec![entry("f", EntryKind::File, 3, 0o644)],
+            vec![entry("f", EntryKind::File, size, 0o644)],
             ModePolicy::Safe,
         );
         assert_eq!(
