@@ -326,6 +326,9 @@ pub enum ErrorCode {
     NotFound,
     /// The HTTP upgrade (or TLS handshake) was too slow.
     HandshakeTimeout,
+    /// The server cannot reach its shared session store (a fleet's Redis); nothing was
+    /// done. Try again shortly, or another server.
+    StoreUnavailable,
     /// A code this version does not know (sent by a newer peer).
     #[serde(other)]
     Unknown,
@@ -333,7 +336,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for metrics.
-    pub const ALL: [ErrorCode; 33] = [
+    pub const ALL: [ErrorCode; 34] = [
         Self::InvalidJson,
         Self::InvalidUtf8,
         Self::UnknownType,
@@ -366,6 +369,7 @@ impl ErrorCode {
         Self::BadRequest,
         Self::NotFound,
         Self::HandshakeTimeout,
+        Self::StoreUnavailable,
         Self::Unknown,
     ];
 
@@ -404,6 +408,7 @@ impl ErrorCode {
             Self::BadRequest => "bad_request",
             Self::NotFound => "not_found",
             Self::HandshakeTimeout => "handshake_timeout",
+            Self::StoreUnavailable => "store_unavailable",
             Self::Unknown => "unknown",
         }
     }
