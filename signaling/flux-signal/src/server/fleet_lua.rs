@@ -213,6 +213,8 @@ return 'ok'
 const LEAVE: &str = r#"
 local rid, me, peer = ARGV[2], ARGV[3], ARGV[4]
 local sk = P .. 's:' .. rid
+-- Even if the session is already gone (expired by its TTL), stop tracking this member.
+untrack(me, rid, peer)
 if peer == '0' then
   if redis.call('HGET', sk, 'h') == me then close_session(rid, 'host_left', true) end
 elseif redis.call('HGET', sk, 'm:' .. peer) == me then
