@@ -68,5 +68,9 @@ fn a_file_crosses_instances_byte_identical_pinned_and_through_haproxy() {
     let Some(lb) = Haproxy::start(&[a.addr, b.addr]) else {
         return;
     };
-    assert_eq!(transfer(&lb.url(), &lb.url(), &data), data, "through haproxy");
+    assert_eq!(
+        transfer(&lb.url(), &lb.url(), &data),
+        data,
+        "through haproxy"
+    );
 }

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{ArgAction, Parser, ValueEnum};
-use flux_signal::server::{Cidr, Server, ServerConfig, ServerError, load_tls};
+use flux_signal::server::{Cidr, RedisUrl, Server, ServerConfig, ServerError, load_tls};
 use tracing::{info, warn};
 
 /// Thruflux signaling server: pairs hosts with joiners and relays their ICE candidates and
@@ -270,7 +270,7 @@ fn config_from(args: &Args) -> ServerConfig {
     c.trusted_proxies = args.trusted_proxy.clone();
     c.shutdown_grace = args.shutdown_grace;
     c.server_name = format!("thruserv/{}", env!("CARGO_PKG_VERSION"));
-    c.redis_url = args.redis.clone();
+    c.redis_url = args.redis.clone().map(RedisUrl);
     if args.allow_loopback_candidates {
         warn!("--allow-loopback-candidates is on: for tests and local development only");
     }
@@ -372,6 +372,22 @@ mod tests {
             config_from(&a).pre_pairing_bytes_per_ip,
             ServerConfig::default().pre_pairing_bytes_per_ip
         );
+    }
+
+    #[test]
+    fn redis_url_reaches_the_config_without_showing_its_password() {
+        let a = Args::try_parse_from(["thruserv"]).unwrap();
+        assert_eq!(config_from(&a).redis_url, None);
+        let a = Args::try_parse_from(["thruserv", "--redis", "redis://:hunter2@10.0.0.5:6379/0"])
+            .unwrap();
+        let c = config_from(&a);
+        assert_eq!(
+            c.redis_url,
+            Some(RedisUrl("redis://:hunter2@10.0.0.5:6379/0".into()))
+        );
+        let shown = format!("{c:?}");
+        assert!(shown.contains("redis://***@10.0.0.5:6379/0"), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
     }
 
     #[test]

@@ -561,7 +561,7 @@ fn reason_str(reason: PeerLeftReason) -> &'static str {
 }
 
 /// `url` without its user name and password, for messages and logs.
-fn redact(url: &str) -> String {
+pub(crate) fn redact(url: &str) -> String {
     match url.split_once("://") {
         Some((scheme, rest)) => match rest.rsplit_once('@') {
             Some((_, host)) => format!("{scheme}://***@{host}"),

@@ -103,7 +103,24 @@ pub struct ServerConfig {
     pub server_name: String,
     /// `redis://` or `rediss://` URL of the store shared by a fleet of instances; `None`
     /// (the default) keeps sessions in this process.
-    pub redis_url: Option<String>,
+    pub redis_url: Option<RedisUrl>,
+}
+
+/// A Redis URL. Its `Debug` and `Display` leave out the user name and password, so a logged
+/// configuration does not leak them.
+#[derive(Clone, Eq, PartialEq)]
+pub struct RedisUrl(pub String);
+
+impl std::fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RedisUrl({})", fleet::redact(&self.0))
+    }
+}
+
+impl std::fmt::Display for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&fleet::redact(&self.0))
+    }
 }
 
 impl ServerConfig {
@@ -211,7 +228,7 @@ impl Server {
             ));
         }
         let store = match &config.redis_url {
-            Some(url) => Store::Fleet(fleet::Fleet::connect(url, &config).await?),
+            Some(url) => Store::Fleet(fleet::Fleet::connect(&url.0, &config).await?),
             None => Store::Memory,
         };
         let listener = TcpListener::bind(addr)
