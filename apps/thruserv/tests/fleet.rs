@@ -302,6 +302,9 @@ async fn redis_lost_refuses_new_sessions_cleanly_and_recovers() {
     redis.restart();
     wait_health(&servers[0], 200).await;
     wait_health(&servers[1], 200).await;
+    // Redis came back empty: the members of the lost session are told, not left waiting.
+    expect_session_closed(&mut host, ErrorCode::StoreUnavailable).await;
+    expect_session_closed(&mut joiner, ErrorCode::StoreUnavailable).await;
     for server in &mut servers {
         assert!(server.is_running(), "an instance exited");
     }

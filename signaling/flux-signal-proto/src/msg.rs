@@ -326,8 +326,9 @@ pub enum ErrorCode {
     NotFound,
     /// The HTTP upgrade (or TLS handshake) was too slow.
     HandshakeTimeout,
-    /// The server cannot reach its shared session store (a fleet's Redis); nothing was
-    /// done. Try again shortly, or another server.
+    /// The server cannot reach its shared session store (a fleet's Redis): the request was
+    /// not done, or (as a `session_closed` reason) the store lost the session. Try again
+    /// shortly, or another server.
     StoreUnavailable,
     /// A code this version does not know (sent by a newer peer).
     #[serde(other)]
@@ -430,6 +431,8 @@ impl ErrorCode {
             Self::MessageTooLarge => 1009,
             Self::ProtocolError => 1002,
             Self::ServerShutdown => 1001,
+            // The session store lost the session: the server's failure, not the client's.
+            Self::StoreUnavailable => 1011,
             Self::HostLeft
             | Self::SessionExpired
             | Self::TooManyFailedJoins

@@ -391,9 +391,10 @@ impl Fleet {
         let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut log = LogLimiter::new(Duration::from_secs(30));
+        let mut first = true;
         loop {
             tick.tick().await;
-            let beat: Result<(i64, i64), _> = self
+            let beat: Result<(i64, i64, i64), _> = self
                 .scripts
                 .heartbeat
                 .arg(PREFIX)
@@ -402,9 +403,13 @@ impl Fleet {
                 .invoke_async(&mut self.conn.clone())
                 .await;
             match beat {
-                Ok((reaped, sessions)) => {
+                Ok((reaped, sessions, new)) => {
                     if !self.heartbeat_ok.swap(true, Ordering::Relaxed) {
                         info!("redis reachable");
+                    }
+                    let was_first = std::mem::replace(&mut first, false);
+                    if new == 1 && !was_first {
+                        self.forgotten();
                     }
                     if reaped > 0 {
                         info!(reaped, "removed silent instances from their sessions");
@@ -419,6 +424,20 @@ impl Fleet {
                     }
                 }
             }
+        }
+    }
+
+    /// Redis no longer knows this instance: it restarted empty, or the other instances took
+    /// this one for dead during an outage and removed it from its sessions. Either way the
+    /// sessions of our connections are gone; tell them rather than leave them waiting.
+    fn forgotten(&self) {
+        let conns: Vec<PeerHandle> = lock(&self.conns).drain().map(|(_, h)| h).collect();
+        warn!(
+            connections = conns.len(),
+            "redis lost this instance's sessions; closing them"
+        );
+        for handle in conns {
+            handle.close(ErrorCode::StoreUnavailable);
         }
     }
 

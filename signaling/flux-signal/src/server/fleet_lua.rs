@@ -231,15 +231,17 @@ return 'ok'
 
 /// ARGV: prefix, instance, stale ms (0: retire this instance now). Records this instance's
 /// heartbeat, then removes every instance whose heartbeat is older than `stale` from all
-/// its sessions, as if each of its members had disconnected. Returns {reaped, sessions}.
+/// its sessions, as if each of its members had disconnected. Returns {reaped, sessions,
+/// new}: `new` is 1 when this instance was not registered (first beat, or Redis forgot it).
 const HEARTBEAT: &str = r#"
 local me, stale = ARGV[2], tonumber(ARGV[3])
 local now = now_ms()
 local dead
+local new = 0
 if stale == 0 then
   dead = {me}
 else
-  redis.call('ZADD', P .. 'inst', now, me)
+  new = redis.call('ZADD', P .. 'inst', now, me)
   dead = redis.call('ZRANGEBYSCORE', P .. 'inst', '-inf', now - stale)
 end
 for _, d in ipairs(dead) do
@@ -259,7 +261,7 @@ for _, d in ipairs(dead) do
   redis.call('ZREM', P .. 'inst', d)
 end
 redis.call('ZREMRANGEBYSCORE', P .. 'all', '-inf', now)
-return {#dead, redis.call('ZCARD', P .. 'all')}
+return {#dead, redis.call('ZCARD', P .. 'all'), new}
 "#;
 
 /// The scripts, compiled once (their SHA1 is computed here; Redis caches them on first use
