@@ -436,3 +436,74 @@ async fn hostile_values_in_redis_are_refused_without_a_crash() {
         ServerMsg::PeerJoined { peer: j.peer }
     );
 }
+
+#[tokio::test]
+async fn the_pre_pairing_byte_budget_of_an_ip_is_shared_across_instances() {
+    let Some(redis) = Redis::start() else { return };
+    let servers = fleet(&redis, 2, &["--pre-pairing-bytes-per-ip", "4000"]);
+    let payload = json!({"t": "hello", "pake": "p".repeat(400)});
+    let len = ServerMsg::Relay {
+        from: PeerId(1),
+        payload: payload.clone(),
+    }
+    .encode()
+    .len();
+
+    // Two sessions, hosted on different instances; both joiners come from one address, one
+    // through each instance.
+    let mut joiners = Vec::new();
+    let mut hosts = Vec::new();
+    for (h, j) in [(0, 1), (1, 0)] {
+        let mut host = servers[h].client_from(&format!("127.0.0.{}", 50 + h)).await;
+        let s = host.create_session().await.unwrap();
+        let mut joiner = servers[j].client_from("127.0.0.60").await;
+        let joined = joiner.join_session(s.session).await.unwrap();
+        assert_eq!(
+            recv(&mut host).await,
+            ServerMsg::PeerJoined { peer: joined.peer }
+        );
+        assert_eq!(joined.peer, PeerId(1));
+        hosts.push(host);
+        joiners.push(joiner);
+    }
+    for _ in 0..6 {
+        for joiner in &mut joiners {
+            joiner.relay(PeerId::HOST, payload.clone()).await.unwrap();
+        }
+    }
+    // A marker each joiner's refusals end with: joiners may not address joiners.
+    let mut accepted = Vec::new();
+    for joiner in &mut joiners {
+        joiner
+            .relay(PeerId(7), json!({"t": "hello"}))
+            .await
+            .unwrap();
+        let mut refused = 0;
+        loop {
+            match recv(joiner).await {
+                ServerMsg::Error {
+                    code: ErrorCode::PairingRateLimited,
+                    ..
+                } => refused += 1,
+                ServerMsg::Error {
+                    code: ErrorCode::NotAllowed,
+                    ..
+                } => break,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        accepted.push(6 - refused);
+    }
+    let relayed: usize = accepted.iter().sum();
+    assert_eq!(
+        relayed,
+        4000 / len,
+        "one budget of 4000 bytes, {len} per message"
+    );
+    // Each host got exactly what its joiner was not refused.
+    for (host, n) in hosts.iter_mut().zip(accepted) {
+        for _ in 0..n {
+            assert!(matches!(recv(host).await, ServerMsg::Relay { .. }));
+        }
+    }
+}

@@ -78,6 +78,9 @@ pub(crate) struct Fleet {
     /// Live sessions in the whole fleet, as of the last heartbeat.
     sessions: AtomicUsize,
     max_text: usize,
+    /// The subscription made at start, before the server listens, handed to the
+    /// subscriber task: nothing published for our connections is missed in between.
+    first_pubsub: Mutex<Option<redis::aio::PubSub>>,
 }
 
 impl Fleet {
@@ -117,7 +120,7 @@ impl Fleet {
         getrandom::fill(&mut id).map_err(|_| ServerError::Config("no OS randomness"))?;
         let instance = id.iter().map(|b| format!("{b:02x}")).collect::<String>();
         info!(redis = %shown, %instance, "session store: redis");
-        Ok(Arc::new(Self {
+        let fleet = Arc::new(Self {
             client,
             conn,
             scripts: Scripts::new(),
@@ -127,7 +130,46 @@ impl Fleet {
             subscribed: AtomicBool::new(false),
             sessions: AtomicUsize::new(0),
             max_text: config.max_message_bytes.saturating_mul(2).max(4096),
-        }))
+            first_pubsub: Mutex::new(None),
+        });
+        // Subscribed and registered before the server listens, so that a heartbeat later
+        // finding this instance unregistered means Redis forgot it.
+        let pubsub = tokio::time::timeout(CONNECT_TIMEOUT, fleet.subscribe())
+            .await
+            .map_err(|_| fail(timeout_error()))?
+            .map_err(fail)?;
+        *lock(&fleet.first_pubsub) = Some(pubsub);
+        fleet.subscribed.store(true, Ordering::Relaxed);
+        fleet.beat().await.map_err(|e| match e {
+            StoreError::Redis(source) => fail(source),
+            StoreError::Bad(_) => ServerError::Config("--redis: unexpected heartbeat answer"),
+        })?;
+        fleet.heartbeat_ok.store(true, Ordering::Relaxed);
+        Ok(fleet)
+    }
+
+    fn channel(&self) -> String {
+        format!("{PREFIX}c:{}", self.instance)
+    }
+
+    async fn subscribe(&self) -> Result<redis::aio::PubSub, redis::RedisError> {
+        let mut p = self.client.get_async_pubsub().await?;
+        p.subscribe(self.channel()).await?;
+        Ok(p)
+    }
+
+    /// One heartbeat: returns (instances reaped, live sessions, whether this instance was
+    /// unregistered).
+    async fn beat(&self) -> Result<(i64, i64, bool), StoreError> {
+        let (reaped, sessions, new): (i64, i64, i64) = self
+            .scripts
+            .heartbeat
+            .arg(PREFIX)
+            .arg(&self.instance)
+            .arg(STALE.as_millis() as u64)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok((reaped, sessions, new == 1))
     }
 
     /// Whether this instance can serve new sessions (Redis answers and our channel is
@@ -391,24 +433,15 @@ impl Fleet {
         let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut log = LogLimiter::new(Duration::from_secs(30));
-        let mut first = true;
         loop {
             tick.tick().await;
-            let beat: Result<(i64, i64, i64), _> = self
-                .scripts
-                .heartbeat
-                .arg(PREFIX)
-                .arg(&self.instance)
-                .arg(STALE.as_millis() as u64)
-                .invoke_async(&mut self.conn.clone())
-                .await;
+            let beat = self.beat().await;
             match beat {
                 Ok((reaped, sessions, new)) => {
                     if !self.heartbeat_ok.swap(true, Ordering::Relaxed) {
                         info!("redis reachable");
                     }
-                    let was_first = std::mem::replace(&mut first, false);
-                    if new == 1 && !was_first {
+                    if new {
                         self.forgotten();
                     }
                     if reaped > 0 {
@@ -442,19 +475,17 @@ impl Fleet {
     }
 
     async fn subscribe_loop(self: Arc<Self>) {
-        let channel = format!("{PREFIX}c:{}", self.instance);
         let mut log = LogLimiter::new(Duration::from_secs(30));
         loop {
-            let pubsub = tokio::time::timeout(CONNECT_TIMEOUT, async {
-                let mut p = self.client.get_async_pubsub().await?;
-                p.subscribe(&channel).await?;
-                Ok::<_, redis::RedisError>(p)
-            })
-            .await;
+            let first = lock(&self.first_pubsub).take();
+            let pubsub = match first {
+                Some(p) => Ok(Ok(p)),
+                None => tokio::time::timeout(CONNECT_TIMEOUT, self.subscribe()).await,
+            };
             match pubsub {
                 Ok(Ok(pubsub)) => {
                     self.subscribed.store(true, Ordering::Relaxed);
-                    debug!(%channel, "subscribed");
+                    debug!(channel = %self.channel(), "subscribed");
                     let mut messages = pubsub.into_on_message();
                     while let Some(msg) = messages.next().await {
                         self.deliver(msg.get_payload_bytes());
