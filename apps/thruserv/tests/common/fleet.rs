@@ -235,6 +235,20 @@ impl Drop for TempDir {
     }
 }
 
+/// The value of a metric series on `addr`'s `/metrics` (plain blocking HTTP).
+pub fn metric(addr: SocketAddr, series: &str) -> u64 {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(START_PATIENCE)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("metric {series} missing"))
+}
+
 /// Sends `signal` (`TERM`, `KILL`) to `pid`.
 pub fn signal(pid: u32, signal: &str) {
     let status = Command::new("kill")
