@@ -507,3 +507,21 @@ async fn the_pre_pairing_byte_budget_of_an_ip_is_shared_across_instances() {
         }
     }
 }
+
+#[tokio::test]
+async fn the_session_lifetime_ends_members_on_every_instance() {
+    let Some(redis) = Redis::start() else { return };
+    let servers = fleet(&redis, 2, &["--session-lifetime", "1s"]);
+    let mut host = servers[0].client().await;
+    let s = host.create_session().await.unwrap();
+    let key = format!("thruserv:s:{}", s.session);
+    // Redis holds the session no longer than its lifetime (plus a little slack).
+    let ttl: i64 = redis.cmd(&["PTTL", &key])[1..].parse().unwrap();
+    assert!(ttl > 0 && ttl <= 6000, "PTTL {ttl}");
+    let mut joiner = servers[1].client().await;
+    let j = joiner.join_session(s.session).await.unwrap();
+    assert_eq!(recv(&mut host).await, ServerMsg::PeerJoined { peer: j.peer });
+    expect_session_closed(&mut host, ErrorCode::SessionExpired).await;
+    expect_session_closed(&mut joiner, ErrorCode::SessionExpired).await;
+    assert_eq!(redis.cmd(&["EXISTS", &key]), ":0");
+}

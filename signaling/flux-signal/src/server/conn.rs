@@ -170,7 +170,10 @@ where
                     if let Some(m) = self.member.as_mut() {
                         m.expires_at = None;
                         // Queues `Closed(SessionExpired)` to every member, us included.
-                        self.shared.end_session(m.session, ErrorCode::SessionExpired).await;
+                        if !self.shared.end_session(m.session, ErrorCode::SessionExpired).await {
+                            self.member = None;
+                            return End::SessionClosed(ErrorCode::SessionExpired);
+                        }
                     }
                 }
             }

@@ -203,15 +203,22 @@ impl Shared {
         }
     }
 
-    /// Ends session `id` for every member with `reason`.
-    pub(crate) async fn end_session(&self, id: RoutingId, reason: ErrorCode) {
+    /// Ends session `id` for every member with `reason`. `false` when the fleet store could
+    /// not be told: the members elsewhere then learn from the session's TTL running out,
+    /// and the caller must close its own connection itself.
+    pub(crate) async fn end_session(&self, id: RoutingId, reason: ErrorCode) -> bool {
         match &self.store {
-            Store::Memory => self.close_session(id, reason),
-            Store::Fleet(fleet) => {
-                if let Err(error) = fleet.close(id, reason).await {
-                    debug!(%error, "session end not recorded in redis");
-                }
+            Store::Memory => {
+                self.close_session(id, reason);
+                true
             }
+            Store::Fleet(fleet) => match fleet.close(id, reason).await {
+                Ok(()) => true,
+                Err(error) => {
+                    debug!(%error, "session end not recorded in redis");
+                    false
+                }
+            },
         }
     }
 
