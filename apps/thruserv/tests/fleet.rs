@@ -356,6 +356,8 @@ async fn sigterm_tells_members_and_their_peers_on_other_instances() {
     expect_session_closed(&mut joiner, ErrorCode::HostLeft).await;
     let status = servers[0].wait_exit(PATIENCE).expect("exits after SIGTERM");
     assert!(status.success());
+    // It retired from Redis on the way out: one instance left registered.
+    assert_eq!(redis.list(&["ZRANGE", "thruserv:inst", "0", "-1"]).len(), 1);
     servers[1].assert_pairs("127.0.0.1", "127.0.0.1").await;
 }
 
@@ -520,7 +522,10 @@ async fn the_session_lifetime_ends_members_on_every_instance() {
     assert!(ttl > 0 && ttl <= 6000, "PTTL {ttl}");
     let mut joiner = servers[1].client().await;
     let j = joiner.join_session(s.session).await.unwrap();
-    assert_eq!(recv(&mut host).await, ServerMsg::PeerJoined { peer: j.peer });
+    assert_eq!(
+        recv(&mut host).await,
+        ServerMsg::PeerJoined { peer: j.peer }
+    );
     expect_session_closed(&mut host, ErrorCode::SessionExpired).await;
     expect_session_closed(&mut joiner, ErrorCode::SessionExpired).await;
     assert_eq!(redis.cmd(&["EXISTS", &key]), ":0");

@@ -298,13 +298,14 @@ impl Server {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         housekeeping.abort();
+        // Heartbeats stop first, so none re-registers this instance after it retires.
+        for task in fleet_tasks {
+            task.abort();
+        }
         if let Store::Fleet(fleet) = &shared.store {
             // Whatever did not leave by itself in the grace period is removed now, so its
             // peers on other instances hear at once rather than after the heartbeat lapses.
             fleet.retire().await;
-        }
-        for task in fleet_tasks {
-            task.abort();
         }
         info!(left_open = shared.open_connections(), "shutdown complete");
     }
