@@ -201,7 +201,7 @@ impl Fleet {
             .invoke_async(&mut self.conn.clone())
             .await;
         if let Err(error) = result {
-            warn!(%error, "could not remove this instance from redis; its sessions expire by themselves");
+            warn!(%error, "could not remove this instance from redis; the other instances remove it within seconds");
         }
     }
 
