@@ -259,6 +259,8 @@ struct RunResult {
     join_max_rss_mib: Option<f64>,
     connect_ms: Option<f64>,
     first_chunk_ms: Option<f64>,
+    /// From the joiner's accept to its first chunk verified and written.
+    first_byte_after_accept_ms: Option<f64>,
     chunk_latency_ms: Option<Percentiles>,
     mtu: Option<u16>,
     gso_gro: Option<bool>,
@@ -278,6 +280,7 @@ impl RunResult {
             join_max_rss_mib: None,
             connect_ms: None,
             first_chunk_ms: None,
+            first_byte_after_accept_ms: None,
             chunk_latency_ms: None,
             mtu: None,
             gso_gro: None,
@@ -602,6 +605,7 @@ fn combine(h: &SideReport, j: &SideReport) -> Result<RunResult> {
         join_max_rss_mib: Some(j.max_rss_kib as f64 / 1024.0),
         connect_ms: j.connect_s.map(|s| s * 1e3),
         first_chunk_ms: j.first_chunk_s.map(|s| s * 1e3),
+        first_byte_after_accept_ms: j.first_chunk_s.zip(j.accept_s).map(|(f, a)| (f - a) * 1e3),
         chunk_latency_ms: (!hist.is_empty()).then(|| Percentiles {
             p50: pct(0.5),
             p90: pct(0.9),
@@ -794,7 +798,7 @@ fn print_table(m: &Matrix) {
         m.kernel
     );
     println!(
-        "{:<36} {:>9} {:>13} {:>9} {:>9} {:>8} {:>8} {:>18} {:>5} {:>8} {:>9} {:>6}",
+        "{:<36} {:>9} {:>13} {:>9} {:>9} {:>8} {:>8} {:>18} {:>5} {:>8} {:>9} {:>6} {:>9}",
         "row",
         "Gbit/s",
         "runs",
@@ -806,7 +810,8 @@ fn print_table(m: &Matrix) {
         "MTU",
         "GSO/GRO",
         "O_DIRECT",
-        "loss%"
+        "loss%",
+        "TTFB ms"
     );
     for r in &m.rows {
         if let Some(s) = &r.skipped
@@ -825,7 +830,7 @@ fn print_table(m: &Matrix) {
         let f = |v: Option<f64>, p: usize| v.map_or("-".into(), |x| format!("{x:.p$}"));
         let Some(x) = mid else { continue };
         println!(
-            "{:<36} {:>9} {:>13} {:>9} {:>9} {:>8} {:>8} {:>18} {:>5} {:>8} {:>9} {:>6}",
+            "{:<36} {:>9} {:>13} {:>9} {:>9} {:>8} {:>8} {:>18} {:>5} {:>8} {:>9} {:>6} {:>9}",
             r.label,
             f(r.median_gbit_s, 2),
             runs.join("/"),
@@ -843,6 +848,8 @@ fn print_table(m: &Matrix) {
             x.o_direct
                 .map_or("-".into(), |(h, j)| format!("{}/{}", yn(h), yn(j))),
             f(x.loss_pct, 2),
+            // After accept where the side reports it (the engine), else from the start.
+            f(x.first_byte_after_accept_ms.or(x.first_chunk_ms), 1),
         );
     }
     for (name, v) in &m.ratios {

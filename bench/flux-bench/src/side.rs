@@ -34,6 +34,10 @@ pub struct SideReport {
     pub connect_s: Option<f64>,
     /// Seconds to the first chunk verified and written (joiner).
     pub first_chunk_s: Option<f64>,
+    /// Seconds to the offer being accepted (joiner; the engine accepts when the manifest is
+    /// complete): first byte after accept is `first_chunk_s - accept_s`.
+    #[serde(default)]
+    pub accept_s: Option<f64>,
     /// `(file, chunk, CLOCK_MONOTONIC ns)` when the host sent / the joiner wrote each chunk.
     pub chunks: Vec<(u32, u32, u64)>,
     /// Path MTU (UDP payload) at the end.
@@ -123,6 +127,9 @@ fn net_config(o: &EngineOpts) -> NetConfig {
     if let Some(v) = env("FLUX_BENCH_LANES") {
         cfg.sender.parallel_files = v as u16;
     }
+    if let Some(v) = env("FLUX_BENCH_DIRECT_IO") {
+        cfg.direct_io = v != 0;
+    }
     if let Some(v) = env("FLUX_BENCH_READ_AHEAD") {
         cfg.sender.read_ahead = v as u32;
     }
@@ -199,6 +206,13 @@ pub fn engine_join(
         match ev {
             NetEvent::Connected { at, .. } => {
                 r.connect_s = Some(at.duration_since(start).as_secs_f64());
+            }
+            NetEvent::Transfer {
+                event: Event::ManifestReady,
+                at,
+                ..
+            } => {
+                r.accept_s = Some(at.duration_since(start).as_secs_f64());
             }
             NetEvent::Transfer {
                 event: Event::ChunkVerified { file, index, len },
