@@ -261,6 +261,8 @@ struct RunResult {
     first_chunk_ms: Option<f64>,
     /// From the joiner's accept to its first chunk verified and written.
     first_byte_after_accept_ms: Option<f64>,
+    /// Joiner syncing to stable storage (with FLUX_BENCH_DURABLE=1), part of the wall time.
+    durable_sync_ms: Option<f64>,
     chunk_latency_ms: Option<Percentiles>,
     mtu: Option<u16>,
     gso_gro: Option<bool>,
@@ -281,6 +283,7 @@ impl RunResult {
             connect_ms: None,
             first_chunk_ms: None,
             first_byte_after_accept_ms: None,
+            durable_sync_ms: None,
             chunk_latency_ms: None,
             mtu: None,
             gso_gro: None,
@@ -606,6 +609,7 @@ fn combine(h: &SideReport, j: &SideReport) -> Result<RunResult> {
         connect_ms: j.connect_s.map(|s| s * 1e3),
         first_chunk_ms: j.first_chunk_s.map(|s| s * 1e3),
         first_byte_after_accept_ms: j.first_chunk_s.zip(j.accept_s).map(|(f, a)| (f - a) * 1e3),
+        durable_sync_ms: j.sync_s.map(|s| s * 1e3),
         chunk_latency_ms: (!hist.is_empty()).then(|| Percentiles {
             p50: pct(0.5),
             p90: pct(0.9),

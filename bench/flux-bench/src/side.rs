@@ -38,6 +38,9 @@ pub struct SideReport {
     /// complete): first byte after accept is `first_chunk_s - accept_s`.
     #[serde(default)]
     pub accept_s: Option<f64>,
+    /// Joiner with `FLUX_BENCH_DURABLE=1`: seconds spent syncing (inside `wall_s`).
+    #[serde(default)]
+    pub sync_s: Option<f64>,
     /// `(file, chunk, CLOCK_MONOTONIC ns)` when the host sent / the joiner wrote each chunk.
     pub chunks: Vec<(u32, u32, u64)>,
     /// Path MTU (UDP payload) at the end.
@@ -126,6 +129,9 @@ fn net_config(o: &EngineOpts) -> NetConfig {
     }
     if let Some(v) = env("FLUX_BENCH_LANES") {
         cfg.sender.parallel_files = v as u16;
+    }
+    if let Some(v) = env("FLUX_BENCH_DURABLE") {
+        cfg.durable = v != 0;
     }
     if let Some(v) = env("FLUX_BENCH_DIRECT_IO") {
         cfg.direct_io = v != 0;
@@ -246,6 +252,7 @@ fn fill(r: &mut SideReport, rep: &net::NetReport) {
         r.packets_lost = c.packets_lost;
     }
     r.error = rep.error.clone();
+    r.sync_s = rep.sync_time.map(|d| d.as_secs_f64());
 }
 
 /// Hex of a fingerprint.

@@ -112,6 +112,9 @@ pub struct NetConfig {
     pub auto_accept: bool,
     /// Receiver: how the sender's modes apply to received entries.
     pub modes: ModePolicy,
+    /// Receiver: sync files and directories before the transfer counts as done
+    /// ([`Destination::set_durable`]); [`NetReport::sync_time`] says how long it took.
+    pub durable: bool,
     /// Host: most receivers connected at once; more are refused.
     pub max_receivers: usize,
     /// Host: stop after this many transfers ended (`None`: serve until cancelled).
@@ -135,6 +138,7 @@ impl Default for NetConfig {
             receiver: ReceiverConfig::default(),
             auto_accept: true,
             modes: ModePolicy::Safe,
+            durable: false,
             max_receivers: 10,
             serve: Some(1),
             connect_timeout: Duration::from_secs(10),
@@ -285,6 +289,8 @@ pub struct NetReport {
     pub conns: Vec<ConnReport>,
     /// Datagrams that were neither QUIC nor ICE/STUN/TURN (dropped).
     pub foreign_datagrams: u64,
+    /// Receiver with [`NetConfig::durable`]: time spent syncing to stable storage.
+    pub sync_time: Option<Duration>,
 }
 
 /// The channels a worker talks through.
@@ -382,7 +388,7 @@ enum Role {
     },
     Join {
         dest_root: PathBuf,
-        dest: Option<Destination>,
+        dest: Option<Box<Destination>>,
         offered: bool,
     },
 }
@@ -590,6 +596,11 @@ impl Worker {
         let now = Instant::now();
         let _ = self.transmit(now);
         self.report.disk = self.exec.stats();
+        if let Role::Join { dest: Some(d), .. } = &self.role
+            && self.cfg.durable
+        {
+            self.report.sync_time = Some(d.sync_time());
+        }
         let links = &self.links;
         self.report.conns = self
             .conns
@@ -1029,7 +1040,7 @@ impl Worker {
                 let mut progressed = false;
                 progressed |= self.step(i, now);
                 let dst = match &mut self.role {
-                    Role::Join { dest, .. } => dest.as_mut(),
+                    Role::Join { dest, .. } => dest.as_deref_mut(),
                     Role::Host { .. } => None,
                 };
                 self.exec.reap(dst);
@@ -1133,9 +1144,10 @@ impl Worker {
             let Some(m) = s.machine.manifest().cloned() else {
                 return;
             };
-            let d = Destination::with_modes(dest_root.clone(), m.clone(), self.cfg.modes);
+            let mut d = Destination::with_modes(dest_root.clone(), m.clone(), self.cfg.modes);
+            d.set_durable(self.cfg.durable);
             let scanned = d.scan();
-            *dest = Some(d);
+            *dest = Some(Box::new(d));
             match scanned {
                 Ok(local) => {
                     if self.cfg.auto_accept {
