@@ -12,6 +12,7 @@
 //!
 //! What it does not do: assert anything. It measures; targets live in `bench/README.md`.
 
+mod disk;
 mod natlab;
 mod side;
 
@@ -319,6 +320,8 @@ struct Matrix {
     cipher: &'static str,
     cores: usize,
     kernel: String,
+    /// What the filesystem under `--dir` does alone.
+    disk: Option<disk::DiskFigures>,
     rows: Vec<RowResult>,
     ratios: Vec<(String, f64)>,
 }
@@ -336,6 +339,17 @@ fn run_matrix(a: &RunArgs) -> Result<()> {
     let src = a.dir.join(format!("source-{}.bin", a.size));
     ensure_source(&src, a.size)?;
     let want = file_hash(&src)?;
+    // The disk alone, before the rows (256 MiB, or the transfer size if smaller).
+    let disk = match disk::probe(
+        &a.dir,
+        a.size.clamp(4 << 20, 256 << 20) / (4 << 20) * (4 << 20),
+    ) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("disk probe failed: {e:#}");
+            None
+        }
+    };
     let _lab;
     let place = if a.veth {
         _lab = Some(Veth::up()?);
@@ -445,6 +459,7 @@ fn run_matrix(a: &RunArgs) -> Result<()> {
             .unwrap_or_default()
             .trim()
             .to_owned(),
+        disk,
         rows,
         ratios,
     };
@@ -858,6 +873,18 @@ fn print_table(m: &Matrix) {
     }
     for (name, v) in &m.ratios {
         println!("ratio {name}: {v:.2}x");
+    }
+    if let Some(d) = &m.disk {
+        let g = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:.2}"));
+        println!(
+            "disk alone ({} MiB, 4 MiB requests, GB/s): O_DIRECT write+fsync {}, buffered write \
+             {} (+fsync {}), O_DIRECT read {}",
+            d.bytes >> 20,
+            g(d.direct_write_gb_s),
+            g(d.buffered_write_nosync_gb_s),
+            g(d.buffered_write_gb_s),
+            g(d.direct_read_gb_s)
+        );
     }
 }
 
