@@ -130,6 +130,9 @@ fn net_config(o: &EngineOpts) -> NetConfig {
     if let Some(v) = env("FLUX_BENCH_LANES") {
         cfg.sender.parallel_files = v as u16;
     }
+    if let Some(v) = env("FLUX_BENCH_WORK_THREADS") {
+        cfg.work_threads = v as usize;
+    }
     if let Some(v) = env("FLUX_BENCH_DURABLE") {
         cfg.durable = v != 0;
     }

@@ -120,6 +120,51 @@ impl AlignedBuf {
     }
 }
 
+/// A heap [`AlignedBuf`] that may move to another thread (for CPU work done off the loop
+/// thread, such as gathering and hashing a chunk), and back with [`SendBuf::into_inner`].
+pub struct SendBuf(AlignedBuf);
+
+// SAFETY: only heap buffers become a `SendBuf` (`AlignedBuf::into_send` refuses pool buffers,
+// whose `Rc` ties them to their thread): a heap buffer solely owns its allocation, and the
+// allocator is thread-safe.
+unsafe impl Send for SendBuf {}
+
+impl SendBuf {
+    /// The buffer again.
+    pub fn into_inner(self) -> AlignedBuf {
+        self.0
+    }
+}
+
+impl Deref for SendBuf {
+    type Target = AlignedBuf;
+    fn deref(&self) -> &AlignedBuf {
+        &self.0
+    }
+}
+
+impl DerefMut for SendBuf {
+    fn deref_mut(&mut self) -> &mut AlignedBuf {
+        &mut self.0
+    }
+}
+
+impl std::fmt::Debug for SendBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl AlignedBuf {
+    /// A heap buffer as a [`SendBuf`]; a pool buffer comes back as `Err`.
+    pub fn into_send(self) -> Result<SendBuf, AlignedBuf> {
+        match self.owner {
+            Owner::Alloc(_) => Ok(SendBuf(self)),
+            Owner::Pool { .. } => Err(self),
+        }
+    }
+}
+
 /// Heap blocks of frozen [`AlignedBuf`]s, back from [`Bytes`] that were dropped, for reuse: a
 /// sender's chunk buffers go to QUIC as `Bytes` and return here once acknowledged, so the
 /// steady state allocates (and page-faults) nothing.
@@ -461,6 +506,21 @@ mod recycle_tests {
         drop(a);
         drop(b);
         assert_eq!(home.available(), 1);
+    }
+
+    #[test]
+    fn a_heap_buffer_crosses_threads_and_comes_back() {
+        let mut b = AlignedBuf::new(4096, 4096).unwrap().into_send().unwrap();
+        let back = std::thread::spawn(move || {
+            b.extend_from_slice(b"from a worker");
+            b
+        })
+        .join()
+        .unwrap()
+        .into_inner();
+        assert_eq!(&back[..], b"from a worker");
+        let pool = BufPool::new(1, 4096, 4096).unwrap();
+        assert!(pool.get().unwrap().into_send().is_err());
     }
 
     #[test]

@@ -25,6 +25,7 @@ use flux_transfer::digest::chunk_hash;
 use flux_transfer::{ChunkData, DiskFailure, DiskOp, DiskResult, OpId};
 
 use crate::disk::{Destination, SourceFiles};
+use crate::work::{Job, JobDone, PendingWrite, Pool};
 
 /// Files kept open for io_uring between requests.
 const MAX_OPEN: usize = 64;
@@ -43,6 +44,8 @@ pub struct DiskStats {
     /// Chunk reads or writes performed buffered (blocking backend, refused `O_DIRECT`,
     /// unaligned offsets).
     pub buffered_ops: u64,
+    /// Chunks hashed or verified on the work threads rather than inline.
+    pub pool_jobs: u64,
 }
 
 /// Performs disk requests for the machines of one driver thread.
@@ -55,6 +58,10 @@ pub struct DiskExec {
     free: Vec<AlignedBuf>,
     /// Where read buffers come back once QUIC is done with the `Bytes` made of them.
     recycler: Recycler,
+    /// Threads that hash and verify chunks (None: on this thread, inline).
+    pool: Option<Pool>,
+    /// Requests out on the pool, to fail should its threads be gone.
+    working: Vec<(usize, OpId)>,
     stats: DiskStats,
 }
 
@@ -95,8 +102,26 @@ impl DiskExec {
             done: VecDeque::new(),
             free: Vec::new(),
             recycler: Recycler::new(MAX_FREE_BUFS),
+            pool: None,
+            working: Vec::new(),
             stats: DiskStats::default(),
         }
+    }
+
+    /// Hashes and verifies chunks on `threads` threads of their own (0: inline, on the
+    /// caller's thread). Only the io_uring backend uses them; the blocking one works inline.
+    pub fn set_work_threads(&mut self, threads: usize) -> std::io::Result<()> {
+        self.pool = match threads {
+            0 => None,
+            n => Some(Pool::new(n)?),
+        };
+        Ok(())
+    }
+
+    /// Jobs out on the work threads: the caller must come back soon to collect them (their
+    /// completion does not wake the ring).
+    pub fn working(&self) -> usize {
+        self.pool.as_ref().map_or(0, Pool::outstanding)
     }
 
     /// The backend in use.
@@ -230,6 +255,58 @@ impl DiskExec {
         if self.io.kind() == BackendKind::Std {
             return Ok(false);
         }
+        self.open_for_write(dst, file)?;
+        let Some(f) = self.files.get(&file) else {
+            return Err(DiskFailure::Io(format!("entry {file}: not open")));
+        };
+        if !aligned(f, offset) {
+            return Ok(false);
+        }
+        // The one copy on the receiving side: QUIC's pieces into the aligned buffer the write
+        // goes from. The hash runs over that buffer and nothing is written unless it matches.
+        let mut buf = take_buf(&mut self.free, f, data.len())?;
+        let write = PendingWrite {
+            file,
+            index,
+            offset,
+            hash,
+        };
+        if let Some(pool) = self.pool.as_mut() {
+            match buf.into_send() {
+                Ok(sb) => {
+                    let job = Job::Verify {
+                        tag,
+                        id,
+                        write,
+                        data: data.clone(),
+                        buf: sb,
+                    };
+                    match pool.submit(job) {
+                        Ok(()) => {
+                            self.working.push((tag, id));
+                            return Ok(true);
+                        }
+                        Err(job) => match *job {
+                            Job::Verify { buf: b, .. } => buf = b.into_inner(),
+                            _ => return Err(pool_gone()),
+                        },
+                    }
+                }
+                Err(b) => buf = b,
+            }
+        }
+        data.copy_to(buf.full_mut());
+        buf.set_len(data.len());
+        if chunk_hash(&buf) != hash {
+            self.free.push(buf);
+            return Err(DiskFailure::Corrupt);
+        }
+        self.write_verified(tag, id, write, buf)?;
+        Ok(true)
+    }
+
+    /// Opens entry `file`'s partial file for io_uring writes unless it is open.
+    fn open_for_write(&mut self, dst: &mut Destination, file: u32) -> Result<(), DiskFailure> {
         if !self.files.contains_key(&file) {
             let pf = dst.open_partial(file)?;
             let fd: OwnedFd = pf
@@ -240,30 +317,84 @@ impl DiskExec {
             let f = DmaFile::from_fd(fd, Path::new(&name), self.direct).map_err(engine_err)?;
             self.remember(file, f);
         }
-        let Some(f) = self.files.get(&file) else {
-            return Err(DiskFailure::Io(format!("entry {file}: not open")));
+        Ok(())
+    }
+
+    /// Queues the io_uring write of a chunk whose bytes matched their hash.
+    fn write_verified(
+        &mut self,
+        tag: usize,
+        id: OpId,
+        w: PendingWrite,
+        buf: AlignedBuf,
+    ) -> Result<(), DiskFailure> {
+        let Some(f) = self.files.get(&w.file) else {
+            return Err(DiskFailure::Io(format!("entry {}: not open", w.file)));
         };
-        if !aligned(f, offset) {
-            return Ok(false);
-        }
-        // The one copy on the receiving side: QUIC's pieces into the aligned buffer the write
-        // goes from. The hash runs over that buffer and nothing is written unless it matches.
-        let mut buf = take_buf(&mut self.free, f, data.len())?;
-        data.copy_to(buf.full_mut());
-        buf.set_len(data.len());
-        if chunk_hash(&buf) != hash {
-            self.free.push(buf);
-            return Err(DiskFailure::Corrupt);
-        }
         count(&mut self.stats, f.mode());
-        let op = self.io.write_at(f, buf, offset).map_err(engine_err)?;
+        let op = self.io.write_at(f, buf, w.offset).map_err(engine_err)?;
         self.pending.push(Pending {
             tag,
             id,
-            what: What::Write { file, index, hash },
+            what: What::Write {
+                file: w.file,
+                index: w.index,
+                hash: w.hash,
+            },
             op,
         });
-        Ok(true)
+        Ok(())
+    }
+
+    /// Collects what the work threads finished: hashed reads become results, verified chunks
+    /// are queued for writing.
+    fn collect_work(&mut self, mut dst: Option<&mut Destination>) {
+        let Some(pool) = self.pool.as_mut() else {
+            return;
+        };
+        let mut finished = Vec::new();
+        loop {
+            match pool.try_done() {
+                Ok(Some(d)) => finished.push(d),
+                Ok(None) => break,
+                Err(()) => {
+                    // No worker is left: every request still out fails.
+                    for (tag, id) in self.working.drain(..) {
+                        self.done.push_back((tag, id, Err(pool_gone())));
+                    }
+                    break;
+                }
+            }
+        }
+        for d in finished {
+            match d {
+                JobDone::Hashed { tag, id, res } => {
+                    self.stats.pool_jobs += 1;
+                    self.working.retain(|w| *w != (tag, id));
+                    let out = res.map(|(data, hash)| DiskResult::Read { data, hash });
+                    self.done.push_back((tag, id, out));
+                }
+                JobDone::Verified {
+                    tag,
+                    id,
+                    write,
+                    res,
+                } => {
+                    self.stats.pool_jobs += 1;
+                    self.working.retain(|w| *w != (tag, id));
+                    let queued = res.and_then(|buf| {
+                        if let Some(dst) = dst.as_deref_mut() {
+                            // Its descriptor may have left the cache meanwhile.
+                            self.open_for_write(dst, write.file)?;
+                        }
+                        self.write_verified(tag, id, write, buf.into_inner())
+                    });
+                    if let Err(e) = queued {
+                        self.done.push_back((tag, id, Err(e)));
+                    }
+                }
+            }
+        }
     }
 
     fn remember(&mut self, file: u32, f: DmaFile) {
@@ -277,6 +408,7 @@ impl DiskExec {
     /// Moves completed io_uring requests to the done queue; a completed chunk write gets its
     /// sidecar record in `dst` first. Call after the ring was polled.
     pub fn reap(&mut self, mut dst: Option<&mut Destination>) {
+        self.collect_work(dst.as_deref_mut());
         let mut i = 0;
         while i < self.pending.len() {
             if !self.pending[i].op.is_complete() {
@@ -302,13 +434,11 @@ impl DiskExec {
                 // `Bytes` QUIC sends from (no copy) and comes back through the recycler.
                 (What::Read, Ok(n)) => {
                     buf.set_len(n);
-                    let hash = chunk_hash(&buf);
                     let data = match buf.freeze(&self.recycler) {
                         Ok(b) => b,
                         Err(b) => Bytes::copy_from_slice(&b),
                     };
-                    self.done
-                        .push_back((p.tag, p.id, Ok(DiskResult::Read { data, hash })));
+                    self.hash_read(p.tag, p.id, data);
                     continue;
                 }
                 (What::Write { file, index, hash }, Ok(_)) => match dst.as_deref_mut() {
@@ -324,6 +454,20 @@ impl DiskExec {
             }
             self.done.push_back((p.tag, p.id, out));
         }
+    }
+
+    /// Hashes a chunk read for sending: on the work threads, or here.
+    fn hash_read(&mut self, tag: usize, id: OpId, data: Bytes) {
+        if let Some(pool) = self.pool.as_mut() {
+            match pool.submit(Job::Hash { tag, id, data }) {
+                Ok(()) => self.working.push((tag, id)),
+                Err(_) => self.done.push_back((tag, id, Err(pool_gone()))),
+            }
+            return;
+        }
+        let hash = chunk_hash(&data);
+        self.done
+            .push_back((tag, id, Ok(DiskResult::Read { data, hash })));
     }
 
     /// The next finished request.
@@ -364,6 +508,10 @@ fn count(stats: &mut DiskStats, mode: IoMode) {
         IoMode::Direct => stats.direct_ops += 1,
         IoMode::Buffered => stats.buffered_ops += 1,
     }
+}
+
+fn pool_gone() -> DiskFailure {
+    DiskFailure::Io("the hashing threads are gone".into())
 }
 
 fn engine_err(e: EngineError) -> DiskFailure {

@@ -26,3 +26,4 @@ pub mod net;
 pub mod scan;
 pub mod session;
 pub mod sim;
+mod work;

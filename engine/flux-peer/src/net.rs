@@ -112,6 +112,9 @@ pub struct NetConfig {
     pub auto_accept: bool,
     /// Receiver: how the sender's modes apply to received entries.
     pub modes: ModePolicy,
+    /// Threads that hash and verify chunks beside the loop thread (io_uring driver; 0: the
+    /// loop thread does it inline).
+    pub work_threads: usize,
     /// Receiver: sync files and directories before the transfer counts as done
     /// ([`Destination::set_durable`]); [`NetReport::sync_time`] says how long it took.
     pub durable: bool,
@@ -139,6 +142,9 @@ impl Default for NetConfig {
             auto_accept: true,
             modes: ModePolicy::Safe,
             durable: false,
+            // Inline: on this project's 2-core machine, with both ends on it, a work thread
+            // measured neutral (bench/README.md); more cores per side are where it pays.
+            work_threads: 0,
             max_receivers: 10,
             serve: Some(1),
             connect_timeout: Duration::from_secs(10),
@@ -498,6 +504,11 @@ impl Worker {
             Driver::Epoll => DiskIo::new(BackendKind::Std)
                 .map_err(|e| TransferError::Io(format!("epoll driver: {e}")))?,
         };
+        let mut exec = DiskExec::new(io, cfg.direct_io && cfg.driver == Driver::Uring);
+        if cfg.driver == Driver::Uring {
+            exec.set_work_threads(cfg.work_threads)
+                .map_err(|e| TransferError::Io(format!("work threads: {e}")))?;
+        }
         let caps = socket.capabilities();
         let local = socket
             .local_addr()
@@ -515,7 +526,7 @@ impl Worker {
             endpoint,
             conns: Vec::new(),
             role,
-            exec: DiskExec::new(io, cfg.direct_io && cfg.driver == Driver::Uring),
+            exec,
             report: NetReport {
                 driver: Some(cfg.driver),
                 gso: caps.gso,
@@ -1445,6 +1456,10 @@ impl Worker {
         if self.links.iter().any(Link::has_streams) {
             timeout = timeout.min(STREAM_POLL);
         }
+        if self.exec.working() > 0 {
+            // Work threads finish without waking the loop: look again soon.
+            timeout = timeout.min(WORK_POLL);
+        }
         let want_write = self.conns.iter().any(|c| c.blocked.is_some());
         let fd = self.socket.as_raw_fd();
         match self.exec.ring() {
@@ -1481,6 +1496,8 @@ const SENDER_LINGER: Duration = Duration::from_secs(3);
 const COMMAND_POLL: Duration = Duration::from_millis(50);
 /// The same while ICE is still looking for a pair (trickled candidates come as commands).
 const ICE_POLL: Duration = Duration::from_millis(5);
+/// Longest sleep while the work threads hash (a 4 MiB chunk takes about a millisecond).
+const WORK_POLL: Duration = Duration::from_micros(200);
 /// Longest sleep while TURN stream threads may have bytes for the loop.
 const STREAM_POLL: Duration = Duration::from_millis(1);
 

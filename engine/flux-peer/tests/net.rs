@@ -221,6 +221,31 @@ fn gib_memory_to_disk_uring() {
     );
 }
 
+/// Hashing and verifying on work threads (`NetConfig::work_threads`) moves the same bytes, and
+/// the threads did the work on both sides.
+#[test]
+fn work_threads_hash_and_verify_off_the_loop() {
+    let shm = Path::new("/dev/shm");
+    if !is_fs(shm, &["tmpfs"]) {
+        println!("SKIP: /dev/shm is not tmpfs");
+        return;
+    }
+    let src = tempfile::tempdir_in(shm).unwrap();
+    let dst = tempfile::tempdir_in(shm).unwrap();
+    let file = src.path().join("f.bin");
+    write_random(&file, (96 << 20) + 12_345, 11);
+    let c = NetConfig {
+        work_threads: 2,
+        ..cfg(Driver::Uring)
+    };
+    let (h, j) = transfer(std::slice::from_ref(&file), dst.path(), &c);
+    assert_ok(&h, "host");
+    assert_ok(&j, "joiner");
+    assert_same_file(&file, &dst.path().join("f.bin"));
+    assert!(h.disk.pool_jobs > 0, "host hashed inline: {:?}", h.disk);
+    assert!(j.disk.pool_jobs > 0, "joiner verified inline: {:?}", j.disk);
+}
+
 #[test]
 fn gib_disk_to_disk_epoll() {
     let Some(d) = require_disk() else { return };
