@@ -122,8 +122,9 @@ pub struct HostArgs {
     #[arg(required = true, value_name = "PATH")]
     pub paths: Vec<PathBuf>,
 
-    /// Most receivers served (each pairs separately with the same code).
-    #[arg(long, env = "THRU_MAX_RECEIVERS", default_value_t = 4,
+    /// Receivers served before exiting (each pairs separately with the same code). The
+    /// default, 1, exits after the first transfer, as croc and wormhole do.
+    #[arg(long, env = "THRU_MAX_RECEIVERS", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=64))]
     pub max_receivers: u32,
 

@@ -70,11 +70,13 @@ fn run(cli: Cli, ui: &Ui) -> anyhow::Result<()> {
         }
         Command::Host(args) => {
             ui.banner(env!("CARGO_PKG_VERSION"));
+            ui.start(thru::pairing::Role::Host);
             let span = span(args.net.peer_id.as_deref());
             runtime()?.block_on(host(args, ui).instrument(span))
         }
         Command::Join(args) => {
             ui.banner(env!("CARGO_PKG_VERSION"));
+            ui.start(thru::pairing::Role::Joiner);
             let span = span(args.net.peer_id.as_deref());
             runtime()?.block_on(join(args, ui).instrument(span))
         }
@@ -118,7 +120,6 @@ async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
             .map_or(IpAddr::from([127, 0, 0, 1]), |s| s.ip());
         SocketAddr::new(ip, a.port()).to_string()
     });
-    ui.code(session.code(), args.net.server.as_deref(), hint);
     let job = setup.job(
         Job::Send {
             paths: args.paths.clone(),
@@ -129,8 +130,15 @@ async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
     );
     let (notes_tx, mut notes) = tokio::sync::mpsc::unbounded_channel();
     let engine = HostEngine::start(&job, args.max_receivers as usize, ui, notes_tx)?;
+    let (files, bytes) = engine.offered();
+    ui.offering(files, bytes);
+    ui.code(session.code(), args.net.server.as_deref(), hint);
+    let max = u64::from(args.max_receivers);
+    ui.waiting(0, max);
     let (mut paired, mut finished) = (0usize, 0usize);
-    let mut last_failure: Option<String> = None;
+    let (mut served, mut failed, mut sent) = (0u64, 0u64, 0u64);
+    let mut first_pairing: Option<std::time::Instant> = None;
+    let mut last_failure: Option<TransferError> = None;
     let mut ended = false;
     // Joiners that paired but have not connected yet, with when they paired: one that never
     // connects (killed, unreachable, ICE failed) must not keep the host waiting forever.
@@ -138,10 +146,12 @@ async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
         std::collections::HashMap::new();
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
+        let before = finished;
         tokio::select! {
             ev = session.next_event(), if !ended => match ev {
                 Some(HostEvent::Paired(p, trickle)) => {
                     paired += 1;
+                    first_pairing.get_or_insert_with(std::time::Instant::now);
                     ui.peer(&p);
                     // With a server, the engine runs ICE with the joiner over its trickle.
                     engine.admit(&p, trickle);
@@ -172,9 +182,24 @@ async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
                 }
                 HostNote::Ended { peer, result } => {
                     finished += 1;
-                    if let Err(e) = result {
-                        ui.say(&format!("Transfer to {peer} failed: {e}"));
-                        last_failure = Some(e);
+                    match result {
+                        Ok(summary) => {
+                            served += 1;
+                            sent += summary.sent_bytes;
+                        }
+                        Err(TransferError::Declined(reason)) => {
+                            failed += 1;
+                            ui.declined(&peer, &reason, max > 1);
+                            last_failure = Some(TransferError::Declined(reason));
+                        }
+                        Err(e) => {
+                            failed += 1;
+                            // With one receiver the final error says it; once is enough.
+                            if max > 1 {
+                                ui.say(&format!("Transfer to {peer} failed: {e}"));
+                            }
+                            last_failure = Some(e);
+                        }
                     }
                 }
             },
@@ -188,9 +213,10 @@ async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
                 for fp in late {
                     if let Some((peer, _)) = waiting.remove(&fp) {
                         finished += 1;
+                        failed += 1;
                         let e = format!("{peer} paired but never connected over QUIC");
                         ui.say(&format!("Transfer to {peer} failed: {e}"));
-                        last_failure = Some(e);
+                        last_failure = Some(TransferError::Failed(e));
                     }
                 }
             }
@@ -199,10 +225,21 @@ async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
         if ended && finished >= paired {
             break;
         }
+        if finished > before && !ended && (finished as u64) < max {
+            ui.waiting(finished as u64, max);
+        }
     }
     engine.stop()?;
+    if paired > 0 {
+        ui.emit(&thru::ui::Event::HostSummary {
+            receivers_done: served,
+            receivers_failed: failed,
+            sent_bytes: sent,
+            seconds: first_pairing.map_or(0.0, |t| t.elapsed().as_secs_f64()),
+        });
+    }
     if let Some(e) = last_failure {
-        return Err(TransferError::Failed(e).into());
+        return Err(e.into());
     }
     Ok(())
 }

@@ -278,6 +278,9 @@ pub enum TransferError {
     /// The receiver declined.
     #[error("the receiver declined the files")]
     Refused,
+    /// Host: the receiver declined, with its reason.
+    #[error("the receiver declined: {0}")]
+    Declined(String),
     /// A target exists and `--force` was not given.
     #[error("{path} already exists; pass --force to overwrite it")]
     Conflict {
@@ -296,7 +299,7 @@ impl TransferError {
     /// The process exit code for this error.
     pub fn exit(&self) -> Exit {
         match self {
-            Self::Refused | Self::NoSpace(_) => Exit::Refused,
+            Self::Refused | Self::Declined(_) | Self::NoSpace(_) => Exit::Refused,
             Self::Conflict { .. } => Exit::Conflict,
             Self::Failed(_) => Exit::TransferFailed,
         }
@@ -348,44 +351,91 @@ fn failed(context: &str, e: impl std::fmt::Display) -> TransferError {
 }
 
 /// Per-file progress, started lazily so a tree of 10,000 files shows only the files in flight.
+///
+/// The receiver learns that a file is done from the engine (`FileComplete`, `FileSkipped`);
+/// the sender is told nothing per file, so it counts a file done once all its bytes were sent
+/// or found held, and the rest (empty files) when the transfer succeeds.
 struct Files {
     manifest: Arc<Manifest>,
-    done: HashMap<u32, u64>,
+    /// Files started, and whether each is done.
+    started: HashMap<u32, bool>,
     progress: TransferProgress,
+    sender: bool,
 }
 
 impl Files {
-    fn new(manifest: Arc<Manifest>, progress: TransferProgress) -> Self {
+    fn new(manifest: Arc<Manifest>, progress: TransferProgress, sender: bool) -> Self {
         Self {
             manifest,
-            done: HashMap::new(),
+            started: HashMap::new(),
             progress,
+            sender,
         }
     }
 
-    fn add(&mut self, file: u32, bytes: u64) {
-        if !self.done.contains_key(&file) {
-            let (name, size) = self
-                .manifest
-                .entry(file)
-                .map_or((String::new(), 0), |e| (e.path.clone(), e.size));
-            self.progress.file_started(u64::from(file), &name, size);
+    fn start(&mut self, file: u32) -> bool {
+        let Some(e) = self.manifest.entry(file) else {
+            return false;
+        };
+        if e.kind != EntryKind::File {
+            return false;
         }
-        let d = self.done.entry(file).or_insert(0);
-        *d += bytes;
-        self.progress.file_progress(u64::from(file), *d);
+        if !self.started.contains_key(&file) {
+            self.started.insert(file, false);
+            self.progress.file_started(u64::from(file), &e.path, e.size);
+        }
+        !self.started[&file]
     }
 
-    fn complete(&mut self, file: u32) {
-        let is_file = self
-            .manifest
-            .entry(file)
-            .is_some_and(|e| e.kind == EntryKind::File);
-        if !is_file {
+    /// `len` bytes of `file` crossed the network.
+    fn sent(&mut self, file: u32, len: u64) {
+        if self.start(file) {
+            self.progress.sent(u64::from(file), len);
+            self.sender_check(file, false);
+        }
+    }
+
+    /// Sender: the receiver already holds `bytes` of `file` (a checked resume claim).
+    fn held(&mut self, file: u32, bytes: u64) {
+        if self.start(file) {
+            self.progress.held(u64::from(file), bytes);
+            let whole = self
+                .progress
+                .file_bytes(u64::from(file))
+                .is_some_and(|(done, total)| done == total);
+            self.sender_check(file, whole);
+        }
+    }
+
+    /// Sender: `file` is done once every byte is accounted for.
+    fn sender_check(&mut self, file: u32, up_to_date: bool) {
+        if !self.sender {
             return;
         }
-        self.add(file, 0);
-        self.progress.file_done(u64::from(file));
+        if let Some((done, total)) = self.progress.file_bytes(u64::from(file))
+            && done >= total
+            && total > 0
+        {
+            self.complete(file, up_to_date);
+        }
+    }
+
+    /// `file` is complete; `up_to_date` when the receiver had it identical already.
+    fn complete(&mut self, file: u32, up_to_date: bool) {
+        if self.start(file) {
+            self.started.insert(file, true);
+            self.progress.file_done(u64::from(file), up_to_date);
+        }
+    }
+
+    /// Sender, after success: every file arrived, the empty ones included.
+    fn complete_all(&mut self) {
+        let files: Vec<u32> = (0..self.manifest.entries().len())
+            .filter_map(|i| u32::try_from(i).ok())
+            .collect();
+        for file in files {
+            self.complete(file, false);
+        }
     }
 }
 
@@ -412,10 +462,19 @@ impl Bench {
         self.bytes += len;
     }
 
-    fn report(&self, ui: &Ui, peer: &str, rep: Option<&net::ConnReport>, secs: f64) {
+    fn report(
+        &self,
+        ui: &Ui,
+        peer: &str,
+        side: ui::Side,
+        rep: Option<&net::ConnReport>,
+        secs: f64,
+    ) {
         let path = rep.and_then(path_of);
         let avg = self.bytes as f64 * 8.0 / secs.max(1e-9) / 1e9;
-        let peak = self.seconds.iter().copied().max().unwrap_or(0) as f64 * 8.0 / 1e9;
+        // A transfer shorter than a second has no full one-second window: its average is its
+        // peak, and the peak is never reported below the average.
+        let peak = (self.seconds.iter().copied().max().unwrap_or(0) as f64 * 8.0 / 1e9).max(avg);
         let cpu = cpu_seconds();
         let (rtt, loss) = rep.map_or((None, None), |r| {
             let loss =
@@ -424,6 +483,7 @@ impl Bench {
         });
         ui.emit(&ui::Event::Benchmark {
             peer: peer.to_string(),
+            side,
             bytes: self.bytes,
             avg_gbit_s: avg,
             peak_1s_gbit_s: peak,
@@ -556,6 +616,8 @@ fn receive_from(
     let mut verdict: Option<TransferError> = None;
     let mut ended: Option<(Option<String>, net::ConnReport)> = None;
     let mut ice_failed: Option<String> = None;
+    // Without ICE the joiner dials the host's LAN address.
+    let mut shown_route = Route::LanDirect;
     loop {
         // The host's trickled candidates, into the engine.
         if let Some(t) = trickle.as_mut() {
@@ -577,6 +639,7 @@ fn receive_from(
             NetEvent::Route { route, after, .. } => {
                 let r = Route::of(route.kind);
                 ui.route(&paired.peer_label, &RoutePath::new(&route, after), r);
+                shown_route = r;
                 if let Some(f) = &files {
                     f.progress.set_route(r);
                 }
@@ -612,10 +675,12 @@ fn receive_from(
                         let _ = commands.send(Command::Accept);
                         let progress = ui.transfer(
                             &paired.peer_label,
+                            ui::Side::Receiving,
                             manifest.file_count() as u64,
                             manifest.total_bytes(),
                         );
-                        files = Some(Files::new(manifest, progress));
+                        progress.set_route(shown_route);
+                        files = Some(Files::new(manifest, progress, false));
                         bench.start = Some(Instant::now());
                     }
                     Err(e) => {
@@ -632,12 +697,11 @@ fn receive_from(
             }
             NetEvent::Transfer { event, at, .. } => match (event, files.as_mut()) {
                 (Event::ChunkVerified { file, len, .. }, Some(f)) => {
-                    f.add(file, u64::from(len));
+                    f.sent(file, u64::from(len));
                     bench.chunk(at, u64::from(len));
                 }
-                (Event::FileComplete { file } | Event::FileSkipped { file }, Some(f)) => {
-                    f.complete(file);
-                }
+                (Event::FileComplete { file }, Some(f)) => f.complete(file, false),
+                (Event::FileSkipped { file }, Some(f)) => f.complete(file, true),
                 _ => {}
             },
             NetEvent::Ended { error, stats, .. } => ended = Some((error, stats)),
@@ -675,6 +739,7 @@ fn receive_from(
         bench.report(
             ui,
             &paired.peer_label,
+            ui::Side::Receiving,
             ended.as_ref().map(|(_, s)| s),
             summary.seconds,
         );
@@ -751,6 +816,18 @@ fn decide(
             .values()
             .filter(|l| matches!(l, LocalFile::Existing(_)))
             .count(),
+        entries: entries
+            .iter()
+            .map(|e| ui::OfferEntry {
+                path: e.path.clone(),
+                size: e.size,
+                kind: match e.kind {
+                    EntryKind::File => "file",
+                    EntryKind::Dir => "dir",
+                    EntryKind::Symlink => "symlink",
+                },
+            })
+            .collect(),
     };
     match ui.confirm_offer(&offer, yes, list_all) {
         Ok(true) => Ok(()),
@@ -760,6 +837,14 @@ fn decide(
             Err(TransferError::Refused)
         }
     }
+}
+
+/// The receiver's reason when engine error `e` is its refusal of the offer.
+fn declined(e: &str) -> Option<TransferError> {
+    // The engine reports a refusal as `flux_transfer::TransferError::Declined`, whose text
+    // starts with this.
+    let reason = e.split_once("receiver declined: ")?.1;
+    Some(TransferError::Declined(ui::safe_text(reason)))
 }
 
 /// What the host side learns as its engine serves joiners.
@@ -775,7 +860,7 @@ pub enum HostNote {
         /// The joiner's label.
         peer: String,
         /// The outcome.
-        result: Result<Summary, String>,
+        result: Result<Summary, TransferError>,
     },
 }
 
@@ -792,6 +877,8 @@ pub struct HostEngine {
     commands: crossbeam_channel::Sender<Command>,
     worker: Option<JoinHandle<Result<NetReport, flux_transfer::TransferError>>>,
     events: Option<JoinHandle<()>>,
+    /// Files and bytes offered.
+    offered: (u64, u64),
 }
 
 impl std::fmt::Debug for HostEngine {
@@ -820,6 +907,7 @@ impl HostEngine {
         let share =
             flux_peer::scan::scan(paths, chunk).map_err(|e| failed("snapshot sender failed", e))?;
         let manifest = Arc::new(share.manifest);
+        let offered = (manifest.file_count() as u64, manifest.total_bytes());
         let allowed = Arc::new(AllowList::new());
         let mut cfg = net_config(job);
         cfg.allowed_joiners = Some(allowed.clone());
@@ -858,7 +946,13 @@ impl HostEngine {
             commands,
             worker: Some(worker),
             events: Some(events),
+            offered,
         })
+    }
+
+    /// Files and payload bytes offered.
+    pub fn offered(&self) -> (u64, u64) {
+        self.offered
     }
 
     /// Lets a paired joiner in; with a signaling server (`trickle`), starts ICE with it.
@@ -964,7 +1058,8 @@ impl HostCtx<'_> {
 fn host_events(events: &crossbeam_channel::Receiver<NetEvent>, ctx: &HostCtx<'_>) {
     struct Peer {
         label: String,
-        files: Files,
+        /// Started at acceptance: nothing is shown while the receiver is at its prompt.
+        files: Option<Files>,
         bench: Bench,
     }
     let HostCtx {
@@ -976,6 +1071,8 @@ fn host_events(events: &crossbeam_channel::Receiver<NetEvent>, ctx: &HostCtx<'_>
         ..
     } = *ctx;
     let mut peers: HashMap<usize, Peer> = HashMap::new();
+    // The route ICE chose, by joiner label, to show next to its bar.
+    let mut routes: HashMap<String, Route> = HashMap::new();
     loop {
         // Joiners' trickled candidates, into the engine.
         if let Ok(mut links) = ctx.links.lock() {
@@ -1000,11 +1097,14 @@ fn host_events(events: &crossbeam_channel::Receiver<NetEvent>, ctx: &HostCtx<'_>
             }
             NetEvent::Route { link, route, after } => {
                 let label = ctx.label(link);
-                ui.route(
-                    &label,
-                    &RoutePath::new(&route, after),
-                    Route::of(route.kind),
-                );
+                let r = Route::of(route.kind);
+                ui.route(&label, &RoutePath::new(&route, after), r);
+                for p in peers.values().filter(|p| p.label == label) {
+                    if let Some(f) = &p.files {
+                        f.progress.set_route(r);
+                    }
+                }
+                routes.insert(label, r);
             }
             NetEvent::IceFailed { link, error } => {
                 // The joiner's transfer never starts; the pairing time-out in the host loop
@@ -1028,13 +1128,11 @@ fn host_events(events: &crossbeam_channel::Receiver<NetEvent>, ctx: &HostCtx<'_>
                 let label = fingerprint
                     .and_then(|fp| labels.lock().ok().and_then(|l| l.get(&fp).cloned()))
                     .unwrap_or_else(|| format!("joiner (connection {conn})"));
-                let progress =
-                    ui.transfer(&label, manifest.file_count() as u64, manifest.total_bytes());
                 peers.insert(
                     conn,
                     Peer {
                         label,
-                        files: Files::new(manifest.clone(), progress),
+                        files: None,
                         bench: Bench {
                             start: Some(at),
                             ..Bench::default()
@@ -1046,15 +1144,28 @@ fn host_events(events: &crossbeam_channel::Receiver<NetEvent>, ctx: &HostCtx<'_>
                 let Some(p) = peers.get_mut(&conn) else {
                     continue;
                 };
-                match event {
-                    Event::ChunkSent { file, len, .. } => {
-                        p.files.add(file, u64::from(len));
+                match (event, p.files.as_mut()) {
+                    (Event::Accepted, _) => {
+                        ui.emit(&ui::Event::Accepted {
+                            peer: p.label.clone(),
+                            files: manifest.file_count(),
+                            bytes: manifest.total_bytes(),
+                        });
+                        let progress = ui.transfer(
+                            &p.label,
+                            ui::Side::Sending,
+                            manifest.file_count() as u64,
+                            manifest.total_bytes(),
+                        );
+                        progress
+                            .set_route(routes.get(&p.label).copied().unwrap_or(Route::LanDirect));
+                        p.files = Some(Files::new(manifest.clone(), progress, true));
+                    }
+                    (Event::ChunkSent { file, len, .. }, Some(f)) => {
+                        f.sent(file, u64::from(len));
                         p.bench.chunk(at, u64::from(len));
                     }
-                    Event::ResumeChecked { file, bytes, .. } => p.files.add(file, bytes),
-                    Event::FileComplete { file } | Event::FileSkipped { file } => {
-                        p.files.complete(file);
-                    }
+                    (Event::ResumeChecked { file, bytes, .. }, Some(f)) => f.held(file, bytes),
                     _ => {}
                 }
             }
@@ -1066,16 +1177,27 @@ fn host_events(events: &crossbeam_channel::Receiver<NetEvent>, ctx: &HostCtx<'_>
                 let Some(p) = peers.remove(&conn) else {
                     continue;
                 };
-                let result = match error {
-                    None => {
+                let result = match (error, p.files) {
+                    (None, Some(mut f)) => {
+                        f.complete_all();
                         let (route, path) = route_of(Some(&stats));
-                        let s = p.files.progress.finish(route, path);
+                        let s = f.progress.finish(route, path);
                         if bench {
-                            p.bench.report(ui, &p.label, Some(&stats), s.seconds);
+                            let side = ui::Side::Sending;
+                            p.bench.report(ui, &p.label, side, Some(&stats), s.seconds);
                         }
                         Ok(s)
                     }
-                    Some(e) => Err(e),
+                    (None, None) => Err(TransferError::Failed(
+                        "the receiver left before accepting".into(),
+                    )),
+                    (Some(e), f) => {
+                        if let Some(f) = f {
+                            // Clear its bars; the failure is reported by the caller.
+                            f.progress.abandon();
+                        }
+                        Err(declined(&e).unwrap_or(TransferError::Failed(e)))
+                    }
                 };
                 let _ = notes.send(HostNote::Ended {
                     peer: p.label,

@@ -149,6 +149,8 @@ pub struct Offer {
     pub replaces: Vec<String>,
     /// Files already here with the same size: skipped when identical.
     pub same_size_here: usize,
+    /// Every entry (files, directories, links), for `--json`.
+    pub entries: Vec<OfferEntry>,
 }
 
 impl Offer {
@@ -163,11 +165,19 @@ impl Offer {
 pub struct Summary {
     /// The peer (`host`, `joiner 1`…).
     pub peer: String,
-    /// Files moved (skipped identical ones included).
+    /// `sending` or `receiving`.
+    pub side: Side,
+    /// Files now in place at the receiver (up-to-date ones included).
     pub files: u64,
-    /// Payload bytes.
+    /// Files the receiver already held identical: nothing of them was sent.
+    pub up_to_date: u64,
+    /// Payload bytes of the whole share.
     pub bytes: u64,
-    /// Wall time in seconds.
+    /// Payload bytes that crossed the network in this run.
+    pub sent_bytes: u64,
+    /// Payload bytes the receiver already held (resumed chunks and up-to-date files).
+    pub resumed_bytes: u64,
+    /// Seconds from acceptance to the end.
     pub seconds: f64,
     /// The path taken.
     pub route: Route,
@@ -176,11 +186,42 @@ pub struct Summary {
     pub path: Option<RoutePath>,
 }
 
+/// The version of the `--json` event format, in the first event (`start`). It changes when a
+/// field is removed or changes meaning; new events and fields may come without a change.
+pub const JSON_SCHEMA: u32 = 2;
+
+/// One offered entry in the `offer` event.
+#[derive(Clone, Debug, Eq, PartialEq, Serialize)]
+pub struct OfferEntry {
+    /// Relative path as the sender named it.
+    pub path: String,
+    /// Size in bytes (0 for directories and links).
+    pub size: u64,
+    /// `file`, `dir` or `symlink`.
+    pub kind: &'static str,
+}
+
 /// One `--json` line. Field names are stable; new fields may be added.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Event {
+    /// Always the first event: the format version and this side's role.
+    Start {
+        /// [`JSON_SCHEMA`].
+        schema: u32,
+        /// `thru`'s version.
+        version: &'static str,
+        /// `host` or `joiner`.
+        role: Role,
+    },
+    /// Host: what is offered, before the code.
+    Offering {
+        /// Number of files.
+        files: u64,
+        /// Total bytes.
+        bytes: u64,
+    },
     /// The join code to give the receiver.
     Code {
         /// The full code.
@@ -225,6 +266,8 @@ pub enum Event {
     },
     /// Receiver: the sender's offer.
     Offer {
+        /// Every entry, in manifest order.
+        entries: Vec<OfferEntry>,
         /// Number of files.
         files: usize,
         /// Total bytes.
@@ -240,15 +283,26 @@ pub enum Event {
         /// The destination directory.
         destination: String,
     },
-    /// Receiver: the offer was accepted.
+    /// The offer was accepted (receiver: by this side; host: by `peer`).
     Accepted {
+        /// The peer.
+        peer: String,
         /// Number of files.
         files: usize,
         /// Total bytes.
         bytes: u64,
     },
-    /// Progress, rate-limited.
+    /// Host: `peer` declined the offer.
+    Declined {
+        /// The peer.
+        peer: String,
+        /// The reason it gave.
+        reason: String,
+    },
+    /// Progress, at most four a second.
     Progress {
+        /// The peer.
+        peer: String,
         /// Current file's name (escaped).
         file: String,
         /// Bytes done of that file.
@@ -259,26 +313,54 @@ pub enum Event {
         overall_done: u64,
         /// Total bytes overall.
         overall_total: u64,
+        /// Bytes that crossed the network so far (resumed ones excluded).
+        sent_bytes: u64,
+        /// Average network rate since acceptance; null in the first second.
+        rate_bytes_per_s: Option<f64>,
+        /// Seconds left at that rate; null while unknown.
+        eta_s: Option<f64>,
+        /// Seconds since acceptance.
+        elapsed_s: f64,
+        /// Wall-clock time of this line, milliseconds since the Unix epoch.
+        ts_ms: u64,
     },
-    /// A file is complete and verified.
+    /// A file is complete (receiver: verified and in place; host: all of it sent or held).
     FileDone {
+        /// The peer.
+        peer: String,
         /// Name (escaped).
         file: String,
         /// Size.
         bytes: u64,
+        /// The receiver already held it identical: nothing was sent.
+        up_to_date: bool,
     },
     /// The transfer ended.
     Summary(Summary),
+    /// Host: every receiver is done; the totals over all of them.
+    HostSummary {
+        /// Receivers that got everything.
+        receivers_done: u64,
+        /// Receivers whose transfer failed or who declined.
+        receivers_failed: u64,
+        /// Payload bytes sent over all receivers.
+        sent_bytes: u64,
+        /// Seconds from the first acceptance to the end.
+        seconds: f64,
+    },
     /// `--benchmark` figures of one transfer.
     Benchmark {
         /// The peer.
         peer: String,
+        /// `sending` or `receiving`.
+        side: Side,
         /// Payload bytes that crossed the network in this run (resumed and skipped data
         /// excluded).
         bytes: u64,
         /// Average payload rate over the transfer.
         avg_gbit_s: f64,
-        /// Best one-second payload rate.
+        /// Best one-second payload rate (never below the average: a transfer shorter than
+        /// a second has no full second, and its average is its peak).
         peak_1s_gbit_s: f64,
         /// Time to the completed QUIC handshake (joiner: from the start of connecting).
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -364,8 +446,26 @@ impl Ui {
             emit_json(event);
             return;
         }
+        if let Event::HostSummary {
+            receivers_done,
+            receivers_failed,
+            sent_bytes,
+            seconds,
+        } = event
+        {
+            let mut line = format!(
+                "All done: {} served",
+                plural(*receivers_done, "receiver", "receivers")
+            );
+            if *receivers_failed > 0 {
+                let _ = write!(line, ", {receivers_failed} failed or declined");
+            }
+            let _ = write!(line, "; {} sent in {seconds:.1} s", HumanBytes(*sent_bytes));
+            self.say(&line);
+        }
         if let Event::Benchmark {
             peer,
+            side,
             bytes,
             avg_gbit_s,
             peak_1s_gbit_s,
@@ -381,9 +481,14 @@ impl Ui {
             let route = path
                 .as_ref()
                 .map_or_else(|| "LAN dial".to_string(), |p| format!("{} ({p})", p.kind));
+            // Bytes and bytes per second only: one unit family per line (JSON has Gbit/s).
+            let per_sec = |gbit: f64| HumanBytes((gbit * 1e9 / 8.0) as u64);
             self.say(&format!(
-                "Benchmark ({peer}): {} moved, avg {avg_gbit_s:.2} Gbit/s, peak 1 s {peak_1s_gbit_s:.2} Gbit/s, connect {}, first byte {}, RTT {}, loss {}, CPU {cpu_s:.2} s, route {route}",
+                "Benchmark ({}): {} moved, avg {}/s, peak 1 s {}/s, connect {}, first byte {}, RTT {}, loss {}, CPU {cpu_s:.2} s, route {route}",
+                side.towards(peer),
                 HumanBytes(*bytes),
+                per_sec(*avg_gbit_s),
+                per_sec(*peak_1s_gbit_s),
                 ms(connect_ms),
                 ms(first_byte_ms),
                 ms(rtt_ms),
@@ -421,6 +526,53 @@ impl Ui {
                 let _ = write!(out, "{msg}");
                 let _ = out.flush();
             }
+        }
+    }
+
+    /// Host: "Offering 7 files, 48.0 MiB".
+    pub fn offering(&self, files: u64, bytes: u64) {
+        match self.mode {
+            Mode::Json => emit_json(&Event::Offering { files, bytes }),
+            Mode::Human { .. } => self.say(&format!(
+                "Offering {}, {}",
+                plural(files, "file", "files"),
+                HumanBytes(bytes)
+            )),
+        }
+    }
+
+    /// Host: the waiting line, "waiting for receivers (1 of 4 done) — Ctrl-C to stop".
+    pub fn waiting(&self, done: u64, max: u64) {
+        if max <= 1 {
+            self.say("Waiting for the receiver — Ctrl-C to stop");
+        } else {
+            self.say(&format!(
+                "Waiting for receivers ({done} of {max} done) — Ctrl-C to stop"
+            ));
+        }
+    }
+
+    /// Host: `peer` declined; said in human mode only when `say` (with one receiver the
+    /// final error says it).
+    pub fn declined(&self, peer: &str, reason: &str, say: bool) {
+        match self.mode {
+            Mode::Json => emit_json(&Event::Declined {
+                peer: peer.to_string(),
+                reason: safe_text(reason),
+            }),
+            Mode::Human { .. } if say => self.say(&format!("{peer} declined: {reason}")),
+            Mode::Human { .. } => {}
+        }
+    }
+
+    /// Emits the first JSON event (`start`, with the schema version).
+    pub fn start(&self, role: Role) {
+        if self.mode == Mode::Json {
+            emit_json(&Event::Start {
+                schema: JSON_SCHEMA,
+                version: env!("CARGO_PKG_VERSION"),
+                role,
+            });
         }
     }
 
@@ -500,6 +652,7 @@ impl Ui {
         list_all: bool,
     ) -> Result<bool, PromptError> {
         self.emit(&Event::Offer {
+            entries: offer.entries.clone(),
             files: offer.files.len(),
             bytes: offer.total_bytes(),
             dirs: offer.dirs,
@@ -516,6 +669,7 @@ impl Ui {
         let accepted = confirm(offer, yes, interactive, limit, &mut input, &mut err)?;
         if accepted {
             self.emit(&Event::Accepted {
+                peer: "host".into(),
                 files: offer.files.len(),
                 bytes: offer.total_bytes(),
             });
@@ -523,8 +677,15 @@ impl Ui {
         Ok(accepted)
     }
 
-    /// Starts progress reporting for one transfer.
-    pub fn transfer(&self, peer: &str, total_files: u64, total_bytes: u64) -> TransferProgress {
+    /// Starts progress reporting for one transfer, from its acceptance: rates and times
+    /// count from here, not from the prompt.
+    pub fn transfer(
+        &self,
+        peer: &str,
+        side: Side,
+        total_files: u64,
+        total_bytes: u64,
+    ) -> TransferProgress {
         let fancy = self.mode == (Mode::Human { fancy: true }) && !self.quiet;
         let multi = if fancy {
             MultiProgress::with_draw_target(ProgressDrawTarget::stderr())
@@ -532,23 +693,26 @@ impl Ui {
             MultiProgress::with_draw_target(ProgressDrawTarget::hidden())
         };
         let overall = multi.add(ProgressBar::new(total_bytes));
-        overall.set_style(
-            ProgressStyle::with_template(
-                "{prefix:>10} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        );
-        overall.set_prefix(format!("{total_files} files"));
+        overall.set_style(overall_style(false));
+        // The host's bars, one per receiver, are its live list of receivers.
+        overall.set_prefix(match side {
+            Side::Sending => format!("to {peer}"),
+            Side::Receiving => plural(total_files, "file", "files"),
+        });
         TransferProgress {
             inner: Arc::new(Mutex::new(ProgressInner {
                 ui: self.clone(),
                 peer: peer.to_string(),
+                side,
                 multi,
                 overall,
+                full_style: false,
                 files: HashMap::new(),
                 overall_done: 0,
                 overall_total: total_bytes,
+                sent: 0,
+                held: 0,
+                up_to_date: 0,
                 files_done: 0,
                 started: Instant::now(),
                 last_json: None,
@@ -690,7 +854,31 @@ pub fn safe_text(text: &str) -> String {
     safe_name(text)
 }
 
+/// Which way a transfer goes, from this side's point of view.
+#[derive(Clone, Copy, Debug, Eq, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Side {
+    /// This side is the host, sending.
+    Sending,
+    /// This side is the joiner, receiving.
+    Receiving,
+}
+
+impl Side {
+    /// "sending to joiner 1" / "receiving from host".
+    pub fn towards(self, peer: &str) -> String {
+        match self {
+            Self::Sending => format!("sending to {peer}"),
+            Self::Receiving => format!("receiving from {peer}"),
+        }
+    }
+}
+
 /// Progress of one transfer; clone freely, call from any thread.
+///
+/// Bytes are counted in two kinds: *sent* (they crossed the network in this run) and *held*
+/// (the receiver had them already: resumed chunks and files that were up to date). Only sent
+/// bytes go into rates and into the "sent" figure of the summary.
 #[derive(Clone, Debug)]
 pub struct TransferProgress {
     inner: Arc<Mutex<ProgressInner>>,
@@ -700,11 +888,17 @@ pub struct TransferProgress {
 struct ProgressInner {
     ui: Ui,
     peer: String,
+    side: Side,
     multi: MultiProgress,
     overall: ProgressBar,
+    /// The rate and ETA are shown only once there is a second of data to average.
+    full_style: bool,
     files: HashMap<u64, FileState>,
     overall_done: u64,
     overall_total: u64,
+    sent: u64,
+    held: u64,
+    up_to_date: u64,
     files_done: u64,
     started: Instant,
     last_json: Option<Instant>,
@@ -718,21 +912,69 @@ struct FileState {
     bar: ProgressBar,
 }
 
+/// Width of a file name next to its bar.
+const NAME_WIDTH: usize = 30;
+/// Before this much time since acceptance, no rate or ETA is shown: a first sample of a few
+/// milliseconds gives wild figures.
+const RATE_AFTER: Duration = Duration::from_secs(1);
+
+/// `name` cut to `width` characters with an ellipsis in the middle, so both the start of the
+/// path and the extension stay visible.
+pub fn ellipsize(name: &str, width: usize) -> String {
+    let n = name.chars().count();
+    if n <= width || width < 3 {
+        return name.to_string();
+    }
+    let tail = (width - 1) / 2;
+    let head = width - 1 - tail;
+    let start: String = name.chars().take(head).collect();
+    let end: String = name.chars().skip(n - tail).collect();
+    format!("{start}…{end}")
+}
+
+fn overall_style(full: bool) -> ProgressStyle {
+    let template = if full {
+        "{prefix:>16} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}"
+    } else {
+        "{prefix:>16} [{bar:30}] {bytes}/{total_bytes} {msg}"
+    };
+    ProgressStyle::with_template(template)
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ")
+}
+
+/// Milliseconds since the Unix epoch (progress timestamps).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// "1 file", "2 files".
+pub fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 impl TransferProgress {
-    /// File `id` (any number unique within the transfer) starts; `size` bytes in all.
+    /// File `id` (any number unique within the transfer) starts; `size` bytes in all. A
+    /// second call for the same id does nothing.
     pub fn file_started(&self, id: u64, name: &str, size: u64) {
         let mut g = self.lock();
+        if g.files.contains_key(&id) {
+            return;
+        }
         let bar = g.multi.add(ProgressBar::new(size));
         bar.set_style(
-            ProgressStyle::with_template("{msg:>30!} [{bar:30}] {bytes}/{total_bytes}")
+            ProgressStyle::with_template("{msg:>30} [{bar:30}] {bytes}/{total_bytes}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
                 .progress_chars("=> "),
         );
-        bar.set_message(safe_name(name));
+        let safe = safe_name(name);
+        bar.set_message(ellipsize(&safe, NAME_WIDTH));
         g.files.insert(
             id,
             FileState {
-                name: safe_name(name),
+                name: safe,
                 done: 0,
                 total: size,
                 bar,
@@ -740,52 +982,108 @@ impl TransferProgress {
         );
     }
 
-    /// File `id` has `done` bytes (absolute, not a delta). Unknown ids are ignored.
-    pub fn file_progress(&self, id: u64, done: u64) {
+    /// `len` bytes of file `id` crossed the network. Unknown ids are ignored.
+    pub fn sent(&self, id: u64, len: u64) {
+        self.add(id, len, false);
+    }
+
+    /// `len` bytes of file `id` were already at the receiver (resumed). Unknown ids are ignored.
+    pub fn held(&self, id: u64, len: u64) {
+        self.add(id, len, true);
+    }
+
+    /// Bytes of file `id` accounted so far (sent or held), if it started.
+    pub fn file_bytes(&self, id: u64) -> Option<(u64, u64)> {
+        self.lock().files.get(&id).map(|f| (f.done, f.total))
+    }
+
+    fn add(&self, id: u64, len: u64, held: bool) {
         let mut g = self.lock();
         let g = &mut *g;
         let Some(f) = g.files.get_mut(&id) else {
             return;
         };
-        // Never backwards, never past the end.
-        let done = done.min(f.total).max(f.done);
-        let delta = done.saturating_sub(f.done);
-        f.done = done;
-        f.bar.set_position(done);
+        // Never past the end.
+        let delta = len.min(f.total.saturating_sub(f.done));
+        f.done += delta;
+        f.bar.set_position(f.done);
+        let (file, done, total) = (f.name.clone(), f.done, f.total);
         g.overall_done = g.overall_done.saturating_add(delta);
+        if held {
+            g.held += delta;
+        } else {
+            g.sent += delta;
+        }
         g.overall.set_position(g.overall_done);
+        let elapsed = g.started.elapsed();
+        if !g.full_style && elapsed >= RATE_AFTER {
+            g.full_style = true;
+            g.overall.set_style(overall_style(true));
+        }
         let now = Instant::now();
         if g.ui.mode == Mode::Json
             && g.last_json
                 .is_none_or(|t| now.duration_since(t) >= JSON_PROGRESS_EVERY)
         {
             g.last_json = Some(now);
+            let secs = elapsed.as_secs_f64();
+            let rate = (elapsed >= RATE_AFTER).then(|| g.sent as f64 / secs);
+            let eta = rate
+                .filter(|r| *r > 0.0)
+                .map(|r| (g.overall_total - g.overall_done) as f64 / r);
             emit_json(&Event::Progress {
-                file: f.name.clone(),
+                peer: g.peer.clone(),
+                file,
                 done,
-                total: f.total,
+                total,
                 overall_done: g.overall_done,
                 overall_total: g.overall_total,
+                sent_bytes: g.sent,
+                rate_bytes_per_s: rate,
+                eta_s: eta,
+                elapsed_s: secs,
+                ts_ms: unix_ms(),
             });
         }
     }
 
-    /// File `id` is complete and verified.
-    pub fn file_done(&self, id: u64) {
-        let total = self.lock().files.get(&id).map(|f| f.total);
-        if let Some(total) = total {
-            self.file_progress(id, total);
+    /// File `id` is complete and verified. Whatever of it was not counted as sent was held by
+    /// the receiver; `up_to_date` means the whole file was (nothing of it was sent).
+    pub fn file_done(&self, id: u64, up_to_date: bool) {
+        let gap = self
+            .lock()
+            .files
+            .get(&id)
+            .map(|f| f.total.saturating_sub(f.done));
+        if let Some(gap) = gap {
+            self.held(id, gap);
         }
         let mut g = self.lock();
         if let Some(f) = g.files.remove(&id) {
             f.bar.finish_and_clear();
             g.multi.remove(&f.bar);
             g.files_done += 1;
+            if up_to_date {
+                g.up_to_date += 1;
+            }
+            let peer = g.peer.clone();
             g.ui.emit(&Event::FileDone {
+                peer,
                 file: f.name,
                 bytes: f.total,
+                up_to_date,
             });
         }
+    }
+
+    /// Clears the display after a failure, with no summary.
+    pub fn abandon(&self) {
+        let g = self.lock();
+        for f in g.files.values() {
+            f.bar.finish_and_clear();
+        }
+        g.overall.finish_and_clear();
+        let _ = g.multi.clear();
     }
 
     /// Shows the route next to the overall progress.
@@ -793,31 +1091,30 @@ impl TransferProgress {
         self.lock().overall.set_message(route.to_string());
     }
 
-    /// Ends the display and reports the summary.
+    /// Ends the display (no bar stays behind) and reports the summary.
     pub fn finish(&self, route: Route, path: Option<RoutePath>) -> Summary {
         let g = self.lock();
+        for f in g.files.values() {
+            f.bar.finish_and_clear();
+            g.multi.remove(&f.bar);
+        }
         g.overall.finish_and_clear();
+        let _ = g.multi.clear();
         let summary = Summary {
             peer: g.peer.clone(),
+            side: g.side,
             files: g.files_done,
-            bytes: g.overall_done,
+            up_to_date: g.up_to_date,
+            bytes: g.overall_total,
+            sent_bytes: g.sent,
+            resumed_bytes: g.held,
             seconds: g.started.elapsed().as_secs_f64(),
             route,
             path,
         };
         match g.ui.mode {
             Mode::Json => emit_json(&Event::Summary(summary.clone())),
-            Mode::Human { .. } => {
-                let rate = summary.bytes as f64 / summary.seconds.max(1e-9);
-                g.ui.say(&format!(
-                    "Done: {} files, {} in {:.1} s ({}/s), route: {}",
-                    summary.files,
-                    HumanBytes(summary.bytes),
-                    summary.seconds,
-                    HumanBytes(rate as u64),
-                    route
-                ));
-            }
+            Mode::Human { .. } => g.ui.say(&summary.line()),
         }
         summary
     }
@@ -825,6 +1122,38 @@ impl TransferProgress {
     fn lock(&self) -> MutexGuard<'_, ProgressInner> {
         // A panic elsewhere while holding the lock leaves display state only; keep going.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Summary {
+    /// The summary for people: "Sent 7 files to joiner 1: 3 up to date, 43.0 MiB resumed,
+    /// 7.00 MiB sent in 0.4 s (17.5 MiB/s), route: direct (LAN)".
+    pub fn line(&self) -> String {
+        let (verb, dir, moved) = match self.side {
+            Side::Sending => ("Sent", "to", "sent"),
+            Side::Receiving => ("Received", "from", "received"),
+        };
+        let mut parts = Vec::new();
+        if self.up_to_date > 0 {
+            parts.push(format!("{} up to date", self.up_to_date));
+        }
+        if self.resumed_bytes > 0 {
+            parts.push(format!("{} resumed", HumanBytes(self.resumed_bytes)));
+        }
+        let rate = self.sent_bytes as f64 / self.seconds.max(1e-9);
+        parts.push(format!(
+            "{} {moved} in {:.1} s ({}/s)",
+            HumanBytes(self.sent_bytes),
+            self.seconds,
+            HumanBytes(rate as u64)
+        ));
+        format!(
+            "{verb} {} {dir} {}: {}, route: {}",
+            plural(self.files, "file", "files"),
+            self.peer,
+            parts.join(", "),
+            self.route
+        )
     }
 }
 
@@ -893,6 +1222,7 @@ mod tests {
             destination: "/home/me/in".into(),
             replaces: Vec::new(),
             same_size_here: 0,
+            entries: Vec::new(),
         }
     }
 
@@ -1046,8 +1376,12 @@ mod tests {
         );
         let s = Event::Summary(Summary {
             peer: "host".into(),
+            side: Side::Receiving,
             files: 2,
+            up_to_date: 0,
             bytes: 10,
+            sent_bytes: 10,
+            resumed_bytes: 0,
             seconds: 1.5,
             route: Route::LanDirect,
             path: None,
@@ -1084,20 +1418,51 @@ mod tests {
         assert!(path.to_string().contains("host → srflx over udp (v4)"));
     }
 
+    /// Held (resumed, up-to-date) bytes are counted apart from sent ones, and the summary
+    /// line says so (issue 15).
     #[test]
-    fn progress_accounts_plain_numbers() {
+    fn progress_keeps_sent_and_held_apart() {
         let ui = Ui::with_mode(Mode::Human { fancy: false });
-        let p = ui.transfer("host", 2, 300);
+        let p = ui.transfer("joiner 1", Side::Sending, 3, 600);
         p.file_started(1, "a", 100);
         p.file_started(2, "b", 200);
-        p.file_progress(1, 50);
-        p.file_progress(2, 150);
-        p.file_progress(1, 40); // going back is ignored for the totals
-        p.file_progress(9, 999); // unknown id
-        p.file_done(1);
-        p.file_done(2);
+        p.file_started(3, "c", 300);
+        p.held(1, 60);
+        p.sent(1, 50); // only 40 were missing
+        p.sent(2, 150);
+        p.sent(9, 999); // unknown id
+        p.file_done(1, false);
+        p.file_done(2, false); // the last 50 were held
+        p.file_done(3, true);
         let s = p.finish(Route::LanDirect, None);
-        assert_eq!((s.files, s.bytes), (2, 300));
+        assert_eq!((s.files, s.up_to_date, s.bytes), (3, 1, 600));
+        assert_eq!((s.sent_bytes, s.resumed_bytes), (190, 410));
+        let line = s.line();
+        assert!(
+            line.starts_with(
+                "Sent 3 files to joiner 1: 1 up to date, 410 B resumed, 190 B sent in"
+            ),
+            "{line}"
+        );
+        let one = Summary {
+            files: 1,
+            up_to_date: 0,
+            resumed_bytes: 0,
+            side: Side::Receiving,
+            ..s
+        };
+        assert!(
+            one.line()
+                .starts_with("Received 1 file from joiner 1: 190 B received")
+        );
+    }
+
+    #[test]
+    fn long_names_get_an_ellipsis_in_the_middle() {
+        assert_eq!(ellipsize("short.txt", 30), "short.txt");
+        let cut = ellipsize("photos/2024/a-very-long-holiday-name.jpeg", 20);
+        assert_eq!(cut.chars().count(), 20);
+        assert!(cut.starts_with("photos/2") && cut.ends_with("name.jpeg") && cut.contains('…'));
     }
 
     #[test]
