@@ -163,7 +163,14 @@ pub struct JoinArgs {
     #[arg(long, short = 'y', env = "THRU_YES")]
     pub yes: bool,
 
-    /// Allow replacing existing files.
+    /// What to do with a file that exists here with other content: ask (in the prompt),
+    /// skip it (keep yours), rename yours to `name (1).ext` and receive the new one, or
+    /// overwrite it.
+    #[arg(long, env = "THRU_ON_CONFLICT", value_enum, default_value_t = OnConflict::Ask,
+          value_name = "WHAT")]
+    pub on_conflict: OnConflict,
+
+    /// Replace existing files: the same as --on-conflict overwrite.
     #[arg(long, env = "THRU_FORCE")]
     pub force: bool,
 
@@ -190,6 +197,32 @@ pub struct JoinArgs {
     /// Shared network and engine flags.
     #[command(flatten)]
     pub net: NetArgs,
+}
+
+/// `--on-conflict`: what happens to a file that is already at the destination with other
+/// content.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq, clap::ValueEnum)]
+pub enum OnConflict {
+    /// Ask in the prompt, for all such files or for each (without a terminal: refuse, exit 5).
+    #[default]
+    Ask,
+    /// Keep the file here; the offered one is not kept.
+    Skip,
+    /// Rename the file here to `name (1).ext` and receive the offered one under its name.
+    Rename,
+    /// Replace the file here.
+    Overwrite,
+}
+
+impl JoinArgs {
+    /// The conflict policy, `--force` included.
+    pub fn conflict_policy(&self) -> OnConflict {
+        if self.force {
+            OnConflict::Overwrite
+        } else {
+            self.on_conflict
+        }
+    }
 }
 
 /// The public STUN servers asked when `--stun-server` is not given.

@@ -7,8 +7,9 @@
 //! [`thru::transfer::run_transfer`]. `completions` and `man` print generated
 //! text. Exit codes are [`thru::cli::Exit`].
 
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -245,13 +246,122 @@ async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
 }
 
 async fn join(args: JoinArgs, ui: &Ui) -> anyhow::Result<()> {
-    let text = args
-        .code
-        .as_deref()
-        .ok_or_else(|| UsageError("no join code: give it as an argument or in THRU_CODE".into()))?;
+    // Everything that can be checked here is checked before any network step, so that a
+    // problem never uses up the code.
+    let json = ui.mode() == thru::ui::Mode::Json;
+    let terminal = std::io::stdin().is_terminal();
+    let text = match args.code.clone() {
+        Some(c) => c,
+        None if terminal && !json => ask_code()?,
+        None => {
+            return Err(
+                UsageError("no join code: give it as an argument or in THRU_CODE".into()).into(),
+            );
+        }
+    };
     let code: JoinCode = text
+        .trim()
         .parse()
         .map_err(|e| UsageError(format!("invalid join code: {e}")))?;
+    if args.net.server.is_none() && args.peer.is_none() && args.net.no_mdns {
+        return Err(UsageError(
+            "--no-mdns without --server needs --peer ADDR (the host prints it)".into(),
+        )
+        .into());
+    }
+    if !args.yes && (json || !terminal) {
+        return Err(UsageError(if json {
+            "--json: nobody is asked under --json; pass --yes".into()
+        } else {
+            "no terminal to ask on; pass --yes".into()
+        })
+        .into());
+    }
+    let created = prepare_out(&args.out)?;
+    let result = join_paired(args, code, ui).await;
+    if result.is_err()
+        && let Some(top) = created
+    {
+        remove_empty_dirs(&top);
+    }
+    result
+}
+
+/// Asks for the join code on the terminal without echoing it (as wormhole does): it is a
+/// secret, and the screen may be shared.
+fn ask_code() -> anyhow::Result<String> {
+    let code = rpassword::prompt_password("Join code (input hidden): ")
+        .map_err(|e| UsageError(format!("reading the join code: {e}")))?;
+    if code.trim().is_empty() {
+        return Err(UsageError("no join code given".into()).into());
+    }
+    Ok(code)
+}
+
+/// Checks `--out`: a writable directory, created if missing. Returns the topmost directory
+/// it created, to remove again if nothing arrives.
+fn prepare_out(out: &Path) -> Result<Option<PathBuf>, UsageError> {
+    let shown = out.display();
+    let created = match std::fs::metadata(out) {
+        Ok(m) if !m.is_dir() => {
+            return Err(UsageError(format!(
+                "--out {shown} is a file; give a directory"
+            )));
+        }
+        Ok(_) => None,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut top = out.to_path_buf();
+            while let Some(parent) = top.parent() {
+                if parent.as_os_str().is_empty() || parent.exists() {
+                    break;
+                }
+                top = parent.to_path_buf();
+            }
+            std::fs::create_dir_all(out)
+                .map_err(|e| UsageError(format!("--out {shown}: cannot create it: {e}")))?;
+            Some(top)
+        }
+        Err(e) => return Err(UsageError(format!("--out {shown}: {e}"))),
+    };
+    // A probe file, not permission bits: it also catches read-only mounts and ACLs.
+    let probe = out.join(format!(".thru-probe-{}", std::process::id()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(created)
+        }
+        Err(e) => {
+            if let Some(top) = &created {
+                remove_empty_dirs(top);
+            }
+            Err(UsageError(format!(
+                "--out {shown}: cannot write there: {e}"
+            )))
+        }
+    }
+}
+
+/// Removes `top` and the directories under it, as long as they are empty.
+fn remove_empty_dirs(top: &Path) {
+    fn walk(dir: &Path) {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    walk(&e.path());
+                }
+            }
+        }
+        // Fails, as it should, when something is inside.
+        let _ = std::fs::remove_dir(dir);
+    }
+    walk(top);
+}
+
+async fn join_paired(args: JoinArgs, code: JoinCode, ui: &Ui) -> anyhow::Result<()> {
     let setup = Setup::new(&args.net).await?;
     let mut opts = JoinOptions::new(setup.local.clone());
     opts.timeout = args.net.pair_timeout;
@@ -282,7 +392,7 @@ async fn join(args: JoinArgs, ui: &Ui) -> anyhow::Result<()> {
         Job::Receive {
             out: args.out.clone(),
             yes: args.yes,
-            force: args.force,
+            on_conflict: args.conflict_policy(),
             keep_modes: args.keep_modes,
             skip_identical: !args.no_skip_identical,
             list: args.list,

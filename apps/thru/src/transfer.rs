@@ -34,7 +34,7 @@ use flux_transfer::{Event, LocalFile, Manifest};
 use flux_wire::EntryKind;
 use rand::RngCore;
 
-use crate::cli::Exit;
+use crate::cli::{Exit, OnConflict};
 use crate::pairing::Paired;
 use crate::rendezvous::Trickle;
 use crate::ui::{
@@ -67,8 +67,8 @@ pub enum Job {
         out: PathBuf,
         /// Accept without asking (`--yes`).
         yes: bool,
-        /// Allow overwriting (`--force`).
-        force: bool,
+        /// What to do with files that exist here with other content (`--on-conflict`).
+        on_conflict: OnConflict,
         /// Keep the sender's permission bits (`--keep-modes`).
         keep_modes: bool,
         /// Claim files already held so the sender skips them (off with `--no-skip-identical`).
@@ -281,8 +281,10 @@ pub enum TransferError {
     /// Host: the receiver declined, with its reason.
     #[error("the receiver declined: {0}")]
     Declined(String),
-    /// A target exists and `--force` was not given.
-    #[error("{path} already exists; pass --force to overwrite it")]
+    /// A target exists, `--on-conflict ask`, and nobody to ask.
+    #[error(
+        "{path} already exists here; choose with --on-conflict skip|rename|overwrite (or --force)"
+    )]
     Conflict {
         /// The file.
         path: PathBuf,
@@ -290,6 +292,9 @@ pub enum TransferError {
     /// The destination has too little free space for the offer (and no `--yes`).
     #[error(transparent)]
     NoSpace(#[from] crate::space::Short),
+    /// `--yes` was needed and not given (exit 2).
+    #[error("no terminal to ask on; pass --yes")]
+    NotATerminal,
     /// Anything else, with context (`transfer failed: control stream timeout`).
     #[error("transfer failed: {0}")]
     Failed(String),
@@ -301,6 +306,7 @@ impl TransferError {
         match self {
             Self::Refused | Self::Declined(_) | Self::NoSpace(_) => Exit::Refused,
             Self::Conflict { .. } => Exit::Conflict,
+            Self::NotATerminal => Exit::Usage,
             Self::Failed(_) => Exit::TransferFailed,
         }
     }
@@ -531,10 +537,10 @@ pub fn run_transfer(
     let Job::Receive {
         out,
         yes,
-        force,
+        on_conflict,
         keep_modes,
         skip_identical,
-        list: _,
+        list,
     } = &job.job
     else {
         return Err(TransferError::Failed(
@@ -545,7 +551,9 @@ pub fn run_transfer(
         .map_err(|e| failed(&format!("cannot create {}", out.display()), e))?;
     let mut cfg = net_config(job);
     cfg.auto_accept = false;
-    cfg.receiver.overwrite = *force;
+    // Chosen up front, the engine replaces files itself (atomically, file by file); chosen in
+    // the prompt, the files are moved aside before accepting (see `Aside`).
+    cfg.receiver.overwrite = *on_conflict == OnConflict::Overwrite;
     cfg.modes = if *keep_modes {
         ModePolicy::Keep
     } else {
@@ -554,20 +562,139 @@ pub fn run_transfer(
     cfg.receiver.skip_identical = *skip_identical;
     cfg.client_identity = Some(job.identity.clone());
     cfg.connect_timeout = Duration::from_secs(5);
+    let mut rx = Receiving {
+        out: out.clone(),
+        yes: *yes,
+        policy: *on_conflict,
+        list: *list,
+        asides: Vec::new(),
+    };
+    let result = receive(paired, trickle, job, &cfg, &mut rx, ui);
+    for a in &rx.asides {
+        a.settle(result.is_ok());
+    }
+    result
+}
+
+fn receive(
+    paired: Paired,
+    trickle: Option<Trickle>,
+    job: &TransferJob,
+    cfg: &NetConfig,
+    rx: &mut Receiving,
+    ui: &Ui,
+) -> Result<Summary, TransferError> {
     if let (Some(trickle), Some(servers)) = (trickle, &job.tuning.ice) {
         let setup = ice_setup(&paired, servers, flux_ice::Role::Controlled);
         let start = Start::Ice(Box::new(setup), trickle);
-        return receive_from(start, &paired, job, &cfg, out, *yes, ui)?;
+        return receive_from(start, &paired, job, cfg, rx, ui)?;
     }
     let mut last_err = None;
     // Most promising address first; a few at most, so a wrong one costs seconds, not minutes.
     for addr in paired.peer_addrs.iter().take(4) {
-        match receive_from(Start::Dial(*addr), &paired, job, &cfg, out, *yes, ui)? {
+        match receive_from(Start::Dial(*addr), &paired, job, cfg, rx, ui)? {
             Ok(summary) => return Ok(summary),
             Err(e) => last_err = Some(e),
         }
     }
     Err(last_err.unwrap_or_else(|| TransferError::Failed("the host advertised no address".into())))
+}
+
+/// The receiver's choices, kept across connection attempts.
+struct Receiving {
+    out: PathBuf,
+    yes: bool,
+    policy: OnConflict,
+    list: bool,
+    /// Files moved out of the way for this transfer.
+    asides: Vec<Aside>,
+}
+
+/// A file here that clashed with an offered one and was moved out of the way before
+/// accepting, so the engine writes the offered one in its place.
+#[derive(Debug)]
+struct Aside {
+    /// Where it was (and the offered file goes).
+    path: PathBuf,
+    /// Where it is now.
+    moved: PathBuf,
+    /// Why.
+    how: ui::Resolve,
+}
+
+impl Aside {
+    /// Moves `path` out of the way for `how`.
+    fn make(path: PathBuf, how: ui::Resolve) -> Result<Self, TransferError> {
+        let moved = match how {
+            ui::Resolve::Rename => free_name(&path, |k| numbered(&path, k)),
+            // A hidden name beside it: same filesystem, so the move is a rename.
+            _ => free_name(&path, |k| {
+                let name = path.file_name().unwrap_or_default().to_string_lossy();
+                path.with_file_name(format!(".{name}.thru-kept-{k}"))
+            }),
+        };
+        std::fs::rename(&path, &moved).map_err(|e| {
+            TransferError::Failed(format!(
+                "cannot move {} to {}: {e}",
+                path.display(),
+                moved.display()
+            ))
+        })?;
+        Ok(Self { path, moved, how })
+    }
+
+    /// After the transfer: a skipped file comes back (the received copy is dropped); an
+    /// overwritten one is deleted on success and restored on failure; a renamed one stays.
+    fn settle(&self, success: bool) {
+        let restore = match self.how {
+            ui::Resolve::Rename => return,
+            ui::Resolve::Skip => true,
+            ui::Resolve::Overwrite => !success,
+        };
+        if restore {
+            if let Ok(m) = std::fs::symlink_metadata(&self.path) {
+                let _ = if m.is_dir() {
+                    std::fs::remove_dir_all(&self.path)
+                } else {
+                    std::fs::remove_file(&self.path)
+                };
+            }
+            if let Err(e) = std::fs::rename(&self.moved, &self.path) {
+                tracing::warn!(
+                    "cannot put {} back from {}: {e}",
+                    self.path.display(),
+                    self.moved.display()
+                );
+            }
+        } else if let Ok(m) = std::fs::symlink_metadata(&self.moved) {
+            let _ = if m.is_dir() {
+                std::fs::remove_dir_all(&self.moved)
+            } else {
+                std::fs::remove_file(&self.moved)
+            };
+        }
+    }
+}
+
+/// `name (k).ext` beside `path`: `report.pdf` → `report (1).pdf`, `notes` → `notes (1)`.
+pub fn numbered(path: &Path, k: u32) -> PathBuf {
+    let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+    let name = match path.extension() {
+        Some(ext) if !stem.is_empty() => format!("{stem} ({k}).{}", ext.to_string_lossy()),
+        _ => format!(
+            "{} ({k})",
+            path.file_name().unwrap_or_default().to_string_lossy()
+        ),
+    };
+    path.with_file_name(name)
+}
+
+/// The first `candidate(k)`, k = 1, 2, …, where nothing exists.
+fn free_name(path: &Path, candidate: impl Fn(u32) -> PathBuf) -> PathBuf {
+    (1..)
+        .map(candidate)
+        .find(|p| std::fs::symlink_metadata(p).is_err())
+        .unwrap_or_else(|| path.to_path_buf())
 }
 
 /// How the joiner reaches the host.
@@ -586,14 +713,14 @@ fn receive_from(
     paired: &Paired,
     job: &TransferJob,
     cfg: &NetConfig,
-    out: &std::path::Path,
-    yes: bool,
+    rx: &mut Receiving,
     ui: &Ui,
 ) -> Result<Result<Summary, TransferError>, TransferError> {
+    let out = rx.out.clone();
     let socket = engine_socket(job)?;
     let (control, events, commands) = Control::channels();
     let fp = paired.peer_fingerprint;
-    let (cfg2, out2) = (cfg.clone(), out.to_owned());
+    let (cfg2, out2) = (cfg.clone(), out.clone());
     type Worker = JoinHandle<Result<NetReport, flux_transfer::TransferError>>;
     let (target, worker, mut trickle): (String, Worker, Option<Trickle>) = match start {
         Start::Dial(addr) => (
@@ -661,16 +788,7 @@ fn receive_from(
                         .collect();
                     local = Arc::new(unskipped);
                 }
-                let list = matches!(job.job, Job::Receive { list: true, .. });
-                match decide(
-                    &manifest,
-                    &local,
-                    out,
-                    yes,
-                    cfg.receiver.overwrite,
-                    list,
-                    ui,
-                ) {
+                match decide(&manifest, &local, rx, ui) {
                     Ok(()) => {
                         let _ = commands.send(Command::Accept);
                         let progress = ui.transfer(
@@ -750,34 +868,22 @@ fn receive_from(
 /// Longest wait for engine events before looking at the trickled candidates again.
 const TRICKLE_POLL: Duration = Duration::from_millis(5);
 
-/// Shows the offer and asks; refuses name clashes unless overwriting is allowed, and an offer
-/// larger than the free space at `out` unless `yes` (then it warns).
+/// Shows the offer and asks, name clashes included (`--on-conflict`); refuses an offer larger
+/// than the free space at `out` unless `yes` (then it warns). On acceptance, clashing files
+/// the user chose to skip, rename or overwrite (in the prompt) are moved aside.
 fn decide(
     manifest: &Manifest,
     local: &HashMap<u32, LocalFile>,
-    out: &std::path::Path,
-    yes: bool,
-    overwrite: bool,
-    list_all: bool,
+    rx: &mut Receiving,
     ui: &Ui,
 ) -> Result<(), TransferError> {
-    if !overwrite {
-        let mut clashes: Vec<u32> = local
-            .iter()
-            .filter(|(_, l)| matches!(l, LocalFile::Conflict))
-            .map(|(i, _)| *i)
-            .collect();
-        clashes.sort_unstable();
-        if let Some(e) = clashes.first().and_then(|i| manifest.entry(*i)) {
-            return Err(TransferError::Conflict {
-                path: PathBuf::from(ui::safe_name(&e.path)),
-            });
-        }
-    }
+    let (out, yes) = (rx.out.as_path(), rx.yes);
     let needed = crate::space::still_needed(manifest, local);
     match crate::space::free_bytes(out) {
         Ok(free) => {
-            if let Some(warning) = crate::space::decide(needed, free, out, yes)? {
+            // A shortfall refuses even with --yes: the writes would fail part-way, after
+            // the code is used and the bytes are sent.
+            if let Some(warning) = crate::space::decide(needed, free, out, false)? {
                 tracing::warn!(%warning, "accepting with --yes regardless");
                 ui.say(&format!("thru: warning: {warning}"));
             }
@@ -791,6 +897,7 @@ fn decide(
         .filter_map(|(i, _)| Some((*i, entries.get(*i as usize)?.path.clone())))
         .collect();
     replaces.sort_unstable();
+    let clashes = &replaces;
     let offer = Offer {
         files: entries
             .iter()
@@ -810,8 +917,11 @@ fn decide(
             })
             .collect(),
         dirs: entries.iter().filter(|e| e.kind == EntryKind::Dir).count(),
-        destination: out.display().to_string(),
-        replaces: replaces.into_iter().map(|(_, p)| p).collect(),
+        destination: std::fs::canonicalize(out)
+            .unwrap_or_else(|_| out.to_path_buf())
+            .display()
+            .to_string(),
+        replaces: replaces.iter().map(|(_, p)| p.clone()).collect(),
         same_size_here: local
             .values()
             .filter(|l| matches!(l, LocalFile::Existing(_)))
@@ -829,14 +939,37 @@ fn decide(
             })
             .collect(),
     };
-    match ui.confirm_offer(&offer, yes, list_all) {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(TransferError::Refused),
+    let answer = match ui.confirm_offer(&offer, yes, rx.list, rx.policy) {
+        Ok(Some(a)) => a,
+        Ok(None) => return Err(TransferError::Refused),
+        Err(ui::PromptError::Conflict(path)) => {
+            return Err(TransferError::Conflict {
+                path: PathBuf::from(path),
+            });
+        }
+        Err(ui::PromptError::NotATerminal) => return Err(TransferError::NotATerminal),
         Err(e) => {
             tracing::warn!(error = %e, "no answer to the offer");
-            Err(TransferError::Refused)
+            return Err(TransferError::Refused);
+        }
+    };
+    // The engine replaces files itself when told up front (`--force`); otherwise every
+    // clash is moved out of its way now, before accepting.
+    if rx.policy != OnConflict::Overwrite {
+        for ((_, name), how) in clashes.iter().zip(answer) {
+            let path = name.split('/').fold(out.to_path_buf(), |p, c| p.join(c));
+            let aside = Aside::make(path, how)?;
+            if how == ui::Resolve::Rename {
+                ui.say(&format!(
+                    "Renamed {} to {}",
+                    aside.path.display(),
+                    aside.moved.display()
+                ));
+            }
+            rx.asides.push(aside);
         }
     }
+    Ok(())
 }
 
 /// The receiver's reason when engine error `e` is its refusal of the offer.

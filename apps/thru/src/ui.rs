@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
+use crate::cli::OnConflict;
 use crate::code::JoinCode;
 use crate::pairing::{Paired, Rendezvous, Role};
 
@@ -175,7 +176,8 @@ pub struct Summary {
     pub bytes: u64,
     /// Payload bytes that crossed the network in this run.
     pub sent_bytes: u64,
-    /// Payload bytes the receiver already held (resumed chunks and up-to-date files).
+    /// Payload bytes the receiver already held in partly received files (resumed);
+    /// up-to-date files are not counted here.
     pub resumed_bytes: u64,
     /// Seconds from acceptance to the end.
     pub seconds: f64,
@@ -642,15 +644,18 @@ impl Ui {
         }
     }
 
-    /// Receiver: shows the offer and asks. `yes` accepts without asking. Reads the answer
-    /// from stdin when it is a terminal; otherwise refuses with [`PromptError::NotATerminal`].
+    /// Receiver: shows the offer and asks; returns `None` when declined, else what to do
+    /// with each file of `offer.replaces`. `yes` accepts without asking. Reads the answers
+    /// from stdin when it is a terminal; otherwise refuses with
+    /// [`PromptError::NotATerminal`]. Under `--json` nothing is shown or asked on stderr.
     /// `list_all` shows every file instead of the first [`LIST_LIMIT`].
     pub fn confirm_offer(
         &self,
         offer: &Offer,
         yes: bool,
         list_all: bool,
-    ) -> Result<bool, PromptError> {
+        policy: OnConflict,
+    ) -> Result<Option<Vec<Resolve>>, PromptError> {
         self.emit(&Event::Offer {
             entries: offer.entries.clone(),
             files: offer.files.len(),
@@ -661,20 +666,32 @@ impl Ui {
             same_size_here: offer.same_size_here,
             destination: offer.destination.clone(),
         });
-        let interactive = io::stdin().is_terminal();
+        let interactive = io::stdin().is_terminal() && self.mode != Mode::Json;
         let stdin = io::stdin();
         let mut input = stdin.lock();
-        let mut err = io::stderr().lock();
         let limit = if list_all { usize::MAX } else { LIST_LIMIT };
-        let accepted = confirm(offer, yes, interactive, limit, &mut input, &mut err)?;
-        if accepted {
+        let answer = if self.mode == Mode::Json || self.quiet && yes {
+            confirm(
+                offer,
+                yes,
+                interactive,
+                limit,
+                policy,
+                &mut input,
+                &mut io::sink(),
+            )?
+        } else {
+            let mut err = io::stderr().lock();
+            confirm(offer, yes, interactive, limit, policy, &mut input, &mut err)?
+        };
+        if answer.is_some() {
             self.emit(&Event::Accepted {
                 peer: "host".into(),
                 files: offer.files.len(),
                 bytes: offer.total_bytes(),
             });
         }
-        Ok(accepted)
+        Ok(answer)
     }
 
     /// Starts progress reporting for one transfer, from its acceptance: rates and times
@@ -726,49 +743,140 @@ impl Ui {
 #[non_exhaustive]
 pub enum PromptError {
     /// No `--yes` and nobody to ask.
-    #[error(
-        "refusing to receive: standard input is not a terminal, so nobody can confirm the file \
-         list; pass --yes to accept without asking"
-    )]
+    #[error("no terminal to ask on; pass --yes")]
     NotATerminal,
+    /// Files exist here with other content, `--on-conflict ask`, and nobody to ask.
+    #[error(
+        "{0} already exists here; choose with --on-conflict skip|rename|overwrite (or --force)"
+    )]
+    Conflict(String),
     /// Reading the answer failed.
     #[error("reading the answer: {0}")]
     Io(#[from] io::Error),
 }
 
+/// What to do with one file that exists at the destination with other content.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum Resolve {
+    /// Keep ours; the offered one is discarded.
+    Skip,
+    /// Rename ours to `name (1).ext`.
+    Rename,
+    /// Replace ours.
+    Overwrite,
+}
+
+impl Resolve {
+    fn of(policy: OnConflict) -> Option<Self> {
+        match policy {
+            OnConflict::Ask => None,
+            OnConflict::Skip => Some(Self::Skip),
+            OnConflict::Rename => Some(Self::Rename),
+            OnConflict::Overwrite => Some(Self::Overwrite),
+        }
+    }
+
+    fn parse(answer: &str) -> Option<Self> {
+        match answer.trim().to_ascii_lowercase().as_str() {
+            "s" | "skip" => Some(Self::Skip),
+            "r" | "rename" => Some(Self::Rename),
+            "o" | "overwrite" => Some(Self::Overwrite),
+            _ => None,
+        }
+    }
+}
+
+fn read_answer(input: &mut dyn BufRead) -> Result<String, PromptError> {
+    let mut line = String::new();
+    if input.read_line(&mut line)? == 0 {
+        return Err(PromptError::Io(io::ErrorKind::UnexpectedEof.into()));
+    }
+    Ok(line.trim().to_ascii_lowercase())
+}
+
 /// The prompt logic with explicit streams (testable): prints the offer to `out` (up to
-/// `limit` files); `yes` accepts; otherwise reads one line from `input` if `interactive`,
-/// where only `y`/`yes` (any case) accepts.
+/// `limit` files); resolves the files of `offer.replaces` by `policy`, asking when it is
+/// `ask` (all at once or one by one); then `yes` accepts, otherwise one line from `input`
+/// where only `y`/`yes` (any case) accepts. `None` is a decline.
 pub fn confirm(
     offer: &Offer,
     yes: bool,
     interactive: bool,
     limit: usize,
+    policy: OnConflict,
     input: &mut dyn BufRead,
     out: &mut dyn Write,
-) -> Result<bool, PromptError> {
+) -> Result<Option<Vec<Resolve>>, PromptError> {
     out.write_all(describe_offer(offer, limit).as_bytes())?;
+    let mut resolved = Vec::with_capacity(offer.replaces.len());
+    if let Some(first) = offer.replaces.first() {
+        if let Some(r) = Resolve::of(policy) {
+            resolved = vec![r; offer.replaces.len()];
+        } else if !interactive {
+            return Err(PromptError::Conflict(safe_name(first)));
+        } else {
+            let n = offer.replaces.len() as u64;
+            loop {
+                write!(
+                    out,
+                    "{} here with other content: [o]verwrite, [r]ename yours to \"name (1).ext\", \
+                     [s]kip, or decide for [e]ach? ",
+                    if n == 1 {
+                        "1 file exists".to_string()
+                    } else {
+                        format!("{n} files exist")
+                    }
+                )?;
+                out.flush()?;
+                let a = read_answer(input)?;
+                if let Some(r) = Resolve::parse(&a) {
+                    resolved = vec![r; offer.replaces.len()];
+                    break;
+                }
+                if a == "e" || a == "each" {
+                    for name in &offer.replaces {
+                        let r = loop {
+                            write!(
+                                out,
+                                "  {}: [o]verwrite, [r]ename, [s]kip? ",
+                                safe_name(name)
+                            )?;
+                            out.flush()?;
+                            if let Some(r) = Resolve::parse(&read_answer(input)?) {
+                                break r;
+                            }
+                        };
+                        resolved.push(r);
+                    }
+                    break;
+                }
+            }
+        }
+    }
     if yes {
         writeln!(out, "Accepted (--yes).")?;
-        return Ok(true);
+        return Ok(Some(resolved));
     }
     if !interactive {
         return Err(PromptError::NotATerminal);
     }
-    write!(out, "Receive these files? [y/N] ")?;
+    write!(
+        out,
+        "Receive these files into {}? [y/N] ",
+        safe_name(&offer.destination)
+    )?;
     out.flush()?;
     let mut line = String::new();
     input.read_line(&mut line)?;
     let answer = line.trim().to_ascii_lowercase();
-    Ok(answer == "y" || answer == "yes")
+    Ok((answer == "y" || answer == "yes").then_some(resolved))
 }
 
 /// The offer as shown before the question: counts by kind, the total and the destination;
 /// up to `limit` files (escaped, with size and mode); every link with its target; every file
 /// that would replace an existing one; and how many are already here.
 pub fn describe_offer(offer: &Offer, limit: usize) -> String {
-    let plural =
-        |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+    let plural = |n: usize, one: &str, many: &str| plural(n as u64, one, many);
     let mut s = format!(
         "The sender offers {}, {} and {}, {} in all, to {}:\n",
         plural(offer.files.len(), "file", "files"),
@@ -804,8 +912,11 @@ pub fn describe_offer(offer: &Offer, limit: usize) -> String {
         // Every one, uncut: these are the user's files.
         let _ = writeln!(
             s,
-            "replaces {} here (--force):",
-            plural(offer.replaces.len(), "existing file", "existing files")
+            "{} here with other content (--on-conflict):",
+            match offer.replaces.len() {
+                1 => "1 file exists".to_string(),
+                n => format!("{n} files exist"),
+            }
         );
         for r in &offer.replaces {
             let _ = writeln!(s, "  {}", safe_name(r));
@@ -908,6 +1019,8 @@ struct ProgressInner {
 struct FileState {
     name: String,
     done: u64,
+    /// Of `done`, the bytes the receiver held.
+    held: u64,
     total: u64,
     bar: ProgressBar,
 }
@@ -976,6 +1089,7 @@ impl TransferProgress {
             FileState {
                 name: safe,
                 done: 0,
+                held: 0,
                 total: size,
                 bar,
             },
@@ -1006,6 +1120,9 @@ impl TransferProgress {
         // Never past the end.
         let delta = len.min(f.total.saturating_sub(f.done));
         f.done += delta;
+        if held {
+            f.held += delta;
+        }
         f.bar.set_position(f.done);
         let (file, done, total) = (f.name.clone(), f.done, f.total);
         g.overall_done = g.overall_done.saturating_add(delta);
@@ -1064,7 +1181,9 @@ impl TransferProgress {
             g.multi.remove(&f.bar);
             g.files_done += 1;
             if up_to_date {
+                // An up-to-date file is counted as such, not as resumed bytes.
                 g.up_to_date += 1;
+                g.held -= f.held.min(g.held);
             }
             let peer = g.peer.clone();
             g.ui.emit(&Event::FileDone {
@@ -1226,11 +1345,65 @@ mod tests {
         }
     }
 
-    fn ask(yes: bool, interactive: bool, answer: &str) -> (Result<bool, PromptError>, String) {
+    fn ask_with(
+        offer: &Offer,
+        yes: bool,
+        interactive: bool,
+        policy: OnConflict,
+        answer: &str,
+    ) -> (Result<Option<Vec<Resolve>>, PromptError>, String) {
         let mut input = io::Cursor::new(answer.as_bytes().to_vec());
         let mut out = Vec::new();
-        let r = confirm(&offer(), yes, interactive, LIST_LIMIT, &mut input, &mut out);
+        let r = confirm(
+            offer,
+            yes,
+            interactive,
+            LIST_LIMIT,
+            policy,
+            &mut input,
+            &mut out,
+        );
         (r, String::from_utf8(out).unwrap())
+    }
+
+    fn ask(yes: bool, interactive: bool, answer: &str) -> (Result<bool, PromptError>, String) {
+        let (r, text) = ask_with(&offer(), yes, interactive, OnConflict::Ask, answer);
+        (r.map(|a| a.is_some()), text)
+    }
+
+    /// Conflicts are resolved for all at once or file by file; a policy answers without
+    /// asking; with nobody to ask and `ask`, it is a conflict error (issue 15).
+    #[test]
+    fn conflicts_are_asked_for_all_or_each() {
+        let mut o = offer();
+        o.replaces = vec!["a.txt".into(), "b.txt".into()];
+        let (r, text) = ask_with(&o, false, true, OnConflict::Ask, "x\nr\ny\n");
+        assert_eq!(r.unwrap(), Some(vec![Resolve::Rename; 2]));
+        assert!(
+            text.contains("2 files exist here with other content"),
+            "{text}"
+        );
+        assert!(
+            text.contains("[r]ename yours to \"name (1).ext\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("Receive these files into /home/me/in? [y/N]"),
+            "{text}"
+        );
+        let (r, text) = ask_with(&o, false, true, OnConflict::Ask, "e\ns\no\ny\n");
+        assert_eq!(r.unwrap(), Some(vec![Resolve::Skip, Resolve::Overwrite]));
+        assert!(
+            text.contains("  b.txt: [o]verwrite, [r]ename, [s]kip?"),
+            "{text}"
+        );
+        let (r, _) = ask_with(&o, true, false, OnConflict::Skip, "");
+        assert_eq!(r.unwrap(), Some(vec![Resolve::Skip; 2]));
+        let (r, _) = ask_with(&o, true, false, OnConflict::Ask, "");
+        assert!(matches!(r, Err(PromptError::Conflict(p)) if p == "a.txt"));
+        // Declining after resolving is still a decline.
+        let (r, _) = ask_with(&o, false, true, OnConflict::Ask, "o\nn\n");
+        assert_eq!(r.unwrap(), None);
     }
 
     #[test]
@@ -1350,7 +1523,7 @@ mod tests {
         assert!(text.contains("4755  photos/a.jpg"), "{text}");
         assert!(text.contains("  latest -> photos\n"), "{text}");
         assert!(
-            text.contains("replaces 45 existing files here (--force):"),
+            text.contains("45 files exist here with other content (--on-conflict):"),
             "{text}"
         );
         assert!(
@@ -1436,11 +1609,11 @@ mod tests {
         p.file_done(3, true);
         let s = p.finish(Route::LanDirect, None);
         assert_eq!((s.files, s.up_to_date, s.bytes), (3, 1, 600));
-        assert_eq!((s.sent_bytes, s.resumed_bytes), (190, 410));
+        assert_eq!((s.sent_bytes, s.resumed_bytes), (190, 110));
         let line = s.line();
         assert!(
             line.starts_with(
-                "Sent 3 files to joiner 1: 1 up to date, 410 B resumed, 190 B sent in"
+                "Sent 3 files to joiner 1: 1 up to date, 110 B resumed, 190 B sent in"
             ),
             "{line}"
         );

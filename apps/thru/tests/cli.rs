@@ -155,7 +155,13 @@ fn unreachable_peer_is_a_pairing_failure_exit_3_with_a_json_error() {
         .unwrap()
         .port();
     let out = Command::new(thru_bin())
-        .args(["join", "--json", "--peer", &format!("127.0.0.1:{port}")])
+        .args([
+            "join",
+            "--json",
+            "--yes",
+            "--peer",
+            &format!("127.0.0.1:{port}"),
+        ])
         .env("THRU_CODE", "K7QF2M-XD4P-RT9A")
         .stdin(Stdio::null())
         .output()
@@ -282,7 +288,10 @@ fn wrong_code_ends_both_processes_with_exit_3() {
     let code = code["code"].as_str().unwrap();
     let wrong = format!("{}-0000-0000", &code[..6]);
     let started = Instant::now();
-    let mut joiner = Proc::spawn(&["join", "--json", "--server", &server.url(), &wrong], &[]);
+    let mut joiner = Proc::spawn(
+        &["join", "--json", "--yes", "--server", &server.url(), &wrong],
+        &[],
+    );
     let jerr = joiner.event("error");
     assert!(
         jerr["message"]
@@ -346,7 +355,13 @@ fn evil_server() -> String {
 fn a_server_error_message_reaches_the_terminal_escaped() {
     for json in [false, true] {
         let url = evil_server();
-        let mut args = vec!["join", "K7QF2M-XD4P-RT9A", "--server", url.as_str()];
+        let mut args = vec![
+            "join",
+            "K7QF2M-XD4P-RT9A",
+            "--yes",
+            "--server",
+            url.as_str(),
+        ];
         if json {
             args.push("--json");
         }
@@ -407,6 +422,7 @@ fn turn_servers_come_from_a_file_without_echoing_it() {
     let out = thru(&[
         "join",
         "K7QF2M-XD4P-RT9A",
+        "--yes",
         "--server",
         "ws://127.0.0.1:9",
         "--turn-server-file",
@@ -421,6 +437,7 @@ fn turn_servers_come_from_a_file_without_echoing_it() {
     let out = thru(&[
         "join",
         "K7QF2M-XD4P-RT9A",
+        "--yes",
         "--server",
         "ws://127.0.0.1:9",
         "--turn-server-file",
