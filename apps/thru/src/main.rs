@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use clap::Parser as _;
+use clap::FromArgMatches as _;
 use flux_quic::{Identity, TransportParams};
 use flux_signal::client::ClientConfig;
 use thru::cli::{self, Cli, Command, Exit, HostArgs, JoinArgs, NetArgs};
@@ -31,7 +31,10 @@ use thru::ui::Ui;
 use tracing::Instrument as _;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let parsed = cli::command()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m).map(|c| (c, m)));
+    let (mut cli, matches) = match parsed {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
@@ -42,16 +45,110 @@ fn main() -> ExitCode {
             });
         }
     };
+    let config_path = thru::config::path();
+    let config = match config_path.as_deref().map(thru::config::load).transpose() {
+        Ok(c) => c.unwrap_or_default(),
+        Err(e) => {
+            Ui::new(cli.json, cli.quiet).error(&e.to_string(), None, Exit::Usage.code());
+            return ExitCode::from(Exit::Usage.code());
+        }
+    };
+    thru::config::apply(&mut cli, &matches, &config);
+    if matches!(cli.command, Command::Config) {
+        let text = thru::config::describe(config_path.as_deref(), &config, &|v| {
+            std::env::var(v).ok().filter(|s| !s.is_empty())
+        });
+        print!("{text}");
+        return ExitCode::SUCCESS;
+    }
     init_logging(cli.verbose, cli.quiet);
     let ui = Ui::new(cli.json, cli.quiet);
+    let server = match &cli.command {
+        Command::Host(a) => a.net.server.clone(),
+        Command::Join(a) => a.net.server.clone(),
+        _ => None,
+    };
+    // A joiner looking for its host by mDNS.
+    let by_mdns =
+        matches!(&cli.command, Command::Join(a) if a.net.server.is_none() && a.peer.is_none());
     match run(cli, &ui) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             let exit = classify(&err);
-            ui.error(&format!("{err:#}"), exit.code());
+            let hint = hint(&err, server.as_deref(), by_mdns);
+            ui.error(&message(&err), hint.as_deref(), exit.code());
             ExitCode::from(exit.code())
         }
     }
+}
+
+/// The error chain on one line, each cause once: some errors print their source in their
+/// own text as well (`signaling server: cannot connect to X` over `cannot connect to X`), and
+/// the plain `{:#}` chain would say it twice.
+fn message(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+/// What to try, for the errors with a likely cause.
+fn hint(err: &anyhow::Error, server: Option<&str>, by_mdns: bool) -> Option<String> {
+    use flux_signal::client::ClientError;
+    use flux_signal_proto::ErrorCode;
+    let rate = |code: &ErrorCode| match code {
+        // thruserv's per-IP budgets are per minute (it sends `Retry-After: 60`); the message
+        // budget is per second.
+        ErrorCode::ConnectRateLimited
+        | ErrorCode::CreateRateLimited
+        | ErrorCode::PairingRateLimited => {
+            Some("the server is rate limiting this address; retry in 60 s".to_string())
+        }
+        ErrorCode::RateLimited => {
+            Some("the server is rate limiting this connection; retry in 1 s".to_string())
+        }
+        _ => None,
+    };
+    for cause in err.chain() {
+        if let Some(c) = cause.downcast_ref::<ClientError>() {
+            match c {
+                ClientError::Connect { .. } => {
+                    return Some(format!(
+                        "is thruserv running at {}? is the URL right?",
+                        server.unwrap_or("the --server URL")
+                    ));
+                }
+                ClientError::Refused { status: 429, .. } => {
+                    return Some("the server is rate limiting this address; retry in 60 s".into());
+                }
+                ClientError::Refused { code, .. } | ClientError::Server { code, .. } => {
+                    if let Some(h) = rate(code) {
+                        return Some(h);
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let Some(PairError::NotFound(_) | PairError::Timeout { .. }) =
+            cause.downcast_ref::<PairError>()
+            && by_mdns
+        {
+            return Some(
+                "did the host use --server? (then pass the same --server) is multicast blocked \
+                 here? try --peer ADDR, as the host prints it"
+                    .into(),
+            );
+        }
+    }
+    None
 }
 
 fn run(cli: Cli, ui: &Ui) -> anyhow::Result<()> {
@@ -62,13 +159,26 @@ fn run(cli: Cli, ui: &Ui) -> anyhow::Result<()> {
             let _ = out.flush();
             Ok(())
         }
-        Command::Man => {
+        Command::Man { dir: None } => {
             let page = thru::cli::man_page().context("rendering the man page")?;
             let mut out = std::io::stdout().lock();
             let _ = out.write_all(&page);
             let _ = out.flush();
             Ok(())
         }
+        Command::Man { dir: Some(dir) } => {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| UsageError(format!("{}: {e}", dir.display())))?;
+            for (name, page) in thru::cli::man_pages().context("rendering the man pages")? {
+                let path = dir.join(name);
+                std::fs::write(&path, page)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                println!("{}", path.display());
+            }
+            Ok(())
+        }
+        // Answered before logging starts, in main.
+        Command::Config => Ok(()),
         Command::Host(args) => {
             ui.banner(env!("CARGO_PKG_VERSION"));
             ui.start(thru::pairing::Role::Host);
@@ -89,7 +199,28 @@ fn run(cli: Cli, ui: &Ui) -> anyhow::Result<()> {
 #[error("{0}")]
 struct UsageError(String);
 
+/// `--server` must name its scheme: `127.0.0.1:8080` could mean ws:// or wss://, and
+/// guessing wrong would send pairing in clear or fail obscurely.
+fn check_server_url(net: &NetArgs) -> Result<(), UsageError> {
+    let Some(url) = &net.server else {
+        return Ok(());
+    };
+    let lower = url.to_ascii_lowercase();
+    let ok = ["ws://", "wss://", "http://", "https://"]
+        .iter()
+        .any(|s| lower.starts_with(s) && lower.len() > s.len());
+    if ok {
+        Ok(())
+    } else {
+        Err(UsageError(format!(
+            "--server {url:?}: give a URL with its scheme, e.g. ws://{0} or wss://{0}",
+            url.split_once("://").map_or(url.as_str(), |(_, r)| r)
+        )))
+    }
+}
+
 async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
+    check_server_url(&args.net)?;
     for p in &args.paths {
         std::fs::symlink_metadata(p)
             .map_err(|e| UsageError(format!("cannot read {}: {e}", p.display())))?;
@@ -183,7 +314,7 @@ async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
                 }
                 HostNote::Ended { peer, result } => {
                     finished += 1;
-                    match result {
+                    match *result {
                         Ok(summary) => {
                             served += 1;
                             sent += summary.sent_bytes;
@@ -248,6 +379,7 @@ async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
 async fn join(args: JoinArgs, ui: &Ui) -> anyhow::Result<()> {
     // Everything that can be checked here is checked before any network step, so that a
     // problem never uses up the code.
+    check_server_url(&args.net)?;
     let json = ui.mode() == thru::ui::Mode::Json;
     let terminal = std::io::stdin().is_terminal();
     let text = match args.code.clone() {
@@ -539,7 +671,12 @@ fn server_is_loopback(url: &str) -> bool {
 
 fn classify(err: &anyhow::Error) -> Exit {
     for cause in err.chain() {
-        if cause.downcast_ref::<UsageError>().is_some() {
+        if cause.downcast_ref::<UsageError>().is_some()
+            || matches!(
+                cause.downcast_ref::<flux_signal::client::ClientError>(),
+                Some(flux_signal::client::ClientError::InvalidUrl { .. })
+            )
+        {
             return Exit::Usage;
         }
         if let Some(t) = cause.downcast_ref::<TransferError>() {
@@ -579,6 +716,8 @@ fn init_logging(verbose: u8, quiet: bool) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for a person: a log file or pipe gets plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .try_init();
 }

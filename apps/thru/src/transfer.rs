@@ -386,11 +386,12 @@ impl Files {
         if e.kind != EntryKind::File {
             return false;
         }
-        if !self.started.contains_key(&file) {
-            self.started.insert(file, false);
-            self.progress.file_started(u64::from(file), &e.path, e.size);
-        }
-        !self.started[&file]
+        let progress = &self.progress;
+        let done = *self.started.entry(file).or_insert_with(|| {
+            progress.file_started(u64::from(file), &e.path, e.size);
+            false
+        });
+        !done
     }
 
     /// `len` bytes of `file` crossed the network.
@@ -993,7 +994,7 @@ pub enum HostNote {
         /// The joiner's label.
         peer: String,
         /// The outcome.
-        result: Result<Summary, TransferError>,
+        result: Box<Result<Summary, TransferError>>,
     },
 }
 
@@ -1334,7 +1335,7 @@ fn host_events(events: &crossbeam_channel::Receiver<NetEvent>, ctx: &HostCtx<'_>
                 };
                 let _ = notes.send(HostNote::Ended {
                     peer: p.label,
-                    result,
+                    result: Box::new(result),
                 });
             }
             NetEvent::Offer { .. } => {}

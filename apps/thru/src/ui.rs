@@ -386,6 +386,9 @@ pub enum Event {
     Error {
         /// The message chain.
         message: String,
+        /// What to try, when there is a likely cause.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        hint: Option<String>,
         /// The process exit code.
         exit_code: u8,
     },
@@ -624,14 +627,19 @@ impl Ui {
     }
 
     /// Reports the command's final error.
-    pub fn error(&self, message: &str, exit_code: u8) {
+    pub fn error(&self, message: &str, hint: Option<&str>, exit_code: u8) {
         match self.mode {
             Mode::Json => emit_json(&Event::Error {
                 message: safe_text(message),
+                hint: hint.map(safe_text),
                 exit_code,
             }),
             Mode::Human { .. } => {
-                let _ = writeln!(io::stderr().lock(), "thru: error: {}", safe_text(message));
+                let mut err = io::stderr().lock();
+                let _ = writeln!(err, "thru: error: {}", safe_text(message));
+                if let Some(h) = hint {
+                    let _ = writeln!(err, "  hint: {}", safe_text(h));
+                }
             }
         }
     }

@@ -113,7 +113,8 @@ fn man_page_documents_every_subcommand_flag_and_exit_code() {
 
 #[test]
 fn version_and_help() {
-    for flag in ["-v", "--version"] {
+    // -V as in clap and ripgrep; -v is --verbose (issue 15).
+    for flag in ["-V", "--version"] {
         let out = thru(&[flag]);
         assert!(out.status.success());
         assert_eq!(
@@ -121,10 +122,46 @@ fn version_and_help() {
             format!("thru {}", env!("CARGO_PKG_VERSION"))
         );
     }
+    let out = thru(&["-v", "config"]);
+    assert!(out.status.success(), "-v is verbose, not the version");
     let out = thru(&["--help"]);
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("Exit codes:"), "{text}");
+    assert!(text.contains("Examples:"), "{text}");
+    // Options grouped under headings, and the habits' aliases.
+    let join = String::from_utf8(thru(&["receive", "--help"]).stdout).unwrap();
+    for heading in ["Basics:", "Network:", "Tuning:", "Output:", "Examples:"] {
+        assert!(join.contains(heading), "{heading} missing: {join}");
+    }
+    assert!(
+        text.contains("[alias: send]") && text.contains("[alias: receive]"),
+        "{text}"
+    );
+}
+
+/// `thru man DIR` writes one page per subcommand, and every page `thru.1` refers to exists.
+#[test]
+fn man_writes_every_page_it_refers_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = thru(&["man", dir.path().to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    let main = std::fs::read_to_string(dir.path().join("thru.1")).unwrap();
+    let mut refs = 0;
+    for word in main.split(|c: char| !(c.is_ascii_alphanumeric() || c == '\\' || c == '-')) {
+        if let Some(sub) = word.strip_prefix("thru\\-").filter(|s| !s.is_empty()) {
+            refs += 1;
+            assert!(
+                dir.path().join(format!("thru-{sub}.1")).exists(),
+                "thru.1 refers to thru-{sub}(1), which was not written"
+            );
+        }
+    }
+    assert!(refs >= 4, "thru.1 names its subcommands' pages: {main}");
+    for sub in ["host", "join", "config", "man", "completions"] {
+        let page = std::fs::read_to_string(dir.path().join(format!("thru-{sub}.1"))).unwrap();
+        assert!(page.contains(".TH"), "thru-{sub}.1 is a man page");
+    }
 }
 
 #[test]

@@ -241,3 +241,275 @@ fn local_problems_are_found_before_pairing() {
         "the created --out was removed"
     );
 }
+
+/// A TCP port on loopback with nothing listening.
+fn closed_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+const CODE: &str = "K7QF2M-XD4P-RT9A";
+
+/// Each error is said once, with a hint where there is a likely cause; a server URL without
+/// its scheme is a usage error; mDNS finding nothing says what to try.
+#[test]
+fn errors_are_said_once_with_a_hint() {
+    let url = format!("ws://127.0.0.1:{}", closed_port());
+    let o = thru(&["join", CODE, "--yes", "--server", &url]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert_eq!(
+        err.matches("cannot connect to").count(),
+        1,
+        "said twice: {err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "hint: is thruserv running at {url}? is the URL right?"
+        )),
+        "{err}"
+    );
+    let o = thru(&["join", CODE, "--yes", "--json", "--server", &url]);
+    let (out, _) = text(&o);
+    let last: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(last["event"], "error", "{last}");
+    assert!(
+        last["hint"]
+            .as_str()
+            .unwrap()
+            .contains("is thruserv running"),
+        "{last}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        vec!["join", CODE, "--yes", "--server", "127.0.0.1:9"],
+        vec![
+            "host",
+            dir.path().to_str().unwrap(),
+            "--server",
+            "127.0.0.1:9",
+        ],
+    ] {
+        let o = thru(&args);
+        let (_, err) = text(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("scheme") && err.contains("ws://127.0.0.1:9"),
+            "{err}"
+        );
+    }
+
+    // mDNS on loopback only (no multicast leaves the machine) finds nothing.
+    let o = thru(&[
+        "join",
+        CODE,
+        "--yes",
+        "--mdns-interface",
+        "lo",
+        "--pair-timeout",
+        "1s",
+    ]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("did the host use --server?") && err.contains("--peer"),
+        "{err}"
+    );
+}
+
+/// A server that rate limits says when to retry.
+#[test]
+fn rate_limited_says_when_to_retry() {
+    use std::io::{BufRead, BufReader};
+    let mut server = Command::new(common::thruserv_bin())
+        .args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--ws-connects-per-min",
+            "1",
+            "--ws-connects-burst",
+            "1",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line.split_whitespace().nth(2).unwrap().to_string();
+    let url = format!("ws://{addr}");
+    let mut said = None;
+    let mut seen = Vec::new();
+    // The first connect spends the budget; a later one is refused.
+    for _ in 0..3 {
+        let o = thru(&["join", CODE, "--yes", "--server", &url]);
+        let (_, err) = text(&o);
+        if err.contains("retry in") {
+            said = Some((o.status.code(), err));
+            break;
+        }
+        seen.push(err);
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    let (code, err) = said.unwrap_or_else(|| panic!("never rate limited: {seen:?}"));
+    assert_eq!(code, Some(3), "{err}");
+    assert!(
+        err.contains("hint: the server is rate limiting this address; retry in 60 s"),
+        "{err}"
+    );
+}
+
+/// Logs carry no colour codes when stderr is not a terminal; `-q` leaves only errors.
+#[test]
+fn logs_are_plain_and_quiet_is_quiet() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("f"), b"x").unwrap();
+    let f = dir.path().join("f");
+    // A host with debug logs, stopped once it has logged; stderr is a pipe.
+    let mut host = Command::new(thru_bin())
+        .args(["host", "--no-mdns", "--port", "0", f.to_str().unwrap()])
+        .env("RUST_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::{BufRead, BufReader};
+        let mut first = String::new();
+        BufReader::new(host.stdout.as_mut().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+    }
+    let _ = host.kill();
+    let out = host.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("DEBUG"), "debug logs expected: {err}");
+    assert!(!err.contains('\u{1b}'), "ANSI codes in a log file: {err:?}");
+
+    // -q: the host prints its code (stdout) and nothing on stderr.
+    let mut host = Command::new(thru_bin())
+        .args([
+            "-q",
+            "host",
+            "--no-mdns",
+            dir.path().join("f").to_str().unwrap(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    {
+        use std::io::{BufRead, BufReader};
+        BufReader::new(host.stdout.as_mut().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+    }
+    assert!(first.starts_with("Join code: "), "{first}");
+    let _ = host.kill();
+    let out = host.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "",
+        "-q printed on stderr"
+    );
+}
+
+/// The config file: `thru config` shows each value and its origin, TURN passwords hidden;
+/// and `thru join` uses flag > environment > file > default (the URL it fails to reach says
+/// which one won).
+#[test]
+fn config_file_precedence() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.toml");
+    let (p_file, p_env, p_flag) = (closed_port(), closed_port(), closed_port());
+    fs::write(
+        &cfg,
+        format!(
+            "server = \"ws://127.0.0.1:{p_file}\"\nturn_servers = [\"turn:me:Pw0rd@127.0.0.1:3478\"]\non_conflict = \"rename\"\n"
+        ),
+    )
+    .unwrap();
+    let cfg_s = cfg.to_str().unwrap();
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        Command::new(thru_bin())
+            .args(args)
+            .env("THRU_CONFIG", cfg_s)
+            .env_remove("THRU_SERVER_URL")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let (out, _) = text(&run(&["config"], &[]));
+    assert!(out.contains(&format!("config file: {cfg_s}")), "{out}");
+    assert!(
+        out.contains(&format!(
+            "server        = ws://127.0.0.1:{p_file}  (file {cfg_s})"
+        )),
+        "{out}"
+    );
+    assert!(out.contains("on_conflict   = rename  (file"), "{out}");
+    assert!(out.contains("out           = .  (default)"), "{out}");
+    assert!(
+        out.contains("turn:me:***@127.0.0.1:3478") && !out.contains("Pw0rd"),
+        "{out}"
+    );
+    let env_url = format!("ws://127.0.0.1:{p_env}");
+    let (out, _) = text(&run(&["config"], &[("THRU_SERVER_URL", &env_url)]));
+    assert!(
+        out.contains(&format!("= {env_url}  (env THRU_SERVER_URL)")),
+        "{out}"
+    );
+
+    let reached = |o: Output| {
+        let (_, err) = text(&o);
+        assert_eq!(o.status.code(), Some(3), "{err}");
+        err
+    };
+    let err = reached(run(&["join", CODE, "--yes"], &[]));
+    assert!(err.contains(&format!("127.0.0.1:{p_file}")), "file: {err}");
+    let err = reached(run(
+        &["join", CODE, "--yes"],
+        &[("THRU_SERVER_URL", &env_url)],
+    ));
+    assert!(
+        err.contains(&format!("127.0.0.1:{p_env}")),
+        "env over file: {err}"
+    );
+    let flag_url = format!("ws://127.0.0.1:{p_flag}");
+    let err = reached(run(
+        &["join", CODE, "--yes", "--server", &flag_url],
+        &[("THRU_SERVER_URL", &env_url)],
+    ));
+    assert!(
+        err.contains(&format!("127.0.0.1:{p_flag}")),
+        "flag over env: {err}"
+    );
+
+    // A typo in the file is an error naming it, not ignored.
+    fs::write(&cfg, "sever = \"ws://x\"\n").unwrap();
+    let o = run(&["config"], &[]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains(cfg_s) && err.contains("sever"), "{err}");
+}
