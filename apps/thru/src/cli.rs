@@ -113,8 +113,8 @@ pub struct Cli {
           help_heading = "Output")]
     pub version: Option<bool>,
 
-    /// One JSON object per line on stdout (events: code, peer, offer, accepted, progress,
-    /// file_done, summary, error); no banner, no bars.
+    /// One JSON object per line on stdout (events and fields: apps/thru/docs/json-events.md);
+    /// no banner, no bars, no prompt (a joiner needs --yes); stderr carries only logs.
     #[arg(help_heading = "Output", long, global = true, env = "THRU_JSON")]
     pub json: bool,
 

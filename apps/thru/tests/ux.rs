@@ -280,7 +280,9 @@ fn errors_are_said_once_with_a_hint() {
         "{err}"
     );
     let o = thru(&["join", CODE, "--yes", "--json", "--server", &url]);
-    let (out, _) = text(&o);
+    let (out, err) = text(&o);
+    // Under --json, stderr carries logs only (none at the default level here).
+    assert_eq!(err, "", "{err}");
     let last: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     assert_eq!(last["event"], "error", "{last}");
     assert!(
