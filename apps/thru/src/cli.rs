@@ -180,10 +180,10 @@ pub struct HostArgs {
     #[arg(help_heading = "Tuning", long, env = "THRU_CHUNK_SIZE", value_parser = parse_chunk_size, value_name = "SIZE")]
     pub chunk_size: Option<u64>,
 
-    /// Files sent at once, 1..8 (default: automatic).
-    #[arg(help_heading = "Tuning", long, env = "THRU_PARALLEL_FILES",
+    /// Files sent at once, 1..8 (each a QUIC stream lane).
+    #[arg(help_heading = "Tuning", long, env = "THRU_PARALLEL_FILES", default_value_t = 4,
           value_parser = clap::value_parser!(u8).range(1..=8))]
-    pub parallel_files: Option<u8>,
+    pub parallel_files: u8,
 
     /// Shared network and engine flags.
     #[command(flatten)]

@@ -258,7 +258,7 @@ async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
         },
         &args.net,
         args.chunk_size,
-        args.parallel_files,
+        Some(args.parallel_files),
     );
     let (notes_tx, mut notes) = tokio::sync::mpsc::unbounded_channel();
     let engine = HostEngine::start(&job, args.max_receivers as usize, ui, notes_tx)?;

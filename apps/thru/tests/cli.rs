@@ -487,3 +487,115 @@ fn turn_servers_come_from_a_file_without_echoing_it() {
         "{stderr}"
     );
 }
+
+/// The flag table of the top-level README against clap: every flag it names exists on the
+/// side it says, every flag of `thru host` and `thru join` is in it, and its defaults are
+/// clap's (issue 15: the docs had drifted).
+#[test]
+fn readme_flag_table_matches_clap() {
+    use clap::ArgAction;
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    let table = readme
+        .split("\n## Flags\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("a ## Flags section");
+    let mut cmd = thru::cli::command();
+    cmd.build();
+    let sub = |name: &str| cmd.find_subcommand(name).unwrap().clone();
+    let (host, join) = (sub("host"), sub("join"));
+    let flags_of = |c: &clap::Command| -> Vec<String> {
+        let mut v = Vec::new();
+        for a in c.get_arguments() {
+            if let Some(longs) = a.get_long_and_visible_aliases() {
+                v.extend(longs.iter().map(|l| format!("--{l}")));
+            }
+            if let Some(s) = a.get_short() {
+                v.push(format!("-{s}"));
+            }
+        }
+        v
+    };
+    let mut documented = Vec::new();
+    let mut rows = 0;
+    for line in table
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| flag"))
+    {
+        let cells: Vec<String> = line
+            .replace("\\|", "/")
+            .split('|')
+            .map(|c| c.trim().to_string())
+            .collect();
+        let (names, side, default) = (&cells[1], &cells[2], &cells[3]);
+        rows += 1;
+        let flags: Vec<String> = names
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .filter_map(|seg| seg.split_whitespace().next())
+            .filter(|f| f.starts_with('-'))
+            .map(str::to_string)
+            .collect();
+        let sides: Vec<&clap::Command> = match side.as_str() {
+            "host" => vec![&host],
+            "join" => vec![&join],
+            "both" => vec![&host, &join],
+            _ => vec![&cmd],
+        };
+        for f in &flags {
+            for c in &sides {
+                assert!(
+                    flags_of(c).contains(f),
+                    "README names {f} for {side:?}, but `thru {}` has no such flag",
+                    c.get_name()
+                );
+            }
+            documented.push(f.clone());
+        }
+        // Defaults: a row about one option states clap's default.
+        let longs: Vec<&String> = flags.iter().filter(|f| f.starts_with("--")).collect();
+        if let ([long], Some(c)) = (longs.as_slice(), sides.first()) {
+            let arg = c
+                .get_arguments()
+                .find(|a| a.get_long() == Some(&long[2..]))
+                .unwrap();
+            if matches!(
+                arg.get_action(),
+                ArgAction::SetTrue | ArgAction::Count | ArgAction::Version | ArgAction::Help
+            ) {
+                continue;
+            }
+            let clap_default: Vec<String> = arg
+                .get_default_values()
+                .iter()
+                .map(|v| v.to_string_lossy().into_owned())
+                .collect();
+            match clap_default.as_slice() {
+                [] => assert!(
+                    default.parse::<f64>().is_err(),
+                    "README gives {long} the default {default:?}; clap has none"
+                ),
+                [one] if !one.contains(',') => assert!(
+                    default.to_lowercase().contains(&one.to_lowercase()),
+                    "README gives {long} the default {default:?}; clap's is {one:?}"
+                ),
+                _ => {}
+            }
+        }
+    }
+    assert!(rows > 20, "the table was not found: {table}");
+    for c in [&host, &join] {
+        for f in flags_of(c) {
+            if f == "--help" || f == "-h" {
+                continue;
+            }
+            assert!(
+                documented.contains(&f),
+                "`thru {} {f}` is missing from the README flag table",
+                c.get_name()
+            );
+        }
+    }
+}
