@@ -1686,154 +1686,153 @@ mod tests {
         assert_ne!(saying(0), saying(1));
         assert!(banner_text("1.2.3").contains("1.2.3"));
     }
-}
 
-/// One sample of every `--json` event, with every optional field present: the documentation
-/// test compares their fields with docs/json-events.md.
-#[cfg(test)]
-pub(crate) fn sample_events() -> Vec<Event> {
-    let path = RoutePath {
-        kind: "srflx",
-        local: "host",
-        remote: "srflx",
-        transport: "udp",
-        family: "v4",
-        local_addr: "10.0.0.2:5000".into(),
-        remote_addr: "198.51.100.7:6000".into(),
-        connect_ms: 120.0,
-    };
-    let summary = Summary {
-        peer: "joiner 1".into(),
-        side: Side::Sending,
-        files: 3,
-        up_to_date: 1,
-        bytes: 300,
-        sent_bytes: 200,
-        resumed_bytes: 50,
-        seconds: 1.0,
-        route: Route::HolePunched,
-        path: Some(path.clone()),
-    };
-    let all = vec![
-        Event::Start {
-            schema: JSON_SCHEMA,
-            version: "1.0.0",
-            role: Role::Host,
-        },
-        Event::Offering {
+    /// One sample of every `--json` event, with every optional field present: the documentation
+    /// test compares their fields with docs/json-events.md.
+    fn sample_events() -> Vec<Event> {
+        let path = RoutePath {
+            kind: "srflx",
+            local: "host",
+            remote: "srflx",
+            transport: "udp",
+            family: "v4",
+            local_addr: "10.0.0.2:5000".into(),
+            remote_addr: "198.51.100.7:6000".into(),
+            connect_ms: 120.0,
+        };
+        let summary = Summary {
+            peer: "joiner 1".into(),
+            side: Side::Sending,
             files: 3,
+            up_to_date: 1,
             bytes: 300,
-        },
-        Event::Code {
-            code: "K7QF2M-XD4P-RT9A".into(),
-            mode: "lan",
-            peer_hint: Some("192.168.1.2:47115".into()),
-        },
-        Event::Peer {
-            role: Role::Host,
-            peer: "joiner 1".into(),
-            rendezvous: Rendezvous::LanDirect,
-            fingerprint: "ab".into(),
-            local_fingerprint: "cd".into(),
-            addrs: vec!["192.168.1.3:5000".into()],
-        },
-        Event::Route {
-            peer: "joiner 1".into(),
-            route: Route::HolePunched,
-            path: path.clone(),
-        },
-        Event::PairingFailed {
-            peer: "joiner 2".into(),
-            error: "wrong code".into(),
-        },
-        Event::Offer {
-            entries: vec![OfferEntry {
-                path: "a".into(),
-                size: 1,
-                kind: "file",
-            }],
-            files: 1,
-            bytes: 1,
-            dirs: 0,
-            links: Vec::new(),
-            replaces: Vec::new(),
-            same_size_here: 0,
-            destination: "/in".into(),
-        },
-        Event::Accepted {
-            peer: "host".into(),
-            files: 1,
-            bytes: 1,
-        },
-        Event::Declined {
-            peer: "joiner 1".into(),
-            reason: "the receiver declined".into(),
-        },
-        Event::Progress {
-            peer: "host".into(),
-            file: "a".into(),
-            done: 1,
-            total: 2,
-            overall_done: 1,
-            overall_total: 2,
-            sent_bytes: 1,
-            rate_bytes_per_s: Some(1.0),
-            eta_s: Some(1.0),
-            elapsed_s: 1.0,
-            ts_ms: 1,
-        },
-        Event::FileDone {
-            peer: "host".into(),
-            file: "a".into(),
-            bytes: 2,
-            up_to_date: false,
-        },
-        Event::Summary(summary),
-        Event::HostSummary {
-            receivers_done: 1,
-            receivers_failed: 0,
-            sent_bytes: 2,
+            sent_bytes: 200,
+            resumed_bytes: 50,
             seconds: 1.0,
-        },
-        Event::Benchmark {
-            peer: "host".into(),
-            side: Side::Receiving,
-            bytes: 2,
-            avg_gbit_s: 1.0,
-            peak_1s_gbit_s: 1.0,
-            connect_ms: Some(1.0),
-            first_byte_ms: Some(1.0),
-            rtt_ms: Some(1.0),
-            loss_pct: Some(0.0),
-            cpu_s: 0.1,
-            path: Some(path),
-        },
-        Event::Error {
-            message: "m".into(),
-            hint: Some("h".into()),
-            exit_code: 1,
-        },
-    ];
-    // Exhaustive on purpose: a new event does not compile until it has a sample (and so a
-    // documented entry).
-    for e in &all {
-        match e {
-            Event::Start { .. }
-            | Event::Offering { .. }
-            | Event::Code { .. }
-            | Event::Peer { .. }
-            | Event::Route { .. }
-            | Event::PairingFailed { .. }
-            | Event::Offer { .. }
-            | Event::Accepted { .. }
-            | Event::Declined { .. }
-            | Event::Progress { .. }
-            | Event::FileDone { .. }
-            | Event::Summary(_)
-            | Event::HostSummary { .. }
-            | Event::Benchmark { .. }
-            | Event::Error { .. } => {}
+            route: Route::HolePunched,
+            path: Some(path.clone()),
+        };
+        let all = vec![
+            Event::Start {
+                schema: JSON_SCHEMA,
+                version: "1.0.0",
+                role: Role::Host,
+            },
+            Event::Offering {
+                files: 3,
+                bytes: 300,
+            },
+            Event::Code {
+                code: "K7QF2M-XD4P-RT9A".into(),
+                mode: "lan",
+                peer_hint: Some("192.168.1.2:47115".into()),
+            },
+            Event::Peer {
+                role: Role::Host,
+                peer: "joiner 1".into(),
+                rendezvous: Rendezvous::LanDirect,
+                fingerprint: "ab".into(),
+                local_fingerprint: "cd".into(),
+                addrs: vec!["192.168.1.3:5000".into()],
+            },
+            Event::Route {
+                peer: "joiner 1".into(),
+                route: Route::HolePunched,
+                path: path.clone(),
+            },
+            Event::PairingFailed {
+                peer: "joiner 2".into(),
+                error: "wrong code".into(),
+            },
+            Event::Offer {
+                entries: vec![OfferEntry {
+                    path: "a".into(),
+                    size: 1,
+                    kind: "file",
+                }],
+                files: 1,
+                bytes: 1,
+                dirs: 0,
+                links: Vec::new(),
+                replaces: Vec::new(),
+                same_size_here: 0,
+                destination: "/in".into(),
+            },
+            Event::Accepted {
+                peer: "host".into(),
+                files: 1,
+                bytes: 1,
+            },
+            Event::Declined {
+                peer: "joiner 1".into(),
+                reason: "the receiver declined".into(),
+            },
+            Event::Progress {
+                peer: "host".into(),
+                file: "a".into(),
+                done: 1,
+                total: 2,
+                overall_done: 1,
+                overall_total: 2,
+                sent_bytes: 1,
+                rate_bytes_per_s: Some(1.0),
+                eta_s: Some(1.0),
+                elapsed_s: 1.0,
+                ts_ms: 1,
+            },
+            Event::FileDone {
+                peer: "host".into(),
+                file: "a".into(),
+                bytes: 2,
+                up_to_date: false,
+            },
+            Event::Summary(summary),
+            Event::HostSummary {
+                receivers_done: 1,
+                receivers_failed: 0,
+                sent_bytes: 2,
+                seconds: 1.0,
+            },
+            Event::Benchmark {
+                peer: "host".into(),
+                side: Side::Receiving,
+                bytes: 2,
+                avg_gbit_s: 1.0,
+                peak_1s_gbit_s: 1.0,
+                connect_ms: Some(1.0),
+                first_byte_ms: Some(1.0),
+                rtt_ms: Some(1.0),
+                loss_pct: Some(0.0),
+                cpu_s: 0.1,
+                path: Some(path),
+            },
+            Event::Error {
+                message: "m".into(),
+                hint: Some("h".into()),
+                exit_code: 1,
+            },
+        ];
+        // Exhaustive on purpose: a new event does not compile until it has a sample (and so a
+        // documented entry).
+        for e in &all {
+            match e {
+                Event::Start { .. }
+                | Event::Offering { .. }
+                | Event::Code { .. }
+                | Event::Peer { .. }
+                | Event::Route { .. }
+                | Event::PairingFailed { .. }
+                | Event::Offer { .. }
+                | Event::Accepted { .. }
+                | Event::Declined { .. }
+                | Event::Progress { .. }
+                | Event::FileDone { .. }
+                | Event::Summary(_)
+                | Event::HostSummary { .. }
+                | Event::Benchmark { .. }
+                | Event::Error { .. } => {}
+            }
         }
+        all
     }
-    all
 }
