@@ -445,60 +445,13 @@ impl Ui {
         }
     }
 
-    /// Emits `event` in JSON mode; in human mode only the benchmark report is printed.
+    /// Emits `event` in JSON mode; in human mode only the benchmark report and the host's
+    /// overall summary are printed.
     pub fn emit(&self, event: &Event) {
         if self.mode == Mode::Json {
             emit_json(event);
-            return;
-        }
-        if let Event::HostSummary {
-            receivers_done,
-            receivers_failed,
-            sent_bytes,
-            seconds,
-        } = event
-        {
-            let mut line = format!(
-                "All done: {} served",
-                plural(*receivers_done, "receiver", "receivers")
-            );
-            if *receivers_failed > 0 {
-                let _ = write!(line, ", {receivers_failed} failed or declined");
-            }
-            let _ = write!(line, "; {} sent in {seconds:.1} s", HumanBytes(*sent_bytes));
+        } else if let Some(line) = human_line(event) {
             self.say(&line);
-        }
-        if let Event::Benchmark {
-            peer,
-            side,
-            bytes,
-            avg_gbit_s,
-            peak_1s_gbit_s,
-            connect_ms,
-            first_byte_ms,
-            rtt_ms,
-            loss_pct,
-            cpu_s,
-            path,
-        } = event
-        {
-            let ms = |v: &Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.1} ms"));
-            let route = path
-                .as_ref()
-                .map_or_else(|| "LAN dial".to_string(), |p| format!("{} ({p})", p.kind));
-            // Bytes and bytes per second only: one unit family per line (JSON has Gbit/s).
-            let per_sec = |gbit: f64| HumanBytes((gbit * 1e9 / 8.0) as u64);
-            self.say(&format!(
-                "Benchmark ({}): {} moved, avg {}/s, peak 1 s {}/s, connect {}, first byte {}, RTT {}, loss {}, CPU {cpu_s:.2} s, route {route}",
-                side.towards(peer),
-                HumanBytes(*bytes),
-                per_sec(*avg_gbit_s),
-                per_sec(*peak_1s_gbit_s),
-                ms(connect_ms),
-                ms(first_byte_ms),
-                ms(rtt_ms),
-                loss_pct.map_or("-".to_string(), |l| format!("{l:.2}%")),
-            ));
         }
     }
 
@@ -744,6 +697,60 @@ impl Ui {
             })),
         }
     }
+}
+
+/// The human form of the events that have one in human mode.
+fn human_line(event: &Event) -> Option<String> {
+    if let Event::HostSummary {
+        receivers_done,
+        receivers_failed,
+        sent_bytes,
+        seconds,
+    } = event
+    {
+        let mut line = format!(
+            "All done: {} served",
+            plural(*receivers_done, "receiver", "receivers")
+        );
+        if *receivers_failed > 0 {
+            let _ = write!(line, ", {receivers_failed} failed or declined");
+        }
+        let _ = write!(line, "; {} sent in {seconds:.1} s", HumanBytes(*sent_bytes));
+        return Some(line);
+    }
+    if let Event::Benchmark {
+        peer,
+        side,
+        bytes,
+        avg_gbit_s,
+        peak_1s_gbit_s,
+        connect_ms,
+        first_byte_ms,
+        rtt_ms,
+        loss_pct,
+        cpu_s,
+        path,
+    } = event
+    {
+        let ms = |v: &Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.1} ms"));
+        let route = path
+            .as_ref()
+            .map_or_else(|| "LAN dial".to_string(), |p| format!("{} ({p})", p.kind));
+        // Bytes and bytes per second only: one unit family per line (JSON has Gbit/s).
+        let per_sec = |gbit: f64| HumanBytes((gbit * 1e9 / 8.0) as u64);
+        return Some(format!(
+            "Benchmark ({}): {} moved, avg {}/s, peak 1 s {}/s, connect {}, first byte {}, RTT {}, loss {}, CPU {cpu_s:.2} s, route {route}",
+            side.towards(peer),
+            HumanBytes(*bytes),
+            per_sec(*avg_gbit_s),
+            per_sec(*peak_1s_gbit_s),
+            ms(connect_ms),
+            ms(first_byte_ms),
+            ms(rtt_ms),
+            loss_pct.map_or("-".to_string(), |l| format!("{l:.2}%")),
+        ));
+    }
+    None
 }
 
 /// Why the prompt could not get an answer.
@@ -1679,6 +1686,21 @@ mod tests {
             doc.contains(&format!("{JSON_SCHEMA} at present")),
             "schema version"
         );
+    }
+
+    /// The benchmark line names the side and the direction, and uses one unit family.
+    #[test]
+    fn benchmark_line_has_one_unit_family_and_the_side() {
+        let e = sample_events()
+            .into_iter()
+            .find(|e| matches!(e, Event::Benchmark { .. }))
+            .unwrap();
+        let line = human_line(&e).unwrap();
+        assert!(
+            line.starts_with("Benchmark (receiving from host): "),
+            "{line}"
+        );
+        assert!(line.contains("MiB/s") && !line.contains("bit/s"), "{line}");
     }
 
     #[test]

@@ -13,8 +13,13 @@ use serde_json::Value;
 
 /// A LAN `--json` host of `paths` serving `receivers`; returns it, its `--peer` and code.
 fn lan_host(paths: &[&Path], receivers: u32) -> (Proc, String, String) {
+    lan_host_with(paths, receivers, &[])
+}
+
+fn lan_host_with(paths: &[&Path], receivers: u32, extra: &[&str]) -> (Proc, String, String) {
     let n = receivers.to_string();
     let mut args = vec!["host", "--json", "--no-mdns", "--max-receivers", &n];
+    args.extend_from_slice(extra);
     args.extend(paths.iter().map(|p| p.to_str().unwrap()));
     let host = Proc::spawn(&args, &[]);
     let start = host.event("start");
@@ -68,11 +73,12 @@ fn sender_reports_what_actually_moved() {
     fs::write(src.path().join("new.bin"), &data).unwrap();
     fs::write(src.path().join("same.txt"), b"held already").unwrap();
     fs::write(out.path().join("same.txt"), b"held already").unwrap();
-    let (mut host, peer, code) = lan_host(
+    let (mut host, peer, code) = lan_host_with(
         &[&src.path().join("new.bin"), &src.path().join("same.txt")],
         1,
+        &["--benchmark"],
     );
-    let mut joiner = lan_join(&peer, &code, out.path(), &["--yes"]);
+    let mut joiner = lan_join(&peer, &code, out.path(), &["--yes", "--benchmark"]);
 
     // The joiner: schema first, a complete offer, progress with rate, ETA and time.
     let first: Value = serde_json::from_str(&joiner.line()).unwrap();
@@ -87,6 +93,11 @@ fn sender_reports_what_actually_moved() {
         "{offer}"
     );
     let progress = joiner.event("progress");
+    // No rate before there is a second of data to average it over.
+    if progress["elapsed_s"].as_f64().unwrap() < 1.0 {
+        assert!(progress["rate_bytes_per_s"].is_null(), "{progress}");
+        assert!(progress["eta_s"].is_null(), "{progress}");
+    }
     for key in [
         "sent_bytes",
         "rate_bytes_per_s",
@@ -101,6 +112,12 @@ fn sender_reports_what_actually_moved() {
     assert_eq!(sum["side"], "receiving", "{sum}");
     assert_eq!(sum["files"], 2, "{sum}");
     assert_eq!(sum["up_to_date"], 1, "{sum}");
+    let bench = joiner.event("benchmark");
+    assert_eq!(bench["side"], "receiving", "{bench}");
+    assert!(
+        bench["peak_1s_gbit_s"].as_f64() >= bench["avg_gbit_s"].as_f64(),
+        "average above the peak: {bench}"
+    );
     assert_eq!(joiner.wait(), 0);
 
     // The host: what it offers, the acceptance, each file, the truth about what moved.
@@ -130,6 +147,13 @@ fn sender_reports_what_actually_moved() {
         "only new.bin moved: {sum}"
     );
     assert_eq!(sum["resumed_bytes"], 0, "{sum}");
+    let bench = host.event("benchmark");
+    assert_eq!(bench["side"], "sending", "{bench}");
+    assert_eq!(bench["bytes"], data.len() as u64, "{bench}");
+    assert!(
+        bench["peak_1s_gbit_s"].as_f64() >= bench["avg_gbit_s"].as_f64(),
+        "average above the peak: {bench}"
+    );
     let overall = host.event("host_summary");
     assert_eq!(overall["receivers_done"], 1, "{overall}");
     assert_eq!(overall["sent_bytes"], data.len() as u64, "{overall}");
@@ -514,4 +538,37 @@ fn config_file_precedence() {
     let (_, err) = text(&o);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains(cfg_s) && err.contains("sever"), "{err}");
+}
+
+/// With a server in the config file, `thru host FILE` and `thru join CODE` need no flags.
+#[test]
+fn a_configured_server_needs_no_flags() {
+    let server = common::Thruserv::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.toml");
+    let out = dir.path().join("in");
+    fs::write(
+        &cfg,
+        format!(
+            "server = \"{}\"\nout = \"{}\"\n",
+            server.url(),
+            out.display()
+        ),
+    )
+    .unwrap();
+    let f = dir.path().join("f.txt");
+    fs::write(&f, b"through the configured server").unwrap();
+    let cfg_s = cfg.to_str().unwrap();
+    let env = [("THRU_CONFIG", cfg_s)];
+    let mut host = Proc::spawn(&["host", "--json", f.to_str().unwrap()], &env);
+    let code = host.event("code");
+    assert_eq!(code["mode"], "server", "{code}");
+    let code = code["code"].as_str().unwrap().to_string();
+    let mut joiner = Proc::spawn(&["join", "--json", "--yes", &code], &env);
+    assert_eq!(joiner.wait(), 0);
+    assert_eq!(host.wait(), 0);
+    assert_eq!(
+        fs::read(out.join("f.txt")).unwrap(),
+        b"through the configured server"
+    );
 }
