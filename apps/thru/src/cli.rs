@@ -176,6 +176,11 @@ pub struct HostArgs {
           value_parser = clap::value_parser!(u32).range(1..=64))]
     pub max_receivers: u32,
 
+    /// Print the code's secret as five words (K7QF2M-delta-maple-river-tiger-wolf), easier to
+    /// read aloud; the same code, and joiners may type either form.
+    #[arg(help_heading = "Basics", long, env = "THRU_WORDS")]
+    pub words: bool,
+
     /// Chunk size, 256KiB..4MiB and a multiple of 4KiB (default: chosen from the largest file).
     #[arg(help_heading = "Tuning", long, env = "THRU_CHUNK_SIZE", value_parser = parse_chunk_size, value_name = "SIZE")]
     pub chunk_size: Option<u64>,

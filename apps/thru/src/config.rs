@@ -9,6 +9,7 @@
 //! out = "~/Downloads/thru"
 //! on_conflict = "rename"
 //! max_receivers = 1
+//! words = true                                              # codes as words
 //! ```
 //!
 //! Precedence, per value: a flag beats its `THRU_*` environment variable, which beats the
@@ -47,6 +48,8 @@ pub struct File {
     pub on_conflict: Option<OnConflict>,
     /// `thru host --max-receivers`.
     pub max_receivers: Option<u32>,
+    /// `thru host --words`: print codes in the word form.
+    pub words: Option<bool>,
 }
 
 /// Why the config file could not be used (exit 2).
@@ -117,6 +120,11 @@ pub fn apply(cli: &mut Cli, matches: &ArgMatches, file: &File) {
                 && !given(m, "max_receivers")
             {
                 a.max_receivers = n;
+            }
+            if let Some(w) = file.words
+                && !given(m, "words")
+            {
+                a.words = w;
             }
         }
         Command::Join(a) => {
@@ -237,6 +245,10 @@ pub fn describe(path: Option<&Path>, file: &File, env: &dyn Fn(&str) -> Option<S
                 file.max_receivers.map(|n| n.to_string()),
                 "1",
             ),
+        ),
+        (
+            "words",
+            pick("THRU_WORDS", file.words.map(|w| w.to_string()), "false"),
         ),
     ];
     let mut out = match path {

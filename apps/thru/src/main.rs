@@ -264,7 +264,7 @@ async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
     let engine = HostEngine::start(&job, args.max_receivers as usize, ui, notes_tx)?;
     let (files, bytes) = engine.offered();
     ui.offering(files, bytes);
-    ui.code(session.code(), args.net.server.as_deref(), hint);
+    ui.code(session.code(), args.words, args.net.server.as_deref(), hint);
     let max = u64::from(args.max_receivers);
     ui.waiting(0, max);
     let (mut paired, mut finished) = (0usize, 0usize);

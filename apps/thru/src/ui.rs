@@ -1,8 +1,8 @@
 //! What the user sees: JSON lines for scripts, or a banner, messages and progress bars for
 //! people, and the receiver's accept prompt.
 //!
-//! - `--json`: one JSON object per line on stdout ([`Event`]), nothing else on stdout
-//!   (logs and prompts go to stderr). The join code is `{"event":"code","code":"…"}`.
+//! - `--json`: one JSON object per line on stdout ([`Event`]), nothing else on stdout;
+//!   stderr carries only logs. docs/json-events.md lists the events and their fields.
 //! - Human mode: a banner and a startup saying when stdout is a terminal, messages on
 //!   stderr, and indicatif bars (one per file in flight plus an overall bar with speed and
 //!   ETA). When stdout is not a terminal there are no banner and no bars.
@@ -226,8 +226,10 @@ pub enum Event {
     },
     /// The join code to give the receiver.
     Code {
-        /// The full code.
+        /// The full code, in the form the host prints (`--words` or not).
         code: String,
+        /// The same code in the word form.
+        words: String,
         /// `server` or `lan`.
         mode: &'static str,
         /// LAN: the `--peer` address joiners can use when mDNS does not reach.
@@ -456,14 +458,30 @@ impl Ui {
     }
 
     /// Shows the join code and how to use it.
-    pub fn code(&self, code: &JoinCode, server: Option<&str>, peer_hint: Option<String>) {
+    pub fn code(
+        &self,
+        code: &JoinCode,
+        words: bool,
+        server: Option<&str>,
+        peer_hint: Option<String>,
+    ) {
         match self.mode {
             Mode::Json => emit_json(&Event::Code {
-                code: code.to_string(),
+                code: if words {
+                    code.to_words()
+                } else {
+                    code.to_string()
+                },
+                words: code.to_words(),
                 mode: if server.is_some() { "server" } else { "lan" },
                 peer_hint,
             }),
             Mode::Human { .. } => {
+                let code = if words {
+                    code.to_words()
+                } else {
+                    code.to_string()
+                };
                 let mut msg = format!("Join code: {code}\n\nOn the receiving machine run:\n");
                 match server {
                     Some(url) => {
@@ -1555,12 +1573,13 @@ mod tests {
     fn events_serialize_with_an_event_tag() {
         let e = Event::Code {
             code: "K7QF2M-XD4P-RT9A".into(),
+            words: "K7QF2M-able-able-able-able-able".into(),
             mode: "lan",
             peer_hint: None,
         };
         assert_eq!(
             serde_json::to_string(&e).unwrap(),
-            r#"{"event":"code","code":"K7QF2M-XD4P-RT9A","mode":"lan"}"#
+            r#"{"event":"code","code":"K7QF2M-XD4P-RT9A","words":"K7QF2M-able-able-able-able-able","mode":"lan"}"#
         );
         let s = Event::Summary(Summary {
             peer: "host".into(),
@@ -1746,6 +1765,7 @@ mod tests {
             },
             Event::Code {
                 code: "K7QF2M-XD4P-RT9A".into(),
+                words: "K7QF2M-able-able-able-able-able".into(),
                 mode: "lan",
                 peer_hint: Some("192.168.1.2:47115".into()),
             },

@@ -572,3 +572,34 @@ fn a_configured_server_needs_no_flags() {
         b"through the configured server"
     );
 }
+
+/// `thru host --words` prints the word form; a joiner typing three letters a word gets the
+/// files.
+#[test]
+fn word_codes_work_with_three_letters_a_word() {
+    let src = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let f = src.path().join("spoken.txt");
+    fs::write(&f, b"read aloud").unwrap();
+    let (mut host, peer, code) = lan_host_with(&[&f], 1, &["--words"]);
+    let parts: Vec<&str> = code.split('-').collect();
+    assert_eq!(parts.len(), 6, "routing part and five words: {code}");
+    let typed: Vec<String> = parts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            if i == 0 {
+                p.to_string()
+            } else {
+                p[..3].to_string()
+            }
+        })
+        .collect();
+    let mut joiner = lan_join(&peer, &typed.join(" "), out.path(), &["--yes"]);
+    assert_eq!(joiner.wait(), 0);
+    assert_eq!(host.wait(), 0);
+    assert_eq!(
+        fs::read(out.path().join("spoken.txt")).unwrap(),
+        b"read aloud"
+    );
+}
