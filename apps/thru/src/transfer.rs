@@ -807,7 +807,11 @@ fn receive_from(
                             TransferError::Conflict { path } => {
                                 format!("{} already exists at the receiver", path.display())
                             }
-                            _ => "the receiver declined".into(),
+                            TransferError::NoSpace(_) => {
+                                "not enough free space at the receiver".into()
+                            }
+                            TransferError::Refused => "the user answered no".into(),
+                            _ => "the receiver could not accept".into(),
                         };
                         let _ = commands.send(Command::Reject(reason));
                         verdict = Some(e);

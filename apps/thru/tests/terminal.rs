@@ -4,8 +4,8 @@
 //!
 //! What it checks (issue 15): the code asked with hidden input, the prompt showing the
 //! destination and the clashing file, the rename choice, the host's live bar per receiver
-//! with its route, the summaries, the waiting line, Ctrl-C on both sides, and no colour codes
-//! in a log file.
+//! with its route, the summaries, the waiting line, a decline (exit 4 on both sides), Ctrl-C
+//! on both sides, and no colour codes in a log file.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -264,10 +264,29 @@ fn host_and_join_on_terminals() {
     assert!(screen.contains("EXIT=130"), "{screen}");
     assert!(!never.exists());
 
-    // Ctrl-C on the waiting host stops it.
-    tmux.keys("host", &["C-c"]);
+    // A receiver that answers no: it exits 4, so does the host (its last receiver declined),
+    // and the --out this joiner created is gone again.
+    let declined = out.join("new-dir");
+    tmux.window(
+        "join3",
+        &format!(
+            "{} join {code} --peer {peer} --out {}",
+            q(&thru),
+            q(&declined)
+        ),
+    );
+    tmux.wait_for("join3", "? [y/N]");
+    tmux.keys("join3", &["n", "Enter"]);
+    let screen = tmux.wait_for("join3", "EXIT=");
+    assert!(screen.contains("EXIT=4"), "{screen}");
+    assert!(!declined.exists(), "the --out join created was left behind");
     let screen = tmux.wait_for("host", "EXIT=");
-    assert!(screen.contains("EXIT=130"), "{screen}");
+    assert!(screen.contains("joiner 2 declined"), "{screen}");
+    assert!(
+        screen.contains("All done: 1 receiver served, 1 failed or declined"),
+        "{screen}"
+    );
+    assert!(screen.contains("EXIT=4"), "{screen}");
 }
 
 /// With stderr in a file, the logs there carry no colour codes, while the terminal still
@@ -301,8 +320,10 @@ fn logs_in_a_file_have_no_colour_codes() {
         assert!(Instant::now() < deadline, "no debug log");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Ctrl-C stops the waiting host at once.
     tmux.keys("host", &["C-c"]);
-    tmux.wait_for("host", "EXIT=");
+    let screen = tmux.wait_for("host", "EXIT=");
+    assert!(screen.contains("EXIT=130"), "{screen}");
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
         !text.contains('\u{1b}'),
