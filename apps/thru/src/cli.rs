@@ -34,6 +34,8 @@ pub enum Exit {
     Refused = 4,
     /// A file to receive exists with other content, `--on-conflict ask`, and nobody to ask.
     Conflict = 5,
+    /// Stopped with Ctrl-C (the peer is told at once).
+    Interrupted = 130,
 }
 
 impl Exit {
@@ -52,7 +54,8 @@ Exit codes:
      unreadable path, unusable --out, no terminal to ask on and no --yes)
   3  pairing failed (wrong code, tampering detected, no such session, peer unreachable)
   4  refused: the receiver declined (both sides exit 4) or lacks free space
-  5  conflict: a file exists here with other content and nobody to ask (--on-conflict)";
+  5  conflict: a file exists here with other content and nobody to ask (--on-conflict)
+  130  stopped with Ctrl-C (the other side is told at once)";
 
 const AFTER_HELP: &str = "\
 Examples:
@@ -80,7 +83,8 @@ Exit codes:
      unreadable path, unusable --out, no terminal to ask on and no --yes)
   3  pairing failed (wrong code, tampering detected, no such session, peer unreachable)
   4  refused: the receiver declined (both sides exit 4) or lacks free space
-  5  conflict: a file exists here with other content and nobody to ask (--on-conflict)";
+  5  conflict: a file exists here with other content and nobody to ask (--on-conflict)
+  130  stopped with Ctrl-C (the other side is told at once)";
 
 const HOST_EXAMPLES: &str = "\
 Examples:

@@ -194,6 +194,11 @@ fn run(cli: Cli, ui: &Ui) -> anyhow::Result<()> {
     }
 }
 
+/// The user pressed Ctrl-C (exit 130, as for a process killed by SIGINT).
+#[derive(Debug, thiserror::Error)]
+#[error("stopped (Ctrl-C)")]
+struct Interrupted;
+
 /// A usage problem found after parsing (exit 2).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -277,9 +282,18 @@ async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
     let mut waiting: std::collections::HashMap<[u8; 32], (String, std::time::Instant)> =
         std::collections::HashMap::new();
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("installing the Ctrl-C handler")?;
     loop {
         let before = finished;
         tokio::select! {
+            _ = sigint.recv() => {
+                // Cancelling closes every connection: receivers learn at once and can resume
+                // later, instead of waiting out QUIC's idle timeout.
+                drop(engine);
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                return Err(Interrupted.into());
+            }
             ev = session.next_event(), if !ended => match ev {
                 Some(HostEvent::Paired(p, trickle)) => {
                     paired += 1;
@@ -380,11 +394,54 @@ async fn join(args: JoinArgs, ui: &Ui) -> anyhow::Result<()> {
     // Everything that can be checked here is checked before any network step, so that a
     // problem never uses up the code.
     check_server_url(&args.net)?;
+    let terminal = std::io::stdin().is_terminal();
+    // Ctrl-C from here on: put the terminal back (the code is read without echo), tell the
+    // host at once rather than leave it to time out, and remove a --out made for nothing.
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("installing the Ctrl-C handler")?;
+    let tty = terminal
+        .then(|| rustix::termios::tcgetattr(std::io::stdin()).ok())
+        .flatten();
+    let stopper = thru::transfer::Stopper::default();
+    let created: Arc<std::sync::Mutex<Option<PathBuf>>> = Arc::default();
+    let work = join_checked(args, ui, stopper.clone(), created.clone());
+    tokio::select! {
+        r = work => r,
+        _ = sigint.recv() => {
+            if let Some(t) = &tty {
+                let _ = rustix::termios::tcsetattr(
+                    std::io::stdin(),
+                    rustix::termios::OptionalActions::Now,
+                    t,
+                );
+            }
+            stopper.stop();
+            // Long enough for the engine to send the refusal or the close.
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            if let Some(top) = created.lock().ok().and_then(|g| g.clone()) {
+                remove_empty_dirs(&top);
+            }
+            ui.error("stopped (Ctrl-C)", None, Exit::Interrupted.code());
+            // Not a return: a blocking read of the prompt would hold the runtime's shutdown.
+            std::process::exit(i32::from(Exit::Interrupted.code()));
+        }
+    }
+}
+
+/// `join` after its flag checks: the code, `--out`, pairing and the transfer.
+async fn join_checked(
+    args: JoinArgs,
+    ui: &Ui,
+    stopper: thru::transfer::Stopper,
+    created_out: Arc<std::sync::Mutex<Option<PathBuf>>>,
+) -> anyhow::Result<()> {
     let json = ui.mode() == thru::ui::Mode::Json;
     let terminal = std::io::stdin().is_terminal();
     let text = match args.code.clone() {
         Some(c) => c,
-        None if terminal && !json => ask_code()?,
+        None if terminal && !json => tokio::task::spawn_blocking(ask_code)
+            .await
+            .context("reading the code")??,
         None => {
             return Err(
                 UsageError("no join code: give it as an argument or in THRU_CODE".into()).into(),
@@ -410,7 +467,10 @@ async fn join(args: JoinArgs, ui: &Ui) -> anyhow::Result<()> {
         .into());
     }
     let created = prepare_out(&args.out)?;
-    let result = join_paired(args, code, ui).await;
+    if let Ok(mut g) = created_out.lock() {
+        g.clone_from(&created);
+    }
+    let result = join_paired(args, code, ui, stopper).await;
     if result.is_err()
         && let Some(top) = created
     {
@@ -422,8 +482,14 @@ async fn join(args: JoinArgs, ui: &Ui) -> anyhow::Result<()> {
 /// Asks for the join code on the terminal without echoing it (as wormhole does): it is a
 /// secret, and the screen may be shared.
 fn ask_code() -> anyhow::Result<String> {
-    let code = rpassword::prompt_password("Join code (input hidden): ")
-        .map_err(|e| UsageError(format!("reading the join code: {e}")))?;
+    let code = rpassword::prompt_password("Join code (input hidden): ").map_err(|e| {
+        if e.kind() == std::io::ErrorKind::Interrupted {
+            // Ctrl-C: rpassword has put the echo back.
+            anyhow::Error::new(Interrupted)
+        } else {
+            UsageError(format!("reading the join code: {e}")).into()
+        }
+    })?;
     if code.trim().is_empty() {
         return Err(UsageError("no join code given".into()).into());
     }
@@ -493,7 +559,12 @@ fn remove_empty_dirs(top: &Path) {
     walk(top);
 }
 
-async fn join_paired(args: JoinArgs, code: JoinCode, ui: &Ui) -> anyhow::Result<()> {
+async fn join_paired(
+    args: JoinArgs,
+    code: JoinCode,
+    ui: &Ui,
+    stopper: thru::transfer::Stopper,
+) -> anyhow::Result<()> {
     let setup = Setup::new(&args.net).await?;
     let mut opts = JoinOptions::new(setup.local.clone());
     opts.timeout = args.net.pair_timeout;
@@ -520,7 +591,7 @@ async fn join_paired(args: JoinArgs, code: JoinCode, ui: &Ui) -> anyhow::Result<
     }
     .context("pairing failed")?;
     ui.peer(&paired);
-    let job = Arc::new(setup.job(
+    let mut job = setup.job(
         Job::Receive {
             out: args.out.clone(),
             yes: args.yes,
@@ -532,7 +603,9 @@ async fn join_paired(args: JoinArgs, code: JoinCode, ui: &Ui) -> anyhow::Result<
         &args.net,
         None,
         None,
-    ));
+    );
+    job.stopper = stopper;
+    let job = Arc::new(job);
     let ui2 = ui.clone();
     tokio::task::spawn_blocking(move || run_transfer(paired, trickle, &job, &ui2))
         .await
@@ -624,6 +697,7 @@ impl Setup {
                 benchmark: net.benchmark,
                 ice: self.ice.clone(),
             },
+            stopper: thru::transfer::Stopper::default(),
         }
     }
 }
@@ -678,6 +752,9 @@ fn classify(err: &anyhow::Error) -> Exit {
             )
         {
             return Exit::Usage;
+        }
+        if cause.downcast_ref::<Interrupted>().is_some() {
+            return Exit::Interrupted;
         }
         if let Some(t) = cause.downcast_ref::<TransferError>() {
             return t.exit();

@@ -258,6 +258,45 @@ fn ice_setup(paired: &Paired, servers: &IceServers, role: flux_ice::Role) -> Ice
     }
 }
 
+/// Stops a joiner's transfer from another thread (Ctrl-C): the engine tells the host at once,
+/// as a refusal while the prompt is up and as a cancellation after, instead of the host
+/// finding out from QUIC's idle timeout half a minute later.
+#[derive(Clone, Debug, Default)]
+pub struct Stopper {
+    inner: Arc<Mutex<StopperInner>>,
+}
+
+#[derive(Debug, Default)]
+struct StopperInner {
+    commands: Option<crossbeam_channel::Sender<Command>>,
+    at_prompt: bool,
+}
+
+impl Stopper {
+    /// Stops the transfer, if one is running.
+    pub fn stop(&self) {
+        let Ok(g) = self.inner.lock() else { return };
+        if let Some(tx) = &g.commands {
+            if g.at_prompt {
+                let _ = tx.send(Command::Reject("the receiver stopped (Ctrl-C)".into()));
+            }
+            let _ = tx.send(Command::Cancel);
+        }
+    }
+
+    fn engine(&self, commands: &crossbeam_channel::Sender<Command>) {
+        if let Ok(mut g) = self.inner.lock() {
+            g.commands = Some(commands.clone());
+        }
+    }
+
+    fn prompt(&self, up: bool) {
+        if let Ok(mut g) = self.inner.lock() {
+            g.at_prompt = up;
+        }
+    }
+}
+
 /// Everything but the peer; shared by all of a host's transfers.
 #[derive(Debug)]
 pub struct TransferJob {
@@ -269,6 +308,8 @@ pub struct TransferJob {
     pub socket: Arc<UdpSocket>,
     /// Tuning.
     pub tuning: Tuning,
+    /// Joiner: how Ctrl-C reaches the engine.
+    pub stopper: Stopper,
 }
 
 /// Why a transfer did not complete.
@@ -720,6 +761,7 @@ fn receive_from(
     let out = rx.out.clone();
     let socket = engine_socket(job)?;
     let (control, events, commands) = Control::channels();
+    job.stopper.engine(&commands);
     let fp = paired.peer_fingerprint;
     let (cfg2, out2) = (cfg.clone(), out.clone());
     type Worker = JoinHandle<Result<NetReport, flux_transfer::TransferError>>;
@@ -789,7 +831,10 @@ fn receive_from(
                         .collect();
                     local = Arc::new(unskipped);
                 }
-                match decide(&manifest, &local, rx, ui) {
+                job.stopper.prompt(true);
+                let decision = decide(&manifest, &local, rx, ui);
+                job.stopper.prompt(false);
+                match decision {
                     Ok(()) => {
                         let _ = commands.send(Command::Accept);
                         let progress = ui.transfer(

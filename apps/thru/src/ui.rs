@@ -606,7 +606,8 @@ impl Ui {
                 exit_code,
             }),
             Mode::Human { .. } => {
-                let mut err = io::stderr().lock();
+                // Not locked across the read: a Ctrl-C handler must still be able to write.
+                let mut err = io::stderr();
                 let _ = writeln!(err, "thru: error: {}", safe_text(message));
                 if let Some(h) = hint {
                     let _ = writeln!(err, "  hint: {}", safe_text(h));
@@ -660,7 +661,8 @@ impl Ui {
                 &mut io::sink(),
             )?
         } else {
-            let mut err = io::stderr().lock();
+            // Not locked across the read: a Ctrl-C handler must still be able to write.
+            let mut err = io::stderr();
             confirm(offer, yes, interactive, limit, policy, &mut input, &mut err)?
         };
         if answer.is_some() {

@@ -154,7 +154,7 @@ fn host_and_join_on_terminals() {
     tmux.window(
         "host",
         &format!(
-            "{} host --no-mdns --max-receivers 2 {} {}",
+            "{} host --no-mdns --max-receivers 3 {} {}",
             q(&thru),
             q(&src.path().join("report.txt")),
             q(&big)
@@ -184,7 +184,7 @@ fn host_and_join_on_terminals() {
     let peer = format!("127.0.0.1:{port}");
     tmux.wait_for(
         "host",
-        "Waiting for receivers (0 of 2 done) — Ctrl-C to stop",
+        "Waiting for receivers (0 of 3 done) — Ctrl-C to stop",
     );
 
     // The joiner asks for the code without echoing it.
@@ -242,7 +242,7 @@ fn host_and_join_on_terminals() {
         b"my copy"
     );
 
-    let screen = tmux.wait_for("host", "Waiting for receivers (1 of 2 done)");
+    let screen = tmux.wait_for("host", "Waiting for receivers (1 of 3 done)");
     assert!(
         screen.contains("Sent 2 files to joiner 1: 256.00 MiB sent"),
         "{screen}"
@@ -252,17 +252,43 @@ fn host_and_join_on_terminals() {
         "a stale bar stayed:\n{screen}"
     );
 
-    // Ctrl-C at the code prompt: the joiner stops at once and creates nothing.
+    // Ctrl-C at the code prompt: the joiner stops at once, creates nothing, and leaves the
+    // terminal echoing again.
     let never = out.join("never");
+    let check_echo =
+        "x=$?; stty -a | tr ' ;' '\\n\\n' | grep -x -- '-\\?echo' | sed 's/^/TTY=/'; (exit $x)";
     tmux.window(
         "join2",
-        &format!("{} join --peer {peer} --out {}", q(&thru), q(&never)),
+        &format!(
+            "{} join --peer {peer} --out {}; {check_echo}",
+            q(&thru),
+            q(&never)
+        ),
     );
     tmux.wait_for("join2", "Join code (input hidden):");
     tmux.keys("join2", &["C-c"]);
     let screen = tmux.wait_for("join2", "EXIT=");
     assert!(screen.contains("EXIT=130"), "{screen}");
+    assert!(screen.contains("TTY=echo"), "echo left off:\n{screen}");
     assert!(!never.exists());
+
+    // Ctrl-C at the offer prompt: the host hears of it at once, as a refusal (not half a
+    // minute later from QUIC's idle timeout, which would read "timed out").
+    let stopped = out.join("stopped");
+    tmux.window(
+        "join4",
+        &format!(
+            "{} join {code} --peer {peer} --out {}",
+            q(&thru),
+            q(&stopped)
+        ),
+    );
+    tmux.wait_for("join4", "? [y/N]");
+    tmux.keys("join4", &["C-c"]);
+    let screen = tmux.wait_for("join4", "EXIT=");
+    assert!(screen.contains("EXIT=130"), "{screen}");
+    assert!(!stopped.exists(), "the --out join created was left behind");
+    tmux.wait_for("host", "joiner 2 declined: the receiver stopped (Ctrl-C)");
 
     // A receiver that answers no: it exits 4, so does the host (its last receiver declined),
     // and the --out this joiner created is gone again.
@@ -281,9 +307,12 @@ fn host_and_join_on_terminals() {
     assert!(screen.contains("EXIT=4"), "{screen}");
     assert!(!declined.exists(), "the --out join created was left behind");
     let screen = tmux.wait_for("host", "EXIT=");
-    assert!(screen.contains("joiner 2 declined"), "{screen}");
     assert!(
-        screen.contains("All done: 1 receiver served, 1 failed or declined"),
+        screen.contains("joiner 3 declined: the user answered no"),
+        "{screen}"
+    );
+    assert!(
+        screen.contains("All done: 1 receiver served, 2 failed or declined"),
         "{screen}"
     );
     assert!(screen.contains("EXIT=4"), "{screen}");
