@@ -240,7 +240,7 @@ pub struct JoinArgs {
     pub keep_modes: bool,
     /// Send every byte: never skip a file already here or resume a partial one. Skipping tells
     /// the sender whether you hold an identical file; with this flag an existing file is a
-    /// conflict (replaced only with --force).
+    /// conflict (see --on-conflict).
     #[arg(help_heading = "Basics", long, env = "THRU_NO_SKIP_IDENTICAL")]
     pub no_skip_identical: bool,
 

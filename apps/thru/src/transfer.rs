@@ -2,7 +2,7 @@
 //!
 //! - A joiner calls [`run_transfer`]: one engine worker connects to the host's authenticated
 //!   addresses (pinning the host's certificate and presenting its own), shows the offer and
-//!   asks, refuses name clashes unless `--force`, and reports progress and the summary.
+//!   asks (name clashes included, per `--on-conflict`), and reports progress and the summary.
 //! - A host starts one [`HostEngine`] for the whole session: one worker owns the advertised
 //!   UDP socket and serves every joiner on its own QUIC connection; [`HostEngine::admit`] lets
 //!   a joiner's certificate in once its pairing succeeded, and nobody else gets in.

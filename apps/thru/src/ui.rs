@@ -145,8 +145,8 @@ pub struct Offer {
     pub dirs: usize,
     /// Where it would land (`--out`).
     pub destination: String,
-    /// Files that would replace an existing file of another size or kind (only with
-    /// `--force`; without it such a clash refuses the offer before the prompt).
+    /// Files that exist here with another size or kind: what happens to them is
+    /// `--on-conflict`'s (asked in the prompt by default).
     pub replaces: Vec<String>,
     /// Files already here with the same size: skipped when identical.
     pub same_size_here: usize,
@@ -280,7 +280,7 @@ pub enum Event {
         dirs: usize,
         /// Every link with its target (escaped when shown to a person, raw here as JSON).
         links: Vec<OfferedLink>,
-        /// Files that would replace existing ones (`--force`).
+        /// Files that exist here with other content (`--on-conflict`).
         replaces: Vec<String>,
         /// Files already here with the same size.
         same_size_here: usize,
