@@ -397,6 +397,14 @@ fn resume_and_check(f: &Path, out: &Path) {
     let a = blake3::hash(&fs::read(f).unwrap());
     let b = blake3::hash(&fs::read(out.join("big.bin")).unwrap());
     assert_eq!(a, b, "received bytes differ");
+    // The sender reports what moved, not the whole file (issue 15).
+    let sum = host.event("summary");
+    let (sent, resumed) = (
+        sum["sent_bytes"].as_u64().unwrap(),
+        sum["resumed_bytes"].as_u64().unwrap(),
+    );
+    assert_eq!(sent + resumed, GIB, "{sum}");
+    assert!(resumed > 0 && sent <= GIB - held + 16 * CHUNK, "{sum}");
     assert_eq!(wait_long(&mut host, Duration::from_secs(30)), 0);
 }
 
