@@ -4,8 +4,10 @@ set -euo pipefail
 
 need_apt=()
 # iproute2 / nftables: network-namespace tests; coturn: TURN relay for NAT-lab tests;
-# ethtool: offloads off on lab links (tools/natlab); openssl: the lab's TURN TLS certificate.
-for pkg_cmd in "iproute2:ip" "nftables:nft" "coturn:turnserver" "ethtool:ethtool" "openssl:openssl"; do
+# ethtool: offloads off on lab links (tools/natlab); openssl: the lab's TURN TLS certificate;
+# redis-server, haproxy: thruserv fleet tests (apps/thruserv/tests/fleet.rs, apps/thru/tests/fleet.rs).
+for pkg_cmd in "iproute2:ip" "nftables:nft" "coturn:turnserver" "ethtool:ethtool" "openssl:openssl" \
+    "redis-server:redis-server" "haproxy:haproxy"; do
     pkg=${pkg_cmd%%:*}; cmd=${pkg_cmd##*:}
     command -v "$cmd" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
@@ -17,6 +19,8 @@ if ((${#need_apt[@]})); then
         apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
         # The coturn package starts nothing by default, but make sure no relay lingers.
         systemctl disable --now coturn >/dev/null 2>&1 || true
+        # Nor a system Redis or HAProxy: the tests start their own on free loopback ports.
+        systemctl disable --now redis-server haproxy >/dev/null 2>&1 || true
     else
         echo "install: missing ${need_apt[*]} and cannot apt-get (not root?); tests that need them will skip" >&2
     fi

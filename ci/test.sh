@@ -52,6 +52,9 @@ cargo nextest run --workspace --locked --no-fail-fast --profile ci || rc=$?
 ./ci/slowest.py target/nextest/ci/junit.xml 15 || true
 [ "$rc" -eq 0 ] || exit "$rc"
 
+step "bench smoke (ratios and loss, 256 MiB)"
+./ci/bench-smoke.sh
+
 step "fuzz smoke"
 ./ci/fuzz-smoke.sh
 

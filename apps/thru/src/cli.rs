@@ -351,7 +351,8 @@ pub struct NetArgs {
     )]
     pub turn_cert: Option<PathBuf>,
 
-    /// QUIC connection receive window.
+    /// Largest QUIC connection receive window (starts at 32 MiB, grows with the path's
+    /// measured bandwidth-delay product).
     #[arg(help_heading = "Tuning", long, env = "THRU_QUIC_CONN_WINDOW_BYTES", default_value = "1GiB",
           value_parser = parse_size, value_name = "SIZE")]
     pub quic_conn_window_bytes: u64,

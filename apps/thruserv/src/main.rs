@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{ArgAction, Parser, ValueEnum};
-use flux_signal::server::{Cidr, Server, ServerConfig, load_tls};
+use flux_signal::server::{Cidr, RedisUrl, Server, ServerConfig, ServerError, load_tls};
 use tracing::{info, warn};
 
 /// Thruflux signaling server: pairs hosts with joiners and relays their ICE candidates and
@@ -28,7 +28,7 @@ use tracing::{info, warn};
     disable_version_flag = true,
     after_help = "Durations take units: 500ms, 30s, 10m, 1h. A value of 0 disables the limit where noted.\n\n\
                   Exit codes: 0 clean shutdown (SIGTERM/Ctrl-C), 2 usage or setup error (bad flag, port in \
-                  use, unreadable TLS files). Once listening, nothing a client sends ends the process."
+                  use, unreadable TLS files, --redis unreachable). Once listening, nothing a client sends ends the process."
 )]
 struct Args {
     /// Print the version and exit.
@@ -167,6 +167,12 @@ struct Args {
     #[arg(long, env = "THRUSERV_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
 
+    /// Keep sessions in this Redis (redis://HOST:PORT/DB, or rediss:// for TLS), shared with
+    /// the other instances of a fleet behind a load balancer. Without it sessions live in
+    /// this process. Redis must be private to the fleet.
+    #[arg(long, env = "THRUSERV_REDIS", value_name = "URL")]
+    redis: Option<String>,
+
     /// On SIGTERM, how long to wait for connections to close after telling them.
     #[arg(long, env = "THRUSERV_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
     shutdown_grace: Duration,
@@ -214,9 +220,13 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     runtime.block_on(async {
         let addr = SocketAddr::new(args.bind, args.port);
         let tls_on = tls.is_some();
-        let server = Server::bind(addr, config, tls)
-            .await
-            .with_context(|| format!("--bind/--port {addr}"))?;
+        let server = Server::bind(addr, config, tls).await.map_err(|error| {
+            let flag = match error {
+                ServerError::Redis { .. } => "--redis".to_string(),
+                _ => format!("--bind/--port {addr}"),
+            };
+            anyhow::Error::new(error).context(flag)
+        })?;
         let local = server.local_addr();
         info!(addr = %local, tls = tls_on, version = env!("CARGO_PKG_VERSION"), "listening");
         {
@@ -260,6 +270,7 @@ fn config_from(args: &Args) -> ServerConfig {
     c.trusted_proxies = args.trusted_proxy.clone();
     c.shutdown_grace = args.shutdown_grace;
     c.server_name = format!("thruserv/{}", env!("CARGO_PKG_VERSION"));
+    c.redis_url = args.redis.clone().map(RedisUrl);
     if args.allow_loopback_candidates {
         warn!("--allow-loopback-candidates is on: for tests and local development only");
     }
@@ -361,6 +372,22 @@ mod tests {
             config_from(&a).pre_pairing_bytes_per_ip,
             ServerConfig::default().pre_pairing_bytes_per_ip
         );
+    }
+
+    #[test]
+    fn redis_url_reaches_the_config_without_showing_its_password() {
+        let a = Args::try_parse_from(["thruserv"]).unwrap();
+        assert_eq!(config_from(&a).redis_url, None);
+        let a = Args::try_parse_from(["thruserv", "--redis", "redis://:hunter2@10.0.0.5:6379/0"])
+            .unwrap();
+        let c = config_from(&a);
+        assert_eq!(
+            c.redis_url,
+            Some(RedisUrl("redis://:hunter2@10.0.0.5:6379/0".into()))
+        );
+        let shown = format!("{c:?}");
+        assert!(shown.contains("redis://***@10.0.0.5:6379/0"), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
     }
 
     #[test]

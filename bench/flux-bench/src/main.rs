@@ -12,6 +12,7 @@
 //!
 //! What it does not do: assert anything. It measures; targets live in `bench/README.md`.
 
+mod disk;
 mod natlab;
 mod side;
 
@@ -64,7 +65,7 @@ struct RunArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "uring,epoll,uring-no-gso,epoll-no-gso,quinn,quinn-no-hash,iperf3,scp"
+        default_value = "uring,epoll,uring-no-gso,epoll-no-gso,quinn,quinn-no-hash,quinn-mem,iperf3,scp"
     )]
     rows: Vec<Row>,
     /// Run between two network namespaces over a 1500-MTU veth pair instead of loopback.
@@ -96,6 +97,8 @@ enum Row {
     Quinn,
     /// quinn on tokio, no hashing.
     QuinnNoHash,
+    /// quinn on tokio, memory to memory: no disk, no hashing (like quinn's perf tool).
+    QuinnMem,
     /// iperf3 TCP, memory to memory, no encryption.
     Iperf3,
     /// scp to localhost.
@@ -164,6 +167,9 @@ enum SideCmd {
         file: PathBuf,
         #[arg(long)]
         hash: bool,
+        /// Send the file's size from memory; the joiner drops what it gets.
+        #[arg(long)]
+        mem: bool,
         #[command(flatten)]
         common: SideCommon,
     },
@@ -172,6 +178,8 @@ enum SideCmd {
         to: JoinTo,
         #[arg(long)]
         hash: bool,
+        #[arg(long)]
+        mem: bool,
         #[command(flatten)]
         common: SideCommon,
     },
@@ -228,13 +236,17 @@ fn run_side(side: SideCmd) -> Result<()> {
         SideCmd::QuinnHost {
             file,
             hash,
+            mem,
             common: c,
-        } => side::quinn_host(&file, hash, c.max_mtu, c.bind, &c.out),
+        } => side::quinn_host(&file, hash, mem, c.max_mtu, c.bind, &c.out),
         SideCmd::QuinnJoin {
             to,
             hash,
+            mem,
             common: c,
-        } => side::quinn_join(to.peer, &to.fp, &to.dest, hash, c.max_mtu, c.bind, &c.out),
+        } => side::quinn_join(
+            to.peer, &to.fp, &to.dest, hash, mem, c.max_mtu, c.bind, &c.out,
+        ),
     }
 }
 
@@ -248,6 +260,10 @@ struct RunResult {
     join_max_rss_mib: Option<f64>,
     connect_ms: Option<f64>,
     first_chunk_ms: Option<f64>,
+    /// From the joiner's accept to its first chunk verified and written.
+    first_byte_after_accept_ms: Option<f64>,
+    /// Joiner syncing to stable storage (with FLUX_BENCH_DURABLE=1), part of the wall time.
+    durable_sync_ms: Option<f64>,
     chunk_latency_ms: Option<Percentiles>,
     mtu: Option<u16>,
     gso_gro: Option<bool>,
@@ -267,6 +283,8 @@ impl RunResult {
             join_max_rss_mib: None,
             connect_ms: None,
             first_chunk_ms: None,
+            first_byte_after_accept_ms: None,
+            durable_sync_ms: None,
             chunk_latency_ms: None,
             mtu: None,
             gso_gro: None,
@@ -302,6 +320,8 @@ struct Matrix {
     cipher: &'static str,
     cores: usize,
     kernel: String,
+    /// What the filesystem under `--dir` does alone.
+    disk: Option<disk::DiskFigures>,
     rows: Vec<RowResult>,
     ratios: Vec<(String, f64)>,
 }
@@ -319,6 +339,17 @@ fn run_matrix(a: &RunArgs) -> Result<()> {
     let src = a.dir.join(format!("source-{}.bin", a.size));
     ensure_source(&src, a.size)?;
     let want = file_hash(&src)?;
+    // The disk alone, before the rows (256 MiB, or the transfer size if smaller).
+    let disk = match disk::probe(
+        &a.dir,
+        a.size.clamp(4 << 20, 256 << 20) / (4 << 20) * (4 << 20),
+    ) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("disk probe failed: {e:#}");
+            None
+        }
+    };
     let _lab;
     let place = if a.veth {
         _lab = Some(Veth::up()?);
@@ -358,8 +389,8 @@ fn run_matrix(a: &RunArgs) -> Result<()> {
                 Row::Uring | Row::Epoll | Row::UringNoGso | Row::EpollNoGso => {
                     run_engine(row, &src, &dest, a, &place).map(Some)
                 }
-                Row::Quinn | Row::QuinnNoHash => {
-                    run_quinn(row == Row::Quinn, &src, &dest, a, &place).map(Some)
+                Row::Quinn | Row::QuinnNoHash | Row::QuinnMem => {
+                    run_quinn(row, &src, &dest, a, &place).map(Some)
                 }
                 Row::Iperf3 => run_iperf3(a.size, &place),
                 Row::Scp => run_scp(&src, &dest, a.size),
@@ -368,7 +399,7 @@ fn run_matrix(a: &RunArgs) -> Result<()> {
                 Ok(Some(r)) => {
                     // Every file-to-file row must have delivered the same bytes.
                     let got = dest.join(src.file_name().unwrap_or_default());
-                    if !matches!(row, Row::Iperf3) && file_hash(&got)? != want {
+                    if !matches!(row, Row::Iperf3 | Row::QuinnMem) && file_hash(&got)? != want {
                         bail!("{}: received file differs from the source", rr.label);
                     }
                     eprintln!("   run {}: {:.2} Gbit/s", i + 1, r.gbit_s);
@@ -402,6 +433,8 @@ fn run_matrix(a: &RunArgs) -> Result<()> {
             Row::Uring,
             Row::QuinnNoHash,
         ),
+        ("uring / quinn mem->mem", Row::Uring, Row::QuinnMem),
+        ("epoll / quinn mem->mem", Row::Epoll, Row::QuinnMem),
         ("uring / epoll", Row::Uring, Row::Epoll),
         ("uring GSO on / off", Row::Uring, Row::UringNoGso),
         ("epoll GSO on / off", Row::Epoll, Row::EpollNoGso),
@@ -426,6 +459,7 @@ fn run_matrix(a: &RunArgs) -> Result<()> {
             .unwrap_or_default()
             .trim()
             .to_owned(),
+        disk,
         rows,
         ratios,
     };
@@ -445,6 +479,7 @@ fn label(row: Row) -> String {
         Row::EpollNoGso => "engine epoll, GSO/GRO off",
         Row::Quinn => "quinn on tokio (BLAKE3 per 4 MiB)",
         Row::QuinnNoHash => "quinn on tokio (no hashing)",
+        Row::QuinnMem => "quinn on tokio mem->mem (no disk/hash)",
         Row::Iperf3 => "iperf3 TCP mem->mem, no crypto",
         Row::Scp => "scp localhost",
     }
@@ -513,11 +548,11 @@ fn run_engine(row: Row, src: &Path, dest: &Path, a: &RunArgs, p: &Place) -> Resu
     run_pair(("engine-host", "engine-join"), &common, src, dest, a, p)
 }
 
-fn run_quinn(hash: bool, src: &Path, dest: &Path, a: &RunArgs, p: &Place) -> Result<RunResult> {
-    let common: Vec<String> = if hash {
-        vec!["--hash".into()]
-    } else {
-        Vec::new()
+fn run_quinn(row: Row, src: &Path, dest: &Path, a: &RunArgs, p: &Place) -> Result<RunResult> {
+    let common: Vec<String> = match row {
+        Row::Quinn => vec!["--hash".into()],
+        Row::QuinnMem => vec!["--mem".into()],
+        _ => Vec::new(),
     };
     let dest_file = dest.join(src.file_name().unwrap_or_default());
     run_pair(("quinn-host", "quinn-join"), &common, src, &dest_file, a, p)
@@ -588,6 +623,8 @@ fn combine(h: &SideReport, j: &SideReport) -> Result<RunResult> {
         join_max_rss_mib: Some(j.max_rss_kib as f64 / 1024.0),
         connect_ms: j.connect_s.map(|s| s * 1e3),
         first_chunk_ms: j.first_chunk_s.map(|s| s * 1e3),
+        first_byte_after_accept_ms: j.first_chunk_s.zip(j.accept_s).map(|(f, a)| (f - a) * 1e3),
+        durable_sync_ms: j.sync_s.map(|s| s * 1e3),
         chunk_latency_ms: (!hist.is_empty()).then(|| Percentiles {
             p50: pct(0.5),
             p90: pct(0.9),
@@ -780,7 +817,7 @@ fn print_table(m: &Matrix) {
         m.kernel
     );
     println!(
-        "{:<36} {:>9} {:>13} {:>9} {:>9} {:>8} {:>8} {:>18} {:>5} {:>8} {:>9} {:>6}",
+        "{:<36} {:>9} {:>13} {:>9} {:>9} {:>8} {:>8} {:>18} {:>5} {:>8} {:>9} {:>6} {:>9}",
         "row",
         "Gbit/s",
         "runs",
@@ -792,7 +829,8 @@ fn print_table(m: &Matrix) {
         "MTU",
         "GSO/GRO",
         "O_DIRECT",
-        "loss%"
+        "loss%",
+        "TTFB ms"
     );
     for r in &m.rows {
         if let Some(s) = &r.skipped
@@ -811,7 +849,7 @@ fn print_table(m: &Matrix) {
         let f = |v: Option<f64>, p: usize| v.map_or("-".into(), |x| format!("{x:.p$}"));
         let Some(x) = mid else { continue };
         println!(
-            "{:<36} {:>9} {:>13} {:>9} {:>9} {:>8} {:>8} {:>18} {:>5} {:>8} {:>9} {:>6}",
+            "{:<36} {:>9} {:>13} {:>9} {:>9} {:>8} {:>8} {:>18} {:>5} {:>8} {:>9} {:>6} {:>9}",
             r.label,
             f(r.median_gbit_s, 2),
             runs.join("/"),
@@ -829,10 +867,24 @@ fn print_table(m: &Matrix) {
             x.o_direct
                 .map_or("-".into(), |(h, j)| format!("{}/{}", yn(h), yn(j))),
             f(x.loss_pct, 2),
+            // After accept where the side reports it (the engine), else from the start.
+            f(x.first_byte_after_accept_ms.or(x.first_chunk_ms), 1),
         );
     }
     for (name, v) in &m.ratios {
         println!("ratio {name}: {v:.2}x");
+    }
+    if let Some(d) = &m.disk {
+        let g = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:.2}"));
+        println!(
+            "disk alone ({} MiB, 4 MiB requests, GB/s): O_DIRECT write+fsync {}, buffered write \
+             {} (+fsync {}), O_DIRECT read {}",
+            d.bytes >> 20,
+            g(d.direct_write_gb_s),
+            g(d.buffered_write_nosync_gb_s),
+            g(d.buffered_write_gb_s),
+            g(d.direct_read_gb_s)
+        );
     }
 }
 

@@ -34,6 +34,13 @@ pub struct SideReport {
     pub connect_s: Option<f64>,
     /// Seconds to the first chunk verified and written (joiner).
     pub first_chunk_s: Option<f64>,
+    /// Seconds to the offer being accepted (joiner; the engine accepts when the manifest is
+    /// complete): first byte after accept is `first_chunk_s - accept_s`.
+    #[serde(default)]
+    pub accept_s: Option<f64>,
+    /// Joiner with `FLUX_BENCH_DURABLE=1`: seconds spent syncing (inside `wall_s`).
+    #[serde(default)]
+    pub sync_s: Option<f64>,
     /// `(file, chunk, CLOCK_MONOTONIC ns)` when the host sent / the joiner wrote each chunk.
     pub chunks: Vec<(u32, u32, u64)>,
     /// Path MTU (UDP payload) at the end.
@@ -109,6 +116,29 @@ fn net_config(o: &EngineOpts) -> NetConfig {
         ..NetConfig::default()
     };
     cfg.transport.max_mtu = o.max_mtu;
+    // Experiment knobs (queue-discipline measurements in bench/README.md).
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+    if let Some(v) = env("FLUX_BENCH_CONN_WINDOW") {
+        cfg.transport.conn_window = v;
+    }
+    if let Some(v) = env("FLUX_BENCH_STREAM_WINDOW") {
+        cfg.transport.stream_window = v;
+    }
+    if let Some(v) = env("FLUX_BENCH_SEND_WINDOW") {
+        cfg.transport.send_window = v;
+    }
+    if let Some(v) = env("FLUX_BENCH_LANES") {
+        cfg.sender.parallel_files = v as u16;
+    }
+    if let Some(v) = env("FLUX_BENCH_DURABLE") {
+        cfg.durable = v != 0;
+    }
+    if let Some(v) = env("FLUX_BENCH_DIRECT_IO") {
+        cfg.direct_io = v != 0;
+    }
+    if let Some(v) = env("FLUX_BENCH_READ_AHEAD") {
+        cfg.sender.read_ahead = v as u32;
+    }
     cfg
 }
 
@@ -184,6 +214,13 @@ pub fn engine_join(
                 r.connect_s = Some(at.duration_since(start).as_secs_f64());
             }
             NetEvent::Transfer {
+                event: Event::ManifestReady,
+                at,
+                ..
+            } => {
+                r.accept_s = Some(at.duration_since(start).as_secs_f64());
+            }
+            NetEvent::Transfer {
                 event: Event::ChunkVerified { file, index, len },
                 at,
                 ..
@@ -215,6 +252,7 @@ fn fill(r: &mut SideReport, rep: &net::NetReport) {
         r.packets_lost = c.packets_lost;
     }
     r.error = rep.error.clone();
+    r.sync_s = rep.sync_time.map(|d| d.as_secs_f64());
 }
 
 /// Hex of a fingerprint.
@@ -263,6 +301,7 @@ fn quinn_stats(r: &mut SideReport, conn: &quinn::Connection) {
 pub fn quinn_host(
     file: &Path,
     hash: bool,
+    mem: bool,
     max_mtu: u16,
     bind: SocketAddr,
     out: &Path,
@@ -272,10 +311,10 @@ pub fn quinn_host(
         .enable_all()
         .build()?;
     let mut r = SideReport {
-        kind: if hash {
-            "quinn-tokio"
-        } else {
-            "quinn-tokio-nohash"
+        kind: match (mem, hash) {
+            (true, _) => "quinn-tokio-mem",
+            (false, true) => "quinn-tokio",
+            (false, false) => "quinn-tokio-nohash",
         }
         .into(),
         ..SideReport::default()
@@ -297,6 +336,27 @@ pub fn quinn_host(
             .ok_or_else(|| anyhow!("endpoint closed"))?
             .await?;
         let mut s = conn.open_uni().await?;
+        if mem {
+            // Memory to memory, like quinn's perf tool: the file's size in 4 MiB pieces of
+            // one buffer handed over as `Bytes` (no read, no copy, no hash).
+            let size = std::fs::metadata(file)?.len();
+            let piece = bytes::Bytes::from(vec![0x5au8; QUINN_CHUNK]);
+            let mut left = size;
+            let mut idx = 0u32;
+            while left > 0 {
+                let n = left.min(QUINN_CHUNK as u64) as usize;
+                s.write_chunk(piece.slice(..n)).await?;
+                left -= n as u64;
+                r.bytes += n as u64;
+                r.chunks.push((0, idx, mono_ns()));
+                idx += 1;
+            }
+            s.finish()?;
+            let _ = conn.closed().await;
+            quinn_stats(&mut r, &conn);
+            ep.wait_idle().await;
+            return Ok(());
+        }
         let mut f = tokio::fs::File::open(file).await?;
         let mut buf = vec![0u8; QUINN_CHUNK];
         let mut idx = 0u32;
@@ -334,11 +394,13 @@ pub fn quinn_host(
 }
 
 /// The quinn-on-tokio reference joiner: writes the stream to `dest/<name>` with `tokio::fs`.
+#[allow(clippy::too_many_arguments)] // one flag per side option, as for the host
 pub fn quinn_join(
     peer: SocketAddr,
     fp_hex: &str,
     dest_file: &Path,
     hash: bool,
+    mem: bool,
     max_mtu: u16,
     bind: SocketAddr,
     out: &Path,
@@ -348,10 +410,10 @@ pub fn quinn_join(
         .enable_all()
         .build()?;
     let mut r = SideReport {
-        kind: if hash {
-            "quinn-tokio"
-        } else {
-            "quinn-tokio-nohash"
+        kind: match (mem, hash) {
+            (true, _) => "quinn-tokio-mem",
+            (false, true) => "quinn-tokio",
+            (false, false) => "quinn-tokio-nohash",
         }
         .into(),
         ..SideReport::default()
@@ -371,6 +433,25 @@ pub fn quinn_join(
         let conn = ep.connect(peer, flux_quic::SERVER_NAME)?.await?;
         r.connect_s = Some(start.elapsed().as_secs_f64());
         let mut s = conn.accept_uni().await?;
+        if mem {
+            // A sink: chunks are dropped as they arrive (QUINN_CHUNK bytes count as a chunk).
+            let mut idx = 0u32;
+            let mut in_chunk = 0usize;
+            while let Some(c) = s.read_chunk(usize::MAX, true).await? {
+                r.first_chunk_s.get_or_insert(start.elapsed().as_secs_f64());
+                r.bytes += c.bytes.len() as u64;
+                in_chunk += c.bytes.len();
+                while in_chunk >= QUINN_CHUNK {
+                    in_chunk -= QUINN_CHUNK;
+                    r.chunks.push((0, idx, mono_ns()));
+                    idx += 1;
+                }
+            }
+            quinn_stats(&mut r, &conn);
+            conn.close(0u32.into(), b"done");
+            ep.wait_idle().await;
+            return Ok(());
+        }
         let mut f = tokio::fs::File::create(&dest_file).await?;
         let mut buf = vec![0u8; QUINN_CHUNK];
         let mut idx = 0u32;

@@ -11,6 +11,11 @@
 //!    sees the join and relays one message, the joiner receives it. Latency is measured
 //!    from the host's connect to the joiner's receipt and recorded in an hdrhistogram.
 //!
+//! Fleets: `--redis URL --instances N` starts N servers sharing that Redis, and
+//! `--servers A,B,C` uses servers already running instead of starting any (no RSS then).
+//! With several servers, idle sessions are spread over them round-robin and every pairing
+//! puts its host and its joiner on different servers, so each one crosses instances.
+//!
 //! Everything runs on this machine over loopback; clients spread their source addresses
 //! over 127.0.0.0/8 to stay clear of ephemeral-port exhaustion. Client and server share
 //! the CPU, so the pairing rate is a floor for what the server alone could do.
@@ -18,6 +23,8 @@
 //! ```text
 //! cargo build --release -p thruserv -p signal-load
 //! target/release/signal-load --sessions 10000 --pairings 5000 --concurrency 32
+//! target/release/signal-load --redis redis://127.0.0.1:6379 --instances 3
+//! target/release/signal-load --servers 10.0.0.1:8080,10.0.0.2:8080
 //! ```
 
 use std::io::{BufRead, BufReader};
@@ -52,6 +59,16 @@ struct Args {
     /// Connections opened at once while filling the idle sessions.
     #[arg(long, default_value_t = 256)]
     open_concurrency: usize,
+    /// Servers already running (`HOST:PORT` or `ws://` URLs, comma-separated) to load
+    /// instead of starting one; their RSS is not reported.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["server", "redis", "instances"])]
+    servers: Vec<String>,
+    /// Start the servers with `--redis URL` (sessions in Redis).
+    #[arg(long)]
+    redis: Option<String>,
+    /// Servers to start (more than one needs --redis).
+    #[arg(long, default_value_t = 1)]
+    instances: usize,
     /// Distinct 127.0.0.x source addresses to spread clients over.
     #[arg(long, default_value_t = 50)]
     source_ips: u8,
@@ -73,8 +90,32 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(p) => p,
         None => std::env::current_exe()?.with_file_name("thruserv"),
     };
-    let server = ServerProcess::start(&server_bin)?;
-    let url = format!("ws://{}", server.addr);
+    if args.instances > 1 && args.redis.is_none() {
+        bail!("--instances above 1 needs --redis: separate in-memory servers share no sessions");
+    }
+    let servers: Vec<ServerProcess> = if args.servers.is_empty() {
+        (0..args.instances.max(1))
+            .map(|_| ServerProcess::start(&server_bin, args.redis.as_deref()))
+            .collect::<anyhow::Result<_>>()?
+    } else {
+        Vec::new()
+    };
+    let urls: Vec<String> = if args.servers.is_empty() {
+        servers.iter().map(|s| format!("ws://{}", s.addr)).collect()
+    } else {
+        args.servers
+            .iter()
+            .map(|s| {
+                if s.contains("://") {
+                    s.clone()
+                } else {
+                    format!("ws://{s}")
+                }
+            })
+            .collect()
+    };
+    let n = urls.len();
+    println!("servers: {}", urls.join(", "));
     let source = |i: usize| -> IpAddr {
         IpAddr::V4(Ipv4Addr::new(
             127,
@@ -91,11 +132,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
 
     // Phase 1: idle sessions.
-    let rss_start = server.rss_kib()?;
+    let rss_start = rss_all(&servers)?;
     let started = Instant::now();
     let hosts: Vec<SignalClient> = futures_util::stream::iter(0..args.sessions)
         .map(|i| {
-            let url = url.clone();
+            let url = urls[i % n].clone();
             let cfg = config(i);
             async move {
                 let mut c = SignalClient::connect(&url, &cfg).await?;
@@ -110,25 +151,33 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .collect::<Result<_, _>>()?;
     let fill = started.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_idle = server.rss_kib()?;
+    let rss_idle = rss_all(&servers)?;
     println!(
-        "idle sessions: {} held (opened in {:.1} s); server RSS {:.1} MiB at start, {:.1} MiB with them \
-         ({:.1} KiB per session)",
+        "idle sessions: {} held over {n} server(s) (opened in {:.1} s)",
         hosts.len(),
         fill.as_secs_f64(),
-        rss_start as f64 / 1024.0,
-        rss_idle as f64 / 1024.0,
-        (rss_idle.saturating_sub(rss_start)) as f64 / hosts.len().max(1) as f64,
     );
+    let per_server = hosts.len().div_ceil(n).max(1);
+    for (s, (start, idle)) in servers.iter().zip(rss_start.iter().zip(&rss_idle)) {
+        println!(
+            "  pid {}: RSS {:.1} MiB at start, {:.1} MiB with its ~{per_server} sessions \
+             ({:.1} KiB per session)",
+            s.child.id(),
+            *start as f64 / 1024.0,
+            *idle as f64 / 1024.0,
+            idle.saturating_sub(*start) as f64 / per_server as f64,
+        );
+    }
 
     // Phase 2: pairing rate with the idle sessions still held.
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let started = Instant::now();
     let mut results = futures_util::stream::iter(0..args.pairings)
         .map(|i| {
-            let url = url.clone();
+            // With several servers the joiner always lands on another one than the host.
+            let (host_url, join_url) = (urls[i % n].clone(), urls[(i + 1) % n].clone());
             let (host_cfg, join_cfg) = (config(2 * i), config(2 * i + 1));
-            async move { pair_once(&url, &host_cfg, &join_cfg).await }
+            async move { pair_once(&host_url, &join_url, &host_cfg, &join_cfg).await }
         })
         .buffer_unordered(args.concurrency);
     let mut failures = 0usize;
@@ -144,10 +193,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     let wall = started.elapsed();
-    let rss_after = server.rss_kib()?;
-    let hwm = server.status_kib("VmHWM:")?;
+    let rss_after = rss_all(&servers)?;
     println!(
-        "pairings: {} ok, {} failed in {:.2} s = {:.0} pairings/s at concurrency {}",
+        "pairings: {} ok, {} failed in {:.2} s = {:.0} pairings/s at concurrency {} over {n} server(s)",
         hist.len(),
         failures,
         wall.as_secs_f64(),
@@ -161,11 +209,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         hist.value_at_quantile(0.99) as f64 / 1000.0,
         hist.max() as f64 / 1000.0,
     );
-    println!(
-        "server RSS after pairings: {:.1} MiB (peak {:.1} MiB)",
-        rss_after as f64 / 1024.0,
-        hwm as f64 / 1024.0
-    );
+    for (s, rss) in servers.iter().zip(&rss_after) {
+        println!(
+            "  pid {}: RSS after pairings {:.1} MiB (peak {:.1} MiB)",
+            s.child.id(),
+            *rss as f64 / 1024.0,
+            s.status_kib("VmHWM:")? as f64 / 1024.0
+        );
+    }
     drop(hosts);
     if failures > 0 {
         bail!("{failures} pairings failed");
@@ -173,15 +224,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The RSS of each started server, in KiB.
+fn rss_all(servers: &[ServerProcess]) -> anyhow::Result<Vec<u64>> {
+    servers.iter().map(ServerProcess::rss_kib).collect()
+}
+
 async fn pair_once(
-    url: &str,
+    host_url: &str,
+    join_url: &str,
     host_cfg: &ClientConfig,
     join_cfg: &ClientConfig,
 ) -> anyhow::Result<Duration> {
     let t0 = Instant::now();
-    let mut host = SignalClient::connect(url, host_cfg).await?;
+    let mut host = SignalClient::connect(host_url, host_cfg).await?;
     let created = host.create_session().await?;
-    let mut joiner = SignalClient::connect(url, join_cfg).await?;
+    let mut joiner = SignalClient::connect(join_url, join_cfg).await?;
     let joined = joiner.join_session(created.session).await?;
     match host.recv().await? {
         ServerMsg::PeerJoined { peer } if peer == joined.peer => {}
@@ -208,8 +265,12 @@ struct ServerProcess {
 }
 
 impl ServerProcess {
-    fn start(bin: &PathBuf) -> anyhow::Result<Self> {
-        let mut child = Command::new(bin)
+    fn start(bin: &PathBuf, redis: Option<&str>) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(bin);
+        if let Some(url) = redis {
+            cmd.args(["--redis", url]);
+        }
+        let mut child = cmd
             .args(["--bind", "127.0.0.1", "--port", "0"])
             // Lift caps and per-IP limits: this measures capacity, not the abuse limits.
             .args(["--max-sessions", "0", "--max-ws-connections", "0"])

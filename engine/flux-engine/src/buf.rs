@@ -1,11 +1,15 @@
-//! Aligned buffers for O_DIRECT and a fixed-size pool of them that can be registered with
-//! io_uring.
+//! Aligned buffers for O_DIRECT, a fixed-size pool of them that can be registered with
+//! io_uring, and a [`Recycler`] that lets a heap buffer become [`Bytes`] without a copy and
+//! come back for reuse once every `Bytes` of it is dropped, on whatever thread.
 
 use std::alloc::{self, Layout};
 use std::cell::{Cell, RefCell};
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
 
 use crate::EngineError;
 
@@ -90,6 +94,130 @@ impl AlignedBuf {
             Owner::Pool { pool, index } if pool.registered.get() == Some(ring_id) => Some(*index),
             _ => None,
         }
+    }
+}
+
+impl AlignedBuf {
+    /// Turns the valid bytes into [`Bytes`] without copying. The memory returns to `home` when
+    /// the last `Bytes` referring to it is dropped. Only heap buffers can be frozen: a buffer
+    /// of a [`BufPool`] (tied to its thread and ring) comes back as `Err`.
+    pub fn freeze(self, home: &Recycler) -> Result<Bytes, AlignedBuf> {
+        let Owner::Alloc(layout) = self.owner else {
+            return Err(self);
+        };
+        let frozen = Frozen {
+            block: Some(Block {
+                ptr: self.ptr,
+                layout,
+            }),
+            len: self.len,
+            home: Arc::clone(&home.free),
+            max: home.max,
+        };
+        // The block now belongs to `frozen`, which frees or recycles it.
+        std::mem::forget(self);
+        Ok(Bytes::from_owner(frozen))
+    }
+}
+
+/// Heap blocks of frozen [`AlignedBuf`]s, back from [`Bytes`] that were dropped, for reuse: a
+/// sender's chunk buffers go to QUIC as `Bytes` and return here once acknowledged, so the
+/// steady state allocates (and page-faults) nothing.
+#[derive(Clone)]
+pub struct Recycler {
+    free: Arc<Mutex<Vec<Block>>>,
+    max: usize,
+}
+
+impl Recycler {
+    /// A recycler keeping at most `max` blocks; more are freed.
+    pub fn new(max: usize) -> Self {
+        Self {
+            free: Arc::new(Mutex::new(Vec::new())),
+            max,
+        }
+    }
+
+    /// A returned block of at least `capacity` bytes aligned to `align`, as an empty buffer.
+    pub fn take(&self, capacity: usize, align: usize) -> Option<AlignedBuf> {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        let i = free
+            .iter()
+            .position(|b| b.layout.size() >= capacity && b.layout.align() >= align)?;
+        // The buffer takes over the allocation: the block must not free it.
+        let b = std::mem::ManuallyDrop::new(free.swap_remove(i));
+        Some(AlignedBuf {
+            ptr: b.ptr,
+            cap: b.layout.size(),
+            len: 0,
+            owner: Owner::Alloc(b.layout),
+        })
+    }
+
+    /// Blocks waiting for reuse.
+    pub fn available(&self) -> usize {
+        self.free.lock().map_or(0, |f| f.len())
+    }
+}
+
+impl std::fmt::Debug for Recycler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recycler")
+            .field("available", &self.available())
+            .field("max", &self.max)
+            .finish()
+    }
+}
+
+/// One heap allocation made by [`AlignedBuf::new`], zero-initialised at allocation.
+struct Block {
+    ptr: NonNull<u8>,
+    layout: Layout,
+}
+
+// SAFETY: a `Block` is the sole owner of its heap allocation (nothing else points into it), so
+// moving it to another thread moves that ownership; the allocator is thread-safe.
+unsafe impl Send for Block {}
+
+/// The owner behind a frozen buffer's [`Bytes`].
+struct Frozen {
+    block: Option<Block>,
+    len: usize,
+    home: Arc<Mutex<Vec<Block>>>,
+    max: usize,
+}
+
+impl AsRef<[u8]> for Frozen {
+    fn as_ref(&self) -> &[u8] {
+        match &self.block {
+            // SAFETY: the block holds `cap >= len` initialised bytes (zeroed at allocation,
+            // written since only through `&mut AlignedBuf`); once frozen nothing writes to it
+            // until it is dropped, so shared reads are sound.
+            Some(b) => unsafe { std::slice::from_raw_parts(b.ptr.as_ptr(), self.len) },
+            None => &[],
+        }
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let Some(b) = self.block.take() else { return };
+        let mut free = self.home.lock().unwrap_or_else(|e| e.into_inner());
+        if free.len() < self.max {
+            free.push(b);
+        } else {
+            drop(free);
+            drop(b);
+        }
+    }
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        // A block past the recycler's limit, or still in a recycler when that is dropped.
+        // SAFETY: a block solely owns its allocation, made by `AlignedBuf::new` with exactly
+        // `layout`; blocks handed back to an `AlignedBuf` are not dropped (ManuallyDrop).
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) };
     }
 }
 
@@ -293,5 +421,52 @@ mod tests {
         let b = pool.get().expect("free");
         drop(pool);
         assert_eq!(b.capacity(), 5120);
+    }
+}
+
+#[cfg(test)]
+mod recycle_tests {
+    use super::*;
+
+    #[test]
+    fn a_frozen_buffer_reads_back_and_returns_to_its_recycler() {
+        let home = Recycler::new(4);
+        let mut b = AlignedBuf::new(8192, 4096).unwrap();
+        b.extend_from_slice(b"hello, chunk");
+        let ptr = b.as_ptr();
+        let bytes = b.freeze(&home).unwrap();
+        assert_eq!(&bytes[..], b"hello, chunk");
+        let part = bytes.slice(7..);
+        drop(bytes);
+        // A slice still holds the block.
+        assert_eq!(home.available(), 0);
+        assert_eq!(&part[..], b"chunk");
+        // Dropped on another thread, it comes home.
+        std::thread::spawn(move || drop(part)).join().unwrap();
+        assert_eq!(home.available(), 1);
+        assert!(
+            home.take(16384, 4096).is_none(),
+            "too small a block is not handed out"
+        );
+        let again = home.take(4096, 4096).expect("the block is reused");
+        assert_eq!(again.as_ptr(), ptr);
+        assert_eq!((again.len(), again.capacity()), (0, 8192));
+    }
+
+    #[test]
+    fn a_full_recycler_frees_what_comes_back() {
+        let home = Recycler::new(1);
+        let a = AlignedBuf::new(4096, 4096).unwrap().freeze(&home).unwrap();
+        let b = AlignedBuf::new(4096, 4096).unwrap().freeze(&home).unwrap();
+        drop(a);
+        drop(b);
+        assert_eq!(home.available(), 1);
+    }
+
+    #[test]
+    fn pool_buffers_are_not_frozen() {
+        let pool = BufPool::new(1, 4096, 4096).unwrap();
+        let b = pool.get().unwrap();
+        assert!(b.freeze(&Recycler::new(1)).is_err());
     }
 }

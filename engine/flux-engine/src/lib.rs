@@ -51,7 +51,7 @@ mod error;
 mod file;
 mod ring;
 
-pub use buf::{AlignedBuf, BufPool};
+pub use buf::{AlignedBuf, BufPool, Recycler};
 pub use error::EngineError;
 pub use file::{BackendKind, BufResult, DioAlign, DiskIo, DmaFile, FileOp, IoMode, OpenMode};
 pub use ring::{Completion, Op, Ring, RingConfig, RingSetup, Timer};

@@ -18,8 +18,11 @@ use std::os::fd::OwnedFd;
 use std::path::Path;
 
 use bytes::Bytes;
-use flux_engine::{AlignedBuf, BackendKind, DiskIo, DmaFile, EngineError, FileOp, IoMode, Ring};
-use flux_transfer::{DiskFailure, DiskOp, DiskResult, OpId};
+use flux_engine::{
+    AlignedBuf, BackendKind, DiskIo, DmaFile, EngineError, FileOp, IoMode, Recycler, Ring,
+};
+use flux_transfer::digest::chunk_hash;
+use flux_transfer::{ChunkData, DiskFailure, DiskOp, DiskResult, OpId};
 
 use crate::disk::{Destination, SourceFiles};
 
@@ -50,6 +53,8 @@ pub struct DiskExec {
     pending: Vec<Pending>,
     done: VecDeque<Done>,
     free: Vec<AlignedBuf>,
+    /// Where read buffers come back once QUIC is done with the `Bytes` made of them.
+    recycler: Recycler,
     stats: DiskStats,
 }
 
@@ -89,6 +94,7 @@ impl DiskExec {
             pending: Vec::new(),
             done: VecDeque::new(),
             free: Vec::new(),
+            recycler: Recycler::new(MAX_FREE_BUFS),
             stats: DiskStats::default(),
         }
     }
@@ -166,7 +172,10 @@ impl DiskExec {
         if !aligned(f, offset) {
             return Ok(false);
         }
-        let buf = take_buf(&mut self.free, f, len)?;
+        let buf = match self.recycler.take(round_up(f, len), f.alignment().max()) {
+            Some(b) => b,
+            None => take_buf(&mut self.free, f, len)?,
+        };
         count(&mut self.stats, f.mode());
         let op = self.io.read_at(f, buf, offset, len).map_err(engine_err)?;
         self.pending.push(Pending {
@@ -216,7 +225,7 @@ impl DiskExec {
         index: u32,
         offset: u64,
         hash: [u8; 32],
-        data: &[u8],
+        data: &ChunkData,
     ) -> Result<bool, DiskFailure> {
         if self.io.kind() == BackendKind::Std {
             return Ok(false);
@@ -237,9 +246,15 @@ impl DiskExec {
         if !aligned(f, offset) {
             return Ok(false);
         }
+        // The one copy on the receiving side: QUIC's pieces into the aligned buffer the write
+        // goes from. The hash runs over that buffer and nothing is written unless it matches.
         let mut buf = take_buf(&mut self.free, f, data.len())?;
-        buf.clear();
-        buf.extend_from_slice(data);
+        data.copy_to(buf.full_mut());
+        buf.set_len(data.len());
+        if chunk_hash(&buf) != hash {
+            self.free.push(buf);
+            return Err(DiskFailure::Corrupt);
+        }
         count(&mut self.stats, f.mode());
         let op = self.io.write_at(f, buf, offset).map_err(engine_err)?;
         self.pending.push(Pending {
@@ -281,9 +296,21 @@ impl DiskExec {
                     continue;
                 }
             };
+            let mut buf = buf;
             let out = match (p.what, res) {
-                // `n` is already capped at the length asked for.
-                (What::Read, Ok(n)) => Ok(DiskResult::Read(Bytes::copy_from_slice(&buf[..n]))),
+                // `n` is already capped at the length asked for. The buffer itself becomes the
+                // `Bytes` QUIC sends from (no copy) and comes back through the recycler.
+                (What::Read, Ok(n)) => {
+                    buf.set_len(n);
+                    let hash = chunk_hash(&buf);
+                    let data = match buf.freeze(&self.recycler) {
+                        Ok(b) => b,
+                        Err(b) => Bytes::copy_from_slice(&b),
+                    };
+                    self.done
+                        .push_back((p.tag, p.id, Ok(DiskResult::Read { data, hash })));
+                    continue;
+                }
                 (What::Write { file, index, hash }, Ok(_)) => match dst.as_deref_mut() {
                     Some(d) => d.record(file, index, &hash).map(|()| DiskResult::Done),
                     None => Err(DiskFailure::Io(
@@ -303,6 +330,12 @@ impl DiskExec {
     pub fn poll_done(&mut self) -> Option<Done> {
         self.done.pop_front()
     }
+}
+
+/// `len` rounded up to the file's direct-I/O alignment.
+fn round_up(f: &DmaFile, len: usize) -> usize {
+    let align = f.alignment().max();
+    len.div_ceil(align) * align
 }
 
 fn take_buf(

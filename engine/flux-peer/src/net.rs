@@ -112,6 +112,9 @@ pub struct NetConfig {
     pub auto_accept: bool,
     /// Receiver: how the sender's modes apply to received entries.
     pub modes: ModePolicy,
+    /// Receiver: sync files and directories before the transfer counts as done
+    /// ([`Destination::set_durable`]); [`NetReport::sync_time`] says how long it took.
+    pub durable: bool,
     /// Host: most receivers connected at once; more are refused.
     pub max_receivers: usize,
     /// Host: stop after this many transfers ended (`None`: serve until cancelled).
@@ -135,6 +138,7 @@ impl Default for NetConfig {
             receiver: ReceiverConfig::default(),
             auto_accept: true,
             modes: ModePolicy::Safe,
+            durable: false,
             max_receivers: 10,
             serve: Some(1),
             connect_timeout: Duration::from_secs(10),
@@ -285,6 +289,8 @@ pub struct NetReport {
     pub conns: Vec<ConnReport>,
     /// Datagrams that were neither QUIC nor ICE/STUN/TURN (dropped).
     pub foreign_datagrams: u64,
+    /// Receiver with [`NetConfig::durable`]: time spent syncing to stable storage.
+    pub sync_time: Option<Duration>,
 }
 
 /// The channels a worker talks through.
@@ -382,7 +388,7 @@ enum Role {
     },
     Join {
         dest_root: PathBuf,
-        dest: Option<Destination>,
+        dest: Option<Box<Destination>>,
         offered: bool,
     },
 }
@@ -407,6 +413,9 @@ struct Conn {
     link: Option<usize>,
     /// Sender: when its transfer completed; it then waits for the receiver to close.
     done_at: Option<Instant>,
+    /// Receiver: grows the connection's receive window with the measured bandwidth-delay
+    /// product (flux_quic::WindowTuner has the reasons).
+    tuner: Option<flux_quic::WindowTuner>,
 }
 
 impl Conn {
@@ -428,6 +437,7 @@ impl Conn {
             blocked: None,
             link,
             done_at: None,
+            tuner: None,
         }
     }
 
@@ -561,8 +571,9 @@ impl Worker {
             .map_err(|e| TransferError::Io(format!("connect to {peer}: {e}")))?;
         let m = Receiver::new(self.cfg.receiver.clone());
         let machine = Machine::Recv(Session::new(conn, m, Side::Client));
-        self.conns
-            .push(Conn::new(handle, machine, peer, Instant::now(), link));
+        let mut c = Conn::new(handle, machine, peer, Instant::now(), link);
+        c.tuner = Some(flux_quic::WindowTuner::new(self.cfg.transport.conn_window));
+        self.conns.push(c);
         Ok(())
     }
 
@@ -585,6 +596,11 @@ impl Worker {
         let now = Instant::now();
         let _ = self.transmit(now);
         self.report.disk = self.exec.stats();
+        if let Role::Join { dest: Some(d), .. } = &self.role
+            && self.cfg.durable
+        {
+            self.report.sync_time = Some(d.sync_time());
+        }
         let links = &self.links;
         self.report.conns = self
             .conns
@@ -990,6 +1006,22 @@ impl Worker {
                 Machine::Send(s) => s.machine.handle_timeout(now),
                 Machine::Recv(s) => s.machine.handle_timeout(now),
             }
+            if c.connected
+                && let Some(t) = c.tuner.as_mut()
+                && t.next_sample().is_none_or(|at| now >= at)
+            {
+                let (received, rtt) = match &mut c.machine {
+                    Machine::Send(s) => (s.conn.stats().udp_rx.bytes, s.conn.rtt()),
+                    Machine::Recv(s) => (s.conn.stats().udp_rx.bytes, s.conn.rtt()),
+                };
+                if let Some(w) = t.sample(now, received, rtt) {
+                    tracing::debug!(window = w, ?rtt, "receive window grown");
+                    c.conn().set_receive_window(
+                        flux_quic::quinn_proto::VarInt::from_u64(w)
+                            .unwrap_or(flux_quic::quinn_proto::VarInt::MAX),
+                    );
+                }
+            }
         }
     }
 
@@ -1008,7 +1040,7 @@ impl Worker {
                 let mut progressed = false;
                 progressed |= self.step(i, now);
                 let dst = match &mut self.role {
-                    Role::Join { dest, .. } => dest.as_mut(),
+                    Role::Join { dest, .. } => dest.as_deref_mut(),
                     Role::Host { .. } => None,
                 };
                 self.exec.reap(dst);
@@ -1112,9 +1144,10 @@ impl Worker {
             let Some(m) = s.machine.manifest().cloned() else {
                 return;
             };
-            let d = Destination::with_modes(dest_root.clone(), m.clone(), self.cfg.modes);
+            let mut d = Destination::with_modes(dest_root.clone(), m.clone(), self.cfg.modes);
+            d.set_durable(self.cfg.durable);
             let scanned = d.scan();
-            *dest = Some(d);
+            *dest = Some(Box::new(d));
             match scanned {
                 Ok(local) => {
                     if self.cfg.auto_accept {

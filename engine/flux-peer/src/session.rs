@@ -171,7 +171,8 @@ impl<M: Machine> Session<M> {
                                 t(stream, off, &mut b);
                                 self.machine.handle_stream_data(now, stream, &b);
                             }
-                            None => self.machine.handle_stream_data(now, stream, &c.bytes),
+                            // Owned: the receiver keeps chunk data as these very pieces.
+                            None => self.machine.handle_stream_bytes(now, stream, c.bytes),
                         }
                     }
                     Ok(None) => {
@@ -221,10 +222,13 @@ impl<M: Machine> Session<M> {
                 let Some(front) = self.machine.outbox().front(stream).cloned() else {
                     break;
                 };
-                match self.conn.send_stream(id).write(&front) {
-                    Ok(n) => {
-                        self.machine.outbox().advance(stream, n);
-                        if n < front.len() {
+                // Handed over as `Bytes` (a reference, not a copy): QUIC keeps them until
+                // acknowledged, and the sender's read buffers return to their recycler then.
+                let mut one = [front.clone()];
+                match self.conn.send_stream(id).write_chunks(&mut one) {
+                    Ok(w) => {
+                        self.machine.outbox().advance(stream, w.bytes);
+                        if w.bytes < front.len() {
                             break;
                         }
                     }

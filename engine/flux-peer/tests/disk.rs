@@ -267,9 +267,15 @@ fn hard_linked_partial_files_are_not_written_through() {
         let victim = tmp.path().join("victim");
         fs::write(&victim, "precious bytes").unwrap();
         fs::hard_link(&victim, out.join(planted)).unwrap();
+        // Only a file of more than one chunk keeps a sidecar.
+        let size = if planted.ends_with(".state") {
+            u64::from(CHUNK) + 3
+        } else {
+            3
+        };
         let res = receive(
             &out,
-            vec![entry("f", EntryKind::File, 3, 0o644)],
+            vec![entry("f", EntryKind::File, size, 0o644)],
             ModePolicy::Safe,
         );
         assert_eq!(
@@ -385,4 +391,77 @@ fn swapped_directory_cannot_redirect_writes_outside_the_destination() {
             assert!(out.join("sub.moved/empty").is_file(), "{case}");
         }
     }
+}
+
+/// With durability asked for, files and directories are synced on the way (the time it took
+/// is reported); without, nothing is synced.
+#[test]
+fn a_durable_destination_syncs_and_reports_the_time() {
+    for durable in [false, true] {
+        let tmp = tempfile::tempdir().unwrap();
+        let m = Arc::new(
+            Manifest::new(
+                vec![
+                    entry("d", EntryKind::Dir, 0, 0o755),
+                    entry("d/f", EntryKind::File, 5, 0o644),
+                ],
+                CHUNK,
+            )
+            .unwrap(),
+        );
+        let mut d = Destination::new(tmp.path().to_path_buf(), m);
+        d.set_durable(durable);
+        let data = b"bytes".to_vec();
+        let ops = [
+            DiskOp::Finalize {
+                id: OpId(1),
+                file: 0,
+                replace: false,
+            },
+            DiskOp::WriteChunk {
+                id: OpId(2),
+                file: 1,
+                index: 0,
+                offset: 0,
+                hash: chunk_hash(&data),
+                data: data.clone().into(),
+            },
+            DiskOp::Finalize {
+                id: OpId(3),
+                file: 1,
+                replace: false,
+            },
+            DiskOp::Finish { id: OpId(4) },
+        ];
+        for op in ops {
+            d.execute(op).1.unwrap();
+        }
+        assert_eq!(fs::read(tmp.path().join("d/f")).unwrap(), data);
+        assert_eq!(
+            d.sync_time() > Duration::ZERO,
+            durable,
+            "durable: {durable}"
+        );
+    }
+}
+
+/// Bytes that do not match their hash are refused before anything is written.
+#[test]
+fn a_chunk_that_does_not_match_its_hash_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = Arc::new(Manifest::new(vec![entry("f", EntryKind::File, 5, 0o644)], CHUNK).unwrap());
+    let mut d = Destination::new(tmp.path().to_path_buf(), m);
+    let res = d
+        .execute(DiskOp::WriteChunk {
+            id: OpId(1),
+            file: 0,
+            index: 0,
+            offset: 0,
+            hash: chunk_hash(b"other"),
+            data: b"bytes".to_vec().into(),
+        })
+        .1;
+    assert_eq!(res.unwrap_err(), flux_transfer::DiskFailure::Corrupt);
+    let names: Vec<_> = fs::read_dir(tmp.path()).unwrap().collect();
+    assert!(names.is_empty(), "something was created: {names:?}");
 }

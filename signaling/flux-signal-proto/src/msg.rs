@@ -326,6 +326,10 @@ pub enum ErrorCode {
     NotFound,
     /// The HTTP upgrade (or TLS handshake) was too slow.
     HandshakeTimeout,
+    /// The server cannot reach its shared session store (a fleet's Redis): the request was
+    /// not done, or (as a `session_closed` reason) the store lost the session. Try again
+    /// shortly, or another server.
+    StoreUnavailable,
     /// A code this version does not know (sent by a newer peer).
     #[serde(other)]
     Unknown,
@@ -333,7 +337,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for metrics.
-    pub const ALL: [ErrorCode; 33] = [
+    pub const ALL: [ErrorCode; 34] = [
         Self::InvalidJson,
         Self::InvalidUtf8,
         Self::UnknownType,
@@ -366,6 +370,7 @@ impl ErrorCode {
         Self::BadRequest,
         Self::NotFound,
         Self::HandshakeTimeout,
+        Self::StoreUnavailable,
         Self::Unknown,
     ];
 
@@ -404,6 +409,7 @@ impl ErrorCode {
             Self::BadRequest => "bad_request",
             Self::NotFound => "not_found",
             Self::HandshakeTimeout => "handshake_timeout",
+            Self::StoreUnavailable => "store_unavailable",
             Self::Unknown => "unknown",
         }
     }
@@ -425,6 +431,8 @@ impl ErrorCode {
             Self::MessageTooLarge => 1009,
             Self::ProtocolError => 1002,
             Self::ServerShutdown => 1001,
+            // The session store lost the session: the server's failure, not the client's.
+            Self::StoreUnavailable => 1011,
             Self::HostLeft
             | Self::SessionExpired
             | Self::TooManyFailedJoins

@@ -17,6 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use quinn_proto;
+
+mod window;
 use quinn_proto::congestion::{BbrConfig, CubicConfig, NewRenoConfig};
 use quinn_proto::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn_proto::{
@@ -27,6 +29,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
+pub use window::WindowTuner;
 
 /// ALPN protocol id of the transfer protocol.
 pub const ALPN: &[u8] = b"thruflux/1";
@@ -90,7 +93,9 @@ pub fn fingerprint(cert: &CertificateDer<'_>) -> Fingerprint {
 /// Flow-control and stream limits (defaults match the `thru` flags).
 #[derive(Clone, Debug)]
 pub struct TransportParams {
-    /// Connection-level receive window (`--quic-conn-window-bytes`).
+    /// Largest connection-level receive window (`--quic-conn-window-bytes`). Connections
+    /// start at [`WindowTuner::INITIAL`] (or this, if lower) and a receiver grows the window
+    /// towards twice the measured bandwidth-delay product, up to this.
     pub conn_window: u64,
     /// Per-stream receive window (`--quic-stream-window-bytes`).
     pub stream_window: u64,
@@ -158,7 +163,8 @@ impl TransportParams {
     /// The quinn transport configuration.
     pub fn to_transport(&self) -> TransportConfig {
         let mut t = TransportConfig::default();
-        t.receive_window(VarInt::from_u64(self.conn_window).unwrap_or(VarInt::MAX))
+        let initial = self.conn_window.min(WindowTuner::INITIAL);
+        t.receive_window(VarInt::from_u64(initial).unwrap_or(VarInt::MAX))
             .stream_receive_window(VarInt::from_u64(self.stream_window).unwrap_or(VarInt::MAX))
             .send_window(self.send_window)
             .max_concurrent_uni_streams(VarInt::from_u32(self.max_incoming_streams))

@@ -60,14 +60,19 @@ pub fn receiver_script(steps: Vec<Step>) {
             Step::FailDisk => fail_next = true,
         }
         while let Some(op) = r.poll_disk() {
-            let id = match op {
-                DiskOp::WriteChunk { id, .. }
-                | DiskOp::Finalize { id, .. }
-                | DiskOp::Finish { id }
-                | DiskOp::Read { id, .. } => id,
+            // Like a driver: a chunk write verifies the bytes against their hash first.
+            let (id, corrupt) = match op {
+                DiskOp::WriteChunk { id, hash, data, .. } => {
+                    (id, crate::digest::chunk_hash(&data.to_contiguous()) != hash)
+                }
+                DiskOp::Finalize { id, .. } | DiskOp::Finish { id } | DiskOp::Read { id, .. } => {
+                    (id, false)
+                }
             };
             let res = if std::mem::take(&mut fail_next) {
                 Err(DiskFailure::Io("injected".into()))
+            } else if corrupt {
+                Err(DiskFailure::Corrupt)
             } else {
                 Ok(DiskResult::Done)
             };

@@ -18,6 +18,86 @@ pub enum Stream {
     Lane(u16),
 }
 
+/// A received chunk as the pieces QUIC delivered it in, kept without copying until the driver
+/// gathers them into the buffer it writes from.
+#[derive(Clone, Default)]
+pub struct ChunkData {
+    pieces: Vec<Bytes>,
+    len: usize,
+}
+
+impl ChunkData {
+    /// Appends a piece.
+    pub fn push(&mut self, b: Bytes) {
+        self.len += b.len();
+        if !b.is_empty() {
+            self.pieces.push(b);
+        }
+    }
+
+    /// Total length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The pieces, in order.
+    pub fn pieces(&self) -> &[Bytes] {
+        &self.pieces
+    }
+
+    /// Copies every piece, in order, to the front of `out` (at least [`len`](Self::len) long).
+    pub fn copy_to(&self, out: &mut [u8]) {
+        let mut at = 0;
+        for p in &self.pieces {
+            out[at..at + p.len()].copy_from_slice(p);
+            at += p.len();
+        }
+    }
+
+    /// The bytes in one contiguous buffer: the single piece itself, or a copy.
+    pub fn to_contiguous(&self) -> Bytes {
+        match self.pieces.as_slice() {
+            [] => Bytes::new(),
+            [one] => one.clone(),
+            _ => {
+                let mut v = vec![0u8; self.len];
+                self.copy_to(&mut v);
+                v.into()
+            }
+        }
+    }
+}
+
+impl From<Bytes> for ChunkData {
+    fn from(b: Bytes) -> Self {
+        let mut c = Self::default();
+        c.push(b);
+        c
+    }
+}
+
+impl From<Vec<u8>> for ChunkData {
+    fn from(v: Vec<u8>) -> Self {
+        Bytes::from(v).into()
+    }
+}
+
+impl std::fmt::Debug for ChunkData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ChunkData({} bytes in {} pieces)",
+            self.len,
+            self.pieces.len()
+        )
+    }
+}
+
 /// An id the machine gives a disk request; the driver returns it with the result.
 #[derive(Clone, Copy, Debug, Eq, Hash, Ord, PartialEq, PartialOrd)]
 pub struct OpId(pub u64);
@@ -29,8 +109,9 @@ pub struct OpId(pub u64);
 #[must_use]
 #[non_exhaustive]
 pub enum DiskOp {
-    /// Sender: read `len` bytes at `offset` of file `file`. Complete with
-    /// [`DiskResult::Read`] holding exactly `len` bytes (fewer means the file shrank).
+    /// Sender: read `len` bytes at `offset` of file `file` and hash them. Complete with
+    /// [`DiskResult::Read`] holding exactly `len` bytes (fewer means the file shrank) and their
+    /// [`chunk_hash`](crate::digest::chunk_hash).
     Read {
         /// Request id.
         id: OpId,
@@ -41,9 +122,11 @@ pub enum DiskOp {
         /// Byte count.
         len: u32,
     },
-    /// Receiver: write a verified chunk into the file's partial (temporary) file at `offset`,
-    /// then append the sidecar record for `(index, hash)`, in that order. Complete with
-    /// [`DiskResult::Done`].
+    /// Receiver: verify a received chunk, write it into the file's partial (temporary) file at
+    /// `offset`, then append the sidecar record for `(index, hash)`, in that order. Complete
+    /// with [`DiskResult::Done`]. If the [`chunk_hash`](crate::digest::chunk_hash) of `data`
+    /// is not `hash`, nothing is written and the request fails with [`DiskFailure::Corrupt`]:
+    /// hashing is the driver's work (inline or on a pool), never the machine's.
     WriteChunk {
         /// Request id.
         id: OpId,
@@ -53,10 +136,10 @@ pub enum DiskOp {
         index: u32,
         /// Byte offset.
         offset: u64,
-        /// BLAKE3 of `data`, already verified.
+        /// The hash the sender announced for the chunk.
         hash: Hash,
-        /// The chunk.
-        data: Bytes,
+        /// The chunk, as the pieces it arrived in.
+        data: ChunkData,
     },
     /// Receiver: put entry `file` in place. A file's partial data is flushed, given the
     /// manifest's mode and mtime and renamed to its final name, and its sidecar removed; a
@@ -81,8 +164,13 @@ pub enum DiskOp {
 /// The outcome of a [`DiskOp`].
 #[derive(Debug)]
 pub enum DiskResult {
-    /// A read completed with these bytes.
-    Read(Bytes),
+    /// A read completed with these bytes and their chunk hash.
+    Read {
+        /// The bytes read.
+        data: Bytes,
+        /// [`chunk_hash`](crate::digest::chunk_hash) of `data`.
+        hash: Hash,
+    },
     /// A write, finalize or finish completed.
     Done,
 }
@@ -94,6 +182,9 @@ pub enum DiskFailure {
     /// The final path is taken and replacing was not allowed.
     #[error("{0}: already exists")]
     Exists(String),
+    /// A chunk's bytes do not match the hash announced for it; nothing was written.
+    #[error("chunk data does not match its hash")]
+    Corrupt,
     /// Any other I/O failure, with its context.
     #[error("{0}")]
     Io(String),

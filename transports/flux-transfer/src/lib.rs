@@ -40,7 +40,9 @@ pub mod sidecar;
 
 use flux_wire::{MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION};
 
-pub use io::{DiskFailure, DiskOp, DiskResult, Event, OpId, Outbox, Stream, TransferError};
+pub use io::{
+    ChunkData, DiskFailure, DiskOp, DiskResult, Event, OpId, Outbox, Stream, TransferError,
+};
 pub use manifest::{Limits, Manifest, ManifestError};
 pub use receiver::{LocalFile, Receiver, ReceiverConfig};
 pub use sender::{Sender, SenderConfig};
@@ -71,6 +73,11 @@ pub mod fuzzing;
 pub trait Machine {
     /// Bytes arrived on `stream`.
     fn handle_stream_data(&mut self, now: std::time::Instant, stream: Stream, data: &[u8]);
+    /// Bytes arrived on `stream`, owned: a machine that keeps them (the receiver's chunk data)
+    /// holds them without copying.
+    fn handle_stream_bytes(&mut self, now: std::time::Instant, stream: Stream, data: bytes::Bytes) {
+        self.handle_stream_data(now, stream, &data);
+    }
     /// The peer finished or reset `stream`.
     fn handle_stream_end(&mut self, now: std::time::Instant, stream: Stream);
     /// A disk request completed.
@@ -101,6 +108,9 @@ macro_rules! impl_machine {
         impl Machine for $t {
             fn handle_stream_data(&mut self, now: std::time::Instant, s: Stream, d: &[u8]) {
                 <$t>::handle_stream_data(self, now, s, d)
+            }
+            fn handle_stream_bytes(&mut self, now: std::time::Instant, s: Stream, d: bytes::Bytes) {
+                <$t>::handle_stream_bytes(self, now, s, d)
             }
             fn handle_stream_end(&mut self, now: std::time::Instant, s: Stream) {
                 <$t>::handle_stream_end(self, now, s)

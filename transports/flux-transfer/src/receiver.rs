@@ -6,9 +6,12 @@ use std::time::{Duration, Instant};
 
 use flux_wire::{ChunkRange, EntryKind, Hash, Message};
 
-use crate::digest::{chunk_hash, claim_digest, file_digest};
+use crate::digest::{claim_digest, file_digest};
+use bytes::Bytes;
+
 use crate::io::{
-    DiskFailure, DiskOp, DiskResult, Event, FrameBuf, OpId, Outbox, Stream, TransferError,
+    ChunkData, DiskFailure, DiskOp, DiskResult, Event, FrameBuf, OpId, Outbox, Stream,
+    TransferError,
 };
 use crate::manifest::{Assembler, Limits, Manifest};
 use crate::sender::{report_failure, truncate};
@@ -151,7 +154,7 @@ struct Incoming {
     offset: u64,
     len: u32,
     hash: Hash,
-    data: Vec<u8>,
+    data: ChunkData,
 }
 
 impl Receiver {
@@ -181,15 +184,22 @@ impl Receiver {
         }
     }
 
-    /// Bytes arrived on `stream`.
+    /// Bytes arrived on `stream` (copied; [`handle_stream_bytes`](Self::handle_stream_bytes)
+    /// keeps owned bytes without a copy).
     pub fn handle_stream_data(&mut self, now: Instant, stream: Stream, data: &[u8]) {
+        self.handle_stream_bytes(now, stream, Bytes::copy_from_slice(data));
+    }
+
+    /// Owned bytes arrived on `stream`. Chunk data is kept as the pieces it came in (no copy)
+    /// until the driver gathers it for verification and writing.
+    pub fn handle_stream_bytes(&mut self, now: Instant, stream: Stream, data: Bytes) {
         if self.is_over() {
             return;
         }
         self.last_activity = Some(now);
         match stream {
             Stream::Control => {
-                self.control.push(data);
+                self.control.push(&data);
                 loop {
                     match self.control.next() {
                         Ok(Some(m)) => self.on_control(m),
@@ -249,8 +259,10 @@ impl Receiver {
             if self.is_over() {
                 return;
             }
-            if let Err(e) = res {
-                return self.fail(TransferError::Io(e.to_string()));
+            match res {
+                Err(DiskFailure::Corrupt) => return self.on_corrupt(file, index),
+                Err(e) => return self.fail(TransferError::Io(e.to_string())),
+                Ok(_) => {}
             }
             let Some(f) = self.files.get_mut(&file) else {
                 return;
@@ -276,7 +288,7 @@ impl Receiver {
                     self.entry_done(file);
                 }
                 Err(DiskFailure::Exists(p)) => self.fail(TransferError::Exists(p)),
-                Err(DiskFailure::Io(e)) => self.fail(TransferError::Io(e)),
+                Err(e) => self.fail(TransferError::Io(e.to_string())),
             }
         } else if self.phase == Phase::Finishing {
             if let Err(e) = res {
@@ -562,13 +574,13 @@ impl Receiver {
         self.maybe_complete(file);
     }
 
-    fn on_lane_data(&mut self, lane: u16, data: &[u8]) {
+    fn on_lane_data(&mut self, lane: u16, data: Bytes) {
         let mut pos = 0;
         while pos < data.len() {
             let state = self.lanes.entry(lane).or_default();
             if let Some(inc) = state.current.as_mut() {
                 let take = (inc.len as usize - inc.data.len()).min(data.len() - pos);
-                inc.data.extend_from_slice(&data[pos..pos + take]);
+                inc.data.push(data.slice(pos..pos + take));
                 pos += take;
                 if inc.data.len() == inc.len as usize {
                     if let Some(inc) = state.current.take() {
@@ -602,7 +614,7 @@ impl Receiver {
                         let rest = state.header.take_rest();
                         self.start_chunk(lane, m);
                         if !self.is_over() {
-                            self.on_lane_data(lane, &rest);
+                            self.on_lane_data(lane, Bytes::from(rest));
                         }
                     }
                     Ok(None) => {}
@@ -656,7 +668,7 @@ impl Receiver {
                 offset,
                 len,
                 hash,
-                data: Vec::with_capacity(len as usize),
+                data: ChunkData::default(),
             });
             if len == 0
                 && let Some(inc) = state.current.take()
@@ -667,7 +679,6 @@ impl Receiver {
     }
 
     fn on_chunk(&mut self, inc: Incoming) {
-        let max = self.cfg.max_corrupt;
         let Some(f) = self.files.get_mut(&inc.file) else {
             return;
         };
@@ -675,30 +686,7 @@ impl Receiver {
             // A refetched chunk can arrive twice; the first good copy counts.
             return;
         }
-        if chunk_hash(&inc.data) != inc.hash {
-            let times = f.corrupt.entry(inc.index).or_insert(0);
-            *times += 1;
-            let times = *times;
-            if times > max {
-                return self.fail(TransferError::Integrity {
-                    file: inc.file,
-                    index: inc.index,
-                    times,
-                });
-            }
-            self.events.push_back(Event::ChunkCorrupt {
-                file: inc.file,
-                index: inc.index,
-            });
-            self.out.push_msg(
-                Stream::Control,
-                &Message::Refetch {
-                    file: inc.file,
-                    index: inc.index,
-                },
-            );
-            return;
-        }
+        // The driver hashes the bytes and writes them only if they match (DiskOp::WriteChunk).
         f.claimed.remove(&inc.index);
         f.writing.insert(inc.index, inc.hash);
         f.written = true;
@@ -710,8 +698,27 @@ impl Receiver {
             index: inc.index,
             offset: inc.offset,
             hash: inc.hash,
-            data: inc.data.into(),
+            data: inc.data,
         });
+    }
+
+    /// The driver found a chunk's bytes did not match their hash: ask for it again, or give up
+    /// after `max_corrupt` bad copies.
+    fn on_corrupt(&mut self, file: u32, index: u32) {
+        let max = self.cfg.max_corrupt;
+        let Some(f) = self.files.get_mut(&file) else {
+            return;
+        };
+        f.writing.remove(&index);
+        let times = f.corrupt.entry(index).or_insert(0);
+        *times += 1;
+        let times = *times;
+        if times > max {
+            return self.fail(TransferError::Integrity { file, index, times });
+        }
+        self.events.push_back(Event::ChunkCorrupt { file, index });
+        self.out
+            .push_msg(Stream::Control, &Message::Refetch { file, index });
     }
 
     fn maybe_complete(&mut self, file: u32) {

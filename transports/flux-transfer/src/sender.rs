@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use flux_wire::{ChunkRange, EntryKind, Hash, Message};
 
-use crate::digest::{chunk_hash, claim_digest, file_digest};
+use crate::digest::{claim_digest, file_digest};
 use crate::io::{
     DiskFailure, DiskOp, DiskResult, Event, FrameBuf, OpId, Outbox, Stream, TransferError,
 };
@@ -142,6 +142,12 @@ impl Sender {
         }
     }
 
+    /// Owned bytes arrived on `stream`; the sender keeps none, so this is
+    /// [`handle_stream_data`](Self::handle_stream_data).
+    pub fn handle_stream_bytes(&mut self, now: Instant, stream: Stream, data: bytes::Bytes) {
+        self.handle_stream_data(now, stream, &data);
+    }
+
     /// Bytes arrived on `stream` (only the control stream carries anything to a sender).
     pub fn handle_stream_data(&mut self, now: Instant, stream: Stream, data: &[u8]) {
         if self.is_over() {
@@ -193,9 +199,9 @@ impl Sender {
         if self.is_over() {
             return;
         }
-        let data = match res {
-            Ok(DiskResult::Read(b)) if b.len() == read.len as usize => b,
-            Ok(DiskResult::Read(b)) => {
+        let (data, hash) = match res {
+            Ok(DiskResult::Read { data, hash }) if data.len() == read.len as usize => (data, hash),
+            Ok(DiskResult::Read { data: b, .. }) => {
                 return self.fail(TransferError::Io(format!(
                     "{}: read {} bytes at chunk {} where {} were expected (file changed while sending?)",
                     self.path(read.file),
@@ -211,7 +217,6 @@ impl Sender {
                 return self.fail(TransferError::Io(format!("{}: {e}", self.path(read.file))));
             }
         };
-        let hash = chunk_hash(&data);
         let manifest = Arc::clone(&self.manifest);
         let Some(f) = self.files.get_mut(&read.file) else {
             return;

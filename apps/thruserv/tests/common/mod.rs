@@ -2,6 +2,8 @@
 //! client shortcuts, a raw WebSocket speaker for malformed input, and plain HTTP probes.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod fleet;
+
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};
 use std::process::{Child, Command, Stdio};
@@ -66,6 +68,11 @@ impl Thruserv {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Waits for the process to exit by itself.

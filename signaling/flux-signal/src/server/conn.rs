@@ -31,6 +31,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{Instrument, debug, debug_span, trace};
 
 use super::state::{Outbound, PeerHandle, RouteKind, RouteRefusal, Shared, WsSlot};
+use super::store::UNAVAILABLE;
 
 /// Runs one upgraded connection to completion.
 pub(crate) async fn run<S>(io: S, ip: IpAddr, shared: Arc<Shared>, slot: WsSlot)
@@ -169,7 +170,10 @@ where
                     if let Some(m) = self.member.as_mut() {
                         m.expires_at = None;
                         // Queues `Closed(SessionExpired)` to every member, us included.
-                        self.shared.close_session(m.session, ErrorCode::SessionExpired);
+                        if !self.shared.end_session(m.session, ErrorCode::SessionExpired).await {
+                            self.member = None;
+                            return End::SessionClosed(ErrorCode::SessionExpired);
+                        }
                     }
                 }
             }
@@ -278,12 +282,19 @@ where
                         .refuse(ErrorCode::NotAllowed, "only the host may reject peers")
                         .await;
                 }
-                match self.shared.reject(m.session, self.me.conn_id, peer) {
+                match self
+                    .shared
+                    .reject_peer(m.session, self.me.conn_id, peer)
+                    .await
+                {
                     Ok(closed) => {
                         debug!(session = %m.session, %peer, ?reason, closed, "joiner rejected by host");
                         Ok(())
                     }
-                    Err(code) => self.refuse(code, "cannot reject that peer").await,
+                    Err(code) => {
+                        self.refuse(code, why(code, "cannot reject that peer"))
+                            .await
+                    }
                 }
             }
             ClientMsg::Leave => Err(End::Left),
@@ -303,15 +314,19 @@ where
                 )
                 .await;
         }
-        if !self.shared.limiters.allow_create(self.ip) {
-            return self
-                .refuse(
-                    ErrorCode::CreateRateLimited,
-                    "too many sessions created from this address",
-                )
-                .await;
+        match self.shared.allow_create(self.ip).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return self
+                    .refuse(
+                        ErrorCode::CreateRateLimited,
+                        "too many sessions created from this address",
+                    )
+                    .await;
+            }
+            Err(code) => return self.refuse(code, UNAVAILABLE).await,
         }
-        let created = match self.shared.create(&self.me, self.ip) {
+        let created = match self.shared.open_session(&self.me, self.ip).await {
             Ok(created) => created,
             Err((code, why)) => return self.refuse(code, why).await,
         };
@@ -343,7 +358,7 @@ where
                 )
                 .await;
         }
-        match self.shared.join(session, &self.me) {
+        match self.shared.join_session(session, &self.me).await {
             Ok(peer) => {
                 self.member = Some(Member {
                     session,
@@ -361,16 +376,23 @@ where
             Err(ErrorCode::NoSuchSession) => {
                 // Guessing ids costs the same tokens as creating sessions; a scanner that
                 // runs out is disconnected.
-                if !self.shared.limiters.allow_create(self.ip) {
-                    return Err(End::Fatal(
-                        ErrorCode::CreateRateLimited,
-                        "too many joins to unknown sessions from this address".into(),
-                    ));
+                match self.shared.allow_create(self.ip).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        return Err(End::Fatal(
+                            ErrorCode::CreateRateLimited,
+                            "too many joins to unknown sessions from this address".into(),
+                        ));
+                    }
+                    Err(code) => return self.refuse(code, UNAVAILABLE).await,
                 }
                 self.refuse(ErrorCode::NoSuchSession, "no session with that code")
                     .await
             }
-            Err(code) => self.refuse(code, "cannot join that session").await,
+            Err(code) => {
+                self.refuse(code, why(code, "cannot join that session"))
+                    .await
+            }
         }
     }
 
@@ -381,14 +403,18 @@ where
         kind: RouteKind<'_>,
         text: String,
     ) -> Result<(), End> {
-        match self.shared.route(
-            m.session,
-            (self.me.conn_id, self.ip),
-            m.peer,
-            to,
-            kind,
-            text,
-        ) {
+        let routed = self
+            .shared
+            .route_msg(
+                m.session,
+                (self.me.conn_id, self.ip),
+                m.peer,
+                to,
+                kind,
+                text,
+            )
+            .await;
+        match routed {
             Ok(()) => {
                 let counter = match kind {
                     RouteKind::Candidate => &self.shared.metrics.candidates,
@@ -397,7 +423,9 @@ where
                 counter.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
-            Err(RouteRefusal::Code(code)) => self.refuse(code, "message not relayed").await,
+            Err(RouteRefusal::Code(code)) => {
+                self.refuse(code, why(code, "message not relayed")).await
+            }
             Err(RouteRefusal::NotPaired) => {
                 self.refuse(
                     ErrorCode::NotAllowed,
@@ -460,8 +488,10 @@ where
                 _ => PeerLeftReason::Disconnected,
             };
             self.shared
-                .leave(m.session, self.me.conn_id, m.peer, reason);
+                .leave_session(m.session, self.me.conn_id, m.peer, reason)
+                .await;
         }
+        self.shared.forget_conn(self.me.conn_id);
         let close = match end {
             End::Fatal(code, message) => {
                 self.shared.metrics.reject(code);
@@ -510,6 +540,15 @@ where
             })
             .await;
         }
+    }
+}
+
+/// The refusal text for `code`: `otherwise`, unless the session store is unreachable.
+fn why(code: ErrorCode, otherwise: &'static str) -> &'static str {
+    if code == ErrorCode::StoreUnavailable {
+        UNAVAILABLE
+    } else {
+        otherwise
     }
 }
 

@@ -30,7 +30,7 @@ where
 {
     let service = service_fn(move |req| {
         let shared = shared.clone();
-        async move { Ok::<_, Infallible>(route(req, peer, &shared)) }
+        async move { Ok::<_, Infallible>(route(req, peer, &shared).await) }
     });
     let result = http1::Builder::new()
         // Keep-alive must stay on: with it off hyper rewrites `Connection: Upgrade` on the
@@ -46,8 +46,15 @@ where
     }
 }
 
-fn route(req: Request<Incoming>, peer: SocketAddr, shared: &Arc<Shared>) -> Response<Body> {
+async fn route(req: Request<Incoming>, peer: SocketAddr, shared: &Arc<Shared>) -> Response<Body> {
     match (req.method(), req.uri().path()) {
+        // A fleet instance that cannot reach Redis reports unhealthy so that the load
+        // balancer sends new clients elsewhere; its open connections go on.
+        (&Method::GET, "/healthz") if !shared.store_healthy() => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain; charset=utf-8",
+            "redis unreachable\n".into(),
+        ),
         (&Method::GET, "/healthz") => {
             text(StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into())
         }
@@ -55,7 +62,7 @@ fn route(req: Request<Incoming>, peer: SocketAddr, shared: &Arc<Shared>) -> Resp
             let gauges = Gauges {
                 ws_connections: shared.ws_connections(),
                 pending_handshakes: shared.pending_handshakes(),
-                sessions: shared.session_count(),
+                sessions: shared.live_sessions(),
             };
             text(
                 StatusCode::OK,
@@ -63,7 +70,7 @@ fn route(req: Request<Incoming>, peer: SocketAddr, shared: &Arc<Shared>) -> Resp
                 shared.metrics.render(&gauges),
             )
         }
-        (_, WS_PATH) => upgrade(req, peer, shared),
+        (_, WS_PATH) => upgrade(req, peer, shared).await,
         _ => refuse(
             shared,
             StatusCode::NOT_FOUND,
@@ -75,7 +82,11 @@ fn route(req: Request<Incoming>, peer: SocketAddr, shared: &Arc<Shared>) -> Resp
 
 /// Validates an RFC 6455 §4.2.1 opening handshake, applies the connect limits, answers
 /// 101 and hands the upgraded stream to a connection task.
-fn upgrade(mut req: Request<Incoming>, peer: SocketAddr, shared: &Arc<Shared>) -> Response<Body> {
+async fn upgrade(
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+) -> Response<Body> {
     let headers = req.headers();
     let is_upgrade = req.method() == Method::GET
         && header_has_token(headers, header::CONNECTION, "upgrade")
@@ -119,7 +130,7 @@ fn upgrade(mut req: Request<Incoming>, peer: SocketAddr, shared: &Arc<Shared>) -
             "shutting down",
         );
     }
-    if !shared.limiters.allow_connect(ip) {
+    if !shared.allow_connect(ip).await {
         debug!(%ip, "connect rate limited");
         let mut resp = refuse(
             shared,

@@ -4,17 +4,23 @@
 //! future resolves and open connections have been told and drained (up to
 //! [`ServerConfig::shutdown_grace`]).
 //!
-//! Routes: `GET /healthz` (200 `ok`), `GET /metrics` (Prometheus text) and the WebSocket
+//! Sessions live in this process, or with [`ServerConfig::redis_url`] in Redis, shared by
+//! a fleet of instances behind a load balancer (see `fleet`).
+//!
+//! Routes: `GET /healthz` (200 `ok`; 503 while a fleet instance cannot reach Redis), `GET /metrics` (Prometheus text) and the WebSocket
 //! endpoint [`flux_signal_proto::WS_PATH`]. Every other path is 404. Plain responses close
 //! the connection, and no connection stays in its HTTP phase longer than
 //! [`ServerConfig::handshake_timeout`].
 
 mod cidr;
 mod conn;
+mod fleet;
+mod fleet_lua;
 mod http;
 mod limits;
 mod metrics;
 mod state;
+mod store;
 
 use std::future::Future;
 use std::io;
@@ -30,6 +36,7 @@ use tracing::{debug, info, warn};
 pub use self::cidr::{Cidr, ParseCidrError};
 pub use self::metrics::Metrics;
 use self::state::Shared;
+use self::store::Store;
 
 /// Everything the server enforces. [`Default`] gives the documented `thruserv` defaults.
 #[derive(Clone, Debug)]
@@ -94,6 +101,26 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Name and version sent in the welcome message.
     pub server_name: String,
+    /// `redis://` or `rediss://` URL of the store shared by a fleet of instances; `None`
+    /// (the default) keeps sessions in this process.
+    pub redis_url: Option<RedisUrl>,
+}
+
+/// A Redis URL. Its `Debug` and `Display` leave out the user name and password, so a logged
+/// configuration does not leak them.
+#[derive(Clone, Eq, PartialEq)]
+pub struct RedisUrl(pub String);
+
+impl std::fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RedisUrl({})", fleet::redact(&self.0))
+    }
+}
+
+impl std::fmt::Display for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&fleet::redact(&self.0))
+    }
 }
 
 impl ServerConfig {
@@ -132,6 +159,7 @@ impl Default for ServerConfig {
             trusted_proxies: Vec::new(),
             shutdown_grace: Duration::from_secs(5),
             server_name: format!("flux-signal/{}", env!("CARGO_PKG_VERSION")),
+            redis_url: None,
         }
     }
 }
@@ -166,6 +194,15 @@ pub enum ServerError {
     /// A configuration value is out of range.
     #[error("invalid configuration: {0}")]
     Config(&'static str),
+    /// The Redis of [`ServerConfig::redis_url`] is unreachable or refused us.
+    #[error("cannot use redis at {url}")]
+    Redis {
+        /// The URL, without credentials.
+        url: String,
+        /// Why.
+        #[source]
+        source: redis::RedisError,
+    },
 }
 
 /// A bound signaling server, ready to [`run`](Server::run).
@@ -190,6 +227,10 @@ impl Server {
                 "max_message_bytes must be at least 1024",
             ));
         }
+        let store = match &config.redis_url {
+            Some(url) => Store::Fleet(fleet::Fleet::connect(&url.0, &config).await?),
+            None => Store::Memory,
+        };
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| ServerError::Bind { addr, source })?;
@@ -200,7 +241,7 @@ impl Server {
         Ok(Self {
             listener,
             local_addr,
-            shared: Arc::new(Shared::new(config, shutdown_rx)),
+            shared: Arc::new(Shared::new(config, shutdown_rx, store)),
             shutdown_tx,
             tls: tls.map(tokio_rustls::TlsAcceptor::from),
         })
@@ -227,6 +268,10 @@ impl Server {
             ..
         } = self;
         let housekeeping = tokio::spawn(limits::housekeeping(shared.clone()));
+        let fleet_tasks = match &shared.store {
+            Store::Fleet(fleet) => fleet.spawn_tasks(),
+            Store::Memory => Vec::new(),
+        };
         let mut accept_errors = limits::LogLimiter::new(Duration::from_secs(60));
         tokio::pin!(shutdown);
         loop {
@@ -253,6 +298,15 @@ impl Server {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         housekeeping.abort();
+        // Heartbeats stop first, so none re-registers this instance after it retires.
+        for task in fleet_tasks {
+            task.abort();
+        }
+        if let Store::Fleet(fleet) = &shared.store {
+            // Whatever did not leave by itself in the grace period is removed now, so its
+            // peers on other instances hear at once rather than after the heartbeat lapses.
+            fleet.retire().await;
+        }
         info!(left_open = shared.open_connections(), "shutdown complete");
     }
 }

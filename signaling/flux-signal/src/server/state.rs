@@ -1,4 +1,7 @@
-//! Shared server state: the session table and the connection bookkeeping.
+//! Shared server state: the in-memory session table and the connection bookkeeping.
+//!
+//! Connections reach the table through [`store`](super::store), which sends them to Redis
+//! instead when the server runs as part of a fleet.
 //!
 //! All session mutations happen under one `Mutex` and never await while holding it;
 //! messages to other connections go through their unbounded channels with a byte budget
@@ -16,6 +19,7 @@ use tokio::time::Instant;
 use super::ServerConfig;
 use super::limits::Limiters;
 use super::metrics::Metrics;
+use super::store::Store;
 
 /// State every connection task shares.
 pub(crate) struct Shared {
@@ -23,6 +27,7 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) limiters: Limiters,
     pub(crate) shutdown: watch::Receiver<bool>,
+    pub(crate) store: Store,
     sessions: Mutex<HashMap<RoutingId, Session>>,
     ws_connections: AtomicUsize,
     pending_handshakes: AtomicUsize,
@@ -113,8 +118,9 @@ pub(crate) struct Created {
 }
 
 impl Shared {
-    pub(crate) fn new(config: ServerConfig, shutdown: watch::Receiver<bool>) -> Self {
+    pub(crate) fn new(config: ServerConfig, shutdown: watch::Receiver<bool>, store: Store) -> Self {
         Self {
+            store,
             limiters: Limiters::new(&config),
             metrics: Arc::new(Metrics::default()),
             config,
@@ -430,7 +436,7 @@ impl PeerHandle {
     }
 
     /// Queues a relayed message, refusing it when the recipient is too far behind.
-    fn push(&self, text: String) -> Result<(), ErrorCode> {
+    pub(crate) fn push(&self, text: String) -> Result<(), ErrorCode> {
         let len = text.len();
         let before = self.queued.fetch_add(len, Ordering::AcqRel);
         if before + len > MAX_QUEUED_BYTES {
@@ -447,12 +453,12 @@ impl PeerHandle {
 
     /// Queues a small server notice; charged to the budget but never refused, so the
     /// recipient's view of the session stays complete.
-    fn push_control(&self, text: String) {
+    pub(crate) fn push_control(&self, text: String) {
         self.queued.fetch_add(text.len(), Ordering::AcqRel);
         let _ = self.tx.send(Outbound::Text(text));
     }
 
-    fn close(&self, reason: ErrorCode) {
+    pub(crate) fn close(&self, reason: ErrorCode) {
         let _ = self.tx.send(Outbound::Closed(reason));
     }
 
@@ -555,7 +561,7 @@ pub(crate) fn ip_key(ip: IpAddr) -> IpAddr {
     }
 }
 
-fn random_u64() -> Option<u64> {
+pub(crate) fn random_u64() -> Option<u64> {
     let mut buf = [0u8; 8];
     getrandom::fill(&mut buf).ok()?;
     Some(u64::from_le_bytes(buf))
