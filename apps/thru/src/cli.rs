@@ -24,14 +24,18 @@ pub enum Exit {
     Ok = 0,
     /// The transfer failed or is incomplete (run `thru join` again to resume).
     TransferFailed = 1,
-    /// Bad flags, a missing or malformed join code, unreadable paths.
+    /// Bad flags, a malformed join code or server URL, an unreadable path, an unusable
+    /// `--out`, or no terminal to ask on and no `--yes`: found before any network step.
     Usage = 2,
     /// Pairing failed: wrong code, tampering detected, no such session, peer unreachable.
     PairingFailed = 3,
-    /// The receiver declined the offer (or could not be asked: no terminal, no `--yes`).
+    /// The offer was refused: the receiver declined (both sides exit 4) or has too little
+    /// free space.
     Refused = 4,
-    /// A file to receive already exists and `--force` was not given.
+    /// A file to receive exists with other content, `--on-conflict ask`, and nobody to ask.
     Conflict = 5,
+    /// Stopped with Ctrl-C (the peer is told at once).
+    Interrupted = 130,
 }
 
 impl Exit {
@@ -46,25 +50,57 @@ pub const EXIT_CODES: &str = "\
 Exit codes:
   0  done
   1  transfer failed or incomplete (run thru join again to resume)
-  2  usage error (bad flag, malformed join code, unreadable path)
+  2  usage error, found before any network step (bad flag, malformed code or URL,
+     unreadable path, unusable --out, no terminal to ask on and no --yes)
   3  pairing failed (wrong code, tampering detected, no such session, peer unreachable)
-  4  refused by the receiver (declined, or no terminal to ask and no --yes)
-  5  conflict: a file to receive exists and --force was not given";
+  4  refused: the receiver declined (both sides exit 4) or lacks free space
+  5  conflict: a file exists here with other content and nobody to ask (--on-conflict)
+  130  stopped with Ctrl-C (the other side is told at once)";
 
 const AFTER_HELP: &str = "\
+Examples:
+  thru host photos/ notes.txt          offer a directory and a file on the LAN
+  thru join H3WN8C-5RJE-P2VD           receive them into the current directory
+  thru join                            ask for the code without echoing it
+  thru send big.iso --server wss://relay.example.org
+                                       through a signaling server, across NATs
+  thru receive CODE -o ~/in --yes      no questions (scripts)
+  thru config                          what is configured, and where it came from
+
 With no --server, thru works on the local network: the host advertises itself with mDNS
 and the joiner finds it by the code (or reaches it with --peer ADDR). With --server URL,
 both sides pair through a thruserv signaling server. Either way the code's secret part
 never leaves the two machines: host and joiner run a PAKE over it and pin each other's
 certificates, so neither the server nor anything in between can read or alter a transfer.
 
+Defaults can be set in $XDG_CONFIG_HOME/thru/config.toml (see `thru config`); a flag beats
+its THRU_* environment variable, which beats the file, which beats the built-in default.
+
 Exit codes:
   0  done
   1  transfer failed or incomplete (run thru join again to resume)
-  2  usage error (bad flag, malformed join code, unreadable path)
+  2  usage error, found before any network step (bad flag, malformed code or URL,
+     unreadable path, unusable --out, no terminal to ask on and no --yes)
   3  pairing failed (wrong code, tampering detected, no such session, peer unreachable)
-  4  refused by the receiver (declined, or no terminal to ask and no --yes)
-  5  conflict: a file to receive exists and --force was not given";
+  4  refused: the receiver declined (both sides exit 4) or lacks free space
+  5  conflict: a file exists here with other content and nobody to ask (--on-conflict)
+  130  stopped with Ctrl-C (the other side is told at once)";
+
+const HOST_EXAMPLES: &str = "\
+Examples:
+  thru host photos/                    one receiver on the LAN, then exit
+  thru host --max-receivers 3 slides.pdf
+                                       serve three receivers with the same code
+  thru host --server wss://relay.example.org --json data/ | jq .
+                                       across the internet, events for a script";
+
+const JOIN_EXAMPLES: &str = "\
+Examples:
+  thru join                            ask for the code (hidden), receive here
+  thru join H3WN8C-5RJE-P2VD -o ~/in   receive into ~/in (created if missing)
+  thru join CODE --peer 192.168.1.20   when mDNS cannot reach the host
+  thru join CODE --yes --on-conflict rename
+                                       no questions; keep both on a name clash";
 
 /// Thruflux: move files between two machines, directly, end-to-end encrypted, resumable.
 #[derive(Debug, Parser)]
@@ -77,20 +113,27 @@ Exit codes:
 )]
 pub struct Cli {
     /// Print the version and exit.
-    #[arg(short = 'v', long = "version", action = ArgAction::Version, global = true)]
+    #[arg(short = 'V', long = "version", action = ArgAction::Version, global = true,
+          help_heading = "Output")]
     pub version: Option<bool>,
 
-    /// One JSON object per line on stdout (events: code, peer, offer, accepted, progress,
-    /// file_done, summary, error); no banner, no bars.
-    #[arg(long, global = true, env = "THRU_JSON")]
+    /// One JSON object per line on stdout (events and fields: apps/thru/docs/json-events.md);
+    /// no banner, no bars, no prompt (a joiner needs --yes); stderr carries only logs.
+    #[arg(help_heading = "Output", long, global = true, env = "THRU_JSON")]
     pub json: bool,
 
     /// More log output on stderr (repeat for more; RUST_LOG overrides).
-    #[arg(long, global = true, action = ArgAction::Count)]
+    #[arg(help_heading = "Output", short, long, global = true, action = ArgAction::Count)]
     pub verbose: u8,
 
     /// Only errors on stderr.
-    #[arg(short, long, global = true, env = "THRU_QUIET")]
+    #[arg(
+        help_heading = "Output",
+        short,
+        long,
+        global = true,
+        env = "THRU_QUIET"
+    )]
     pub quiet: bool,
 
     /// What to do.
@@ -101,18 +144,27 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Offer files and directories; prints a join code and waits for receivers.
+    /// Offer files and directories; prints a join code and waits for the receiver.
+    #[command(visible_alias = "send", after_help = HOST_EXAMPLES)]
     Host(HostArgs),
-    /// Receive what a host offers, given its join code.
+    /// Receive what a host offers, given its join code (asked for when not given).
+    #[command(visible_alias = "receive", after_help = JOIN_EXAMPLES)]
     Join(JoinArgs),
+    /// Print the effective configuration and where each value comes from.
+    Config,
     /// Print a shell completion script to stdout.
     Completions {
         /// The shell.
         #[arg(value_enum)]
         shell: Shell,
     },
-    /// Print the man page (roff) to stdout.
-    Man,
+    /// Write the man pages, one for thru and one per subcommand, into DIR (or all of them to
+    /// stdout without DIR).
+    Man {
+        /// Directory to write the pages into.
+        #[arg(value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// Flags for `thru host`.
@@ -122,19 +174,25 @@ pub struct HostArgs {
     #[arg(required = true, value_name = "PATH")]
     pub paths: Vec<PathBuf>,
 
-    /// Most receivers served (each pairs separately with the same code).
-    #[arg(long, env = "THRU_MAX_RECEIVERS", default_value_t = 4,
+    /// Receivers served before exiting (each pairs separately with the same code). The
+    /// default, 1, exits after the first transfer, as croc and wormhole do.
+    #[arg(help_heading = "Basics", long, env = "THRU_MAX_RECEIVERS", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=64))]
     pub max_receivers: u32,
 
+    /// Print the code's secret as five words (K7QF2M-delta-maple-river-tiger-wolf), easier to
+    /// read aloud; the same code, and joiners may type either form.
+    #[arg(help_heading = "Basics", long, env = "THRU_WORDS")]
+    pub words: bool,
+
     /// Chunk size, 256KiB..4MiB and a multiple of 4KiB (default: chosen from the largest file).
-    #[arg(long, env = "THRU_CHUNK_SIZE", value_parser = parse_chunk_size, value_name = "SIZE")]
+    #[arg(help_heading = "Tuning", long, env = "THRU_CHUNK_SIZE", value_parser = parse_chunk_size, value_name = "SIZE")]
     pub chunk_size: Option<u64>,
 
-    /// Files sent at once, 1..8 (default: automatic).
-    #[arg(long, env = "THRU_PARALLEL_FILES",
+    /// Files sent at once, 1..8 (each a QUIC stream lane).
+    #[arg(help_heading = "Tuning", long, env = "THRU_PARALLEL_FILES", default_value_t = 4,
           value_parser = clap::value_parser!(u8).range(1..=8))]
-    pub parallel_files: Option<u8>,
+    pub parallel_files: u8,
 
     /// Shared network and engine flags.
     #[command(flatten)]
@@ -150,6 +208,7 @@ pub struct JoinArgs {
 
     /// Directory to receive into.
     #[arg(
+        help_heading = "Basics",
         long,
         short = 'o',
         env = "THRU_OUT",
@@ -159,36 +218,70 @@ pub struct JoinArgs {
     pub out: PathBuf,
 
     /// Accept the offered files without asking.
-    #[arg(long, short = 'y', env = "THRU_YES")]
+    #[arg(help_heading = "Basics", long, short = 'y', env = "THRU_YES")]
     pub yes: bool,
 
-    /// Allow replacing existing files.
-    #[arg(long, env = "THRU_FORCE")]
+    /// What to do with a file that exists here with other content: ask (in the prompt),
+    /// skip it (keep yours), rename yours to `name (1).ext` and receive the new one, or
+    /// overwrite it.
+    #[arg(help_heading = "Basics", long, env = "THRU_ON_CONFLICT", value_enum, default_value_t = OnConflict::Ask,
+          value_name = "WHAT")]
+    pub on_conflict: OnConflict,
+
+    /// Replace existing files: the same as --on-conflict overwrite.
+    #[arg(help_heading = "Basics", long, env = "THRU_FORCE")]
     pub force: bool,
 
     /// Give received files and new directories the sender's permission bits as sent,
     /// including group- and world-writable ones, ignoring your umask. Without it your umask
     /// applies and nothing is made group- or world-writable. Setuid, setgid and sticky bits
     /// are never set, and directories that already exist are never changed.
-    #[arg(long, env = "THRU_KEEP_MODES")]
+    #[arg(help_heading = "Basics", long, env = "THRU_KEEP_MODES")]
     pub keep_modes: bool,
     /// Send every byte: never skip a file already here or resume a partial one. Skipping tells
     /// the sender whether you hold an identical file; with this flag an existing file is a
-    /// conflict (replaced only with --force).
-    #[arg(long, env = "THRU_NO_SKIP_IDENTICAL")]
+    /// conflict (see --on-conflict).
+    #[arg(help_heading = "Basics", long, env = "THRU_NO_SKIP_IDENTICAL")]
     pub no_skip_identical: bool,
 
     /// List every offered file in the prompt, not only the first 40.
-    #[arg(long, env = "THRU_LIST")]
+    #[arg(help_heading = "Basics", long, env = "THRU_LIST")]
     pub list: bool,
 
     /// LAN: the host's pairing address (IP or IP:PORT, as the host prints), skipping mDNS.
-    #[arg(long, env = "THRU_PEER", value_parser = parse_peer, value_name = "ADDR")]
+    #[arg(help_heading = "Network", long, env = "THRU_PEER", value_parser = parse_peer, value_name = "ADDR")]
     pub peer: Option<SocketAddr>,
 
     /// Shared network and engine flags.
     #[command(flatten)]
     pub net: NetArgs,
+}
+
+/// `--on-conflict`: what happens to a file that is already at the destination with other
+/// content.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnConflict {
+    /// Ask in the prompt, for all such files or for each (without a terminal: refuse, exit 5).
+    #[default]
+    Ask,
+    /// Keep the file here; the offered one is not kept.
+    Skip,
+    /// Rename the file here to `name (1).ext` and receive the offered one under its name.
+    Rename,
+    /// Replace the file here.
+    Overwrite,
+}
+
+impl JoinArgs {
+    /// The conflict policy, `--force` included.
+    pub fn conflict_policy(&self) -> OnConflict {
+        if self.force {
+            OnConflict::Overwrite
+        } else {
+            self.on_conflict
+        }
+    }
 }
 
 /// The public STUN servers asked when `--stun-server` is not given.
@@ -207,6 +300,7 @@ pub fn default_stun_servers() -> Vec<String> {
 pub struct NetArgs {
     /// Signaling server URL (ws://, wss://, http://, https://). Without it: LAN mode.
     #[arg(
+        help_heading = "Network",
         long,
         visible_alias = "server-url",
         env = "THRU_SERVER_URL",
@@ -215,7 +309,7 @@ pub struct NetArgs {
     pub server: Option<String>,
 
     /// STUN servers, comma-separated (used with --server).
-    #[arg(
+    #[arg(help_heading = "Network", 
         long,
         env = "THRU_STUN_SERVERS",
         value_delimiter = ',',
@@ -228,6 +322,7 @@ pub struct NetArgs {
     /// `turns:USER:PASS@HOST:443` for TLS (networks that block UDP). Default none. Values
     /// here show in `ps`; prefer --turn-server-file for passwords.
     #[arg(
+        help_heading = "Network",
         long,
         env = "THRU_TURN_SERVERS",
         hide_env_values = true,
@@ -238,62 +333,77 @@ pub struct NetArgs {
 
     /// File of TURN servers, one URL per line (as --turn-server; `#` comments and blank
     /// lines skipped), added to --turn-server: keeps the passwords out of argv.
-    #[arg(long, env = "THRU_TURN_SERVER_FILE", value_name = "PATH")]
+    #[arg(
+        help_heading = "Network",
+        long,
+        env = "THRU_TURN_SERVER_FILE",
+        value_name = "PATH"
+    )]
     pub turn_server_file: Option<PathBuf>,
 
     /// Certificate (PEM or DER) a turns: server must present, for a self-hosted TURN server
     /// with a self-signed certificate. Without it the Web PKI roots are used.
-    #[arg(long, env = "THRU_TURN_CERT", value_name = "FILE")]
+    #[arg(
+        help_heading = "Network",
+        long,
+        env = "THRU_TURN_CERT",
+        value_name = "FILE"
+    )]
     pub turn_cert: Option<PathBuf>,
 
     /// Largest QUIC connection receive window (starts at 32 MiB, grows with the path's
     /// measured bandwidth-delay product).
-    #[arg(long, env = "THRU_QUIC_CONN_WINDOW_BYTES", default_value = "1GiB",
+    #[arg(help_heading = "Tuning", long, env = "THRU_QUIC_CONN_WINDOW_BYTES", default_value = "1GiB",
           value_parser = parse_size, value_name = "SIZE")]
     pub quic_conn_window_bytes: u64,
 
     /// QUIC per-stream receive window.
-    #[arg(long, env = "THRU_QUIC_STREAM_WINDOW_BYTES", default_value = "32MiB",
+    #[arg(help_heading = "Tuning", long, env = "THRU_QUIC_STREAM_WINDOW_BYTES", default_value = "32MiB",
           value_parser = parse_size, value_name = "SIZE")]
     pub quic_stream_window_bytes: u64,
 
     /// Most QUIC streams the peer may open at once.
-    #[arg(long, env = "THRU_QUIC_MAX_INCOMING_STREAMS", default_value_t = 100,
+    #[arg(help_heading = "Tuning", long, env = "THRU_QUIC_MAX_INCOMING_STREAMS", default_value_t = 100,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub quic_max_incoming_streams: u32,
 
     /// Disk and socket I/O driver.
-    #[arg(long, env = "THRU_IO_DRIVER", value_enum, default_value_t = IoDriver::Auto)]
+    #[arg(help_heading = "Tuning", long, env = "THRU_IO_DRIVER", value_enum, default_value_t = IoDriver::Auto)]
     pub io_driver: IoDriver,
 
     /// Worker threads for the data path (default: one per core).
-    #[arg(long, env = "THRU_CORES", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    #[arg(help_heading = "Tuning", long, env = "THRU_CORES", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub cores: Option<u16>,
 
     /// Local UDP port for QUIC (0: any). A LAN host also listens for pairing on TCP 47115,
     /// or any free port.
-    #[arg(long, env = "THRU_PORT", default_value_t = 0)]
+    #[arg(help_heading = "Network", long, env = "THRU_PORT", default_value_t = 0)]
     pub port: u16,
 
     /// LAN: do not use mDNS (joiners then need --peer).
-    #[arg(long, env = "THRU_NO_MDNS")]
+    #[arg(help_heading = "Network", long, env = "THRU_NO_MDNS")]
     pub no_mdns: bool,
 
     /// LAN: use mDNS only on this interface (repeatable; default all).
-    #[arg(long, env = "THRU_MDNS_INTERFACE", value_name = "NAME")]
+    #[arg(
+        help_heading = "Network",
+        long,
+        env = "THRU_MDNS_INTERFACE",
+        value_name = "NAME"
+    )]
     pub mdns_interface: Vec<String>,
 
     /// Limit for pairing with a peer.
-    #[arg(long, env = "THRU_PAIR_TIMEOUT", default_value = "30s",
+    #[arg(help_heading = "Network", long, env = "THRU_PAIR_TIMEOUT", default_value = "30s",
           value_parser = parse_duration, value_name = "DURATION")]
     pub pair_timeout: Duration,
 
     /// A name for this process in its log lines (default: none).
-    #[arg(long, env = "THRU_PEER_ID", value_name = "ID")]
+    #[arg(help_heading = "Output", long, env = "THRU_PEER_ID", value_name = "ID")]
     pub peer_id: Option<String>,
 
     /// Print throughput, time to first byte, peak rate, RTT, loss, CPU time and the route.
-    #[arg(long, env = "THRU_BENCHMARK")]
+    #[arg(help_heading = "Output", long, env = "THRU_BENCHMARK")]
     pub benchmark: bool,
 }
 
@@ -327,19 +437,31 @@ pub fn command() -> clap::Command {
     Cli::command()
 }
 
-/// The whole man page: `thru` and one section per subcommand, in roff.
-pub fn man_page() -> std::io::Result<Vec<u8>> {
-    let cmd = command();
+/// The man pages, as (file name, roff): `thru.1`, then `thru-COMMAND.1` for every
+/// subcommand the first one lists (clap's `help` included), so each page it refers to exists.
+pub fn man_pages() -> std::io::Result<Vec<(String, Vec<u8>)>> {
+    let mut cmd = command();
+    cmd.build();
+    let mut pages = Vec::new();
     let mut out = Vec::new();
     clap_mangen::Man::new(cmd.clone()).render(&mut out)?;
+    pages.push(("thru.1".to_string(), out));
     for sub in cmd.get_subcommands() {
+        let name = format!("thru-{}", sub.get_name());
         let sub = sub
             .clone()
-            .display_name(format!("thru-{}", sub.get_name()))
+            .display_name(name.clone())
             .bin_name(format!("thru {}", sub.get_name()));
+        let mut out = Vec::new();
         clap_mangen::Man::new(sub).render(&mut out)?;
+        pages.push((format!("{name}.1"), out));
     }
-    Ok(out)
+    Ok(pages)
+}
+
+/// Every man page, one after the other (`thru man` without a directory).
+pub fn man_page() -> std::io::Result<Vec<u8>> {
+    Ok(man_pages()?.into_iter().flat_map(|(_, p)| p).collect())
 }
 
 /// Writes the completion script for `shell`.
@@ -406,6 +528,8 @@ mod tests {
     #[test]
     fn definition_is_consistent() {
         command().debug_assert();
+        // `--help` and the man page show the same table.
+        assert!(AFTER_HELP.ends_with(EXIT_CODES));
     }
 
     #[test]

@@ -11,6 +11,14 @@
 //!   ([`crate::pake`]), so an attacker gets one online guess per attempt (a 1 in 2^40
 //!   chance) and the host ends the session after a failed attempt.
 //!
+//! **Word form** (`thru host --words`): the same code with the secret written as five words
+//! from a list of 256 (8 bits each, so the same 40 bits), for reading aloud:
+//! `K7QF2M-delta-maple-river-tiger-wolf`. Every word is known by its first three letters,
+//! which are enough to type it. Both forms name the same secret (the PAKE runs over the
+//! canonical characters), so a host may print either and the joiner may type either. Why not
+//! the default: the Crockford form is 14 characters to type against about 21 (three letters a
+//! word) to 35 for the words; the words win only when the code is spoken.
+//!
 //! Parsing is forgiving about what people do when copying codes: case does not matter,
 //! spaces and dashes anywhere are ignored, and the Crockford confusables map to their digits
 //! (`O`→`0`, `I`/`L`→`1`). Errors say which part is wrong and why.
@@ -58,6 +66,66 @@ impl Secret {
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
     }
+
+    /// The 40 bits the characters encode.
+    fn bits(&self) -> u64 {
+        self.0.iter().fold(0u64, |acc, c| {
+            let idx = ALPHABET.iter().position(|a| a == c).unwrap_or(0) as u64;
+            (acc << 5) | idx
+        })
+    }
+
+    /// The five words of the word form.
+    pub fn words(&self) -> [&'static str; WORD_COUNT] {
+        let bits = self.bits();
+        std::array::from_fn(|i| WORDS[((bits >> (8 * (WORD_COUNT - 1 - i))) & 0xff) as usize])
+    }
+}
+
+/// Words in the word form of a secret.
+pub const WORD_COUNT: usize = 5;
+
+/// The words of the word form, in order: word `i` stands for the byte `i`. Every one has its
+/// own first three letters (a test checks it), so three letters are enough to type it.
+pub const WORDS: [&str; 256] = [
+    "able", "acorn", "adult", "agent", "alarm", "alpha", "anchor", "ankle", "arena", "arrow",
+    "aspen", "audio", "awake", "azure", "bagel", "bamboo", "barn", "beach", "bench", "bevel",
+    "birch", "bless", "blue", "bonus", "book", "bottle", "bowl", "bread", "brush", "bucket",
+    "built", "bunny", "bush", "cabin", "cake", "camel", "caramel", "cedar", "cement", "chime",
+    "cinema", "civic", "clever", "coach", "coffee", "comet", "cosmic", "cove", "crisp", "cube",
+    "cupcake", "cushion", "dance", "decoy", "delta", "desk", "digit", "dinner", "diver", "domino",
+    "dove", "dozen", "drift", "duet", "dust", "easel", "edge", "effort", "elder", "emerald",
+    "ending", "entry", "envoy", "equal", "evening", "expert", "fabric", "fancy", "feather",
+    "fiber", "field", "finch", "fish", "flute", "folk", "fox", "fresh", "fudge", "gadget", "game",
+    "gentle", "giraffe", "globe", "golden", "gospel", "green", "guava", "gust", "habit", "hatch",
+    "heart", "hickory", "hiking", "hobby", "honey", "hope", "hover", "hunter", "hymn", "idea",
+    "impact", "infant", "iris", "ivory", "jaguar", "jazz", "jewel", "jingle", "journey", "juggle",
+    "jungle", "kayak", "kernel", "kidney", "kiosk", "knife", "label", "lagoon", "lantern", "laser",
+    "lava", "leaf", "lettuce", "library", "linen", "lizard", "locket", "lotus", "lunar", "maize",
+    "maple", "meadow", "memory", "mercy", "mighty", "mineral", "mitten", "model", "mosaic",
+    "mouse", "museum", "narrow", "navy", "needle", "nest", "nickel", "noble", "novel", "nurse",
+    "nylon", "oatmeal", "octave", "offer", "onion", "opera", "orbit", "origin", "outdoor", "oven",
+    "oyster", "palace", "paper", "patch", "pelican", "pepper", "phone", "pigeon", "pine", "pizza",
+    "pocket", "pond", "portal", "prairie", "pyramid", "queen", "rabbit", "raft", "rally", "razor",
+    "reef", "remote", "rice", "river", "robin", "romance", "rotor", "ruby", "ruler", "rustic",
+    "salad", "satin", "scarf", "scooter", "secret", "sequel", "shelf", "shovel", "silver",
+    "sister", "skiff", "smile", "soccer", "solar", "soup", "spoon", "stable", "summit", "surf",
+    "swift", "syrup", "tadpole", "target", "tavern", "terrace", "tiger", "tiny", "tomato",
+    "tornado", "tower", "tunnel", "twig", "uncle", "urban", "vacuum", "vanilla", "venus",
+    "victory", "vintage", "virtue", "vivid", "voyage", "wafer", "wander", "wave", "wedge",
+    "whisper", "window", "wolf", "wooden", "wrist", "yak", "yeti", "yoyo", "zenith", "zigzag",
+    "zodiac",
+];
+
+/// The byte a typed word stands for: a whole word, or a prefix of one of at least three
+/// letters, in any case.
+fn word_value(typed: &str) -> Option<u8> {
+    let t = typed.to_ascii_lowercase();
+    if t.len() < 3 {
+        return None;
+    }
+    let i = WORDS.iter().position(|w| w.starts_with(&t))?;
+    u8::try_from(i).ok()
 }
 
 impl fmt::Debug for Secret {
@@ -100,6 +168,47 @@ impl JoinCode {
     }
 }
 
+impl JoinCode {
+    /// The word form, `RRRRRR-word-word-word-word-word`. Only for showing to the user.
+    pub fn to_words(&self) -> String {
+        format!("{}-{}", self.routing, self.secret.words().join("-"))
+    }
+
+    /// Parses the word form; `None` when `s` does not look like one (then it is read as the
+    /// character form).
+    fn parse_words(s: &str) -> Option<Result<Self, CodeError>> {
+        let tokens: Vec<&str> = s
+            .split(|c: char| c == '-' || c.is_whitespace())
+            .filter(|t| !t.is_empty())
+            .collect();
+        let (routing, words) = tokens.split_first()?;
+        if words.len() != WORD_COUNT
+            || !words
+                .iter()
+                .all(|w| w.chars().all(|c| c.is_ascii_alphabetic()))
+        {
+            return None;
+        }
+        let routing: RoutingId = match Self::from_str(&format!("{routing}00000000")) {
+            Ok(c) => c.routing,
+            Err(e) => return Some(Err(e)),
+        };
+        let mut bits = 0u64;
+        for (i, w) in words.iter().enumerate() {
+            match word_value(w) {
+                Some(v) => bits = (bits << 8) | u64::from(v),
+                None => {
+                    return Some(Err(CodeError::Word {
+                        word: (*w).to_string(),
+                        position: i + 1,
+                    }));
+                }
+            }
+        }
+        Some(Ok(Self::new(routing, Secret::from_entropy(bits))))
+    }
+}
+
 /// The full code in its display form, `RRRRRR-SSSS-SSSS`. Only for showing to the user.
 impl fmt::Display for JoinCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -120,6 +229,9 @@ impl FromStr for JoinCode {
     type Err = CodeError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(parsed) = Self::parse_words(s) {
+            return parsed;
+        }
         let mut chars = Vec::with_capacity(Self::CHARS);
         let mut found = 0usize;
         for c in s.chars() {
@@ -192,6 +304,17 @@ pub enum CodeError {
         /// Characters found, separators not counted.
         found: usize,
     },
+    /// A word of the word form that is not on the list.
+    #[error(
+        "word {position} of the secret, {word:?}, is not one of thru's code words (three letters \
+         of a word are enough; check the spelling)"
+    )]
+    Word {
+        /// As typed.
+        word: String,
+        /// 1-based.
+        position: usize,
+    },
     /// A character outside Crockford base32.
     #[error(
         "character {ch:?} at position {position} in the {part} is not allowed: join codes use \
@@ -231,6 +354,46 @@ fn random_u64() -> Result<u64, getrandom::Error> {
 
 #[cfg(test)]
 mod tests {
+    /// The word form names the same secret as the characters, both ways, with three letters
+    /// a word enough; every word has its own three letters.
+    #[test]
+    fn word_form_round_trips_and_takes_prefixes() {
+        let mut prefixes: Vec<&str> = WORDS.iter().map(|w| &w[..3]).collect();
+        prefixes.sort_unstable();
+        prefixes.dedup();
+        assert_eq!(prefixes.len(), 256, "three letters must name one word");
+        for bits in [0u64, 1, 0xff_ffff_ffff, 0x12_3456_789a, 0xa5_5a_a5_5a_a5] {
+            let code = JoinCode::new("K7QF2M".parse().unwrap(), Secret::from_entropy(bits));
+            let words = code.to_words();
+            assert_eq!(words.split('-').count(), 1 + WORD_COUNT, "{words}");
+            let back: JoinCode = words.parse().unwrap();
+            assert_eq!(back, code, "{words}");
+            let typed: String = words
+                .split('-')
+                .enumerate()
+                .map(|(i, w)| {
+                    if i == 0 {
+                        w.to_string()
+                    } else {
+                        w[..3].to_uppercase()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(" ");
+            assert_eq!(typed.parse::<JoinCode>().unwrap(), code, "{typed}");
+            // The character form of the same code still parses to it.
+            assert_eq!(code.to_string().parse::<JoinCode>().unwrap(), code);
+        }
+        let err = "K7QF2M-able-able-able-zzz-able"
+            .parse::<JoinCode>()
+            .unwrap_err();
+        assert!(
+            matches!(err, CodeError::Word { position: 4, .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("\"zzz\""), "{err}");
+    }
+
     use super::*;
 
     #[test]

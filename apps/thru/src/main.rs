@@ -7,13 +7,14 @@
 //! [`thru::transfer::run_transfer`]. `completions` and `man` print generated
 //! text. Exit codes are [`thru::cli::Exit`].
 
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use clap::Parser as _;
+use clap::FromArgMatches as _;
 use flux_quic::{Identity, TransportParams};
 use flux_signal::client::ClientConfig;
 use thru::cli::{self, Cli, Command, Exit, HostArgs, JoinArgs, NetArgs};
@@ -30,7 +31,10 @@ use thru::ui::Ui;
 use tracing::Instrument as _;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let parsed = cli::command()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m).map(|c| (c, m)));
+    let (mut cli, matches) = match parsed {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
@@ -41,16 +45,110 @@ fn main() -> ExitCode {
             });
         }
     };
+    let config_path = thru::config::path();
+    let config = match config_path.as_deref().map(thru::config::load).transpose() {
+        Ok(c) => c.unwrap_or_default(),
+        Err(e) => {
+            Ui::new(cli.json, cli.quiet).error(&e.to_string(), None, Exit::Usage.code());
+            return ExitCode::from(Exit::Usage.code());
+        }
+    };
+    thru::config::apply(&mut cli, &matches, &config);
+    if matches!(cli.command, Command::Config) {
+        let text = thru::config::describe(config_path.as_deref(), &config, &|v| {
+            std::env::var(v).ok().filter(|s| !s.is_empty())
+        });
+        print!("{text}");
+        return ExitCode::SUCCESS;
+    }
     init_logging(cli.verbose, cli.quiet);
     let ui = Ui::new(cli.json, cli.quiet);
+    let server = match &cli.command {
+        Command::Host(a) => a.net.server.clone(),
+        Command::Join(a) => a.net.server.clone(),
+        _ => None,
+    };
+    // A joiner looking for its host by mDNS.
+    let by_mdns =
+        matches!(&cli.command, Command::Join(a) if a.net.server.is_none() && a.peer.is_none());
     match run(cli, &ui) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             let exit = classify(&err);
-            ui.error(&format!("{err:#}"), exit.code());
+            let hint = hint(&err, server.as_deref(), by_mdns);
+            ui.error(&message(&err), hint.as_deref(), exit.code());
             ExitCode::from(exit.code())
         }
     }
+}
+
+/// The error chain on one line, each cause once: some errors print their source in their
+/// own text as well (`signaling server: cannot connect to X` over `cannot connect to X`), and
+/// the plain `{:#}` chain would say it twice.
+fn message(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+/// What to try, for the errors with a likely cause.
+fn hint(err: &anyhow::Error, server: Option<&str>, by_mdns: bool) -> Option<String> {
+    use flux_signal::client::ClientError;
+    use flux_signal_proto::ErrorCode;
+    let rate = |code: &ErrorCode| match code {
+        // thruserv's per-IP budgets are per minute (it sends `Retry-After: 60`); the message
+        // budget is per second.
+        ErrorCode::ConnectRateLimited
+        | ErrorCode::CreateRateLimited
+        | ErrorCode::PairingRateLimited => {
+            Some("the server is rate limiting this address; retry in 60 s".to_string())
+        }
+        ErrorCode::RateLimited => {
+            Some("the server is rate limiting this connection; retry in 1 s".to_string())
+        }
+        _ => None,
+    };
+    for cause in err.chain() {
+        if let Some(c) = cause.downcast_ref::<ClientError>() {
+            match c {
+                ClientError::Connect { .. } => {
+                    return Some(format!(
+                        "is thruserv running at {}? is the URL right?",
+                        server.unwrap_or("the --server URL")
+                    ));
+                }
+                ClientError::Refused { status: 429, .. } => {
+                    return Some("the server is rate limiting this address; retry in 60 s".into());
+                }
+                ClientError::Refused { code, .. } | ClientError::Server { code, .. } => {
+                    if let Some(h) = rate(code) {
+                        return Some(h);
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let Some(PairError::NotFound(_) | PairError::Timeout { .. }) =
+            cause.downcast_ref::<PairError>()
+            && by_mdns
+        {
+            return Some(
+                "did the host use --server? (then pass the same --server) is multicast blocked \
+                 here? try --peer ADDR, as the host prints it"
+                    .into(),
+            );
+        }
+    }
+    None
 }
 
 fn run(cli: Cli, ui: &Ui) -> anyhow::Result<()> {
@@ -61,32 +159,73 @@ fn run(cli: Cli, ui: &Ui) -> anyhow::Result<()> {
             let _ = out.flush();
             Ok(())
         }
-        Command::Man => {
+        Command::Man { dir: None } => {
             let page = thru::cli::man_page().context("rendering the man page")?;
             let mut out = std::io::stdout().lock();
             let _ = out.write_all(&page);
             let _ = out.flush();
             Ok(())
         }
+        Command::Man { dir: Some(dir) } => {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| UsageError(format!("{}: {e}", dir.display())))?;
+            for (name, page) in thru::cli::man_pages().context("rendering the man pages")? {
+                let path = dir.join(name);
+                std::fs::write(&path, page)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                println!("{}", path.display());
+            }
+            Ok(())
+        }
+        // Answered before logging starts, in main.
+        Command::Config => Ok(()),
         Command::Host(args) => {
             ui.banner(env!("CARGO_PKG_VERSION"));
+            ui.start(thru::pairing::Role::Host);
             let span = span(args.net.peer_id.as_deref());
             runtime()?.block_on(host(args, ui).instrument(span))
         }
         Command::Join(args) => {
             ui.banner(env!("CARGO_PKG_VERSION"));
+            ui.start(thru::pairing::Role::Joiner);
             let span = span(args.net.peer_id.as_deref());
             runtime()?.block_on(join(args, ui).instrument(span))
         }
     }
 }
 
+/// The user pressed Ctrl-C (exit 130, as for a process killed by SIGINT).
+#[derive(Debug, thiserror::Error)]
+#[error("stopped (Ctrl-C)")]
+struct Interrupted;
+
 /// A usage problem found after parsing (exit 2).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct UsageError(String);
 
+/// `--server` must name its scheme: `127.0.0.1:8080` could mean ws:// or wss://, and
+/// guessing wrong would send pairing in clear or fail obscurely.
+fn check_server_url(net: &NetArgs) -> Result<(), UsageError> {
+    let Some(url) = &net.server else {
+        return Ok(());
+    };
+    let lower = url.to_ascii_lowercase();
+    let ok = ["ws://", "wss://", "http://", "https://"]
+        .iter()
+        .any(|s| lower.starts_with(s) && lower.len() > s.len());
+    if ok {
+        Ok(())
+    } else {
+        Err(UsageError(format!(
+            "--server {url:?}: give a URL with its scheme, e.g. ws://{0} or wss://{0}",
+            url.split_once("://").map_or(url.as_str(), |(_, r)| r)
+        )))
+    }
+}
+
 async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
+    check_server_url(&args.net)?;
     for p in &args.paths {
         std::fs::symlink_metadata(p)
             .map_err(|e| UsageError(format!("cannot read {}: {e}", p.display())))?;
@@ -118,30 +257,47 @@ async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
             .map_or(IpAddr::from([127, 0, 0, 1]), |s| s.ip());
         SocketAddr::new(ip, a.port()).to_string()
     });
-    ui.code(session.code(), args.net.server.as_deref(), hint);
     let job = setup.job(
         Job::Send {
             paths: args.paths.clone(),
         },
         &args.net,
         args.chunk_size,
-        args.parallel_files,
+        Some(args.parallel_files),
     );
     let (notes_tx, mut notes) = tokio::sync::mpsc::unbounded_channel();
     let engine = HostEngine::start(&job, args.max_receivers as usize, ui, notes_tx)?;
+    let (files, bytes) = engine.offered();
+    ui.offering(files, bytes);
+    ui.code(session.code(), args.words, args.net.server.as_deref(), hint);
+    let max = u64::from(args.max_receivers);
+    ui.waiting(0, max);
     let (mut paired, mut finished) = (0usize, 0usize);
-    let mut last_failure: Option<String> = None;
+    let (mut served, mut failed, mut sent) = (0u64, 0u64, 0u64);
+    let mut first_pairing: Option<std::time::Instant> = None;
+    let mut last_failure: Option<TransferError> = None;
     let mut ended = false;
     // Joiners that paired but have not connected yet, with when they paired: one that never
     // connects (killed, unreachable, ICE failed) must not keep the host waiting forever.
     let mut waiting: std::collections::HashMap<[u8; 32], (String, std::time::Instant)> =
         std::collections::HashMap::new();
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("installing the Ctrl-C handler")?;
     loop {
+        let before = finished;
         tokio::select! {
+            _ = sigint.recv() => {
+                // Cancelling closes every connection: receivers learn at once and can resume
+                // later, instead of waiting out QUIC's idle timeout.
+                drop(engine);
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                return Err(Interrupted.into());
+            }
             ev = session.next_event(), if !ended => match ev {
                 Some(HostEvent::Paired(p, trickle)) => {
                     paired += 1;
+                    first_pairing.get_or_insert_with(std::time::Instant::now);
                     ui.peer(&p);
                     // With a server, the engine runs ICE with the joiner over its trickle.
                     engine.admit(&p, trickle);
@@ -172,9 +328,24 @@ async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
                 }
                 HostNote::Ended { peer, result } => {
                     finished += 1;
-                    if let Err(e) = result {
-                        ui.say(&format!("Transfer to {peer} failed: {e}"));
-                        last_failure = Some(e);
+                    match *result {
+                        Ok(summary) => {
+                            served += 1;
+                            sent += summary.sent_bytes;
+                        }
+                        Err(TransferError::Declined(reason)) => {
+                            failed += 1;
+                            ui.declined(&peer, &reason, max > 1);
+                            last_failure = Some(TransferError::Declined(reason));
+                        }
+                        Err(e) => {
+                            failed += 1;
+                            // With one receiver the final error says it; once is enough.
+                            if max > 1 {
+                                ui.say(&format!("Transfer to {peer} failed: {e}"));
+                            }
+                            last_failure = Some(e);
+                        }
                     }
                 }
             },
@@ -188,9 +359,10 @@ async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
                 for fp in late {
                     if let Some((peer, _)) = waiting.remove(&fp) {
                         finished += 1;
+                        failed += 1;
                         let e = format!("{peer} paired but never connected over QUIC");
                         ui.say(&format!("Transfer to {peer} failed: {e}"));
-                        last_failure = Some(e);
+                        last_failure = Some(TransferError::Failed(e));
                     }
                 }
             }
@@ -199,22 +371,200 @@ async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
         if ended && finished >= paired {
             break;
         }
+        if finished > before && !ended && (finished as u64) < max {
+            ui.waiting(finished as u64, max);
+        }
     }
     engine.stop()?;
+    if paired > 0 {
+        ui.emit(&thru::ui::Event::HostSummary {
+            receivers_done: served,
+            receivers_failed: failed,
+            sent_bytes: sent,
+            seconds: first_pairing.map_or(0.0, |t| t.elapsed().as_secs_f64()),
+        });
+    }
     if let Some(e) = last_failure {
-        return Err(TransferError::Failed(e).into());
+        return Err(e.into());
     }
     Ok(())
 }
 
 async fn join(args: JoinArgs, ui: &Ui) -> anyhow::Result<()> {
-    let text = args
-        .code
-        .as_deref()
-        .ok_or_else(|| UsageError("no join code: give it as an argument or in THRU_CODE".into()))?;
+    // Everything that can be checked here is checked before any network step, so that a
+    // problem never uses up the code.
+    check_server_url(&args.net)?;
+    let terminal = std::io::stdin().is_terminal();
+    // Ctrl-C from here on: put the terminal back (the code is read without echo), tell the
+    // host at once rather than leave it to time out, and remove a --out made for nothing.
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("installing the Ctrl-C handler")?;
+    let tty = terminal
+        .then(|| rustix::termios::tcgetattr(std::io::stdin()).ok())
+        .flatten();
+    let stopper = thru::transfer::Stopper::default();
+    let created: Arc<std::sync::Mutex<Option<PathBuf>>> = Arc::default();
+    let work = join_checked(args, ui, stopper.clone(), created.clone());
+    tokio::select! {
+        r = work => r,
+        _ = sigint.recv() => {
+            if let Some(t) = &tty {
+                let _ = rustix::termios::tcsetattr(
+                    std::io::stdin(),
+                    rustix::termios::OptionalActions::Now,
+                    t,
+                );
+            }
+            stopper.stop();
+            // Long enough for the engine to send the refusal or the close.
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            if let Some(top) = created.lock().ok().and_then(|g| g.clone()) {
+                remove_empty_dirs(&top);
+            }
+            ui.error("stopped (Ctrl-C)", None, Exit::Interrupted.code());
+            // Not a return: a blocking read of the prompt would hold the runtime's shutdown.
+            std::process::exit(i32::from(Exit::Interrupted.code()));
+        }
+    }
+}
+
+/// `join` after its flag checks: the code, `--out`, pairing and the transfer.
+async fn join_checked(
+    args: JoinArgs,
+    ui: &Ui,
+    stopper: thru::transfer::Stopper,
+    created_out: Arc<std::sync::Mutex<Option<PathBuf>>>,
+) -> anyhow::Result<()> {
+    let json = ui.mode() == thru::ui::Mode::Json;
+    let terminal = std::io::stdin().is_terminal();
+    let text = match args.code.clone() {
+        Some(c) => c,
+        None if terminal && !json => tokio::task::spawn_blocking(ask_code)
+            .await
+            .context("reading the code")??,
+        None => {
+            return Err(
+                UsageError("no join code: give it as an argument or in THRU_CODE".into()).into(),
+            );
+        }
+    };
     let code: JoinCode = text
+        .trim()
         .parse()
         .map_err(|e| UsageError(format!("invalid join code: {e}")))?;
+    if args.net.server.is_none() && args.peer.is_none() && args.net.no_mdns {
+        return Err(UsageError(
+            "--no-mdns without --server needs --peer ADDR (the host prints it)".into(),
+        )
+        .into());
+    }
+    if !args.yes && (json || !terminal) {
+        return Err(UsageError(if json {
+            "--json: nobody is asked under --json; pass --yes".into()
+        } else {
+            "no terminal to ask on; pass --yes".into()
+        })
+        .into());
+    }
+    let created = prepare_out(&args.out)?;
+    if let Ok(mut g) = created_out.lock() {
+        g.clone_from(&created);
+    }
+    let result = join_paired(args, code, ui, stopper).await;
+    if result.is_err()
+        && let Some(top) = created
+    {
+        remove_empty_dirs(&top);
+    }
+    result
+}
+
+/// Asks for the join code on the terminal without echoing it (as wormhole does): it is a
+/// secret, and the screen may be shared.
+fn ask_code() -> anyhow::Result<String> {
+    let code = rpassword::prompt_password("Join code (input hidden): ").map_err(|e| {
+        if e.kind() == std::io::ErrorKind::Interrupted {
+            // Ctrl-C: rpassword has put the echo back.
+            anyhow::Error::new(Interrupted)
+        } else {
+            UsageError(format!("reading the join code: {e}")).into()
+        }
+    })?;
+    if code.trim().is_empty() {
+        return Err(UsageError("no join code given".into()).into());
+    }
+    Ok(code)
+}
+
+/// Checks `--out`: a writable directory, created if missing. Returns the topmost directory
+/// it created, to remove again if nothing arrives.
+fn prepare_out(out: &Path) -> Result<Option<PathBuf>, UsageError> {
+    let shown = out.display();
+    let created = match std::fs::metadata(out) {
+        Ok(m) if !m.is_dir() => {
+            return Err(UsageError(format!(
+                "--out {shown} is a file; give a directory"
+            )));
+        }
+        Ok(_) => None,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut top = out.to_path_buf();
+            while let Some(parent) = top.parent() {
+                if parent.as_os_str().is_empty() || parent.exists() {
+                    break;
+                }
+                top = parent.to_path_buf();
+            }
+            std::fs::create_dir_all(out)
+                .map_err(|e| UsageError(format!("--out {shown}: cannot create it: {e}")))?;
+            Some(top)
+        }
+        Err(e) => return Err(UsageError(format!("--out {shown}: {e}"))),
+    };
+    // A probe file, not permission bits: it also catches read-only mounts and ACLs.
+    let probe = out.join(format!(".thru-probe-{}", std::process::id()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(created)
+        }
+        Err(e) => {
+            if let Some(top) = &created {
+                remove_empty_dirs(top);
+            }
+            Err(UsageError(format!(
+                "--out {shown}: cannot write there: {e}"
+            )))
+        }
+    }
+}
+
+/// Removes `top` and the directories under it, as long as they are empty.
+fn remove_empty_dirs(top: &Path) {
+    fn walk(dir: &Path) {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    walk(&e.path());
+                }
+            }
+        }
+        // Fails, as it should, when something is inside.
+        let _ = std::fs::remove_dir(dir);
+    }
+    walk(top);
+}
+
+async fn join_paired(
+    args: JoinArgs,
+    code: JoinCode,
+    ui: &Ui,
+    stopper: thru::transfer::Stopper,
+) -> anyhow::Result<()> {
     let setup = Setup::new(&args.net).await?;
     let mut opts = JoinOptions::new(setup.local.clone());
     opts.timeout = args.net.pair_timeout;
@@ -241,11 +591,11 @@ async fn join(args: JoinArgs, ui: &Ui) -> anyhow::Result<()> {
     }
     .context("pairing failed")?;
     ui.peer(&paired);
-    let job = Arc::new(setup.job(
+    let mut job = setup.job(
         Job::Receive {
             out: args.out.clone(),
             yes: args.yes,
-            force: args.force,
+            on_conflict: args.conflict_policy(),
             keep_modes: args.keep_modes,
             skip_identical: !args.no_skip_identical,
             list: args.list,
@@ -253,7 +603,9 @@ async fn join(args: JoinArgs, ui: &Ui) -> anyhow::Result<()> {
         &args.net,
         None,
         None,
-    ));
+    );
+    job.stopper = stopper;
+    let job = Arc::new(job);
     let ui2 = ui.clone();
     tokio::task::spawn_blocking(move || run_transfer(paired, trickle, &job, &ui2))
         .await
@@ -345,6 +697,7 @@ impl Setup {
                 benchmark: net.benchmark,
                 ice: self.ice.clone(),
             },
+            stopper: thru::transfer::Stopper::default(),
         }
     }
 }
@@ -392,8 +745,16 @@ fn server_is_loopback(url: &str) -> bool {
 
 fn classify(err: &anyhow::Error) -> Exit {
     for cause in err.chain() {
-        if cause.downcast_ref::<UsageError>().is_some() {
+        if cause.downcast_ref::<UsageError>().is_some()
+            || matches!(
+                cause.downcast_ref::<flux_signal::client::ClientError>(),
+                Some(flux_signal::client::ClientError::InvalidUrl { .. })
+            )
+        {
             return Exit::Usage;
+        }
+        if cause.downcast_ref::<Interrupted>().is_some() {
+            return Exit::Interrupted;
         }
         if let Some(t) = cause.downcast_ref::<TransferError>() {
             return t.exit();
@@ -432,6 +793,8 @@ fn init_logging(verbose: u8, quiet: bool) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for a person: a log file or pipe gets plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .try_init();
 }

@@ -476,7 +476,10 @@ pub enum GuessRefused {
     #[error("another pairing handshake is in progress")]
     Busy,
     /// The failed attempts used the whole budget: the code is burned.
-    #[error("the join code is burned after {0} failed attempt(s)")]
+    #[error(
+        "the join code is burned after {}",
+        crate::ui::plural(u64::from(*.0), "failed attempt", "failed attempts")
+    )]
     Spent(u32),
     /// The host stopped pairing.
     #[error("the host no longer pairs")]

@@ -222,13 +222,13 @@ pub enum PairError {
         after: Duration,
     },
     /// The host ended the session after failed attempts.
-    #[error("the session ended after {0} failed pairing attempt(s): the join code is burned")]
+    #[error(
+        "the session ended after {}: the join code is burned",
+        crate::ui::plural(u64::from(*.0), "failed pairing attempt", "failed pairing attempts")
+    )]
     TooManyFailures(u32),
     /// No LAN host with this code answered mDNS.
-    #[error(
-        "no host for this code found on the LAN by mDNS within {0:?}; if multicast is blocked, \
-         pass the host's address with --peer"
-    )]
+    #[error("no host for this code answered on the LAN (mDNS) within {0:?}")]
     NotFound(Duration),
     /// LAN networking failed.
     #[error("{what}")]
@@ -706,7 +706,7 @@ impl ServerHost {
                 code, fatal: true, ..
             } => Flow::End(Some(PairError::SessionClosed(code))),
             ServerMsg::Error { code, message, .. } => {
-                warn!(%code, message = %safe_text(&message), "the signaling server refused a message");
+                server_refused(&code, &message);
                 Flow::Continue
             }
             other => {
@@ -1156,6 +1156,17 @@ impl Pacer {
 }
 
 /// Keeps a joiner's signaling connection for its trickle with the host.
+/// Logs a message the server refused. A loopback candidate refused by a server that does not
+/// relay them is expected when both ends share a machine (they still meet over the other
+/// addresses), so it is a debug line, not a warning.
+fn server_refused(code: &ErrorCode, message: &str) {
+    if *code == ErrorCode::CandidateRejected && message.contains("loopback") {
+        debug!(%code, message = %safe_text(message), "the signaling server refused a message");
+    } else {
+        warn!(%code, message = %safe_text(message), "the signaling server refused a message");
+    }
+}
+
 fn spawn_joiner_trickle(signal: SignalClient, paired: &Paired) -> Trickle {
     let (to_peer, ours) = mpsc::unbounded_channel();
     let (theirs, from_peer) = mpsc::unbounded_channel();
@@ -1218,9 +1229,7 @@ async fn joiner_trickle(
                     );
                     return;
                 }
-                Ok(ServerMsg::Error { code, message, .. }) => {
-                    warn!(%code, message = %safe_text(&message), "the signaling server refused a message");
-                }
+                Ok(ServerMsg::Error { code, message, .. }) => server_refused(&code, &message),
                 Ok(other) => debug!(?other, "ignored after pairing"),
                 Err(e) => {
                     debug!(%e, "trickle: the signaling connection ended");

@@ -2,7 +2,7 @@
 //!
 //! - A joiner calls [`run_transfer`]: one engine worker connects to the host's authenticated
 //!   addresses (pinning the host's certificate and presenting its own), shows the offer and
-//!   asks, refuses name clashes unless `--force`, and reports progress and the summary.
+//!   asks (name clashes included, per `--on-conflict`), and reports progress and the summary.
 //! - A host starts one [`HostEngine`] for the whole session: one worker owns the advertised
 //!   UDP socket and serves every joiner on its own QUIC connection; [`HostEngine::admit`] lets
 //!   a joiner's certificate in once its pairing succeeded, and nobody else gets in.
@@ -34,7 +34,7 @@ use flux_transfer::{Event, LocalFile, Manifest};
 use flux_wire::EntryKind;
 use rand::RngCore;
 
-use crate::cli::Exit;
+use crate::cli::{Exit, OnConflict};
 use crate::pairing::Paired;
 use crate::rendezvous::Trickle;
 use crate::ui::{
@@ -67,8 +67,8 @@ pub enum Job {
         out: PathBuf,
         /// Accept without asking (`--yes`).
         yes: bool,
-        /// Allow overwriting (`--force`).
-        force: bool,
+        /// What to do with files that exist here with other content (`--on-conflict`).
+        on_conflict: OnConflict,
         /// Keep the sender's permission bits (`--keep-modes`).
         keep_modes: bool,
         /// Claim files already held so the sender skips them (off with `--no-skip-identical`).
@@ -258,6 +258,45 @@ fn ice_setup(paired: &Paired, servers: &IceServers, role: flux_ice::Role) -> Ice
     }
 }
 
+/// Stops a joiner's transfer from another thread (Ctrl-C): the engine tells the host at once,
+/// as a refusal while the prompt is up and as a cancellation after, instead of the host
+/// finding out from QUIC's idle timeout half a minute later.
+#[derive(Clone, Debug, Default)]
+pub struct Stopper {
+    inner: Arc<Mutex<StopperInner>>,
+}
+
+#[derive(Debug, Default)]
+struct StopperInner {
+    commands: Option<crossbeam_channel::Sender<Command>>,
+    at_prompt: bool,
+}
+
+impl Stopper {
+    /// Stops the transfer, if one is running.
+    pub fn stop(&self) {
+        let Ok(g) = self.inner.lock() else { return };
+        if let Some(tx) = &g.commands {
+            if g.at_prompt {
+                let _ = tx.send(Command::Reject("the receiver stopped (Ctrl-C)".into()));
+            }
+            let _ = tx.send(Command::Cancel);
+        }
+    }
+
+    fn engine(&self, commands: &crossbeam_channel::Sender<Command>) {
+        if let Ok(mut g) = self.inner.lock() {
+            g.commands = Some(commands.clone());
+        }
+    }
+
+    fn prompt(&self, up: bool) {
+        if let Ok(mut g) = self.inner.lock() {
+            g.at_prompt = up;
+        }
+    }
+}
+
 /// Everything but the peer; shared by all of a host's transfers.
 #[derive(Debug)]
 pub struct TransferJob {
@@ -269,6 +308,8 @@ pub struct TransferJob {
     pub socket: Arc<UdpSocket>,
     /// Tuning.
     pub tuning: Tuning,
+    /// Joiner: how Ctrl-C reaches the engine.
+    pub stopper: Stopper,
 }
 
 /// Why a transfer did not complete.
@@ -278,8 +319,13 @@ pub enum TransferError {
     /// The receiver declined.
     #[error("the receiver declined the files")]
     Refused,
-    /// A target exists and `--force` was not given.
-    #[error("{path} already exists; pass --force to overwrite it")]
+    /// Host: the receiver declined, with its reason.
+    #[error("the receiver declined: {0}")]
+    Declined(String),
+    /// A target exists, `--on-conflict ask`, and nobody to ask.
+    #[error(
+        "{path} already exists here; choose with --on-conflict skip|rename|overwrite (or --force)"
+    )]
     Conflict {
         /// The file.
         path: PathBuf,
@@ -287,6 +333,9 @@ pub enum TransferError {
     /// The destination has too little free space for the offer (and no `--yes`).
     #[error(transparent)]
     NoSpace(#[from] crate::space::Short),
+    /// `--yes` was needed and not given (exit 2).
+    #[error("no terminal to ask on; pass --yes")]
+    NotATerminal,
     /// Anything else, with context (`transfer failed: control stream timeout`).
     #[error("transfer failed: {0}")]
     Failed(String),
@@ -296,8 +345,9 @@ impl TransferError {
     /// The process exit code for this error.
     pub fn exit(&self) -> Exit {
         match self {
-            Self::Refused | Self::NoSpace(_) => Exit::Refused,
+            Self::Refused | Self::Declined(_) | Self::NoSpace(_) => Exit::Refused,
             Self::Conflict { .. } => Exit::Conflict,
+            Self::NotATerminal => Exit::Usage,
             Self::Failed(_) => Exit::TransferFailed,
         }
     }
@@ -348,44 +398,92 @@ fn failed(context: &str, e: impl std::fmt::Display) -> TransferError {
 }
 
 /// Per-file progress, started lazily so a tree of 10,000 files shows only the files in flight.
+///
+/// The receiver learns that a file is done from the engine (`FileComplete`, `FileSkipped`);
+/// the sender is told nothing per file, so it counts a file done once all its bytes were sent
+/// or found held, and the rest (empty files) when the transfer succeeds.
 struct Files {
     manifest: Arc<Manifest>,
-    done: HashMap<u32, u64>,
+    /// Files started, and whether each is done.
+    started: HashMap<u32, bool>,
     progress: TransferProgress,
+    sender: bool,
 }
 
 impl Files {
-    fn new(manifest: Arc<Manifest>, progress: TransferProgress) -> Self {
+    fn new(manifest: Arc<Manifest>, progress: TransferProgress, sender: bool) -> Self {
         Self {
             manifest,
-            done: HashMap::new(),
+            started: HashMap::new(),
             progress,
+            sender,
         }
     }
 
-    fn add(&mut self, file: u32, bytes: u64) {
-        if !self.done.contains_key(&file) {
-            let (name, size) = self
-                .manifest
-                .entry(file)
-                .map_or((String::new(), 0), |e| (e.path.clone(), e.size));
-            self.progress.file_started(u64::from(file), &name, size);
+    fn start(&mut self, file: u32) -> bool {
+        let Some(e) = self.manifest.entry(file) else {
+            return false;
+        };
+        if e.kind != EntryKind::File {
+            return false;
         }
-        let d = self.done.entry(file).or_insert(0);
-        *d += bytes;
-        self.progress.file_progress(u64::from(file), *d);
+        let progress = &self.progress;
+        let done = *self.started.entry(file).or_insert_with(|| {
+            progress.file_started(u64::from(file), &e.path, e.size);
+            false
+        });
+        !done
     }
 
-    fn complete(&mut self, file: u32) {
-        let is_file = self
-            .manifest
-            .entry(file)
-            .is_some_and(|e| e.kind == EntryKind::File);
-        if !is_file {
+    /// `len` bytes of `file` crossed the network.
+    fn sent(&mut self, file: u32, len: u64) {
+        if self.start(file) {
+            self.progress.sent(u64::from(file), len);
+            self.sender_check(file, false);
+        }
+    }
+
+    /// Sender: the receiver already holds `bytes` of `file` (a checked resume claim).
+    fn held(&mut self, file: u32, bytes: u64) {
+        if self.start(file) {
+            self.progress.held(u64::from(file), bytes);
+            let whole = self
+                .progress
+                .file_bytes(u64::from(file))
+                .is_some_and(|(done, total)| done == total);
+            self.sender_check(file, whole);
+        }
+    }
+
+    /// Sender: `file` is done once every byte is accounted for.
+    fn sender_check(&mut self, file: u32, up_to_date: bool) {
+        if !self.sender {
             return;
         }
-        self.add(file, 0);
-        self.progress.file_done(u64::from(file));
+        if let Some((done, total)) = self.progress.file_bytes(u64::from(file))
+            && done >= total
+            && total > 0
+        {
+            self.complete(file, up_to_date);
+        }
+    }
+
+    /// `file` is complete; `up_to_date` when the receiver had it identical already.
+    fn complete(&mut self, file: u32, up_to_date: bool) {
+        if self.start(file) {
+            self.started.insert(file, true);
+            self.progress.file_done(u64::from(file), up_to_date);
+        }
+    }
+
+    /// Sender, after success: every file arrived, the empty ones included.
+    fn complete_all(&mut self) {
+        let files: Vec<u32> = (0..self.manifest.entries().len())
+            .filter_map(|i| u32::try_from(i).ok())
+            .collect();
+        for file in files {
+            self.complete(file, false);
+        }
     }
 }
 
@@ -412,10 +510,19 @@ impl Bench {
         self.bytes += len;
     }
 
-    fn report(&self, ui: &Ui, peer: &str, rep: Option<&net::ConnReport>, secs: f64) {
+    fn report(
+        &self,
+        ui: &Ui,
+        peer: &str,
+        side: ui::Side,
+        rep: Option<&net::ConnReport>,
+        secs: f64,
+    ) {
         let path = rep.and_then(path_of);
         let avg = self.bytes as f64 * 8.0 / secs.max(1e-9) / 1e9;
-        let peak = self.seconds.iter().copied().max().unwrap_or(0) as f64 * 8.0 / 1e9;
+        // A transfer shorter than a second has no full one-second window: its average is its
+        // peak, and the peak is never reported below the average.
+        let peak = (self.seconds.iter().copied().max().unwrap_or(0) as f64 * 8.0 / 1e9).max(avg);
         let cpu = cpu_seconds();
         let (rtt, loss) = rep.map_or((None, None), |r| {
             let loss =
@@ -424,6 +531,7 @@ impl Bench {
         });
         ui.emit(&ui::Event::Benchmark {
             peer: peer.to_string(),
+            side,
             bytes: self.bytes,
             avg_gbit_s: avg,
             peak_1s_gbit_s: peak,
@@ -471,10 +579,10 @@ pub fn run_transfer(
     let Job::Receive {
         out,
         yes,
-        force,
+        on_conflict,
         keep_modes,
         skip_identical,
-        list: _,
+        list,
     } = &job.job
     else {
         return Err(TransferError::Failed(
@@ -485,7 +593,9 @@ pub fn run_transfer(
         .map_err(|e| failed(&format!("cannot create {}", out.display()), e))?;
     let mut cfg = net_config(job);
     cfg.auto_accept = false;
-    cfg.receiver.overwrite = *force;
+    // Chosen up front, the engine replaces files itself (atomically, file by file); chosen in
+    // the prompt, the files are moved aside before accepting (see `Aside`).
+    cfg.receiver.overwrite = *on_conflict == OnConflict::Overwrite;
     cfg.modes = if *keep_modes {
         ModePolicy::Keep
     } else {
@@ -494,20 +604,139 @@ pub fn run_transfer(
     cfg.receiver.skip_identical = *skip_identical;
     cfg.client_identity = Some(job.identity.clone());
     cfg.connect_timeout = Duration::from_secs(5);
+    let mut rx = Receiving {
+        out: out.clone(),
+        yes: *yes,
+        policy: *on_conflict,
+        list: *list,
+        asides: Vec::new(),
+    };
+    let result = receive(paired, trickle, job, &cfg, &mut rx, ui);
+    for a in &rx.asides {
+        a.settle(result.is_ok());
+    }
+    result
+}
+
+fn receive(
+    paired: Paired,
+    trickle: Option<Trickle>,
+    job: &TransferJob,
+    cfg: &NetConfig,
+    rx: &mut Receiving,
+    ui: &Ui,
+) -> Result<Summary, TransferError> {
     if let (Some(trickle), Some(servers)) = (trickle, &job.tuning.ice) {
         let setup = ice_setup(&paired, servers, flux_ice::Role::Controlled);
         let start = Start::Ice(Box::new(setup), trickle);
-        return receive_from(start, &paired, job, &cfg, out, *yes, ui)?;
+        return receive_from(start, &paired, job, cfg, rx, ui)?;
     }
     let mut last_err = None;
     // Most promising address first; a few at most, so a wrong one costs seconds, not minutes.
     for addr in paired.peer_addrs.iter().take(4) {
-        match receive_from(Start::Dial(*addr), &paired, job, &cfg, out, *yes, ui)? {
+        match receive_from(Start::Dial(*addr), &paired, job, cfg, rx, ui)? {
             Ok(summary) => return Ok(summary),
             Err(e) => last_err = Some(e),
         }
     }
     Err(last_err.unwrap_or_else(|| TransferError::Failed("the host advertised no address".into())))
+}
+
+/// The receiver's choices, kept across connection attempts.
+struct Receiving {
+    out: PathBuf,
+    yes: bool,
+    policy: OnConflict,
+    list: bool,
+    /// Files moved out of the way for this transfer.
+    asides: Vec<Aside>,
+}
+
+/// A file here that clashed with an offered one and was moved out of the way before
+/// accepting, so the engine writes the offered one in its place.
+#[derive(Debug)]
+struct Aside {
+    /// Where it was (and the offered file goes).
+    path: PathBuf,
+    /// Where it is now.
+    moved: PathBuf,
+    /// Why.
+    how: ui::Resolve,
+}
+
+impl Aside {
+    /// Moves `path` out of the way for `how`.
+    fn make(path: PathBuf, how: ui::Resolve) -> Result<Self, TransferError> {
+        let moved = match how {
+            ui::Resolve::Rename => free_name(&path, |k| numbered(&path, k)),
+            // A hidden name beside it: same filesystem, so the move is a rename.
+            _ => free_name(&path, |k| {
+                let name = path.file_name().unwrap_or_default().to_string_lossy();
+                path.with_file_name(format!(".{name}.thru-kept-{k}"))
+            }),
+        };
+        std::fs::rename(&path, &moved).map_err(|e| {
+            TransferError::Failed(format!(
+                "cannot move {} to {}: {e}",
+                path.display(),
+                moved.display()
+            ))
+        })?;
+        Ok(Self { path, moved, how })
+    }
+
+    /// After the transfer: a skipped file comes back (the received copy is dropped); an
+    /// overwritten one is deleted on success and restored on failure; a renamed one stays.
+    fn settle(&self, success: bool) {
+        let restore = match self.how {
+            ui::Resolve::Rename => return,
+            ui::Resolve::Skip => true,
+            ui::Resolve::Overwrite => !success,
+        };
+        if restore {
+            if let Ok(m) = std::fs::symlink_metadata(&self.path) {
+                let _ = if m.is_dir() {
+                    std::fs::remove_dir_all(&self.path)
+                } else {
+                    std::fs::remove_file(&self.path)
+                };
+            }
+            if let Err(e) = std::fs::rename(&self.moved, &self.path) {
+                tracing::warn!(
+                    "cannot put {} back from {}: {e}",
+                    self.path.display(),
+                    self.moved.display()
+                );
+            }
+        } else if let Ok(m) = std::fs::symlink_metadata(&self.moved) {
+            let _ = if m.is_dir() {
+                std::fs::remove_dir_all(&self.moved)
+            } else {
+                std::fs::remove_file(&self.moved)
+            };
+        }
+    }
+}
+
+/// `name (k).ext` beside `path`: `report.pdf` → `report (1).pdf`, `notes` → `notes (1)`.
+pub fn numbered(path: &Path, k: u32) -> PathBuf {
+    let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+    let name = match path.extension() {
+        Some(ext) if !stem.is_empty() => format!("{stem} ({k}).{}", ext.to_string_lossy()),
+        _ => format!(
+            "{} ({k})",
+            path.file_name().unwrap_or_default().to_string_lossy()
+        ),
+    };
+    path.with_file_name(name)
+}
+
+/// The first `candidate(k)`, k = 1, 2, …, where nothing exists.
+fn free_name(path: &Path, candidate: impl Fn(u32) -> PathBuf) -> PathBuf {
+    (1..)
+        .map(candidate)
+        .find(|p| std::fs::symlink_metadata(p).is_err())
+        .unwrap_or_else(|| path.to_path_buf())
 }
 
 /// How the joiner reaches the host.
@@ -526,14 +755,15 @@ fn receive_from(
     paired: &Paired,
     job: &TransferJob,
     cfg: &NetConfig,
-    out: &std::path::Path,
-    yes: bool,
+    rx: &mut Receiving,
     ui: &Ui,
 ) -> Result<Result<Summary, TransferError>, TransferError> {
+    let out = rx.out.clone();
     let socket = engine_socket(job)?;
     let (control, events, commands) = Control::channels();
+    job.stopper.engine(&commands);
     let fp = paired.peer_fingerprint;
-    let (cfg2, out2) = (cfg.clone(), out.to_owned());
+    let (cfg2, out2) = (cfg.clone(), out.clone());
     type Worker = JoinHandle<Result<NetReport, flux_transfer::TransferError>>;
     let (target, worker, mut trickle): (String, Worker, Option<Trickle>) = match start {
         Start::Dial(addr) => (
@@ -556,6 +786,8 @@ fn receive_from(
     let mut verdict: Option<TransferError> = None;
     let mut ended: Option<(Option<String>, net::ConnReport)> = None;
     let mut ice_failed: Option<String> = None;
+    // Without ICE the joiner dials the host's LAN address.
+    let mut shown_route = Route::LanDirect;
     loop {
         // The host's trickled candidates, into the engine.
         if let Some(t) = trickle.as_mut() {
@@ -577,6 +809,7 @@ fn receive_from(
             NetEvent::Route { route, after, .. } => {
                 let r = Route::of(route.kind);
                 ui.route(&paired.peer_label, &RoutePath::new(&route, after), r);
+                shown_route = r;
                 if let Some(f) = &files {
                     f.progress.set_route(r);
                 }
@@ -598,24 +831,20 @@ fn receive_from(
                         .collect();
                     local = Arc::new(unskipped);
                 }
-                let list = matches!(job.job, Job::Receive { list: true, .. });
-                match decide(
-                    &manifest,
-                    &local,
-                    out,
-                    yes,
-                    cfg.receiver.overwrite,
-                    list,
-                    ui,
-                ) {
+                job.stopper.prompt(true);
+                let decision = decide(&manifest, &local, rx, ui);
+                job.stopper.prompt(false);
+                match decision {
                     Ok(()) => {
                         let _ = commands.send(Command::Accept);
                         let progress = ui.transfer(
                             &paired.peer_label,
+                            ui::Side::Receiving,
                             manifest.file_count() as u64,
                             manifest.total_bytes(),
                         );
-                        files = Some(Files::new(manifest, progress));
+                        progress.set_route(shown_route);
+                        files = Some(Files::new(manifest, progress, false));
                         bench.start = Some(Instant::now());
                     }
                     Err(e) => {
@@ -623,7 +852,11 @@ fn receive_from(
                             TransferError::Conflict { path } => {
                                 format!("{} already exists at the receiver", path.display())
                             }
-                            _ => "the receiver declined".into(),
+                            TransferError::NoSpace(_) => {
+                                "not enough free space at the receiver".into()
+                            }
+                            TransferError::Refused => "the user answered no".into(),
+                            _ => "the receiver could not accept".into(),
                         };
                         let _ = commands.send(Command::Reject(reason));
                         verdict = Some(e);
@@ -632,12 +865,11 @@ fn receive_from(
             }
             NetEvent::Transfer { event, at, .. } => match (event, files.as_mut()) {
                 (Event::ChunkVerified { file, len, .. }, Some(f)) => {
-                    f.add(file, u64::from(len));
+                    f.sent(file, u64::from(len));
                     bench.chunk(at, u64::from(len));
                 }
-                (Event::FileComplete { file } | Event::FileSkipped { file }, Some(f)) => {
-                    f.complete(file);
-                }
+                (Event::FileComplete { file }, Some(f)) => f.complete(file, false),
+                (Event::FileSkipped { file }, Some(f)) => f.complete(file, true),
                 _ => {}
             },
             NetEvent::Ended { error, stats, .. } => ended = Some((error, stats)),
@@ -675,6 +907,7 @@ fn receive_from(
         bench.report(
             ui,
             &paired.peer_label,
+            ui::Side::Receiving,
             ended.as_ref().map(|(_, s)| s),
             summary.seconds,
         );
@@ -685,34 +918,22 @@ fn receive_from(
 /// Longest wait for engine events before looking at the trickled candidates again.
 const TRICKLE_POLL: Duration = Duration::from_millis(5);
 
-/// Shows the offer and asks; refuses name clashes unless overwriting is allowed, and an offer
-/// larger than the free space at `out` unless `yes` (then it warns).
+/// Shows the offer and asks, name clashes included (`--on-conflict`); refuses an offer larger
+/// than the free space at `out` unless `yes` (then it warns). On acceptance, clashing files
+/// the user chose to skip, rename or overwrite (in the prompt) are moved aside.
 fn decide(
     manifest: &Manifest,
     local: &HashMap<u32, LocalFile>,
-    out: &std::path::Path,
-    yes: bool,
-    overwrite: bool,
-    list_all: bool,
+    rx: &mut Receiving,
     ui: &Ui,
 ) -> Result<(), TransferError> {
-    if !overwrite {
-        let mut clashes: Vec<u32> = local
-            .iter()
-            .filter(|(_, l)| matches!(l, LocalFile::Conflict))
-            .map(|(i, _)| *i)
-            .collect();
-        clashes.sort_unstable();
-        if let Some(e) = clashes.first().and_then(|i| manifest.entry(*i)) {
-            return Err(TransferError::Conflict {
-                path: PathBuf::from(ui::safe_name(&e.path)),
-            });
-        }
-    }
+    let (out, yes) = (rx.out.as_path(), rx.yes);
     let needed = crate::space::still_needed(manifest, local);
     match crate::space::free_bytes(out) {
         Ok(free) => {
-            if let Some(warning) = crate::space::decide(needed, free, out, yes)? {
+            // A shortfall refuses even with --yes: the writes would fail part-way, after
+            // the code is used and the bytes are sent.
+            if let Some(warning) = crate::space::decide(needed, free, out, false)? {
                 tracing::warn!(%warning, "accepting with --yes regardless");
                 ui.say(&format!("thru: warning: {warning}"));
             }
@@ -726,6 +947,7 @@ fn decide(
         .filter_map(|(i, _)| Some((*i, entries.get(*i as usize)?.path.clone())))
         .collect();
     replaces.sort_unstable();
+    let clashes = &replaces;
     let offer = Offer {
         files: entries
             .iter()
@@ -745,21 +967,67 @@ fn decide(
             })
             .collect(),
         dirs: entries.iter().filter(|e| e.kind == EntryKind::Dir).count(),
-        destination: out.display().to_string(),
-        replaces: replaces.into_iter().map(|(_, p)| p).collect(),
+        destination: std::fs::canonicalize(out)
+            .unwrap_or_else(|_| out.to_path_buf())
+            .display()
+            .to_string(),
+        replaces: replaces.iter().map(|(_, p)| p.clone()).collect(),
         same_size_here: local
             .values()
             .filter(|l| matches!(l, LocalFile::Existing(_)))
             .count(),
+        entries: entries
+            .iter()
+            .map(|e| ui::OfferEntry {
+                path: e.path.clone(),
+                size: e.size,
+                kind: match e.kind {
+                    EntryKind::File => "file",
+                    EntryKind::Dir => "dir",
+                    EntryKind::Symlink => "symlink",
+                },
+            })
+            .collect(),
     };
-    match ui.confirm_offer(&offer, yes, list_all) {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(TransferError::Refused),
+    let answer = match ui.confirm_offer(&offer, yes, rx.list, rx.policy) {
+        Ok(Some(a)) => a,
+        Ok(None) => return Err(TransferError::Refused),
+        Err(ui::PromptError::Conflict(path)) => {
+            return Err(TransferError::Conflict {
+                path: PathBuf::from(path),
+            });
+        }
+        Err(ui::PromptError::NotATerminal) => return Err(TransferError::NotATerminal),
         Err(e) => {
             tracing::warn!(error = %e, "no answer to the offer");
-            Err(TransferError::Refused)
+            return Err(TransferError::Refused);
+        }
+    };
+    // The engine replaces files itself when told up front (`--force`); otherwise every
+    // clash is moved out of its way now, before accepting.
+    if rx.policy != OnConflict::Overwrite {
+        for ((_, name), how) in clashes.iter().zip(answer) {
+            let path = name.split('/').fold(out.to_path_buf(), |p, c| p.join(c));
+            let aside = Aside::make(path, how)?;
+            if how == ui::Resolve::Rename {
+                ui.say(&format!(
+                    "Renamed {} to {}",
+                    aside.path.display(),
+                    aside.moved.display()
+                ));
+            }
+            rx.asides.push(aside);
         }
     }
+    Ok(())
+}
+
+/// The receiver's reason when engine error `e` is its refusal of the offer.
+fn declined(e: &str) -> Option<TransferError> {
+    // The engine reports a refusal as `flux_transfer::TransferError::Declined`, whose text
+    // starts with this.
+    let reason = e.split_once("receiver declined: ")?.1;
+    Some(TransferError::Declined(ui::safe_text(reason)))
 }
 
 /// What the host side learns as its engine serves joiners.
@@ -775,7 +1043,7 @@ pub enum HostNote {
         /// The joiner's label.
         peer: String,
         /// The outcome.
-        result: Result<Summary, String>,
+        result: Box<Result<Summary, TransferError>>,
     },
 }
 
@@ -792,6 +1060,8 @@ pub struct HostEngine {
     commands: crossbeam_channel::Sender<Command>,
     worker: Option<JoinHandle<Result<NetReport, flux_transfer::TransferError>>>,
     events: Option<JoinHandle<()>>,
+    /// Files and bytes offered.
+    offered: (u64, u64),
 }
 
 impl std::fmt::Debug for HostEngine {
@@ -820,6 +1090,7 @@ impl HostEngine {
         let share =
             flux_peer::scan::scan(paths, chunk).map_err(|e| failed("snapshot sender failed", e))?;
         let manifest = Arc::new(share.manifest);
+        let offered = (manifest.file_count() as u64, manifest.total_bytes());
         let allowed = Arc::new(AllowList::new());
         let mut cfg = net_config(job);
         cfg.allowed_joiners = Some(allowed.clone());
@@ -858,7 +1129,13 @@ impl HostEngine {
             commands,
             worker: Some(worker),
             events: Some(events),
+            offered,
         })
+    }
+
+    /// Files and payload bytes offered.
+    pub fn offered(&self) -> (u64, u64) {
+        self.offered
     }
 
     /// Lets a paired joiner in; with a signaling server (`trickle`), starts ICE with it.
@@ -964,7 +1241,8 @@ impl HostCtx<'_> {
 fn host_events(events: &crossbeam_channel::Receiver<NetEvent>, ctx: &HostCtx<'_>) {
     struct Peer {
         label: String,
-        files: Files,
+        /// Started at acceptance: nothing is shown while the receiver is at its prompt.
+        files: Option<Files>,
         bench: Bench,
     }
     let HostCtx {
@@ -976,6 +1254,8 @@ fn host_events(events: &crossbeam_channel::Receiver<NetEvent>, ctx: &HostCtx<'_>
         ..
     } = *ctx;
     let mut peers: HashMap<usize, Peer> = HashMap::new();
+    // The route ICE chose, by joiner label, to show next to its bar.
+    let mut routes: HashMap<String, Route> = HashMap::new();
     loop {
         // Joiners' trickled candidates, into the engine.
         if let Ok(mut links) = ctx.links.lock() {
@@ -1000,11 +1280,14 @@ fn host_events(events: &crossbeam_channel::Receiver<NetEvent>, ctx: &HostCtx<'_>
             }
             NetEvent::Route { link, route, after } => {
                 let label = ctx.label(link);
-                ui.route(
-                    &label,
-                    &RoutePath::new(&route, after),
-                    Route::of(route.kind),
-                );
+                let r = Route::of(route.kind);
+                ui.route(&label, &RoutePath::new(&route, after), r);
+                for p in peers.values().filter(|p| p.label == label) {
+                    if let Some(f) = &p.files {
+                        f.progress.set_route(r);
+                    }
+                }
+                routes.insert(label, r);
             }
             NetEvent::IceFailed { link, error } => {
                 // The joiner's transfer never starts; the pairing time-out in the host loop
@@ -1028,13 +1311,11 @@ fn host_events(events: &crossbeam_channel::Receiver<NetEvent>, ctx: &HostCtx<'_>
                 let label = fingerprint
                     .and_then(|fp| labels.lock().ok().and_then(|l| l.get(&fp).cloned()))
                     .unwrap_or_else(|| format!("joiner (connection {conn})"));
-                let progress =
-                    ui.transfer(&label, manifest.file_count() as u64, manifest.total_bytes());
                 peers.insert(
                     conn,
                     Peer {
                         label,
-                        files: Files::new(manifest.clone(), progress),
+                        files: None,
                         bench: Bench {
                             start: Some(at),
                             ..Bench::default()
@@ -1046,15 +1327,28 @@ fn host_events(events: &crossbeam_channel::Receiver<NetEvent>, ctx: &HostCtx<'_>
                 let Some(p) = peers.get_mut(&conn) else {
                     continue;
                 };
-                match event {
-                    Event::ChunkSent { file, len, .. } => {
-                        p.files.add(file, u64::from(len));
+                match (event, p.files.as_mut()) {
+                    (Event::Accepted, _) => {
+                        ui.emit(&ui::Event::Accepted {
+                            peer: p.label.clone(),
+                            files: manifest.file_count(),
+                            bytes: manifest.total_bytes(),
+                        });
+                        let progress = ui.transfer(
+                            &p.label,
+                            ui::Side::Sending,
+                            manifest.file_count() as u64,
+                            manifest.total_bytes(),
+                        );
+                        progress
+                            .set_route(routes.get(&p.label).copied().unwrap_or(Route::LanDirect));
+                        p.files = Some(Files::new(manifest.clone(), progress, true));
+                    }
+                    (Event::ChunkSent { file, len, .. }, Some(f)) => {
+                        f.sent(file, u64::from(len));
                         p.bench.chunk(at, u64::from(len));
                     }
-                    Event::ResumeChecked { file, bytes, .. } => p.files.add(file, bytes),
-                    Event::FileComplete { file } | Event::FileSkipped { file } => {
-                        p.files.complete(file);
-                    }
+                    (Event::ResumeChecked { file, bytes, .. }, Some(f)) => f.held(file, bytes),
                     _ => {}
                 }
             }
@@ -1066,20 +1360,31 @@ fn host_events(events: &crossbeam_channel::Receiver<NetEvent>, ctx: &HostCtx<'_>
                 let Some(p) = peers.remove(&conn) else {
                     continue;
                 };
-                let result = match error {
-                    None => {
+                let result = match (error, p.files) {
+                    (None, Some(mut f)) => {
+                        f.complete_all();
                         let (route, path) = route_of(Some(&stats));
-                        let s = p.files.progress.finish(route, path);
+                        let s = f.progress.finish(route, path);
                         if bench {
-                            p.bench.report(ui, &p.label, Some(&stats), s.seconds);
+                            let side = ui::Side::Sending;
+                            p.bench.report(ui, &p.label, side, Some(&stats), s.seconds);
                         }
                         Ok(s)
                     }
-                    Some(e) => Err(e),
+                    (None, None) => Err(TransferError::Failed(
+                        "the receiver left before accepting".into(),
+                    )),
+                    (Some(e), f) => {
+                        if let Some(f) = f {
+                            // Clear its bars; the failure is reported by the caller.
+                            f.progress.abandon();
+                        }
+                        Err(declined(&e).unwrap_or(TransferError::Failed(e)))
+                    }
                 };
                 let _ = notes.send(HostNote::Ended {
                     peer: p.label,
-                    result,
+                    result: Box::new(result),
                 });
             }
             NetEvent::Offer { .. } => {}

@@ -1,8 +1,8 @@
 //! What the user sees: JSON lines for scripts, or a banner, messages and progress bars for
 //! people, and the receiver's accept prompt.
 //!
-//! - `--json`: one JSON object per line on stdout ([`Event`]), nothing else on stdout
-//!   (logs and prompts go to stderr). The join code is `{"event":"code","code":"…"}`.
+//! - `--json`: one JSON object per line on stdout ([`Event`]), nothing else on stdout;
+//!   stderr carries only logs. docs/json-events.md lists the events and their fields.
 //! - Human mode: a banner and a startup saying when stdout is a terminal, messages on
 //!   stderr, and indicatif bars (one per file in flight plus an overall bar with speed and
 //!   ETA). When stdout is not a terminal there are no banner and no bars.
@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
+use crate::cli::OnConflict;
 use crate::code::JoinCode;
 use crate::pairing::{Paired, Rendezvous, Role};
 
@@ -144,11 +145,13 @@ pub struct Offer {
     pub dirs: usize,
     /// Where it would land (`--out`).
     pub destination: String,
-    /// Files that would replace an existing file of another size or kind (only with
-    /// `--force`; without it such a clash refuses the offer before the prompt).
+    /// Files that exist here with another size or kind: what happens to them is
+    /// `--on-conflict`'s (asked in the prompt by default).
     pub replaces: Vec<String>,
     /// Files already here with the same size: skipped when identical.
     pub same_size_here: usize,
+    /// Every entry (files, directories, links), for `--json`.
+    pub entries: Vec<OfferEntry>,
 }
 
 impl Offer {
@@ -163,11 +166,20 @@ impl Offer {
 pub struct Summary {
     /// The peer (`host`, `joiner 1`…).
     pub peer: String,
-    /// Files moved (skipped identical ones included).
+    /// `sending` or `receiving`.
+    pub side: Side,
+    /// Files now in place at the receiver (up-to-date ones included).
     pub files: u64,
-    /// Payload bytes.
+    /// Files the receiver already held identical: nothing of them was sent.
+    pub up_to_date: u64,
+    /// Payload bytes of the whole share.
     pub bytes: u64,
-    /// Wall time in seconds.
+    /// Payload bytes that crossed the network in this run.
+    pub sent_bytes: u64,
+    /// Payload bytes the receiver already held in partly received files (resumed);
+    /// up-to-date files are not counted here.
+    pub resumed_bytes: u64,
+    /// Seconds from acceptance to the end.
     pub seconds: f64,
     /// The path taken.
     pub route: Route,
@@ -176,15 +188,48 @@ pub struct Summary {
     pub path: Option<RoutePath>,
 }
 
+/// The version of the `--json` event format, in the first event (`start`). It changes when a
+/// field is removed or changes meaning; new events and fields may come without a change.
+pub const JSON_SCHEMA: u32 = 2;
+
+/// One offered entry in the `offer` event.
+#[derive(Clone, Debug, Eq, PartialEq, Serialize)]
+pub struct OfferEntry {
+    /// Relative path as the sender named it.
+    pub path: String,
+    /// Size in bytes (0 for directories and links).
+    pub size: u64,
+    /// `file`, `dir` or `symlink`.
+    pub kind: &'static str,
+}
+
 /// One `--json` line. Field names are stable; new fields may be added.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Event {
+    /// Always the first event: the format version and this side's role.
+    Start {
+        /// [`JSON_SCHEMA`].
+        schema: u32,
+        /// `thru`'s version.
+        version: &'static str,
+        /// `host` or `joiner`.
+        role: Role,
+    },
+    /// Host: what is offered, before the code.
+    Offering {
+        /// Number of files.
+        files: u64,
+        /// Total bytes.
+        bytes: u64,
+    },
     /// The join code to give the receiver.
     Code {
-        /// The full code.
+        /// The full code, in the form the host prints (`--words` or not).
         code: String,
+        /// The same code in the word form.
+        words: String,
         /// `server` or `lan`.
         mode: &'static str,
         /// LAN: the `--peer` address joiners can use when mDNS does not reach.
@@ -225,6 +270,8 @@ pub enum Event {
     },
     /// Receiver: the sender's offer.
     Offer {
+        /// Every entry, in manifest order.
+        entries: Vec<OfferEntry>,
         /// Number of files.
         files: usize,
         /// Total bytes.
@@ -233,22 +280,33 @@ pub enum Event {
         dirs: usize,
         /// Every link with its target (escaped when shown to a person, raw here as JSON).
         links: Vec<OfferedLink>,
-        /// Files that would replace existing ones (`--force`).
+        /// Files that exist here with other content (`--on-conflict`).
         replaces: Vec<String>,
         /// Files already here with the same size.
         same_size_here: usize,
         /// The destination directory.
         destination: String,
     },
-    /// Receiver: the offer was accepted.
+    /// The offer was accepted (receiver: by this side; host: by `peer`).
     Accepted {
+        /// The peer.
+        peer: String,
         /// Number of files.
         files: usize,
         /// Total bytes.
         bytes: u64,
     },
-    /// Progress, rate-limited.
+    /// Host: `peer` declined the offer.
+    Declined {
+        /// The peer.
+        peer: String,
+        /// The reason it gave.
+        reason: String,
+    },
+    /// Progress, at most four a second.
     Progress {
+        /// The peer.
+        peer: String,
         /// Current file's name (escaped).
         file: String,
         /// Bytes done of that file.
@@ -259,26 +317,54 @@ pub enum Event {
         overall_done: u64,
         /// Total bytes overall.
         overall_total: u64,
+        /// Bytes that crossed the network so far (resumed ones excluded).
+        sent_bytes: u64,
+        /// Average network rate since acceptance; null in the first second.
+        rate_bytes_per_s: Option<f64>,
+        /// Seconds left at that rate; null while unknown.
+        eta_s: Option<f64>,
+        /// Seconds since acceptance.
+        elapsed_s: f64,
+        /// Wall-clock time of this line, milliseconds since the Unix epoch.
+        ts_ms: u64,
     },
-    /// A file is complete and verified.
+    /// A file is complete (receiver: verified and in place; host: all of it sent or held).
     FileDone {
+        /// The peer.
+        peer: String,
         /// Name (escaped).
         file: String,
         /// Size.
         bytes: u64,
+        /// The receiver already held it identical: nothing was sent.
+        up_to_date: bool,
     },
     /// The transfer ended.
     Summary(Summary),
+    /// Host: every receiver is done; the totals over all of them.
+    HostSummary {
+        /// Receivers that got everything.
+        receivers_done: u64,
+        /// Receivers whose transfer failed or who declined.
+        receivers_failed: u64,
+        /// Payload bytes sent over all receivers.
+        sent_bytes: u64,
+        /// Seconds from the first acceptance to the end.
+        seconds: f64,
+    },
     /// `--benchmark` figures of one transfer.
     Benchmark {
         /// The peer.
         peer: String,
+        /// `sending` or `receiving`.
+        side: Side,
         /// Payload bytes that crossed the network in this run (resumed and skipped data
         /// excluded).
         bytes: u64,
         /// Average payload rate over the transfer.
         avg_gbit_s: f64,
-        /// Best one-second payload rate.
+        /// Best one-second payload rate (never below the average: a transfer shorter than
+        /// a second has no full second, and its average is its peak).
         peak_1s_gbit_s: f64,
         /// Time to the completed QUIC handshake (joiner: from the start of connecting).
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -302,6 +388,9 @@ pub enum Event {
     Error {
         /// The message chain.
         message: String,
+        /// What to try, when there is a likely cause.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        hint: Option<String>,
         /// The process exit code.
         exit_code: u8,
     },
@@ -358,49 +447,41 @@ impl Ui {
         }
     }
 
-    /// Emits `event` in JSON mode; in human mode only the benchmark report is printed.
+    /// Emits `event` in JSON mode; in human mode only the benchmark report and the host's
+    /// overall summary are printed.
     pub fn emit(&self, event: &Event) {
         if self.mode == Mode::Json {
             emit_json(event);
-            return;
-        }
-        if let Event::Benchmark {
-            peer,
-            bytes,
-            avg_gbit_s,
-            peak_1s_gbit_s,
-            connect_ms,
-            first_byte_ms,
-            rtt_ms,
-            loss_pct,
-            cpu_s,
-            path,
-        } = event
-        {
-            let ms = |v: &Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.1} ms"));
-            let route = path
-                .as_ref()
-                .map_or_else(|| "LAN dial".to_string(), |p| format!("{} ({p})", p.kind));
-            self.say(&format!(
-                "Benchmark ({peer}): {} moved, avg {avg_gbit_s:.2} Gbit/s, peak 1 s {peak_1s_gbit_s:.2} Gbit/s, connect {}, first byte {}, RTT {}, loss {}, CPU {cpu_s:.2} s, route {route}",
-                HumanBytes(*bytes),
-                ms(connect_ms),
-                ms(first_byte_ms),
-                ms(rtt_ms),
-                loss_pct.map_or("-".to_string(), |l| format!("{l:.2}%")),
-            ));
+        } else if let Some(line) = human_line(event) {
+            self.say(&line);
         }
     }
 
     /// Shows the join code and how to use it.
-    pub fn code(&self, code: &JoinCode, server: Option<&str>, peer_hint: Option<String>) {
+    pub fn code(
+        &self,
+        code: &JoinCode,
+        words: bool,
+        server: Option<&str>,
+        peer_hint: Option<String>,
+    ) {
         match self.mode {
             Mode::Json => emit_json(&Event::Code {
-                code: code.to_string(),
+                code: if words {
+                    code.to_words()
+                } else {
+                    code.to_string()
+                },
+                words: code.to_words(),
                 mode: if server.is_some() { "server" } else { "lan" },
                 peer_hint,
             }),
             Mode::Human { .. } => {
+                let code = if words {
+                    code.to_words()
+                } else {
+                    code.to_string()
+                };
                 let mut msg = format!("Join code: {code}\n\nOn the receiving machine run:\n");
                 match server {
                     Some(url) => {
@@ -421,6 +502,53 @@ impl Ui {
                 let _ = write!(out, "{msg}");
                 let _ = out.flush();
             }
+        }
+    }
+
+    /// Host: "Offering 7 files, 48.0 MiB".
+    pub fn offering(&self, files: u64, bytes: u64) {
+        match self.mode {
+            Mode::Json => emit_json(&Event::Offering { files, bytes }),
+            Mode::Human { .. } => self.say(&format!(
+                "Offering {}, {}",
+                plural(files, "file", "files"),
+                HumanBytes(bytes)
+            )),
+        }
+    }
+
+    /// Host: the waiting line, "waiting for receivers (1 of 4 done) — Ctrl-C to stop".
+    pub fn waiting(&self, done: u64, max: u64) {
+        if max <= 1 {
+            self.say("Waiting for the receiver — Ctrl-C to stop");
+        } else {
+            self.say(&format!(
+                "Waiting for receivers ({done} of {max} done) — Ctrl-C to stop"
+            ));
+        }
+    }
+
+    /// Host: `peer` declined; said in human mode only when `say` (with one receiver the
+    /// final error says it).
+    pub fn declined(&self, peer: &str, reason: &str, say: bool) {
+        match self.mode {
+            Mode::Json => emit_json(&Event::Declined {
+                peer: peer.to_string(),
+                reason: safe_text(reason),
+            }),
+            Mode::Human { .. } if say => self.say(&format!("{peer} declined: {reason}")),
+            Mode::Human { .. } => {}
+        }
+    }
+
+    /// Emits the first JSON event (`start`, with the schema version).
+    pub fn start(&self, role: Role) {
+        if self.mode == Mode::Json {
+            emit_json(&Event::Start {
+                schema: JSON_SCHEMA,
+                version: env!("CARGO_PKG_VERSION"),
+                role,
+            });
         }
     }
 
@@ -470,14 +598,20 @@ impl Ui {
     }
 
     /// Reports the command's final error.
-    pub fn error(&self, message: &str, exit_code: u8) {
+    pub fn error(&self, message: &str, hint: Option<&str>, exit_code: u8) {
         match self.mode {
             Mode::Json => emit_json(&Event::Error {
                 message: safe_text(message),
+                hint: hint.map(safe_text),
                 exit_code,
             }),
             Mode::Human { .. } => {
-                let _ = writeln!(io::stderr().lock(), "thru: error: {}", safe_text(message));
+                // Not locked across the read: a Ctrl-C handler must still be able to write.
+                let mut err = io::stderr();
+                let _ = writeln!(err, "thru: error: {}", safe_text(message));
+                if let Some(h) = hint {
+                    let _ = writeln!(err, "  hint: {}", safe_text(h));
+                }
             }
         }
     }
@@ -490,16 +624,20 @@ impl Ui {
         }
     }
 
-    /// Receiver: shows the offer and asks. `yes` accepts without asking. Reads the answer
-    /// from stdin when it is a terminal; otherwise refuses with [`PromptError::NotATerminal`].
+    /// Receiver: shows the offer and asks; returns `None` when declined, else what to do
+    /// with each file of `offer.replaces`. `yes` accepts without asking. Reads the answers
+    /// from stdin when it is a terminal; otherwise refuses with
+    /// [`PromptError::NotATerminal`]. Under `--json` nothing is shown or asked on stderr.
     /// `list_all` shows every file instead of the first [`LIST_LIMIT`].
     pub fn confirm_offer(
         &self,
         offer: &Offer,
         yes: bool,
         list_all: bool,
-    ) -> Result<bool, PromptError> {
+        policy: OnConflict,
+    ) -> Result<Option<Vec<Resolve>>, PromptError> {
         self.emit(&Event::Offer {
+            entries: offer.entries.clone(),
             files: offer.files.len(),
             bytes: offer.total_bytes(),
             dirs: offer.dirs,
@@ -508,23 +646,44 @@ impl Ui {
             same_size_here: offer.same_size_here,
             destination: offer.destination.clone(),
         });
-        let interactive = io::stdin().is_terminal();
+        let interactive = io::stdin().is_terminal() && self.mode != Mode::Json;
         let stdin = io::stdin();
         let mut input = stdin.lock();
-        let mut err = io::stderr().lock();
         let limit = if list_all { usize::MAX } else { LIST_LIMIT };
-        let accepted = confirm(offer, yes, interactive, limit, &mut input, &mut err)?;
-        if accepted {
+        let answer = if self.mode == Mode::Json || self.quiet && yes {
+            confirm(
+                offer,
+                yes,
+                interactive,
+                limit,
+                policy,
+                &mut input,
+                &mut io::sink(),
+            )?
+        } else {
+            // Not locked across the read: a Ctrl-C handler must still be able to write.
+            let mut err = io::stderr();
+            confirm(offer, yes, interactive, limit, policy, &mut input, &mut err)?
+        };
+        if answer.is_some() {
             self.emit(&Event::Accepted {
+                peer: "host".into(),
                 files: offer.files.len(),
                 bytes: offer.total_bytes(),
             });
         }
-        Ok(accepted)
+        Ok(answer)
     }
 
-    /// Starts progress reporting for one transfer.
-    pub fn transfer(&self, peer: &str, total_files: u64, total_bytes: u64) -> TransferProgress {
+    /// Starts progress reporting for one transfer, from its acceptance: rates and times
+    /// count from here, not from the prompt.
+    pub fn transfer(
+        &self,
+        peer: &str,
+        side: Side,
+        total_files: u64,
+        total_bytes: u64,
+    ) -> TransferProgress {
         let fancy = self.mode == (Mode::Human { fancy: true }) && !self.quiet;
         let multi = if fancy {
             MultiProgress::with_draw_target(ProgressDrawTarget::stderr())
@@ -532,23 +691,26 @@ impl Ui {
             MultiProgress::with_draw_target(ProgressDrawTarget::hidden())
         };
         let overall = multi.add(ProgressBar::new(total_bytes));
-        overall.set_style(
-            ProgressStyle::with_template(
-                "{prefix:>10} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        );
-        overall.set_prefix(format!("{total_files} files"));
+        overall.set_style(overall_style(false));
+        // The host's bars, one per receiver, are its live list of receivers.
+        overall.set_prefix(match side {
+            Side::Sending => format!("to {peer}"),
+            Side::Receiving => plural(total_files, "file", "files"),
+        });
         TransferProgress {
             inner: Arc::new(Mutex::new(ProgressInner {
                 ui: self.clone(),
                 peer: peer.to_string(),
+                side,
                 multi,
                 overall,
+                full_style: false,
                 files: HashMap::new(),
                 overall_done: 0,
                 overall_total: total_bytes,
+                sent: 0,
+                held: 0,
+                up_to_date: 0,
                 files_done: 0,
                 started: Instant::now(),
                 last_json: None,
@@ -557,54 +719,199 @@ impl Ui {
     }
 }
 
+/// The human form of the events that have one in human mode.
+fn human_line(event: &Event) -> Option<String> {
+    if let Event::HostSummary {
+        receivers_done,
+        receivers_failed,
+        sent_bytes,
+        seconds,
+    } = event
+    {
+        let mut line = format!(
+            "All done: {} served",
+            plural(*receivers_done, "receiver", "receivers")
+        );
+        if *receivers_failed > 0 {
+            let _ = write!(line, ", {receivers_failed} failed or declined");
+        }
+        let _ = write!(line, "; {} sent in {seconds:.1} s", HumanBytes(*sent_bytes));
+        return Some(line);
+    }
+    if let Event::Benchmark {
+        peer,
+        side,
+        bytes,
+        avg_gbit_s,
+        peak_1s_gbit_s,
+        connect_ms,
+        first_byte_ms,
+        rtt_ms,
+        loss_pct,
+        cpu_s,
+        path,
+    } = event
+    {
+        let ms = |v: &Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.1} ms"));
+        let route = path
+            .as_ref()
+            .map_or_else(|| "LAN dial".to_string(), |p| format!("{} ({p})", p.kind));
+        // Bytes and bytes per second only: one unit family per line (JSON has Gbit/s).
+        let per_sec = |gbit: f64| HumanBytes((gbit * 1e9 / 8.0) as u64);
+        return Some(format!(
+            "Benchmark ({}): {} moved, avg {}/s, peak 1 s {}/s, connect {}, first byte {}, RTT {}, loss {}, CPU {cpu_s:.2} s, route {route}",
+            side.towards(peer),
+            HumanBytes(*bytes),
+            per_sec(*avg_gbit_s),
+            per_sec(*peak_1s_gbit_s),
+            ms(connect_ms),
+            ms(first_byte_ms),
+            ms(rtt_ms),
+            loss_pct.map_or("-".to_string(), |l| format!("{l:.2}%")),
+        ));
+    }
+    None
+}
+
 /// Why the prompt could not get an answer.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PromptError {
     /// No `--yes` and nobody to ask.
-    #[error(
-        "refusing to receive: standard input is not a terminal, so nobody can confirm the file \
-         list; pass --yes to accept without asking"
-    )]
+    #[error("no terminal to ask on; pass --yes")]
     NotATerminal,
+    /// Files exist here with other content, `--on-conflict ask`, and nobody to ask.
+    #[error(
+        "{0} already exists here; choose with --on-conflict skip|rename|overwrite (or --force)"
+    )]
+    Conflict(String),
     /// Reading the answer failed.
     #[error("reading the answer: {0}")]
     Io(#[from] io::Error),
 }
 
+/// What to do with one file that exists at the destination with other content.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum Resolve {
+    /// Keep ours; the offered one is discarded.
+    Skip,
+    /// Rename ours to `name (1).ext`.
+    Rename,
+    /// Replace ours.
+    Overwrite,
+}
+
+impl Resolve {
+    fn of(policy: OnConflict) -> Option<Self> {
+        match policy {
+            OnConflict::Ask => None,
+            OnConflict::Skip => Some(Self::Skip),
+            OnConflict::Rename => Some(Self::Rename),
+            OnConflict::Overwrite => Some(Self::Overwrite),
+        }
+    }
+
+    fn parse(answer: &str) -> Option<Self> {
+        match answer.trim().to_ascii_lowercase().as_str() {
+            "s" | "skip" => Some(Self::Skip),
+            "r" | "rename" => Some(Self::Rename),
+            "o" | "overwrite" => Some(Self::Overwrite),
+            _ => None,
+        }
+    }
+}
+
+fn read_answer(input: &mut dyn BufRead) -> Result<String, PromptError> {
+    let mut line = String::new();
+    if input.read_line(&mut line)? == 0 {
+        return Err(PromptError::Io(io::ErrorKind::UnexpectedEof.into()));
+    }
+    Ok(line.trim().to_ascii_lowercase())
+}
+
 /// The prompt logic with explicit streams (testable): prints the offer to `out` (up to
-/// `limit` files); `yes` accepts; otherwise reads one line from `input` if `interactive`,
-/// where only `y`/`yes` (any case) accepts.
+/// `limit` files); resolves the files of `offer.replaces` by `policy`, asking when it is
+/// `ask` (all at once or one by one); then `yes` accepts, otherwise one line from `input`
+/// where only `y`/`yes` (any case) accepts. `None` is a decline.
 pub fn confirm(
     offer: &Offer,
     yes: bool,
     interactive: bool,
     limit: usize,
+    policy: OnConflict,
     input: &mut dyn BufRead,
     out: &mut dyn Write,
-) -> Result<bool, PromptError> {
+) -> Result<Option<Vec<Resolve>>, PromptError> {
     out.write_all(describe_offer(offer, limit).as_bytes())?;
+    let mut resolved = Vec::with_capacity(offer.replaces.len());
+    if let Some(first) = offer.replaces.first() {
+        if let Some(r) = Resolve::of(policy) {
+            resolved = vec![r; offer.replaces.len()];
+        } else if !interactive {
+            return Err(PromptError::Conflict(safe_name(first)));
+        } else {
+            let n = offer.replaces.len() as u64;
+            loop {
+                write!(
+                    out,
+                    "{} here with other content: [o]verwrite, [r]ename yours to \"name (1).ext\", \
+                     [s]kip, or decide for [e]ach? ",
+                    if n == 1 {
+                        "1 file exists".to_string()
+                    } else {
+                        format!("{n} files exist")
+                    }
+                )?;
+                out.flush()?;
+                let a = read_answer(input)?;
+                if let Some(r) = Resolve::parse(&a) {
+                    resolved = vec![r; offer.replaces.len()];
+                    break;
+                }
+                if a == "e" || a == "each" {
+                    for name in &offer.replaces {
+                        let r = loop {
+                            write!(
+                                out,
+                                "  {}: [o]verwrite, [r]ename, [s]kip? ",
+                                safe_name(name)
+                            )?;
+                            out.flush()?;
+                            if let Some(r) = Resolve::parse(&read_answer(input)?) {
+                                break r;
+                            }
+                        };
+                        resolved.push(r);
+                    }
+                    break;
+                }
+            }
+        }
+    }
     if yes {
         writeln!(out, "Accepted (--yes).")?;
-        return Ok(true);
+        return Ok(Some(resolved));
     }
     if !interactive {
         return Err(PromptError::NotATerminal);
     }
-    write!(out, "Receive these files? [y/N] ")?;
+    write!(
+        out,
+        "Receive these files into {}? [y/N] ",
+        safe_name(&offer.destination)
+    )?;
     out.flush()?;
     let mut line = String::new();
     input.read_line(&mut line)?;
     let answer = line.trim().to_ascii_lowercase();
-    Ok(answer == "y" || answer == "yes")
+    Ok((answer == "y" || answer == "yes").then_some(resolved))
 }
 
 /// The offer as shown before the question: counts by kind, the total and the destination;
 /// up to `limit` files (escaped, with size and mode); every link with its target; every file
 /// that would replace an existing one; and how many are already here.
 pub fn describe_offer(offer: &Offer, limit: usize) -> String {
-    let plural =
-        |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+    let plural = |n: usize, one: &str, many: &str| plural(n as u64, one, many);
     let mut s = format!(
         "The sender offers {}, {} and {}, {} in all, to {}:\n",
         plural(offer.files.len(), "file", "files"),
@@ -640,8 +947,11 @@ pub fn describe_offer(offer: &Offer, limit: usize) -> String {
         // Every one, uncut: these are the user's files.
         let _ = writeln!(
             s,
-            "replaces {} here (--force):",
-            plural(offer.replaces.len(), "existing file", "existing files")
+            "{} here with other content (--on-conflict):",
+            match offer.replaces.len() {
+                1 => "1 file exists".to_string(),
+                n => format!("{n} files exist"),
+            }
         );
         for r in &offer.replaces {
             let _ = writeln!(s, "  {}", safe_name(r));
@@ -690,7 +1000,31 @@ pub fn safe_text(text: &str) -> String {
     safe_name(text)
 }
 
+/// Which way a transfer goes, from this side's point of view.
+#[derive(Clone, Copy, Debug, Eq, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Side {
+    /// This side is the host, sending.
+    Sending,
+    /// This side is the joiner, receiving.
+    Receiving,
+}
+
+impl Side {
+    /// "sending to joiner 1" / "receiving from host".
+    pub fn towards(self, peer: &str) -> String {
+        match self {
+            Self::Sending => format!("sending to {peer}"),
+            Self::Receiving => format!("receiving from {peer}"),
+        }
+    }
+}
+
 /// Progress of one transfer; clone freely, call from any thread.
+///
+/// Bytes are counted in two kinds: *sent* (they crossed the network in this run) and *held*
+/// (the receiver had them already: resumed chunks and files that were up to date). Only sent
+/// bytes go into rates and into the "sent" figure of the summary.
 #[derive(Clone, Debug)]
 pub struct TransferProgress {
     inner: Arc<Mutex<ProgressInner>>,
@@ -700,11 +1034,17 @@ pub struct TransferProgress {
 struct ProgressInner {
     ui: Ui,
     peer: String,
+    side: Side,
     multi: MultiProgress,
     overall: ProgressBar,
+    /// The rate and ETA are shown only once there is a second of data to average.
+    full_style: bool,
     files: HashMap<u64, FileState>,
     overall_done: u64,
     overall_total: u64,
+    sent: u64,
+    held: u64,
+    up_to_date: u64,
     files_done: u64,
     started: Instant,
     last_json: Option<Instant>,
@@ -714,78 +1054,190 @@ struct ProgressInner {
 struct FileState {
     name: String,
     done: u64,
+    /// Of `done`, the bytes the receiver held.
+    held: u64,
     total: u64,
     bar: ProgressBar,
 }
 
+/// Width of a file name next to its bar.
+const NAME_WIDTH: usize = 30;
+/// Before this much time since acceptance, no rate or ETA is shown: a first sample of a few
+/// milliseconds gives wild figures.
+const RATE_AFTER: Duration = Duration::from_secs(1);
+
+/// `name` cut to `width` characters with an ellipsis in the middle, so both the start of the
+/// path and the extension stay visible.
+pub fn ellipsize(name: &str, width: usize) -> String {
+    let n = name.chars().count();
+    if n <= width || width < 3 {
+        return name.to_string();
+    }
+    let tail = (width - 1) / 2;
+    let head = width - 1 - tail;
+    let start: String = name.chars().take(head).collect();
+    let end: String = name.chars().skip(n - tail).collect();
+    format!("{start}…{end}")
+}
+
+fn overall_style(full: bool) -> ProgressStyle {
+    let template = if full {
+        "{prefix:>16} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}"
+    } else {
+        "{prefix:>16} [{bar:30}] {bytes}/{total_bytes} {msg}"
+    };
+    ProgressStyle::with_template(template)
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ")
+}
+
+/// Milliseconds since the Unix epoch (progress timestamps).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// "1 file", "2 files".
+pub fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 impl TransferProgress {
-    /// File `id` (any number unique within the transfer) starts; `size` bytes in all.
+    /// File `id` (any number unique within the transfer) starts; `size` bytes in all. A
+    /// second call for the same id does nothing.
     pub fn file_started(&self, id: u64, name: &str, size: u64) {
         let mut g = self.lock();
+        if g.files.contains_key(&id) {
+            return;
+        }
         let bar = g.multi.add(ProgressBar::new(size));
         bar.set_style(
-            ProgressStyle::with_template("{msg:>30!} [{bar:30}] {bytes}/{total_bytes}")
+            ProgressStyle::with_template("{msg:>30} [{bar:30}] {bytes}/{total_bytes}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
                 .progress_chars("=> "),
         );
-        bar.set_message(safe_name(name));
+        let safe = safe_name(name);
+        bar.set_message(ellipsize(&safe, NAME_WIDTH));
         g.files.insert(
             id,
             FileState {
-                name: safe_name(name),
+                name: safe,
                 done: 0,
+                held: 0,
                 total: size,
                 bar,
             },
         );
     }
 
-    /// File `id` has `done` bytes (absolute, not a delta). Unknown ids are ignored.
-    pub fn file_progress(&self, id: u64, done: u64) {
+    /// `len` bytes of file `id` crossed the network. Unknown ids are ignored.
+    pub fn sent(&self, id: u64, len: u64) {
+        self.add(id, len, false);
+    }
+
+    /// `len` bytes of file `id` were already at the receiver (resumed). Unknown ids are ignored.
+    pub fn held(&self, id: u64, len: u64) {
+        self.add(id, len, true);
+    }
+
+    /// Bytes of file `id` accounted so far (sent or held), if it started.
+    pub fn file_bytes(&self, id: u64) -> Option<(u64, u64)> {
+        self.lock().files.get(&id).map(|f| (f.done, f.total))
+    }
+
+    fn add(&self, id: u64, len: u64, held: bool) {
         let mut g = self.lock();
         let g = &mut *g;
         let Some(f) = g.files.get_mut(&id) else {
             return;
         };
-        // Never backwards, never past the end.
-        let done = done.min(f.total).max(f.done);
-        let delta = done.saturating_sub(f.done);
-        f.done = done;
-        f.bar.set_position(done);
+        // Never past the end.
+        let delta = len.min(f.total.saturating_sub(f.done));
+        f.done += delta;
+        if held {
+            f.held += delta;
+        }
+        f.bar.set_position(f.done);
+        let (file, done, total) = (f.name.clone(), f.done, f.total);
         g.overall_done = g.overall_done.saturating_add(delta);
+        if held {
+            g.held += delta;
+        } else {
+            g.sent += delta;
+        }
         g.overall.set_position(g.overall_done);
+        let elapsed = g.started.elapsed();
+        if !g.full_style && elapsed >= RATE_AFTER {
+            g.full_style = true;
+            g.overall.set_style(overall_style(true));
+        }
         let now = Instant::now();
         if g.ui.mode == Mode::Json
             && g.last_json
                 .is_none_or(|t| now.duration_since(t) >= JSON_PROGRESS_EVERY)
         {
             g.last_json = Some(now);
+            let secs = elapsed.as_secs_f64();
+            let rate = (elapsed >= RATE_AFTER).then(|| g.sent as f64 / secs);
+            let eta = rate
+                .filter(|r| *r > 0.0)
+                .map(|r| (g.overall_total - g.overall_done) as f64 / r);
             emit_json(&Event::Progress {
-                file: f.name.clone(),
+                peer: g.peer.clone(),
+                file,
                 done,
-                total: f.total,
+                total,
                 overall_done: g.overall_done,
                 overall_total: g.overall_total,
+                sent_bytes: g.sent,
+                rate_bytes_per_s: rate,
+                eta_s: eta,
+                elapsed_s: secs,
+                ts_ms: unix_ms(),
             });
         }
     }
 
-    /// File `id` is complete and verified.
-    pub fn file_done(&self, id: u64) {
-        let total = self.lock().files.get(&id).map(|f| f.total);
-        if let Some(total) = total {
-            self.file_progress(id, total);
+    /// File `id` is complete and verified. Whatever of it was not counted as sent was held by
+    /// the receiver; `up_to_date` means the whole file was (nothing of it was sent).
+    pub fn file_done(&self, id: u64, up_to_date: bool) {
+        let gap = self
+            .lock()
+            .files
+            .get(&id)
+            .map(|f| f.total.saturating_sub(f.done));
+        if let Some(gap) = gap {
+            self.held(id, gap);
         }
         let mut g = self.lock();
         if let Some(f) = g.files.remove(&id) {
             f.bar.finish_and_clear();
             g.multi.remove(&f.bar);
             g.files_done += 1;
+            if up_to_date {
+                // An up-to-date file is counted as such, not as resumed bytes.
+                g.up_to_date += 1;
+                g.held -= f.held.min(g.held);
+            }
+            let peer = g.peer.clone();
             g.ui.emit(&Event::FileDone {
+                peer,
                 file: f.name,
                 bytes: f.total,
+                up_to_date,
             });
         }
+    }
+
+    /// Clears the display after a failure, with no summary.
+    pub fn abandon(&self) {
+        let g = self.lock();
+        for f in g.files.values() {
+            f.bar.finish_and_clear();
+        }
+        g.overall.finish_and_clear();
+        let _ = g.multi.clear();
     }
 
     /// Shows the route next to the overall progress.
@@ -793,31 +1245,30 @@ impl TransferProgress {
         self.lock().overall.set_message(route.to_string());
     }
 
-    /// Ends the display and reports the summary.
+    /// Ends the display (no bar stays behind) and reports the summary.
     pub fn finish(&self, route: Route, path: Option<RoutePath>) -> Summary {
         let g = self.lock();
+        for f in g.files.values() {
+            f.bar.finish_and_clear();
+            g.multi.remove(&f.bar);
+        }
         g.overall.finish_and_clear();
+        let _ = g.multi.clear();
         let summary = Summary {
             peer: g.peer.clone(),
+            side: g.side,
             files: g.files_done,
-            bytes: g.overall_done,
+            up_to_date: g.up_to_date,
+            bytes: g.overall_total,
+            sent_bytes: g.sent,
+            resumed_bytes: g.held,
             seconds: g.started.elapsed().as_secs_f64(),
             route,
             path,
         };
         match g.ui.mode {
             Mode::Json => emit_json(&Event::Summary(summary.clone())),
-            Mode::Human { .. } => {
-                let rate = summary.bytes as f64 / summary.seconds.max(1e-9);
-                g.ui.say(&format!(
-                    "Done: {} files, {} in {:.1} s ({}/s), route: {}",
-                    summary.files,
-                    HumanBytes(summary.bytes),
-                    summary.seconds,
-                    HumanBytes(rate as u64),
-                    route
-                ));
-            }
+            Mode::Human { .. } => g.ui.say(&summary.line()),
         }
         summary
     }
@@ -825,6 +1276,38 @@ impl TransferProgress {
     fn lock(&self) -> MutexGuard<'_, ProgressInner> {
         // A panic elsewhere while holding the lock leaves display state only; keep going.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Summary {
+    /// The summary for people: "Sent 7 files to joiner 1: 3 up to date, 43.0 MiB resumed,
+    /// 7.00 MiB sent in 0.4 s (17.5 MiB/s), route: direct (LAN)".
+    pub fn line(&self) -> String {
+        let (verb, dir, moved) = match self.side {
+            Side::Sending => ("Sent", "to", "sent"),
+            Side::Receiving => ("Received", "from", "received"),
+        };
+        let mut parts = Vec::new();
+        if self.up_to_date > 0 {
+            parts.push(format!("{} up to date", self.up_to_date));
+        }
+        if self.resumed_bytes > 0 {
+            parts.push(format!("{} resumed", HumanBytes(self.resumed_bytes)));
+        }
+        let rate = self.sent_bytes as f64 / self.seconds.max(1e-9);
+        parts.push(format!(
+            "{} {moved} in {:.1} s ({}/s)",
+            HumanBytes(self.sent_bytes),
+            self.seconds,
+            HumanBytes(rate as u64)
+        ));
+        format!(
+            "{verb} {} {dir} {}: {}, route: {}",
+            plural(self.files, "file", "files"),
+            self.peer,
+            parts.join(", "),
+            self.route
+        )
     }
 }
 
@@ -893,14 +1376,69 @@ mod tests {
             destination: "/home/me/in".into(),
             replaces: Vec::new(),
             same_size_here: 0,
+            entries: Vec::new(),
         }
     }
 
-    fn ask(yes: bool, interactive: bool, answer: &str) -> (Result<bool, PromptError>, String) {
+    fn ask_with(
+        offer: &Offer,
+        yes: bool,
+        interactive: bool,
+        policy: OnConflict,
+        answer: &str,
+    ) -> (Result<Option<Vec<Resolve>>, PromptError>, String) {
         let mut input = io::Cursor::new(answer.as_bytes().to_vec());
         let mut out = Vec::new();
-        let r = confirm(&offer(), yes, interactive, LIST_LIMIT, &mut input, &mut out);
+        let r = confirm(
+            offer,
+            yes,
+            interactive,
+            LIST_LIMIT,
+            policy,
+            &mut input,
+            &mut out,
+        );
         (r, String::from_utf8(out).unwrap())
+    }
+
+    fn ask(yes: bool, interactive: bool, answer: &str) -> (Result<bool, PromptError>, String) {
+        let (r, text) = ask_with(&offer(), yes, interactive, OnConflict::Ask, answer);
+        (r.map(|a| a.is_some()), text)
+    }
+
+    /// Conflicts are resolved for all at once or file by file; a policy answers without
+    /// asking; with nobody to ask and `ask`, it is a conflict error (issue 15).
+    #[test]
+    fn conflicts_are_asked_for_all_or_each() {
+        let mut o = offer();
+        o.replaces = vec!["a.txt".into(), "b.txt".into()];
+        let (r, text) = ask_with(&o, false, true, OnConflict::Ask, "x\nr\ny\n");
+        assert_eq!(r.unwrap(), Some(vec![Resolve::Rename; 2]));
+        assert!(
+            text.contains("2 files exist here with other content"),
+            "{text}"
+        );
+        assert!(
+            text.contains("[r]ename yours to \"name (1).ext\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("Receive these files into /home/me/in? [y/N]"),
+            "{text}"
+        );
+        let (r, text) = ask_with(&o, false, true, OnConflict::Ask, "e\ns\no\ny\n");
+        assert_eq!(r.unwrap(), Some(vec![Resolve::Skip, Resolve::Overwrite]));
+        assert!(
+            text.contains("  b.txt: [o]verwrite, [r]ename, [s]kip?"),
+            "{text}"
+        );
+        let (r, _) = ask_with(&o, true, false, OnConflict::Skip, "");
+        assert_eq!(r.unwrap(), Some(vec![Resolve::Skip; 2]));
+        let (r, _) = ask_with(&o, true, false, OnConflict::Ask, "");
+        assert!(matches!(r, Err(PromptError::Conflict(p)) if p == "a.txt"));
+        // Declining after resolving is still a decline.
+        let (r, _) = ask_with(&o, false, true, OnConflict::Ask, "o\nn\n");
+        assert_eq!(r.unwrap(), None);
     }
 
     #[test]
@@ -1020,7 +1558,7 @@ mod tests {
         assert!(text.contains("4755  photos/a.jpg"), "{text}");
         assert!(text.contains("  latest -> photos\n"), "{text}");
         assert!(
-            text.contains("replaces 45 existing files here (--force):"),
+            text.contains("45 files exist here with other content (--on-conflict):"),
             "{text}"
         );
         assert!(
@@ -1037,17 +1575,22 @@ mod tests {
     fn events_serialize_with_an_event_tag() {
         let e = Event::Code {
             code: "K7QF2M-XD4P-RT9A".into(),
+            words: "K7QF2M-able-able-able-able-able".into(),
             mode: "lan",
             peer_hint: None,
         };
         assert_eq!(
             serde_json::to_string(&e).unwrap(),
-            r#"{"event":"code","code":"K7QF2M-XD4P-RT9A","mode":"lan"}"#
+            r#"{"event":"code","code":"K7QF2M-XD4P-RT9A","words":"K7QF2M-able-able-able-able-able","mode":"lan"}"#
         );
         let s = Event::Summary(Summary {
             peer: "host".into(),
+            side: Side::Receiving,
             files: 2,
+            up_to_date: 0,
             bytes: 10,
+            sent_bytes: 10,
+            resumed_bytes: 0,
             seconds: 1.5,
             route: Route::LanDirect,
             path: None,
@@ -1084,25 +1627,256 @@ mod tests {
         assert!(path.to_string().contains("host → srflx over udp (v4)"));
     }
 
+    /// Held (resumed, up-to-date) bytes are counted apart from sent ones, and the summary
+    /// line says so (issue 15).
     #[test]
-    fn progress_accounts_plain_numbers() {
+    fn progress_keeps_sent_and_held_apart() {
         let ui = Ui::with_mode(Mode::Human { fancy: false });
-        let p = ui.transfer("host", 2, 300);
+        let p = ui.transfer("joiner 1", Side::Sending, 3, 600);
         p.file_started(1, "a", 100);
         p.file_started(2, "b", 200);
-        p.file_progress(1, 50);
-        p.file_progress(2, 150);
-        p.file_progress(1, 40); // going back is ignored for the totals
-        p.file_progress(9, 999); // unknown id
-        p.file_done(1);
-        p.file_done(2);
+        p.file_started(3, "c", 300);
+        p.held(1, 60);
+        p.sent(1, 50); // only 40 were missing
+        p.sent(2, 150);
+        p.sent(9, 999); // unknown id
+        p.file_done(1, false);
+        p.file_done(2, false); // the last 50 were held
+        p.file_done(3, true);
         let s = p.finish(Route::LanDirect, None);
-        assert_eq!((s.files, s.bytes), (2, 300));
+        assert_eq!((s.files, s.up_to_date, s.bytes), (3, 1, 600));
+        assert_eq!((s.sent_bytes, s.resumed_bytes), (190, 110));
+        let line = s.line();
+        assert!(
+            line.starts_with(
+                "Sent 3 files to joiner 1: 1 up to date, 110 B resumed, 190 B sent in"
+            ),
+            "{line}"
+        );
+        let one = Summary {
+            files: 1,
+            up_to_date: 0,
+            resumed_bytes: 0,
+            side: Side::Receiving,
+            ..s
+        };
+        assert!(
+            one.line()
+                .starts_with("Received 1 file from joiner 1: 190 B received")
+        );
+    }
+
+    #[test]
+    fn long_names_get_an_ellipsis_in_the_middle() {
+        assert_eq!(ellipsize("short.txt", 30), "short.txt");
+        let cut = ellipsize("photos/2024/a-very-long-holiday-name.jpeg", 20);
+        assert_eq!(cut.chars().count(), 20);
+        assert!(cut.starts_with("photos/2") && cut.ends_with("name.jpeg") && cut.contains('…'));
+    }
+
+    /// docs/json-events.md lists exactly the events and fields the code emits (issue 15).
+    #[test]
+    fn json_events_match_their_documentation() {
+        use std::collections::{BTreeMap, BTreeSet};
+        let doc = include_str!("../docs/json-events.md");
+        let mut documented: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut current: Option<String> = None;
+        for line in doc.lines() {
+            if let Some(name) = line.strip_prefix("### `") {
+                let name = name.trim_end_matches('`').to_string();
+                documented.insert(name.clone(), BTreeSet::new());
+                current = Some(name);
+            } else if let (Some(ev), Some(row)) = (&current, line.strip_prefix("| `")) {
+                let field = row.split('`').next().unwrap().to_string();
+                documented.get_mut(ev).unwrap().insert(field);
+            }
+        }
+        let mut emitted: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for e in sample_events() {
+            let v = serde_json::to_value(&e).unwrap();
+            let obj = v.as_object().unwrap();
+            let name = obj["event"].as_str().unwrap().to_string();
+            let fields = obj.keys().filter(|k| *k != "event").cloned().collect();
+            emitted.insert(name, fields);
+        }
+        assert_eq!(
+            documented, emitted,
+            "docs/json-events.md and the code disagree"
+        );
+        assert!(
+            doc.contains(&format!("{JSON_SCHEMA} at present")),
+            "schema version"
+        );
+    }
+
+    /// The benchmark line names the side and the direction, and uses one unit family.
+    #[test]
+    fn benchmark_line_has_one_unit_family_and_the_side() {
+        let e = sample_events()
+            .into_iter()
+            .find(|e| matches!(e, Event::Benchmark { .. }))
+            .unwrap();
+        let line = human_line(&e).unwrap();
+        assert!(
+            line.starts_with("Benchmark (receiving from host): "),
+            "{line}"
+        );
+        assert!(line.contains("MiB/s") && !line.contains("bit/s"), "{line}");
     }
 
     #[test]
     fn sayings_cover_the_list() {
         assert_ne!(saying(0), saying(1));
         assert!(banner_text("1.2.3").contains("1.2.3"));
+    }
+
+    /// One sample of every `--json` event, with every optional field present: the documentation
+    /// test compares their fields with docs/json-events.md.
+    fn sample_events() -> Vec<Event> {
+        let path = RoutePath {
+            kind: "srflx",
+            local: "host",
+            remote: "srflx",
+            transport: "udp",
+            family: "v4",
+            local_addr: "10.0.0.2:5000".into(),
+            remote_addr: "198.51.100.7:6000".into(),
+            connect_ms: 120.0,
+        };
+        let summary = Summary {
+            peer: "joiner 1".into(),
+            side: Side::Sending,
+            files: 3,
+            up_to_date: 1,
+            bytes: 300,
+            sent_bytes: 200,
+            resumed_bytes: 50,
+            seconds: 1.0,
+            route: Route::HolePunched,
+            path: Some(path.clone()),
+        };
+        let all = vec![
+            Event::Start {
+                schema: JSON_SCHEMA,
+                version: "1.0.0",
+                role: Role::Host,
+            },
+            Event::Offering {
+                files: 3,
+                bytes: 300,
+            },
+            Event::Code {
+                code: "K7QF2M-XD4P-RT9A".into(),
+                words: "K7QF2M-able-able-able-able-able".into(),
+                mode: "lan",
+                peer_hint: Some("192.168.1.2:47115".into()),
+            },
+            Event::Peer {
+                role: Role::Host,
+                peer: "joiner 1".into(),
+                rendezvous: Rendezvous::LanDirect,
+                fingerprint: "ab".into(),
+                local_fingerprint: "cd".into(),
+                addrs: vec!["192.168.1.3:5000".into()],
+            },
+            Event::Route {
+                peer: "joiner 1".into(),
+                route: Route::HolePunched,
+                path: path.clone(),
+            },
+            Event::PairingFailed {
+                peer: "joiner 2".into(),
+                error: "wrong code".into(),
+            },
+            Event::Offer {
+                entries: vec![OfferEntry {
+                    path: "a".into(),
+                    size: 1,
+                    kind: "file",
+                }],
+                files: 1,
+                bytes: 1,
+                dirs: 0,
+                links: Vec::new(),
+                replaces: Vec::new(),
+                same_size_here: 0,
+                destination: "/in".into(),
+            },
+            Event::Accepted {
+                peer: "host".into(),
+                files: 1,
+                bytes: 1,
+            },
+            Event::Declined {
+                peer: "joiner 1".into(),
+                reason: "the receiver declined".into(),
+            },
+            Event::Progress {
+                peer: "host".into(),
+                file: "a".into(),
+                done: 1,
+                total: 2,
+                overall_done: 1,
+                overall_total: 2,
+                sent_bytes: 1,
+                rate_bytes_per_s: Some(1.0),
+                eta_s: Some(1.0),
+                elapsed_s: 1.0,
+                ts_ms: 1,
+            },
+            Event::FileDone {
+                peer: "host".into(),
+                file: "a".into(),
+                bytes: 2,
+                up_to_date: false,
+            },
+            Event::Summary(summary),
+            Event::HostSummary {
+                receivers_done: 1,
+                receivers_failed: 0,
+                sent_bytes: 2,
+                seconds: 1.0,
+            },
+            Event::Benchmark {
+                peer: "host".into(),
+                side: Side::Receiving,
+                bytes: 2,
+                avg_gbit_s: 1.0,
+                peak_1s_gbit_s: 1.0,
+                connect_ms: Some(1.0),
+                first_byte_ms: Some(1.0),
+                rtt_ms: Some(1.0),
+                loss_pct: Some(0.0),
+                cpu_s: 0.1,
+                path: Some(path),
+            },
+            Event::Error {
+                message: "m".into(),
+                hint: Some("h".into()),
+                exit_code: 1,
+            },
+        ];
+        // Exhaustive on purpose: a new event does not compile until it has a sample (and so a
+        // documented entry).
+        for e in &all {
+            match e {
+                Event::Start { .. }
+                | Event::Offering { .. }
+                | Event::Code { .. }
+                | Event::Peer { .. }
+                | Event::Route { .. }
+                | Event::PairingFailed { .. }
+                | Event::Offer { .. }
+                | Event::Accepted { .. }
+                | Event::Declined { .. }
+                | Event::Progress { .. }
+                | Event::FileDone { .. }
+                | Event::Summary(_)
+                | Event::HostSummary { .. }
+                | Event::Benchmark { .. }
+                | Event::Error { .. } => {}
+            }
+        }
+        all
     }
 }

@@ -113,7 +113,8 @@ fn man_page_documents_every_subcommand_flag_and_exit_code() {
 
 #[test]
 fn version_and_help() {
-    for flag in ["-v", "--version"] {
+    // -V as in clap and ripgrep; -v is --verbose (issue 15).
+    for flag in ["-V", "--version"] {
         let out = thru(&[flag]);
         assert!(out.status.success());
         assert_eq!(
@@ -121,10 +122,46 @@ fn version_and_help() {
             format!("thru {}", env!("CARGO_PKG_VERSION"))
         );
     }
+    let out = thru(&["-v", "config"]);
+    assert!(out.status.success(), "-v is verbose, not the version");
     let out = thru(&["--help"]);
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("Exit codes:"), "{text}");
+    assert!(text.contains("Examples:"), "{text}");
+    // Options grouped under headings, and the habits' aliases.
+    let join = String::from_utf8(thru(&["receive", "--help"]).stdout).unwrap();
+    for heading in ["Basics:", "Network:", "Tuning:", "Output:", "Examples:"] {
+        assert!(join.contains(heading), "{heading} missing: {join}");
+    }
+    assert!(
+        text.contains("[alias: send]") && text.contains("[alias: receive]"),
+        "{text}"
+    );
+}
+
+/// `thru man DIR` writes one page per subcommand, and every page `thru.1` refers to exists.
+#[test]
+fn man_writes_every_page_it_refers_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = thru(&["man", dir.path().to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    let main = std::fs::read_to_string(dir.path().join("thru.1")).unwrap();
+    let mut refs = 0;
+    for word in main.split(|c: char| !(c.is_ascii_alphanumeric() || c == '\\' || c == '-')) {
+        if let Some(sub) = word.strip_prefix("thru\\-").filter(|s| !s.is_empty()) {
+            refs += 1;
+            assert!(
+                dir.path().join(format!("thru-{sub}.1")).exists(),
+                "thru.1 refers to thru-{sub}(1), which was not written"
+            );
+        }
+    }
+    assert!(refs >= 4, "thru.1 names its subcommands' pages: {main}");
+    for sub in ["host", "join", "config", "man", "completions"] {
+        let page = std::fs::read_to_string(dir.path().join(format!("thru-{sub}.1"))).unwrap();
+        assert!(page.contains(".TH"), "thru-{sub}.1 is a man page");
+    }
 }
 
 #[test]
@@ -155,7 +192,13 @@ fn unreachable_peer_is_a_pairing_failure_exit_3_with_a_json_error() {
         .unwrap()
         .port();
     let out = Command::new(thru_bin())
-        .args(["join", "--json", "--peer", &format!("127.0.0.1:{port}")])
+        .args([
+            "join",
+            "--json",
+            "--yes",
+            "--peer",
+            &format!("127.0.0.1:{port}"),
+        ])
         .env("THRU_CODE", "K7QF2M-XD4P-RT9A")
         .stdin(Stdio::null())
         .output()
@@ -282,7 +325,10 @@ fn wrong_code_ends_both_processes_with_exit_3() {
     let code = code["code"].as_str().unwrap();
     let wrong = format!("{}-0000-0000", &code[..6]);
     let started = Instant::now();
-    let mut joiner = Proc::spawn(&["join", "--json", "--server", &server.url(), &wrong], &[]);
+    let mut joiner = Proc::spawn(
+        &["join", "--json", "--yes", "--server", &server.url(), &wrong],
+        &[],
+    );
     let jerr = joiner.event("error");
     assert!(
         jerr["message"]
@@ -346,7 +392,13 @@ fn evil_server() -> String {
 fn a_server_error_message_reaches_the_terminal_escaped() {
     for json in [false, true] {
         let url = evil_server();
-        let mut args = vec!["join", "K7QF2M-XD4P-RT9A", "--server", url.as_str()];
+        let mut args = vec![
+            "join",
+            "K7QF2M-XD4P-RT9A",
+            "--yes",
+            "--server",
+            url.as_str(),
+        ];
         if json {
             args.push("--json");
         }
@@ -407,6 +459,7 @@ fn turn_servers_come_from_a_file_without_echoing_it() {
     let out = thru(&[
         "join",
         "K7QF2M-XD4P-RT9A",
+        "--yes",
         "--server",
         "ws://127.0.0.1:9",
         "--turn-server-file",
@@ -421,6 +474,7 @@ fn turn_servers_come_from_a_file_without_echoing_it() {
     let out = thru(&[
         "join",
         "K7QF2M-XD4P-RT9A",
+        "--yes",
         "--server",
         "ws://127.0.0.1:9",
         "--turn-server-file",
@@ -432,4 +486,116 @@ fn turn_servers_come_from_a_file_without_echoing_it() {
         stderr.contains("--turn-server-file") && stderr.contains("cannot read it"),
         "{stderr}"
     );
+}
+
+/// The flag table of the top-level README against clap: every flag it names exists on the
+/// side it says, every flag of `thru host` and `thru join` is in it, and its defaults are
+/// clap's (issue 15: the docs had drifted).
+#[test]
+fn readme_flag_table_matches_clap() {
+    use clap::ArgAction;
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    let table = readme
+        .split("\n## Flags\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("a ## Flags section");
+    let mut cmd = thru::cli::command();
+    cmd.build();
+    let sub = |name: &str| cmd.find_subcommand(name).unwrap().clone();
+    let (host, join) = (sub("host"), sub("join"));
+    let flags_of = |c: &clap::Command| -> Vec<String> {
+        let mut v = Vec::new();
+        for a in c.get_arguments() {
+            if let Some(longs) = a.get_long_and_visible_aliases() {
+                v.extend(longs.iter().map(|l| format!("--{l}")));
+            }
+            if let Some(s) = a.get_short() {
+                v.push(format!("-{s}"));
+            }
+        }
+        v
+    };
+    let mut documented = Vec::new();
+    let mut rows = 0;
+    for line in table
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| flag"))
+    {
+        let cells: Vec<String> = line
+            .replace("\\|", "/")
+            .split('|')
+            .map(|c| c.trim().to_string())
+            .collect();
+        let (names, side, default) = (&cells[1], &cells[2], &cells[3]);
+        rows += 1;
+        let flags: Vec<String> = names
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .filter_map(|seg| seg.split_whitespace().next())
+            .filter(|f| f.starts_with('-'))
+            .map(str::to_string)
+            .collect();
+        let sides: Vec<&clap::Command> = match side.as_str() {
+            "host" => vec![&host],
+            "join" => vec![&join],
+            "both" => vec![&host, &join],
+            _ => vec![&cmd],
+        };
+        for f in &flags {
+            for c in &sides {
+                assert!(
+                    flags_of(c).contains(f),
+                    "README names {f} for {side:?}, but `thru {}` has no such flag",
+                    c.get_name()
+                );
+            }
+            documented.push(f.clone());
+        }
+        // Defaults: a row about one option states clap's default.
+        let longs: Vec<&String> = flags.iter().filter(|f| f.starts_with("--")).collect();
+        if let ([long], Some(c)) = (longs.as_slice(), sides.first()) {
+            let arg = c
+                .get_arguments()
+                .find(|a| a.get_long() == Some(&long[2..]))
+                .unwrap();
+            if matches!(
+                arg.get_action(),
+                ArgAction::SetTrue | ArgAction::Count | ArgAction::Version | ArgAction::Help
+            ) {
+                continue;
+            }
+            let clap_default: Vec<String> = arg
+                .get_default_values()
+                .iter()
+                .map(|v| v.to_string_lossy().into_owned())
+                .collect();
+            match clap_default.as_slice() {
+                [] => assert!(
+                    default.parse::<f64>().is_err(),
+                    "README gives {long} the default {default:?}; clap has none"
+                ),
+                [one] if !one.contains(',') => assert!(
+                    default.to_lowercase().contains(&one.to_lowercase()),
+                    "README gives {long} the default {default:?}; clap's is {one:?}"
+                ),
+                _ => {}
+            }
+        }
+    }
+    assert!(rows > 20, "the table was not found: {table}");
+    for c in [&host, &join] {
+        for f in flags_of(c) {
+            if f == "--help" || f == "-h" {
+                continue;
+            }
+            assert!(
+                documented.contains(&f),
+                "`thru {} {f}` is missing from the README flag table",
+                c.get_name()
+            );
+        }
+    }
 }

@@ -325,7 +325,9 @@ fn offer_larger_than_free_space_is_refused() {
     let size = free + (1 << 30);
     fs::File::create(&f).unwrap().set_len(size).unwrap();
     let (mut host, peer, code) = lan_host(&[&f], 1);
-    let mut joiner = lan_join(&peer, &code, out.path(), &[]);
+    // Even with --yes; and the directories join created for it are removed again.
+    let dest = out.path().join("new/sub");
+    let mut joiner = lan_join(&peer, &code, &dest, &["--yes"]);
     let err = joiner.event("error");
     let msg = err["message"].as_str().unwrap();
     assert!(
@@ -336,9 +338,12 @@ fn offer_larger_than_free_space_is_refused() {
     assert_eq!(
         fs::read_dir(out.path()).unwrap().count(),
         0,
-        "nothing written"
+        "nothing written, and the --out join created is gone"
     );
-    let _ = wait_long(&mut host, Duration::from_secs(30));
+    // The sender learns of the refusal and exits 4 too.
+    let declined = host.event("declined");
+    assert_eq!(declined["peer"], "joiner 1", "{declined}");
+    assert_eq!(wait_long(&mut host, Duration::from_secs(30)), 4);
 }
 
 /// Bytes the partial file's resume sidecar vouches for (64-byte header, 40-byte records).
@@ -392,6 +397,14 @@ fn resume_and_check(f: &Path, out: &Path) {
     let a = blake3::hash(&fs::read(f).unwrap());
     let b = blake3::hash(&fs::read(out.join("big.bin")).unwrap());
     assert_eq!(a, b, "received bytes differ");
+    // The sender reports what moved, not the whole file (issue 15).
+    let sum = host.event("summary");
+    let (sent, resumed) = (
+        sum["sent_bytes"].as_u64().unwrap(),
+        sum["resumed_bytes"].as_u64().unwrap(),
+    );
+    assert_eq!(sent + resumed, GIB, "{sum}");
+    assert!(resumed > 0 && sent <= GIB - held + 16 * CHUNK, "{sum}");
     assert_eq!(wait_long(&mut host, Duration::from_secs(30)), 0);
 }
 
