@@ -248,6 +248,11 @@ pub struct JoinArgs {
     #[arg(help_heading = "Basics", long, env = "THRU_LIST")]
     pub list: bool,
 
+    /// Sync every received file and directory to stable storage before reporting done, so
+    /// that a finished transfer survives a power loss; the summary says how long it took.
+    #[arg(help_heading = "Basics", long, env = "THRU_DURABLE")]
+    pub durable: bool,
+
     /// LAN: the host's pairing address (IP or IP:PORT, as the host prints), skipping mDNS.
     #[arg(help_heading = "Network", long, env = "THRU_PEER", value_parser = parse_peer, value_name = "ADDR")]
     pub peer: Option<SocketAddr>,

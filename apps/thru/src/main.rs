@@ -599,6 +599,7 @@ async fn join_paired(
             keep_modes: args.keep_modes,
             skip_identical: !args.no_skip_identical,
             list: args.list,
+            durable: args.durable,
         },
         &args.net,
         None,

@@ -75,6 +75,8 @@ pub enum Job {
         skip_identical: bool,
         /// List every offered file in the prompt (`--list`).
         list: bool,
+        /// Sync files and directories before reporting done (`--durable`).
+        durable: bool,
     },
 }
 
@@ -583,6 +585,7 @@ pub fn run_transfer(
         keep_modes,
         skip_identical,
         list,
+        durable,
     } = &job.job
     else {
         return Err(TransferError::Failed(
@@ -602,6 +605,7 @@ pub fn run_transfer(
         ModePolicy::Safe
     };
     cfg.receiver.skip_identical = *skip_identical;
+    cfg.durable = *durable;
     cfg.client_identity = Some(job.identity.clone());
     cfg.connect_timeout = Duration::from_secs(5);
     let mut rx = Receiving {
@@ -902,7 +906,8 @@ fn receive_from(
         ));
     };
     let (route, path) = route_of(ended.as_ref().map(|(_, s)| s));
-    let summary = f.progress.finish(route, path);
+    let synced = report.sync_time.map(|d| d.as_secs_f64());
+    let summary = f.progress.finish(route, path, synced);
     if job.tuning.benchmark {
         bench.report(
             ui,
@@ -1364,7 +1369,7 @@ fn host_events(events: &crossbeam_channel::Receiver<NetEvent>, ctx: &HostCtx<'_>
                     (None, Some(mut f)) => {
                         f.complete_all();
                         let (route, path) = route_of(Some(&stats));
-                        let s = f.progress.finish(route, path);
+                        let s = f.progress.finish(route, path, None);
                         if bench {
                             let side = ui::Side::Sending;
                             p.bench.report(ui, &p.label, side, Some(&stats), s.seconds);

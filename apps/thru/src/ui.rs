@@ -186,6 +186,9 @@ pub struct Summary {
     /// The ICE pair, when ICE chose the path (through a signaling server).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<RoutePath>,
+    /// Receiver with `--durable`: seconds spent syncing to stable storage (inside `seconds`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub synced_seconds: Option<f64>,
 }
 
 /// The version of the `--json` event format, in the first event (`start`). It changes when a
@@ -1246,7 +1249,12 @@ impl TransferProgress {
     }
 
     /// Ends the display (no bar stays behind) and reports the summary.
-    pub fn finish(&self, route: Route, path: Option<RoutePath>) -> Summary {
+    pub fn finish(
+        &self,
+        route: Route,
+        path: Option<RoutePath>,
+        synced_seconds: Option<f64>,
+    ) -> Summary {
         let g = self.lock();
         for f in g.files.values() {
             f.bar.finish_and_clear();
@@ -1265,6 +1273,7 @@ impl TransferProgress {
             seconds: g.started.elapsed().as_secs_f64(),
             route,
             path,
+            synced_seconds,
         };
         match g.ui.mode {
             Mode::Json => emit_json(&Event::Summary(summary.clone())),
@@ -1301,8 +1310,11 @@ impl Summary {
             self.seconds,
             HumanBytes(rate as u64)
         ));
+        let synced = self
+            .synced_seconds
+            .map_or(String::new(), |s| format!(", synced to disk in {s:.2} s"));
         format!(
-            "{verb} {} {dir} {}: {}, route: {}",
+            "{verb} {} {dir} {}: {}, route: {}{synced}",
             plural(self.files, "file", "files"),
             self.peer,
             parts.join(", "),
@@ -1594,6 +1606,7 @@ mod tests {
             seconds: 1.5,
             route: Route::LanDirect,
             path: None,
+            synced_seconds: None,
         });
         let v: serde_json::Value = serde_json::to_value(&s).unwrap();
         assert_eq!(v["event"], "summary");
@@ -1643,7 +1656,7 @@ mod tests {
         p.file_done(1, false);
         p.file_done(2, false); // the last 50 were held
         p.file_done(3, true);
-        let s = p.finish(Route::LanDirect, None);
+        let s = p.finish(Route::LanDirect, None, None);
         assert_eq!((s.files, s.up_to_date, s.bytes), (3, 1, 600));
         assert_eq!((s.sent_bytes, s.resumed_bytes), (190, 110));
         let line = s.line();
@@ -1754,6 +1767,7 @@ mod tests {
             seconds: 1.0,
             route: Route::HolePunched,
             path: Some(path.clone()),
+            synced_seconds: Some(0.25),
         };
         let all = vec![
             Event::Start {

@@ -313,6 +313,31 @@ fn identical_file_is_sent_again_with_no_skip_identical() {
     let _ = wait_long(&mut host, Duration::from_secs(30));
 }
 
+/// `--durable`: the tree arrives whole and the summary says how long syncing took; without it
+/// the summary has no such figure.
+#[test]
+fn durable_receive_syncs_and_says_how_long() {
+    let src = tempfile::tempdir().unwrap();
+    let tree = make_tree(src.path());
+    let (mut host, peer, code) = lan_host(&[&tree], 2);
+    for durable in [true, false] {
+        let out = tempfile::tempdir().unwrap();
+        let mut extra = vec!["--yes"];
+        if durable {
+            extra.push("--durable");
+        }
+        let mut joiner = lan_join(&peer, &code, out.path(), &extra);
+        let summary = joiner.event("summary");
+        assert_eq!(wait_long(&mut joiner, Duration::from_secs(60)), 0);
+        assert_same_tree(&tree, &out.path().join(tree.file_name().unwrap()));
+        match summary["synced_seconds"].as_f64() {
+            Some(s) => assert!(durable && s > 0.0, "{summary}"),
+            None => assert!(!durable, "no sync time with --durable: {summary}"),
+        }
+    }
+    assert_eq!(wait_long(&mut host, Duration::from_secs(30)), 0);
+}
+
 /// An offer larger than the free space at `--out` is refused before anything is written, with
 /// a message naming both numbers. The file is sparse: it claims more than the disk holds
 /// without taking any of it.
