@@ -222,8 +222,8 @@ pub struct JoinArgs {
     pub yes: bool,
 
     /// What to do with a file that exists here with other content: ask (in the prompt),
-    /// skip it (keep yours), rename yours to `name (1).ext` and receive the new one, or
-    /// overwrite it.
+    /// skip it (keep yours), save the new one as `name (1).ext` beside yours, or overwrite
+    /// it.
     #[arg(help_heading = "Basics", long, env = "THRU_ON_CONFLICT", value_enum, default_value_t = OnConflict::Ask,
           value_name = "WHAT")]
     pub on_conflict: OnConflict,

@@ -26,7 +26,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use clap::ValueEnum;
-use flux_peer::disk::ModePolicy;
+use flux_peer::disk::{ModePolicy, Resolutions};
 use flux_peer::ice::IceSetup;
 use flux_peer::net::{self, Command, Control, Driver, NetConfig, NetEvent, NetReport};
 use flux_quic::{AllowList, Fingerprint, Identity, TransportParams};
@@ -597,7 +597,7 @@ pub fn run_transfer(
     let mut cfg = net_config(job);
     cfg.auto_accept = false;
     // Chosen up front, the engine replaces files itself (atomically, file by file); chosen in
-    // the prompt, the files are moved aside before accepting (see `Aside`).
+    // the prompt, the answers go with the acceptance (`Resolutions`): nothing here is moved.
     cfg.receiver.overwrite = *on_conflict == OnConflict::Overwrite;
     cfg.modes = if *keep_modes {
         ModePolicy::Keep
@@ -613,13 +613,9 @@ pub fn run_transfer(
         yes: *yes,
         policy: *on_conflict,
         list: *list,
-        asides: Vec::new(),
+        resolved: Resolutions::default(),
     };
-    let result = receive(paired, trickle, job, &cfg, &mut rx, ui);
-    for a in &rx.asides {
-        a.settle(result.is_ok());
-    }
-    result
+    receive(paired, trickle, job, &cfg, &mut rx, ui)
 }
 
 fn receive(
@@ -652,74 +648,8 @@ struct Receiving {
     yes: bool,
     policy: OnConflict,
     list: bool,
-    /// Files moved out of the way for this transfer.
-    asides: Vec<Aside>,
-}
-
-/// A file here that clashed with an offered one and was moved out of the way before
-/// accepting, so the engine writes the offered one in its place.
-#[derive(Debug)]
-struct Aside {
-    /// Where it was (and the offered file goes).
-    path: PathBuf,
-    /// Where it is now.
-    moved: PathBuf,
-    /// Why.
-    how: ui::Resolve,
-}
-
-impl Aside {
-    /// Moves `path` out of the way for `how`.
-    fn make(path: PathBuf, how: ui::Resolve) -> Result<Self, TransferError> {
-        let moved = match how {
-            ui::Resolve::Rename => free_name(&path, |k| numbered(&path, k)),
-            // A hidden name beside it: same filesystem, so the move is a rename.
-            _ => free_name(&path, |k| {
-                let name = path.file_name().unwrap_or_default().to_string_lossy();
-                path.with_file_name(format!(".{name}.thru-kept-{k}"))
-            }),
-        };
-        std::fs::rename(&path, &moved).map_err(|e| {
-            TransferError::Failed(format!(
-                "cannot move {} to {}: {e}",
-                path.display(),
-                moved.display()
-            ))
-        })?;
-        Ok(Self { path, moved, how })
-    }
-
-    /// After the transfer: a skipped file comes back (the received copy is dropped); an
-    /// overwritten one is deleted on success and restored on failure; a renamed one stays.
-    fn settle(&self, success: bool) {
-        let restore = match self.how {
-            ui::Resolve::Rename => return,
-            ui::Resolve::Skip => true,
-            ui::Resolve::Overwrite => !success,
-        };
-        if restore {
-            if let Ok(m) = std::fs::symlink_metadata(&self.path) {
-                let _ = if m.is_dir() {
-                    std::fs::remove_dir_all(&self.path)
-                } else {
-                    std::fs::remove_file(&self.path)
-                };
-            }
-            if let Err(e) = std::fs::rename(&self.moved, &self.path) {
-                tracing::warn!(
-                    "cannot put {} back from {}: {e}",
-                    self.path.display(),
-                    self.moved.display()
-                );
-            }
-        } else if let Ok(m) = std::fs::symlink_metadata(&self.moved) {
-            let _ = if m.is_dir() {
-                std::fs::remove_dir_all(&self.moved)
-            } else {
-                std::fs::remove_file(&self.moved)
-            };
-        }
-    }
+    /// The answers for clashing files, sent with the acceptance.
+    resolved: Resolutions,
 }
 
 /// `name (k).ext` beside `path`: `report.pdf` → `report (1).pdf`, `notes` → `notes (1)`.
@@ -840,7 +770,7 @@ fn receive_from(
                 job.stopper.prompt(false);
                 match decision {
                     Ok(()) => {
-                        let _ = commands.send(Command::Accept);
+                        let _ = commands.send(Command::AcceptResolved(rx.resolved.clone()));
                         let progress = ui.transfer(
                             &paired.peer_label,
                             ui::Side::Receiving,
@@ -1008,20 +938,32 @@ fn decide(
             return Err(TransferError::Refused);
         }
     };
-    // The engine replaces files itself when told up front (`--force`); otherwise every
-    // clash is moved out of its way now, before accepting.
+    // The engine replaces files itself when told up front (`--force`); otherwise each clash
+    // gets the user's answer, applied by the engine as the file arrives: left out, saved
+    // under a free `name (k).ext`, or put in place of what is here. What is here is never
+    // moved, so an interrupted transfer leaves it as it was.
+    rx.resolved = Resolutions::default();
     if rx.policy != OnConflict::Overwrite {
-        for ((_, name), how) in clashes.iter().zip(answer) {
-            let path = name.split('/').fold(out.to_path_buf(), |p, c| p.join(c));
-            let aside = Aside::make(path, how)?;
-            if how == ui::Resolve::Rename {
-                ui.say(&format!(
-                    "Renamed {} to {}",
-                    aside.path.display(),
-                    aside.moved.display()
-                ));
+        for ((i, name), how) in clashes.iter().zip(answer) {
+            match how {
+                ui::Resolve::Skip => {
+                    rx.resolved.skip.insert(*i);
+                }
+                ui::Resolve::Overwrite => {
+                    rx.resolved.replace.insert(*i);
+                }
+                ui::Resolve::Rename => {
+                    let path = name.split('/').fold(out.to_path_buf(), |p, c| p.join(c));
+                    let new = free_name(&path, |k| numbered(&path, k));
+                    let new_name = new.file_name().unwrap_or_default().to_string_lossy();
+                    ui.say(&format!(
+                        "Saving {} as {}",
+                        ui::safe_text(name),
+                        new.display()
+                    ));
+                    rx.resolved.rename.insert(*i, new_name.into_owned());
+                }
             }
-            rx.asides.push(aside);
         }
     }
     Ok(())

@@ -232,14 +232,12 @@ fn host_and_join_on_terminals() {
     let screen = tmux.wait_for("join", "EXIT=");
     assert!(screen.contains("EXIT=0"), "{screen}");
     assert!(screen.contains("Received 2 files from host"), "{screen}");
-    assert!(screen.contains("Renamed"), "{screen}");
-    assert_eq!(
-        std::fs::read(out.join("report.txt")).unwrap(),
-        b"new version"
-    );
+    assert!(screen.contains("Saving report.txt as"), "{screen}");
+    // The user's file stays where it was; the offered one takes a free name beside it.
+    assert_eq!(std::fs::read(out.join("report.txt")).unwrap(), b"my copy");
     assert_eq!(
         std::fs::read(out.join("report (1).txt")).unwrap(),
-        b"my copy"
+        b"new version"
     );
 
     let screen = tmux.wait_for("host", "Waiting for receivers (1 of 3 done)");

@@ -188,13 +188,11 @@ fn conflicts_are_skipped_renamed_or_overwritten() {
         "nothing left behind"
     );
     let out = run("rename");
-    assert_eq!(
-        fs::read(out.path().join("report.txt")).unwrap(),
-        b"new version"
-    );
+    // The user's file stays; the offered one is saved under a free name beside it.
+    assert_eq!(fs::read(out.path().join("report.txt")).unwrap(), b"my copy");
     assert_eq!(
         fs::read(out.path().join("report (1).txt")).unwrap(),
-        b"my copy"
+        b"new version"
     );
     let out = run("overwrite");
     assert_eq!(

@@ -152,6 +152,32 @@ pub fn process_umask() -> u32 {
     })
 }
 
+/// The user's answers for offered entries that clash with what is at the destination, given
+/// at accept ([`Destination::set_resolutions`]). Unanswered clashes follow the machine's
+/// `overwrite` setting.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Resolutions {
+    /// Entries to leave out: received (the sender cannot leave them out of its offer) but never
+    /// written; what is here stays untouched.
+    pub skip: HashSet<u32>,
+    /// Entries to put under another name in the same directory (a last path component,
+    /// e.g. `report (1).pdf`); what is here stays untouched.
+    pub rename: HashMap<u32, String>,
+    /// Entries that replace what is here.
+    pub replace: HashSet<u32>,
+}
+
+impl Resolutions {
+    /// Every entry with an answer.
+    pub fn answered(&self) -> impl Iterator<Item = u32> + '_ {
+        self.skip
+            .iter()
+            .chain(self.rename.keys())
+            .chain(self.replace.iter())
+            .copied()
+    }
+}
+
 /// Performs a receiver's writes under a destination directory.
 #[derive(Debug)]
 pub struct Destination {
@@ -176,6 +202,8 @@ pub struct Destination {
     sync_time: Duration,
     /// Directories entries were put in, to sync at the end when durable.
     touched: HashSet<PathBuf>,
+    /// The user's answers for clashing entries.
+    resolved: Resolutions,
 }
 
 impl Destination {
@@ -200,7 +228,19 @@ impl Destination {
             durable: false,
             sync_time: Duration::ZERO,
             touched: HashSet::new(),
+            resolved: Resolutions::default(),
         }
+    }
+
+    /// Applies the user's answers for clashing entries (before any of their chunks arrive).
+    /// A new name must be one path component that the path rules accept.
+    pub fn set_resolutions(&mut self, r: Resolutions) {
+        self.resolved = r;
+    }
+
+    /// Whether entry `file` is left out (its chunks are verified and dropped).
+    pub fn is_skipped(&self, file: u32) -> bool {
+        self.resolved.skip.contains(&file)
     }
 
     /// With `durable`, each file's data is synced (`fdatasync`) before it is renamed into
@@ -334,6 +374,9 @@ impl Destination {
         if chunk_hash(&data) != *hash {
             return Err(DiskFailure::Corrupt);
         }
+        if self.is_skipped(file) {
+            return Ok(());
+        }
         let path = self.entry(file)?.path.clone();
         let pf = self.open_partial(file)?;
         pf.write_all_at(&data, offset)
@@ -445,8 +488,35 @@ impl Destination {
                 rustix::fs::symlinkat(e.link_target.as_str(), &dir.fd, name)
                     .map_err(|err| io_err("symlink", &target, &err.into()))
             }
+            EntryKind::File if self.resolved.skip.contains(&file) => {
+                // Left out: nothing of it was written; what is here stays.
+                let (part, state) = partial_names(name);
+                let _ = rustix::fs::unlinkat(&dir.fd, &part, AtFlags::empty());
+                let _ = rustix::fs::unlinkat(&dir.fd, &state, AtFlags::empty());
+                self.open.remove(&file);
+                Ok(())
+            }
             EntryKind::File => {
                 let (part, state) = partial_names(name);
+                let final_name = match self.resolved.rename.get(&file) {
+                    Some(n) => {
+                        let why = match flux_transfer::path::validate(n) {
+                            Ok(parts) if parts.len() == 1 => None,
+                            Ok(_) => Some("a name, not a path, is needed".to_string()),
+                            Err(err) => Some(err.to_string()),
+                        };
+                        if let Some(why) = why {
+                            return Err(DiskFailure::Io(format!(
+                                "{}: new name {n:?}: {why}",
+                                e.path
+                            )));
+                        }
+                        n.clone()
+                    }
+                    None => name.to_owned(),
+                };
+                let replace = replace || self.resolved.replace.contains(&file);
+                let target = dir.path.join(&final_name);
                 let part_path = dir.path.join(&part);
                 let pf = match self.open.remove(&file) {
                     Some((pf, _)) => pf,
@@ -469,7 +539,7 @@ impl Destination {
                     self.sync_time += t.elapsed();
                 }
                 drop(pf);
-                place(&dir.fd, &part, name, replace).map_err(|err| match err.kind() {
+                place(&dir.fd, &part, &final_name, replace).map_err(|err| match err.kind() {
                     io::ErrorKind::AlreadyExists => DiskFailure::Exists(e.path.clone()),
                     _ => io_err("rename", &target, &err),
                 })?;

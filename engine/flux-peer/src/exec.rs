@@ -214,6 +214,12 @@ impl DiskExec {
 
     /// Submits a receiver's request, writing under `dst`.
     pub fn submit_write(&mut self, tag: usize, dst: &mut Destination, op: DiskOp) {
+        if let DiskOp::WriteChunk { id, file, .. } = &op
+            && dst.is_skipped(*file)
+        {
+            // Left out by the user: received, never written.
+            return self.done.push_back((tag, *id, Ok(DiskResult::Done)));
+        }
         if let DiskOp::WriteChunk {
             id,
             file,

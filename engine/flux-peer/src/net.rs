@@ -46,7 +46,7 @@ use flux_transfer::{
 };
 use flux_udp::{GRO_BUF_LEN, RecvMeta, UdpSocket};
 
-use crate::disk::{Destination, ModePolicy, SourceFiles};
+use crate::disk::{Destination, ModePolicy, Resolutions, SourceFiles};
 use crate::exec::{DiskExec, DiskStats};
 use crate::ice::{IceSetup, Link, LinkNote};
 use crate::session::{Session, Side};
@@ -159,6 +159,8 @@ impl Default for NetConfig {
 pub enum Command {
     /// Receiver: accept the offered transfer.
     Accept,
+    /// Receiver: accept, with the user's answers for entries that clash with what is here.
+    AcceptResolved(Resolutions),
     /// Receiver: refuse the offer with this reason.
     Reject(String),
     /// Stop everything and end.
@@ -660,7 +662,8 @@ impl Worker {
                         return;
                     }
                 }
-                Ok(Command::Accept) => self.accept(now),
+                Ok(Command::Accept) => self.accept(now, Resolutions::default()),
+                Ok(Command::AcceptResolved(r)) => self.accept(now, r),
                 Ok(Command::AddPeer { link, ice }) => {
                     if self.cancelled || self.links.iter().any(|l| l.id == link) {
                         continue;
@@ -712,18 +715,25 @@ impl Worker {
         }
     }
 
-    fn accept(&mut self, now: Instant) {
+    fn accept(&mut self, now: Instant, resolved: Resolutions) {
         let Role::Join { dest, .. } = &mut self.role else {
             return;
         };
-        let Some(d) = dest.as_ref() else { return };
-        let local = match d.scan() {
+        let Some(d) = dest.as_mut() else { return };
+        let answered: Vec<u32> = resolved.answered().collect();
+        d.set_resolutions(resolved);
+        let mut local = match d.scan() {
             Ok(l) => l,
             Err(e) => {
                 self.report.error = Some(e.to_string());
                 return self.cancel();
             }
         };
+        // An answered clash is no clash for the machine: the entry is fetched whole, then
+        // dropped, put under its new name or in place of what is here (Destination).
+        for i in answered {
+            local.remove(&i);
+        }
         for c in &mut self.conns {
             if let Machine::Recv(s) = &mut c.machine {
                 s.machine.accept(now, local.clone());

@@ -465,3 +465,91 @@ fn a_chunk_that_does_not_match_its_hash_writes_nothing() {
     let names: Vec<_> = fs::read_dir(tmp.path()).unwrap().collect();
     assert!(names.is_empty(), "something was created: {names:?}");
 }
+
+/// The user's answers for clashing files: a skipped file is never written and what is here
+/// stays; a renamed one lands beside it; a replaced one takes its place; a new name must be
+/// one plain name.
+#[test]
+fn answered_clashes_skip_rename_or_replace() {
+    use flux_peer::disk::Resolutions;
+    type Answer = fn(&mut Resolutions);
+    let cases: [(&str, Answer); 3] = [
+        ("skip", |r| {
+            r.skip.insert(0);
+        }),
+        ("rename", |r| {
+            r.rename.insert(0, "f (1).txt".into());
+        }),
+        ("replace", |r| {
+            r.replace.insert(0);
+        }),
+    ];
+    for (what, answer) in cases {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::write(tmp.path().join("f.txt"), b"mine").unwrap();
+        let m = Arc::new(
+            Manifest::new(vec![entry("f.txt", EntryKind::File, 3, 0o644)], CHUNK).unwrap(),
+        );
+        let mut d = Destination::new(tmp.path().to_path_buf(), m);
+        let mut r = Resolutions::default();
+        answer(&mut r);
+        d.set_resolutions(r);
+        let data = b"new".to_vec();
+        d.execute(DiskOp::WriteChunk {
+            id: OpId(1),
+            file: 0,
+            index: 0,
+            offset: 0,
+            hash: chunk_hash(&data),
+            data: data.into(),
+        })
+        .1
+        .unwrap();
+        d.execute(DiskOp::Finalize {
+            id: OpId(2),
+            file: 0,
+            replace: false,
+        })
+        .1
+        .unwrap();
+        let mut names: Vec<String> = fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        let here = fs::read(tmp.path().join("f.txt")).unwrap();
+        match what {
+            "skip" => {
+                assert_eq!(names, ["f.txt"], "{what}");
+                assert_eq!(here, b"mine");
+            }
+            "rename" => {
+                assert_eq!(names, ["f (1).txt", "f.txt"], "{what}");
+                assert_eq!(here, b"mine");
+                assert_eq!(fs::read(tmp.path().join("f (1).txt")).unwrap(), b"new");
+            }
+            _ => {
+                assert_eq!(names, ["f.txt"], "{what}");
+                assert_eq!(here, b"new");
+            }
+        }
+    }
+    // A new name that is a path is refused, naming it.
+    let tmp = tempfile::tempdir().unwrap();
+    let m =
+        Arc::new(Manifest::new(vec![entry("f.txt", EntryKind::File, 0, 0o644)], CHUNK).unwrap());
+    let mut d = Destination::new(tmp.path().to_path_buf(), m);
+    let mut r = Resolutions::default();
+    r.rename.insert(0, "../escape".into());
+    d.set_resolutions(r);
+    let err = d
+        .execute(DiskOp::Finalize {
+            id: OpId(1),
+            file: 0,
+            replace: false,
+        })
+        .1
+        .unwrap_err();
+    assert!(err.to_string().contains("../escape"), "{err}");
+    assert!(!tmp.path().parent().unwrap().join("escape").exists());
+}
