@@ -236,6 +236,7 @@ impl Sim {
             self.timers();
             self.step_receiver();
             self.step_sender();
+            self.connection_lost();
             let r_over = self.receiver.1.machine.is_over();
             let s_over = self.sender.as_ref().is_some_and(|s| s.1.machine.is_over());
             if let Stop::AfterVerified(n) = stop
@@ -267,6 +268,30 @@ impl Sim {
             && !self.out.interrupted
             && self.receiver.1.machine.is_over();
         self.out.elapsed = self.now - self.base;
+    }
+
+    /// A connection that closed under a transfer still going ends that side at once with the
+    /// reason, as the engine does ("connection lost: …"), instead of leaving its machine to
+    /// time out.
+    fn connection_lost(&mut self) {
+        let r = &mut self.receiver.1;
+        if !r.machine.is_over()
+            && let Some(reason) = r.close_reason().map(ToString::to_string)
+        {
+            r.machine.cancel();
+            self.out
+                .receiver_error
+                .get_or_insert(TransferError::Io(format!("connection lost: {reason}")));
+        }
+        if let Some((_, s)) = self.sender.as_mut()
+            && !s.machine.is_over()
+            && let Some(reason) = s.close_reason().map(ToString::to_string)
+        {
+            s.machine.cancel();
+            self.out
+                .sender_error
+                .get_or_insert(TransferError::Io(format!("connection lost: {reason}")));
+        }
     }
 
     fn next_event(&mut self) -> Option<Instant> {
