@@ -10,48 +10,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use common::{Proc, Thruserv};
-
-/// Starts a LAN host of `paths` serving up to `receivers` joiners; returns it and the
-/// loopback `--peer` address and code.
-fn lan_host(paths: &[&Path], receivers: u32) -> (Proc, String, String) {
-    let mut args = vec![
-        "host".to_string(),
-        "--json".into(),
-        "--no-mdns".into(),
-        "--max-receivers".into(),
-        receivers.to_string(),
-    ];
-    args.extend(paths.iter().map(|p| p.to_str().unwrap().to_string()));
-    let a: Vec<&str> = args.iter().map(String::as_str).collect();
-    let host = Proc::spawn(&a, &[]);
-    let code = host.event("code");
-    let port = code["peer_hint"]
-        .as_str()
-        .unwrap()
-        .rsplit_once(':')
-        .unwrap()
-        .1
-        .to_string();
-    (
-        host,
-        format!("127.0.0.1:{port}"),
-        code["code"].as_str().unwrap().to_string(),
-    )
-}
-
-fn lan_join(peer: &str, code: &str, out: &Path, extra: &[&str]) -> Proc {
-    let mut args = vec![
-        "join",
-        "--json",
-        "--out",
-        out.to_str().unwrap(),
-        "--peer",
-        peer,
-    ];
-    args.extend_from_slice(extra);
-    Proc::spawn(&args, &[("THRU_CODE", code)])
-}
+use common::{Proc, Thruserv, lan_host, lan_join};
 
 /// Waits for the exit code, with room for gigabyte transfers on a loaded machine.
 fn wait_long(p: &mut Proc, limit: Duration) -> i32 {

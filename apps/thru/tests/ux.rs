@@ -5,54 +5,10 @@
 mod common;
 
 use std::fs;
-use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use common::{Proc, thru_bin};
+use common::{Proc, lan_host, lan_host_with, lan_join, thru_bin};
 use serde_json::Value;
-
-/// A LAN `--json` host of `paths` serving `receivers`; returns it, its `--peer` and code.
-fn lan_host(paths: &[&Path], receivers: u32) -> (Proc, String, String) {
-    lan_host_with(paths, receivers, &[])
-}
-
-fn lan_host_with(paths: &[&Path], receivers: u32, extra: &[&str]) -> (Proc, String, String) {
-    let n = receivers.to_string();
-    let mut args = vec!["host", "--json", "--no-mdns", "--max-receivers", &n];
-    args.extend_from_slice(extra);
-    args.extend(paths.iter().map(|p| p.to_str().unwrap()));
-    let host = Proc::spawn(&args, &[]);
-    let start = host.event("start");
-    assert_eq!(start["schema"], thru::ui::JSON_SCHEMA, "{start}");
-    // What is offered comes before the code.
-    let offering = host.event("offering");
-    assert!(offering["files"].as_u64().unwrap() >= 1, "{offering}");
-    let code = host.event("code");
-    let port = code["peer_hint"]
-        .as_str()
-        .unwrap()
-        .rsplit_once(':')
-        .unwrap()
-        .1;
-    (
-        host,
-        format!("127.0.0.1:{port}"),
-        code["code"].as_str().unwrap().to_string(),
-    )
-}
-
-fn lan_join(peer: &str, code: &str, out: &Path, extra: &[&str]) -> Proc {
-    let mut args = vec![
-        "join",
-        "--json",
-        "--out",
-        out.to_str().unwrap(),
-        "--peer",
-        peer,
-    ];
-    args.extend_from_slice(extra);
-    Proc::spawn(&args, &[("THRU_CODE", code)])
-}
 
 /// Runs `thru` to completion with stdin from /dev/null.
 fn thru(args: &[&str]) -> Output {

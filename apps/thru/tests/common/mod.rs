@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::sync::mpsc;
@@ -202,4 +202,51 @@ impl Drop for Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A LAN `--json` host of `paths` (`--no-mdns`) serving `receivers`, with `extra` flags; checks
+/// the events before the code (schema version, what is offered) and returns the host, the
+/// loopback `--peer` address and the code.
+pub fn lan_host_with(paths: &[&Path], receivers: u32, extra: &[&str]) -> (Proc, String, String) {
+    let n = receivers.to_string();
+    let mut args = vec!["host", "--json", "--no-mdns", "--max-receivers", &n];
+    args.extend_from_slice(extra);
+    args.extend(paths.iter().map(|p| p.to_str().unwrap()));
+    let host = Proc::spawn(&args, &[]);
+    let start = host.event("start");
+    assert_eq!(start["schema"], thru::ui::JSON_SCHEMA, "{start}");
+    // What is offered comes before the code.
+    let offering = host.event("offering");
+    assert!(offering["files"].as_u64().unwrap() >= 1, "{offering}");
+    let code = host.event("code");
+    let port = code["peer_hint"]
+        .as_str()
+        .unwrap()
+        .rsplit_once(':')
+        .unwrap()
+        .1;
+    (
+        host,
+        format!("127.0.0.1:{port}"),
+        code["code"].as_str().unwrap().to_string(),
+    )
+}
+
+/// [`lan_host_with`] without extra flags.
+pub fn lan_host(paths: &[&Path], receivers: u32) -> (Proc, String, String) {
+    lan_host_with(paths, receivers, &[])
+}
+
+/// A `--json` joiner of the LAN host at `peer` with `code`, receiving into `out`.
+pub fn lan_join(peer: &str, code: &str, out: &Path, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "join",
+        "--json",
+        "--out",
+        out.to_str().unwrap(),
+        "--peer",
+        peer,
+    ];
+    args.extend_from_slice(extra);
+    Proc::spawn(&args, &[("THRU_CODE", code)])
 }
