@@ -121,7 +121,7 @@ impl DiskExec {
     /// Jobs out on the work threads: the caller must come back soon to collect them (their
     /// completion does not wake the ring).
     pub fn working(&self) -> usize {
-        self.pool.as_ref().map_or(0, Pool::outstanding)
+        self.working.len()
     }
 
     /// The backend in use.

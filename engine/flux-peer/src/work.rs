@@ -96,6 +96,7 @@ impl Pool {
     }
 
     /// Jobs handed out and not yet collected.
+    #[cfg(test)]
     pub fn outstanding(&self) -> usize {
         self.out
     }

@@ -75,9 +75,7 @@ pub trait Machine {
     fn handle_stream_data(&mut self, now: std::time::Instant, stream: Stream, data: &[u8]);
     /// Bytes arrived on `stream`, owned: a machine that keeps them (the receiver's chunk data)
     /// holds them without copying.
-    fn handle_stream_bytes(&mut self, now: std::time::Instant, stream: Stream, data: bytes::Bytes) {
-        self.handle_stream_data(now, stream, &data);
-    }
+    fn handle_stream_bytes(&mut self, now: std::time::Instant, stream: Stream, data: bytes::Bytes);
     /// The peer finished or reset `stream`.
     fn handle_stream_end(&mut self, now: std::time::Instant, stream: Stream);
     /// A disk request completed.
