@@ -14,7 +14,7 @@ use std::time::Duration;
 use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand};
 use clap_complete::Shell;
 
-use crate::transfer::IoDriver;
+use crate::transfer::{DiskChoice, IoDriver};
 
 /// Exit codes, stable for scripts (also listed in `--help`).
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
@@ -375,6 +375,12 @@ pub struct NetArgs {
     /// Disk and socket I/O driver.
     #[arg(help_heading = "Tuning", long, env = "THRU_IO_DRIVER", value_enum, default_value_t = IoDriver::Auto)]
     pub io_driver: IoDriver,
+
+    /// Page cache or O_DIRECT for file data. `auto` measures per transfer: reads go buffered
+    /// when the page cache holds the file, writes when the transfer fits in what the page
+    /// cache may still hold dirty; O_DIRECT otherwise. `-v` says what it picked and why.
+    #[arg(help_heading = "Tuning", long, env = "THRU_DISK", value_enum, default_value_t = DiskChoice::Auto)]
+    pub disk: DiskChoice,
 
     /// Worker threads for the data path (default: one per core).
     #[arg(help_heading = "Tuning", long, env = "THRU_CORES", value_parser = clap::value_parser!(u16).range(1..=1024))]

@@ -694,6 +694,7 @@ impl Setup {
                 chunk_size,
                 parallel_files,
                 io_driver: net.io_driver,
+                disk: net.disk,
                 cores: net.cores,
                 benchmark: net.benchmark,
                 ice: self.ice.clone(),

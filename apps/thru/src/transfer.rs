@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use clap::ValueEnum;
 use flux_peer::disk::{ModePolicy, Resolutions};
+use flux_peer::exec::DiskMode;
 use flux_peer::ice::IceSetup;
 use flux_peer::net::{self, Command, Control, Driver, NetConfig, NetEvent, NetReport};
 use flux_quic::{AllowList, Fingerprint, Identity, TransportParams};
@@ -51,6 +52,19 @@ pub enum IoDriver {
     Uring,
     /// The portable epoll driver.
     Epoll,
+}
+
+/// How files use the page cache (`--disk`).
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq, ValueEnum)]
+pub enum DiskChoice {
+    /// Measured per transfer: buffered where the page cache holds the data (reads) or can
+    /// take it (writes), `O_DIRECT` otherwise; `-v` and `--benchmark` say what was picked and why.
+    #[default]
+    Auto,
+    /// `O_DIRECT` wherever the filesystem allows it (io_uring driver).
+    Direct,
+    /// Through the page cache.
+    Buffered,
 }
 
 /// What this side does.
@@ -91,6 +105,8 @@ pub struct Tuning {
     pub parallel_files: Option<u8>,
     /// `--io-driver`.
     pub io_driver: IoDriver,
+    /// `--disk`.
+    pub disk: DiskChoice,
     /// `--cores`, `None` = one per core.
     pub cores: Option<u16>,
     /// `--benchmark`.
@@ -375,6 +391,11 @@ fn net_config(job: &TransferJob) -> NetConfig {
     }
     let mut cfg = NetConfig {
         driver: t.io_driver.driver(),
+        disk: match t.disk {
+            DiskChoice::Auto => DiskMode::Auto,
+            DiskChoice::Direct => DiskMode::Direct,
+            DiskChoice::Buffered => DiskMode::Buffered,
+        },
         transport: t.transport.clone(),
         ..NetConfig::default()
     };
@@ -519,6 +540,7 @@ impl Bench {
         side: ui::Side,
         rep: Option<&net::ConnReport>,
         secs: f64,
+        disk: Option<String>,
     ) {
         let path = rep.and_then(path_of);
         let avg = self.bytes as f64 * 8.0 / secs.max(1e-9) / 1e9;
@@ -543,6 +565,7 @@ impl Bench {
             loss_pct: loss,
             cpu_s: cpu,
             path,
+            disk,
         });
     }
 }
@@ -845,6 +868,7 @@ fn receive_from(
             ui::Side::Receiving,
             ended.as_ref().map(|(_, s)| s),
             summary.seconds,
+            report.disk_choice.describe(),
         );
     }
     Ok(Ok(summary))
@@ -1314,7 +1338,8 @@ fn host_events(events: &crossbeam_channel::Receiver<NetEvent>, ctx: &HostCtx<'_>
                         let s = f.progress.finish(route, path, None);
                         if bench {
                             let side = ui::Side::Sending;
-                            p.bench.report(ui, &p.label, side, Some(&stats), s.seconds);
+                            p.bench
+                                .report(ui, &p.label, side, Some(&stats), s.seconds, None);
                         }
                         Ok(s)
                     }

@@ -386,6 +386,9 @@ pub enum Event {
         /// The ICE pair, when ICE chose the path.
         #[serde(skip_serializing_if = "Option::is_none")]
         path: Option<RoutePath>,
+        /// Receiver: what `--disk` chose for the writes, and why.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        disk: Option<String>,
     },
     /// The command failed.
     Error {
@@ -753,6 +756,7 @@ fn human_line(event: &Event) -> Option<String> {
         loss_pct,
         cpu_s,
         path,
+        disk,
     } = event
     {
         let ms = |v: &Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.1} ms"));
@@ -761,17 +765,19 @@ fn human_line(event: &Event) -> Option<String> {
             .map_or_else(|| "LAN dial".to_string(), |p| format!("{} ({p})", p.kind));
         // Bytes and bytes per second only: one unit family per line (JSON has Gbit/s).
         let per_sec = |gbit: f64| HumanBytes((gbit * 1e9 / 8.0) as u64);
-        return Some(format!(
-            "Benchmark ({}): {} moved, avg {}/s, peak 1 s {}/s, connect {}, first byte {}, RTT {}, loss {}, CPU {cpu_s:.2} s, route {route}",
-            side.towards(peer),
-            HumanBytes(*bytes),
-            per_sec(*avg_gbit_s),
-            per_sec(*peak_1s_gbit_s),
-            ms(connect_ms),
-            ms(first_byte_ms),
-            ms(rtt_ms),
-            loss_pct.map_or("-".to_string(), |l| format!("{l:.2}%")),
-        ));
+        return Some(
+            format!(
+                "Benchmark ({}): {} moved, avg {}/s, peak 1 s {}/s, connect {}, first byte {}, RTT {}, loss {}, CPU {cpu_s:.2} s, route {route}",
+                side.towards(peer),
+                HumanBytes(*bytes),
+                per_sec(*avg_gbit_s),
+                per_sec(*peak_1s_gbit_s),
+                ms(connect_ms),
+                ms(first_byte_ms),
+                ms(rtt_ms),
+                loss_pct.map_or("-".to_string(), |l| format!("{l:.2}%")),
+            ) + &disk.as_ref().map_or(String::new(), |d| format!("; {d}")),
+        );
     }
     None
 }
@@ -1863,6 +1869,7 @@ mod tests {
                 loss_pct: Some(0.0),
                 cpu_s: 0.1,
                 path: Some(path),
+                disk: Some("buffered writes".into()),
             },
             Event::Error {
                 message: "m".into(),

@@ -24,6 +24,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand, ValueEnum};
+use flux_peer::exec::DiskMode;
 use flux_peer::net::Driver;
 use serde::Serialize;
 use side::{EngineOpts, SideReport};
@@ -85,8 +86,12 @@ struct RunArgs {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
 enum Row {
-    /// Engine, io_uring driver, GSO/GRO on.
+    /// Engine, io_uring driver, GSO/GRO on, `--disk auto`.
     Uring,
+    /// Engine, io_uring driver, `O_DIRECT` files.
+    UringDirect,
+    /// Engine, io_uring driver, buffered files.
+    UringBuffered,
     /// Engine, epoll driver, GSO/GRO on.
     Epoll,
     /// Engine, io_uring driver, GSO/GRO off.
@@ -139,6 +144,9 @@ struct EngineFlags {
     /// `uring` or `epoll`.
     #[arg(long)]
     driver: String,
+    /// `auto`, `direct` or `buffered` (io_uring driver).
+    #[arg(long, default_value = "auto")]
+    disk: String,
     /// GSO and GRO on.
     #[arg(long)]
     offload: bool,
@@ -217,6 +225,7 @@ fn run_side(side: SideCmd) -> Result<()> {
     let engine = |e: &EngineFlags, c: &SideCommon| -> Result<EngineOpts> {
         Ok(EngineOpts {
             driver: e.driver.parse::<Driver>().map_err(|e| anyhow!(e))?,
+            disk: e.disk.parse::<DiskMode>().map_err(|e| anyhow!(e))?,
             offload: e.offload,
             max_mtu: c.max_mtu,
             bind: c.bind,
@@ -268,6 +277,8 @@ struct RunResult {
     mtu: Option<u16>,
     gso_gro: Option<bool>,
     o_direct: Option<(bool, bool)>,
+    /// What `--disk` chose on each side, and why.
+    disk_choice: Option<String>,
     loss_pct: Option<f64>,
     rtt_ms: Option<f64>,
 }
@@ -289,6 +300,7 @@ impl RunResult {
             mtu: None,
             gso_gro: None,
             o_direct: None,
+            disk_choice: None,
             loss_pct: None,
             rtt_ms: None,
         }
@@ -386,9 +398,12 @@ fn run_matrix(a: &RunArgs) -> Result<()> {
                 drop_caches();
             }
             let res = match row {
-                Row::Uring | Row::Epoll | Row::UringNoGso | Row::EpollNoGso => {
-                    run_engine(row, &src, &dest, a, &place).map(Some)
-                }
+                Row::Uring
+                | Row::UringDirect
+                | Row::UringBuffered
+                | Row::Epoll
+                | Row::UringNoGso
+                | Row::EpollNoGso => run_engine(row, &src, &dest, a, &place).map(Some),
                 Row::Quinn | Row::QuinnNoHash | Row::QuinnMem => {
                     run_quinn(row, &src, &dest, a, &place).map(Some)
                 }
@@ -436,6 +451,8 @@ fn run_matrix(a: &RunArgs) -> Result<()> {
         ("uring / quinn mem->mem", Row::Uring, Row::QuinnMem),
         ("epoll / quinn mem->mem", Row::Epoll, Row::QuinnMem),
         ("uring / epoll", Row::Uring, Row::Epoll),
+        ("uring auto / direct", Row::Uring, Row::UringDirect),
+        ("uring auto / buffered", Row::Uring, Row::UringBuffered),
         ("uring GSO on / off", Row::Uring, Row::UringNoGso),
         ("epoll GSO on / off", Row::Epoll, Row::EpollNoGso),
     ] {
@@ -474,6 +491,8 @@ fn run_matrix(a: &RunArgs) -> Result<()> {
 fn label(row: Row) -> String {
     match row {
         Row::Uring => "engine io_uring, GSO/GRO on",
+        Row::UringDirect => "engine io_uring, disk O_DIRECT",
+        Row::UringBuffered => "engine io_uring, disk buffered",
         Row::Epoll => "engine epoll, GSO/GRO on",
         Row::UringNoGso => "engine io_uring, GSO/GRO off",
         Row::EpollNoGso => "engine epoll, GSO/GRO off",
@@ -535,13 +554,20 @@ fn wait_ok(mut c: Child, what: &str) -> Result<()> {
 }
 
 fn run_engine(row: Row, src: &Path, dest: &Path, a: &RunArgs, p: &Place) -> Result<RunResult> {
-    let (driver, offload) = match row {
-        Row::Uring => ("uring", true),
-        Row::Epoll => ("epoll", true),
-        Row::UringNoGso => ("uring", false),
-        _ => ("epoll", false),
+    let (driver, offload, disk) = match row {
+        Row::Uring => ("uring", true, "auto"),
+        Row::UringDirect => ("uring", true, "direct"),
+        Row::UringBuffered => ("uring", true, "buffered"),
+        Row::Epoll => ("epoll", true, "auto"),
+        Row::UringNoGso => ("uring", false, "auto"),
+        _ => ("epoll", false, "auto"),
     };
-    let mut common = vec!["--driver".to_string(), driver.into()];
+    let mut common = vec![
+        "--driver".to_string(),
+        driver.into(),
+        "--disk".into(),
+        disk.into(),
+    ];
     if offload {
         common.push("--offload".into());
     }
@@ -634,6 +660,14 @@ fn combine(h: &SideReport, j: &SideReport) -> Result<RunResult> {
         mtu: j.mtu.or(h.mtu),
         gso_gro: h.gso.zip(j.gro).map(|(a, b)| a && b),
         o_direct: h.gso.map(|_| (h.direct_ops > 0, j.direct_ops > 0)),
+        disk_choice: match (&h.disk_choice, &j.disk_choice) {
+            (None, None) => None,
+            (hc, jc) => Some(format!(
+                "host: {}; joiner: {}",
+                hc.as_deref().unwrap_or("-"),
+                jc.as_deref().unwrap_or("-")
+            )),
+        },
         loss_pct: (h.packets_sent > 0)
             .then(|| h.packets_lost as f64 * 100.0 / h.packets_sent as f64),
         rtt_ms: h.rtt_ms,
@@ -873,6 +907,11 @@ fn print_table(m: &Matrix) {
     }
     for (name, v) in &m.ratios {
         println!("ratio {name}: {v:.2}x");
+    }
+    for r in &m.rows {
+        if let Some(c) = r.runs.first().and_then(|x| x.disk_choice.as_ref()) {
+            println!("disk choice, {}: {c}", r.label);
+        }
     }
     if let Some(d) = &m.disk {
         let g = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:.2}"));

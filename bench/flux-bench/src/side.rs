@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
+use flux_peer::exec::DiskMode;
 use flux_peer::net::{self, Control, Driver, NetConfig, NetEvent};
 use flux_peer::scan::scan;
 use flux_quic::Identity;
@@ -53,6 +54,9 @@ pub struct SideReport {
     pub direct_ops: u64,
     /// Buffered chunk operations.
     pub buffered_ops: u64,
+    /// What `--disk` chose, and why.
+    #[serde(default)]
+    pub disk_choice: Option<String>,
     /// Smoothed RTT at the end, ms.
     pub rtt_ms: Option<f64>,
     /// Packets sent and declared lost by QUIC.
@@ -93,6 +97,8 @@ pub fn usage() -> (f64, u64) {
 pub struct EngineOpts {
     /// The driver.
     pub driver: Driver,
+    /// Page cache or `O_DIRECT`.
+    pub disk: DiskMode,
     /// GSO and GRO on the socket.
     pub offload: bool,
     /// Largest path MTU to probe.
@@ -113,6 +119,7 @@ fn engine_socket(o: &EngineOpts) -> Result<UdpSocket> {
 fn net_config(o: &EngineOpts) -> NetConfig {
     let mut cfg = NetConfig {
         driver: o.driver,
+        disk: o.disk,
         ..NetConfig::default()
     };
     cfg.transport.max_mtu = o.max_mtu;
@@ -135,9 +142,6 @@ fn net_config(o: &EngineOpts) -> NetConfig {
     }
     if let Some(v) = env("FLUX_BENCH_DURABLE") {
         cfg.durable = v != 0;
-    }
-    if let Some(v) = env("FLUX_BENCH_DIRECT_IO") {
-        cfg.direct_io = v != 0;
     }
     if let Some(v) = env("FLUX_BENCH_READ_AHEAD") {
         cfg.sender.read_ahead = v as u32;
@@ -248,6 +252,7 @@ fn fill(r: &mut SideReport, rep: &net::NetReport) {
     r.gro = Some(rep.gro);
     r.direct_ops = rep.disk.direct_ops;
     r.buffered_ops = rep.disk.buffered_ops;
+    r.disk_choice = rep.disk_choice.describe();
     if let Some(c) = rep.conns.first() {
         r.mtu = Some(c.mtu);
         r.rtt_ms = Some(c.rtt.as_secs_f64() * 1e3);

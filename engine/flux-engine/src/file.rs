@@ -250,6 +250,26 @@ impl DmaFile {
         Ok(())
     }
 
+    /// Starts write-back of the dirty pages of `len` bytes at `offset` without waiting for it
+    /// (`sync_file_range` with `SYNC_FILE_RANGE_WRITE`), so that a later `fsync` finds little
+    /// left to do. Nothing to do for O_DIRECT files.
+    pub fn start_writeback(&self, offset: u64, len: u64) -> Result<(), EngineError> {
+        if self.mode == IoMode::Direct {
+            return Ok(());
+        }
+        let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Ok(());
+        };
+        // SAFETY: plain syscall on a valid fd; it reads no memory of ours.
+        let rc = unsafe {
+            libc::sync_file_range(self.fd.as_raw_fd(), off, n, libc::SYNC_FILE_RANGE_WRITE)
+        };
+        if rc != 0 {
+            return Err(self.last_err("sync_file_range"));
+        }
+        Ok(())
+    }
+
     /// Whether O_DIRECT is in use.
     pub fn mode(&self) -> IoMode {
         self.mode

@@ -283,6 +283,20 @@ impl Destination {
         (id, res.map(|()| DiskResult::Done))
     }
 
+    /// Where entry `file` lands (its final path), for messages.
+    pub fn final_path(&self, file: u32) -> Option<PathBuf> {
+        self.manifest.entry(file).map(|e| self.root.join(&e.path))
+    }
+
+    /// Bytes of the files this transfer writes (entries left out by the user excluded).
+    pub fn bytes_to_write(&self) -> u64 {
+        (0..self.manifest.len() as u32)
+            .filter(|&i| !self.is_skipped(i))
+            .filter_map(|i| self.manifest.entry(i))
+            .map(|e| e.size)
+            .sum()
+    }
+
     /// The relative path of manifest entry `file`, for messages.
     pub fn entry_path(&self, file: u32) -> Option<&str> {
         self.manifest.entry(file).map(|e| e.path.as_str())
@@ -381,7 +395,7 @@ impl Destination {
         let path = self.entry(file)?.path.clone();
         let pf = self.open_partial(file)?;
         pf.write_all_at(&data, offset)
-            .map_err(|err| DiskFailure::Io(format!("{path}: write: {err}")))?;
+            .map_err(|err| io_err("write", &self.root.join(&path), &err))?;
         self.record(file, index, hash)
     }
 
@@ -970,6 +984,9 @@ fn op_id(op: &DiskOp) -> OpId {
 }
 
 fn io_err(op: &str, p: &Path, e: &io::Error) -> DiskFailure {
+    if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) {
+        return DiskFailure::NoSpace(p.display().to_string());
+    }
     DiskFailure::Io(format!("{op} {}: {e}", p.display()))
 }
 

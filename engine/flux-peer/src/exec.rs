@@ -7,6 +7,9 @@
 //! partial file is opened by [`Destination::open_partial`] (no symbolic link followed) and
 //! only its descriptor is handed to io_uring.
 //!
+//! Whether chunk I/O goes through the page cache is the [`DiskMode`]; `auto` measures (see
+//! there) and [`DiskExec::choice`] says what it picked and why.
+//!
 //! With the blocking backend ([`BackendKind::Std`], the portable driver) every request is
 //! performed at submission by `SourceFiles`/`Destination` with buffered `std::fs` I/O.
 //!
@@ -14,6 +17,8 @@
 //! loop waits on the ring ([`DiskExec::ring`]) together with its socket and timers.
 
 use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::io::IoSliceMut;
 use std::os::fd::OwnedFd;
 use std::path::Path;
 
@@ -33,6 +38,85 @@ const MAX_OPEN: usize = 64;
 /// Free buffers kept for reuse (the machines bound how many are in flight).
 const MAX_FREE_BUFS: usize = 64;
 
+/// Bytes read from each end of a file to learn whether the page cache holds it.
+const CACHE_PROBE: usize = 256 << 10;
+
+/// How chunk reads and writes use the page cache (`thru --disk`). Only the io_uring driver
+/// can bypass it; the epoll driver is always buffered.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub enum DiskMode {
+    /// Chosen by measurement. A sender reads a file buffered when the kernel holds it already
+    /// (a non-blocking read of its first and last bytes completes without the disk), else with
+    /// `O_DIRECT`. A receiver writes buffered when the transfer fits, with room to spare, in
+    /// what the page cache may still hold dirty right now (`/proc/meminfo`, `vm.dirty_*`):
+    /// then it is done when the last write returns. Past that the kernel throttles buffered
+    /// writers to the disk's pace anyway, and `O_DIRECT` gets there without the page-cache
+    /// copy.
+    #[default]
+    Auto,
+    /// `O_DIRECT` wherever the filesystem allows it.
+    Direct,
+    /// Through the page cache.
+    Buffered,
+}
+
+impl DiskMode {
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Direct => "direct",
+            Self::Buffered => "buffered",
+        }
+    }
+}
+
+impl std::str::FromStr for DiskMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "direct" => Ok(Self::Direct),
+            "buffered" => Ok(Self::Buffered),
+            other => Err(format!(
+                "unknown disk mode {other:?} (expected auto, direct or buffered)"
+            )),
+        }
+    }
+}
+
+/// What a [`DiskExec`] chose for its files, and why.
+#[derive(Clone, Debug, Default, Eq, PartialEq)]
+pub struct DiskChoice {
+    /// Receiver: whether chunk writes use `O_DIRECT`, and why; `None` before the first write.
+    pub writes: Option<(bool, String)>,
+    /// Sender under [`DiskMode::Auto`]: files read buffered because the page cache held them.
+    pub reads_cached: u64,
+    /// Sender under [`DiskMode::Auto`]: files read with `O_DIRECT` because it did not.
+    pub reads_uncached: u64,
+}
+
+impl DiskChoice {
+    /// One line for a summary, if anything was chosen.
+    pub fn describe(&self) -> Option<String> {
+        if let Some((_, why)) = &self.writes {
+            return Some(why.clone());
+        }
+        match (self.reads_cached, self.reads_uncached) {
+            (0, 0) => None,
+            (c, 0) => Some(format!(
+                "buffered reads: the page cache held all {c} files read"
+            )),
+            (0, u) => Some(format!(
+                "O_DIRECT reads: the page cache held none of the {u} files read"
+            )),
+            (c, u) => Some(format!(
+                "buffered reads for the {c} files the page cache held, O_DIRECT for the other {u}"
+            )),
+        }
+    }
+}
+
 /// A finished request: `(tag, id, outcome)`; the tag is the caller's (which session).
 pub type Done = (usize, OpId, Result<DiskResult, DiskFailure>);
 
@@ -51,7 +135,14 @@ pub struct DiskStats {
 /// Performs disk requests for the machines of one driver thread.
 pub struct DiskExec {
     io: DiskIo,
-    direct: bool,
+    mode: DiskMode,
+    /// Receiver: the write strategy, decided at the first write.
+    write_direct: Option<bool>,
+    /// Receiver, durable and buffered: start write-back of each chunk once written.
+    writeback: bool,
+    choice: DiskChoice,
+    /// For page-cache probes.
+    scratch: Vec<u8>,
     files: HashMap<u32, DmaFile>,
     pending: Vec<Pending>,
     done: VecDeque<Done>,
@@ -77,6 +168,7 @@ enum What {
     Write {
         file: u32,
         index: u32,
+        offset: u64,
         hash: [u8; 32],
     },
 }
@@ -85,18 +177,22 @@ impl std::fmt::Debug for DiskExec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DiskExec")
             .field("backend", &self.io.kind())
-            .field("direct", &self.direct)
+            .field("mode", &self.mode)
             .field("in_flight", &self.pending.len())
             .finish_non_exhaustive()
     }
 }
 
 impl DiskExec {
-    /// An executor on `io`; `direct` asks for `O_DIRECT` on the files it opens.
-    pub fn new(io: DiskIo, direct: bool) -> Self {
+    /// An executor on `io` whose files use the page cache as `mode` says.
+    pub fn new(io: DiskIo, mode: DiskMode) -> Self {
         Self {
             io,
-            direct,
+            mode,
+            write_direct: None,
+            writeback: false,
+            choice: DiskChoice::default(),
+            scratch: Vec::new(),
             files: HashMap::new(),
             pending: Vec::new(),
             done: VecDeque::new(),
@@ -116,6 +212,17 @@ impl DiskExec {
             n => Some(Pool::new(n)?),
         };
         Ok(())
+    }
+
+    /// Receiver: with `durable`, buffered chunk writes start their write-back as soon as they
+    /// complete, so the final `fsync` has little left to wait for.
+    pub fn set_durable(&mut self, durable: bool) {
+        self.writeback = durable;
+    }
+
+    /// What the executor chose for its files, and why.
+    pub fn choice(&self) -> &DiskChoice {
+        &self.choice
     }
 
     /// Jobs out on the work threads: the caller must come back soon to collect them (their
@@ -187,8 +294,7 @@ impl DiskExec {
             let path = src
                 .path(file)
                 .ok_or_else(|| DiskFailure::Io(format!("no source for entry {file}")))?;
-            let f = DmaFile::open(path, flux_engine::OpenMode::Read, self.direct)
-                .map_err(engine_err)?;
+            let f = self.open_source(path)?;
             self.remember(file, f);
         }
         let Some(f) = self.files.get(&file) else {
@@ -319,11 +425,47 @@ impl DiskExec {
                 .try_clone()
                 .map_err(|e| DiskFailure::Io(format!("entry {file}: dup: {e}")))?
                 .into();
-            let name = dst.entry_path(file).unwrap_or("?").to_owned();
-            let f = DmaFile::from_fd(fd, Path::new(&name), self.direct).map_err(engine_err)?;
+            let name = dst.final_path(file).unwrap_or_default();
+            let direct = self.write_direct(dst);
+            let f = DmaFile::from_fd(fd, &name, direct).map_err(engine_err)?;
             self.remember(file, f);
         }
         Ok(())
+    }
+
+    /// Opens a source file for reading, buffered or direct as the mode says.
+    fn open_source(&mut self, path: &Path) -> Result<DmaFile, DiskFailure> {
+        let direct = match self.mode {
+            DiskMode::Direct => true,
+            DiskMode::Buffered => false,
+            DiskMode::Auto => {
+                let f = File::open(path)
+                    .map_err(|e| DiskFailure::Io(format!("open {}: {e}", path.display())))?;
+                let cached = page_cached(&f, &mut self.scratch);
+                if cached {
+                    self.choice.reads_cached += 1;
+                } else {
+                    self.choice.reads_uncached += 1;
+                }
+                return DmaFile::from_fd(f.into(), path, !cached).map_err(engine_err);
+            }
+        };
+        DmaFile::open(path, flux_engine::OpenMode::Read, direct).map_err(engine_err)
+    }
+
+    /// Receiver: whether chunk writes use `O_DIRECT`, decided once, at the first write.
+    fn write_direct(&mut self, dst: &Destination) -> bool {
+        if let Some(d) = self.write_direct {
+            return d;
+        }
+        let (direct, why) = match self.mode {
+            DiskMode::Direct => (true, "O_DIRECT writes (--disk direct)".to_owned()),
+            DiskMode::Buffered => (false, "buffered writes (--disk buffered)".to_owned()),
+            DiskMode::Auto => choose_writes(dst.bytes_to_write(), dirty_room()),
+        };
+        self.write_direct = Some(direct);
+        self.choice.writes = Some((direct, why));
+        direct
     }
 
     /// Queues the io_uring write of a chunk whose bytes matched their hash.
@@ -345,6 +487,7 @@ impl DiskExec {
             what: What::Write {
                 file: w.file,
                 index: w.index,
+                offset: w.offset,
                 hash: w.hash,
             },
             op,
@@ -447,8 +590,24 @@ impl DiskExec {
                     self.hash_read(p.tag, p.id, data);
                     continue;
                 }
-                (What::Write { file, index, hash }, Ok(_)) => match dst.as_deref_mut() {
-                    Some(d) => d.record(file, index, &hash).map(|()| DiskResult::Done),
+                (
+                    What::Write {
+                        file,
+                        index,
+                        offset,
+                        hash,
+                    },
+                    Ok(n),
+                ) => match dst.as_deref_mut() {
+                    Some(d) => {
+                        if self.writeback
+                            && let Some(f) = self.files.get(&file)
+                        {
+                            // A hint: a failure only means the final fsync does the work.
+                            let _ = f.start_writeback(offset, n as u64);
+                        }
+                        d.record(file, index, &hash).map(|()| DiskResult::Done)
+                    }
                     None => Err(DiskFailure::Io(
                         "write completed without a destination".into(),
                     )),
@@ -521,5 +680,135 @@ fn pool_gone() -> DiskFailure {
 }
 
 fn engine_err(e: EngineError) -> DiskFailure {
+    if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+        && let EngineError::Io {
+            path: Some(path), ..
+        } = &e
+    {
+        return DiskFailure::NoSpace(path.display().to_string());
+    }
     DiskFailure::Io(e.to_string())
+}
+
+/// Whether the kernel holds the first and last bytes of `f` in its page cache: a buffered
+/// read of them with `RWF_NOWAIT` completes in full without waiting for the disk.
+fn page_cached(f: &File, scratch: &mut Vec<u8>) -> bool {
+    let Ok(size) = f.metadata().map(|m| m.len()) else {
+        return false;
+    };
+    let want = usize::try_from(size).unwrap_or(usize::MAX).min(CACHE_PROBE);
+    if want == 0 {
+        return true;
+    }
+    scratch.resize(want, 0);
+    let last = size - want as u64;
+    let ends: &[u64] = if last == 0 { &[0] } else { &[0, last] };
+    ends.iter().all(|&off| {
+        let mut bufs = [IoSliceMut::new(&mut scratch[..want])];
+        matches!(
+            rustix::io::preadv2(f, &mut bufs, off, rustix::io::ReadWriteFlags::NOWAIT),
+            Ok(n) if n == want
+        )
+    })
+}
+
+/// What the page cache may still take dirty before the kernel throttles writers: its dirty
+/// limit (`vm.dirty_bytes`, else `vm.dirty_ratio` percent of the available memory) less what
+/// is dirty or under write-back now. `None` when the figures cannot be read.
+fn dirty_room() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = |key: &str| -> Option<u64> {
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .map(|k| k * 1024)
+    };
+    let sysctl = |name: &str| -> Option<u64> {
+        std::fs::read_to_string(format!("/proc/sys/vm/{name}"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let limit = match sysctl("dirty_bytes") {
+        Some(b) if b > 0 => b,
+        _ => kib("MemAvailable")? / 100 * sysctl("dirty_ratio")?,
+    };
+    Some(limit.saturating_sub(kib("Dirty")? + kib("Writeback")?))
+}
+
+/// The write strategy for `bytes` to write with `room` left in the page cache's dirty limit.
+fn choose_writes(bytes: u64, room: Option<u64>) -> (bool, String) {
+    let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
+    match room {
+        // Half: other writers on the machine, and the kernel's own margin below the limit.
+        Some(room) if bytes <= room / 2 => (
+            false,
+            format!(
+                "buffered writes: the {:.2} GiB to write fit in the {:.2} GiB the page cache \
+                 may still hold dirty (--disk auto)",
+                gib(bytes),
+                gib(room)
+            ),
+        ),
+        Some(room) => (
+            true,
+            format!(
+                "O_DIRECT writes: the {:.2} GiB to write exceed half the {:.2} GiB the page \
+                 cache may still hold dirty (--disk auto)",
+                gib(bytes),
+                gib(room)
+            ),
+        ),
+        None => (
+            true,
+            "O_DIRECT writes: the page cache's dirty limits could not be read (--disk auto)"
+                .to_owned(),
+        ),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_go_buffered_only_when_they_fit_with_room_to_spare() {
+        let (direct, why) = choose_writes(1 << 30, Some(4 << 30));
+        assert!(!direct, "{why}");
+        assert!(
+            why.contains("1.00 GiB") && why.contains("4.00 GiB"),
+            "{why}"
+        );
+        assert!(choose_writes(3 << 30, Some(4 << 30)).0);
+        assert!(choose_writes(1, None).0);
+    }
+
+    #[test]
+    fn this_machine_reports_a_dirty_room() {
+        // /proc is there on Linux; the figure is whatever the machine has now.
+        assert!(dirty_room().is_some());
+    }
+
+    #[test]
+    fn a_file_just_written_is_cached_and_a_dropped_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![7u8; 1 << 20]).unwrap();
+        let f = File::open(&path).unwrap();
+        let mut scratch = Vec::new();
+        assert!(page_cached(&f, &mut scratch));
+        const TMPFS_MAGIC: i64 = 0x0102_1994;
+        if rustix::fs::fstatfs(&f).unwrap().f_type as i64 == TMPFS_MAGIC {
+            // tmpfs pages are the file itself: they cannot be dropped.
+            eprintln!("SKIP: the temp dir is on tmpfs");
+            return;
+        }
+        // Dropping the pages needs them clean: sync, then advise the kernel to drop them.
+        f.sync_all().unwrap();
+        rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        assert!(!page_cached(&f, &mut scratch));
+    }
 }

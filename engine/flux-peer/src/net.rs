@@ -47,7 +47,7 @@ use flux_transfer::{
 use flux_udp::{GRO_BUF_LEN, RecvMeta, UdpSocket};
 
 use crate::disk::{Destination, ModePolicy, Resolutions, SourceFiles};
-use crate::exec::{DiskExec, DiskStats};
+use crate::exec::{DiskChoice, DiskExec, DiskMode, DiskStats};
 use crate::ice::{IceSetup, Link, LinkNote};
 use crate::session::{Session, Side};
 
@@ -100,8 +100,9 @@ impl std::str::FromStr for Driver {
 pub struct NetConfig {
     /// Wait and disk strategy.
     pub driver: Driver,
-    /// Ask for `O_DIRECT` on files (io_uring driver only; refused filesystems fall back).
-    pub direct_io: bool,
+    /// Whether chunk I/O bypasses the page cache (io_uring driver only; filesystems that
+    /// refuse `O_DIRECT` fall back to buffered).
+    pub disk: DiskMode,
     /// QUIC settings.
     pub transport: TransportParams,
     /// Sender machine settings.
@@ -135,7 +136,7 @@ impl Default for NetConfig {
     fn default() -> Self {
         Self {
             driver: Driver::Uring,
-            direct_io: true,
+            disk: DiskMode::Auto,
             transport: TransportParams::default(),
             sender: SenderConfig::default(),
             receiver: ReceiverConfig::default(),
@@ -297,6 +298,8 @@ pub struct NetReport {
     pub conns: Vec<ConnReport>,
     /// Datagrams that were neither QUIC nor ICE/STUN/TURN (dropped).
     pub foreign_datagrams: u64,
+    /// What the disk strategy chose, and why.
+    pub disk_choice: DiskChoice,
     /// Receiver with [`NetConfig::durable`]: time spent syncing to stable storage.
     pub sync_time: Option<Duration>,
 }
@@ -506,7 +509,12 @@ impl Worker {
             Driver::Epoll => DiskIo::new(BackendKind::Std)
                 .map_err(|e| TransferError::Io(format!("epoll driver: {e}")))?,
         };
-        let mut exec = DiskExec::new(io, cfg.direct_io && cfg.driver == Driver::Uring);
+        let mode = match cfg.driver {
+            Driver::Uring => cfg.disk,
+            Driver::Epoll => DiskMode::Buffered,
+        };
+        let mut exec = DiskExec::new(io, mode);
+        exec.set_durable(cfg.durable);
         if cfg.driver == Driver::Uring {
             exec.set_work_threads(cfg.work_threads)
                 .map_err(|e| TransferError::Io(format!("work threads: {e}")))?;
@@ -609,6 +617,10 @@ impl Worker {
         let now = Instant::now();
         let _ = self.transmit(now);
         self.report.disk = self.exec.stats();
+        self.report.disk_choice = self.exec.choice().clone();
+        if let Some(why) = self.report.disk_choice.describe() {
+            tracing::info!("disk: {why}");
+        }
         if let Role::Join { dest: Some(d), .. } = &self.role
             && self.cfg.durable
         {

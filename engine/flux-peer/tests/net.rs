@@ -15,6 +15,7 @@ use std::process::Command as Process;
 use std::sync::Arc;
 use std::thread;
 
+use flux_peer::exec::DiskMode;
 use flux_peer::net::{self, Command, Control, Driver, NetConfig, NetEvent, NetReport};
 use flux_peer::scan::scan;
 use flux_quic::Identity;
@@ -170,11 +171,27 @@ const GIB_PLUS_TAIL: u64 = (1 << 30) + 12_345;
 
 /// 1 GiB from `src_dir` into `dst_dir` through `driver`; returns both reports.
 fn one_gib(driver: Driver, src_dir: &Path, dst_dir: &Path) -> (NetReport, NetReport) {
+    one_gib_with(&cfg(driver), src_dir, dst_dir, false)
+}
+
+/// As [`one_gib`] with `c`; with `cold`, the source's pages are dropped from the page cache
+/// before the transfer.
+fn one_gib_with(
+    c: &NetConfig,
+    src_dir: &Path,
+    dst_dir: &Path,
+    cold: bool,
+) -> (NetReport, NetReport) {
     let src = tempfile::tempdir_in(src_dir).unwrap();
     let dst = tempfile::tempdir_in(dst_dir).unwrap();
     let file = src.path().join("big.bin");
     write_random(&file, GIB_PLUS_TAIL, 7);
-    let (h, j) = transfer(std::slice::from_ref(&file), dst.path(), &cfg(driver));
+    if cold {
+        let f = File::open(&file).unwrap();
+        f.sync_all().unwrap();
+        rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+    }
+    let (h, j) = transfer(std::slice::from_ref(&file), dst.path(), c);
     assert_ok(&h, "host");
     assert_ok(&j, "joiner");
     assert_same_file(&file, &dst.path().join("big.bin"));
@@ -197,12 +214,57 @@ fn require_disk() -> Option<PathBuf> {
 #[test]
 fn gib_disk_to_disk_uring_uses_o_direct() {
     let Some(d) = require_disk() else { return };
-    let (h, j) = one_gib(Driver::Uring, &d, &d);
+    let c = NetConfig {
+        disk: DiskMode::Direct,
+        ..cfg(Driver::Uring)
+    };
+    let (h, j) = one_gib_with(&c, &d, &d, false);
     // Every chunk read and write went through O_DIRECT.
     assert!(h.disk.direct_ops >= 256, "host: {:?}", h.disk);
     assert_eq!(h.disk.buffered_ops, 0, "host: {:?}", h.disk);
     assert!(j.disk.direct_ops >= 256, "joiner: {:?}", j.disk);
     assert_eq!(j.disk.buffered_ops, 0, "joiner: {:?}", j.disk);
+}
+
+/// `--disk auto`: a source the page cache holds is read buffered, one it does not hold with
+/// O_DIRECT; the receiver's writes follow what it chose, and say why.
+#[test]
+fn gib_disk_to_disk_uring_auto_measures_both_sides() {
+    let Some(d) = require_disk() else { return };
+    for cold in [false, true] {
+        let (h, j) = one_gib_with(&cfg(Driver::Uring), &d, &d, cold);
+        let reads = &h.disk_choice;
+        if cold {
+            assert_eq!(
+                (reads.reads_cached, reads.reads_uncached),
+                (0, 1),
+                "{reads:?}"
+            );
+            assert!(
+                h.disk.direct_ops > 0,
+                "cold source read buffered: {:?}",
+                h.disk
+            );
+        } else {
+            assert_eq!(
+                (reads.reads_cached, reads.reads_uncached),
+                (1, 0),
+                "{reads:?}"
+            );
+            assert_eq!(
+                h.disk.direct_ops, 0,
+                "cached source read direct: {:?}",
+                h.disk
+            );
+        }
+        let (direct, why) = j.disk_choice.writes.clone().expect("the joiner chose");
+        assert!(why.ends_with("(--disk auto)"), "{why}");
+        if direct {
+            assert!(j.disk.direct_ops > 0, "{why}: {:?}", j.disk);
+        } else {
+            assert_eq!(j.disk.direct_ops, 0, "{why}: {:?}", j.disk);
+        }
+    }
 }
 
 #[test]
@@ -213,7 +275,11 @@ fn gib_memory_to_disk_uring() {
         println!("SKIP: /dev/shm is not tmpfs");
         return;
     }
-    let (_h, j) = one_gib(Driver::Uring, shm, &d);
+    let c = NetConfig {
+        disk: DiskMode::Direct,
+        ..cfg(Driver::Uring)
+    };
+    let (_h, j) = one_gib_with(&c, shm, &d, false);
     assert!(
         j.disk.direct_ops > 0 && j.disk.buffered_ops == 0,
         "{:?}",
@@ -292,7 +358,11 @@ fn gib_uring_falls_back_where_o_direct_is_refused() {
     let Some(d) = require_disk() else { return };
     let Some(ram) = Ramfs::mount() else { return };
     // Disk source (O_DIRECT reads) into ramfs (buffered writes after the refusal).
-    let (h, j) = one_gib(Driver::Uring, &d, ram.0.path());
+    let c = NetConfig {
+        disk: DiskMode::Direct,
+        ..cfg(Driver::Uring)
+    };
+    let (h, j) = one_gib_with(&c, &d, ram.0.path(), false);
     assert!(h.disk.direct_ops > 0, "host: {:?}", h.disk);
     assert_eq!(j.disk.direct_ops, 0, "joiner: {:?}", j.disk);
     assert!(j.disk.buffered_ops > 0, "joiner: {:?}", j.disk);

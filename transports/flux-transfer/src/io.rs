@@ -185,6 +185,9 @@ pub enum DiskFailure {
     /// A chunk's bytes do not match the hash announced for it; nothing was written.
     #[error("chunk data does not match its hash")]
     Corrupt,
+    /// The filesystem holding this path is full (`ENOSPC`, or a quota: `EDQUOT`).
+    #[error("{0}: no space left on device")]
+    NoSpace(String),
     /// Any other I/O failure, with its context.
     #[error("{0}")]
     Io(String),
@@ -300,6 +303,18 @@ pub enum TransferError {
         /// Failures.
         times: u32,
     },
+    /// The receiver's disk filled up; what was verified stays for a resume.
+    #[error(
+        "no space left on the device holding {path}: about {} MiB more are needed to finish; \
+         the verified data is kept, so free some space and run the same join again to resume",
+        needed.div_ceil(1 << 20)
+    )]
+    NoSpace {
+        /// The file being written when the device filled.
+        path: String,
+        /// Bytes still to receive.
+        needed: u64,
+    },
     /// A local disk operation failed.
     #[error("disk: {0}")]
     Io(String),
@@ -322,7 +337,7 @@ impl TransferError {
             Self::Declined(_) | Self::Cancelled => ErrorCode::Cancelled,
             Self::Exists(_) => ErrorCode::Exists,
             Self::Integrity { .. } => ErrorCode::Integrity,
-            Self::Io(_) => ErrorCode::Io,
+            Self::Io(_) | Self::NoSpace { .. } => ErrorCode::Io,
         }
     }
 }

@@ -261,7 +261,7 @@ impl Receiver {
             }
             match res {
                 Err(DiskFailure::Corrupt) => return self.on_corrupt(file, index),
-                Err(e) => return self.fail(TransferError::Io(e.to_string())),
+                Err(e) => return self.fail(self.disk_error(e)),
                 Ok(_) => {}
             }
             let Some(f) = self.files.get_mut(&file) else {
@@ -288,11 +288,11 @@ impl Receiver {
                     self.entry_done(file);
                 }
                 Err(DiskFailure::Exists(p)) => self.fail(TransferError::Exists(p)),
-                Err(e) => self.fail(TransferError::Io(e.to_string())),
+                Err(e) => self.fail(self.disk_error(e)),
             }
         } else if self.phase == Phase::Finishing {
             if let Err(e) = res {
-                return self.fail(TransferError::Io(e.to_string()));
+                return self.fail(self.disk_error(e));
             }
             self.send_progress();
             self.out.push_msg(Stream::Control, &Message::Complete);
@@ -444,6 +444,21 @@ impl Receiver {
     /// The manifest, once complete.
     pub fn manifest(&self) -> Option<&Arc<Manifest>> {
         self.manifest.as_ref()
+    }
+
+    /// The transfer error for a failed disk request: a full device says how much more the
+    /// transfer needs.
+    fn disk_error(&self, e: DiskFailure) -> TransferError {
+        match e {
+            DiskFailure::NoSpace(path) => TransferError::NoSpace {
+                path,
+                needed: self
+                    .manifest
+                    .as_ref()
+                    .map_or(0, |m| m.total_bytes().saturating_sub(self.bytes_done)),
+            },
+            e => TransferError::Io(e.to_string()),
+        }
     }
 
     /// Verified bytes so far, including those held before the transfer.
