@@ -14,6 +14,7 @@
 
 mod disk;
 mod natlab;
+mod plot;
 mod side;
 
 use std::io::{BufRead, BufReader};
@@ -81,6 +82,9 @@ struct RunArgs {
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Also draw `throughput.svg` and `chunk-latency.svg` into this directory.
+    #[arg(long, value_name = "DIR")]
+    plots: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
@@ -274,6 +278,9 @@ struct RunResult {
     /// Joiner syncing to stable storage (with FLUX_BENCH_DURABLE=1), part of the wall time.
     durable_sync_ms: Option<f64>,
     chunk_latency_ms: Option<Percentiles>,
+    /// The chunk-latency distribution: `(quantile, ms)` pairs, for plots.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    latency_cdf_ms: Vec<(f64, f64)>,
     mtu: Option<u16>,
     gso_gro: Option<bool>,
     o_direct: Option<(bool, bool)>,
@@ -297,6 +304,7 @@ impl RunResult {
             first_byte_after_accept_ms: None,
             durable_sync_ms: None,
             chunk_latency_ms: None,
+            latency_cdf_ms: Vec::new(),
             mtu: None,
             gso_gro: None,
             o_direct: None,
@@ -481,6 +489,10 @@ fn run_matrix(a: &RunArgs) -> Result<()> {
         ratios,
     };
     print_table(&matrix);
+    if let Some(dir) = &a.plots {
+        plot::draw(&matrix, dir)?;
+        eprintln!("plots written to {}", dir.display());
+    }
     if let Some(p) = &a.json {
         std::fs::write(p, serde_json::to_vec_pretty(&matrix)?)?;
         eprintln!("JSON written to {}", p.display());
@@ -657,6 +669,15 @@ fn combine(h: &SideReport, j: &SideReport) -> Result<RunResult> {
             p99: pct(0.99),
             max: hist.max() as f64 / 1000.0,
         }),
+        latency_cdf_ms: if hist.is_empty() {
+            Vec::new()
+        } else {
+            (0..=100)
+                .map(|i| f64::from(i) / 100.0)
+                .chain([0.995, 0.999])
+                .map(|q| (q, pct(q)))
+                .collect()
+        },
         mtu: j.mtu.or(h.mtu),
         gso_gro: h.gso.zip(j.gro).map(|(a, b)| a && b),
         o_direct: h.gso.map(|_| (h.direct_ops > 0, j.direct_ops > 0)),
