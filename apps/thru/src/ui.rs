@@ -1932,6 +1932,14 @@ mod tests {
                 hint: Some("h".into()),
                 exit_code: 1,
             },
+            Event::WebLink {
+                url: "https://relay.example/w/abc#key".into(),
+                curl: Vec::new(),
+                mode: "e2e",
+            },
+            Event::Warning {
+                message: "m".into(),
+            },
         ];
         // Exhaustive on purpose: a new event does not compile until it has a sample (and so a
         // documented entry).
@@ -1951,6 +1959,8 @@ mod tests {
                 | Event::Summary(_)
                 | Event::HostSummary { .. }
                 | Event::Benchmark { .. }
+                | Event::WebLink { .. }
+                | Event::Warning { .. }
                 | Event::Error { .. } => {}
             }
         }

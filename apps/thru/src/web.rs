@@ -485,7 +485,10 @@ fn read_sealed(
     mut send: impl FnMut(Vec<u8>) -> bool,
 ) -> anyhow::Result<()> {
     let sealed = (e2e::CHUNK + e2e::TAG) as u64;
-    anyhow::ensure!(start % sealed == 0, "sealed range must start on a chunk");
+    anyhow::ensure!(
+        start.is_multiple_of(sealed),
+        "sealed range must start on a chunk"
+    );
     let mut f = File::open(&file.path).with_context(|| format!("open {}", file.path.display()))?;
     let chunks = e2e::chunks(file.size);
     let mut c = start / sealed;

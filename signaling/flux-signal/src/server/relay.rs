@@ -415,6 +415,8 @@ fn new_id() -> Option<String> {
 }
 
 /// Checks an RFC 6455 upgrade and answers 101, returning the upgrade future.
+// The error is the response to send: built once per refused request, never hot.
+#[allow(clippy::result_large_err)]
 fn accept_ws(
     mut req: Request<Incoming>,
 ) -> Result<(Response<Body>, hyper::upgrade::OnUpgrade), Response<Body>> {
@@ -976,12 +978,11 @@ async fn stream_download(
     if let Some(size) = size {
         h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
-        if range.is_some() {
-            if let Ok(v) =
+        if range.is_some()
+            && let Ok(v) =
                 HeaderValue::from_str(&format!("bytes {start}-{}/{size}", end.saturating_sub(1)))
-            {
-                h.insert(header::CONTENT_RANGE, v);
-            }
+        {
+            h.insert(header::CONTENT_RANGE, v);
         }
     }
     if relay.mode == Mode::Plain {
