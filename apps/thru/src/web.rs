@@ -931,7 +931,7 @@ mod tests {
 
     #[test]
     fn pax_records_count_their_own_length() {
-        assert_eq!(pax_record("path", "a"), "10 path=a\n");
+        assert_eq!(pax_record("path", "a"), "9 path=a\n");
         let r = pax_record("path", &"x".repeat(95));
         assert_eq!(r.len().to_string(), r.split(' ').next().unwrap());
     }
