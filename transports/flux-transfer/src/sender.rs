@@ -64,6 +64,10 @@ pub struct Sender {
     /// Claims being verified, in order.
     verify: VecDeque<(u32, u32)>,
     verify_inflight: usize,
+    /// Chunk reads allowed in flight across all lanes: starts at one and grows by one per
+    /// chunk read, up to the lanes' whole read-ahead, so the first chunk is read (and hashed)
+    /// alone and reaches the receiver without waiting behind a burst of reads.
+    read_ramp: u32,
     last_activity: Option<Instant>,
 }
 
@@ -138,6 +142,7 @@ impl Sender {
             lanes,
             verify: VecDeque::new(),
             verify_inflight: 0,
+            read_ramp: 1,
             last_activity: None,
         }
     }
@@ -193,6 +198,7 @@ impl Sender {
         };
         if let Some(lane) = read.lane {
             self.lanes[lane].inflight -= 1;
+            self.read_ramp = self.read_ramp.saturating_add(1);
         } else {
             self.verify_inflight -= 1;
         }
@@ -586,8 +592,12 @@ impl Sender {
         }
         let chunk = u64::from(self.manifest.chunk_size());
         let budget = chunk * u64::from(self.cfg.read_ahead);
+        let mut reading: u32 = self.lanes.iter().map(|l| l.inflight).sum();
         for lane in 0..self.lanes.len() {
             loop {
+                if reading >= self.read_ramp {
+                    return;
+                }
                 let queued = self.out.queued(Stream::Lane(lane as u16)) as u64;
                 if queued + u64::from(self.lanes[lane].inflight) * chunk >= budget {
                     break;
@@ -608,6 +618,7 @@ impl Sender {
                 let file = w.file;
                 if let Some((offset, len)) = self.manifest.chunk_span(file, index) {
                     self.lanes[lane].inflight += 1;
+                    reading += 1;
                     self.issue_read(file, index, offset, len, Some(lane));
                 }
             }
