@@ -1786,12 +1786,20 @@ mod tests {
         p.sent(1, 50); // only 40 were missing
         p.sent(2, 150);
         p.sent(9, 999); // unknown id
+        p.wire(190);
         p.file_done(1, false);
         p.file_done(2, false); // the last 50 were held
         p.file_done(3, true);
         let s = p.finish(Route::LanDirect, None, None);
         assert_eq!((s.files, s.up_to_date, s.bytes), (3, 1, 600));
         assert_eq!((s.sent_bytes, s.resumed_bytes), (190, 110));
+        let mut zipped = s.clone();
+        zipped.wire_bytes = 19;
+        let line = zipped.line();
+        assert!(
+            line.contains("190 B sent (19 B on the wire, zstd) in"),
+            "{line}"
+        );
         let line = s.line();
         assert!(
             line.starts_with(

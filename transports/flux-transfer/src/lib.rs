@@ -54,7 +54,7 @@ pub use io::{
 };
 pub use manifest::{Limits, Manifest, ManifestError};
 pub use receiver::{LocalFile, Receiver, ReceiverConfig};
-pub use sender::{Compress, Sender, SenderConfig};
+pub use sender::{AUTO_MAX_RATIO, Compress, Sender, SenderConfig};
 
 /// Every optional feature this crate implements (see [`flux_wire::FEATURE_TEXT`]); a side may
 /// advertise fewer (tests play an older peer that way).
