@@ -171,8 +171,26 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct HostArgs {
     /// Files and directories to offer.
-    #[arg(required = true, value_name = "PATH")]
+    #[arg(required_unless_present = "text", value_name = "PATH")]
     pub paths: Vec<PathBuf>,
+
+    /// Send a short text instead of files (at most 64 KiB; `-` reads it from stdin). The
+    /// joiner prints it to stdout after the same pairing and prompt as for files.
+    #[arg(
+        help_heading = "Basics",
+        long,
+        conflicts_with = "paths",
+        value_name = "TEXT"
+    )]
+    pub text: Option<String>,
+
+    /// Compress file data with zstd: `auto` samples each file and compresses only where it
+    /// pays (never media, archives or random data), `on` wherever a chunk gets smaller, `off`
+    /// never. Chunks are hashed as plain bytes, so resume and skipping are unaffected; a
+    /// joiner too old for compression simply gets plain bytes.
+    #[arg(help_heading = "Tuning", long, env = "THRU_COMPRESS", value_enum,
+          default_value_t = CompressChoice::Auto, value_name = "WHEN")]
+    pub compress: CompressChoice,
 
     /// Receivers served before exiting (each pairs separately with the same code). The
     /// default, 1, exits after the first transfer, as croc and wormhole do.
@@ -188,6 +206,22 @@ pub struct HostArgs {
     /// Chunk size, 256KiB..4MiB and a multiple of 4KiB (default: chosen from the largest file).
     #[arg(help_heading = "Tuning", long, env = "THRU_CHUNK_SIZE", value_parser = parse_chunk_size, value_name = "SIZE")]
     pub chunk_size: Option<u64>,
+
+    /// Share through the server's web relay (thruserv --web-relay) with someone who has only
+    /// a browser: prints a link whose page decrypts in the browser (the key stays in the
+    /// link's #fragment, which browsers never send). Needs --server. Runs until Ctrl-C or
+    /// the relay's lifetime ends.
+    #[arg(help_heading = "Web", long, env = "THRU_WEB")]
+    pub web: bool,
+
+    /// With --web: no encryption, so curl can download (prints the commands). The server
+    /// sees names and contents.
+    #[arg(help_heading = "Web", long, env = "THRU_PLAIN", requires = "web")]
+    pub plain: bool,
+
+    /// With --web: also print the link as a QR code, for a phone.
+    #[arg(help_heading = "Web", long, env = "THRU_QR", requires = "web")]
+    pub qr: bool,
 
     /// Files sent at once, 1..8 (each a QUIC stream lane).
     #[arg(help_heading = "Tuning", long, env = "THRU_PARALLEL_FILES", default_value_t = 4,
@@ -253,6 +287,20 @@ pub struct JoinArgs {
     #[arg(help_heading = "Basics", long, env = "THRU_DURABLE")]
     pub durable: bool,
 
+    /// Receive one upload through the server's web relay (thruserv --web-relay): prints a
+    /// single-use link whose page encrypts in the browser. Needs --server; takes no CODE.
+    #[arg(help_heading = "Web", long, env = "THRU_WEB", conflicts_with = "code")]
+    pub web: bool,
+
+    /// With --web: accept an unencrypted upload from curl (`curl -T FILE URL`); the server
+    /// sees the name and contents.
+    #[arg(help_heading = "Web", long, env = "THRU_PLAIN", requires = "web")]
+    pub plain: bool,
+
+    /// With --web: also print the link as a QR code, for a phone.
+    #[arg(help_heading = "Web", long, env = "THRU_QR", requires = "web")]
+    pub qr: bool,
+
     /// LAN: the host's pairing address (IP or IP:PORT, as the host prints), skipping mDNS.
     #[arg(help_heading = "Network", long, env = "THRU_PEER", value_parser = parse_peer, value_name = "ADDR")]
     pub peer: Option<SocketAddr>,
@@ -260,6 +308,18 @@ pub struct JoinArgs {
     /// Shared network and engine flags.
     #[command(flatten)]
     pub net: NetArgs,
+}
+
+/// `--compress`: when the host compresses file data.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq, clap::ValueEnum)]
+pub enum CompressChoice {
+    /// Where a sample of each file shows it pays.
+    #[default]
+    Auto,
+    /// Every chunk that gets smaller.
+    On,
+    /// Never.
+    Off,
 }
 
 /// `--on-conflict`: what happens to a file that is already at the destination with other
@@ -596,6 +656,10 @@ mod tests {
         assert!(e.to_string().contains("--parallel-files"), "{e}");
         let e = Cli::try_parse_from(["thru", "host"]).unwrap_err();
         assert!(e.to_string().contains("PATH"), "{e}");
+        let e = Cli::try_parse_from(["thru", "host", "x", "--text", "hi"]).unwrap_err();
+        assert!(e.to_string().contains("--text"), "{e}");
+        let e = Cli::try_parse_from(["thru", "host", "x", "--compress", "max"]).unwrap_err();
+        assert!(e.to_string().contains("--compress"), "{e}");
         let e = Cli::try_parse_from(["thru", "join", "--io-driver", "magic"]).unwrap_err();
         assert!(e.to_string().contains("--io-driver"), "{e}");
     }

@@ -26,3 +26,4 @@ pub mod rendezvous;
 pub mod space;
 pub mod transfer;
 pub mod ui;
+pub mod web;
