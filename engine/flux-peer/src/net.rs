@@ -204,6 +204,8 @@ pub enum NetEvent {
         manifest: Arc<Manifest>,
         /// What the destination already holds, per entry.
         local: Arc<HashMap<u32, LocalFile>>,
+        /// The text the sender offered with it (`thru host --text`); show it once accepted.
+        text: Option<Arc<str>>,
     },
     /// A transfer machine's event.
     Transfer {
@@ -591,7 +593,12 @@ impl Worker {
             .connect(Instant::now(), client, peer, flux_quic::SERVER_NAME)
             .map_err(|e| TransferError::Io(format!("connect to {peer}: {e}")))?;
         let m = Receiver::new(self.cfg.receiver.clone());
-        let machine = Machine::Recv(Session::new(conn, m, Side::Client));
+        let machine = Machine::Recv(Session::new(
+            conn,
+            m,
+            Side::Client,
+            self.cfg.transport.send_window,
+        ));
         let mut c = Conn::new(handle, machine, peer, Instant::now(), link);
         c.tuner = Some(flux_quic::WindowTuner::new(self.cfg.transport.conn_window));
         self.conns.push(c);
@@ -928,7 +935,12 @@ impl Worker {
                     .iter()
                     .position(|l| l.live() && l.quic_addr == Some(peer));
                 let m = Sender::new(manifest.clone(), self.cfg.sender.clone());
-                let machine = Machine::Send(Session::new(conn, m, Side::Server));
+                let machine = Machine::Send(Session::new(
+                    conn,
+                    m,
+                    Side::Server,
+                    self.cfg.transport.send_window,
+                ));
                 self.conns.push(Conn::new(handle, machine, peer, now, link));
             }
             Err(e) => {
@@ -1191,6 +1203,7 @@ impl Worker {
                             let _ = tx.send(NetEvent::Offer {
                                 manifest: m,
                                 local: Arc::new(local),
+                                text: s.machine.text().map(Arc::from),
                             });
                         }
                     }

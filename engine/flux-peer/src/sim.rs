@@ -115,6 +115,8 @@ pub struct Outcome {
     pub interrupted: bool,
     /// Chunks the sender put on the wire, in order (`(file, chunk)`).
     pub sent: Vec<(u32, u32)>,
+    /// Chunk payload bytes the sender put on the wire (below the file bytes when compressed).
+    pub wire_bytes: u64,
     /// Chunks the receiver verified and wrote, in order.
     pub verified: Vec<(u32, u32)>,
     /// Chunks that failed verification.
@@ -206,7 +208,12 @@ impl Sim {
         let (ch, conn) = client
             .connect(base, client_cfg, addr(SENDER_ADDR), flux_quic::SERVER_NAME)
             .map_err(|e| e.to_string())?;
-        let mut rs = Session::new(conn, Receiver::new(cfg.receiver.clone()), Side::Client);
+        let mut rs = Session::new(
+            conn,
+            Receiver::new(cfg.receiver.clone()),
+            Side::Client,
+            cfg.transport.send_window,
+        );
         rs.tamper = tamper;
         Ok(Self {
             base,
@@ -339,7 +346,10 @@ impl Sim {
                             self.server.accept(inc, self.now, &mut self.buf, None)
                         {
                             let m = Sender::new(self.manifest.clone(), self.cfg.sender.clone());
-                            self.sender = Some((ch, Session::new(conn, m, Side::Server)));
+                            self.sender = Some((
+                                ch,
+                                Session::new(conn, m, Side::Server, self.cfg.transport.send_window),
+                            ));
                         }
                     }
                     Some(DatagramEvent::ConnectionEvent(ch, ev)) => {
@@ -460,7 +470,12 @@ impl Sim {
             while let Some(ev) = s.machine.poll_event() {
                 progressed = true;
                 match ev {
-                    Event::ChunkSent { file, index, .. } => self.out.sent.push((file, index)),
+                    Event::ChunkSent {
+                        file, index, wire, ..
+                    } => {
+                        self.out.sent.push((file, index));
+                        self.out.wire_bytes += u64::from(wire);
+                    }
                     Event::Failed(e) => {
                         self.out.sender_error.get_or_insert(e);
                     }
