@@ -51,7 +51,7 @@ fn hello() -> Message {
     Message::Hello {
         min_version: MIN_PROTOCOL_VERSION,
         max_version: PROTOCOL_VERSION,
-        features: 0,
+        features: flux_wire::FEATURE_SELECT | flux_wire::FEATURE_PAUSE,
     }
 }
 

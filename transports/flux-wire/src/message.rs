@@ -103,6 +103,25 @@ pub enum Message {
     Complete,
     /// The sender acknowledges [`Message::Complete`]; the connection may close.
     Close,
+    /// Receiver, before [`Message::Accept`]: only these manifest entries are wanted (runs of
+    /// entry indices, ascending; a [`ChunkRange`] here counts entries, not chunks). Entries
+    /// outside them are neither sent nor expected. Sent only to a sender whose hello carries
+    /// [`crate::FEATURE_SELECT`].
+    Select {
+        /// The chosen entries.
+        ranges: Vec<ChunkRange>,
+    },
+    /// Receiver, instead of an answer: it only looked at the manifest (`thru join --list`)
+    /// and wants nothing now. Not a refusal: the sender may serve it again later. Needs
+    /// [`crate::FEATURE_SELECT`].
+    Browsed,
+    /// Receiver: pause (`true`) or resume (`false`) the transfer. While paused the receiver
+    /// stops reading the data lanes (flow control holds the sender) and neither side counts
+    /// the silence as a stall. Needs [`crate::FEATURE_PAUSE`].
+    Pause {
+        /// Paused after this message.
+        paused: bool,
+    },
 }
 
 /// One entry of the manifest.
@@ -229,6 +248,9 @@ pub enum MessageType {
     Error = 0x0e,
     Complete = 0x0f,
     Close = 0x10,
+    Select = 0x20,
+    Browsed = 0x21,
+    Pause = 0x22,
 }
 
 impl MessageType {
@@ -252,6 +274,9 @@ impl MessageType {
             0x0e => Error,
             0x0f => Complete,
             0x10 => Close,
+            0x20 => Select,
+            0x21 => Browsed,
+            0x22 => Pause,
             _ => return None,
         })
     }
@@ -277,6 +302,9 @@ impl Message {
             Self::Error { .. } => MessageType::Error,
             Self::Complete => MessageType::Complete,
             Self::Close => MessageType::Close,
+            Self::Select { .. } => MessageType::Select,
+            Self::Browsed => MessageType::Browsed,
+            Self::Pause { .. } => MessageType::Pause,
         }
     }
 
@@ -378,7 +406,20 @@ impl Message {
                 }
                 put_bytes(out, message.as_bytes());
             }
-            Self::ManifestEnd | Self::Accept | Self::HaveDone | Self::Complete | Self::Close => {}
+            Self::Select { ranges } => {
+                put_varint(out, ranges.len() as u64);
+                for r in ranges {
+                    put_varint(out, u64::from(r.start));
+                    put_varint(out, u64::from(r.len));
+                }
+            }
+            Self::Pause { paused } => out.push(u8::from(*paused)),
+            Self::ManifestEnd
+            | Self::Accept
+            | Self::HaveDone
+            | Self::Complete
+            | Self::Close
+            | Self::Browsed => {}
         }
     }
 
@@ -417,7 +458,20 @@ impl Message {
             Self::Error { file, message, .. } => {
                 2 + 1 + file.map_or(0, |f| v(u64::from(f))) + bytes_len(message.len())
             }
-            Self::ManifestEnd | Self::Accept | Self::HaveDone | Self::Complete | Self::Close => 0,
+            Self::Select { ranges } => {
+                v(ranges.len() as u64)
+                    + ranges
+                        .iter()
+                        .map(|r| v(u64::from(r.start)) + v(u64::from(r.len)))
+                        .sum::<usize>()
+            }
+            Self::Pause { .. } => 1,
+            Self::ManifestEnd
+            | Self::Accept
+            | Self::HaveDone
+            | Self::Complete
+            | Self::Close
+            | Self::Browsed => 0,
         }
     }
 
@@ -512,6 +566,25 @@ impl Message {
             },
             MessageType::Complete => Self::Complete,
             MessageType::Close => Self::Close,
+            MessageType::Select => {
+                let n = r.count(2)?;
+                let mut ranges = Vec::with_capacity(n);
+                for _ in 0..n {
+                    ranges.push(ChunkRange {
+                        start: r.varint_u32()?,
+                        len: r.varint_u32()?,
+                    });
+                }
+                Self::Select { ranges }
+            }
+            MessageType::Browsed => Self::Browsed,
+            MessageType::Pause => Self::Pause {
+                paused: match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(DecodeError::BadValue("pause flag")),
+                },
+            },
         })
     }
 }
