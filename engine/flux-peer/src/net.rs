@@ -1119,6 +1119,10 @@ impl Worker {
     /// Moves everything between connections, machines and the disk until nothing moves.
     fn drive(&mut self, now: Instant) -> bool {
         let mut any = false;
+        // Blocking disk work (a durable finalize syncs each file) must not keep the loop
+        // from the network: QUIC's ACKs and keep-alives go out between turns, and a peer
+        // that hears nothing for the idle timeout gives the connection up.
+        let until = Instant::now() + DRIVE_BUDGET;
         if let Some(r) = self.exec.ring() {
             // Submit queued disk SQEs and collect whatever completed, without waiting.
             let _ = r.submit_and_wait(0, Some(Duration::ZERO));
@@ -1129,7 +1133,7 @@ impl Worker {
             }
             loop {
                 let mut progressed = false;
-                progressed |= self.step(i, now);
+                progressed |= self.step(i, now, until);
                 let dst = match &mut self.role {
                     Role::Join { dest, .. } => dest.as_deref_mut(),
                     Role::Host { .. } => None,
@@ -1148,6 +1152,9 @@ impl Worker {
                     break;
                 }
                 any = true;
+                if Instant::now() >= until {
+                    break;
+                }
             }
             let c = &mut self.conns[i];
             let handle = c.handle;
@@ -1157,12 +1164,13 @@ impl Worker {
                 }
             }
         }
-        any
+        // Stopped by the budget: more may be waiting, so the loop must not sleep.
+        any || Instant::now() >= until
     }
 
     /// One pass over connection `i`: drive the session, submit its disk requests, and route
     /// its events. Returns whether anything happened.
-    fn step(&mut self, i: usize, now: Instant) -> bool {
+    fn step(&mut self, i: usize, now: Instant, until: Instant) -> bool {
         let mut progressed = false;
         let c = &mut self.conns[i];
         if !c.connected && !c.conn().is_handshaking() && !c.conn().is_closed() {
@@ -1192,7 +1200,9 @@ impl Worker {
             }
             (Machine::Recv(s), Role::Join { dest, .. }) => {
                 s.drive(now);
-                while let Some(op) = s.machine.poll_disk() {
+                while Instant::now() < until
+                    && let Some(op) = s.machine.poll_disk()
+                {
                     progressed = true;
                     match dest.as_mut() {
                         Some(d) => self.exec.submit_write(i, d, op),
@@ -1586,6 +1596,10 @@ impl Worker {
         Ok(())
     }
 }
+
+/// Most time one turn of the loop spends moving data between machines and the disk before it
+/// turns to the network again.
+const DRIVE_BUDGET: Duration = Duration::from_millis(20);
 
 /// How long a sender that completed waits for the receiver to close the connection.
 const SENDER_LINGER: Duration = Duration::from_secs(3);
