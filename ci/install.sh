@@ -6,8 +6,10 @@ need_apt=()
 # iproute2 / nftables: network-namespace tests; coturn: TURN relay for NAT-lab tests;
 # ethtool: offloads off on lab links (tools/natlab); openssl: the lab's TURN TLS certificate;
 # redis-server, haproxy: thruserv fleet tests (apps/thruserv/tests/fleet.rs, apps/thru/tests/fleet.rs).
+# curl, tar, chromium, chromium-driver: the web relay tests (apps/thru/tests/web.rs).
 for pkg_cmd in "iproute2:ip" "nftables:nft" "coturn:turnserver" "ethtool:ethtool" "openssl:openssl" \
-    "redis-server:redis-server" "haproxy:haproxy"; do
+    "redis-server:redis-server" "haproxy:haproxy" "curl:curl" "tar:tar" "chromium:chromium" \
+    "chromium-driver:chromedriver"; do
     pkg=${pkg_cmd%%:*}; cmd=${pkg_cmd##*:}
     command -v "$cmd" >/dev/null 2>&1 || need_apt+=("$pkg")
 done

@@ -193,6 +193,22 @@ pub struct HostArgs {
     #[arg(help_heading = "Tuning", long, env = "THRU_CHUNK_SIZE", value_parser = parse_chunk_size, value_name = "SIZE")]
     pub chunk_size: Option<u64>,
 
+    /// Share through the server's web relay (thruserv --web-relay) with someone who has only
+    /// a browser: prints a link whose page decrypts in the browser (the key stays in the
+    /// link's #fragment, which browsers never send). Needs --server. Runs until Ctrl-C or
+    /// the relay's lifetime ends.
+    #[arg(help_heading = "Web", long, env = "THRU_WEB")]
+    pub web: bool,
+
+    /// With --web: no encryption, so curl can download (prints the commands). The server
+    /// sees names and contents.
+    #[arg(help_heading = "Web", long, env = "THRU_PLAIN", requires = "web")]
+    pub plain: bool,
+
+    /// With --web: also print the link as a QR code, for a phone.
+    #[arg(help_heading = "Web", long, env = "THRU_QR", requires = "web")]
+    pub qr: bool,
+
     /// Files sent at once, 1..8 (each a QUIC stream lane).
     #[arg(help_heading = "Tuning", long, env = "THRU_PARALLEL_FILES", default_value_t = 4,
           value_parser = clap::value_parser!(u8).range(1..=8))]
@@ -275,6 +291,20 @@ pub struct JoinArgs {
     /// that a finished transfer survives a power loss; the summary says how long it took.
     #[arg(help_heading = "Basics", long, env = "THRU_DURABLE")]
     pub durable: bool,
+
+    /// Receive one upload through the server's web relay (thruserv --web-relay): prints a
+    /// single-use link whose page encrypts in the browser. Needs --server; takes no CODE.
+    #[arg(help_heading = "Web", long, env = "THRU_WEB", conflicts_with = "code")]
+    pub web: bool,
+
+    /// With --web: accept an unencrypted upload from curl (`curl -T FILE URL`); the server
+    /// sees the name and contents.
+    #[arg(help_heading = "Web", long, env = "THRU_PLAIN", requires = "web")]
+    pub plain: bool,
+
+    /// With --web: also print the link as a QR code, for a phone.
+    #[arg(help_heading = "Web", long, env = "THRU_QR", requires = "web")]
+    pub qr: bool,
 
     /// LAN: the host's pairing address (IP or IP:PORT, as the host prints), skipping mDNS.
     #[arg(help_heading = "Network", long, env = "THRU_PEER", value_parser = parse_peer, value_name = "ADDR")]

@@ -27,3 +27,4 @@ pub mod rendezvous;
 pub mod space;
 pub mod transfer;
 pub mod ui;
+pub mod web;

@@ -230,6 +230,9 @@ async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
         std::fs::symlink_metadata(p)
             .map_err(|e| UsageError(format!("cannot read {}: {e}", p.display())))?;
     }
+    if args.web {
+        return web_host(args, ui).await;
+    }
     let setup = Setup::new(&args.net).await?;
     let mut opts = HostOptions::new(setup.local.clone());
     opts.max_receivers = args.max_receivers;
@@ -397,6 +400,51 @@ async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `thru host --web`: a relay link instead of a join code.
+async fn web_host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
+    let Some(server) = args.net.server.clone() else {
+        return Err(UsageError(
+            "--web shares through a thruserv web relay: give its URL with --server".into(),
+        )
+        .into());
+    };
+    let files = thru::web::collect(&args.paths).map_err(|e| UsageError(format!("{e:#}")))?;
+    let bytes = files.iter().map(|f| f.size).sum();
+    ui.offering(files.len() as u64, bytes);
+    let key = if args.plain {
+        ui.warn(
+            "--plain: not encrypted; the relay server can read every name and byte it \
+             carries (leave out --plain to encrypt in the browser)",
+        );
+        None
+    } else {
+        let mut k = [0u8; 32];
+        getrandom::fill(&mut k).context("no randomness for the link key")?;
+        Some(k)
+    };
+    let config = client_config(&server)?;
+    let (link, control) = thru::web::open_host(&server, &config, &files, key.as_ref())
+        .await
+        .context("opening the web link failed")?;
+    ui.web_link(&link.url, &link.curl);
+    if args.qr
+        && let Some(code) = thru::web::qr(&link.url)
+    {
+        eprintln!("{code}");
+    }
+    ui.say("Serving downloads through the relay — Ctrl-C to stop");
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("installing the Ctrl-C handler")?;
+    tokio::select! {
+        r = thru::web::serve(control, server, config, files, key) => {
+            let why = r?;
+            ui.say(&format!("The relay ended the link: {why}"));
+            Ok(())
+        }
+        _ = sigint.recv() => Err(Interrupted.into()),
+    }
+}
+
 async fn join(args: JoinArgs, ui: &Ui) -> anyhow::Result<()> {
     // Everything that can be checked here is checked before any network step, so that a
     // problem never uses up the code.
@@ -444,6 +492,9 @@ async fn join_checked(
 ) -> anyhow::Result<()> {
     let json = ui.mode() == thru::ui::Mode::Json;
     let terminal = std::io::stdin().is_terminal();
+    if args.web {
+        return web_join(args, ui, json, terminal).await;
+    }
     let text = match args.code.clone() {
         Some(c) => c,
         None if terminal && !json => tokio::task::spawn_blocking(ask_code)
@@ -496,6 +547,124 @@ async fn join_checked(
         remove_empty_dirs(&top);
     }
     result
+}
+
+/// `thru join --web`: one upload through a single-use relay link, under the receiver's rules.
+async fn web_join(args: JoinArgs, ui: &Ui, json: bool, terminal: bool) -> anyhow::Result<()> {
+    let Some(server) = args.net.server.clone() else {
+        return Err(UsageError(
+            "--web receives through a thruserv web relay: give its URL with --server".into(),
+        )
+        .into());
+    };
+    if !args.yes && (json || !terminal) {
+        return Err(UsageError(if json {
+            "--json: nobody is asked under --json; pass --yes".into()
+        } else {
+            "no terminal to ask on; pass --yes".into()
+        })
+        .into());
+    }
+    let created = prepare_out(&args.out)?;
+    let key = if args.plain {
+        ui.warn(
+            "--plain: not encrypted; the relay server can read the name and every byte of \
+             the upload (leave out --plain to have the browser encrypt it)",
+        );
+        None
+    } else {
+        let mut k = [0u8; 32];
+        getrandom::fill(&mut k).context("no randomness for the link key")?;
+        Some(k)
+    };
+    let config = client_config(&server)?;
+    let (link, control) = thru::web::open_receiver(&server, &config, key.as_ref())
+        .await
+        .context("opening the upload link failed")?;
+    ui.web_link(&link.url, &link.curl);
+    if args.qr
+        && let Some(code) = thru::web::qr(&link.url)
+    {
+        eprintln!("{code}");
+    }
+    ui.say("Waiting for the upload (the link works once) — Ctrl-C to stop");
+    let mut decide = WebDecide {
+        yes: args.yes,
+        policy: args.conflict_policy(),
+        out: args.out.clone(),
+    };
+    let result =
+        thru::web::receive_one(control, &server, &config, key, &args.out, &mut decide).await;
+    match result {
+        Ok(files) => {
+            let bytes: u64 = files.iter().map(|f| f.1).sum();
+            for (path, size) in &files {
+                ui.say(&format!("Received {} ({size} bytes)", path.display()));
+            }
+            ui.say(&format!(
+                "Done: {} file(s), {bytes} bytes, verified",
+                files.len()
+            ));
+            Ok(())
+        }
+        Err(e) => {
+            if let Some(top) = created {
+                remove_empty_dirs(&top);
+            }
+            Err(e.context("the upload was not received"))
+        }
+    }
+}
+
+/// The receiver's decisions for a web upload: the prompt and `--on-conflict`.
+struct WebDecide {
+    yes: bool,
+    policy: cli::OnConflict,
+    out: PathBuf,
+}
+
+fn ask_yes_no(question: &str) -> bool {
+    eprint!("{question} [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer).is_ok()
+        && matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes")
+}
+
+impl thru::web::Decide for WebDecide {
+    fn offer(&mut self, files: &[thru::web::Announced]) -> Result<(), String> {
+        if self.yes {
+            return Ok(());
+        }
+        let bytes: u64 = files.iter().map(|f| f.size).sum();
+        eprintln!(
+            "The uploader offers {} file(s), {bytes} bytes:",
+            files.len()
+        );
+        for f in files.iter().take(40) {
+            eprintln!("  {} ({} bytes)", thru::ui::safe_name(&f.name), f.size);
+        }
+        if ask_yes_no(&format!("Receive into {}?", self.out.display())) {
+            Ok(())
+        } else {
+            Err("the receiver declined".into())
+        }
+    }
+
+    fn clash(&mut self, path: &Path) -> Option<PathBuf> {
+        match self.policy {
+            cli::OnConflict::Overwrite => Some(path.to_path_buf()),
+            cli::OnConflict::Rename => (1..)
+                .map(|k| thru::transfer::numbered(path, k))
+                .find(|p| std::fs::symlink_metadata(p).is_err()),
+            cli::OnConflict::Skip => None,
+            cli::OnConflict::Ask if self.yes => None,
+            cli::OnConflict::Ask => {
+                ask_yes_no(&format!("{} exists here. Replace it?", path.display()))
+                    .then(|| path.to_path_buf())
+            }
+        }
+    }
 }
 
 /// Asks for the join code on the terminal without echoing it (as wormhole does): it is a

@@ -243,6 +243,20 @@ pub enum Event {
         #[serde(skip_serializing_if = "Option::is_none")]
         peer_hint: Option<String>,
     },
+    /// `--web`: the relay link to give out (host: a download link; joiner: an upload link).
+    WebLink {
+        /// The link; in end-to-end mode its `#fragment` is the key.
+        url: String,
+        /// `--plain`: curl commands that use the link.
+        curl: Vec<String>,
+        /// `e2e` or `plain`.
+        mode: &'static str,
+    },
+    /// Something the user should know that is not an error (`--web --plain`).
+    Warning {
+        /// What.
+        message: String,
+    },
     /// A peer paired (authenticated).
     Peer {
         /// This side's role.
@@ -580,6 +594,48 @@ impl Ui {
                 let mut out = io::stdout().lock();
                 let _ = write!(out, "{msg}");
                 let _ = out.flush();
+            }
+        }
+    }
+
+    /// `--web`: the relay link (and the curl commands in plain mode), on stdout even with
+    /// `--quiet`, like the join code.
+    pub fn web_link(&self, url: &str, curl: &[String]) {
+        let mode = if curl.is_empty() && url.contains('#') {
+            "e2e"
+        } else {
+            "plain"
+        };
+        match self.mode {
+            Mode::Json => emit_json(&Event::WebLink {
+                url: url.to_string(),
+                curl: curl.to_vec(),
+                mode,
+            }),
+            Mode::Human { .. } => {
+                let mut msg = format!("Link: {url}\n");
+                if !curl.is_empty() {
+                    msg.push_str("\nWith curl:\n");
+                    for c in curl {
+                        let _ = writeln!(msg, "  {c}");
+                    }
+                }
+                let mut out = io::stdout().lock();
+                let _ = write!(out, "{msg}");
+                let _ = out.flush();
+            }
+        }
+    }
+
+    /// A warning on stderr ("Warning: …"), shown even with `--quiet`; a `warning` event
+    /// under `--json`.
+    pub fn warn(&self, text: &str) {
+        match self.mode {
+            Mode::Json => emit_json(&Event::Warning {
+                message: safe_text(text),
+            }),
+            Mode::Human { .. } => {
+                let _ = writeln!(io::stderr().lock(), "Warning: {}", safe_text(text));
             }
         }
     }
@@ -2074,6 +2130,14 @@ mod tests {
                 hint: Some("h".into()),
                 exit_code: 1,
             },
+            Event::WebLink {
+                url: "https://relay.example/w/abc#key".into(),
+                curl: Vec::new(),
+                mode: "e2e",
+            },
+            Event::Warning {
+                message: "m".into(),
+            },
         ];
         // Exhaustive on purpose: a new event does not compile until it has a sample (and so a
         // documented entry).
@@ -2096,6 +2160,8 @@ mod tests {
                 | Event::Summary(_)
                 | Event::HostSummary { .. }
                 | Event::Benchmark { .. }
+                | Event::WebLink { .. }
+                | Event::Warning { .. }
                 | Event::Error { .. } => {}
             }
         }

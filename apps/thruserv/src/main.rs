@@ -173,6 +173,54 @@ struct Args {
     #[arg(long, env = "THRUSERV_REDIS", value_name = "URL")]
     redis: Option<String>,
 
+    /// Serve the web relay: browser and curl downloads from `thru host --web`, uploads to
+    /// `thru join --web`. Off by default; off, thruserv never carries file data.
+    #[arg(help_heading = "Web relay", long, env = "THRUSERV_WEB_RELAY")]
+    web_relay: bool,
+
+    /// Most live relay links (0 disables the cap).
+    #[arg(
+        help_heading = "Web relay",
+        long,
+        env = "THRUSERV_RELAY_MAX",
+        default_value_t = 100
+    )]
+    relay_max: usize,
+
+    /// Most live relay links opened from one client IP (IPv6: per /64; 0 disables).
+    #[arg(
+        help_heading = "Web relay",
+        long,
+        env = "THRUSERV_RELAY_MAX_PER_IP",
+        default_value_t = 4
+    )]
+    relay_max_per_ip: usize,
+
+    /// Most bytes one relay link carries in its life, all downloads together (0 disables).
+    #[arg(help_heading = "Web relay", long, env = "THRUSERV_RELAY_MAX_BYTES", default_value = "64GiB",
+          value_parser = parse_size)]
+    relay_max_bytes: u64,
+
+    /// Bytes per second one relay link carries, all its streams together (0 disables).
+    #[arg(help_heading = "Web relay", long, env = "THRUSERV_RELAY_RATE", default_value = "0",
+          value_parser = parse_size)]
+    relay_rate: u64,
+
+    /// Most downloads (or uploads) in flight on one relay link at once.
+    #[arg(help_heading = "Web relay", long, env = "THRUSERV_RELAY_MAX_STREAMS", default_value_t = 4,
+          value_parser = clap::value_parser!(u64).range(1..=64))]
+    relay_max_streams: u64,
+
+    /// Cut a relay stream, or a request waiting for its sender, that moves no byte this long.
+    #[arg(help_heading = "Web relay", long, env = "THRUSERV_RELAY_IDLE_TIMEOUT", default_value = "60s",
+          value_parser = parse_nonzero_duration)]
+    relay_idle_timeout: Duration,
+
+    /// End a relay link this long after it was opened, whatever its activity.
+    #[arg(help_heading = "Web relay", long, env = "THRUSERV_RELAY_LIFETIME", default_value = "24h",
+          value_parser = parse_nonzero_duration)]
+    relay_lifetime: Duration,
+
     /// On SIGTERM, how long to wait for connections to close after telling them.
     #[arg(long, env = "THRUSERV_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
     shutdown_grace: Duration,
@@ -271,6 +319,14 @@ fn config_from(args: &Args) -> ServerConfig {
     c.shutdown_grace = args.shutdown_grace;
     c.server_name = format!("thruserv/{}", env!("CARGO_PKG_VERSION"));
     c.redis_url = args.redis.clone().map(RedisUrl);
+    c.relay.enabled = args.web_relay;
+    c.relay.max_relays = args.relay_max;
+    c.relay.max_relays_per_ip = args.relay_max_per_ip;
+    c.relay.max_bytes = args.relay_max_bytes;
+    c.relay.rate = args.relay_rate;
+    c.relay.max_streams = args.relay_max_streams as usize;
+    c.relay.idle_timeout = args.relay_idle_timeout;
+    c.relay.lifetime = args.relay_lifetime;
     if args.allow_loopback_candidates {
         warn!("--allow-loopback-candidates is on: for tests and local development only");
     }
@@ -332,6 +388,26 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 10m, 1h)"))
 }
 
+/// Parses `4096`, `64KiB`, `10MiB`, `64GiB` (powers of 1024; `K`, `KB` and `KiB` alike).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (examples: 0, 64KiB, 10MiB, 64GiB)"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(format!("unknown size unit in {s:?} (use K, M, G or T)")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
 fn parse_nonzero_duration(s: &str) -> Result<Duration, String> {
     match parse_duration(s)? {
         d if d.is_zero() => Err("must be greater than zero".into()),
@@ -368,6 +444,22 @@ mod tests {
         assert_eq!(a.max_sessions_per_ip, 20);
         assert_eq!(a.ws_idle_timeout, Duration::from_secs(600));
         assert_eq!(a.pre_pairing_bytes_per_ip, 256 * 1024);
+        // The relay's documented defaults, and they are the library's.
+        let (c, d) = (
+            config_from(&a).relay,
+            flux_signal::server::RelayConfig::default(),
+        );
+        assert!(!c.enabled);
+        assert_eq!(
+            (c.max_relays, c.max_relays_per_ip),
+            (d.max_relays, d.max_relays_per_ip)
+        );
+        assert_eq!(
+            (c.max_bytes, c.rate, c.max_streams),
+            (d.max_bytes, d.rate, d.max_streams)
+        );
+        assert_eq!((c.idle_timeout, c.lifetime), (d.idle_timeout, d.lifetime));
+        assert_eq!(parse_size("10MiB"), Ok(10 << 20));
         assert_eq!(
             config_from(&a).pre_pairing_bytes_per_ip,
             ServerConfig::default().pre_pairing_bytes_per_ip

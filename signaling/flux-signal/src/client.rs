@@ -370,6 +370,26 @@ impl SignalClient {
     }
 }
 
+/// The transport under a [`connect_relay`] WebSocket: TCP, or TLS over TCP.
+pub type RelayStream = ClientStream;
+
+/// Opens a WebSocket to `path` on the server of `url` (its own path is ignored), with
+/// binary frames up to 1 MiB: the web relay's control and data connections.
+pub async fn connect_relay(
+    url: &str,
+    path: &str,
+    config: &ClientConfig,
+) -> Result<WebSocketStream<RelayStream>, ClientError> {
+    let mut target = Target::parse(url)?;
+    target.path = path.to_string();
+    let mut config = config.clone();
+    config.max_message_bytes = config.max_message_bytes.max(1 << 20);
+    let limit = config.timeout;
+    timeout(limit, open(&target, &config))
+        .await
+        .map_err(|_| ClientError::Timeout(limit))?
+}
+
 /// Turns one WebSocket read into a message, `None` for frames to skip.
 fn decode_frame(
     frame: Option<Result<Message, tungstenite::Error>>,
@@ -543,6 +563,8 @@ async fn open(
         ClientStream::Plain(tcp)
     };
     let ws_config = WebSocketConfig::default()
+        // Frames are sent as soon as written: relay data must not pile up in a buffer.
+        .write_buffer_size(0)
         // Signaling messages are small; the buffer grows when one is not.
         .read_buffer_size(8 * 1024)
         .max_message_size(Some(config.max_message_bytes))
@@ -584,8 +606,11 @@ async fn connect_tcp(addr: SocketAddr, local_ip: Option<IpAddr>) -> io::Result<T
 }
 
 /// TCP, optionally inside TLS.
-enum ClientStream {
+#[doc(hidden)]
+pub enum ClientStream {
+    /// Plain TCP.
     Plain(TcpStream),
+    /// TLS over TCP.
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 

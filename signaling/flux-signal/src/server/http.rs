@@ -5,7 +5,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use flux_signal_proto::{ErrorCode, WS_PATH};
-use http_body_util::Full;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt as _, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::server::conn::http1;
@@ -16,21 +17,34 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tracing::debug;
 
-use super::conn;
 use super::metrics::Gauges;
 use super::state::Shared;
+use super::{conn, relay};
 
-type Body = Full<Bytes>;
+/// Every response body: whole (pages, JSON) or a relay pipe.
+pub(crate) type Body = BoxBody<Bytes, std::io::Error>;
+
+/// A whole body.
+pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
 
 /// Serves the HTTP side of one connection: a WebSocket upgrade, or one plain request
 /// answered with `Connection: close`. The caller bounds the time it may take.
-pub(crate) async fn serve<IO>(io: IO, peer: SocketAddr, shared: Arc<Shared>)
-where
+pub(crate) async fn serve<IO>(
+    io: IO,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    long_lived: Arc<std::sync::atomic::AtomicBool>,
+) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |req| {
         let shared = shared.clone();
-        async move { Ok::<_, Infallible>(route(req, peer, &shared).await) }
+        let long_lived = long_lived.clone();
+        async move { Ok::<_, Infallible>(route(req, peer, &shared, &long_lived).await) }
     });
     let result = http1::Builder::new()
         // Keep-alive must stay on: with it off hyper rewrites `Connection: Upgrade` on the
@@ -46,7 +60,20 @@ where
     }
 }
 
-async fn route(req: Request<Incoming>, peer: SocketAddr, shared: &Arc<Shared>) -> Response<Body> {
+async fn route(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    long_lived: &std::sync::atomic::AtomicBool,
+) -> Response<Body> {
+    if shared.relays.config.enabled && relay::is_relay_path(req.uri().path()) {
+        let ip = client_ip(
+            req.headers(),
+            peer,
+            shared.config.is_trusted_proxy(peer.ip()),
+        );
+        return relay::route(req, ip, shared, long_lived).await;
+    }
     match (req.method(), req.uri().path()) {
         // A fleet instance that cannot reach Redis reports unhealthy so that the load
         // balancer sends new clients elsewhere; its open connections go on.
@@ -63,11 +90,13 @@ async fn route(req: Request<Incoming>, peer: SocketAddr, shared: &Arc<Shared>) -
                 ws_connections: shared.ws_connections(),
                 pending_handshakes: shared.pending_handshakes(),
                 sessions: shared.live_sessions(),
+                relays: shared.relays.live(),
+                relay_streams: shared.relays.streams(),
             };
             text(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
-                shared.metrics.render(&gauges),
+                shared.metrics.render(&gauges, &shared.relays.metrics),
             )
         }
         (_, WS_PATH) => upgrade(req, peer, shared).await,
@@ -193,7 +222,7 @@ fn client_ip(headers: &HeaderMap, peer: SocketAddr, trust_forwarded_for: bool) -
     peer.ip().to_canonical()
 }
 
-fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+pub(crate) fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
     headers
         .get_all(name)
         .iter()
@@ -209,7 +238,7 @@ fn refuse(shared: &Shared, status: StatusCode, code: ErrorCode, message: &str) -
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
-    let mut resp = Response::new(Body::new(Bytes::from(body)));
+    let mut resp = Response::new(full(body));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));

@@ -53,6 +53,8 @@ pub(crate) struct Gauges {
     pub(crate) ws_connections: usize,
     pub(crate) pending_handshakes: usize,
     pub(crate) sessions: usize,
+    pub(crate) relays: usize,
+    pub(crate) relay_streams: usize,
 }
 
 impl Metrics {
@@ -78,7 +80,7 @@ impl Metrics {
         }
     }
 
-    pub(crate) fn render(&self, g: &Gauges) -> String {
+    pub(crate) fn render(&self, g: &Gauges, relay: &super::RelayMetrics) -> String {
         let mut out = String::with_capacity(4096);
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let mut gauge = |name: &str, help: &str, value: u64| {
@@ -102,6 +104,16 @@ impl Metrics {
             "Live sessions.",
             g.sessions as u64,
         );
+        gauge(
+            "thruserv_relays_active",
+            "Live web relay links (0 without --web-relay).",
+            g.relays as u64,
+        );
+        gauge(
+            "thruserv_relay_streams_active",
+            "Web relay downloads and uploads in flight.",
+            g.relay_streams as u64,
+        );
         let mut counter = |name: &str, help: &str, value: u64| {
             let _ = writeln!(
                 out,
@@ -117,6 +129,36 @@ impl Metrics {
             "thruserv_sessions_created_total",
             "Sessions created.",
             load(&self.sessions_created),
+        );
+        counter(
+            "thruserv_relays_opened_total",
+            "Web relay links opened.",
+            load(&relay.opened),
+        );
+        counter(
+            "thruserv_relays_refused_total",
+            "Web relay opens refused by the relay limits.",
+            load(&relay.refused),
+        );
+        counter(
+            "thruserv_relay_streams_total",
+            "Web relay downloads and uploads started.",
+            load(&relay.streams),
+        );
+        counter(
+            "thruserv_relay_streams_cut_total",
+            "Web relay streams refused or cut by a limit or timeout.",
+            load(&relay.cut),
+        );
+        counter(
+            "thruserv_relay_bytes_total",
+            "Bytes carried by the web relay (ciphertext in end-to-end mode).",
+            load(&relay.bytes),
+        );
+        counter(
+            "thruserv_relay_not_found_total",
+            "Requests for unknown, used or expired relay links.",
+            load(&relay.not_found),
         );
         counter(
             "thruserv_joins_total",

@@ -8,7 +8,8 @@
 //! a fleet of instances behind a load balancer (see `fleet`).
 //!
 //! Routes: `GET /healthz` (200 `ok`; 503 while a fleet instance cannot reach Redis), `GET /metrics` (Prometheus text) and the WebSocket
-//! endpoint [`flux_signal_proto::WS_PATH`]. Every other path is 404. Plain responses close
+//! endpoint [`flux_signal_proto::WS_PATH`]; with [`RelayConfig::enabled`] also the web relay
+//! routes (`/w/…`, `/u/…`, `/v1/relay/…`, see `relay`). Every other path is 404. Plain responses close
 //! the connection, and no connection stays in its HTTP phase longer than
 //! [`ServerConfig::handshake_timeout`].
 
@@ -19,8 +20,10 @@ mod fleet_lua;
 mod http;
 mod limits;
 mod metrics;
+mod relay;
 mod state;
 mod store;
+mod web;
 
 use std::future::Future;
 use std::io;
@@ -35,6 +38,7 @@ use tracing::{debug, info, warn};
 
 pub use self::cidr::{Cidr, ParseCidrError};
 pub use self::metrics::Metrics;
+pub use self::relay::{RelayConfig, RelayMetrics};
 use self::state::Shared;
 use self::store::Store;
 
@@ -104,6 +108,8 @@ pub struct ServerConfig {
     /// `redis://` or `rediss://` URL of the store shared by a fleet of instances; `None`
     /// (the default) keeps sessions in this process.
     pub redis_url: Option<RedisUrl>,
+    /// The opt-in web relay (`--web-relay`); off by default.
+    pub relay: RelayConfig,
 }
 
 /// A Redis URL. Its `Debug` and `Display` leave out the user name and password, so a logged
@@ -160,6 +166,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(5),
             server_name: format!("flux-signal/{}", env!("CARGO_PKG_VERSION")),
             redis_url: None,
+            relay: RelayConfig::default(),
         }
     }
 }
@@ -365,16 +372,31 @@ fn spawn_connection(
         let _pending = pending;
         let _ = tcp.set_nodelay(true);
         let limit = shared.config.handshake_timeout;
-        let served = tokio::time::timeout(limit, async {
+        // A relay stream outlives the handshake deadline; it has its own idle timeout.
+        let long_lived = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let serve = async {
             match tls {
                 Some(acceptor) => match acceptor.accept(tcp).await {
-                    Ok(stream) => http::serve(stream, peer, shared.clone()).await,
+                    Ok(stream) => {
+                        http::serve(stream, peer, shared.clone(), long_lived.clone()).await;
+                    }
                     Err(error) => debug!(%peer, %error, "TLS handshake failed"),
                 },
-                None => http::serve(tcp, peer, shared.clone()).await,
+                None => http::serve(tcp, peer, shared.clone(), long_lived.clone()).await,
             }
-        })
-        .await;
+        };
+        tokio::pin!(serve);
+        let served = tokio::select! {
+            () = &mut serve => Ok(()),
+            () = tokio::time::sleep(limit) => Err(()),
+        };
+        let served = match served {
+            Err(()) if long_lived.load(std::sync::atomic::Ordering::Acquire) => {
+                serve.await;
+                Ok(())
+            }
+            other => other,
+        };
         if served.is_err() {
             shared
                 .metrics

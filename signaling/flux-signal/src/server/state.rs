@@ -28,6 +28,7 @@ pub(crate) struct Shared {
     pub(crate) limiters: Limiters,
     pub(crate) shutdown: watch::Receiver<bool>,
     pub(crate) store: Store,
+    pub(crate) relays: super::relay::Relays,
     sessions: Mutex<HashMap<RoutingId, Session>>,
     ws_connections: AtomicUsize,
     pending_handshakes: AtomicUsize,
@@ -120,6 +121,7 @@ pub(crate) struct Created {
 impl Shared {
     pub(crate) fn new(config: ServerConfig, shutdown: watch::Receiver<bool>, store: Store) -> Self {
         Self {
+            relays: super::relay::Relays::new(config.relay.clone()),
             store,
             limiters: Limiters::new(&config),
             metrics: Arc::new(Metrics::default()),
