@@ -175,8 +175,26 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct HostArgs {
     /// Files and directories to offer.
-    #[arg(required = true, value_name = "PATH")]
+    #[arg(required_unless_present = "text", value_name = "PATH")]
     pub paths: Vec<PathBuf>,
+
+    /// Send a short text instead of files (at most 64 KiB; `-` reads it from stdin). The
+    /// joiner prints it to stdout after the same pairing and prompt as for files.
+    #[arg(
+        help_heading = "Basics",
+        long,
+        conflicts_with = "paths",
+        value_name = "TEXT"
+    )]
+    pub text: Option<String>,
+
+    /// Compress file data with zstd: `auto` samples each file and compresses only where it
+    /// pays (never media, archives or random data), `on` wherever a chunk gets smaller, `off`
+    /// never. Chunks are hashed as plain bytes, so resume and skipping are unaffected; a
+    /// joiner too old for compression simply gets plain bytes.
+    #[arg(help_heading = "Tuning", long, env = "THRU_COMPRESS", value_enum,
+          default_value_t = CompressChoice::Auto, value_name = "WHEN")]
+    pub compress: CompressChoice,
 
     /// Receivers served before exiting (each pairs separately with the same code). The
     /// default, 1, exits after the first transfer, as croc and wormhole do.
@@ -313,6 +331,18 @@ pub struct JoinArgs {
     /// Shared network and engine flags.
     #[command(flatten)]
     pub net: NetArgs,
+}
+
+/// `--compress`: when the host compresses file data.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq, clap::ValueEnum)]
+pub enum CompressChoice {
+    /// Where a sample of each file shows it pays.
+    #[default]
+    Auto,
+    /// Every chunk that gets smaller.
+    On,
+    /// Never.
+    Off,
 }
 
 /// `--on-conflict`: what happens to a file that is already at the destination with other
@@ -649,6 +679,10 @@ mod tests {
         assert!(e.to_string().contains("--parallel-files"), "{e}");
         let e = Cli::try_parse_from(["thru", "host"]).unwrap_err();
         assert!(e.to_string().contains("PATH"), "{e}");
+        let e = Cli::try_parse_from(["thru", "host", "x", "--text", "hi"]).unwrap_err();
+        assert!(e.to_string().contains("--text"), "{e}");
+        let e = Cli::try_parse_from(["thru", "host", "x", "--compress", "max"]).unwrap_err();
+        assert!(e.to_string().contains("--compress"), "{e}");
         let e = Cli::try_parse_from(["thru", "join", "--io-driver", "magic"]).unwrap_err();
         assert!(e.to_string().contains("--io-driver"), "{e}");
     }

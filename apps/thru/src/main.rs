@@ -224,8 +224,43 @@ fn check_server_url(net: &NetArgs) -> Result<(), UsageError> {
     }
 }
 
+/// The text of `--text`: the argument, or stdin for `-`; over the limit or not UTF-8 is a
+/// usage error.
+fn read_text(arg: &str) -> Result<String, UsageError> {
+    use std::io::Read as _;
+    let limit = flux_wire::MAX_MESSAGE_BYTES;
+    let text = if arg == "-" {
+        let mut buf = Vec::new();
+        std::io::stdin()
+            .lock()
+            .take(limit as u64 + 1)
+            .read_to_end(&mut buf)
+            .map_err(|e| UsageError(format!("--text -: reading stdin: {e}")))?;
+        if buf.len() > limit {
+            return Err(UsageError(format!(
+                "--text -: stdin holds more than {limit} bytes (64 KiB), the limit for a text; \
+                 send it as a file instead (thru host -)"
+            )));
+        }
+        String::from_utf8(buf).map_err(|_| {
+            UsageError("--text -: stdin is not UTF-8 text; send it as a file".into())
+        })?
+    } else {
+        arg.to_owned()
+    };
+    if text.len() > limit {
+        return Err(UsageError(format!(
+            "--text: the text is {} bytes; the limit is {limit} bytes (64 KiB): send it as a \
+             file instead",
+            text.len()
+        )));
+    }
+    Ok(text)
+}
+
 async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
     check_server_url(&args.net)?;
+    let text = args.text.as_deref().map(read_text).transpose()?;
     for p in &args.paths {
         std::fs::symlink_metadata(p)
             .map_err(|e| UsageError(format!("cannot read {}: {e}", p.display())))?;
@@ -262,18 +297,30 @@ async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
             .map_or(IpAddr::from([127, 0, 0, 1]), |s| s.ip());
         SocketAddr::new(ip, a.port()).to_string()
     });
-    let job = setup.job(
+    let text_len = text.as_ref().map(|t| t.len() as u64);
+    let mut job = setup.job(
         Job::Send {
             paths: args.paths.clone(),
+            text,
         },
         &args.net,
         args.chunk_size,
         Some(args.parallel_files),
     );
+    job.tuning.compress = match args.compress {
+        cli::CompressChoice::Auto => flux_transfer::Compress::Auto,
+        cli::CompressChoice::On => flux_transfer::Compress::On,
+        cli::CompressChoice::Off => flux_transfer::Compress::Off,
+    };
     let (notes_tx, mut notes) = tokio::sync::mpsc::unbounded_channel();
     let engine = HostEngine::start(&job, args.max_receivers as usize, ui, notes_tx)?;
-    let (files, bytes) = engine.offered();
-    ui.offering(files, bytes);
+    match text_len {
+        Some(n) => ui.offering_text(n),
+        None => {
+            let (files, bytes) = engine.offered();
+            ui.offering(files, bytes);
+        }
+    }
     ui.code(session.code(), args.words, args.net.server.as_deref(), hint);
     let max = u64::from(args.max_receivers);
     ui.waiting(0, max);
@@ -888,6 +935,7 @@ impl Setup {
                 disk: net.disk,
                 cores: net.cores,
                 benchmark: net.benchmark,
+                compress: flux_transfer::Compress::default(),
                 ice: self.ice.clone(),
             },
             stopper: thru::transfer::Stopper::default(),

@@ -70,10 +70,12 @@ pub enum DiskChoice {
 /// What this side does.
 #[derive(Clone, Debug)]
 pub enum Job {
-    /// Host: offer these files and directories.
+    /// Host: offer these files and directories, or a text.
     Send {
         /// As given on the command line (checked to exist).
         paths: Vec<PathBuf>,
+        /// `--text`: a short text sent instead of files (checked against the limit).
+        text: Option<String>,
     },
     /// Joiner: receive into `out`.
     Receive {
@@ -115,6 +117,8 @@ pub struct Tuning {
     pub cores: Option<u16>,
     /// `--benchmark`.
     pub benchmark: bool,
+    /// `--compress` (host).
+    pub compress: flux_transfer::Compress,
     /// STUN and TURN servers for ICE (with a signaling server); `None` on a LAN.
     pub ice: Option<IceServers>,
 }
@@ -411,6 +415,7 @@ fn net_config(job: &TransferJob) -> NetConfig {
     if let Some(p) = t.parallel_files {
         cfg.sender.parallel_files = u16::from(p);
     }
+    cfg.sender.compress = t.compress;
     cfg
 }
 
@@ -470,8 +475,9 @@ impl Files {
         !done
     }
 
-    /// `len` bytes of `file` crossed the network.
-    fn sent(&mut self, file: u32, len: u64) {
+    /// `len` bytes of `file` crossed the network, as `wire` bytes of payload.
+    fn sent(&mut self, file: u32, len: u64, wire: u64) {
+        self.progress.wire(wire);
         if self.start(file) {
             self.progress.sent(u64::from(file), len);
             self.sender_check(file, false);
@@ -531,10 +537,12 @@ struct Bench {
     first_byte: Option<Duration>,
     seconds: Vec<u64>,
     bytes: u64,
+    wire: u64,
 }
 
 impl Bench {
-    fn chunk(&mut self, at: Instant, len: u64) {
+    fn chunk(&mut self, at: Instant, len: u64, wire: u64) {
+        self.wire += wire;
         let Some(start) = self.start else { return };
         let t = at.saturating_duration_since(start);
         self.first_byte.get_or_insert(t);
@@ -570,6 +578,7 @@ impl Bench {
             peer: peer.to_string(),
             side,
             bytes: self.bytes,
+            wire_bytes: self.wire,
             avg_gbit_s: avg,
             peak_1s_gbit_s: peak,
             connect_ms: self.connected.map(|d| d.as_secs_f64() * 1e3),
@@ -766,6 +775,8 @@ fn receive_from(
     };
     let mut connected = false;
     let mut files: Option<Files> = None;
+    // `thru host --text`: the text, once accepted; printed when the transfer succeeded.
+    let mut shown_text: Option<Arc<str>> = None;
     let mut verdict: Option<TransferError> = None;
     let mut ended: Option<(Option<String>, net::ConnReport)> = None;
     let mut ice_failed: Option<String> = None;
@@ -827,8 +838,35 @@ fn receive_from(
                 bench.connected = bench.start.map(|s| at.saturating_duration_since(s));
             }
             NetEvent::Offer {
+                text: Some(text), ..
+            } => {
+                job.stopper.prompt(true);
+                let decision = ui.confirm_text(text.len() as u64, rx.yes);
+                job.stopper.prompt(false);
+                match decision {
+                    Ok(true) => {
+                        let _ = commands.send(Command::Accept);
+                        shown_text = Some(text);
+                        bench.start = Some(Instant::now());
+                    }
+                    Ok(false) => {
+                        let _ = commands.send(Command::Reject("the user answered no".into()));
+                        verdict = Some(TransferError::Refused);
+                    }
+                    Err(e) => {
+                        let _ =
+                            commands.send(Command::Reject("the receiver could not accept".into()));
+                        verdict = Some(match e {
+                            ui::PromptError::NotATerminal => TransferError::NotATerminal,
+                            _ => TransferError::Refused,
+                        });
+                    }
+                }
+            }
+            NetEvent::Offer {
                 manifest,
                 mut local,
+                text: None,
             } => {
                 if rx.browse {
                     ui.listing(&manifest, &crate::choose::tree(&manifest));
@@ -911,9 +949,14 @@ fn receive_from(
                 }
             }
             NetEvent::Transfer { event, at, .. } => match (event, files.as_mut()) {
-                (Event::ChunkVerified { file, len, .. }, Some(f)) => {
-                    f.sent(file, u64::from(len));
-                    bench.chunk(at, u64::from(len));
+                (
+                    Event::ChunkVerified {
+                        file, len, wire, ..
+                    },
+                    Some(f),
+                ) => {
+                    f.sent(file, u64::from(len), u64::from(wire));
+                    bench.chunk(at, u64::from(len), u64::from(wire));
                 }
                 (Event::FileComplete { file }, Some(f)) => f.complete(file, false),
                 (Event::FileSkipped { file }, Some(f)) => f.complete(file, true),
@@ -962,6 +1005,26 @@ fn receive_from(
     }
     if listed {
         return Ok(Ok(None));
+    }
+    if let Some(text) = shown_text {
+        ui.show_text(&paired.peer_label, &text);
+        let (route, path) = route_of(ended.as_ref().map(|(_, s)| s));
+        let bytes = text.len() as u64;
+        return Ok(Ok(Some(Summary {
+            peer: paired.peer_label.clone(),
+            side: ui::Side::Receiving,
+            files: 0,
+            up_to_date: 0,
+            bytes,
+            sent_bytes: bytes,
+            wire_bytes: bytes,
+            resumed_bytes: 0,
+            seconds: bench.start.map_or(0.0, |s| s.elapsed().as_secs_f64()),
+            route,
+            path,
+            synced_seconds: None,
+            left_out: 0,
+        })));
     }
     let Some(f) = files else {
         return Err(TransferError::Failed(
@@ -1288,7 +1351,7 @@ impl HostEngine {
         ui: &Ui,
         notes: tokio::sync::mpsc::UnboundedSender<HostNote>,
     ) -> Result<Self, TransferError> {
-        let Job::Send { paths } = &job.job else {
+        let Job::Send { paths, text } = &job.job else {
             return Err(TransferError::Failed(
                 "HostEngine sends; use run_transfer to receive".into(),
             ));
@@ -1297,12 +1360,23 @@ impl HostEngine {
             .tuning
             .chunk_size
             .map(|c| u32::try_from(c).unwrap_or(u32::MAX));
-        let share =
-            flux_peer::scan::scan(paths, chunk).map_err(|e| failed("snapshot sender failed", e))?;
+        let share = match text {
+            // A text travels before an empty manifest: the rest of the exchange (accept,
+            // complete, close) is that of an empty share.
+            Some(_) => flux_peer::scan::Share {
+                manifest: Manifest::new(Vec::new(), flux_transfer::manifest::auto_chunk_size(0))
+                    .map_err(|e| failed("empty share", e))?,
+                sources: Vec::new(),
+            },
+            None => flux_peer::scan::scan(paths, chunk)
+                .map_err(|e| failed("snapshot sender failed", e))?,
+        };
         let manifest = Arc::new(share.manifest);
         let offered = (manifest.file_count() as u64, manifest.total_bytes());
         let allowed = Arc::new(AllowList::new());
         let mut cfg = net_config(job);
+        cfg.sender.text = text.as_deref().map(Arc::from);
+        let text_len = text.as_ref().map(|t| t.len() as u64);
         cfg.allowed_joiners = Some(allowed.clone());
         cfg.max_receivers = max_receivers.max(1);
         cfg.serve = None;
@@ -1320,6 +1394,7 @@ impl HostEngine {
         let events = std::thread::spawn(move || {
             let ctx = HostCtx {
                 manifest: &manifest,
+                text: text_len,
                 labels: &labels2,
                 links: &links2,
                 commands: &commands2,
@@ -1428,6 +1503,8 @@ struct HostLink {
 /// What the host's event thread works with.
 struct HostCtx<'a> {
     manifest: &'a Arc<Manifest>,
+    /// `--text`: its length (nothing to show per file; one line at the end).
+    text: Option<u64>,
     labels: &'a Mutex<HashMap<Fingerprint, String>>,
     links: &'a Mutex<HashMap<u64, HostLink>>,
     commands: &'a crossbeam_channel::Sender<Command>,
@@ -1467,6 +1544,7 @@ fn host_events(events: &crossbeam_channel::Receiver<NetEvent>, ctx: &HostCtx<'_>
     }
     let HostCtx {
         manifest,
+        text,
         labels,
         ui,
         bench,
@@ -1582,9 +1660,14 @@ fn host_events(events: &crossbeam_channel::Receiver<NetEvent>, ctx: &HostCtx<'_>
                         f.chosen = p.selected.take();
                         p.files = Some(f);
                     }
-                    (Event::ChunkSent { file, len, .. }, Some(f)) => {
-                        f.sent(file, u64::from(len));
-                        p.bench.chunk(at, u64::from(len));
+                    (
+                        Event::ChunkSent {
+                            file, len, wire, ..
+                        },
+                        Some(f),
+                    ) => {
+                        f.sent(file, u64::from(len), u64::from(wire));
+                        p.bench.chunk(at, u64::from(len), u64::from(wire));
                     }
                     (Event::ResumeChecked { file, bytes, .. }, Some(f)) => f.held(file, bytes),
                     _ => {}
@@ -1604,6 +1687,12 @@ fn host_events(events: &crossbeam_channel::Receiver<NetEvent>, ctx: &HostCtx<'_>
                     continue;
                 }
                 let result = match (error, p.files) {
+                    (None, Some(f)) if text.is_some() => {
+                        f.progress.abandon();
+                        let (route, _) = route_of(Some(&stats));
+                        let secs = p.bench.start.map_or(0.0, |s| s.elapsed().as_secs_f64());
+                        Ok(ui.text_sent(&p.label, text.unwrap_or(0), secs, route))
+                    }
                     (None, Some(mut f)) => {
                         f.complete_all();
                         let (route, path) = route_of(Some(&stats));

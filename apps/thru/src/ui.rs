@@ -178,6 +178,9 @@ pub struct Summary {
     pub bytes: u64,
     /// Payload bytes that crossed the network in this run.
     pub sent_bytes: u64,
+    /// What those bytes took on the wire: below `sent_bytes` when chunks were compressed
+    /// (`--compress`).
+    pub wire_bytes: u64,
     /// Payload bytes the receiver already held in partly received files (resumed);
     /// up-to-date files are not counted here.
     pub resumed_bytes: u64,
@@ -230,6 +233,9 @@ pub enum Event {
         files: u64,
         /// Total bytes.
         bytes: u64,
+        /// `thru host --text`: the text's length in bytes (then `files` and `bytes` are 0).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        text_bytes: Option<u64>,
     },
     /// The join code to give the receiver.
     Code {
@@ -323,6 +329,15 @@ pub enum Event {
         /// Every link with its target.
         links: Vec<OfferedLink>,
     },
+    /// Receiver: the text the host sent (`thru host --text`), once accepted.
+    Text {
+        /// The peer.
+        peer: String,
+        /// The text, as sent (JSON-escaped).
+        text: String,
+        /// Its length in bytes.
+        bytes: u64,
+    },
     /// The offer was accepted (receiver: by this side; host: by `peer`).
     Accepted {
         /// The peer.
@@ -414,6 +429,8 @@ pub enum Event {
         /// Payload bytes that crossed the network in this run (resumed and skipped data
         /// excluded).
         bytes: u64,
+        /// What those bytes took on the wire (less when compressed).
+        wire_bytes: u64,
         /// Average payload rate over the transfer.
         avg_gbit_s: f64,
         /// Best one-second payload rate (never below the average: a transfer shorter than
@@ -643,13 +660,107 @@ impl Ui {
     /// Host: "Offering 7 files, 48.0 MiB".
     pub fn offering(&self, files: u64, bytes: u64) {
         match self.mode {
-            Mode::Json => emit_json(&Event::Offering { files, bytes }),
+            Mode::Json => emit_json(&Event::Offering {
+                files,
+                bytes,
+                text_bytes: None,
+            }),
             Mode::Human { .. } => self.say(&format!(
                 "Offering {}, {}",
                 plural(files, "file", "files"),
                 HumanBytes(bytes)
             )),
         }
+    }
+
+    /// Host: "Offering a text of 12 B" (`--text`).
+    pub fn offering_text(&self, bytes: u64) {
+        match self.mode {
+            Mode::Json => emit_json(&Event::Offering {
+                files: 0,
+                bytes: 0,
+                text_bytes: Some(bytes),
+            }),
+            Mode::Human { .. } => self.say(&format!("Offering a text of {}", HumanBytes(bytes))),
+        }
+    }
+
+    /// Receiver: asks whether to show the text the host offers (`yes`: without asking).
+    pub fn confirm_text(&self, bytes: u64, yes: bool) -> Result<bool, PromptError> {
+        let interactive = io::stdin().is_terminal() && self.mode != Mode::Json;
+        let mut err = io::stderr();
+        let quiet = self.mode == Mode::Json || self.quiet;
+        let mut sink = io::sink();
+        let out: &mut dyn Write = if quiet { &mut sink } else { &mut err };
+        writeln!(out, "The sender offers a text of {}.", HumanBytes(bytes))?;
+        if yes {
+            writeln!(out, "Accepted (--yes).")?;
+            return Ok(true);
+        }
+        if !interactive {
+            return Err(PromptError::NotATerminal);
+        }
+        write!(out, "Show it? [y/N] ")?;
+        out.flush()?;
+        let mut line = String::new();
+        io::stdin().lock().read_line(&mut line)?;
+        let answer = line.trim().to_ascii_lowercase();
+        Ok(answer == "y" || answer == "yes")
+    }
+
+    /// Receiver: prints the host's text on stdout. To a pipe or file it goes exactly as sent;
+    /// on a terminal, control characters other than newlines and tabs are escaped (a text
+    /// must not be able to drive the terminal), and a final newline is added. Under `--json`
+    /// it is the `text` event.
+    pub fn show_text(&self, peer: &str, text: &str) {
+        if self.mode == Mode::Json {
+            return emit_json(&Event::Text {
+                peer: peer.to_string(),
+                text: text.to_string(),
+                bytes: text.len() as u64,
+            });
+        }
+        let mut out = io::stdout().lock();
+        if io::stdout().is_terminal() {
+            let shown: String = text
+                .split('\n')
+                .map(|line| {
+                    line.split('\t')
+                        .map(safe_text)
+                        .collect::<Vec<_>>()
+                        .join("\t")
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            let _ = writeln!(out, "{}", shown.trim_end_matches('\n'));
+        } else {
+            let _ = out.write_all(text.as_bytes());
+        }
+        let _ = out.flush();
+    }
+
+    /// Host: the text went to `peer`; the summary of a text transfer.
+    pub fn text_sent(&self, peer: &str, bytes: u64, seconds: f64, route: Route) -> Summary {
+        let summary = Summary {
+            peer: peer.to_string(),
+            side: Side::Sending,
+            files: 0,
+            up_to_date: 0,
+            bytes,
+            sent_bytes: bytes,
+            wire_bytes: bytes,
+            resumed_bytes: 0,
+            seconds,
+            route,
+            path: None,
+            synced_seconds: None,
+            left_out: 0,
+        };
+        match self.mode {
+            Mode::Json => emit_json(&Event::Summary(summary.clone())),
+            Mode::Human { .. } => self.say(&format!("Sent the text to {peer}")),
+        }
+        summary
     }
 
     /// Host: the waiting line, "waiting for receivers (1 of 4 done) — Ctrl-C to stop".
@@ -918,6 +1029,7 @@ impl Ui {
                 overall_done: 0,
                 overall_total: total_bytes,
                 sent: 0,
+                wire: 0,
                 held: 0,
                 up_to_date: 0,
                 files_done: 0,
@@ -952,6 +1064,7 @@ fn human_line(event: &Event) -> Option<String> {
         peer,
         side,
         bytes,
+        wire_bytes,
         avg_gbit_s,
         peak_1s_gbit_s,
         connect_ms,
@@ -971,9 +1084,10 @@ fn human_line(event: &Event) -> Option<String> {
         let per_sec = |gbit: f64| HumanBytes((gbit * 1e9 / 8.0) as u64);
         return Some(
             format!(
-                "Benchmark ({}): {} moved, avg {}/s, peak 1 s {}/s, connect {}, first byte {}, RTT {}, loss {}, CPU {cpu_s:.2} s, route {route}",
+                "Benchmark ({}): {} moved ({} on the wire), avg {}/s, peak 1 s {}/s, connect {}, first byte {}, RTT {}, loss {}, CPU {cpu_s:.2} s, route {route}",
                 side.towards(peer),
                 HumanBytes(*bytes),
+                HumanBytes(*wire_bytes),
                 per_sec(*avg_gbit_s),
                 per_sec(*peak_1s_gbit_s),
                 ms(connect_ms),
@@ -1263,6 +1377,8 @@ struct ProgressInner {
     overall_done: u64,
     overall_total: u64,
     sent: u64,
+    /// Payload bytes on the wire (compressed chunks count their frame).
+    wire: u64,
     held: u64,
     up_to_date: u64,
     files_done: u64,
@@ -1356,6 +1472,11 @@ impl TransferProgress {
     /// `len` bytes of file `id` crossed the network. Unknown ids are ignored.
     pub fn sent(&self, id: u64, len: u64) {
         self.add(id, len, false);
+    }
+
+    /// `len` payload bytes went over the wire (fewer than the file bytes when compressed).
+    pub fn wire(&self, len: u64) {
+        self.lock().wire += len;
     }
 
     /// `len` bytes of file `id` were already at the receiver (resumed). Unknown ids are ignored.
@@ -1498,6 +1619,7 @@ impl TransferProgress {
             up_to_date: g.up_to_date,
             bytes: g.overall_total,
             sent_bytes: g.sent,
+            wire_bytes: g.wire,
             resumed_bytes: g.held,
             seconds: g.started.elapsed().as_secs_f64(),
             route,
@@ -1534,8 +1656,13 @@ impl Summary {
             parts.push(format!("{} resumed", HumanBytes(self.resumed_bytes)));
         }
         let rate = self.sent_bytes as f64 / self.seconds.max(1e-9);
+        let wire = if self.wire_bytes < self.sent_bytes {
+            format!(" ({} on the wire, zstd)", HumanBytes(self.wire_bytes))
+        } else {
+            String::new()
+        };
         parts.push(format!(
-            "{} {moved} in {:.1} s ({}/s)",
+            "{} {moved}{wire} in {:.1} s ({}/s)",
             HumanBytes(self.sent_bytes),
             self.seconds,
             HumanBytes(rate as u64)
@@ -1839,6 +1966,7 @@ mod tests {
             up_to_date: 0,
             bytes: 10,
             sent_bytes: 10,
+            wire_bytes: 10,
             resumed_bytes: 0,
             seconds: 1.5,
             route: Route::LanDirect,
@@ -1891,12 +2019,20 @@ mod tests {
         p.sent(1, 50); // only 40 were missing
         p.sent(2, 150);
         p.sent(9, 999); // unknown id
+        p.wire(190);
         p.file_done(1, false);
         p.file_done(2, false); // the last 50 were held
         p.file_done(3, true);
         let s = p.finish(Route::LanDirect, None, None);
         assert_eq!((s.files, s.up_to_date, s.bytes), (3, 1, 600));
         assert_eq!((s.sent_bytes, s.resumed_bytes), (190, 110));
+        let mut zipped = s.clone();
+        zipped.wire_bytes = 19;
+        let line = zipped.line();
+        assert!(
+            line.contains("190 B sent (19 B on the wire, zstd) in"),
+            "{line}"
+        );
         let line = s.line();
         assert!(
             line.starts_with(
@@ -2001,6 +2137,7 @@ mod tests {
             up_to_date: 1,
             bytes: 300,
             sent_bytes: 200,
+            wire_bytes: 120,
             resumed_bytes: 50,
             seconds: 1.0,
             route: Route::HolePunched,
@@ -2017,6 +2154,12 @@ mod tests {
             Event::Offering {
                 files: 3,
                 bytes: 300,
+                text_bytes: Some(0),
+            },
+            Event::Text {
+                peer: "host".into(),
+                text: "hi".into(),
+                bytes: 2,
             },
             Event::Code {
                 code: "K7QF2M-XD4P-RT9A".into(),
@@ -2115,6 +2258,7 @@ mod tests {
                 peer: "host".into(),
                 side: Side::Receiving,
                 bytes: 2,
+                wire_bytes: 1,
                 avg_gbit_s: 1.0,
                 peak_1s_gbit_s: 1.0,
                 connect_ms: Some(1.0),
@@ -2151,6 +2295,7 @@ mod tests {
                 | Event::PairingFailed { .. }
                 | Event::Offer { .. }
                 | Event::Listing { .. }
+                | Event::Text { .. }
                 | Event::Accepted { .. }
                 | Event::Declined { .. }
                 | Event::Receiver { .. }

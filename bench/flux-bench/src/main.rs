@@ -73,6 +73,14 @@ struct RunArgs {
     /// Run between two network namespaces over a 1500-MTU veth pair instead of loopback.
     #[arg(long)]
     veth: bool,
+    /// With --veth: limit the pair to this rate (Mbit/s, a `tbf` qdisc on each end; this
+    /// machine has no netem), like a real link of that speed.
+    #[arg(long, value_name = "MBIT", requires = "veth")]
+    rate: Option<u32>,
+    /// What the source file holds: `random` (incompressible) or `text` (log lines, which zstd
+    /// compresses about tenfold): the `compress-*` rows compare them.
+    #[arg(long, value_enum, default_value_t = Content::Random)]
+    content: Content,
     /// Upper bound of QUIC path MTU discovery (UDP payload bytes) for engine and quinn.
     #[arg(long, default_value_t = 1452)]
     max_mtu: u16,
@@ -100,6 +108,12 @@ enum Row {
     Epoll,
     /// Engine, io_uring driver, GSO/GRO off.
     UringNoGso,
+    /// Engine, io_uring driver, `--compress off`.
+    CompressOff,
+    /// Engine, io_uring driver, `--compress auto` (the default).
+    CompressAuto,
+    /// Engine, io_uring driver, `--compress on`.
+    CompressOn,
     /// Engine, epoll driver, GSO/GRO off.
     EpollNoGso,
     /// quinn on tokio, BLAKE3 per 4 MiB like the engine.
@@ -112,6 +126,16 @@ enum Row {
     Iperf3,
     /// scp to localhost.
     Scp,
+}
+
+/// What the source file holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Content {
+    /// Pseudo-random bytes: incompressible.
+    Random,
+    /// Web-server-like log lines.
+    Text,
 }
 
 /// Flags every side takes.
@@ -154,6 +178,9 @@ struct EngineFlags {
     /// GSO and GRO on.
     #[arg(long)]
     offload: bool,
+    /// Host: `off`, `auto` or `on` (zstd).
+    #[arg(long, default_value = "auto")]
+    compress: String,
 }
 
 #[derive(Subcommand)]
@@ -231,6 +258,12 @@ fn run_side(side: SideCmd) -> Result<()> {
             driver: e.driver.parse::<Driver>().map_err(|e| anyhow!(e))?,
             disk: e.disk.parse::<DiskMode>().map_err(|e| anyhow!(e))?,
             offload: e.offload,
+            compress: match e.compress.as_str() {
+                "off" => flux_transfer::Compress::Off,
+                "on" => flux_transfer::Compress::On,
+                "auto" => flux_transfer::Compress::Auto,
+                other => bail!("--compress {other:?}: expected off, auto or on"),
+            },
             max_mtu: c.max_mtu,
             bind: c.bind,
         })
@@ -288,6 +321,9 @@ struct RunResult {
     disk_choice: Option<String>,
     loss_pct: Option<f64>,
     rtt_ms: Option<f64>,
+    /// Chunk payload bytes on the wire as a share of the file bytes (below 100 when
+    /// compressed).
+    wire_pct: Option<f64>,
 }
 
 impl RunResult {
@@ -311,6 +347,7 @@ impl RunResult {
             disk_choice: None,
             loss_pct: None,
             rtt_ms: None,
+            wire_pct: None,
         }
     }
 }
@@ -340,6 +377,8 @@ struct Matrix {
     cipher: &'static str,
     cores: usize,
     kernel: String,
+    /// What the source file holds.
+    content: Content,
     /// What the filesystem under `--dir` does alone.
     disk: Option<disk::DiskFigures>,
     rows: Vec<RowResult>,
@@ -356,8 +395,11 @@ struct Place {
 
 fn run_matrix(a: &RunArgs) -> Result<()> {
     std::fs::create_dir_all(&a.dir).with_context(|| a.dir.display().to_string())?;
-    let src = a.dir.join(format!("source-{}.bin", a.size));
-    ensure_source(&src, a.size)?;
+    let src = match a.content {
+        Content::Random => a.dir.join(format!("source-{}.bin", a.size)),
+        Content::Text => a.dir.join(format!("source-{}.log", a.size)),
+    };
+    ensure_source(&src, a.size, a.content)?;
     let want = file_hash(&src)?;
     // The disk alone, before the rows (256 MiB, or the transfer size if smaller).
     let disk = match disk::probe(
@@ -372,7 +414,7 @@ fn run_matrix(a: &RunArgs) -> Result<()> {
     };
     let _lab;
     let place = if a.veth {
-        _lab = Some(Veth::up()?);
+        _lab = Some(Veth::up(a.rate)?);
         Place {
             host_bind: "10.201.0.1:0".parse()?,
             join_bind: "10.201.0.2:0".parse()?,
@@ -411,7 +453,10 @@ fn run_matrix(a: &RunArgs) -> Result<()> {
                 | Row::UringBuffered
                 | Row::Epoll
                 | Row::UringNoGso
-                | Row::EpollNoGso => run_engine(row, &src, &dest, a, &place).map(Some),
+                | Row::EpollNoGso
+                | Row::CompressOff
+                | Row::CompressAuto
+                | Row::CompressOn => run_engine(row, &src, &dest, a, &place).map(Some),
                 Row::Quinn | Row::QuinnNoHash | Row::QuinnMem => {
                     run_quinn(row, &src, &dest, a, &place).map(Some)
                 }
@@ -425,7 +470,12 @@ fn run_matrix(a: &RunArgs) -> Result<()> {
                     if !matches!(row, Row::Iperf3 | Row::QuinnMem) && file_hash(&got)? != want {
                         bail!("{}: received file differs from the source", rr.label);
                     }
-                    eprintln!("   run {}: {:.2} Gbit/s", i + 1, r.gbit_s);
+                    eprintln!(
+                        "   run {}: {:.2} Gbit/s (wire {:.1} % of the file bytes)",
+                        i + 1,
+                        r.gbit_s,
+                        r.wire_pct.unwrap_or(100.0)
+                    );
                     rr.runs.push(r);
                 }
                 Ok(None) => {
@@ -463,6 +513,8 @@ fn run_matrix(a: &RunArgs) -> Result<()> {
         ("uring auto / buffered", Row::Uring, Row::UringBuffered),
         ("uring GSO on / off", Row::Uring, Row::UringNoGso),
         ("epoll GSO on / off", Row::Epoll, Row::EpollNoGso),
+        ("compress auto / off", Row::CompressAuto, Row::CompressOff),
+        ("compress on / off", Row::CompressOn, Row::CompressOff),
     ] {
         if let (Some(n), Some(d)) = (m(num), m(den))
             && d > 0.0
@@ -473,7 +525,11 @@ fn run_matrix(a: &RunArgs) -> Result<()> {
     let matrix = Matrix {
         size_bytes: a.size,
         path: if a.veth {
-            "veth pair between two network namespaces, MTU 1500, segmentation offloads off".into()
+            format!(
+                "veth pair between two network namespaces, MTU 1500, segmentation offloads off{}",
+                a.rate
+                    .map_or(String::new(), |r| format!(", limited to {r} Mbit/s (tbf)"))
+            )
         } else {
             "loopback (MTU 65536)".into()
         },
@@ -484,6 +540,7 @@ fn run_matrix(a: &RunArgs) -> Result<()> {
             .unwrap_or_default()
             .trim()
             .to_owned(),
+        content: a.content,
         disk,
         rows,
         ratios,
@@ -508,6 +565,9 @@ fn label(row: Row) -> String {
         Row::Epoll => "engine epoll, GSO/GRO on",
         Row::UringNoGso => "engine io_uring, GSO/GRO off",
         Row::EpollNoGso => "engine epoll, GSO/GRO off",
+        Row::CompressOff => "engine io_uring, --compress off",
+        Row::CompressAuto => "engine io_uring, --compress auto",
+        Row::CompressOn => "engine io_uring, --compress on",
         Row::Quinn => "quinn on tokio (BLAKE3 per 4 MiB)",
         Row::QuinnNoHash => "quinn on tokio (no hashing)",
         Row::QuinnMem => "quinn on tokio mem->mem (no disk/hash)",
@@ -566,8 +626,15 @@ fn wait_ok(mut c: Child, what: &str) -> Result<()> {
 }
 
 fn run_engine(row: Row, src: &Path, dest: &Path, a: &RunArgs, p: &Place) -> Result<RunResult> {
+    let compress = match row {
+        Row::CompressOff => "off",
+        Row::CompressOn => "on",
+        _ => "auto",
+    };
     let (driver, offload, disk) = match row {
-        Row::Uring => ("uring", true, "auto"),
+        Row::Uring | Row::CompressOff | Row::CompressAuto | Row::CompressOn => {
+            ("uring", true, "auto")
+        }
         Row::UringDirect => ("uring", true, "direct"),
         Row::UringBuffered => ("uring", true, "buffered"),
         Row::Epoll => ("epoll", true, "auto"),
@@ -579,6 +646,8 @@ fn run_engine(row: Row, src: &Path, dest: &Path, a: &RunArgs, p: &Place) -> Resu
         driver.into(),
         "--disk".into(),
         disk.into(),
+        "--compress".into(),
+        compress.into(),
     ];
     if offload {
         common.push("--offload".into());
@@ -692,6 +761,8 @@ fn combine(h: &SideReport, j: &SideReport) -> Result<RunResult> {
         loss_pct: (h.packets_sent > 0)
             .then(|| h.packets_lost as f64 * 100.0 / h.packets_sent as f64),
         rtt_ms: h.rtt_ms,
+        wire_pct: (h.wire_bytes > 0 && j.bytes > 0)
+            .then(|| h.wire_bytes as f64 * 100.0 / j.bytes as f64),
     })
 }
 
@@ -777,13 +848,62 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     Some(v[v.len() / 2])
 }
 
-fn ensure_source(p: &Path, size: u64) -> Result<()> {
+fn ensure_source(p: &Path, size: u64, content: Content) -> Result<()> {
     if std::fs::metadata(p).is_ok_and(|m| m.len() == size) {
         return Ok(());
     }
     use std::io::Write;
     eprintln!("writing a {size}-byte source file at {}", p.display());
     let mut f = std::fs::File::create(p)?;
+    if content == Content::Text {
+        let mut w = std::io::BufWriter::with_capacity(8 << 20, f);
+        let mut left = size;
+        let mut line = String::new();
+        let mut i = 0u64;
+        // A web server's access log: the fields vary as real ones do (ids, paths, sizes,
+        // times), so zstd finds structure but not one repeated line.
+        let paths = [
+            "/",
+            "/api/v1/items",
+            "/api/v1/users",
+            "/static/app.js",
+            "/login",
+        ];
+        let agents = [
+            "curl/8.5.0",
+            "Mozilla/5.0 (X11; Linux x86_64)",
+            "Go-http-client/1.1",
+        ];
+        while left > 0 {
+            line.clear();
+            let x = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 20;
+            use std::fmt::Write as _;
+            let _ = writeln!(
+                line,
+                "10.{}.{}.{} - - [07/Dec/2026:{:02}:{:02}:{:02} +0000] \"GET {}/{} HTTP/1.1\" {} {} \"-\" \"{}\" rt={}.{:03}",
+                x % 256,
+                (x >> 8) % 256,
+                (x >> 16) % 256,
+                (i / 3_600_000) % 24,
+                (i / 60_000) % 60,
+                (i / 1000) % 60,
+                paths[(x % 5) as usize],
+                x % 100_000,
+                [200, 200, 200, 304, 404][((x >> 3) % 5) as usize],
+                x % 50_000,
+                agents[((x >> 5) % 3) as usize],
+                x % 3,
+                x % 1000
+            );
+            let n = (line.len() as u64).min(left) as usize;
+            w.write_all(&line.as_bytes()[..n])?;
+            left -= n as u64;
+            i += 1;
+        }
+        f = w.into_inner().map_err(|e| anyhow!("{e}"))?;
+        f.sync_all()?;
+        return Ok(());
+    }
     // BLAKE3 in XOF mode as a fast pseudo-random stream: incompressible, every block differs.
     let mut xof = blake3::Hasher::new().update(b"flux-bench").finalize_xof();
     let mut buf = vec![0u8; 8 << 20];
@@ -820,7 +940,7 @@ const VETH_B: &str = "fbench-b";
 struct Veth;
 
 impl Veth {
-    fn up() -> Result<Self> {
+    fn up(rate_mbit: Option<u32>) -> Result<Self> {
         let _ = Self::down();
         let sh = |args: &str| -> Result<()> {
             let st = Command::new("sh").arg("-c").arg(args).status()?;
@@ -844,6 +964,15 @@ impl Veth {
             let _ = sh(&format!(
                 "ip netns exec {ns} ethtool -K {dev} tso off gso off tx-udp-segmentation off gro on rx-udp-gro-forwarding on >/dev/null 2>&1"
             ));
+            if let Some(r) = rate_mbit {
+                // A token bucket on each end's egress: the link's rate. The burst must hold
+                // at least one timer tick of traffic (HZ 250-1000: ~4 ms at most), and the
+                // queue ~50 ms, as a real bottleneck buffer.
+                let burst = (u64::from(r) * 1_000_000 / 8 / 250).max(32 << 10);
+                sh(&format!(
+                    "ip netns exec {ns} tc qdisc replace dev {dev} root tbf rate {r}mbit burst {burst} latency 50ms"
+                ))?;
+            }
         }
         Ok(Self)
     }

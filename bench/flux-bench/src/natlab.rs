@@ -219,7 +219,7 @@ pub fn run(a: &NatlabArgs) -> Result<()> {
     }
     std::fs::create_dir_all(&a.dir).with_context(|| a.dir.display().to_string())?;
     let src = a.dir.join(format!("source-{}.bin", a.size));
-    super::ensure_source(&src, a.size)?;
+    super::ensure_source(&src, a.size, super::Content::Random)?;
     let want = super::file_hash(&src)?;
     let logs = a.dir.join("natlab-logs");
     let _ = std::fs::remove_dir_all(&logs);

@@ -31,6 +31,9 @@ pub struct SideReport {
     pub max_rss_kib: u64,
     /// File bytes moved.
     pub bytes: u64,
+    /// Host: chunk payload bytes sent on the wire (fewer than the file bytes when compressed).
+    #[serde(default)]
+    pub wire_bytes: u64,
     /// Seconds to the completed QUIC handshake (joiner).
     pub connect_s: Option<f64>,
     /// Seconds to the first chunk verified and written (joiner).
@@ -101,6 +104,8 @@ pub struct EngineOpts {
     pub disk: DiskMode,
     /// GSO and GRO on the socket.
     pub offload: bool,
+    /// Host: zstd compression.
+    pub compress: flux_transfer::Compress,
     /// Largest path MTU to probe.
     pub max_mtu: u16,
     /// Address to bind.
@@ -123,6 +128,7 @@ fn net_config(o: &EngineOpts) -> NetConfig {
         ..NetConfig::default()
     };
     cfg.transport.max_mtu = o.max_mtu;
+    cfg.sender.compress = o.compress;
     // Experiment knobs (queue-discipline measurements in bench/README.md).
     let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
     if let Some(v) = env("FLUX_BENCH_CONN_WINDOW") {
@@ -182,10 +188,13 @@ pub fn engine_host(file: &Path, o: &EngineOpts, out: &Path) -> Result<()> {
     };
     for ev in events.iter() {
         if let NetEvent::Transfer {
-            event: Event::ChunkSent { file, index, .. },
+            event: Event::ChunkSent {
+                file, index, wire, ..
+            },
             ..
         } = ev
         {
+            r.wire_bytes += u64::from(wire);
             r.chunks.push((file, index, mono_ns()));
         }
     }
@@ -228,7 +237,10 @@ pub fn engine_join(
                 r.accept_s = Some(at.duration_since(start).as_secs_f64());
             }
             NetEvent::Transfer {
-                event: Event::ChunkVerified { file, index, len },
+                event:
+                    Event::ChunkVerified {
+                        file, index, len, ..
+                    },
                 at,
                 ..
             } => {

@@ -72,7 +72,8 @@ impl SourceFiles {
                 file,
                 offset,
                 len,
-            } => (id, self.read(file, offset, len)),
+                compress,
+            } => (id, self.read(file, offset, len, compress)),
             other => (
                 op_id(&other),
                 Err(DiskFailure::Io("sender cannot write".into())),
@@ -80,7 +81,13 @@ impl SourceFiles {
         }
     }
 
-    fn read(&mut self, file: u32, offset: u64, len: u32) -> Result<DiskResult, DiskFailure> {
+    fn read(
+        &mut self,
+        file: u32,
+        offset: u64,
+        len: u32,
+        compress: Option<i32>,
+    ) -> Result<DiskResult, DiskFailure> {
         let path = self
             .sources
             .get(file as usize)
@@ -105,10 +112,11 @@ impl SourceFiles {
             }
         }
         buf.truncate(done);
-        let hash = chunk_hash(&buf);
+        let (data, hash, compressed) = crate::work::hash_chunk(Bytes::from(buf), compress);
         Ok(DiskResult::Read {
-            data: Bytes::from(buf),
+            data,
             hash,
+            compressed,
         })
     }
 }
@@ -274,8 +282,9 @@ impl Destination {
                 offset,
                 hash,
                 data,
+                compressed,
                 ..
-            } => self.write_chunk(file, index, offset, &hash, &data),
+            } => self.write_chunk(file, index, offset, &hash, &data, compressed),
             DiskOp::Finalize { file, replace, .. } => self.finalize(file, replace),
             DiskOp::Finish { .. } => self.finish(),
             _ => Err(DiskFailure::Io("receiver cannot read".into())),
@@ -382,13 +391,21 @@ impl Destination {
         offset: u64,
         hash: &[u8; 32],
         data: &ChunkData,
+        compressed: Option<u32>,
     ) -> Result<(), DiskFailure> {
         if self.is_skipped(file) {
             // Left out by the user: received, never written (as the io_uring path does).
             return Ok(());
         }
         // Verified before anything is written: no unverified byte reaches the partial file.
-        let data = data.to_contiguous();
+        let data = match compressed {
+            Some(n) => {
+                let mut plain = vec![0u8; n as usize];
+                crate::work::gather_chunk(data, compressed, hash, &mut plain)?;
+                Bytes::from(plain)
+            }
+            None => data.to_contiguous(),
+        };
         if chunk_hash(&data) != *hash {
             return Err(DiskFailure::Corrupt);
         }

@@ -26,11 +26,10 @@ use bytes::Bytes;
 use flux_engine::{
     AlignedBuf, BackendKind, DiskIo, DmaFile, EngineError, FileOp, IoMode, Recycler, Ring,
 };
-use flux_transfer::digest::chunk_hash;
 use flux_transfer::{ChunkData, DiskFailure, DiskOp, DiskResult, OpId};
 
 use crate::disk::{Destination, SourceFiles};
-use crate::work::{Job, JobDone, PendingWrite, Pool};
+use crate::work::{Job, JobDone, PendingWrite, Pool, gather_chunk, hash_chunk};
 
 /// Files kept open for io_uring between requests.
 const MAX_OPEN: usize = 64;
@@ -164,7 +163,9 @@ struct Pending {
 }
 
 enum What {
-    Read,
+    Read {
+        compress: Option<i32>,
+    },
     Write {
         file: u32,
         index: u32,
@@ -258,13 +259,14 @@ impl DiskExec {
             file,
             offset,
             len,
+            compress,
         } = op
         else {
             let (id, res) = src.execute(op);
             self.done.push_back((tag, id, res));
             return;
         };
-        match self.read_uring(tag, src, id, file, offset, len as usize) {
+        match self.read_uring(tag, src, id, file, offset, len as usize, compress) {
             Ok(true) => {}
             Ok(false) => {
                 // Blocking backend, or an offset the device alignment does not allow:
@@ -278,6 +280,7 @@ impl DiskExec {
     }
 
     /// Queues an io_uring read; `Ok(false)` when it must be done on the blocking path.
+    #[allow(clippy::too_many_arguments)]
     fn read_uring(
         &mut self,
         tag: usize,
@@ -286,6 +289,7 @@ impl DiskExec {
         file: u32,
         offset: u64,
         len: usize,
+        compress: Option<i32>,
     ) -> Result<bool, DiskFailure> {
         if self.io.kind() == BackendKind::Std {
             return Ok(false);
@@ -312,7 +316,7 @@ impl DiskExec {
         self.pending.push(Pending {
             tag,
             id,
-            what: What::Read,
+            what: What::Read { compress },
             op,
         });
         Ok(true)
@@ -333,9 +337,11 @@ impl DiskExec {
             offset,
             hash,
             data,
+            compressed,
         } = &op
         {
-            match self.write_uring(tag, dst, *id, *file, *index, *offset, *hash, data) {
+            let at = (*id, *file, *index, *offset, *hash);
+            match self.write_uring(tag, dst, at, data, *compressed) {
                 Ok(true) => return,
                 Ok(false) => self.stats.buffered_ops += 1,
                 Err(e) => return self.done.push_back((tag, *id, Err(e))),
@@ -351,19 +357,17 @@ impl DiskExec {
         self.done.push_back((tag, id, res));
     }
 
-    /// Queues an io_uring chunk write; `Ok(false)` when it must be done on the blocking path.
-    #[allow(clippy::too_many_arguments)]
+    /// Queues an io_uring chunk write (`at`: request, file, chunk, offset, hash); `Ok(false)`
+    /// when it must be done on the blocking path.
     fn write_uring(
         &mut self,
         tag: usize,
         dst: &mut Destination,
-        id: OpId,
-        file: u32,
-        index: u32,
-        offset: u64,
-        hash: [u8; 32],
+        at: (OpId, u32, u32, u64, [u8; 32]),
         data: &ChunkData,
+        compressed: Option<u32>,
     ) -> Result<bool, DiskFailure> {
+        let (id, file, index, offset, hash) = at;
         if self.io.kind() == BackendKind::Std {
             return Ok(false);
         }
@@ -374,9 +378,11 @@ impl DiskExec {
         if !aligned(f, offset) {
             return Ok(false);
         }
-        // The one copy on the receiving side: QUIC's pieces into the aligned buffer the write
-        // goes from. The hash runs over that buffer and nothing is written unless it matches.
-        let mut buf = take_buf(&mut self.free, f, data.len())?;
+        // The one copy on the receiving side: QUIC's pieces (or their decompressed frame) into
+        // the aligned buffer the write goes from. The hash runs over that buffer and nothing is
+        // written unless it matches.
+        let plain = compressed.map_or(data.len(), |n| n as usize);
+        let mut buf = take_buf(&mut self.free, f, plain)?;
         let write = PendingWrite {
             file,
             index,
@@ -391,6 +397,7 @@ impl DiskExec {
                         id,
                         write,
                         data: data.clone(),
+                        compressed,
                         buf: sb,
                     };
                     match pool.submit(job) {
@@ -407,11 +414,12 @@ impl DiskExec {
                 Err(b) => buf = b,
             }
         }
-        data.copy_to(buf.full_mut());
-        buf.set_len(data.len());
-        if chunk_hash(&buf) != hash {
-            self.free.push(buf);
-            return Err(DiskFailure::Corrupt);
+        match gather_chunk(data, compressed, &hash, buf.full_mut()) {
+            Ok(n) => buf.set_len(n),
+            Err(e) => {
+                self.free.push(buf);
+                return Err(e);
+            }
         }
         self.write_verified(tag, id, write, buf)?;
         Ok(true)
@@ -520,7 +528,11 @@ impl DiskExec {
                 JobDone::Hashed { tag, id, res } => {
                     self.stats.pool_jobs += 1;
                     self.working.retain(|w| *w != (tag, id));
-                    let out = res.map(|(data, hash)| DiskResult::Read { data, hash });
+                    let out = res.map(|(data, hash, compressed)| DiskResult::Read {
+                        data,
+                        hash,
+                        compressed,
+                    });
                     self.done.push_back((tag, id, out));
                 }
                 JobDone::Verified {
@@ -581,13 +593,13 @@ impl DiskExec {
             let out = match (p.what, res) {
                 // `n` is already capped at the length asked for. The buffer itself becomes the
                 // `Bytes` QUIC sends from (no copy) and comes back through the recycler.
-                (What::Read, Ok(n)) => {
+                (What::Read { compress }, Ok(n)) => {
                     buf.set_len(n);
                     let data = match buf.freeze(&self.recycler) {
                         Ok(b) => b,
                         Err(b) => Bytes::copy_from_slice(&b),
                     };
-                    self.hash_read(p.tag, p.id, data);
+                    self.hash_read(p.tag, p.id, data, compress);
                     continue;
                 }
                 (
@@ -621,18 +633,29 @@ impl DiskExec {
         }
     }
 
-    /// Hashes a chunk read for sending: on the work threads, or here.
-    fn hash_read(&mut self, tag: usize, id: OpId, data: Bytes) {
+    /// Hashes (and, when asked, compresses) a chunk read for sending: on the work threads,
+    /// or here.
+    fn hash_read(&mut self, tag: usize, id: OpId, data: Bytes, compress: Option<i32>) {
         if let Some(pool) = self.pool.as_mut() {
-            match pool.submit(Job::Hash { tag, id, data }) {
+            let job = Job::Hash {
+                tag,
+                id,
+                data,
+                compress,
+            };
+            match pool.submit(job) {
                 Ok(()) => self.working.push((tag, id)),
                 Err(_) => self.done.push_back((tag, id, Err(pool_gone()))),
             }
             return;
         }
-        let hash = chunk_hash(&data);
-        self.done
-            .push_back((tag, id, Ok(DiskResult::Read { data, hash })));
+        let (data, hash, compressed) = hash_chunk(data, compress);
+        let read = DiskResult::Read {
+            data,
+            hash,
+            compressed,
+        };
+        self.done.push_back((tag, id, Ok(read)));
     }
 
     /// The next finished request.

@@ -10,6 +10,8 @@
 //! - [`exec`] performs them through io_uring with `O_DIRECT` (or blocking `std::fs`), and
 //!   [`net`] is the engine's worker loop: a UDP socket, a QUIC endpoint, the machines and their
 //!   disk I/O driven by one thread (io_uring or the portable `poll(2)` driver).
+//! - [`compress`] compresses chunks for sending and decompresses received ones, bounded by their
+//!   declared length; the executors run it where they run hashing.
 //! - [`sim`] runs whole transfers between two peers over an emulated lossy, reordering,
 //!   rate-limited link on a virtual clock, for tests.
 //!
@@ -19,6 +21,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 #![forbid(unsafe_code)]
 
+pub mod compress;
 pub mod disk;
 pub mod exec;
 pub mod ice;

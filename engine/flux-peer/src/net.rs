@@ -224,6 +224,8 @@ pub enum NetEvent {
         manifest: Arc<Manifest>,
         /// What the destination already holds, per entry.
         local: Arc<HashMap<u32, LocalFile>>,
+        /// The text the sender offered with it (`thru host --text`); show it once accepted.
+        text: Option<Arc<str>>,
     },
     /// A transfer machine's event.
     Transfer {
@@ -1251,6 +1253,7 @@ impl Worker {
                     let _ = tx.send(NetEvent::Offer {
                         manifest: m,
                         local: Arc::default(),
+                        text: s.machine.text().map(Arc::from),
                     });
                 }
                 s.machine.browse_done();
@@ -1270,6 +1273,7 @@ impl Worker {
                             let _ = tx.send(NetEvent::Offer {
                                 manifest: m,
                                 local: Arc::new(local),
+                                text: s.machine.text().map(Arc::from),
                             });
                         }
                     }

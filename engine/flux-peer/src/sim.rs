@@ -115,6 +115,8 @@ pub struct Outcome {
     pub interrupted: bool,
     /// Chunks the sender put on the wire, in order (`(file, chunk)`).
     pub sent: Vec<(u32, u32)>,
+    /// Chunk payload bytes the sender put on the wire (below the file bytes when compressed).
+    pub wire_bytes: u64,
     /// Chunks the receiver verified and wrote, in order.
     pub verified: Vec<(u32, u32)>,
     /// Chunks that failed verification.
@@ -460,7 +462,12 @@ impl Sim {
             while let Some(ev) = s.machine.poll_event() {
                 progressed = true;
                 match ev {
-                    Event::ChunkSent { file, index, .. } => self.out.sent.push((file, index)),
+                    Event::ChunkSent {
+                        file, index, wire, ..
+                    } => {
+                        self.out.sent.push((file, index));
+                        self.out.wire_bytes += u64::from(wire);
+                    }
                     Event::Failed(e) => {
                         self.out.sender_error.get_or_insert(e);
                     }

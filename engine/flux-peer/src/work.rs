@@ -1,5 +1,5 @@
-//! CPU work the machines ask for — hashing a chunk read for sending, gathering and verifying a
-//! received chunk — executed on a small pool of threads so the loop thread keeps moving
+//! CPU work the machines ask for — hashing (and compressing) a chunk read for sending,
+//! gathering (or decompressing) and verifying a received chunk — executed on a small pool of threads so the loop thread keeps moving
 //! datagrams meanwhile (the sans-IO machines only name the work: `flux_transfer::DiskOp`).
 //!
 //! Jobs carry owned data (`Bytes`, [`SendBuf`]) and come back through a channel the loop
@@ -19,14 +19,21 @@ use flux_wire::Hash;
 
 /// A request, tagged with the session (`tag`) and the machine's request id.
 pub(crate) enum Job {
-    /// Hash a chunk read for sending.
-    Hash { tag: usize, id: OpId, data: Bytes },
-    /// Gather a received chunk into `buf` and check it against `hash`.
+    /// Hash a chunk read for sending, and compress it at level `compress` if given.
+    Hash {
+        tag: usize,
+        id: OpId,
+        data: Bytes,
+        compress: Option<i32>,
+    },
+    /// Gather a received chunk into `buf` (decompressing it to `compressed` bytes when it is a
+    /// zstd frame) and check it against `hash`.
     Verify {
         tag: usize,
         id: OpId,
         write: PendingWrite,
         data: ChunkData,
+        compressed: Option<u32>,
         buf: SendBuf,
     },
     /// Panics on the worker (tests: a panicking job must come back as a failure).
@@ -48,7 +55,7 @@ pub(crate) enum JobDone {
     Hashed {
         tag: usize,
         id: OpId,
-        res: Result<(Bytes, Hash), DiskFailure>,
+        res: Result<Hashed, DiskFailure>,
     },
     Verified {
         tag: usize,
@@ -57,6 +64,45 @@ pub(crate) enum JobDone {
         /// The gathered buffer when the bytes match their hash.
         res: Result<SendBuf, DiskFailure>,
     },
+}
+
+/// A chunk read for sending, hashed and perhaps compressed.
+pub(crate) type Hashed = (Bytes, Hash, Option<Bytes>);
+
+/// Hashes `data` and, with a level, compresses it ([`crate::compress::compress`]).
+pub(crate) fn hash_chunk(data: Bytes, compress: Option<i32>) -> Hashed {
+    let hash = chunk_hash(&data);
+    let frame = compress.and_then(|level| crate::compress::compress(&data, level));
+    (data, hash, frame)
+}
+
+/// Puts a received chunk into `buf` — its pieces gathered, or its zstd frame decompressed to
+/// exactly `compressed` bytes — and checks the plain bytes against `hash`.
+pub(crate) fn gather_chunk(
+    data: &ChunkData,
+    compressed: Option<u32>,
+    hash: &Hash,
+    buf: &mut [u8],
+) -> Result<usize, DiskFailure> {
+    let len = match compressed {
+        Some(n) => {
+            let n = n as usize;
+            let dst = buf
+                .get_mut(..n)
+                .ok_or_else(|| DiskFailure::Io("chunk buffer too small".into()))?;
+            crate::compress::decompress_exact(&data.to_contiguous(), dst)?;
+            n
+        }
+        None => {
+            data.copy_to(buf);
+            data.len()
+        }
+    };
+    if chunk_hash(&buf[..len]) == *hash {
+        Ok(len)
+    } else {
+        Err(DiskFailure::Corrupt)
+    }
 }
 
 /// The threads and their channels.
@@ -145,13 +191,16 @@ fn run(job: Job) -> JobDone {
     match job {
         #[cfg(test)]
         Job::Explode { tag, id } => {
-            let res =
-                catch_unwind(|| -> (Bytes, Hash) { panic!("test job") }).map_err(|_| panicked());
+            let res = catch_unwind(|| -> Hashed { panic!("test job") }).map_err(|_| panicked());
             JobDone::Hashed { tag, id, res }
         }
-        Job::Hash { tag, id, data } => {
-            let res = catch_unwind(AssertUnwindSafe(|| chunk_hash(&data)))
-                .map(|h| (data, h))
+        Job::Hash {
+            tag,
+            id,
+            data,
+            compress,
+        } => {
+            let res = catch_unwind(AssertUnwindSafe(|| hash_chunk(data, compress)))
                 .map_err(|_| panicked());
             JobDone::Hashed { tag, id, res }
         }
@@ -160,16 +209,13 @@ fn run(job: Job) -> JobDone {
             id,
             write,
             data,
+            compressed,
             mut buf,
         } => {
             let res = catch_unwind(AssertUnwindSafe(move || {
-                data.copy_to(buf.full_mut());
-                buf.set_len(data.len());
-                if chunk_hash(&buf) == write.hash {
-                    Ok(buf)
-                } else {
-                    Err(DiskFailure::Corrupt)
-                }
+                let n = gather_chunk(&data, compressed, &write.hash, buf.full_mut())?;
+                buf.set_len(n);
+                Ok(buf)
             }))
             .unwrap_or_else(|_| Err(panicked()));
             JobDone::Verified {
@@ -222,13 +268,14 @@ mod tests {
             pool.submit(Job::Hash {
                 tag: 2,
                 id: OpId(8),
-                data
+                data,
+                compress: None,
             })
             .is_ok()
         );
         match wait(&mut pool) {
             JobDone::Hashed {
-                res: Ok((d, h)), ..
+                res: Ok((d, h, _)), ..
             } => assert_eq!(h, chunk_hash(&d)),
             _ => panic!("the pool stopped working after a panic"),
         }
@@ -255,6 +302,7 @@ mod tests {
                 id: OpId(1),
                 write,
                 data,
+                compressed: None,
                 buf
             })
             .is_ok()

@@ -72,6 +72,7 @@ fn receive_with(
                 offset: 0,
                 hash: chunk_hash(&data),
                 data: data.into(),
+                compressed: None,
             };
             run(&mut d, op)?;
         }
@@ -425,6 +426,7 @@ fn a_durable_destination_syncs_and_reports_the_time() {
                 offset: 0,
                 hash: chunk_hash(&data),
                 data: data.clone().into(),
+                compressed: None,
             },
             DiskOp::Finalize {
                 id: OpId(3),
@@ -459,6 +461,7 @@ fn a_chunk_that_does_not_match_its_hash_writes_nothing() {
             offset: 0,
             hash: chunk_hash(b"other"),
             data: b"bytes".to_vec().into(),
+            compressed: None,
         })
         .1;
     assert_eq!(res.unwrap_err(), flux_transfer::DiskFailure::Corrupt);
@@ -502,6 +505,7 @@ fn answered_clashes_skip_rename_or_replace() {
             offset: 0,
             hash: chunk_hash(&data),
             data: data.into(),
+            compressed: None,
         })
         .1
         .unwrap();

@@ -111,7 +111,9 @@ pub struct OpId(pub u64);
 pub enum DiskOp {
     /// Sender: read `len` bytes at `offset` of file `file` and hash them. Complete with
     /// [`DiskResult::Read`] holding exactly `len` bytes (fewer means the file shrank) and their
-    /// [`chunk_hash`](crate::digest::chunk_hash).
+    /// [`chunk_hash`](crate::digest::chunk_hash). With `compress`, also compress them with
+    /// zstd at that level (off the network thread, like the hash) and return the frame when it
+    /// is smaller than the plain bytes; the machine decides whether it pays.
     Read {
         /// Request id.
         id: OpId,
@@ -121,12 +123,19 @@ pub enum DiskOp {
         offset: u64,
         /// Byte count.
         len: u32,
+        /// zstd level to try, if any.
+        compress: Option<i32>,
     },
     /// Receiver: verify a received chunk, write it into the file's partial (temporary) file at
     /// `offset`, then append the sidecar record for `(index, hash)`, in that order. Complete
     /// with [`DiskResult::Done`]. If the [`chunk_hash`](crate::digest::chunk_hash) of `data`
     /// is not `hash`, nothing is written and the request fails with [`DiskFailure::Corrupt`]:
     /// hashing is the driver's work (inline or on a pool), never the machine's.
+    ///
+    /// With `compressed: Some(n)`, `data` is a zstd frame that must decompress to exactly `n`
+    /// bytes (the chunk's length in the manifest), and `hash` is over those plain bytes. The
+    /// driver decompresses into a buffer of `n` bytes and no more (a frame that would grow
+    /// past it, or falls short, fails with [`DiskFailure::Decompress`]).
     WriteChunk {
         /// Request id.
         id: OpId,
@@ -140,6 +149,8 @@ pub enum DiskOp {
         hash: Hash,
         /// The chunk, as the pieces it arrived in.
         data: ChunkData,
+        /// Plain length when `data` is zstd-compressed.
+        compressed: Option<u32>,
     },
     /// Receiver: put entry `file` in place. A file's partial data is flushed, given the
     /// manifest's mode and mtime and renamed to its final name, and its sidecar removed; a
@@ -170,6 +181,8 @@ pub enum DiskResult {
         data: Bytes,
         /// [`chunk_hash`](crate::digest::chunk_hash) of `data`.
         hash: Hash,
+        /// The zstd frame of `data`, when compression was asked for and made it smaller.
+        compressed: Option<Bytes>,
     },
     /// A write, finalize or finish completed.
     Done,
@@ -185,6 +198,10 @@ pub enum DiskFailure {
     /// A chunk's bytes do not match the hash announced for it; nothing was written.
     #[error("chunk data does not match its hash")]
     Corrupt,
+    /// A compressed chunk did not decompress to its declared length (a decompression bomb,
+    /// a short or corrupt frame); nothing was written.
+    #[error("{0}")]
+    Decompress(String),
     /// The filesystem holding this path is full (`ENOSPC`, or a quota: `EDQUOT`).
     #[error("{0}: no space left on device")]
     NoSpace(String),
@@ -216,8 +233,10 @@ pub enum Event {
         file: u32,
         /// Chunk index.
         index: u32,
-        /// Bytes.
+        /// Bytes of the file.
         len: u32,
+        /// Payload bytes on the wire (below `len` when compressed).
+        wire: u32,
     },
     /// Receiver: a chunk arrived, matched its hash and is on disk.
     ChunkVerified {
@@ -225,8 +244,10 @@ pub enum Event {
         file: u32,
         /// Chunk index.
         index: u32,
-        /// Bytes.
+        /// Bytes of the file.
         len: u32,
+        /// Payload bytes it took on the wire (below `len` when compressed).
+        wire: u32,
     },
     /// Receiver: a chunk did not match its hash and was requested again.
     ChunkCorrupt {
@@ -326,6 +347,9 @@ pub enum TransferError {
     /// A local disk operation failed.
     #[error("disk: {0}")]
     Io(String),
+    /// The peer lacks a feature this transfer needs (it runs an older version).
+    #[error("{0}")]
+    Unsupported(String),
     /// Nothing happened for too long.
     #[error("timed out: {0}")]
     Timeout(&'static str),
@@ -344,7 +368,7 @@ impl TransferError {
         match self {
             Self::Protocol(_) | Self::Decode(_) | Self::Timeout(_) => ErrorCode::Protocol,
             Self::Manifest(_) => ErrorCode::BadManifest,
-            Self::Version { .. } => ErrorCode::VersionMismatch,
+            Self::Version { .. } | Self::Unsupported(_) => ErrorCode::VersionMismatch,
             Self::Peer { code, .. } => *code,
             Self::Declined(_) | Self::Cancelled | Self::Stopped(_) => ErrorCode::Cancelled,
             Self::Exists(_) => ErrorCode::Exists,

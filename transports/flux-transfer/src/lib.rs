@@ -22,6 +22,15 @@
 //!   checks the claim against its own file before skipping them. A complete identical file
 //!   ([`LocalFile::Existing`]) is skipped the same way without being touched.
 //!
+//! # Compression
+//!
+//! When both hellos carry [`flux_wire::FEATURE_ZSTD`], the sender may send a chunk as a zstd
+//! frame ([`flux_wire::Message::ZChunkHeader`]). Chunk hashes, resume claims and whole-file
+//! digests are always over the plain bytes, so resume and skipping work the same whether or
+//! not a chunk was compressed. The sender decides per file ([`Compress`]); compressing and
+//! decompressing are the driver's work, requested with [`DiskOp::Read`]'s `compress` and
+//! carried out for [`DiskOp::WriteChunk`]'s `compressed`, like hashing.
+//!
 //! # Driving
 //!
 //! After every input, move bytes out of the outbox, then drain `poll_disk` and `poll_event`
@@ -45,13 +54,17 @@ pub use io::{
 };
 pub use manifest::{Limits, Manifest, ManifestError};
 pub use receiver::{LocalFile, Receiver, ReceiverConfig};
-pub use sender::{Sender, SenderConfig};
+pub use sender::{AUTO_MAX_RATIO, Compress, Sender, SenderConfig};
 
-fn hello() -> Message {
+/// Every optional feature this crate implements (see [`flux_wire::FEATURE_TEXT`]); a side may
+/// advertise fewer (tests play an older peer that way).
+pub const FEATURES: u64 = flux_wire::FEATURE_TEXT | flux_wire::FEATURE_ZSTD;
+
+fn hello(features: u64) -> Message {
     Message::Hello {
         min_version: MIN_PROTOCOL_VERSION,
         max_version: PROTOCOL_VERSION,
-        features: flux_wire::FEATURE_SELECT | flux_wire::FEATURE_PAUSE,
+        features: features | flux_wire::FEATURE_SELECT | flux_wire::FEATURE_PAUSE,
     }
 }
 

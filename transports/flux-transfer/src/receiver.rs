@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flux_wire::{ChunkRange, EntryKind, Hash, Message};
+use flux_wire::{ChunkRange, EntryKind, FEATURE_TEXT, FEATURE_ZSTD, Hash, Message};
 
 use crate::digest::{claim_digest, file_digest};
 use bytes::Bytes;
@@ -38,6 +38,8 @@ pub struct ReceiverConfig {
     pub max_lanes: u16,
     /// Times one chunk may fail verification before the transfer fails.
     pub max_corrupt: u32,
+    /// Optional features this side advertises in its hello (default: all it implements).
+    pub features: u64,
 }
 
 impl Default for ReceiverConfig {
@@ -50,6 +52,7 @@ impl Default for ReceiverConfig {
             max_pending_writes: 16,
             max_lanes: 16,
             max_corrupt: 3,
+            features: crate::FEATURES,
         }
     }
 }
@@ -99,7 +102,8 @@ pub struct Receiver {
     manifest: Option<Arc<Manifest>>,
     files: HashMap<u32, FileState>,
     lanes: HashMap<u16, LaneState>,
-    writes: HashMap<OpId, (u32, u32, u32)>,
+    /// Writes in flight: file, chunk, plain bytes, wire bytes.
+    writes: HashMap<OpId, (u32, u32, u32, u32)>,
     finalizes: HashMap<OpId, u32>,
     unfinished: usize,
     bytes_done: u64,
@@ -110,6 +114,8 @@ pub struct Receiver {
     peer_features: u64,
     /// Paused by the local user: lanes are not read and silence is no stall.
     paused: bool,
+    /// The sender's text (`thru host --text`), once it arrived.
+    text: Option<String>,
 }
 
 #[derive(Debug, Eq, PartialEq)]
@@ -157,6 +163,9 @@ struct Incoming {
     index: u32,
     offset: u64,
     len: u32,
+    /// Payload bytes on the lane: `len`, or the size of the zstd frame.
+    wire_len: u32,
+    compressed: bool,
     hash: Hash,
     data: ChunkData,
 }
@@ -165,7 +174,7 @@ impl Receiver {
     /// A receiver; its hello is queued on the control stream at once.
     pub fn new(cfg: ReceiverConfig) -> Self {
         let mut out = Outbox::default();
-        out.push_msg(Stream::Control, &hello());
+        out.push_msg(Stream::Control, &hello(cfg.features));
         Self {
             cfg,
             phase: Phase::AwaitHello,
@@ -187,6 +196,7 @@ impl Receiver {
             last_activity: None,
             peer_features: 0,
             paused: false,
+            text: None,
         }
     }
 
@@ -261,12 +271,18 @@ impl Receiver {
         res: Result<DiskResult, DiskFailure>,
     ) {
         self.last_activity = Some(now);
-        if let Some((file, index, len)) = self.writes.remove(&id) {
+        if let Some((file, index, len, wire)) = self.writes.remove(&id) {
             if self.is_over() {
                 return;
             }
             match res {
                 Err(DiskFailure::Corrupt) => return self.on_corrupt(file, index),
+                Err(DiskFailure::Decompress(why)) => {
+                    let path = self.path(file);
+                    return self.fail(TransferError::Protocol(format!(
+                        "{path}: compressed chunk {index} is bad: {why}"
+                    )));
+                }
                 Err(e) => return self.fail(self.disk_error(e)),
                 Ok(_) => {}
             }
@@ -277,8 +293,12 @@ impl Receiver {
                 f.verified.insert(index, h);
             }
             self.bytes_done += u64::from(len);
-            self.events
-                .push_back(Event::ChunkVerified { file, index, len });
+            self.events.push_back(Event::ChunkVerified {
+                file,
+                index,
+                len,
+                wire,
+            });
             self.since_progress += 1;
             if self.since_progress >= 16 {
                 self.send_progress();
@@ -536,6 +556,12 @@ impl Receiver {
         self.manifest.as_ref()
     }
 
+    /// The text the sender offered with its manifest (`thru host --text`), if any. Show it
+    /// only once the user accepted the offer.
+    pub fn text(&self) -> Option<&str> {
+        self.text.as_deref()
+    }
+
     /// The transfer error for a failed disk request: a full device says how much more the
     /// transfer needs.
     fn disk_error(&self, e: DiskFailure) -> TransferError {
@@ -581,6 +607,13 @@ impl Receiver {
                 }
                 self.peer_features = features;
                 self.phase = Phase::AwaitManifest;
+            }
+            (Phase::AwaitManifest, Message::Text { body })
+                if self.assembler.is_none()
+                    && self.text.is_none()
+                    && self.cfg.features & FEATURE_TEXT != 0 =>
+            {
+                self.text = Some(body);
             }
             (
                 Phase::AwaitManifest,
@@ -685,10 +718,10 @@ impl Receiver {
         while pos < data.len() {
             let state = self.lanes.entry(lane).or_default();
             if let Some(inc) = state.current.as_mut() {
-                let take = (inc.len as usize - inc.data.len()).min(data.len() - pos);
+                let take = (inc.wire_len as usize - inc.data.len()).min(data.len() - pos);
                 inc.data.push(data.slice(pos..pos + take));
                 pos += take;
-                if inc.data.len() == inc.len as usize {
+                if inc.data.len() == inc.wire_len as usize {
                     if let Some(inc) = state.current.take() {
                         self.on_chunk(inc);
                     }
@@ -732,17 +765,26 @@ impl Receiver {
     }
 
     fn start_chunk(&mut self, lane: u16, m: Message) {
-        let Message::ChunkHeader {
-            file,
-            index,
-            len,
-            hash,
-        } = m
-        else {
-            return self.fail(TransferError::Protocol(format!(
-                "{:?} on a data lane",
-                m.message_type()
-            )));
+        let (file, index, len, wire_len, compressed, hash) = match m {
+            Message::ChunkHeader {
+                file,
+                index,
+                len,
+                hash,
+            } => (file, index, len, len, false, hash),
+            Message::ZChunkHeader {
+                file,
+                index,
+                len,
+                wire_len,
+                hash,
+            } if self.cfg.features & FEATURE_ZSTD != 0 => (file, index, len, wire_len, true, hash),
+            m => {
+                return self.fail(TransferError::Protocol(format!(
+                    "{:?} on a data lane",
+                    m.message_type()
+                )));
+            }
         };
         if !matches!(self.phase, Phase::Receiving) {
             return self.fail(TransferError::Protocol(
@@ -767,16 +809,27 @@ impl Receiver {
                 entry.path
             )));
         }
+        // A frame never needs more room than the plain bytes (the sender sends those instead):
+        // what a lane holds stays bounded by the chunk size.
+        if compressed && (wire_len == 0 || wire_len > len) {
+            return self.fail(TransferError::Protocol(format!(
+                "compressed chunk {index} of {} announces {wire_len} bytes on the wire for {len} \
+                 plain bytes",
+                entry.path
+            )));
+        }
         if let Some(state) = self.lanes.get_mut(&lane) {
             state.current = Some(Incoming {
                 file,
                 index,
                 offset,
                 len,
+                wire_len,
+                compressed,
                 hash,
                 data: ChunkData::default(),
             });
-            if len == 0
+            if wire_len == 0
                 && let Some(inc) = state.current.take()
             {
                 self.on_chunk(inc);
@@ -797,7 +850,8 @@ impl Receiver {
         f.writing.insert(inc.index, inc.hash);
         f.written = true;
         let id = self.op_id();
-        self.writes.insert(id, (inc.file, inc.index, inc.len));
+        self.writes
+            .insert(id, (inc.file, inc.index, inc.len, inc.wire_len));
         self.disk.push_back(DiskOp::WriteChunk {
             id,
             file: inc.file,
@@ -805,6 +859,7 @@ impl Receiver {
             offset: inc.offset,
             hash: inc.hash,
             data: inc.data,
+            compressed: inc.compressed.then_some(inc.len),
         });
     }
 

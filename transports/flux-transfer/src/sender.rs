@@ -4,7 +4,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flux_wire::{ChunkRange, EntryKind, Hash, Message};
+use flux_wire::{ChunkRange, EntryKind, FEATURE_TEXT, FEATURE_ZSTD, Hash, Message};
 
 use crate::digest::{claim_digest, file_digest};
 use crate::io::{
@@ -26,6 +26,15 @@ pub struct SenderConfig {
     pub stall_timeout: Duration,
     /// Times one chunk may be requested again before the transfer fails.
     pub max_refetch: u32,
+    /// Optional features this side advertises in its hello (default: all it implements).
+    pub features: u64,
+    /// Whether chunks are sent zstd-compressed (only to a receiver that advertises it).
+    pub compress: Compress,
+    /// The zstd level asked for (1 is fast; see [`Sender::set_compress_level`]).
+    pub compress_level: i32,
+    /// A short text offered before the manifest (`thru host --text`); the receiver must
+    /// advertise [`flux_wire::FEATURE_TEXT`] or the transfer fails naming the problem.
+    pub text: Option<Arc<str>>,
 }
 
 impl Default for SenderConfig {
@@ -36,9 +45,32 @@ impl Default for SenderConfig {
             range_chunks: 32,
             stall_timeout: Duration::from_secs(30),
             max_refetch: 3,
+            features: crate::FEATURES,
+            compress: Compress::Auto,
+            compress_level: 1,
+            text: None,
         }
     }
 }
+
+/// When the sender compresses a file's chunks.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub enum Compress {
+    /// Never.
+    Off,
+    /// Where it pays: a file is sampled with its first chunks and compressed only while the
+    /// frames come out at most [`AUTO_MAX_RATIO`] of the plain size; files whose names say
+    /// they are compressed already (media, archives) are never tried.
+    #[default]
+    Auto,
+    /// Every chunk whose frame is smaller than its plain bytes.
+    On,
+}
+
+/// [`Compress::Auto`] keeps compressing a file only while frames are at most this share of the
+/// plain bytes: below ~10 % saved, the CPU on both ends costs more than the bytes it saves on
+/// any path this tool targets.
+pub const AUTO_MAX_RATIO: f64 = 0.9;
 
 /// Sends one share to one receiver.
 ///
@@ -69,6 +101,9 @@ pub struct Sender {
     chosen: Option<BTreeSet<u32>>,
     /// The receiver paused the transfer: its silence is no stall.
     paused: bool,
+    /// Whether the receiver takes compressed chunks (its hello said so).
+    peer_zstd: bool,
+    compress_level: i32,
 }
 
 #[derive(Debug, Eq, PartialEq)]
@@ -99,6 +134,19 @@ struct FileState {
     claim: Option<Claim>,
     done_sent: bool,
     refetches: HashMap<u32, u32>,
+    zstd: Zstd,
+}
+
+/// A file's compression state.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+enum Zstd {
+    /// Not compressed.
+    #[default]
+    No,
+    /// Being sampled (auto): compressed while frames pay.
+    Try,
+    /// Compressed wherever a frame is smaller.
+    Yes,
 }
 
 #[derive(Debug)]
@@ -129,7 +177,6 @@ impl Sender {
         let lanes = (0..cfg.parallel_files).map(|_| Lane::default()).collect();
         Self {
             manifest,
-            cfg,
             phase: Phase::AwaitHello,
             control: FrameBuf::default(),
             out: Outbox::default(),
@@ -145,7 +192,16 @@ impl Sender {
             last_activity: None,
             chosen: None,
             paused: false,
+            peer_zstd: false,
+            compress_level: cfg.compress_level,
+            cfg,
         }
+    }
+
+    /// Sets the zstd level for chunks read from now on: the driver may lower it on a fast path
+    /// and raise it on a slow one, where CPU is cheap next to the bytes it saves.
+    pub fn set_compress_level(&mut self, level: i32) {
+        self.compress_level = level;
     }
 
     /// Owned bytes arrived on `stream`; the sender keeps none, so this is
@@ -205,8 +261,12 @@ impl Sender {
         if self.is_over() {
             return;
         }
-        let (data, hash) = match res {
-            Ok(DiskResult::Read { data, hash }) if data.len() == read.len as usize => (data, hash),
+        let (data, hash, compressed) = match res {
+            Ok(DiskResult::Read {
+                data,
+                hash,
+                compressed,
+            }) if data.len() == read.len as usize => (data, hash, compressed),
             Ok(DiskResult::Read { data: b, .. }) => {
                 return self.fail(TransferError::Io(format!(
                     "{}: read {} bytes at chunk {} where {} were expected (file changed while sending?)",
@@ -242,19 +302,49 @@ impl Sender {
         match read.lane {
             Some(lane) => {
                 f.to_send -= 1;
-                let header = Message::ChunkHeader {
-                    file: read.file,
-                    index: read.index,
-                    len: read.len,
-                    hash,
-                };
+                let frame = compressed.filter(|c| match f.zstd {
+                    Zstd::No => false,
+                    Zstd::Yes => c.len() < data.len(),
+                    Zstd::Try => {
+                        let pays = (c.len() as f64) <= data.len() as f64 * AUTO_MAX_RATIO;
+                        // One chunk that does not pay ends the sampling: media and random
+                        // data cost one chunk's compression, then go plain.
+                        f.zstd = if pays { Zstd::Try } else { Zstd::No };
+                        pays
+                    }
+                });
                 let stream = Stream::Lane(lane as u16);
-                self.out.push_msg(stream, &header);
-                self.out.push(stream, data);
+                let wire = match frame {
+                    Some(c) => {
+                        let wire = c.len() as u32;
+                        let header = Message::ZChunkHeader {
+                            file: read.file,
+                            index: read.index,
+                            len: read.len,
+                            wire_len: wire,
+                            hash,
+                        };
+                        self.out.push_msg(stream, &header);
+                        self.out.push(stream, c);
+                        wire
+                    }
+                    None => {
+                        let header = Message::ChunkHeader {
+                            file: read.file,
+                            index: read.index,
+                            len: read.len,
+                            hash,
+                        };
+                        self.out.push_msg(stream, &header);
+                        self.out.push(stream, data);
+                        read.len
+                    }
+                };
                 self.events.push_back(Event::ChunkSent {
                     file: read.file,
                     index: read.index,
                     len: read.len,
+                    wire,
                 });
             }
             None => {
@@ -335,13 +425,27 @@ impl Sender {
                 Message::Hello {
                     min_version,
                     max_version,
-                    ..
+                    features,
                 },
             ) => {
                 if let Err(e) = check_hello(min_version, max_version) {
                     return self.fail(e);
                 }
-                self.out.push_msg(Stream::Control, &hello());
+                let common = features & self.cfg.features;
+                self.out
+                    .push_msg(Stream::Control, &hello(self.cfg.features));
+                if let Some(text) = &self.cfg.text {
+                    if common & FEATURE_TEXT == 0 {
+                        return self.fail(TransferError::Unsupported(
+                            "the receiver's thru is too old to receive a text (--text); it \
+                             needs to be updated"
+                                .into(),
+                        ));
+                    }
+                    let body = text.to_string();
+                    self.out.push_msg(Stream::Control, &Message::Text { body });
+                }
+                self.peer_zstd = common & FEATURE_ZSTD != 0;
                 for m in self.manifest.to_messages() {
                     self.out.push_msg(Stream::Control, &m);
                 }
@@ -459,11 +563,19 @@ impl Sender {
                 continue;
             }
             let n = self.manifest.chunk_count(i as u32);
+            let zstd = match self.cfg.compress {
+                _ if !self.peer_zstd => Zstd::No,
+                Compress::Off => Zstd::No,
+                Compress::On => Zstd::Yes,
+                Compress::Auto if precompressed(&e.path) => Zstd::No,
+                Compress::Auto => Zstd::Try,
+            };
             self.files.insert(
                 i as u32,
                 FileState {
                     hashes: vec![None; n as usize],
                     unknown: n,
+                    zstd,
                     ..FileState::default()
                 },
             );
@@ -659,6 +771,12 @@ impl Sender {
     }
 
     fn issue_read(&mut self, file: u32, index: u32, offset: u64, len: u32, lane: Option<usize>) {
+        // Resume checks are hashed only; chunks to send are compressed while the file's state
+        // says so.
+        let compress = lane
+            .and_then(|_| self.files.get(&file))
+            .filter(|f| f.zstd != Zstd::No)
+            .map(|_| self.compress_level);
         let id = OpId(self.next_op);
         self.next_op += 1;
         self.reads.insert(
@@ -675,6 +793,7 @@ impl Sender {
             file,
             offset,
             len,
+            compress,
         });
     }
 
@@ -691,6 +810,19 @@ impl Sender {
         self.phase = Phase::Failed;
         report_failure(&mut self.out, &mut self.events, e);
     }
+}
+
+/// Whether a file's name says its bytes are compressed already (media, archives, packages):
+/// [`Compress::Auto`] does not spend a chunk's compression to find out.
+fn precompressed(path: &str) -> bool {
+    const EXT: &[&str] = &[
+        "7z", "aac", "apk", "avi", "avif", "br", "bz2", "deb", "docx", "flac", "gif", "gz", "heic",
+        "jar", "jpeg", "jpg", "lz", "lz4", "lzma", "m4a", "m4v", "mkv", "mov", "mp3", "mp4", "odt",
+        "ogg", "opus", "png", "pptx", "rar", "rpm", "tbz", "tgz", "txz", "webm", "webp", "whl",
+        "xlsx", "xz", "zip", "zst",
+    ];
+    path.rsplit_once('.')
+        .is_some_and(|(_, ext)| EXT.iter().any(|e| ext.eq_ignore_ascii_case(e)))
 }
 
 /// Ends a machine's side of the transfer on `e`: tells the peer why (unless the peer itself

@@ -12,13 +12,13 @@
 //!   control stream (bidirectional, opened by the receiver)
 //!   Hello ───────────────────────────────────────────▶
 //!        ◀──────────────────────────────────────────── Hello
-//!        ◀──── ManifestBegin, ManifestEntries…, ManifestEnd
+//!        ◀──── Text (only with --text), ManifestBegin, ManifestEntries…, ManifestEnd
 //!   Select (optional: only these entries) ───────────▶
 //!   Accept | Reject | Browsed ───────────────────────▶
 //!   Have… (resume claims), HaveDone ─────────────────▶
 //!        ◀──────────────────────────────────────────── Verdict (one per Have)
 //!   data lanes (unidirectional, opened by the sender)
-//!        ◀──── ChunkHeader + raw chunk bytes, repeated
+//!        ◀──── ChunkHeader + raw chunk bytes (or ZChunkHeader + a zstd frame), repeated
 //!   control stream again
 //!   Refetch (a chunk failed verification) ───────────▶
 //!        ◀──────────────────────────────────────────── FileDone (whole-file digest)
@@ -67,11 +67,22 @@ pub const MAX_PATH_BYTES: usize = 4096;
 pub const MAX_TEXT_BYTES: usize = 1024;
 /// Hello feature bit: this side speaks [`Message::Select`] and [`Message::Browsed`]
 /// (receiving a chosen subset, browsing without receiving).
-pub const FEATURE_SELECT: u64 = 1 << 8;
+pub const FEATURE_SELECT: u64 = 1 << 10;
 /// Hello feature bit: this side speaks [`Message::Pause`].
-pub const FEATURE_PAUSE: u64 = 1 << 9;
+pub const FEATURE_PAUSE: u64 = 1 << 11;
 /// Largest chunk a [`Message::ChunkHeader`] may announce.
 pub const MAX_CHUNK_LEN: u32 = 64 << 20;
+/// Largest [`Message::Text`] body, in bytes of UTF-8 (`thru host --text`).
+pub const MAX_MESSAGE_BYTES: usize = 64 << 10;
+
+/// [`Message::Hello`] feature bit: this side understands [`Message::Text`].
+///
+/// Feature bits are independent: a side ignores bits it does not know, and uses a feature only
+/// when both hellos carry its bit, so an older peer still works without it.
+pub const FEATURE_TEXT: u64 = 1 << 8;
+/// [`Message::Hello`] feature bit: this side can receive zstd-compressed chunks
+/// ([`Message::ZChunkHeader`]).
+pub const FEATURE_ZSTD: u64 = 1 << 9;
 
 /// Why bytes did not decode. Small and `Copy`: it is the lowest of the three error tiers (see the
 /// transfer crate for protocol and local errors).

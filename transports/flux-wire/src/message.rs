@@ -1,7 +1,7 @@
 //! The messages of the transfer protocol and their encodings.
 
 use crate::codec::{Reader, bytes_len, put_bytes, put_varint, varint_len};
-use crate::{DecodeError, MAX_CHUNK_LEN, MAX_PATH_BYTES, MAX_TEXT_BYTES};
+use crate::{DecodeError, MAX_CHUNK_LEN, MAX_MESSAGE_BYTES, MAX_PATH_BYTES, MAX_TEXT_BYTES};
 
 /// A BLAKE3 digest.
 pub type Hash = [u8; 32];
@@ -121,6 +121,27 @@ pub enum Message {
     Pause {
         /// Paused after this message.
         paused: bool,
+    },
+    /// A short text the sender offers instead of (or beside) files, before the manifest; only
+    /// sent to a receiver whose hello has [`FEATURE_TEXT`](crate::FEATURE_TEXT).
+    Text {
+        /// The text, at most [`MAX_MESSAGE_BYTES`].
+        body: String,
+    },
+    /// Precedes `wire_len` bytes of a zstd frame that decompresses to chunk `index` of `file`
+    /// (`len` plain bytes, hashed as plain bytes); only sent to a receiver whose hello has
+    /// [`FEATURE_ZSTD`](crate::FEATURE_ZSTD).
+    ZChunkHeader {
+        /// Index of the file in the manifest.
+        file: u32,
+        /// Chunk index within the file.
+        index: u32,
+        /// Plain bytes the payload decompresses to.
+        len: u32,
+        /// Compressed payload bytes that follow.
+        wire_len: u32,
+        /// BLAKE3 of the plain bytes.
+        hash: Hash,
     },
 }
 
@@ -248,9 +269,11 @@ pub enum MessageType {
     Error = 0x0e,
     Complete = 0x0f,
     Close = 0x10,
-    Select = 0x20,
-    Browsed = 0x21,
-    Pause = 0x22,
+    Select = 0x22,
+    Browsed = 0x23,
+    Pause = 0x24,
+    Text = 0x20,
+    ZChunkHeader = 0x21,
 }
 
 impl MessageType {
@@ -274,9 +297,11 @@ impl MessageType {
             0x0e => Error,
             0x0f => Complete,
             0x10 => Close,
-            0x20 => Select,
-            0x21 => Browsed,
-            0x22 => Pause,
+            0x22 => Select,
+            0x23 => Browsed,
+            0x24 => Pause,
+            0x20 => Text,
+            0x21 => ZChunkHeader,
             _ => return None,
         })
     }
@@ -305,6 +330,8 @@ impl Message {
             Self::Select { .. } => MessageType::Select,
             Self::Browsed => MessageType::Browsed,
             Self::Pause { .. } => MessageType::Pause,
+            Self::Text { .. } => MessageType::Text,
+            Self::ZChunkHeader { .. } => MessageType::ZChunkHeader,
         }
     }
 
@@ -414,6 +441,20 @@ impl Message {
                 }
             }
             Self::Pause { paused } => out.push(u8::from(*paused)),
+            Self::Text { body } => put_bytes(out, body.as_bytes()),
+            Self::ZChunkHeader {
+                file,
+                index,
+                len,
+                wire_len,
+                hash,
+            } => {
+                put_varint(out, u64::from(*file));
+                put_varint(out, u64::from(*index));
+                put_varint(out, u64::from(*len));
+                put_varint(out, u64::from(*wire_len));
+                out.extend_from_slice(hash);
+            }
             Self::ManifestEnd
             | Self::Accept
             | Self::HaveDone
@@ -466,6 +507,20 @@ impl Message {
                         .sum::<usize>()
             }
             Self::Pause { .. } => 1,
+            Self::Text { body } => bytes_len(body.len()),
+            Self::ZChunkHeader {
+                file,
+                index,
+                len,
+                wire_len,
+                ..
+            } => {
+                v(u64::from(*file))
+                    + v(u64::from(*index))
+                    + v(u64::from(*len))
+                    + v(u64::from(*wire_len))
+                    + 32
+            }
             Self::ManifestEnd
             | Self::Accept
             | Self::HaveDone
@@ -585,6 +640,30 @@ impl Message {
                     _ => return Err(DecodeError::BadValue("pause flag")),
                 },
             },
+            MessageType::Text => Self::Text {
+                body: r.string(MAX_MESSAGE_BYTES)?,
+            },
+            MessageType::ZChunkHeader => {
+                let file = r.varint_u32()?;
+                let index = r.varint_u32()?;
+                let len = r.varint_u32()?;
+                let wire_len = r.varint_u32()?;
+                for n in [len, wire_len] {
+                    if n > MAX_CHUNK_LEN {
+                        return Err(DecodeError::TooLong {
+                            len: u64::from(n),
+                            max: u64::from(MAX_CHUNK_LEN),
+                        });
+                    }
+                }
+                Self::ZChunkHeader {
+                    file,
+                    index,
+                    len,
+                    wire_len,
+                    hash: r.array()?,
+                }
+            }
         })
     }
 }

@@ -147,14 +147,31 @@ pub struct Proc {
 impl Proc {
     /// Starts `thru` with `args` and extra environment, reading its stdout lines.
     pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::spawn_with_stdin(args, env, None)
+    }
+
+    /// [`Proc::spawn`], with `stdin` written to the process's stdin (then closed) on a thread;
+    /// `None`: no stdin.
+    pub fn spawn_with_stdin(args: &[&str], env: &[(&str, &str)], stdin: Option<&[u8]>) -> Self {
         let mut child = Command::new(thru_bin())
             .args(args)
             .envs(env.iter().copied())
-            .stdin(Stdio::null())
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
+        if let (Some(data), Some(mut input)) = (stdin, child.stdin.take()) {
+            let data = data.to_vec();
+            std::thread::spawn(move || {
+                use std::io::Write as _;
+                let _ = input.write_all(&data);
+            });
+        }
         let out = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {

@@ -106,7 +106,41 @@ fn message() -> impl Strategy<Value = Message> {
         .prop_map(|ranges| Message::Select { ranges }),
         Just(Message::Browsed),
         any::<bool>().prop_map(|paused| Message::Pause { paused }),
+        text(1000).prop_map(|body| Message::Text { body }),
+        (
+            any::<u32>(),
+            any::<u32>(),
+            0..=MAX_CHUNK_LEN,
+            0..=MAX_CHUNK_LEN,
+            hash()
+        )
+            .prop_map(|(file, index, len, wire_len, hash)| Message::ZChunkHeader {
+                file,
+                index,
+                len,
+                wire_len,
+                hash
+            }),
     ]
+}
+
+#[test]
+fn text_over_the_limit_is_refused() {
+    let ok = Message::Text {
+        body: "x".repeat(crate::MAX_MESSAGE_BYTES),
+    };
+    let mut out = Vec::new();
+    ok.encode(&mut out);
+    assert_eq!(decode_frame(&out).unwrap().unwrap().0, ok);
+    let over = Message::Text {
+        body: "x".repeat(crate::MAX_MESSAGE_BYTES + 1),
+    };
+    let mut out = Vec::new();
+    over.encode(&mut out);
+    assert!(matches!(
+        decode_frame(&out),
+        Err(DecodeError::TooLong { .. })
+    ));
 }
 
 proptest! {
