@@ -358,6 +358,9 @@ pub enum TransferError {
     /// `--yes` was needed and not given (exit 2).
     #[error("no terminal to ask on; pass --yes")]
     NotATerminal,
+    /// `--out -` and an offer of more than one file: refused before anything was written.
+    #[error("{0}")]
+    NotSingleFile(String),
     /// Anything else, with context (`transfer failed: control stream timeout`).
     #[error("transfer failed: {0}")]
     Failed(String),
@@ -367,7 +370,9 @@ impl TransferError {
     /// The process exit code for this error.
     pub fn exit(&self) -> Exit {
         match self {
-            Self::Refused | Self::Declined(_) | Self::NoSpace(_) => Exit::Refused,
+            Self::Refused | Self::Declined(_) | Self::NoSpace(_) | Self::NotSingleFile(_) => {
+                Exit::Refused
+            }
             Self::Conflict { .. } => Exit::Conflict,
             Self::NotATerminal => Exit::Usage,
             Self::Failed(_) => Exit::TransferFailed,
@@ -624,10 +629,14 @@ pub fn run_transfer(
             "run_transfer receives; a host serves through HostEngine".into(),
         ));
     };
-    std::fs::create_dir_all(out)
-        .map_err(|e| failed(&format!("cannot create {}", out.display()), e))?;
+    let pipe = is_stdout(out);
+    if !pipe {
+        std::fs::create_dir_all(out)
+            .map_err(|e| failed(&format!("cannot create {}", out.display()), e))?;
+    }
     let mut cfg = net_config(job);
     cfg.auto_accept = false;
+    cfg.pipe = pipe;
     // Chosen up front, the engine replaces files itself (atomically, file by file); chosen in
     // the prompt, the answers go with the acceptance (`Resolutions`): nothing here is moved.
     cfg.receiver.overwrite = *on_conflict == OnConflict::Overwrite;
@@ -887,6 +896,12 @@ fn receive_from(
         .and_then(|(e, _)| e.clone())
         .or(report.error.clone());
     if let Some(e) = error {
+        if e.contains("--out - writes a single file") {
+            return Err(TransferError::NotSingleFile(
+                e.split_once("receiver declined: ")
+                    .map_or(e.clone(), |(_, r)| r.to_owned()),
+            ));
+        }
         if let Some(ice) = ice_failed {
             // ICE's own words: `failed to establish ICE connection: …`.
             return Err(TransferError::Failed(ice));
@@ -936,6 +951,11 @@ fn receive_from(
     Ok(Ok(summary))
 }
 
+/// Whether `--out` names stdout (`-`).
+pub fn is_stdout(out: &Path) -> bool {
+    out.as_os_str() == "-"
+}
+
 /// Longest wait for engine events before looking at the trickled candidates again.
 const TRICKLE_POLL: Duration = Duration::from_millis(5);
 
@@ -951,6 +971,8 @@ fn decide(
     let (out, yes) = (rx.out.as_path(), rx.yes);
     let needed = crate::space::still_needed(manifest, local);
     match crate::space::free_bytes(out) {
+        // A pipe has no free space to check.
+        _ if is_stdout(out) => {}
         Ok(free) => {
             // A shortfall refuses even with --yes: the writes would fail part-way, after
             // the code is used and the bytes are sent.
@@ -988,10 +1010,14 @@ fn decide(
             })
             .collect(),
         dirs: entries.iter().filter(|e| e.kind == EntryKind::Dir).count(),
-        destination: std::fs::canonicalize(out)
-            .unwrap_or_else(|_| out.to_path_buf())
-            .display()
-            .to_string(),
+        destination: if is_stdout(out) {
+            "stdout".into()
+        } else {
+            std::fs::canonicalize(out)
+                .unwrap_or_else(|_| out.to_path_buf())
+                .display()
+                .to_string()
+        },
         replaces: replaces.iter().map(|(_, p)| p.clone()).collect(),
         same_size_here: local
             .values()

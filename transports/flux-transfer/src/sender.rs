@@ -4,7 +4,9 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flux_wire::{ChunkRange, EntryKind, FEATURE_TEXT, FEATURE_ZSTD, Hash, Message};
+use flux_wire::{
+    ChunkRange, EntryKind, FEATURE_IN_ORDER, FEATURE_TEXT, FEATURE_ZSTD, Hash, Message,
+};
 
 use crate::digest::{claim_digest, file_digest};
 use crate::io::{
@@ -99,6 +101,8 @@ pub struct Sender {
     last_activity: Option<Instant>,
     /// Whether the receiver takes compressed chunks (its hello said so).
     peer_zstd: bool,
+    /// Whether the receiver writes to a pipe and wants chunks in file order, on one lane.
+    in_order: bool,
     compress_level: i32,
 }
 
@@ -187,6 +191,7 @@ impl Sender {
             verify_inflight: 0,
             last_activity: None,
             peer_zstd: false,
+            in_order: false,
             compress_level: cfg.compress_level,
             cfg,
         }
@@ -434,6 +439,7 @@ impl Sender {
                     self.out.push_msg(Stream::Control, &Message::Text { body });
                 }
                 self.peer_zstd = common & FEATURE_ZSTD != 0;
+                self.in_order = features & FEATURE_IN_ORDER != 0;
                 for m in self.manifest.to_messages() {
                     self.out.push_msg(Stream::Control, &m);
                 }
@@ -632,7 +638,13 @@ impl Sender {
         if let Some(f) = self.files.get_mut(&file) {
             f.to_send += missing.len() as u32;
         }
-        for part in missing.chunks(self.cfg.range_chunks as usize) {
+        // A receiver writing to a pipe takes the file in order: one range, on one lane.
+        let range = if self.in_order {
+            missing.len().max(1)
+        } else {
+            self.cfg.range_chunks as usize
+        };
+        for part in missing.chunks(range) {
             self.work.push_back(Work {
                 file,
                 chunks: part.iter().copied().collect(),
@@ -698,7 +710,8 @@ impl Sender {
         }
         let chunk = u64::from(self.manifest.chunk_size());
         let budget = chunk * u64::from(self.cfg.read_ahead);
-        for lane in 0..self.lanes.len() {
+        let lanes = if self.in_order { 1 } else { self.lanes.len() };
+        for lane in 0..lanes {
             loop {
                 let queued = self.out.queued(Stream::Lane(lane as u16)) as u64;
                 if queued + u64::from(self.lanes[lane].inflight) * chunk >= budget {
