@@ -605,7 +605,12 @@ impl Worker {
             rcfg.features |= flux_wire::FEATURE_IN_ORDER;
         }
         let m = Receiver::new(rcfg);
-        let machine = Machine::Recv(Session::new(conn, m, Side::Client));
+        let machine = Machine::Recv(Session::new(
+            conn,
+            m,
+            Side::Client,
+            self.cfg.transport.send_window,
+        ));
         let mut c = Conn::new(handle, machine, peer, Instant::now(), link);
         c.tuner = Some(flux_quic::WindowTuner::new(self.cfg.transport.conn_window));
         self.conns.push(c);
@@ -951,7 +956,12 @@ impl Worker {
                     .iter()
                     .position(|l| l.live() && l.quic_addr == Some(peer));
                 let m = Sender::new(manifest.clone(), self.cfg.sender.clone());
-                let machine = Machine::Send(Session::new(conn, m, Side::Server));
+                let machine = Machine::Send(Session::new(
+                    conn,
+                    m,
+                    Side::Server,
+                    self.cfg.transport.send_window,
+                ));
                 self.conns.push(Conn::new(handle, machine, peer, now, link));
             }
             Err(e) => {

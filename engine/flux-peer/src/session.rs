@@ -31,6 +31,10 @@ pub enum Side {
 /// the rest of the loop.
 const READ_BUDGET: usize = 8 << 20;
 
+/// The least QUIC send window (bytes written and not yet acknowledged) a session keeps: enough
+/// for slow start's first round trips on any path.
+const SEND_WINDOW_FLOOR: u64 = 2 << 20;
+
 /// A machine bound to a connection.
 pub struct Session<M> {
     /// The QUIC connection.
@@ -47,6 +51,9 @@ pub struct Session<M> {
     /// corruption with it).
     pub tamper: Option<Tamper>,
     received: HashMap<Stream, u64>,
+    /// The send window set on the connection now, and its ceiling (the configured window).
+    send_window: u64,
+    send_window_max: u64,
 }
 
 impl<M: std::fmt::Debug> std::fmt::Debug for Session<M> {
@@ -61,7 +68,9 @@ impl<M: std::fmt::Debug> std::fmt::Debug for Session<M> {
 
 impl<M: Machine> Session<M> {
     /// Binds `machine` to `conn`.
-    pub fn new(conn: Connection, machine: M, side: Side) -> Self {
+    ///
+    /// `send_window` is the configured QUIC send window, used as the ceiling of the adaptive one.
+    pub fn new(conn: Connection, machine: M, side: Side, send_window: u64) -> Self {
         let mut s = Self {
             conn,
             machine,
@@ -73,6 +82,8 @@ impl<M: Machine> Session<M> {
             closed: None,
             tamper: None,
             received: HashMap::new(),
+            send_window,
+            send_window_max: send_window.max(SEND_WINDOW_FLOOR),
         };
         if side == Side::Client {
             s.control = s.conn.streams().open(Dir::Bi);
@@ -200,49 +211,72 @@ impl<M: Machine> Session<M> {
     }
 
     fn write(&mut self) {
-        for stream in self.machine.outbox().ready() {
-            let id = match stream {
-                Stream::Control => match self.control {
-                    Some(id) => id,
-                    None => continue,
-                },
-                Stream::Lane(n) => match self.out_lanes.get(&n) {
-                    Some(id) => *id,
-                    None => match self.conn.streams().open(Dir::Uni) {
-                        Some(id) => {
-                            self.out_lanes.insert(n, id);
-                            id
-                        }
-                        // Stream limit reached: retry when the peer raises it.
-                        None => continue,
-                    },
-                },
+        self.size_send_window();
+        // Streams that cannot take more now (flow control, or not yet openable).
+        let mut stuck: Vec<Stream> = Vec::new();
+        // Oldest bytes first across streams: chunks leave in the order they were read, each at
+        // the path's full rate, instead of every lane's chunk finishing late together.
+        while let Some(stream) = self.machine.outbox().oldest(&stuck) {
+            let Some(id) = self.stream_id(stream) else {
+                stuck.push(stream);
+                continue;
             };
-            loop {
-                let Some(front) = self.machine.outbox().front(stream).cloned() else {
-                    break;
-                };
-                // Handed over as `Bytes` (a reference, not a copy): QUIC keeps them until
-                // acknowledged, and the sender's read buffers return to their recycler then.
-                let mut one = [front.clone()];
-                match self.conn.send_stream(id).write_chunks(&mut one) {
-                    Ok(w) => {
-                        self.machine.outbox().advance(stream, w.bytes);
-                        if w.bytes < front.len() {
-                            break;
-                        }
-                    }
-                    Err(WriteError::Blocked) => break,
-                    Err(_) => {
-                        // Stopped or closed: the peer is gone from this stream.
-                        self.machine.outbox().advance(stream, usize::MAX);
-                        break;
+            let Some(front) = self.machine.outbox().front(stream).cloned() else {
+                stuck.push(stream);
+                continue;
+            };
+            // Handed over as `Bytes` (a reference, not a copy): QUIC keeps them until
+            // acknowledged, and the sender's read buffers return to their recycler then.
+            let mut one = [front.clone()];
+            match self.conn.send_stream(id).write_chunks(&mut one) {
+                Ok(w) => {
+                    self.machine.outbox().advance(stream, w.bytes);
+                    if w.bytes < front.len() {
+                        stuck.push(stream);
                     }
                 }
+                Err(WriteError::Blocked) => stuck.push(stream),
+                Err(_) => {
+                    // Stopped or closed: the peer is gone from this stream.
+                    let n = self.machine.outbox().queued(stream);
+                    self.machine.outbox().advance(stream, n);
+                }
             }
-            if self.machine.outbox().take_fin(stream) {
+        }
+        for stream in self.machine.outbox().ready() {
+            if let Some(id) = self.stream_id(stream)
+                && self.machine.outbox().take_fin(stream)
+            {
                 let _ = self.conn.send_stream(id).finish();
             }
+        }
+    }
+
+    /// The QUIC stream for `stream`, opening a lane's on first use; `None` while it cannot be
+    /// opened yet (no control stream before the handshake, or the peer's stream limit reached).
+    fn stream_id(&mut self, stream: Stream) -> Option<StreamId> {
+        match stream {
+            Stream::Control => self.control,
+            Stream::Lane(n) => match self.out_lanes.get(&n) {
+                Some(id) => Some(*id),
+                None => {
+                    let id = self.conn.streams().open(Dir::Uni)?;
+                    self.out_lanes.insert(n, id);
+                    Some(id)
+                }
+            },
+        }
+    }
+
+    /// Keeps the bytes QUIC holds unsent to about one congestion window beyond what is in
+    /// flight (within the configured ceiling), so queueing happens in the outbox, in read order,
+    /// rather than inside QUIC where streams are served round-robin.
+    fn size_send_window(&mut self) {
+        let cwnd = self.conn.congestion_state().window();
+        let window = (2 * cwnd).clamp(SEND_WINDOW_FLOOR, self.send_window_max);
+        if window != self.send_window {
+            self.send_window = window;
+            self.conn.set_send_window(window);
         }
     }
 }

@@ -208,7 +208,12 @@ impl Sim {
         let (ch, conn) = client
             .connect(base, client_cfg, addr(SENDER_ADDR), flux_quic::SERVER_NAME)
             .map_err(|e| e.to_string())?;
-        let mut rs = Session::new(conn, Receiver::new(cfg.receiver.clone()), Side::Client);
+        let mut rs = Session::new(
+            conn,
+            Receiver::new(cfg.receiver.clone()),
+            Side::Client,
+            cfg.transport.send_window,
+        );
         rs.tamper = tamper;
         Ok(Self {
             base,
@@ -341,7 +346,10 @@ impl Sim {
                             self.server.accept(inc, self.now, &mut self.buf, None)
                         {
                             let m = Sender::new(self.manifest.clone(), self.cfg.sender.clone());
-                            self.sender = Some((ch, Session::new(conn, m, Side::Server)));
+                            self.sender = Some((
+                                ch,
+                                Session::new(conn, m, Side::Server, self.cfg.transport.send_window),
+                            ));
                         }
                     }
                     Some(DatagramEvent::ConnectionEvent(ch, ev)) => {

@@ -371,14 +371,22 @@ impl TransferError {
 /// The driver takes bytes with [`Outbox::front`] / [`Outbox::advance`] as flow control allows,
 /// and finishes a stream once [`Outbox::take_fin`] says so. Machines bound what they queue here,
 /// so memory stays bounded whatever the path's speed.
+///
+/// Every piece is numbered in the order it was queued, so a driver can move the oldest bytes
+/// first across streams ([`Outbox::oldest`]): chunks then leave in the order they were read
+/// instead of several lanes' chunks finishing together, which is what bounds chunk latency and
+/// gets the first chunk out alone.
 #[derive(Debug, Default)]
 pub struct Outbox {
     queues: BTreeMap<Stream, Queue>,
+    next_seq: u64,
 }
 
 #[derive(Debug, Default)]
 struct Queue {
     chunks: VecDeque<Bytes>,
+    /// Queue order of each piece in `chunks`.
+    seqs: VecDeque<u64>,
     bytes: usize,
     fin: bool,
 }
@@ -391,6 +399,17 @@ impl Outbox {
             .filter(|(_, q)| q.bytes > 0 || q.fin)
             .map(|(s, _)| *s)
             .collect()
+    }
+
+    /// Of the streams with bytes waiting and not in `skip`, the one whose next bytes were queued
+    /// first.
+    pub fn oldest(&self, skip: &[Stream]) -> Option<Stream> {
+        self.queues
+            .iter()
+            .filter(|(s, q)| q.bytes > 0 && !skip.contains(s))
+            .filter_map(|(s, q)| q.seqs.front().map(|seq| (*seq, *s)))
+            .min()
+            .map(|(_, s)| s)
     }
 
     /// The next bytes to write on `stream`.
@@ -411,6 +430,7 @@ impl Outbox {
             if n >= front.len() {
                 n -= front.len();
                 q.chunks.pop_front();
+                q.seqs.pop_front();
             } else {
                 let _ = front.split_to(n);
                 n = 0;
@@ -441,6 +461,8 @@ impl Outbox {
         let q = self.queues.entry(stream).or_default();
         q.bytes += b.len();
         q.chunks.push_back(b);
+        q.seqs.push_back(self.next_seq);
+        self.next_seq += 1;
     }
 
     pub(crate) fn push_msg(&mut self, stream: Stream, m: &Message) {
@@ -492,5 +514,29 @@ impl FrameBuf {
 
     pub(crate) fn is_empty(&self) -> bool {
         self.pos == self.buf.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oldest_follows_queue_order_across_streams_and_partial_writes() {
+        let mut out = Outbox::default();
+        out.push(Stream::Lane(1), Bytes::from_static(b"aaaa"));
+        out.push(Stream::Lane(0), Bytes::from_static(b"bb"));
+        out.push(Stream::Lane(1), Bytes::from_static(b"cc"));
+        assert_eq!(out.oldest(&[]), Some(Stream::Lane(1)));
+        // A partly written piece keeps its place.
+        out.advance(Stream::Lane(1), 3);
+        assert_eq!(out.oldest(&[]), Some(Stream::Lane(1)));
+        assert_eq!(out.oldest(&[Stream::Lane(1)]), Some(Stream::Lane(0)));
+        out.advance(Stream::Lane(1), 1);
+        assert_eq!(out.oldest(&[]), Some(Stream::Lane(0)));
+        out.advance(Stream::Lane(0), 2);
+        assert_eq!(out.front(Stream::Lane(1)).map(|b| &b[..]), Some(&b"cc"[..]));
+        out.advance(Stream::Lane(1), 2);
+        assert_eq!(out.oldest(&[]), None);
     }
 }

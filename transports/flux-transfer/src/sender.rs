@@ -20,7 +20,9 @@ use crate::{check_hello, hello};
 pub struct SenderConfig {
     /// Files (or ranges of one large file) in flight at once, each on its own lane: 1..=8.
     pub parallel_files: u16,
-    /// Chunks each lane may have read ahead of the network.
+    /// Chunks each lane may have read ahead of the network; the bytes read ahead across all
+    /// lanes together stay within `read_ahead × chunk_size` too. Everything read ahead waits
+    /// in line before QUIC, so this bound is also what bounds chunk latency.
     pub read_ahead: u32,
     /// Chunks per range when a large file is split across lanes.
     pub range_chunks: u32,
@@ -80,7 +82,7 @@ pub const AUTO_MAX_RATIO: f64 = 0.9;
 /// [`Sender::handle_timeout`]; after each, move bytes out of [`Sender::outbox`], then drain
 /// [`Sender::poll_disk`] and [`Sender::poll_event`] until both return `None`. Reads are requested
 /// only while a lane has room, so the bytes held here never exceed
-/// `parallel_files × read_ahead × chunk_size` plus control messages.
+/// `(read_ahead + 1) × chunk_size` plus control messages.
 #[derive(Debug)]
 pub struct Sender {
     manifest: Arc<Manifest>,
@@ -98,6 +100,12 @@ pub struct Sender {
     /// Claims being verified, in order.
     verify: VecDeque<(u32, u32)>,
     verify_inflight: usize,
+    /// Chunk reads allowed in flight across all lanes: starts at one and grows by one per
+    /// chunk read, up to the lanes' whole read-ahead, so the first chunk is read (and hashed)
+    /// alone and reaches the receiver without waiting behind a burst of reads.
+    read_ramp: u32,
+    /// Bytes of chunk reads in flight, all lanes.
+    reading_bytes: u64,
     last_activity: Option<Instant>,
     /// Whether the receiver takes compressed chunks (its hello said so).
     peer_zstd: bool,
@@ -189,6 +197,8 @@ impl Sender {
             lanes,
             verify: VecDeque::new(),
             verify_inflight: 0,
+            read_ramp: 1,
+            reading_bytes: 0,
             last_activity: None,
             peer_zstd: false,
             in_order: false,
@@ -254,6 +264,8 @@ impl Sender {
         };
         if let Some(lane) = read.lane {
             self.lanes[lane].inflight -= 1;
+            self.reading_bytes -= u64::from(read.len);
+            self.read_ramp = self.read_ramp.saturating_add(1);
         } else {
             self.verify_inflight -= 1;
         }
@@ -710,9 +722,17 @@ impl Sender {
         }
         let chunk = u64::from(self.manifest.chunk_size());
         let budget = chunk * u64::from(self.cfg.read_ahead);
+        let mut reading: u32 = self.lanes.iter().map(|l| l.inflight).sum();
+        let mut ahead: u64 = self.reading_bytes
+            + (0..self.lanes.len())
+                .map(|l| self.out.queued(Stream::Lane(l as u16)) as u64)
+                .sum::<u64>();
         let lanes = if self.in_order { 1 } else { self.lanes.len() };
         for lane in 0..lanes {
             loop {
+                if reading >= self.read_ramp || (reading > 0 && ahead >= budget) {
+                    return;
+                }
                 let queued = self.out.queued(Stream::Lane(lane as u16)) as u64;
                 if queued + u64::from(self.lanes[lane].inflight) * chunk >= budget {
                     break;
@@ -733,6 +753,9 @@ impl Sender {
                 let file = w.file;
                 if let Some((offset, len)) = self.manifest.chunk_span(file, index) {
                     self.lanes[lane].inflight += 1;
+                    reading += 1;
+                    ahead += u64::from(len);
+                    self.reading_bytes += u64::from(len);
                     self.issue_read(file, index, offset, len, Some(lane));
                 }
             }
