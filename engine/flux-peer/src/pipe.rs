@@ -28,11 +28,14 @@ use crate::exec::Done;
 /// Chunks held in memory while an earlier one is missing.
 pub const MAX_EARLY: usize = 64;
 
+/// The request a write completes (`(tag, id)`), if any.
+type Ticket = Option<(usize, OpId)>;
+
 /// Writes the one file of a share to a writer, in order.
 pub struct PipeSink {
     /// To the writer thread: bytes to write (with the op to complete), or a flush.
-    tx: Option<Sender<(Option<(usize, OpId)>, Bytes)>>,
-    rx: Receiver<(Option<(usize, OpId)>, Result<(), String>)>,
+    tx: Option<Sender<(Ticket, Bytes)>>,
+    rx: Receiver<(Ticket, Result<(), String>)>,
     thread: Option<JoinHandle<()>>,
     /// The next chunk index to write.
     next: u32,
@@ -59,7 +62,7 @@ impl PipeSink {
     /// A sink writing to `w` (stdout) on its own thread.
     pub fn new(mut w: Box<dyn Write + Send>) -> std::io::Result<Self> {
         // Bounded: a full pipe holds the sink's writes back, and through them the machine.
-        let (tx, jobs) = crossbeam_channel::bounded::<(Option<(usize, OpId)>, Bytes)>(8);
+        let (tx, jobs) = crossbeam_channel::bounded::<(Ticket, Bytes)>(8);
         let (done_tx, rx) = crossbeam_channel::unbounded();
         let thread = std::thread::Builder::new()
             .name("flux-pipe".into())
