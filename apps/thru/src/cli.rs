@@ -100,7 +100,11 @@ Examples:
   thru join H3WN8C-5RJE-P2VD -o ~/in   receive into ~/in (created if missing)
   thru join CODE --peer 192.168.1.20   when mDNS cannot reach the host
   thru join CODE --yes --on-conflict rename
-                                       no questions; keep both on a name clash";
+                                       no questions; keep both on a name clash
+  thru join CODE --list                see what is offered, receive nothing
+  thru join CODE --include 'docs/**' --exclude '*.tmp'
+                                       receive only part of the offer
+  thru join CODE --select              tick the files to receive";
 
 /// Thruflux: move files between two machines, directly, end-to-end encrypted, resumable.
 #[derive(Debug, Parser)]
@@ -279,9 +283,28 @@ pub struct JoinArgs {
     #[arg(help_heading = "Basics", long, env = "THRU_NO_SKIP_IDENTICAL")]
     pub no_skip_identical: bool,
 
-    /// List every offered file in the prompt, not only the first 40.
-    #[arg(help_heading = "Basics", long, env = "THRU_LIST")]
+    /// Print the whole offer (a tree with sizes, links and counts) and exit 0, receiving
+    /// nothing: the host keeps serving and the code stays valid (no --yes needed).
+    #[arg(help_heading = "Choosing", long, env = "THRU_LIST",
+          conflicts_with_all = ["include", "exclude", "select"])]
     pub list: bool,
+
+    /// Receive only entries matching GLOB (repeatable). A glob matches an entry's path or
+    /// any directory above it, and `*` crosses `/`: `--include photos` takes the tree,
+    /// `--include '*.pdf'` every PDF. The host sends nothing else; the summary says how many
+    /// files were left out. Run again with more patterns to add files: those already here
+    /// are skipped.
+    #[arg(help_heading = "Choosing", long, value_name = "GLOB")]
+    pub include: Vec<String>,
+
+    /// Leave out entries matching GLOB (repeatable; as --include, and it wins over it).
+    #[arg(help_heading = "Choosing", long, value_name = "GLOB")]
+    pub exclude: Vec<String>,
+
+    /// On a terminal, choose the files in an interactive picker (checkboxes and search),
+    /// starting from what --include/--exclude chose.
+    #[arg(help_heading = "Choosing", long)]
+    pub select: bool,
 
     /// Sync every received file and directory to stable storage before reporting done, so
     /// that a finished transfer survives a power loss; the summary says how long it took.

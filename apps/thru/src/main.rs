@@ -273,6 +273,8 @@ async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
     opts.max_receivers = args.max_receivers;
     opts.handshake_timeout = args.net.pair_timeout;
     opts.allow_loopback = setup.allow_loopback;
+    // A joiner that only lists (`thru join --list`) gives its slot back.
+    opts.reusable_slots = true;
     let mut session = match &args.net.server {
         Some(url) => rendezvous::host_server(url, &client_config(url)?, opts)
             .await
@@ -338,8 +340,9 @@ async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
         let before = finished;
         tokio::select! {
             _ = sigint.recv() => {
-                // Cancelling closes every connection: receivers learn at once and can resume
-                // later, instead of waiting out QUIC's idle timeout.
+                // Cancelling closes every connection: receivers learn at once and why, and can
+                // resume later, instead of waiting out QUIC's idle timeout.
+                engine.cancel_with("the host stopped (Ctrl-C)");
                 drop(engine);
                 tokio::time::sleep(std::time::Duration::from_millis(300)).await;
                 return Err(Interrupted.into());
@@ -349,6 +352,7 @@ async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
                     paired += 1;
                     first_pairing.get_or_insert_with(std::time::Instant::now);
                     ui.peer(&p);
+                    ui.receiver(&p.peer_label, thru::ui::ReceiverState::Waiting, None);
                     // With a server, the engine runs ICE with the joiner over its trickle.
                     engine.admit(&p, trickle);
                     waiting.insert(
@@ -376,6 +380,11 @@ async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
                 HostNote::Connected { fingerprint } => {
                     waiting.remove(&fingerprint);
                 }
+                HostNote::Browsed { .. } => {
+                    // Not a receiver: its slot goes back, and the code stays good.
+                    paired = paired.saturating_sub(1);
+                    session.release();
+                }
                 HostNote::Ended { peer, result } => {
                     finished += 1;
                     match *result {
@@ -389,11 +398,9 @@ async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
                             last_failure = Some(TransferError::Declined(reason));
                         }
                         Err(e) => {
+                            // The engine said so already (`joiner 1: gone (…)`).
+                            let _ = peer;
                             failed += 1;
-                            // With one receiver the final error says it; once is enough.
-                            if max > 1 {
-                                ui.say(&format!("Transfer to {peer} failed: {e}"));
-                            }
                             last_failure = Some(e);
                         }
                     }
@@ -411,14 +418,14 @@ async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
                         finished += 1;
                         failed += 1;
                         let e = format!("{peer} paired but never connected over QUIC");
-                        ui.say(&format!("Transfer to {peer} failed: {e}"));
+                        ui.receiver(&peer, thru::ui::ReceiverState::Gone, Some(&e));
                         last_failure = Some(TransferError::Failed(e));
                     }
                 }
             }
             else => break,
         }
-        if ended && finished >= paired {
+        if (ended && finished >= paired) || finished as u64 >= max {
             break;
         }
         if finished > before && !ended && (finished as u64) < max {
@@ -556,7 +563,14 @@ async fn join_checked(
         )
         .into());
     }
-    if !args.yes && (json || !terminal) {
+    let choice = thru::choose::Choice::new(&args.include, &args.exclude).map_err(UsageError)?;
+    if args.select && (json || !terminal) {
+        return Err(UsageError(
+            "--select needs a terminal (use --include/--exclude in scripts)".into(),
+        )
+        .into());
+    }
+    if !args.yes && !args.list && (json || !terminal) {
         return Err(UsageError(if json {
             "--json: nobody is asked under --json; pass --yes".into()
         } else {
@@ -573,7 +587,8 @@ async fn join_checked(
         )
         .into());
     }
-    let created = if to_stdout {
+    // --list writes nothing: --out is neither checked nor created; nor is stdout (--out -).
+    let created = if args.list || to_stdout {
         None
     } else {
         prepare_out(&args.out)?
@@ -581,7 +596,7 @@ async fn join_checked(
     if let Ok(mut g) = created_out.lock() {
         g.clone_from(&created);
     }
-    let result = join_paired(args, code, ui, stopper).await;
+    let result = join_paired(args, code, choice, ui, stopper).await;
     if result.is_err()
         && let Some(top) = created
     {
@@ -804,6 +819,7 @@ fn remove_empty_dirs(top: &Path) {
 async fn join_paired(
     args: JoinArgs,
     code: JoinCode,
+    choice: thru::choose::Choice,
     ui: &Ui,
     stopper: thru::transfer::Stopper,
 ) -> anyhow::Result<()> {
@@ -840,7 +856,9 @@ async fn join_paired(
             on_conflict: args.conflict_policy(),
             keep_modes: args.keep_modes,
             skip_identical: !args.no_skip_identical,
-            list: args.list,
+            browse: args.list,
+            choice,
+            select: args.select,
             durable: args.durable,
         },
         &args.net,

@@ -95,6 +95,10 @@ pub struct HostOptions {
     pub handshake_timeout: Duration,
     /// Accept loopback addresses from joiners (single-machine use).
     pub allow_loopback: bool,
+    /// Once `max_receivers` joiners paired, keep the session (refusing newcomers as full)
+    /// instead of ending pairing, so that a slot given back with [`HostSession::release`]
+    /// can be taken again; the caller ends the session with [`HostSession::stop`].
+    pub reusable_slots: bool,
 }
 
 impl HostOptions {
@@ -106,6 +110,7 @@ impl HostOptions {
             max_failed_attempts: 1,
             handshake_timeout: Duration::from_secs(30),
             allow_loopback: false,
+            reusable_slots: false,
         }
     }
 }
@@ -199,6 +204,9 @@ pub enum PairError {
     /// The host's session ended before pairing completed.
     #[error("the session ended before pairing completed: {0}")]
     SessionClosed(ErrorCode),
+    /// The host left the signaling server (stopped, killed, or cut off) while we paired.
+    #[error("the host is no longer online; ask for a new code")]
+    HostGone,
     /// A peer announced a candidate its authenticated handshake does not contain.
     #[error(
         "candidate {addr} from {peer} is not one the peer vouched for in the handshake \
@@ -293,6 +301,7 @@ pub struct HostSession {
     lan_addr: Option<SocketAddr>,
     events: mpsc::Receiver<HostEvent>,
     stop: Option<oneshot::Sender<()>>,
+    release: mpsc::UnboundedSender<()>,
 }
 
 impl HostSession {
@@ -309,6 +318,13 @@ impl HostSession {
     /// The next event; `None` after [`HostEvent::Ended`].
     pub async fn next_event(&mut self) -> Option<HostEvent> {
         self.events.recv().await
+    }
+
+    /// Gives back the receiver slot of a paired joiner that took nothing (`thru join
+    /// --list`): another joiner may pair in its place. Needs
+    /// [`HostOptions::reusable_slots`] once the session is full.
+    pub fn release(&self) {
+        let _ = self.release.send(());
     }
 
     /// Ends the session (leaves the server, stops listening and advertising).
@@ -341,6 +357,7 @@ pub async fn host_server(
     let (tx, rx) = mpsc::channel(64);
     let (stop_tx, stop_rx) = oneshot::channel();
     let (lines_tx, lines_rx) = mpsc::unbounded_channel();
+    let (release_tx, release_rx) = mpsc::unbounded_channel();
     let opts_max_failed = opts.max_failed_attempts;
     let task = ServerHost {
         signal,
@@ -357,6 +374,7 @@ pub async fn host_server(
         lines_tx,
         lines_rx,
         pacer: Pacer::new(Instant::now()),
+        release: release_rx,
     };
     tokio::spawn(task.run(stop_rx));
     Ok(HostSession {
@@ -364,6 +382,7 @@ pub async fn host_server(
         lan_addr: None,
         events: rx,
         stop: Some(stop_tx),
+        release: release_tx,
     })
 }
 
@@ -395,7 +414,10 @@ pub async fn join_server(
         Err(e) => e,
     };
     // Tell the host, so that it counts the attempt at once instead of timing out.
-    if !matches!(e, PairError::Signal(_) | PairError::SessionClosed(_)) {
+    if !matches!(
+        e,
+        PairError::Signal(_) | PairError::SessionClosed(_) | PairError::HostGone
+    ) {
         let abort = PairMsg::Abort {
             reason: match &e {
                 PairError::Handshake { source, .. } => source.abort_reason(),
@@ -469,6 +491,9 @@ async fn join_server_inner(
             ServerMsg::SessionClosed {
                 reason: ErrorCode::RejectedByHost,
             } => return Err(PairError::HostRejected),
+            ServerMsg::SessionClosed {
+                reason: ErrorCode::HostLeft,
+            } => return Err(PairError::HostGone),
             ServerMsg::SessionClosed { reason } => return Err(PairError::SessionClosed(reason)),
             ServerMsg::Error {
                 code, fatal: true, ..
@@ -518,6 +543,8 @@ struct ServerHost {
     lines_tx: mpsc::UnboundedSender<(PeerId, Option<String>)>,
     lines_rx: mpsc::UnboundedReceiver<(PeerId, Option<String>)>,
     pacer: Pacer,
+    /// Slots given back ([`HostSession::release`]).
+    release: mpsc::UnboundedReceiver<()>,
 }
 
 /// What to do after handling one server message.
@@ -547,6 +574,10 @@ impl ServerHost {
                     self.send_line(peer, line).await
                 }
                 () = sleep_until(self.pacer.next_token()), if !ready => Flow::Continue,
+                Some(()) = self.release.recv() => {
+                    self.paired = self.paired.saturating_sub(1);
+                    Flow::Continue
+                }
             };
             let flow = match flow {
                 Flow::Continue => self.next_queued().await,
@@ -792,7 +823,7 @@ impl ServerHost {
                     {
                         return Flow::End(None);
                     }
-                    if self.paired >= self.opts.max_receivers {
+                    if self.paired >= self.opts.max_receivers && !self.opts.reusable_slots {
                         Flow::Drain(None)
                     } else {
                         Flow::Continue
@@ -942,7 +973,11 @@ impl ServerHost {
             },
         );
         tokio::spawn(forward_lines(peer, ours, self.lines_tx.clone()));
-        Trickle { to_peer, from_peer }
+        Trickle {
+            to_peer,
+            from_peer,
+            host_gone: Arc::default(),
+        }
     }
 }
 
@@ -977,6 +1012,10 @@ pub struct Trickle {
     pub to_peer: mpsc::UnboundedSender<String>,
     /// The peer's lines, authenticated, in order. Ends when the signaling connection does.
     pub from_peer: mpsc::UnboundedReceiver<String>,
+    /// Joiner: set as soon as the server says the host left the session (it stopped, was
+    /// killed or lost its connection): the transfer can end at once instead of waiting for
+    /// QUIC to time out. Never set on the host's side.
+    pub host_gone: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Longest trickle line in bytes; longer ones are neither sent nor accepted.
@@ -1171,8 +1210,19 @@ fn spawn_joiner_trickle(signal: SignalClient, paired: &Paired) -> Trickle {
     let (to_peer, ours) = mpsc::unbounded_channel();
     let (theirs, from_peer) = mpsc::unbounded_channel();
     let auth = TrickleAuth::new(Role::Joiner, &paired.session_key);
-    tokio::spawn(joiner_trickle(signal, auth, ours, theirs));
-    Trickle { to_peer, from_peer }
+    let host_gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    tokio::spawn(joiner_trickle(
+        signal,
+        auth,
+        ours,
+        theirs,
+        host_gone.clone(),
+    ));
+    Trickle {
+        to_peer,
+        from_peer,
+        host_gone,
+    }
 }
 
 async fn joiner_trickle(
@@ -1180,6 +1230,7 @@ async fn joiner_trickle(
     mut auth: TrickleAuth,
     mut ours: mpsc::UnboundedReceiver<String>,
     theirs: mpsc::UnboundedSender<String>,
+    host_gone: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let mut pacer = Pacer::new(Instant::now());
     loop {
@@ -1218,6 +1269,9 @@ async fn joiner_trickle(
                 }
                 Ok(ServerMsg::SessionClosed { reason }) => {
                     debug!(%reason, "trickle: the session ended");
+                    if reason == ErrorCode::HostLeft {
+                        host_gone.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
                     signal.close().await;
                     return;
                 }
@@ -1258,19 +1312,21 @@ pub async fn host_lan(config: LanHostConfig, opts: HostOptions) -> Result<HostSe
     info!(%lan_addr, mdns = daemon.is_some(), "LAN pairing listening");
     let (tx, rx) = mpsc::channel(64);
     let (stop_tx, stop_rx) = oneshot::channel();
+    let (release_tx, release_rx) = mpsc::unbounded_channel();
     tokio::spawn(lan_host_loop(
         listener,
         daemon,
         code.clone(),
         opts,
         tx,
-        stop_rx,
+        (stop_rx, release_rx),
     ));
     Ok(HostSession {
         code,
         lan_addr: Some(lan_addr),
         events: rx,
         stop: Some(stop_tx),
+        release: release_tx,
     })
 }
 
@@ -1411,7 +1467,7 @@ async fn lan_host_loop(
     code: JoinCode,
     opts: HostOptions,
     events: mpsc::Sender<HostEvent>,
-    mut stop: oneshot::Receiver<()>,
+    (mut stop, mut release): (oneshot::Receiver<()>, mpsc::UnboundedReceiver<()>),
 ) {
     let (done_tx, mut done_rx) = mpsc::channel::<(String, Result<Paired, (PairError, bool)>)>(16);
     // Shared by every connection: each reply is charged before it goes out, and `turn` lets
@@ -1427,6 +1483,7 @@ async fn lan_host_loop(
     let end = loop {
         tokio::select! {
             _ = &mut stop => break None,
+            Some(()) = release.recv() => paired = paired.saturating_sub(1),
             acc = listener.accept() => {
                 let (stream, from) = match acc {
                     Ok(x) => x,
@@ -1463,7 +1520,7 @@ async fn lan_host_loop(
                         if events.send(HostEvent::Paired(Box::new(p), None)).await.is_err() {
                             break None;
                         }
-                        if paired >= opts.max_receivers {
+                        if paired >= opts.max_receivers && !opts.reusable_slots {
                             break None;
                         }
                     }

@@ -89,8 +89,12 @@ pub enum Job {
         keep_modes: bool,
         /// Claim files already held so the sender skips them (off with `--no-skip-identical`).
         skip_identical: bool,
-        /// List every offered file in the prompt (`--list`).
-        list: bool,
+        /// Only print the offer and leave (`--list`).
+        browse: bool,
+        /// What to receive (`--include`, `--exclude`).
+        choice: crate::choose::Choice,
+        /// Choose in the interactive picker (`--select`).
+        select: bool,
         /// Sync files and directories before reporting done (`--durable`).
         durable: bool,
     },
@@ -302,7 +306,7 @@ impl Stopper {
             if g.at_prompt {
                 let _ = tx.send(Command::Reject("the receiver stopped (Ctrl-C)".into()));
             }
-            let _ = tx.send(Command::Cancel);
+            let _ = tx.send(Command::CancelWith("the receiver stopped (Ctrl-C)".into()));
         }
     }
 
@@ -361,6 +365,11 @@ pub enum TransferError {
     /// `--out -` and an offer of more than one file: refused before anything was written.
     #[error("{0}")]
     NotSingleFile(String),
+    /// `--include`/`--exclude`/`--select` left nothing to receive.
+    #[error(
+        "nothing in the offer was chosen (--include, --exclude, --select); thru join --list shows it"
+    )]
+    NothingChosen,
     /// Anything else, with context (`transfer failed: control stream timeout`).
     #[error("transfer failed: {0}")]
     Failed(String),
@@ -374,7 +383,7 @@ impl TransferError {
                 Exit::Refused
             }
             Self::Conflict { .. } => Exit::Conflict,
-            Self::NotATerminal => Exit::Usage,
+            Self::NotATerminal | Self::NothingChosen => Exit::Usage,
             Self::Failed(_) => Exit::TransferFailed,
         }
     }
@@ -441,6 +450,8 @@ struct Files {
     started: HashMap<u32, bool>,
     progress: TransferProgress,
     sender: bool,
+    /// The entries the receiver chose (`None`: all).
+    chosen: Option<std::collections::BTreeSet<u32>>,
 }
 
 impl Files {
@@ -450,6 +461,7 @@ impl Files {
             started: HashMap::new(),
             progress,
             sender,
+            chosen: None,
         }
     }
 
@@ -514,6 +526,7 @@ impl Files {
     fn complete_all(&mut self) {
         let files: Vec<u32> = (0..self.manifest.entries().len())
             .filter_map(|i| u32::try_from(i).ok())
+            .filter(|i| self.chosen.as_ref().is_none_or(|c| c.contains(i)))
             .collect();
         for file in files {
             self.complete(file, false);
@@ -614,14 +627,16 @@ pub fn run_transfer(
     trickle: Option<Trickle>,
     job: &TransferJob,
     ui: &Ui,
-) -> Result<Summary, TransferError> {
+) -> Result<Option<Summary>, TransferError> {
     let Job::Receive {
         out,
         yes,
         on_conflict,
         keep_modes,
         skip_identical,
-        list,
+        browse,
+        choice,
+        select,
         durable,
     } = &job.job
     else {
@@ -630,7 +645,7 @@ pub fn run_transfer(
         ));
     };
     let pipe = is_stdout(out);
-    if !pipe {
+    if !pipe && !*browse {
         std::fs::create_dir_all(out)
             .map_err(|e| failed(&format!("cannot create {}", out.display()), e))?;
     }
@@ -649,11 +664,15 @@ pub fn run_transfer(
     cfg.durable = *durable;
     cfg.client_identity = Some(job.identity.clone());
     cfg.connect_timeout = Duration::from_secs(5);
+    cfg.browse = *browse;
     let mut rx = Receiving {
         out: out.clone(),
         yes: *yes,
         policy: *on_conflict,
-        list: *list,
+        browse: *browse,
+        choice: choice.clone(),
+        select: *select,
+        chosen: None,
         resolved: Resolutions::default(),
     };
     receive(paired, trickle, job, &cfg, &mut rx, ui)
@@ -666,7 +685,7 @@ fn receive(
     cfg: &NetConfig,
     rx: &mut Receiving,
     ui: &Ui,
-) -> Result<Summary, TransferError> {
+) -> Result<Option<Summary>, TransferError> {
     if let (Some(trickle), Some(servers)) = (trickle, &job.tuning.ice) {
         let setup = ice_setup(&paired, servers, flux_ice::Role::Controlled);
         let start = Start::Ice(Box::new(setup), trickle);
@@ -688,7 +707,12 @@ struct Receiving {
     out: PathBuf,
     yes: bool,
     policy: OnConflict,
-    list: bool,
+    /// `--list`: show the offer, receive nothing.
+    browse: bool,
+    choice: crate::choose::Choice,
+    select: bool,
+    /// The entries chosen (`None`: all).
+    chosen: Option<std::collections::BTreeSet<u32>>,
     /// The answers for clashing files, sent with the acceptance.
     resolved: Resolutions,
 }
@@ -732,7 +756,7 @@ fn receive_from(
     cfg: &NetConfig,
     rx: &mut Receiving,
     ui: &Ui,
-) -> Result<Result<Summary, TransferError>, TransferError> {
+) -> Result<Result<Option<Summary>, TransferError>, TransferError> {
     let out = rx.out.clone();
     let socket = engine_socket(job)?;
     let (control, events, commands) = Control::channels();
@@ -763,6 +787,13 @@ fn receive_from(
     let mut verdict: Option<TransferError> = None;
     let mut ended: Option<(Option<String>, net::ConnReport)> = None;
     let mut ice_failed: Option<String> = None;
+    let mut listed = false;
+    // On a terminal, during the transfer: `p` pauses and resumes.
+    let mut keys: Option<Keys> = None;
+    let mut paused = false;
+    // Through thruserv: the server said the host left (since when).
+    let mut host_gone = false;
+    let mut gone_at: Option<Instant> = None;
     // Without ICE the joiner dials the host's LAN address.
     let mut shown_route = Route::LanDirect;
     loop {
@@ -770,6 +801,23 @@ fn receive_from(
         if let Some(t) = trickle.as_mut() {
             while let Ok(candidate) = t.from_peer.try_recv() {
                 let _ = commands.send(Command::RemoteCandidate { link: 0, candidate });
+            }
+            if t.host_gone.load(std::sync::atomic::Ordering::Relaxed) && ended.is_none() {
+                // The host's own last words (a Ctrl-C) may be on their way: a moment for
+                // them, then stop rather than wait for QUIC to time out.
+                let at = *gone_at.get_or_insert_with(Instant::now);
+                if at.elapsed() > HOST_GONE_GRACE && !host_gone {
+                    host_gone = true;
+                    let _ = commands.send(Command::Cancel);
+                }
+            }
+        }
+        if let Some(k) = &keys {
+            while let Ok(key) = k.pressed.try_recv() {
+                if key.eq_ignore_ascii_case(&b'p') {
+                    paused = !paused;
+                    let _ = commands.send(Command::Pause(paused));
+                }
             }
         }
         let ev = match events.recv_timeout(TRICKLE_POLL) {
@@ -827,6 +875,32 @@ fn receive_from(
                 mut local,
                 text: None,
             } => {
+                if rx.browse {
+                    ui.listing(&manifest, &crate::choose::tree(&manifest));
+                    listed = true;
+                    continue;
+                }
+                job.stopper.prompt(true);
+                let chosen = choose(&manifest, rx);
+                job.stopper.prompt(false);
+                let chosen = match chosen {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Nothing is received, and the host keeps the slot for another try.
+                        let _ = commands.send(Command::Leave);
+                        verdict = Some(e);
+                        continue;
+                    }
+                };
+                if let Some(c) = &chosen {
+                    let kept: HashMap<u32, LocalFile> = local
+                        .iter()
+                        .filter(|(i, _)| c.contains(i))
+                        .map(|(i, l)| (*i, l.clone()))
+                        .collect();
+                    local = Arc::new(kept);
+                }
+                rx.chosen = chosen;
                 if !cfg.receiver.skip_identical {
                     // As the receiver will count them at accept: held files are conflicts.
                     let unskipped: HashMap<u32, LocalFile> = local
@@ -840,15 +914,29 @@ fn receive_from(
                 job.stopper.prompt(false);
                 match decision {
                     Ok(()) => {
-                        let _ = commands.send(Command::AcceptResolved(rx.resolved.clone()));
-                        let progress = ui.transfer(
-                            &paired.peer_label,
-                            ui::Side::Receiving,
-                            manifest.file_count() as u64,
-                            manifest.total_bytes(),
-                        );
+                        let (n, bytes) = match &rx.chosen {
+                            Some(c) => {
+                                let _ = commands.send(Command::AcceptChosen {
+                                    resolved: rx.resolved.clone(),
+                                    chosen: c.clone(),
+                                });
+                                crate::choose::counts(&manifest, c)
+                            }
+                            None => {
+                                let _ = commands.send(Command::AcceptResolved(rx.resolved.clone()));
+                                (manifest.file_count() as u64, manifest.total_bytes())
+                            }
+                        };
+                        let progress =
+                            ui.transfer(&paired.peer_label, ui::Side::Receiving, n, bytes);
                         progress.set_route(shown_route);
-                        files = Some(Files::new(manifest, progress, false));
+                        progress.set_left_out(manifest.file_count() as u64 - n);
+                        let mut f = Files::new(manifest, progress, false);
+                        f.chosen.clone_from(&rx.chosen);
+                        files = Some(f);
+                        if ui.mode() != ui::Mode::Json {
+                            keys = Keys::start();
+                        }
                         bench.start = Some(Instant::now());
                     }
                     Err(e) => {
@@ -879,11 +967,14 @@ fn receive_from(
                 }
                 (Event::FileComplete { file }, Some(f)) => f.complete(file, false),
                 (Event::FileSkipped { file }, Some(f)) => f.complete(file, true),
+                (Event::Paused(p), _) => ui.pause(&paired.peer_label, p, true),
                 _ => {}
             },
             NetEvent::Ended { error, stats, .. } => ended = Some((error, stats)),
         }
     }
+    // The terminal back as it was, before any final message.
+    drop(keys);
     let report = worker
         .join()
         .map_err(|_| TransferError::Failed("the engine thread panicked".into()))?
@@ -909,13 +1000,30 @@ fn receive_from(
         if !connected {
             return Ok(Err(failed(&format!("cannot reach {target}"), e)));
         }
-        return Err(TransferError::Failed(e));
+        let kept = files.as_ref().map(|f| f.progress.done_bytes());
+        if host_gone {
+            return Err(TransferError::Failed(format!(
+                "the host is no longer online (it left the signaling server); {}run `thru join` \
+                 again with the host's new code to resume",
+                kept.map_or(String::new(), |b| format!(
+                    "{} kept here; ",
+                    indicatif::HumanBytes(b)
+                ))
+            )));
+        }
+        if let Some(f) = &files {
+            f.progress.abandon();
+        }
+        return Err(TransferError::Failed(explain_end(&e, true, kept)));
+    }
+    if listed {
+        return Ok(Ok(None));
     }
     if let Some(text) = shown_text {
         ui.show_text(&paired.peer_label, &text);
         let (route, path) = route_of(ended.as_ref().map(|(_, s)| s));
         let bytes = text.len() as u64;
-        return Ok(Ok(Summary {
+        return Ok(Ok(Some(Summary {
             peer: paired.peer_label.clone(),
             side: ui::Side::Receiving,
             files: 0,
@@ -928,7 +1036,8 @@ fn receive_from(
             route,
             path,
             synced_seconds: None,
-        }));
+            left_out: 0,
+        })));
     }
     let Some(f) = files else {
         return Err(TransferError::Failed(
@@ -948,13 +1057,94 @@ fn receive_from(
             report.disk_choice.describe(),
         );
     }
-    Ok(Ok(summary))
+    Ok(Ok(Some(summary)))
 }
 
 /// Whether `--out` names stdout (`-`).
 pub fn is_stdout(out: &Path) -> bool {
     out.as_os_str() == "-"
 }
+
+/// What to receive of `manifest`: `--include`/`--exclude`, then the `--select` picker.
+/// `None`: everything. An empty choice is an error (nothing would be received).
+fn choose(
+    manifest: &Manifest,
+    rx: &Receiving,
+) -> Result<Option<std::collections::BTreeSet<u32>>, TransferError> {
+    if rx.choice.is_all() && !rx.select {
+        return Ok(None);
+    }
+    let mut chosen = rx.choice.chosen(manifest);
+    if rx.select {
+        use std::io::IsTerminal as _;
+        if !std::io::stdin().is_terminal() {
+            return Err(TransferError::NotATerminal);
+        }
+        chosen = match crate::choose::pick(manifest, &chosen) {
+            Ok(Some(c)) => c,
+            Ok(None) => return Err(TransferError::Refused),
+            Err(e) => return Err(TransferError::Failed(e)),
+        };
+    }
+    let (files, _) = crate::choose::counts(manifest, &chosen);
+    if files == 0 && chosen.len() < manifest.len() {
+        return Err(TransferError::NothingChosen);
+    }
+    Ok((chosen.len() < manifest.len()).then_some(chosen))
+}
+
+/// Single keys from the terminal while a transfer runs (`p`: pause/resume): the terminal is
+/// put in non-canonical mode without echo (Ctrl-C still works) and put back on drop.
+struct Keys {
+    pressed: crossbeam_channel::Receiver<u8>,
+    saved: rustix::termios::Termios,
+}
+
+impl Keys {
+    /// `None` when stdin is not a terminal.
+    fn start() -> Option<Self> {
+        use rustix::termios::{
+            LocalModes, OptionalActions, SpecialCodeIndex, tcgetattr, tcsetattr,
+        };
+        use std::io::{IsTerminal as _, Read as _};
+        let stdin = std::io::stdin();
+        if !stdin.is_terminal() {
+            return None;
+        }
+        let saved = tcgetattr(&stdin).ok()?;
+        let mut raw = saved.clone();
+        raw.local_modes &= !(LocalModes::ICANON | LocalModes::ECHO);
+        raw.special_codes[SpecialCodeIndex::VMIN] = 1;
+        raw.special_codes[SpecialCodeIndex::VTIME] = 0;
+        tcsetattr(&stdin, OptionalActions::Now, &raw).ok()?;
+        let (tx, pressed) = crossbeam_channel::unbounded();
+        // Blocks in read until a key comes; left behind when the transfer ends (the process
+        // ends soon after).
+        std::thread::spawn(move || {
+            let mut b = [0u8; 1];
+            while matches!(std::io::stdin().read(&mut b), Ok(1)) {
+                if tx.send(b[0]).is_err() {
+                    break;
+                }
+            }
+        });
+        Some(Self { pressed, saved })
+    }
+}
+
+impl Drop for Keys {
+    fn drop(&mut self) {
+        let _ = rustix::termios::tcsetattr(
+            std::io::stdin(),
+            rustix::termios::OptionalActions::Now,
+            &self.saved,
+        );
+    }
+}
+
+/// How long a joiner waits, once the server said its host left, for the host's own reason
+/// before it stops the transfer.
+const HOST_GONE_GRACE: Duration = Duration::from_millis(300);
 
 /// Longest wait for engine events before looking at the trickled candidates again.
 const TRICKLE_POLL: Duration = Duration::from_millis(5);
@@ -969,7 +1159,13 @@ fn decide(
     ui: &Ui,
 ) -> Result<(), TransferError> {
     let (out, yes) = (rx.out.as_path(), rx.yes);
-    let needed = crate::space::still_needed(manifest, local);
+    let wanted = |i: usize| rx.chosen.as_ref().is_none_or(|c| c.contains(&(i as u32)));
+    let unwanted: u64 = (0..manifest.len())
+        .filter(|&i| !wanted(i))
+        .filter_map(|i| manifest.entry(i as u32))
+        .map(|e| e.size)
+        .sum();
+    let needed = crate::space::still_needed(manifest, local).saturating_sub(unwanted);
     match crate::space::free_bytes(out) {
         // A pipe has no free space to check.
         _ if is_stdout(out) => {}
@@ -983,11 +1179,20 @@ fn decide(
         }
         Err(e) => tracing::warn!(error = %e, "cannot read the free space at the destination"),
     }
-    let entries = manifest.entries();
+    let all = manifest.entries();
+    let entries: Vec<&flux_wire::Entry> = all
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| wanted(*i))
+        .map(|(_, e)| e)
+        .collect();
+    let left_out = (0..all.len())
+        .filter(|&i| !wanted(i) && all[i].kind == EntryKind::File)
+        .count();
     let mut replaces: Vec<(u32, String)> = local
         .iter()
         .filter(|(_, l)| matches!(l, LocalFile::Conflict))
-        .filter_map(|(i, _)| Some((*i, entries.get(*i as usize)?.path.clone())))
+        .filter_map(|(i, _)| Some((*i, all.get(*i as usize)?.path.clone())))
         .collect();
     replaces.sort_unstable();
     let clashes = &replaces;
@@ -1035,8 +1240,9 @@ fn decide(
                 },
             })
             .collect(),
+        left_out,
     };
-    let answer = match ui.confirm_offer(&offer, yes, rx.list, rx.policy) {
+    let answer = match ui.confirm_offer(&offer, yes, false, rx.policy) {
         Ok(Some(a)) => a,
         Ok(None) => return Err(TransferError::Refused),
         Err(ui::PromptError::Conflict(path)) => {
@@ -1081,6 +1287,32 @@ fn decide(
     Ok(())
 }
 
+/// A lost connection or a stop by the peer, said from this side: who went away, what is
+/// kept, and how to resume. `peer_is_host` on the joiner; `kept` is what the joiner holds.
+fn explain_end(e: &str, peer_is_host: bool, kept: Option<u64>) -> String {
+    let who = if peer_is_host {
+        "the host"
+    } else {
+        "the receiver"
+    };
+    let resume = if peer_is_host {
+        let kept = kept.map_or(String::new(), |b| {
+            format!("{} kept here; ", indicatif::HumanBytes(b))
+        });
+        format!("{kept}run `thru join` again with the host's new code to resume")
+    } else {
+        "it can run `thru join …` again to resume".to_string()
+    };
+    if let Some((_, reason)) = e.split_once("peer reported Cancelled: ") {
+        // The peer's own words (`the receiver stopped (Ctrl-C); 12.0 MiB kept`).
+        return format!("{}; {resume}", ui::safe_text(reason));
+    }
+    if let Some((_, rest)) = e.split_once("the peer went away") {
+        return format!("{who} went away{rest}; {resume}");
+    }
+    e.to_string()
+}
+
 /// The receiver's reason when engine error `e` is its refusal of the offer.
 fn declined(e: &str) -> Option<TransferError> {
     // The engine reports a refusal as `flux_transfer::TransferError::Declined`, whose text
@@ -1096,6 +1328,12 @@ pub enum HostNote {
     Connected {
         /// The joiner's certificate fingerprint.
         fingerprint: Fingerprint,
+    },
+    /// A joiner only looked at the offer (`thru join --list`) and left: its receiver slot is
+    /// free again.
+    Browsed {
+        /// The joiner's label.
+        peer: String,
     },
     /// A joiner's transfer ended.
     Ended {
@@ -1252,6 +1490,12 @@ impl HostEngine {
         let _ = self.commands.send(Command::AddPeer { link, ice });
     }
 
+    /// Stops every transfer at once, telling each receiver `reason` (`the host stopped
+    /// (Ctrl-C)`); they keep what they received.
+    pub fn cancel_with(&self, reason: &str) {
+        let _ = self.commands.send(Command::CancelWith(reason.to_string()));
+    }
+
     /// Stops serving and waits for the engine.
     pub fn stop(mut self) -> Result<(), TransferError> {
         let _ = self.commands.send(Command::Cancel);
@@ -1317,6 +1561,10 @@ fn host_events(events: &crossbeam_channel::Receiver<NetEvent>, ctx: &HostCtx<'_>
         /// Started at acceptance: nothing is shown while the receiver is at its prompt.
         files: Option<Files>,
         bench: Bench,
+        /// The entries the receiver chose, when it chose a subset.
+        selected: Option<std::collections::BTreeSet<u32>>,
+        /// It only looked (`thru join --list`).
+        browsed: bool,
     }
     let HostCtx {
         manifest,
@@ -1385,6 +1633,7 @@ fn host_events(events: &crossbeam_channel::Receiver<NetEvent>, ctx: &HostCtx<'_>
                 let label = fingerprint
                     .and_then(|fp| labels.lock().ok().and_then(|l| l.get(&fp).cloned()))
                     .unwrap_or_else(|| format!("joiner (connection {conn})"));
+                ui.receiver(&label, ui::ReceiverState::Prompt, None);
                 peers.insert(
                     conn,
                     Peer {
@@ -1394,6 +1643,8 @@ fn host_events(events: &crossbeam_channel::Receiver<NetEvent>, ctx: &HostCtx<'_>
                             start: Some(at),
                             ..Bench::default()
                         },
+                        selected: None,
+                        browsed: false,
                     },
                 );
             }
@@ -1402,21 +1653,36 @@ fn host_events(events: &crossbeam_channel::Receiver<NetEvent>, ctx: &HostCtx<'_>
                     continue;
                 };
                 match (event, p.files.as_mut()) {
+                    (Event::Selected(chosen), _) => p.selected = Some(chosen),
+                    (Event::Browsed, _) => p.browsed = true,
+                    (Event::Paused(paused), _) => {
+                        ui.pause(&p.label, paused, false);
+                        let state = if paused {
+                            ui::ReceiverState::Paused
+                        } else {
+                            ui::ReceiverState::Receiving
+                        };
+                        ui.receiver(&p.label, state, None);
+                    }
                     (Event::Accepted, _) => {
+                        let (files, bytes) = match &p.selected {
+                            Some(c) => crate::choose::counts(manifest, c),
+                            None => (manifest.file_count() as u64, manifest.total_bytes()),
+                        };
+                        let left_out = manifest.file_count() as u64 - files;
                         ui.emit(&ui::Event::Accepted {
                             peer: p.label.clone(),
-                            files: manifest.file_count(),
-                            bytes: manifest.total_bytes(),
+                            files: files as usize,
+                            bytes,
                         });
-                        let progress = ui.transfer(
-                            &p.label,
-                            ui::Side::Sending,
-                            manifest.file_count() as u64,
-                            manifest.total_bytes(),
-                        );
+                        ui.receiver(&p.label, ui::ReceiverState::Receiving, None);
+                        let progress = ui.transfer(&p.label, ui::Side::Sending, files, bytes);
                         progress
                             .set_route(routes.get(&p.label).copied().unwrap_or(Route::LanDirect));
-                        p.files = Some(Files::new(manifest.clone(), progress, true));
+                        progress.set_left_out(left_out);
+                        let mut f = Files::new(manifest.clone(), progress, true);
+                        f.chosen = p.selected.take();
+                        p.files = Some(f);
                     }
                     (
                         Event::ChunkSent {
@@ -1439,6 +1705,11 @@ fn host_events(events: &crossbeam_channel::Receiver<NetEvent>, ctx: &HostCtx<'_>
                 let Some(p) = peers.remove(&conn) else {
                     continue;
                 };
+                if p.browsed && error.is_none() {
+                    ui.receiver(&p.label, ui::ReceiverState::Listed, None);
+                    let _ = notes.send(HostNote::Browsed { peer: p.label });
+                    continue;
+                }
                 let result = match (error, p.files) {
                     (None, Some(f)) if text.is_some() => {
                         f.progress.abandon();
@@ -1465,9 +1736,19 @@ fn host_events(events: &crossbeam_channel::Receiver<NetEvent>, ctx: &HostCtx<'_>
                             // Clear its bars; the failure is reported by the caller.
                             f.progress.abandon();
                         }
-                        Err(declined(&e).unwrap_or(TransferError::Failed(e)))
+                        Err(declined(&e)
+                            .unwrap_or_else(|| TransferError::Failed(explain_end(&e, false, None))))
                     }
                 };
+                match &result {
+                    Ok(_) => ui.receiver(&p.label, ui::ReceiverState::Done, None),
+                    Err(TransferError::Declined(_)) => {}
+                    Err(e) => {
+                        let why = e.to_string();
+                        let why = why.strip_prefix("transfer failed: ").unwrap_or(&why);
+                        ui.receiver(&p.label, ui::ReceiverState::Gone, Some(why));
+                    }
+                }
                 let _ = notes.send(HostNote::Ended {
                     peer: p.label,
                     result: Box::new(result),

@@ -152,6 +152,8 @@ pub struct Offer {
     pub same_size_here: usize,
     /// Every entry (files, directories, links), for `--json`.
     pub entries: Vec<OfferEntry>,
+    /// Offered files not chosen (`--include`, `--exclude`, `--select`): not received.
+    pub left_out: usize,
 }
 
 impl Offer {
@@ -192,6 +194,8 @@ pub struct Summary {
     /// Receiver with `--durable`: seconds spent syncing to stable storage (inside `seconds`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub synced_seconds: Option<f64>,
+    /// Offered files the receiver did not choose (`--include`, `--exclude`, `--select`).
+    pub left_out: u64,
 }
 
 /// The version of the `--json` event format, in the first event (`start`). It changes when a
@@ -309,6 +313,21 @@ pub enum Event {
         same_size_here: usize,
         /// The destination directory.
         destination: String,
+        /// Offered files not chosen (`--include`, `--exclude`, `--select`).
+        left_out: usize,
+    },
+    /// Joiner with `--list`: the whole offer; nothing is received.
+    Listing {
+        /// Every entry, in manifest order.
+        entries: Vec<OfferEntry>,
+        /// Number of files.
+        files: usize,
+        /// Total bytes.
+        bytes: u64,
+        /// Number of directories.
+        dirs: usize,
+        /// Every link with its target.
+        links: Vec<OfferedLink>,
     },
     /// Receiver: the text the host sent (`thru host --text`), once accepted.
     Text {
@@ -334,6 +353,23 @@ pub enum Event {
         peer: String,
         /// The reason it gave.
         reason: String,
+    },
+    /// Host: where a receiver stands, each time that changes.
+    Receiver {
+        /// The receiver.
+        peer: String,
+        /// What it is doing now.
+        state: ReceiverState,
+        /// Why it left (`gone`, `declined`), when known.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// The transfer was paused or resumed (the receiver pressed `p`); the connection stays up.
+    Pause {
+        /// The other side.
+        peer: String,
+        /// Paused now (`false`: resumed).
+        paused: bool,
     },
     /// Progress, at most four a second.
     Progress {
@@ -431,6 +467,43 @@ pub enum Event {
         /// The process exit code.
         exit_code: u8,
     },
+}
+
+/// Where one of a host's receivers stands (the `receiver` event, and the host's screen).
+#[derive(Clone, Copy, Debug, Eq, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReceiverState {
+    /// Paired; its QUIC connection is not up yet.
+    Waiting,
+    /// Connected; it is looking at the offer (its prompt).
+    Prompt,
+    /// Receiving (the progress lines carry its rate).
+    Receiving,
+    /// It paused the transfer.
+    Paused,
+    /// It got everything.
+    Done,
+    /// It only listed the offer (`thru join --list`) and left; its slot is free again.
+    Listed,
+    /// It declined the offer.
+    Declined,
+    /// It stopped, was killed, or its connection was lost.
+    Gone,
+}
+
+impl ReceiverState {
+    fn text(self) -> &'static str {
+        match self {
+            Self::Waiting => "paired, connecting",
+            Self::Prompt => "connected, at the prompt",
+            Self::Receiving => "receiving",
+            Self::Paused => "paused",
+            Self::Done => "done",
+            Self::Listed => "looked at the offer and left (thru join --list)",
+            Self::Declined => "declined",
+            Self::Gone => "gone",
+        }
+    }
 }
 
 /// How output is rendered.
@@ -681,6 +754,7 @@ impl Ui {
             route,
             path: None,
             synced_seconds: None,
+            left_out: 0,
         };
         match self.mode {
             Mode::Json => emit_json(&Event::Summary(summary.clone())),
@@ -710,6 +784,38 @@ impl Ui {
             }),
             Mode::Human { .. } if say => self.say(&format!("{peer} declined: {reason}")),
             Mode::Human { .. } => {}
+        }
+    }
+
+    /// Host: receiver `peer` is now in `state` (`reason`: why it left). A line on the
+    /// host's screen, the `receiver` event under `--json`.
+    pub fn receiver(&self, peer: &str, state: ReceiverState, reason: Option<&str>) {
+        match self.mode {
+            Mode::Json => emit_json(&Event::Receiver {
+                peer: peer.to_string(),
+                state,
+                reason: reason.map(safe_text),
+            }),
+            Mode::Human { .. } => match reason {
+                Some(r) => self.say(&format!("{peer}: {} ({r})", state.text())),
+                None => self.say(&format!("{peer}: {}", state.text())),
+            },
+        }
+    }
+
+    /// The transfer with `peer` was paused or resumed.
+    pub fn pause(&self, peer: &str, paused: bool, local: bool) {
+        match self.mode {
+            Mode::Json => emit_json(&Event::Pause {
+                peer: peer.to_string(),
+                paused,
+            }),
+            // The host's screen shows it as the receiver's state.
+            Mode::Human { .. } if !local => {}
+            Mode::Human { .. } if paused => {
+                self.say("Paused: the connection stays up; press p to resume");
+            }
+            Mode::Human { .. } => self.say("Resumed"),
         }
     }
 
@@ -788,6 +894,47 @@ impl Ui {
         }
     }
 
+    /// `thru join --list`: the whole offer, as the `listing` event or as `tree` on stdout (it is
+    /// what the user asked for, so `--quiet` does not hide it).
+    pub fn listing(&self, manifest: &flux_transfer::Manifest, tree: &str) {
+        use flux_wire::EntryKind;
+        match self.mode {
+            Mode::Json => {
+                let entries = manifest.entries();
+                self.emit(&Event::Listing {
+                    entries: entries
+                        .iter()
+                        .map(|e| OfferEntry {
+                            path: e.path.clone(),
+                            size: e.size,
+                            kind: match e.kind {
+                                EntryKind::File => "file",
+                                EntryKind::Dir => "dir",
+                                EntryKind::Symlink => "symlink",
+                            },
+                        })
+                        .collect(),
+                    files: manifest.file_count(),
+                    bytes: manifest.total_bytes(),
+                    dirs: entries.iter().filter(|e| e.kind == EntryKind::Dir).count(),
+                    links: entries
+                        .iter()
+                        .filter(|e| e.kind == EntryKind::Symlink)
+                        .map(|e| OfferedLink {
+                            name: e.path.clone(),
+                            target: e.link_target.clone(),
+                        })
+                        .collect(),
+                });
+            }
+            Mode::Human { .. } => {
+                let mut out = io::stdout().lock();
+                let _ = out.write_all(tree.as_bytes());
+                let _ = out.flush();
+            }
+        }
+    }
+
     /// A line for people on stderr (silent in JSON and quiet modes). Escaped with
     /// [`safe_text`]: these lines carry errors, and errors carry peer and server text.
     pub fn say(&self, text: &str) {
@@ -817,6 +964,7 @@ impl Ui {
             replaces: offer.replaces.clone(),
             same_size_here: offer.same_size_here,
             destination: offer.destination.clone(),
+            left_out: offer.left_out,
         });
         let interactive = io::stdin().is_terminal() && self.mode != Mode::Json;
         let stdin = io::stdin();
@@ -887,6 +1035,7 @@ impl Ui {
                 files_done: 0,
                 started: Instant::now(),
                 last_json: None,
+                left_out: 0,
             })),
         }
     }
@@ -1114,6 +1263,13 @@ pub fn describe_offer(offer: &Offer, limit: usize) -> String {
             offer.files.len() - limit
         );
     }
+    if offer.left_out > 0 {
+        let _ = writeln!(
+            s,
+            "  ({} left out: --include, --exclude, --select)",
+            plural(offer.left_out, "file", "files")
+        );
+    }
     if !offer.links.is_empty() {
         // Every link, uncut: where each points matters more than how many there are.
         let _ = writeln!(s, "links:");
@@ -1228,6 +1384,8 @@ struct ProgressInner {
     files_done: u64,
     started: Instant,
     last_json: Option<Instant>,
+    /// Offered files the receiver did not choose.
+    left_out: u64,
 }
 
 #[derive(Debug)]
@@ -1430,6 +1588,16 @@ impl TransferProgress {
         self.lock().overall.set_message(route.to_string());
     }
 
+    /// Bytes in place so far (sent and already held).
+    pub fn done_bytes(&self) -> u64 {
+        self.lock().overall_done
+    }
+
+    /// Offered files the receiver did not choose, for the summary.
+    pub fn set_left_out(&self, n: u64) {
+        self.lock().left_out = n;
+    }
+
     /// Ends the display (no bar stays behind) and reports the summary.
     pub fn finish(
         &self,
@@ -1457,6 +1625,7 @@ impl TransferProgress {
             route,
             path,
             synced_seconds,
+            left_out: g.left_out,
         };
         match g.ui.mode {
             Mode::Json => emit_json(&Event::Summary(summary.clone())),
@@ -1498,6 +1667,12 @@ impl Summary {
             self.seconds,
             HumanBytes(rate as u64)
         ));
+        if self.left_out > 0 {
+            parts.push(format!(
+                "{} left out",
+                plural(self.left_out, "file", "files")
+            ));
+        }
         let synced = self
             .synced_seconds
             .map_or(String::new(), |s| format!(", synced to disk in {s:.2} s"));
@@ -1577,6 +1752,7 @@ mod tests {
             replaces: Vec::new(),
             same_size_here: 0,
             entries: Vec::new(),
+            left_out: 0,
         }
     }
 
@@ -1796,6 +1972,7 @@ mod tests {
             route: Route::LanDirect,
             path: None,
             synced_seconds: None,
+            left_out: 0,
         });
         let v: serde_json::Value = serde_json::to_value(&s).unwrap();
         assert_eq!(v["event"], "summary");
@@ -1966,6 +2143,7 @@ mod tests {
             route: Route::HolePunched,
             path: Some(path.clone()),
             synced_seconds: Some(0.25),
+            left_out: 2,
         };
         let all = vec![
             Event::Start {
@@ -2019,6 +2197,18 @@ mod tests {
                 replaces: Vec::new(),
                 same_size_here: 0,
                 destination: "/in".into(),
+                left_out: 1,
+            },
+            Event::Listing {
+                entries: vec![OfferEntry {
+                    path: "a".into(),
+                    size: 1,
+                    kind: "file",
+                }],
+                files: 1,
+                bytes: 1,
+                dirs: 0,
+                links: Vec::new(),
             },
             Event::Accepted {
                 peer: "host".into(),
@@ -2028,6 +2218,15 @@ mod tests {
             Event::Declined {
                 peer: "joiner 1".into(),
                 reason: "the receiver declined".into(),
+            },
+            Event::Receiver {
+                peer: "joiner 1".into(),
+                state: ReceiverState::Gone,
+                reason: Some("the receiver went away".into()),
+            },
+            Event::Pause {
+                peer: "host".into(),
+                paused: true,
             },
             Event::Progress {
                 peer: "host".into(),
@@ -2095,9 +2294,12 @@ mod tests {
                 | Event::Route { .. }
                 | Event::PairingFailed { .. }
                 | Event::Offer { .. }
+                | Event::Listing { .. }
                 | Event::Text { .. }
                 | Event::Accepted { .. }
                 | Event::Declined { .. }
+                | Event::Receiver { .. }
+                | Event::Pause { .. }
                 | Event::Progress { .. }
                 | Event::FileDone { .. }
                 | Event::Summary(_)

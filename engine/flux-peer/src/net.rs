@@ -111,6 +111,9 @@ pub struct NetConfig {
     pub receiver: ReceiverConfig,
     /// Receiver: accept the offer without asking (else wait for [`Command::Accept`]).
     pub auto_accept: bool,
+    /// Receiver: only look: report the offer ([`NetEvent::Offer`], nothing scanned at the
+    /// destination) and leave without receiving (`thru join --list`).
+    pub browse: bool,
     /// Receiver: how the sender's modes apply to received entries.
     pub modes: ModePolicy,
     /// Threads that hash and verify chunks beside the loop thread (io_uring driver; 0: the
@@ -145,6 +148,7 @@ impl Default for NetConfig {
             sender: SenderConfig::default(),
             receiver: ReceiverConfig::default(),
             auto_accept: true,
+            browse: false,
             modes: ModePolicy::Safe,
             durable: false,
             // Inline: on this project's 2-core machine, with both ends on it, a work thread
@@ -167,10 +171,26 @@ pub enum Command {
     Accept,
     /// Receiver: accept, with the user's answers for entries that clash with what is here.
     AcceptResolved(Resolutions),
+    /// Receiver: accept only the `chosen` manifest entries (the directories they lie in
+    /// included), with the user's answers for clashes.
+    AcceptChosen {
+        /// Answers for clashing entries.
+        resolved: Resolutions,
+        /// The entries to receive.
+        chosen: std::collections::BTreeSet<u32>,
+    },
     /// Receiver: refuse the offer with this reason.
     Reject(String),
+    /// Receiver: pause (`true`) or resume the transfer; the connection stays up.
+    Pause(bool),
+    /// Receiver: leave without receiving anything, as after only looking at the offer
+    /// (the host does not count it as a refusal).
+    Leave,
     /// Stop everything and end.
     Cancel,
+    /// Stop everything and end, telling each peer why (`the host stopped (Ctrl-C)`); a
+    /// receiver adds how much it keeps for a resume.
+    CancelWith(String),
     /// Host: start ICE with a new peer, numbered `link` by the caller.
     AddPeer {
         /// The caller's number for this peer.
@@ -684,6 +704,11 @@ impl Worker {
         };
         loop {
             match rx.try_recv() {
+                Ok(Command::CancelWith(reason)) => {
+                    if !self.cancelled {
+                        self.cancel_with(Some(&reason));
+                    }
+                }
                 Ok(Command::Cancel) | Err(TryRecvError::Disconnected) => {
                     if !self.cancelled {
                         self.cancel();
@@ -693,8 +718,20 @@ impl Worker {
                         return;
                     }
                 }
-                Ok(Command::Accept) => self.accept(now, Resolutions::default()),
-                Ok(Command::AcceptResolved(r)) => self.accept(now, r),
+                Ok(Command::Accept) => self.accept(now, Resolutions::default(), None),
+                Ok(Command::AcceptResolved(r)) => self.accept(now, r, None),
+                Ok(Command::AcceptChosen { resolved, chosen }) => {
+                    self.accept(now, resolved, Some(&chosen));
+                }
+                Ok(Command::Pause(paused)) => {
+                    for c in &mut self.conns {
+                        if let Machine::Recv(s) = &mut c.machine
+                            && !s.machine.set_paused(now, paused)
+                        {
+                            tracing::info!("this transfer cannot be paused now");
+                        }
+                    }
+                }
                 Ok(Command::AddPeer { link, ice }) => {
                     if self.cancelled || self.links.iter().any(|l| l.id == link) {
                         continue;
@@ -705,6 +742,13 @@ impl Worker {
                 Ok(Command::RemoteCandidate { link, candidate }) => {
                     if let Some(l) = self.links.iter_mut().find(|l| l.id == link && l.live()) {
                         l.remote_candidate(&candidate, now);
+                    }
+                }
+                Ok(Command::Leave) => {
+                    for c in &mut self.conns {
+                        if let Machine::Recv(s) = &mut c.machine {
+                            s.machine.browse_done();
+                        }
                     }
                 }
                 Ok(Command::Reject(reason)) => {
@@ -720,6 +764,10 @@ impl Worker {
     }
 
     fn cancel(&mut self) {
+        self.cancel_with(None);
+    }
+
+    fn cancel_with(&mut self, reason: Option<&str>) {
         self.cancelled = true;
         if self.pending_client.take().is_some() {
             self.report.error.get_or_insert_with(|| "cancelled".into());
@@ -732,9 +780,14 @@ impl Worker {
                 Machine::Recv(s) => s.machine.is_over(),
             };
             if !over {
-                match &mut c.machine {
-                    Machine::Send(s) => s.machine.cancel(),
-                    Machine::Recv(s) => s.machine.cancel(),
+                match (&mut c.machine, reason) {
+                    (Machine::Send(s), Some(r)) => s.machine.stop(r),
+                    (Machine::Recv(s), Some(r)) => {
+                        let kept = s.machine.bytes_done() as f64 / f64::from(1 << 20);
+                        s.machine.stop(&format!("{r}; {kept:.1} MiB kept"));
+                    }
+                    (Machine::Send(s), None) => s.machine.cancel(),
+                    (Machine::Recv(s), None) => s.machine.cancel(),
                 }
                 if !c.ended {
                     c.error.get_or_insert_with(|| "cancelled".into());
@@ -746,7 +799,12 @@ impl Worker {
         }
     }
 
-    fn accept(&mut self, now: Instant, resolved: Resolutions) {
+    fn accept(
+        &mut self,
+        now: Instant,
+        resolved: Resolutions,
+        chosen: Option<&std::collections::BTreeSet<u32>>,
+    ) {
         let Role::Join { dest, pipe, .. } = &mut self.role else {
             return;
         };
@@ -754,7 +812,7 @@ impl Worker {
             // A pipe holds nothing to resume or skip.
             for c in &mut self.conns {
                 if let Machine::Recv(s) = &mut c.machine {
-                    s.machine.accept(now, HashMap::new());
+                    s.machine.accept_chosen(now, HashMap::new(), chosen);
                 }
             }
             return;
@@ -776,7 +834,7 @@ impl Worker {
         }
         for c in &mut self.conns {
             if let Machine::Recv(s) = &mut c.machine {
-                s.machine.accept(now, local.clone());
+                s.machine.accept_chosen(now, local.clone(), chosen);
             }
         }
     }
@@ -1094,6 +1152,10 @@ impl Worker {
     /// Moves everything between connections, machines and the disk until nothing moves.
     fn drive(&mut self, now: Instant) -> bool {
         let mut any = false;
+        // Blocking disk work (a durable finalize syncs each file) must not keep the loop
+        // from the network: QUIC's ACKs and keep-alives go out between turns, and a peer
+        // that hears nothing for the idle timeout gives the connection up.
+        let until = Instant::now() + DRIVE_BUDGET;
         if let Some(r) = self.exec.ring() {
             // Submit queued disk SQEs and collect whatever completed, without waiting.
             let _ = r.submit_and_wait(0, Some(Duration::ZERO));
@@ -1104,7 +1166,7 @@ impl Worker {
             }
             loop {
                 let mut progressed = false;
-                progressed |= self.step(i, now);
+                progressed |= self.step(i, now, until);
                 let (dst, pipe) = match &mut self.role {
                     Role::Join { dest, pipe, .. } => (dest.as_deref_mut(), pipe.as_mut()),
                     Role::Host { .. } => (None, None),
@@ -1140,6 +1202,9 @@ impl Worker {
                     break;
                 }
                 any = true;
+                if Instant::now() >= until {
+                    break;
+                }
             }
             let c = &mut self.conns[i];
             let handle = c.handle;
@@ -1149,12 +1214,13 @@ impl Worker {
                 }
             }
         }
-        any
+        // Stopped by the budget: more may be waiting, so the loop must not sleep.
+        any || Instant::now() >= until
     }
 
     /// One pass over connection `i`: drive the session, submit its disk requests, and route
     /// its events. Returns whether anything happened.
-    fn step(&mut self, i: usize, now: Instant) -> bool {
+    fn step(&mut self, i: usize, now: Instant, until: Instant) -> bool {
         let mut progressed = false;
         let c = &mut self.conns[i];
         if !c.connected && !c.conn().is_handshaking() && !c.conn().is_closed() {
@@ -1184,7 +1250,9 @@ impl Worker {
             }
             (Machine::Recv(s), Role::Join { dest, pipe, .. }) => {
                 s.drive(now);
-                while let Some(op) = s.machine.poll_disk() {
+                while Instant::now() < until
+                    && let Some(op) = s.machine.poll_disk()
+                {
                     progressed = true;
                     if let Some(p) = pipe.as_mut() {
                         p.submit(i, op);
@@ -1232,6 +1300,18 @@ impl Worker {
             let Some(m) = s.machine.manifest().cloned() else {
                 return;
             };
+            if self.cfg.browse {
+                // Nothing at the destination is looked at: the offer is only shown.
+                if let Some(tx) = &self.control.events {
+                    let _ = tx.send(NetEvent::Offer {
+                        manifest: m,
+                        local: Arc::default(),
+                        text: s.machine.text().map(Arc::from),
+                    });
+                }
+                s.machine.browse_done();
+                return;
+            }
             if self.cfg.pipe {
                 let single = m.len() == 1 && m.file_count() == 1;
                 let sink = if single || s.machine.text().is_some() {
@@ -1494,8 +1574,15 @@ impl Worker {
                         Machine::Send(s) => s.close_reason().map(ToString::to_string),
                         Machine::Recv(s) => s.close_reason().map(ToString::to_string),
                     };
-                    c.error.get_or_insert_with(|| {
-                        format!("connection lost: {}", reason.unwrap_or_default())
+                    let idle = self.cfg.transport.idle_timeout.as_secs_f64();
+                    c.error.get_or_insert_with(|| match reason.as_deref() {
+                        // Keep-alives go out every second: silence this long means the peer
+                        // is gone (killed, suspended, or the path went down).
+                        Some("timed out") => format!(
+                            "connection lost: the peer went away (nothing heard from it for \
+                             {idle:.0} s)"
+                        ),
+                        r => format!("connection lost: {}", r.unwrap_or_default()),
                     });
                 }
                 c.ended = true;
@@ -1616,6 +1703,10 @@ impl Worker {
         Ok(())
     }
 }
+
+/// Most time one turn of the loop spends moving data between machines and the disk before it
+/// turns to the network again.
+const DRIVE_BUDGET: Duration = Duration::from_millis(20);
 
 /// How long a sender that completed waits for the receiver to close the connection.
 const SENDER_LINGER: Duration = Duration::from_secs(3);

@@ -104,9 +104,12 @@ pub struct TransportParams {
     pub send_window: u64,
     /// Streams the peer may open (`--quic-max-incoming-streams`).
     pub max_incoming_streams: u32,
-    /// Idle time after which a silent connection is dropped.
+    /// Idle time after which a silent connection is dropped: how soon a dead peer (killed,
+    /// suspended, cut off) is noticed. quinn stretches it to three probe timeouts on a
+    /// slow path (RFC 9000 §10.1), so it follows the path's RTT.
     pub idle_timeout: Duration,
-    /// Keep-alive interval, so that a user reading a prompt does not idle the connection out.
+    /// Keep-alive interval: while a user reads a prompt, or a transfer is paused, each side
+    /// still hears from the other several times per `idle_timeout`.
     pub keep_alive: Duration,
     /// Initial datagram size; path MTU discovery raises it.
     pub initial_mtu: u16,
@@ -150,8 +153,8 @@ impl Default for TransportParams {
             stream_window: 32 << 20,
             send_window: 64 << 20,
             max_incoming_streams: 100,
-            idle_timeout: Duration::from_secs(30),
-            keep_alive: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(4),
+            keep_alive: Duration::from_secs(1),
             initial_mtu: 1200,
             max_mtu: 1452,
             congestion: Congestion::Cubic,

@@ -273,6 +273,14 @@ pub enum Event {
         /// Files completed.
         files_done: u64,
     },
+    /// Sender: the receiver chose a subset ([`flux_wire::Message::Select`]): these entries,
+    /// nothing else is sent. Comes just before [`Event::Accepted`].
+    Selected(std::collections::BTreeSet<u32>),
+    /// Sender: the receiver only looked at the manifest and left (`thru join --list`); the
+    /// transfer is over without an error.
+    Browsed,
+    /// The receiver paused (`true`) or resumed the transfer.
+    Paused(bool),
     /// The transfer finished successfully.
     Done,
     /// The transfer failed; the machine accepts no further input.
@@ -348,6 +356,10 @@ pub enum TransferError {
     /// The local user cancelled.
     #[error("cancelled")]
     Cancelled,
+    /// The local user stopped the transfer, saying why (for the peer, e.g. `the receiver
+    /// stopped (Ctrl-C); 12.0 MiB kept`).
+    #[error("{0}")]
+    Stopped(String),
 }
 
 impl TransferError {
@@ -358,7 +370,7 @@ impl TransferError {
             Self::Manifest(_) => ErrorCode::BadManifest,
             Self::Version { .. } | Self::Unsupported(_) => ErrorCode::VersionMismatch,
             Self::Peer { code, .. } => *code,
-            Self::Declined(_) | Self::Cancelled => ErrorCode::Cancelled,
+            Self::Declined(_) | Self::Cancelled | Self::Stopped(_) => ErrorCode::Cancelled,
             Self::Exists(_) => ErrorCode::Exists,
             Self::Integrity { .. } => ErrorCode::Integrity,
             Self::Io(_) | Self::NoSpace { .. } => ErrorCode::Io,

@@ -64,7 +64,7 @@ fn hello(features: u64) -> Message {
     Message::Hello {
         min_version: MIN_PROTOCOL_VERSION,
         max_version: PROTOCOL_VERSION,
-        features,
+        features: features | flux_wire::FEATURE_SELECT | flux_wire::FEATURE_PAUSE,
     }
 }
 

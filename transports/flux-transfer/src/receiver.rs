@@ -1,6 +1,6 @@
 //! The receiving side of one transfer.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -110,6 +110,10 @@ pub struct Receiver {
     files_done: u64,
     since_progress: u32,
     last_activity: Option<Instant>,
+    /// Feature bits of the sender's hello.
+    peer_features: u64,
+    /// Paused by the local user: lanes are not read and silence is no stall.
+    paused: bool,
     /// The sender's text (`thru host --text`), once it arrived.
     text: Option<String>,
 }
@@ -190,6 +194,8 @@ impl Receiver {
             files_done: 0,
             since_progress: 0,
             last_activity: None,
+            peer_features: 0,
+            paused: false,
             text: None,
         }
     }
@@ -333,10 +339,35 @@ impl Receiver {
 
     /// Accepts the share. `local` holds what the driver found at the destination for files that
     /// are partly or wholly present (by manifest index); every other file is fetched whole.
-    pub fn accept(&mut self, now: Instant, mut local: HashMap<u32, LocalFile>) {
+    pub fn accept(&mut self, now: Instant, local: HashMap<u32, LocalFile>) {
+        self.accept_chosen(now, local, None);
+    }
+
+    /// Accepts only the entries in `chosen` (`None`: all): the sender is told
+    /// ([`Message::Select`]) and sends nothing else; what is held of the others is neither
+    /// claimed nor touched. The caller includes the directories the chosen entries lie in.
+    /// A sender without [`flux_wire::FEATURE_SELECT`] cannot send a subset: the transfer
+    /// fails, saying so.
+    pub fn accept_chosen(
+        &mut self,
+        now: Instant,
+        mut local: HashMap<u32, LocalFile>,
+        chosen: Option<&BTreeSet<u32>>,
+    ) {
         if self.phase != Phase::AwaitDecision {
             return;
         }
+        if let Some(c) = chosen {
+            if self.peer_features & flux_wire::FEATURE_SELECT == 0 {
+                return self.fail(TransferError::Protocol(
+                    "the sender's thru cannot send a chosen subset (update it, or receive \
+                     everything)"
+                        .into(),
+                ));
+            }
+            local.retain(|i, _| c.contains(i));
+        }
+        let wanted = |i: u32| chosen.is_none_or(|c| c.contains(&i));
         self.last_activity = Some(now);
         let Some(m) = self.manifest.clone() else {
             return;
@@ -350,7 +381,7 @@ impl Receiver {
         let mut haves = Vec::new();
         for (i, e) in m.entries().iter().enumerate() {
             let i = i as u32;
-            if e.kind != EntryKind::File {
+            if e.kind != EntryKind::File || !wanted(i) {
                 continue;
             }
             let n = m.chunk_count(i);
@@ -395,20 +426,72 @@ impl Receiver {
             }
             self.files.insert(i, f);
         }
+        if let Some(c) = chosen {
+            let ranges = to_ranges(c.iter().copied().filter(|&i| (i as usize) < m.len()));
+            self.out
+                .push_msg(Stream::Control, &Message::Select { ranges });
+        }
         self.out.push_msg(Stream::Control, &Message::Accept);
         for h in &haves {
             self.out.push_msg(Stream::Control, h);
         }
         self.out.push_msg(Stream::Control, &Message::HaveDone);
         self.phase = Phase::Receiving;
-        self.unfinished = m.len();
+        self.unfinished = (0..m.len() as u32).filter(|&i| wanted(i)).count();
         // Directories and links need no data: put them in place now.
         for (i, e) in m.entries().iter().enumerate() {
-            if e.kind != EntryKind::File {
+            if e.kind != EntryKind::File && wanted(i as u32) {
                 self.finalize(i as u32);
             }
         }
         self.maybe_finish();
+    }
+
+    /// Instead of an answer: the receiver only looked (`thru join --list`). The sender is told
+    /// ([`Message::Browsed`], or a refusal saying so to a sender without
+    /// [`flux_wire::FEATURE_SELECT`]) and the transfer ends without an error.
+    pub fn browse_done(&mut self) {
+        if self.phase != Phase::AwaitDecision {
+            return;
+        }
+        if self.peer_features & flux_wire::FEATURE_SELECT == 0 {
+            self.out.push_msg(
+                Stream::Control,
+                &Message::Reject {
+                    reason: "the receiver only listed the files".into(),
+                },
+            );
+        } else {
+            self.out.push_msg(Stream::Control, &Message::Browsed);
+        }
+        self.out.finish(Stream::Control);
+        self.phase = Phase::Done;
+        self.events.push_back(Event::Done);
+    }
+
+    /// Pauses (`true`) or resumes the transfer: while paused the data lanes are not read, so
+    /// QUIC flow control holds the sender, and neither side counts the silence as a stall.
+    /// Returns false (and does nothing) when the sender cannot pause
+    /// ([`flux_wire::FEATURE_PAUSE`]) or the transfer is not receiving.
+    pub fn set_paused(&mut self, now: Instant, paused: bool) -> bool {
+        if self.peer_features & flux_wire::FEATURE_PAUSE == 0
+            || !matches!(self.phase, Phase::Receiving | Phase::Finishing)
+        {
+            return false;
+        }
+        if self.paused != paused {
+            self.paused = paused;
+            self.last_activity = Some(now);
+            self.out
+                .push_msg(Stream::Control, &Message::Pause { paused });
+            self.events.push_back(Event::Paused(paused));
+        }
+        true
+    }
+
+    /// Whether the local user paused the transfer.
+    pub fn is_paused(&self) -> bool {
+        self.paused
     }
 
     /// Declines the share.
@@ -433,6 +516,11 @@ impl Receiver {
         self.fail(TransferError::Cancelled);
     }
 
+    /// Ends the transfer at the local user's request, telling the peer `reason`.
+    pub fn stop(&mut self, reason: &str) {
+        self.fail(TransferError::Stopped(truncate(reason)));
+    }
+
     /// Outgoing stream bytes.
     pub fn outbox(&mut self) -> &mut Outbox {
         &mut self.out
@@ -452,13 +540,15 @@ impl Receiver {
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.phase {
             Phase::AwaitDecision | Phase::Done | Phase::Failed => None,
+            _ if self.paused => None,
             _ => self.last_activity.map(|t| t + self.cfg.stall_timeout),
         }
     }
 
-    /// Whether the driver should read data lanes now (false while the disk lags behind).
+    /// Whether the driver should read data lanes now (false while the disk lags behind, or
+    /// while paused).
     pub fn wants_data(&self) -> bool {
-        self.writes.len() < self.cfg.max_pending_writes
+        !self.paused && self.writes.len() < self.cfg.max_pending_writes
     }
 
     /// The manifest, once complete.
@@ -509,12 +599,13 @@ impl Receiver {
                 Message::Hello {
                     min_version,
                     max_version,
-                    ..
+                    features,
                 },
             ) => {
                 if let Err(e) = check_hello(min_version, max_version) {
                     return self.fail(e);
                 }
+                self.peer_features = features;
                 self.phase = Phase::AwaitManifest;
             }
             (Phase::AwaitManifest, Message::Text { body })

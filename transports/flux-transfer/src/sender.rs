@@ -1,6 +1,6 @@
 //! The sending side of one transfer (one receiver).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -107,6 +107,10 @@ pub struct Sender {
     /// Bytes of chunk reads in flight, all lanes.
     reading_bytes: u64,
     last_activity: Option<Instant>,
+    /// The entries the receiver chose ([`Message::Select`]); `None`: all of them.
+    chosen: Option<BTreeSet<u32>>,
+    /// The receiver paused the transfer: its silence is no stall.
+    paused: bool,
     /// Whether the receiver takes compressed chunks (its hello said so).
     peer_zstd: bool,
     /// Whether the receiver writes to a pipe and wants chunks in file order, on one lane.
@@ -200,6 +204,8 @@ impl Sender {
             read_ramp: 1,
             reading_bytes: 0,
             last_activity: None,
+            chosen: None,
+            paused: false,
             peer_zstd: false,
             in_order: false,
             compress_level: cfg.compress_level,
@@ -382,6 +388,11 @@ impl Sender {
         self.fail(TransferError::Cancelled);
     }
 
+    /// Ends the transfer at the local user's request, telling the peer `reason`.
+    pub fn stop(&mut self, reason: &str) {
+        self.fail(TransferError::Stopped(truncate(reason)));
+    }
+
     /// Outgoing stream bytes.
     pub fn outbox(&mut self) -> &mut Outbox {
         &mut self.out
@@ -404,6 +415,7 @@ impl Sender {
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.phase {
             Phase::AwaitDecision | Phase::Done | Phase::Failed => None,
+            _ if self.paused => None,
             _ => self.last_activity.map(|t| t + self.cfg.stall_timeout),
         }
     }
@@ -457,10 +469,37 @@ impl Sender {
                 }
                 self.phase = Phase::AwaitDecision;
             }
+            (Phase::AwaitDecision, Message::Select { ranges }) if self.chosen.is_none() => {
+                let n = self.manifest.len() as u64;
+                let mut chosen = BTreeSet::new();
+                for r in ranges {
+                    let end = u64::from(r.start) + u64::from(r.len);
+                    if end > n || chosen.last().is_some_and(|l| *l >= r.start) {
+                        return self.fail(TransferError::Protocol(
+                            "selection beyond the manifest or out of order".into(),
+                        ));
+                    }
+                    chosen.extend(r.start..r.start + r.len);
+                }
+                self.chosen = Some(chosen);
+            }
+            (Phase::AwaitDecision, Message::Browsed) => {
+                self.phase = Phase::Done;
+                self.events.push_back(Event::Browsed);
+                self.out.finish(Stream::Control);
+            }
             (Phase::AwaitDecision, Message::Accept) => {
                 self.phase = Phase::AwaitHaves;
-                self.events.push_back(Event::Accepted);
                 self.init_files();
+                if let Some(c) = &self.chosen {
+                    self.events.push_back(Event::Selected(c.clone()));
+                }
+                self.events.push_back(Event::Accepted);
+            }
+            (Phase::AwaitHaves | Phase::Sending, Message::Pause { paused }) => {
+                // `last_activity` is now: the stall clock starts afresh on resume.
+                self.paused = paused;
+                self.events.push_back(Event::Paused(paused));
             }
             (Phase::AwaitDecision, Message::Reject { reason }) => {
                 self.phase = Phase::Failed;
@@ -533,7 +572,12 @@ impl Sender {
 
     fn init_files(&mut self) {
         for (i, e) in self.manifest.entries().iter().enumerate() {
-            if e.kind != EntryKind::File {
+            if e.kind != EntryKind::File
+                || self
+                    .chosen
+                    .as_ref()
+                    .is_some_and(|c| !c.contains(&(i as u32)))
+            {
                 continue;
             }
             let n = self.manifest.chunk_count(i as u32);

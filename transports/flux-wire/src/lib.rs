@@ -13,7 +13,8 @@
 //!   Hello ───────────────────────────────────────────▶
 //!        ◀──────────────────────────────────────────── Hello
 //!        ◀──── Text (only with --text), ManifestBegin, ManifestEntries…, ManifestEnd
-//!   Accept | Reject ─────────────────────────────────▶
+//!   Select (optional: only these entries) ───────────▶
+//!   Accept | Reject | Browsed ───────────────────────▶
 //!   Have… (resume claims), HaveDone ─────────────────▶
 //!        ◀──────────────────────────────────────────── Verdict (one per Have)
 //!   data lanes (unidirectional, opened by the sender)
@@ -21,7 +22,7 @@
 //!   control stream again
 //!   Refetch (a chunk failed verification) ───────────▶
 //!        ◀──────────────────────────────────────────── FileDone (whole-file digest)
-//!   Progress ────────────────────────────────────────▶
+//!   Progress, Pause (on/off) ────────────────────────▶
 //!   Complete ────────────────────────────────────────▶
 //!        ◀──────────────────────────────────────────── Close
 //!   Error may travel either way at any time and ends the transfer.
@@ -64,6 +65,11 @@ pub const MAX_FRAME_BODY: usize = 1 << 20;
 pub const MAX_PATH_BYTES: usize = 4096;
 /// Largest free-text field (reasons, error messages) accepted, in bytes.
 pub const MAX_TEXT_BYTES: usize = 1024;
+/// Hello feature bit: this side speaks [`Message::Select`] and [`Message::Browsed`]
+/// (receiving a chosen subset, browsing without receiving).
+pub const FEATURE_SELECT: u64 = 1 << 10;
+/// Hello feature bit: this side speaks [`Message::Pause`].
+pub const FEATURE_PAUSE: u64 = 1 << 11;
 /// Largest chunk a [`Message::ChunkHeader`] may announce.
 pub const MAX_CHUNK_LEN: u32 = 64 << 20;
 /// Largest [`Message::Text`] body, in bytes of UTF-8 (`thru host --text`).

@@ -103,6 +103,25 @@ pub enum Message {
     Complete,
     /// The sender acknowledges [`Message::Complete`]; the connection may close.
     Close,
+    /// Receiver, before [`Message::Accept`]: only these manifest entries are wanted (runs of
+    /// entry indices, ascending; a [`ChunkRange`] here counts entries, not chunks). Entries
+    /// outside them are neither sent nor expected. Sent only to a sender whose hello carries
+    /// [`crate::FEATURE_SELECT`].
+    Select {
+        /// The chosen entries.
+        ranges: Vec<ChunkRange>,
+    },
+    /// Receiver, instead of an answer: it only looked at the manifest (`thru join --list`)
+    /// and wants nothing now. Not a refusal: the sender may serve it again later. Needs
+    /// [`crate::FEATURE_SELECT`].
+    Browsed,
+    /// Receiver: pause (`true`) or resume (`false`) the transfer. While paused the receiver
+    /// stops reading the data lanes (flow control holds the sender) and neither side counts
+    /// the silence as a stall. Needs [`crate::FEATURE_PAUSE`].
+    Pause {
+        /// Paused after this message.
+        paused: bool,
+    },
     /// A short text the sender offers instead of (or beside) files, before the manifest; only
     /// sent to a receiver whose hello has [`FEATURE_TEXT`](crate::FEATURE_TEXT).
     Text {
@@ -250,6 +269,9 @@ pub enum MessageType {
     Error = 0x0e,
     Complete = 0x0f,
     Close = 0x10,
+    Select = 0x22,
+    Browsed = 0x23,
+    Pause = 0x24,
     Text = 0x20,
     ZChunkHeader = 0x21,
 }
@@ -275,6 +297,9 @@ impl MessageType {
             0x0e => Error,
             0x0f => Complete,
             0x10 => Close,
+            0x22 => Select,
+            0x23 => Browsed,
+            0x24 => Pause,
             0x20 => Text,
             0x21 => ZChunkHeader,
             _ => return None,
@@ -302,6 +327,9 @@ impl Message {
             Self::Error { .. } => MessageType::Error,
             Self::Complete => MessageType::Complete,
             Self::Close => MessageType::Close,
+            Self::Select { .. } => MessageType::Select,
+            Self::Browsed => MessageType::Browsed,
+            Self::Pause { .. } => MessageType::Pause,
             Self::Text { .. } => MessageType::Text,
             Self::ZChunkHeader { .. } => MessageType::ZChunkHeader,
         }
@@ -405,6 +433,14 @@ impl Message {
                 }
                 put_bytes(out, message.as_bytes());
             }
+            Self::Select { ranges } => {
+                put_varint(out, ranges.len() as u64);
+                for r in ranges {
+                    put_varint(out, u64::from(r.start));
+                    put_varint(out, u64::from(r.len));
+                }
+            }
+            Self::Pause { paused } => out.push(u8::from(*paused)),
             Self::Text { body } => put_bytes(out, body.as_bytes()),
             Self::ZChunkHeader {
                 file,
@@ -419,7 +455,12 @@ impl Message {
                 put_varint(out, u64::from(*wire_len));
                 out.extend_from_slice(hash);
             }
-            Self::ManifestEnd | Self::Accept | Self::HaveDone | Self::Complete | Self::Close => {}
+            Self::ManifestEnd
+            | Self::Accept
+            | Self::HaveDone
+            | Self::Complete
+            | Self::Close
+            | Self::Browsed => {}
         }
     }
 
@@ -458,6 +499,14 @@ impl Message {
             Self::Error { file, message, .. } => {
                 2 + 1 + file.map_or(0, |f| v(u64::from(f))) + bytes_len(message.len())
             }
+            Self::Select { ranges } => {
+                v(ranges.len() as u64)
+                    + ranges
+                        .iter()
+                        .map(|r| v(u64::from(r.start)) + v(u64::from(r.len)))
+                        .sum::<usize>()
+            }
+            Self::Pause { .. } => 1,
             Self::Text { body } => bytes_len(body.len()),
             Self::ZChunkHeader {
                 file,
@@ -472,7 +521,12 @@ impl Message {
                     + v(u64::from(*wire_len))
                     + 32
             }
-            Self::ManifestEnd | Self::Accept | Self::HaveDone | Self::Complete | Self::Close => 0,
+            Self::ManifestEnd
+            | Self::Accept
+            | Self::HaveDone
+            | Self::Complete
+            | Self::Close
+            | Self::Browsed => 0,
         }
     }
 
@@ -567,6 +621,25 @@ impl Message {
             },
             MessageType::Complete => Self::Complete,
             MessageType::Close => Self::Close,
+            MessageType::Select => {
+                let n = r.count(2)?;
+                let mut ranges = Vec::with_capacity(n);
+                for _ in 0..n {
+                    ranges.push(ChunkRange {
+                        start: r.varint_u32()?,
+                        len: r.varint_u32()?,
+                    });
+                }
+                Self::Select { ranges }
+            }
+            MessageType::Browsed => Self::Browsed,
+            MessageType::Pause => Self::Pause {
+                paused: match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(DecodeError::BadValue("pause flag")),
+                },
+            },
             MessageType::Text => Self::Text {
                 body: r.string(MAX_MESSAGE_BYTES)?,
             },

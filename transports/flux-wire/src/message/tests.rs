@@ -99,6 +99,13 @@ fn message() -> impl Strategy<Value = Message> {
             }),
         Just(Message::Complete),
         Just(Message::Close),
+        proptest::collection::vec(
+            (any::<u32>(), any::<u32>()).prop_map(|(start, len)| ChunkRange { start, len }),
+            0..50
+        )
+        .prop_map(|ranges| Message::Select { ranges }),
+        Just(Message::Browsed),
+        any::<bool>().prop_map(|paused| Message::Pause { paused }),
         text(1000).prop_map(|body| Message::Text { body }),
         (
             any::<u32>(),
