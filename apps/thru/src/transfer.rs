@@ -936,6 +936,9 @@ fn receive_from(
                         files = Some(f);
                         if ui.mode() != ui::Mode::Json {
                             keys = Keys::start();
+                            if keys.is_some() {
+                                ui.say("Press p to pause and resume");
+                            }
                         }
                         bench.start = Some(Instant::now());
                     }

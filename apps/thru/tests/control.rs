@@ -176,8 +176,8 @@ fn error_after(p: &mut Proc, from: Instant) -> (Value, Duration) {
 }
 
 /// The host is killed (SIGKILL) mid-transfer: the joiner says the host went away, what it
-/// keeps and how to resume, after about the idle timeout (4 s), without any word from the
-/// host.
+/// keeps and how to resume, after about the idle timeout (3 s, and at most a keep-alive
+/// more), without any word from the host.
 #[test]
 fn lan_joiner_notices_a_killed_host() {
     let src = tempfile::tempdir().unwrap();

@@ -5,7 +5,8 @@
 //! What it checks (issue 15): the code asked with hidden input, the prompt showing the
 //! destination and the clashing file, the rename choice, the host's live bar per receiver
 //! with its route, the summaries, the waiting line, a decline (exit 4 on both sides), Ctrl-C
-//! on both sides, and no colour codes in a log file.
+//! on both sides, and no colour codes in a log file. Issue 14: the `--select` picker and `p`
+//! to pause and resume a transfer.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -356,4 +357,109 @@ fn logs_in_a_file_have_no_colour_codes() {
         !text.contains('\u{1b}'),
         "colour codes in the log file: {text:?}"
     );
+}
+
+/// Issue 14 on a terminal: `--select` opens a picker (checkboxes, type to search) and only the
+/// ticked file arrives; during a transfer `p` pauses it (the host hears of it, nothing more
+/// arrives, the connection outlives the idle timeout) and `p` again resumes it.
+#[test]
+fn select_in_a_picker_and_pause_with_p() {
+    let Some(mut tmux) = Tmux::new() else {
+        println!("SKIP: no tmux");
+        return;
+    };
+    let thru = thru_bin();
+    let src = tempfile::tempdir().unwrap();
+    let share = src.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    std::fs::write(share.join("a.txt"), b"alpha").unwrap();
+    std::fs::write(share.join("b.log"), b"the log").unwrap();
+    std::fs::write(share.join("notes.md"), b"notes").unwrap();
+    // Sparse and large: the transfer is still running when `p` is pressed.
+    std::fs::File::create(share.join("big.bin"))
+        .unwrap()
+        .set_len(4 << 30)
+        .unwrap();
+    let (mut host, peer, code) = common::lan_host(&[&share], 2);
+
+    // The picker: clear every tick (←), search for the log, tick it, confirm.
+    let out = tempfile::tempdir().unwrap();
+    let out = out.path().canonicalize().unwrap();
+    tmux.window(
+        "pick",
+        &format!(
+            "THRU_CODE={code} {} join --peer {peer} --out {} --select",
+            q(&thru),
+            q(&out)
+        ),
+    );
+    let screen = tmux.wait_for("pick", "Choose what to receive:");
+    assert!(screen.contains("share/big.bin"), "{screen}");
+    tmux.keys("pick", &["Left"]);
+    tmux.keys("pick", &["b.log"]);
+    tmux.wait_for("pick", "> [ ] share/b.log");
+    tmux.keys("pick", &["Space"]);
+    tmux.wait_for("pick", "[x] share/b.log");
+    tmux.keys("pick", &["Enter"]);
+    let screen = tmux.wait_for("pick", "[y/N]");
+    assert!(screen.contains("3 files left out"), "{screen}");
+    tmux.keys("pick", &["y", "Enter"]);
+    let screen = tmux.wait_for("pick", "EXIT=");
+    assert!(screen.contains("EXIT=0"), "{screen}");
+    assert!(screen.contains("3 files left out"), "{screen}");
+    assert_eq!(std::fs::read(out.join("share/b.log")).unwrap(), b"the log");
+    let got: Vec<_> = std::fs::read_dir(out.join("share")).unwrap().collect();
+    assert_eq!(got.len(), 1, "only the ticked file: {got:?}");
+
+    // Pause and resume with `p`.
+    let out2 = tempfile::tempdir_in("/var/tmp").unwrap();
+    let part = out2.path().join("share/.big.bin.thrupart");
+    tmux.window(
+        "pause",
+        &format!(
+            "THRU_CODE={code} {} join --peer {peer} --out {} --yes --include share/big.bin",
+            q(&thru),
+            q(out2.path())
+        ),
+    );
+    loop {
+        let st = host.event("receiver");
+        if st["peer"] == "joiner 2" && st["state"] == "receiving" {
+            break;
+        }
+    }
+    tmux.keys("pause", &["p"]);
+    let ev = host.event("pause");
+    assert_eq!(ev["paused"], true, "{ev}");
+    tmux.wait_for(
+        "pause",
+        "Paused: the connection stays up; press p to resume",
+    );
+    // Longer than the idle timeout: the connection stays up, and nothing more arrives.
+    std::thread::sleep(Duration::from_secs(1));
+    let held = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
+    std::thread::sleep(Duration::from_secs(5));
+    let still = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
+    assert_eq!(held, still, "data kept arriving while paused");
+    let screen = tmux.screen("pause");
+    assert!(
+        !screen.contains("EXIT="),
+        "the joiner ended while paused:\n{screen}"
+    );
+    tmux.keys("pause", &["p"]);
+    let ev = host.event("pause");
+    assert_eq!(ev["paused"], false, "{ev}");
+    let before = host.event("progress")["overall_done"].as_u64().unwrap();
+    let after = loop {
+        let done = host.event("progress")["overall_done"].as_u64().unwrap();
+        if done > before {
+            break done;
+        }
+    };
+    assert!(after > before);
+    // Enough: stop it (the partial file stays for a resume).
+    tmux.keys("pause", &["C-c"]);
+    let screen = tmux.wait_for("pause", "EXIT=");
+    assert!(screen.contains("EXIT=130"), "{screen}");
+    let _ = host.wait();
 }

@@ -150,6 +150,8 @@ export function crc32(crc, bytes) {
 
 /// A zip of `entries` ([{name, size, data: async iterable of Uint8Array}]) as it is read.
 /// Without ZIP64: at most 4 GiB in all (larger sets: download the files one by one).
+/// Every yielded array may be transferred (detached) by the consumer: lengths are taken
+/// before yielding.
 export async function* zip(entries) {
   const total = entries.reduce((a, e) => a + e.size + 30 + 16 + 46 + 2 * e.name.length * 3, 22);
   if (total >= 0xffffffff) throw new Error('over 4 GiB: download the files one by one');
@@ -165,6 +167,7 @@ export async function* zip(entries) {
     h.setUint16(6, 0x0808, true); // sizes after the data; UTF-8 names
     head.set(name, 30);
     h.setUint16(26, name.length, true);
+    const headLength = head.length;
     yield head;
     let crc = 0;
     let size = 0;
@@ -173,15 +176,16 @@ export async function* zip(entries) {
       size += part.length;
       yield part;
     }
+    if (size !== e.size) throw new Error(`${e.name}: ${size} bytes, ${e.size} announced`);
     const desc = new Uint8Array(16);
     const d = new DataView(desc.buffer);
     d.setUint32(0, 0x08074b50, true);
     d.setUint32(4, crc, true);
     d.setUint32(8, size, true);
     d.setUint32(12, size, true);
-    yield desc;
     central.push({ name, crc, size, offset });
-    offset += head.length + size + desc.length;
+    offset += headLength + size + 16;
+    yield desc;
   }
   const start = offset;
   for (const c of central) {
@@ -197,7 +201,7 @@ export async function* zip(entries) {
     r.setUint16(28, c.name.length, true);
     r.setUint32(42, c.offset, true);
     rec.set(c.name, 46);
-    offset += rec.length;
+    offset += 46 + c.name.length;
     yield rec;
   }
   const end = new Uint8Array(22);

@@ -153,7 +153,9 @@ impl Default for TransportParams {
             stream_window: 32 << 20,
             send_window: 64 << 20,
             max_incoming_streams: 100,
-            idle_timeout: Duration::from_secs(4),
+            // The first packet we send after the last one heard restarts the timer once, so a
+            // dead peer is noticed after 3 s plus at most one keep-alive: within 5 s.
+            idle_timeout: Duration::from_secs(3),
             keep_alive: Duration::from_secs(1),
             initial_mtu: 1200,
             max_mtu: 1452,
