@@ -244,7 +244,8 @@ pub struct JoinArgs {
     #[arg(env = "THRU_CODE", hide_env_values = true, value_name = "CODE")]
     pub code: Option<String>,
 
-    /// Directory to receive into.
+    /// Directory to receive into; `-` writes a single-file offer to stdout, in order (an
+    /// offer of several files is refused before anything is written).
     #[arg(
         help_heading = "Basics",
         long,

@@ -578,8 +578,17 @@ async fn join_checked(
         })
         .into());
     }
-    // --list writes nothing: --out is neither checked nor created.
-    let created = if args.list {
+    let to_stdout = thru::transfer::is_stdout(&args.out);
+    if to_stdout && json {
+        return Err(UsageError(
+            "--out - writes the file to stdout, where --json writes its events: use one or the \
+             other"
+                .into(),
+        )
+        .into());
+    }
+    // --list writes nothing: --out is neither checked nor created; nor is stdout (--out -).
+    let created = if args.list || to_stdout {
         None
     } else {
         prepare_out(&args.out)?
@@ -612,7 +621,20 @@ async fn web_join(args: JoinArgs, ui: &Ui, json: bool, terminal: bool) -> anyhow
         })
         .into());
     }
-    let created = prepare_out(&args.out)?;
+    let to_stdout = thru::transfer::is_stdout(&args.out);
+    if to_stdout && json {
+        return Err(UsageError(
+            "--out - writes the file to stdout, where --json writes its events: use one or the \
+             other"
+                .into(),
+        )
+        .into());
+    }
+    let created = if to_stdout {
+        None
+    } else {
+        prepare_out(&args.out)?
+    };
     let key = if args.plain {
         ui.warn(
             "--plain: not encrypted; the relay server can read the name and every byte of \

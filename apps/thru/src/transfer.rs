@@ -362,6 +362,9 @@ pub enum TransferError {
     /// `--yes` was needed and not given (exit 2).
     #[error("no terminal to ask on; pass --yes")]
     NotATerminal,
+    /// `--out -` and an offer of more than one file: refused before anything was written.
+    #[error("{0}")]
+    NotSingleFile(String),
     /// `--include`/`--exclude`/`--select` left nothing to receive.
     #[error(
         "nothing in the offer was chosen (--include, --exclude, --select); thru join --list shows it"
@@ -376,7 +379,9 @@ impl TransferError {
     /// The process exit code for this error.
     pub fn exit(&self) -> Exit {
         match self {
-            Self::Refused | Self::Declined(_) | Self::NoSpace(_) => Exit::Refused,
+            Self::Refused | Self::Declined(_) | Self::NoSpace(_) | Self::NotSingleFile(_) => {
+                Exit::Refused
+            }
             Self::Conflict { .. } => Exit::Conflict,
             Self::NotATerminal | Self::NothingChosen => Exit::Usage,
             Self::Failed(_) => Exit::TransferFailed,
@@ -639,12 +644,14 @@ pub fn run_transfer(
             "run_transfer receives; a host serves through HostEngine".into(),
         ));
     };
-    if !*browse {
+    let pipe = is_stdout(out);
+    if !pipe && !*browse {
         std::fs::create_dir_all(out)
             .map_err(|e| failed(&format!("cannot create {}", out.display()), e))?;
     }
     let mut cfg = net_config(job);
     cfg.auto_accept = false;
+    cfg.pipe = pipe;
     // Chosen up front, the engine replaces files itself (atomically, file by file); chosen in
     // the prompt, the answers go with the acceptance (`Resolutions`): nothing here is moved.
     cfg.receiver.overwrite = *on_conflict == OnConflict::Overwrite;
@@ -983,6 +990,12 @@ fn receive_from(
         .and_then(|(e, _)| e.clone())
         .or(report.error.clone());
     if let Some(e) = error {
+        if e.contains("--out - writes a single file") {
+            return Err(TransferError::NotSingleFile(
+                e.split_once("receiver declined: ")
+                    .map_or(e.clone(), |(_, r)| r.to_owned()),
+            ));
+        }
         if let Some(ice) = ice_failed {
             // ICE's own words: `failed to establish ICE connection: …`.
             return Err(TransferError::Failed(ice));
@@ -1048,6 +1061,11 @@ fn receive_from(
         );
     }
     Ok(Ok(Some(summary)))
+}
+
+/// Whether `--out` names stdout (`-`).
+pub fn is_stdout(out: &Path) -> bool {
+    out.as_os_str() == "-"
 }
 
 /// What to receive of `manifest`: `--include`/`--exclude`, then the `--select` picker.
@@ -1152,6 +1170,8 @@ fn decide(
         .sum();
     let needed = crate::space::still_needed(manifest, local).saturating_sub(unwanted);
     match crate::space::free_bytes(out) {
+        // A pipe has no free space to check.
+        _ if is_stdout(out) => {}
         Ok(free) => {
             // A shortfall refuses even with --yes: the writes would fail part-way, after
             // the code is used and the bytes are sent.
@@ -1198,10 +1218,14 @@ fn decide(
             })
             .collect(),
         dirs: entries.iter().filter(|e| e.kind == EntryKind::Dir).count(),
-        destination: std::fs::canonicalize(out)
-            .unwrap_or_else(|_| out.to_path_buf())
-            .display()
-            .to_string(),
+        destination: if is_stdout(out) {
+            "stdout".into()
+        } else {
+            std::fs::canonicalize(out)
+                .unwrap_or_else(|_| out.to_path_buf())
+                .display()
+                .to_string()
+        },
         replaces: replaces.iter().map(|(_, p)| p.clone()).collect(),
         same_size_here: local
             .values()

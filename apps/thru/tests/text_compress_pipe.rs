@@ -288,3 +288,73 @@ fn a_file_received_compressed_is_then_skipped_as_identical() {
         fs::read(&text).unwrap()
     );
 }
+
+fn sha256(data: &[u8]) -> String {
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    let data = data.to_vec();
+    let writer = std::thread::spawn(move || input.write_all(&data));
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn out_dash_writes_a_single_file_to_stdout_lan_and_thruserv() {
+    let server = Thruserv::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("big.bin");
+    // Several chunks, compressible in part: order and decompression both matter.
+    let mut data = Vec::new();
+    compressible(&file, 6 << 20);
+    data.extend(fs::read(&file).unwrap());
+    random(&dir.path().join("tail"), 5 << 20);
+    data.extend(fs::read(dir.path().join("tail")).unwrap());
+    fs::write(&file, &data).unwrap();
+    for srv in [None, Some(&server)] {
+        let (mut h, mut j) = host(
+            srv,
+            &["--chunk-size", "256KiB", file.to_str().unwrap()],
+            None,
+        );
+        j.extend(["--yes".into(), "--out".into(), "-".into()]);
+        let (code, stdout, stderr) = join_output(&j);
+        assert_eq!(code, 0, "{stderr}");
+        // `thru join --out - | sha256sum`: the same digest as the file's.
+        assert_eq!(sha256(&stdout), sha256(&data));
+        assert_eq!(h.wait(), 0);
+    }
+}
+
+#[test]
+fn out_dash_refuses_a_multi_file_offer_before_writing_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("a"), b"one").unwrap();
+    fs::write(dir.path().join("b"), b"two").unwrap();
+    let (mut h, mut j) = host(None, &[dir.path().to_str().unwrap()], None);
+    j.extend(["--yes".into(), "--out".into(), "-".into()]);
+    let (code, stdout, stderr) = join_output(&j);
+    assert_eq!(code, 4, "{stderr}");
+    assert!(stdout.is_empty(), "{}", String::from_utf8_lossy(&stdout));
+    assert!(stderr.contains("--out - writes a single file"), "{stderr}");
+    assert_eq!(h.wait(), 4);
+    // --json and --out - both want stdout: a usage error before pairing.
+    let out = Command::new(thru_bin())
+        .args([
+            "join",
+            "--json",
+            "--yes",
+            "--out",
+            "-",
+            "--peer",
+            "127.0.0.1:9",
+        ])
+        .env("THRU_CODE", "K7QF2M-XD4P-RT9A")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}

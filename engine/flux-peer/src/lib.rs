@@ -10,6 +10,7 @@
 //! - [`exec`] performs them through io_uring with `O_DIRECT` (or blocking `std::fs`), and
 //!   [`net`] is the engine's worker loop: a UDP socket, a QUIC endpoint, the machines and their
 //!   disk I/O driven by one thread (io_uring or the portable `poll(2)` driver).
+//! - [`pipe`] is a receiver's destination that is stdout: one file, in order.
 //! - [`compress`] compresses chunks for sending and decompresses received ones, bounded by their
 //!   declared length; the executors run it where they run hashing.
 //! - [`sim`] runs whole transfers between two peers over an emulated lossy, reordering,
@@ -26,6 +27,7 @@ pub mod disk;
 pub mod exec;
 pub mod ice;
 pub mod net;
+pub mod pipe;
 pub mod scan;
 pub mod session;
 pub mod sim;

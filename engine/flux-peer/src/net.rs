@@ -133,6 +133,10 @@ pub struct NetConfig {
     pub allowed_joiners: Option<Arc<AllowList>>,
     /// Joiner: the identity to present to a host that requires one.
     pub client_identity: Option<Arc<Identity>>,
+    /// Receiver: write the share's one file to stdout, in order, instead of under the
+    /// destination ([`crate::pipe`]; `thru join --out -`). A share of anything but one file is
+    /// refused before a byte is written.
+    pub pipe: bool,
 }
 
 impl Default for NetConfig {
@@ -155,6 +159,7 @@ impl Default for NetConfig {
             connect_timeout: Duration::from_secs(10),
             allowed_joiners: None,
             client_identity: None,
+            pipe: false,
         }
     }
 }
@@ -422,6 +427,8 @@ enum Role {
     Join {
         dest_root: PathBuf,
         dest: Option<Box<Destination>>,
+        /// With [`NetConfig::pipe`]: stdout instead of `dest`.
+        pipe: Option<crate::pipe::PipeSink>,
         offered: bool,
     },
 }
@@ -596,6 +603,7 @@ impl Worker {
         let role = Role::Join {
             dest_root: dest,
             dest: None,
+            pipe: None,
             offered: false,
         };
         Ok((Self::new(socket, cfg, control, None, role)?, client))
@@ -612,7 +620,11 @@ impl Worker {
             .endpoint
             .connect(Instant::now(), client, peer, flux_quic::SERVER_NAME)
             .map_err(|e| TransferError::Io(format!("connect to {peer}: {e}")))?;
-        let m = Receiver::new(self.cfg.receiver.clone());
+        let mut rcfg = self.cfg.receiver.clone();
+        if self.cfg.pipe {
+            rcfg.features |= flux_wire::FEATURE_IN_ORDER;
+        }
+        let m = Receiver::new(rcfg);
         let machine = Machine::Recv(Session::new(
             conn,
             m,
@@ -793,9 +805,18 @@ impl Worker {
         resolved: Resolutions,
         chosen: Option<&std::collections::BTreeSet<u32>>,
     ) {
-        let Role::Join { dest, .. } = &mut self.role else {
+        let Role::Join { dest, pipe, .. } = &mut self.role else {
             return;
         };
+        if pipe.is_some() {
+            // A pipe holds nothing to resume or skip.
+            for c in &mut self.conns {
+                if let Machine::Recv(s) = &mut c.machine {
+                    s.machine.accept_chosen(now, HashMap::new(), chosen);
+                }
+            }
+            return;
+        }
         let Some(d) = dest.as_mut() else { return };
         let answered: Vec<u32> = resolved.answered().collect();
         d.set_resolutions(resolved);
@@ -1146,11 +1167,28 @@ impl Worker {
             loop {
                 let mut progressed = false;
                 progressed |= self.step(i, now, until);
-                let dst = match &mut self.role {
-                    Role::Join { dest, .. } => dest.as_deref_mut(),
-                    Role::Host { .. } => None,
+                let (dst, pipe) = match &mut self.role {
+                    Role::Join { dest, pipe, .. } => (dest.as_deref_mut(), pipe.as_mut()),
+                    Role::Host { .. } => (None, None),
                 };
                 self.exec.reap(dst);
+                let mut piped = Vec::new();
+                if let Some(p) = pipe {
+                    p.reap();
+                    while let Some(d) = p.poll_done() {
+                        piped.push(d);
+                    }
+                }
+                for (tag, id, res) in piped {
+                    progressed = true;
+                    if let Some(Conn {
+                        machine: Machine::Recv(s),
+                        ..
+                    }) = self.conns.get_mut(tag)
+                    {
+                        s.machine.handle_disk_done(now, id, res);
+                    }
+                }
                 while let Some((tag, id, res)) = self.exec.poll_done() {
                     progressed = true;
                     if let Some(c) = self.conns.get_mut(tag) {
@@ -1210,12 +1248,16 @@ impl Worker {
                     events.push(ev);
                 }
             }
-            (Machine::Recv(s), Role::Join { dest, .. }) => {
+            (Machine::Recv(s), Role::Join { dest, pipe, .. }) => {
                 s.drive(now);
                 while Instant::now() < until
                     && let Some(op) = s.machine.poll_disk()
                 {
                     progressed = true;
+                    if let Some(p) = pipe.as_mut() {
+                        p.submit(i, op);
+                        continue;
+                    }
                     match dest.as_mut() {
                         Some(d) => self.exec.submit_write(i, d, op),
                         None => s.machine.handle_disk_done(
@@ -1247,6 +1289,7 @@ impl Worker {
             Role::Join {
                 dest_root,
                 dest,
+                pipe,
                 offered,
             },
         ) = (&ev, &mut self.role)
@@ -1267,6 +1310,51 @@ impl Worker {
                     });
                 }
                 s.machine.browse_done();
+                return;
+            }
+            if self.cfg.pipe {
+                let single = m.len() == 1 && m.file_count() == 1;
+                let sink = if single || s.machine.text().is_some() {
+                    crate::pipe::PipeSink::new(Box::new(std::io::stdout()))
+                        .map_err(|e| format!("stdout writer: {e}"))
+                } else {
+                    Err(format!(
+                        "the host offers {} entries ({} files); --out - writes a single file \
+                         to stdout: receive into a directory instead",
+                        m.len(),
+                        m.file_count()
+                    ))
+                };
+                match sink {
+                    Ok(p) => *pipe = Some(p),
+                    Err(e) => {
+                        s.machine.reject(&e);
+                        self.conns[i].error = Some(e);
+                        self.emit(NetEvent::Transfer {
+                            conn: i,
+                            event: ev,
+                            at: now,
+                        });
+                        return;
+                    }
+                }
+                if self.cfg.auto_accept {
+                    s.machine.accept(now, HashMap::new());
+                } else if !*offered {
+                    *offered = true;
+                    if let Some(tx) = &self.control.events {
+                        let _ = tx.send(NetEvent::Offer {
+                            manifest: m,
+                            local: Arc::new(HashMap::new()),
+                            text: s.machine.text().map(Arc::from),
+                        });
+                    }
+                }
+                self.emit(NetEvent::Transfer {
+                    conn: i,
+                    event: ev,
+                    at: now,
+                });
                 return;
             }
             let mut d = Destination::with_modes(dest_root.clone(), m.clone(), self.cfg.modes);
@@ -1578,8 +1666,13 @@ impl Worker {
         if self.links.iter().any(Link::has_streams) {
             timeout = timeout.min(STREAM_POLL);
         }
-        if self.exec.working() > 0 {
-            // Work threads finish without waking the loop: look again soon.
+        let piping = match &self.role {
+            Role::Join { pipe: Some(p), .. } => p.working(),
+            _ => 0,
+        };
+        if self.exec.working() > 0 || piping > 0 {
+            // Work threads (and the pipe's writer) finish without waking the loop: look again
+            // soon.
             timeout = timeout.min(WORK_POLL);
         }
         let want_write = self.conns.iter().any(|c| c.blocked.is_some());

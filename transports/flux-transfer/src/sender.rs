@@ -4,7 +4,9 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flux_wire::{ChunkRange, EntryKind, FEATURE_TEXT, FEATURE_ZSTD, Hash, Message};
+use flux_wire::{
+    ChunkRange, EntryKind, FEATURE_IN_ORDER, FEATURE_TEXT, FEATURE_ZSTD, Hash, Message,
+};
 
 use crate::digest::{claim_digest, file_digest};
 use crate::io::{
@@ -111,6 +113,8 @@ pub struct Sender {
     paused: bool,
     /// Whether the receiver takes compressed chunks (its hello said so).
     peer_zstd: bool,
+    /// Whether the receiver writes to a pipe and wants chunks in file order, on one lane.
+    in_order: bool,
     compress_level: i32,
 }
 
@@ -203,6 +207,7 @@ impl Sender {
             chosen: None,
             paused: false,
             peer_zstd: false,
+            in_order: false,
             compress_level: cfg.compress_level,
             cfg,
         }
@@ -458,6 +463,7 @@ impl Sender {
                     self.out.push_msg(Stream::Control, &Message::Text { body });
                 }
                 self.peer_zstd = common & FEATURE_ZSTD != 0;
+                self.in_order = features & FEATURE_IN_ORDER != 0;
                 for m in self.manifest.to_messages() {
                     self.out.push_msg(Stream::Control, &m);
                 }
@@ -688,7 +694,13 @@ impl Sender {
         if let Some(f) = self.files.get_mut(&file) {
             f.to_send += missing.len() as u32;
         }
-        for part in missing.chunks(self.cfg.range_chunks as usize) {
+        // A receiver writing to a pipe takes the file in order: one range, on one lane.
+        let range = if self.in_order {
+            missing.len().max(1)
+        } else {
+            self.cfg.range_chunks as usize
+        };
+        for part in missing.chunks(range) {
             self.work.push_back(Work {
                 file,
                 chunks: part.iter().copied().collect(),
@@ -759,7 +771,8 @@ impl Sender {
             + (0..self.lanes.len())
                 .map(|l| self.out.queued(Stream::Lane(l as u16)) as u64)
                 .sum::<u64>();
-        for lane in 0..self.lanes.len() {
+        let lanes = if self.in_order { 1 } else { self.lanes.len() };
+        for lane in 0..lanes {
             loop {
                 if reading >= self.read_ramp || (reading > 0 && ahead >= budget) {
                     return;

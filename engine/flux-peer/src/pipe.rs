@@ -1,0 +1,305 @@
+//! A receiver's destination that is a pipe (`thru join --out -`): the chunks of a one-file
+//! share are verified (and decompressed) like any others, then written in file order to a
+//! writer — stdout — on a thread of its own, so a slow reader of the pipe never stalls the
+//! network loop.
+//!
+//! Order: the receiver asks the sender for its chunks in order, on one lane
+//! ([`flux_wire::FEATURE_IN_ORDER`]). A chunk that arrives early anyway (a refetched chunk, a
+//! sender that ignores the request) waits in memory, up to [`MAX_EARLY`] chunks; past that
+//! the transfer fails rather than grow without bound.
+//!
+//! Back-pressure: a chunk's write completes when the writer thread has written it, so the
+//! machine stops reading the network while the pipe is full (its pending-write bound).
+//! Early chunks complete at once: they must not hold that bound while the chunk they wait for
+//! is still on the network.
+//!
+//! What it does not do: resume (a pipe keeps nothing), or more than one file.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::Write;
+use std::thread::JoinHandle;
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use flux_transfer::{DiskFailure, DiskOp, DiskResult, OpId};
+
+use crate::exec::Done;
+
+/// Chunks held in memory while an earlier one is missing.
+pub const MAX_EARLY: usize = 64;
+
+/// The request a write completes (`(tag, id)`), if any.
+type Ticket = Option<(usize, OpId)>;
+
+/// Writes the one file of a share to a writer, in order.
+pub struct PipeSink {
+    /// To the writer thread: bytes to write (with the op to complete), or a flush.
+    tx: Option<Sender<(Ticket, Bytes)>>,
+    rx: Receiver<(Ticket, Result<(), String>)>,
+    thread: Option<JoinHandle<()>>,
+    /// The next chunk index to write.
+    next: u32,
+    /// Chunks that came before their turn.
+    early: BTreeMap<u32, Bytes>,
+    /// Ops whose bytes are with the writer.
+    out: usize,
+    done: VecDeque<Done>,
+    /// The writer failed: every later write fails with this.
+    broken: Option<String>,
+}
+
+impl std::fmt::Debug for PipeSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PipeSink")
+            .field("next", &self.next)
+            .field("early", &self.early.len())
+            .field("out", &self.out)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PipeSink {
+    /// A sink writing to `w` (stdout) on its own thread.
+    pub fn new(mut w: Box<dyn Write + Send>) -> std::io::Result<Self> {
+        // Bounded: a full pipe holds the sink's writes back, and through them the machine.
+        let (tx, jobs) = crossbeam_channel::bounded::<(Ticket, Bytes)>(8);
+        let (done_tx, rx) = crossbeam_channel::unbounded();
+        let thread = std::thread::Builder::new()
+            .name("flux-pipe".into())
+            .spawn(move || {
+                for (op, bytes) in jobs.iter() {
+                    let res = if bytes.is_empty() {
+                        w.flush()
+                    } else {
+                        w.write_all(&bytes)
+                    }
+                    .map_err(|e| e.to_string());
+                    let failed = res.is_err();
+                    if done_tx.send((op, res)).is_err() || failed {
+                        return;
+                    }
+                }
+            })?;
+        Ok(Self {
+            tx: Some(tx),
+            rx,
+            thread: Some(thread),
+            next: 0,
+            early: BTreeMap::new(),
+            out: 0,
+            done: VecDeque::new(),
+            broken: None,
+        })
+    }
+
+    /// Requests still with the writer thread: the caller must come back soon to collect them
+    /// (their completion does not wake the loop).
+    pub fn working(&self) -> usize {
+        self.out
+    }
+
+    /// Performs one of the receiver's requests for connection `tag`.
+    pub fn submit(&mut self, tag: usize, op: DiskOp) {
+        match op {
+            DiskOp::WriteChunk {
+                id,
+                index,
+                hash,
+                data,
+                compressed,
+                ..
+            } => {
+                let plain = compressed.map_or(data.len(), |n| n as usize);
+                let mut buf = vec![0u8; plain];
+                if let Err(e) = crate::work::gather_chunk(&data, compressed, &hash, &mut buf) {
+                    return self.done.push_back((tag, id, Err(e)));
+                }
+                self.chunk(tag, id, index, Bytes::from(buf));
+            }
+            // The file is whole once every chunk is written: a flush marks that point.
+            DiskOp::Finalize { id, .. } => self.send(tag, id, Bytes::new()),
+            other => {
+                let id = op_id(&other);
+                self.done.push_back((tag, id, Ok(DiskResult::Done)));
+            }
+        }
+    }
+
+    fn chunk(&mut self, tag: usize, id: OpId, index: u32, bytes: Bytes) {
+        if index < self.next || self.early.contains_key(&index) {
+            // Already written or held (a refetched duplicate): nothing more to do.
+            return self.done.push_back((tag, id, Ok(DiskResult::Done)));
+        }
+        if index > self.next {
+            if self.early.len() >= MAX_EARLY {
+                return self.done.push_back((
+                    tag,
+                    id,
+                    Err(DiskFailure::Io(format!(
+                        "stdout: chunk {index} arrived while chunk {} is still missing, and \
+                         {MAX_EARLY} chunks already wait for it (the host's thru may be too old \
+                         to send in order; receive into a directory instead)",
+                        self.next
+                    ))),
+                ));
+            }
+            self.early.insert(index, bytes);
+            return self.done.push_back((tag, id, Ok(DiskResult::Done)));
+        }
+        self.next += 1;
+        self.send(tag, id, bytes);
+        while let Some(b) = self.early.remove(&self.next) {
+            self.next += 1;
+            // Its op completed when it was held; this write completes nothing.
+            self.send_quiet(b);
+        }
+    }
+
+    fn send(&mut self, tag: usize, id: OpId, bytes: Bytes) {
+        if let Some(e) = &self.broken {
+            return self
+                .done
+                .push_back((tag, id, Err(DiskFailure::Io(e.clone()))));
+        }
+        match self.tx.as_ref().map(|tx| tx.send((Some((tag, id)), bytes))) {
+            Some(Ok(())) => self.out += 1,
+            _ => self.done.push_back((tag, id, Err(gone()))),
+        }
+    }
+
+    fn send_quiet(&mut self, bytes: Bytes) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send((None, bytes));
+        }
+    }
+
+    /// Collects what the writer finished.
+    pub fn reap(&mut self) {
+        loop {
+            match self.rx.try_recv() {
+                Ok((op, res)) => {
+                    if let Err(e) = &res {
+                        self.broken = Some(format!("stdout: {e}"));
+                    }
+                    if let Some((tag, id)) = op {
+                        self.out -= 1;
+                        let res = res
+                            .map(|()| DiskResult::Done)
+                            .map_err(|e| DiskFailure::Io(format!("stdout: {e}")));
+                        self.done.push_back((tag, id, res));
+                    }
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    // The writer stopped (a failed write): what is still out fails.
+                    if self.out > 0 {
+                        self.broken
+                            .get_or_insert_with(|| "stdout: writer gone".into());
+                    }
+                    break;
+                }
+            }
+        }
+    }
+
+    /// The next finished request: `(tag, id, outcome)`.
+    pub fn poll_done(&mut self) -> Option<Done> {
+        self.done.pop_front()
+    }
+}
+
+impl Drop for PipeSink {
+    fn drop(&mut self) {
+        // Closing the channel ends the writer once it has written what it holds.
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn gone() -> DiskFailure {
+    DiskFailure::Io("stdout: the writer thread is gone".into())
+}
+
+fn op_id(op: &DiskOp) -> OpId {
+    match op {
+        DiskOp::Read { id, .. }
+        | DiskOp::WriteChunk { id, .. }
+        | DiskOp::Finalize { id, .. }
+        | DiskOp::Finish { id } => *id,
+        _ => OpId(u64::MAX),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use flux_transfer::ChunkData;
+    use flux_transfer::digest::chunk_hash;
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn write(index: u32, data: &[u8]) -> DiskOp {
+        DiskOp::WriteChunk {
+            id: OpId(u64::from(index)),
+            file: 0,
+            index,
+            offset: 0,
+            hash: chunk_hash(data),
+            data: ChunkData::from(data.to_vec()),
+            compressed: None,
+        }
+    }
+
+    #[test]
+    fn chunks_out_of_order_come_out_in_order_and_a_bad_one_is_refused() {
+        let out = Shared::default();
+        let mut s = PipeSink::new(Box::new(out.clone())).unwrap();
+        s.submit(0, write(1, b"world"));
+        s.submit(0, write(0, b"hello "));
+        let mut bad = write(2, b"!");
+        if let DiskOp::WriteChunk { hash, .. } = &mut bad {
+            *hash = chunk_hash(b"?");
+        }
+        s.submit(0, bad);
+        s.submit(
+            0,
+            DiskOp::Finalize {
+                id: OpId(9),
+                file: 0,
+                replace: false,
+            },
+        );
+        let mut results = Vec::new();
+        for _ in 0..1000 {
+            s.reap();
+            while let Some((_, id, r)) = s.poll_done() {
+                results.push((id, r.is_ok()));
+            }
+            if results.len() == 4 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        assert!(results.contains(&(OpId(2), false)), "{results:?}");
+        assert!(results.contains(&(OpId(9), true)), "{results:?}");
+        drop(s);
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"hello world");
+    }
+}
