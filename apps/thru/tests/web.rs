@@ -557,3 +557,56 @@ fn fifty_concurrent_relays_stay_under_the_memory_bound() {
     assert!(last < 1 << 30, "{last}");
     drop(readers);
 }
+
+#[test]
+fn curl_uploads_through_a_single_use_link() {
+    if !have("curl") {
+        eprintln!("skipped: no curl");
+        return;
+    }
+    let server = Thruserv::start(&["--web-relay"]);
+    let url = server.url();
+    let src = tempfile::tempdir().unwrap();
+    let file = src.path().join("report.bin");
+    random_file(&file, 3 << 20, 7);
+    let out = tempfile::tempdir().unwrap();
+    let mut join = Proc::spawn(
+        &[
+            "join",
+            "--json",
+            "--web",
+            "--plain",
+            "--yes",
+            "--out",
+            out.path().to_str().unwrap(),
+            "--server",
+            &url,
+        ],
+        &[],
+    );
+    let link = join.event("web_link");
+    let upload = link["url"].as_str().unwrap().to_string();
+    assert!(upload.ends_with('/'), "{upload}");
+    // `curl -T FILE URL/` appends the file's name, as the printed command does.
+    let put = curl(&["-f", "-T", file.to_str().unwrap(), &upload]);
+    assert!(
+        put.status.success(),
+        "curl -T failed: {}",
+        String::from_utf8_lossy(&put.stderr)
+    );
+    assert_eq!(join.wait(), 0);
+    let got = out.path().join("report.bin");
+    assert_eq!(hash(&got), hash(&file), "the uploaded copy differs");
+    // The link served its one upload: a second one is refused and writes nothing.
+    let again = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-T",
+        file.to_str().unwrap(),
+        &upload,
+    ]);
+    assert_eq!(String::from_utf8_lossy(&again.stdout), "404");
+    assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 1);
+}
