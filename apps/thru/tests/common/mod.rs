@@ -103,6 +103,11 @@ impl Thruserv {
     pub fn url(&self) -> String {
         format!("ws://{}", self.addr)
     }
+
+    /// The process id (for memory readings).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for Thruserv {

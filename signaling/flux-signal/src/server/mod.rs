@@ -369,7 +369,7 @@ fn spawn_connection(
     };
     let shared = shared.clone();
     tokio::spawn(async move {
-        let _pending = pending;
+        let mut pending = Some(pending);
         let _ = tcp.set_nodelay(true);
         let limit = shared.config.handshake_timeout;
         // A relay stream outlives the handshake deadline; it has its own idle timeout.
@@ -392,6 +392,8 @@ fn spawn_connection(
         };
         let served = match served {
             Err(()) if long_lived.load(std::sync::atomic::Ordering::Acquire) => {
+                // A relay stream past the deadline is no longer a pending handshake.
+                drop(pending.take());
                 serve.await;
                 Ok(())
             }
