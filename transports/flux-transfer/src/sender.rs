@@ -319,6 +319,12 @@ impl Sender {
         match read.lane {
             Some(lane) => {
                 f.to_send -= 1;
+                if compressed.is_none() && f.zstd == Zstd::Try {
+                    // A frame that came out no smaller is not returned at all: that sampled
+                    // chunk did not pay either, and without this every chunk of random data
+                    // would be compressed and thrown away.
+                    f.zstd = Zstd::No;
+                }
                 let frame = compressed.filter(|c| match f.zstd {
                     Zstd::No => false,
                     Zstd::Yes => c.len() < data.len(),
