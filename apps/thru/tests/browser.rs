@@ -1,7 +1,8 @@
 //! The web relay's pages in a real headless Chromium (Debian's `chromium` and
-//! `chromium-driver`), driven over WebDriver by a small client in this file: an end-to-end
-//! encrypted download of a 200 MiB file and of a tree as a zip, an upload to `thru join
-//! --web`, a tampered chunk, and proof that no plaintext passes the relay in the clear.
+//! `chromium-driver`), driven over WebDriver by `tools/flux-webdriver` (shared with
+//! flux-bench's `relay-browser` row): an end-to-end encrypted download of a 200 MiB file and
+//! of a tree as a zip, an upload to `thru join --web`, a tampered chunk, and proof that no
+//! plaintext passes the relay in the clear.
 //!
 //! Skipped (with a line on stderr) when chromium or chromedriver is not installed;
 //! ci/install.sh installs both.
@@ -9,14 +10,15 @@
 
 mod common;
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{Proc, Thruserv};
+use flux_webdriver::{Browser, wait_download};
 use rand::{RngCore as _, SeedableRng as _};
 use serde_json::{Value, json};
 
@@ -24,192 +26,52 @@ use serde_json::{Value, json};
 const BROWSER_PATIENCE: Duration = Duration::from_secs(300);
 
 fn installed() -> bool {
-    let ok = Path::new("/usr/bin/chromium").exists() && Path::new("/usr/bin/chromedriver").exists();
-    if !ok {
-        eprintln!("skipped: chromium or chromedriver missing (ci/install.sh installs them)");
-    }
-    ok
-}
-
-// --- a minimal WebDriver client -------------------------------------------------------------
-
-struct Driver {
-    child: Child,
-    addr: SocketAddr,
-    session: String,
-    _profile: tempfile::TempDir,
-}
-
-fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> Value {
-    let mut s = TcpStream::connect(addr).unwrap();
-    let body = body.map(Value::to_string).unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    // chromedriver may keep the connection open: read the head, then Content-Length bytes.
-    let mut r = BufReader::new(s);
-    let mut len = 0usize;
-    loop {
-        let mut line = String::new();
-        if r.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
-            break;
+    match flux_webdriver::missing() {
+        Some(why) => {
+            eprintln!("skipped: {why} (ci/install.sh installs them)");
+            false
         }
-        if let Some((k, v)) = line.split_once(':')
-            && k.eq_ignore_ascii_case("content-length")
-        {
-            len = v.trim().parse().unwrap();
-        }
+        None => true,
     }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).unwrap();
-    serde_json::from_slice(&body).unwrap_or(Value::Null)
 }
+
+/// The WebDriver client (`tools/flux-webdriver`), failing the test on any error.
+struct Driver(Browser);
 
 impl Driver {
     fn start(downloads: &Path) -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new("/usr/bin/chromedriver")
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(addr).is_err() {
-            assert!(Instant::now() < deadline, "chromedriver did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let profile = tempfile::tempdir().unwrap();
-        let caps = json!({"capabilities": {"alwaysMatch": {
-            "browserName": "chrome",
-            "goog:chromeOptions": {
-                "binary": "/usr/bin/chromium",
-                "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
-                         "--disable-dev-shm-usage", "--no-first-run",
-                         format!("--user-data-dir={}", profile.path().display())],
-                "prefs": {
-                    "download.default_directory": downloads.to_str().unwrap(),
-                    "download.prompt_for_download": false,
-                    "safebrowsing.enabled": false,
-                },
-            },
-        }}});
-        let resp = http(addr, "POST", "/session", Some(&caps));
-        let session = resp["value"]["sessionId"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no WebDriver session: {resp}"))
-            .to_string();
-        let d = Self {
-            child,
-            addr,
-            session,
-            _profile: profile,
-        };
-        d.cmd(
-            "goog/cdp/execute",
-            &json!({"cmd": "Browser.setDownloadBehavior",
-                    "params": {"behavior": "allow", "downloadPath": downloads.to_str().unwrap()}}),
-        );
-        d
+        Self(Browser::start(downloads).unwrap())
     }
 
     fn cmd(&self, what: &str, body: &Value) -> Value {
-        let v = http(
-            self.addr,
-            "POST",
-            &format!("/session/{}/{what}", self.session),
-            Some(body),
-        );
-        v["value"].clone()
+        self.0.cmd(what, body).unwrap()
     }
 
     fn go(&self, url: &str) {
-        self.cmd("url", &json!({ "url": url }));
-    }
-
-    fn eval(&self, script: &str) -> Value {
-        self.cmd("execute/sync", &json!({ "script": script, "args": [] }))
+        self.0.go(url).unwrap();
     }
 
     fn find(&self, css: &str) -> String {
-        let v = self.cmd("element", &json!({"using": "css selector", "value": css}));
-        v.as_object()
-            .and_then(|o| o.values().next())
-            .and_then(Value::as_str)
-            .unwrap_or_else(|| panic!("no element {css}: {v}"))
-            .to_string()
+        self.0.find(css).unwrap()
     }
 
     fn click(&self, css: &str) {
-        let id = self.find(css);
-        self.cmd(&format!("element/{id}/click"), &json!({}));
+        self.0.click(css).unwrap();
     }
 
     /// Waits until the page's `body[data-state]` is one of `states`; returns it.
     fn wait_state(&self, states: &[&str]) -> String {
-        let deadline = Instant::now() + BROWSER_PATIENCE;
-        loop {
-            let s = self.eval("return document.body.dataset.state || ''");
-            let s = s.as_str().unwrap_or("").to_string();
-            if states.contains(&s.as_str()) {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "page state {s:?}, waited for {states:?}; status: {}",
-                self.eval("return document.getElementById('status').textContent + ' / ' + document.getElementById('error').textContent")
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        self.0.wait_state(states, BROWSER_PATIENCE).unwrap()
     }
 
     fn text(&self, id: &str) -> String {
-        self.eval(&format!(
-            "return document.getElementById('{id}').textContent"
-        ))
-        .as_str()
-        .unwrap_or("")
-        .to_string()
-    }
-}
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        let _ = http(
-            self.addr,
-            "DELETE",
-            &format!("/session/{}", self.session),
-            None,
-        );
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.0.text(id).unwrap()
     }
 }
 
 /// Waits for Chromium to finish writing `name` into `dir` (no `.crdownload` left).
 fn downloaded(dir: &Path, name: &str) -> PathBuf {
-    let path = dir.join(name);
-    let deadline = Instant::now() + BROWSER_PATIENCE;
-    loop {
-        let partial = std::fs::read_dir(dir)
-            .unwrap()
-            .filter_map(Result::ok)
-            .any(|e| e.file_name().to_string_lossy().ends_with(".crdownload"));
-        if path.exists() && !partial {
-            return path;
-        }
-        assert!(Instant::now() < deadline, "{name} was not downloaded");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_download(dir, name, BROWSER_PATIENCE).unwrap()
 }
 
 // --- a recording (and optionally tampering) proxy in front of thruserv ---------------------

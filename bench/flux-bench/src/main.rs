@@ -7,6 +7,11 @@
 //! peak memory are per side; the runner spawns them on loopback or, with `--veth`, in two
 //! network namespaces joined by a 1500-MTU veth pair set up like a real NIC.
 //!
+//! The `thru` row runs the real `thru host` / `thru join` through a loopback `thruserv`; the
+//! `relay-curl` and `relay-browser` rows download through the web relay instead: a real
+//! `thru host --web` behind a real `thruserv --web-relay`, fetched by curl or by headless
+//! Chromium ([`thru`]).
+//!
 //! `flux-bench natlab` runs real `thru host` / `thru join` pairs across the NAT lab
 //! (`tools/natlab`) and reports the route ICE chose, the connect time and the rate per case.
 //!
@@ -16,6 +21,7 @@ mod disk;
 mod natlab;
 mod plot;
 mod side;
+mod thru;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -93,6 +99,12 @@ struct RunArgs {
     /// Also draw `throughput.svg` and `chunk-latency.svg` into this directory.
     #[arg(long, value_name = "DIR")]
     plots: Option<PathBuf>,
+    /// The `thru` binary of the `thru` and relay rows (default: next to this executable).
+    #[arg(long)]
+    thru: Option<PathBuf>,
+    /// The `thruserv` binary of the `thru` and relay rows (default: next to this executable).
+    #[arg(long)]
+    thruserv: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
@@ -126,6 +138,13 @@ enum Row {
     Iperf3,
     /// scp to localhost.
     Scp,
+    /// Real `thru host` to `thru join --benchmark` through a loopback `thruserv`.
+    Thru,
+    /// `thru host --web --plain` through `thruserv --web-relay`, downloaded with curl.
+    RelayCurl,
+    /// `thru host --web` (end to end) through `thruserv --web-relay`, downloaded by headless
+    /// Chromium through the page.
+    RelayBrowser,
 }
 
 /// What the source file holds.
@@ -324,6 +343,10 @@ struct RunResult {
     /// Chunk payload bytes on the wire as a share of the file bytes (below 100 when
     /// compressed).
     wire_pct: Option<f64>,
+    /// Relay rows: `thruserv`'s CPU seconds per GiB carried, all its threads.
+    relay_cpu_s_per_gib: Option<f64>,
+    /// Relay rows: `thruserv`'s peak RSS.
+    relay_max_rss_mib: Option<f64>,
 }
 
 impl RunResult {
@@ -348,6 +371,8 @@ impl RunResult {
             loss_pct: None,
             rtt_ms: None,
             wire_pct: None,
+            relay_cpu_s_per_gib: None,
+            relay_max_rss_mib: None,
         }
     }
 }
@@ -462,6 +487,7 @@ fn run_matrix(a: &RunArgs) -> Result<()> {
                 }
                 Row::Iperf3 => run_iperf3(a.size, &place),
                 Row::Scp => run_scp(&src, &dest, a.size),
+                Row::Thru | Row::RelayCurl | Row::RelayBrowser => run_thru(row, &src, &dest, a),
             };
             match res {
                 Ok(Some(r)) => {
@@ -479,7 +505,7 @@ fn run_matrix(a: &RunArgs) -> Result<()> {
                     rr.runs.push(r);
                 }
                 Ok(None) => {
-                    rr.skipped = Some(skip_reason(row));
+                    rr.skipped = Some(skip_reason(row, a));
                     break;
                 }
                 Err(e) => {
@@ -515,6 +541,11 @@ fn run_matrix(a: &RunArgs) -> Result<()> {
         ("epoll GSO on / off", Row::Epoll, Row::EpollNoGso),
         ("compress auto / off", Row::CompressAuto, Row::CompressOff),
         ("compress on / off", Row::CompressOn, Row::CompressOff),
+        ("thru / uring", Row::Thru, Row::Uring),
+        ("relay curl / thru", Row::RelayCurl, Row::Thru),
+        ("relay browser / thru", Row::RelayBrowser, Row::Thru),
+        ("relay curl / uring", Row::RelayCurl, Row::Uring),
+        ("relay browser / uring", Row::RelayBrowser, Row::Uring),
     ] {
         if let (Some(n), Some(d)) = (m(num), m(den))
             && d > 0.0
@@ -573,14 +604,23 @@ fn label(row: Row) -> String {
         Row::QuinnMem => "quinn on tokio mem->mem (no disk/hash)",
         Row::Iperf3 => "iperf3 TCP mem->mem, no crypto",
         Row::Scp => "scp localhost",
+        Row::Thru => "thru host -> thru join (direct)",
+        Row::RelayCurl => "web relay, curl (plain)",
+        Row::RelayBrowser => "web relay, Chromium page (E2E)",
     }
     .into()
 }
 
-fn skip_reason(row: Row) -> String {
+fn skip_reason(row: Row, a: &RunArgs) -> String {
     match row {
         Row::Iperf3 => "iperf3 not installed".into(),
         Row::Scp => "scp/sshd to localhost not usable without a password".into(),
+        Row::Thru | Row::RelayCurl | Row::RelayBrowser if a.veth => {
+            "loopback only: not with --veth".into()
+        }
+        Row::RelayCurl | Row::RelayBrowser => {
+            thru::missing(row == Row::RelayBrowser).unwrap_or_else(|| "skipped".into())
+        }
         _ => "skipped".into(),
     }
 }
@@ -763,7 +803,24 @@ fn combine(h: &SideReport, j: &SideReport) -> Result<RunResult> {
         rtt_ms: h.rtt_ms,
         wire_pct: (h.wire_bytes > 0 && j.bytes > 0)
             .then(|| h.wire_bytes as f64 * 100.0 / j.bytes as f64),
+        relay_cpu_s_per_gib: None,
+        relay_max_rss_mib: None,
     })
+}
+
+/// A run of a row of real `thru` processes, or `None` when its client (curl, Chromium) is
+/// missing, or with `--veth` (they run on loopback only).
+fn run_thru(row: Row, src: &Path, dest: &Path, a: &RunArgs) -> Result<Option<RunResult>> {
+    let browser = row == Row::RelayBrowser;
+    if a.veth || (row != Row::Thru && thru::missing(browser).is_some()) {
+        return Ok(None);
+    }
+    let bins = thru::Bins::find(a.thru.as_deref(), a.thruserv.as_deref())?;
+    match row {
+        Row::Thru => thru::run_direct(&bins, src, dest, &a.dir),
+        _ => thru::run(&bins, browser, src, dest, &a.dir),
+    }
+    .map(Some)
 }
 
 fn run_iperf3(size: u64, p: &Place) -> Result<Option<RunResult>> {
@@ -1001,12 +1058,13 @@ fn print_table(m: &Matrix) {
         m.kernel
     );
     println!(
-        "{:<36} {:>9} {:>13} {:>9} {:>9} {:>8} {:>8} {:>18} {:>5} {:>8} {:>9} {:>6} {:>9}",
+        "{:<36} {:>9} {:>13} {:>9} {:>9} {:>9} {:>8} {:>8} {:>18} {:>5} {:>8} {:>9} {:>6} {:>9}",
         "row",
         "Gbit/s",
         "runs",
         "CPU h/GiB",
         "CPU j/GiB",
+        "CPU r/GiB",
         "RSS h",
         "RSS j",
         "chunk p50/p99 ms",
@@ -1033,12 +1091,13 @@ fn print_table(m: &Matrix) {
         let f = |v: Option<f64>, p: usize| v.map_or("-".into(), |x| format!("{x:.p$}"));
         let Some(x) = mid else { continue };
         println!(
-            "{:<36} {:>9} {:>13} {:>9} {:>9} {:>8} {:>8} {:>18} {:>5} {:>8} {:>9} {:>6} {:>9}",
+            "{:<36} {:>9} {:>13} {:>9} {:>9} {:>9} {:>8} {:>8} {:>18} {:>5} {:>8} {:>9} {:>6} {:>9}",
             r.label,
             f(r.median_gbit_s, 2),
             runs.join("/"),
             f(x.host_cpu_s_per_gib, 2),
             f(x.join_cpu_s_per_gib, 2),
+            f(x.relay_cpu_s_per_gib, 2),
             f(x.host_max_rss_mib, 0),
             f(x.join_max_rss_mib, 0),
             x.chunk_latency_ms
@@ -1061,6 +1120,19 @@ fn print_table(m: &Matrix) {
     for r in &m.rows {
         if let Some(c) = r.runs.first().and_then(|x| x.disk_choice.as_ref()) {
             println!("disk choice, {}: {c}", r.label);
+        }
+    }
+    for r in &m.rows {
+        if let Some(rss) = r
+            .runs
+            .iter()
+            .filter_map(|x| x.relay_max_rss_mib)
+            .reduce(f64::max)
+        {
+            println!(
+                "{}: h = thru host, j = the client (all its processes), r = thruserv (peak RSS {rss:.0} MiB)",
+                r.label
+            );
         }
     }
     if let Some(d) = &m.disk {
