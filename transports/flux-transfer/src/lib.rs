@@ -58,7 +58,8 @@ pub use sender::{AUTO_MAX_RATIO, Compress, Sender, SenderConfig};
 
 /// Every optional feature this crate implements (see [`flux_wire::FEATURE_TEXT`]); a side may
 /// advertise fewer (tests play an older peer that way).
-pub const FEATURES: u64 = flux_wire::FEATURE_TEXT | flux_wire::FEATURE_ZSTD;
+pub const FEATURES: u64 =
+    flux_wire::FEATURE_TEXT | flux_wire::FEATURE_ZSTD | flux_wire::FEATURE_STREAM;
 
 fn hello(features: u64) -> Message {
     Message::Hello {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flux_wire::{
-    ChunkRange, EntryKind, FEATURE_IN_ORDER, FEATURE_TEXT, FEATURE_ZSTD, Hash, Message,
+    ChunkRange, FEATURE_IN_ORDER, FEATURE_STREAM, FEATURE_TEXT, FEATURE_ZSTD, Hash, Message,
 };
 
 use crate::digest::{claim_digest, file_digest};
@@ -116,6 +116,18 @@ pub struct Sender {
     /// Whether the receiver writes to a pipe and wants chunks in file order, on one lane.
     in_order: bool,
     compress_level: i32,
+    /// The share is a stream ([`EntryKind::Stream`]): its chunks are read in order, one
+    /// after another, until a short read ends it.
+    stream: Option<StreamState>,
+}
+
+/// How far a stream has been read.
+#[derive(Debug, Default)]
+struct StreamState {
+    /// The next chunk to ask for.
+    next: u32,
+    /// The stream's size, once a short read found its end.
+    size: Option<u64>,
 }
 
 #[derive(Debug, Eq, PartialEq)]
@@ -188,7 +200,6 @@ impl Sender {
         cfg.range_chunks = cfg.range_chunks.max(1);
         let lanes = (0..cfg.parallel_files).map(|_| Lane::default()).collect();
         Self {
-            manifest,
             phase: Phase::AwaitHello,
             control: FrameBuf::default(),
             out: Outbox::default(),
@@ -209,8 +220,20 @@ impl Sender {
             peer_zstd: false,
             in_order: false,
             compress_level: cfg.compress_level,
+            stream: manifest_stream(&manifest),
+            manifest,
             cfg,
         }
+    }
+
+    /// Bytes read from the stream so far and whether it has ended, for a stream share.
+    pub fn stream_progress(&self) -> Option<(u64, bool)> {
+        let s = self.stream.as_ref()?;
+        let cs = u64::from(self.manifest.chunk_size());
+        Some(match s.size {
+            Some(n) => (n, true),
+            None => (u64::from(s.next) * cs, false),
+        })
     }
 
     /// Sets the zstd level for chunks read from now on: the driver may lower it on a fast path
@@ -278,6 +301,11 @@ impl Sender {
         if self.is_over() {
             return;
         }
+        let mut read = read;
+        let res = match self.stream_read(&mut read, res) {
+            Some(res) => res,
+            None => return self.maybe_file_done(read.file),
+        };
         let (data, hash, compressed) = match res {
             Ok(DiskResult::Read {
                 data,
@@ -304,6 +332,12 @@ impl Sender {
         let Some(f) = self.files.get_mut(&read.file) else {
             return;
         };
+        if f.hashes.len() <= read.index as usize {
+            // A stream's chunks become known as they are read.
+            let grow = read.index as usize + 1 - f.hashes.len();
+            f.hashes.resize(read.index as usize + 1, None);
+            f.unknown += grow as u32;
+        }
         let slot = &mut f.hashes[read.index as usize];
         if let Some(prev) = slot {
             if *prev != hash {
@@ -380,6 +414,52 @@ impl Sender {
             }
         }
         self.maybe_file_done(read.file);
+    }
+
+    /// A read of a stream chunk: a short read is the stream's end (announced with
+    /// [`Message::StreamEnd`]), and reads past the end carry nothing. Returns the result to
+    /// go on with as a chunk (`read.len` set to what was read), or `None` when there is no
+    /// chunk to send.
+    fn stream_read(
+        &mut self,
+        read: &mut Read,
+        res: Result<DiskResult, DiskFailure>,
+    ) -> Option<Result<DiskResult, DiskFailure>> {
+        let (Some(st), Some(_)) = (self.stream.as_mut(), read.lane) else {
+            return Some(res);
+        };
+        let Ok(DiskResult::Read { data, .. }) = &res else {
+            return Some(res);
+        };
+        let got = data.len() as u32;
+        let f = self.files.get_mut(&read.file)?;
+        if st.size.is_some() {
+            // Asked for before the end was known: there is nothing there.
+            f.to_send -= 1;
+            return None;
+        }
+        if got < read.len {
+            let cs = u64::from(self.manifest.chunk_size());
+            let size = u64::from(read.index) * cs + u64::from(got);
+            st.size = Some(size);
+            let count = crate::manifest::chunks_for(size, self.manifest.chunk_size());
+            f.hashes.truncate(count as usize);
+            f.unknown = f.hashes.iter().filter(|h| h.is_none()).count() as u32;
+            self.out.push_msg(
+                Stream::Control,
+                &Message::StreamEnd {
+                    file: read.file,
+                    size,
+                },
+            );
+            self.events.push_back(Event::StreamEnded { size });
+            if got == 0 {
+                f.to_send -= 1;
+                return None;
+            }
+            read.len = got;
+        }
+        Some(res)
     }
 
     /// Time has passed; fails the transfer if it stalled.
@@ -468,8 +548,16 @@ impl Sender {
                     let body = text.to_string();
                     self.out.push_msg(Stream::Control, &Message::Text { body });
                 }
+                if self.stream.is_some() && common & FEATURE_STREAM == 0 {
+                    return self.fail(TransferError::Unsupported(
+                        "the receiver's thru is too old to receive a stream (thru host -); it \
+                         needs to be updated"
+                            .into(),
+                    ));
+                }
                 self.peer_zstd = common & FEATURE_ZSTD != 0;
-                self.in_order = features & FEATURE_IN_ORDER != 0;
+                // A stream is read once, in order: its chunks go in order on one lane.
+                self.in_order = features & FEATURE_IN_ORDER != 0 || self.stream.is_some();
                 for m in self.manifest.to_messages() {
                     self.out.push_msg(Stream::Control, &m);
                 }
@@ -578,7 +666,7 @@ impl Sender {
 
     fn init_files(&mut self) {
         for (i, e) in self.manifest.entries().iter().enumerate() {
-            if e.kind != EntryKind::File
+            if !e.kind.has_data()
                 || self
                     .chosen
                     .as_ref()
@@ -726,6 +814,12 @@ impl Sender {
                 "refetch of chunk {index} of entry {file}, which was not sent"
             )));
         }
+        if self.stream.is_some() {
+            return self.fail(TransferError::Io(format!(
+                "the receiver asked for chunk {index} of the stream again, but a stream is read \
+                 once and cannot be sent again (a stream cannot be resumed either)"
+            )));
+        }
         let times = f.refetches.entry(index).or_insert(0);
         *times += 1;
         if *times > max {
@@ -749,10 +843,15 @@ impl Sender {
         if f.claim.as_ref().is_some_and(|c| c.pending > 0) {
             return;
         }
+        let size = match &self.stream {
+            Some(StreamState { size: Some(n), .. }) => *n,
+            // The stream has not ended: more chunks will come.
+            Some(_) => return,
+            None => self.manifest.entry(file).map_or(0, |e| e.size),
+        };
         let hashes: Option<Vec<Hash>> = f.hashes.iter().copied().collect();
         let Some(hashes) = hashes else { return };
         f.done_sent = true;
-        let size = self.manifest.entry(file).map_or(0, |e| e.size);
         let digest = file_digest(size, self.manifest.chunk_size(), &hashes);
         self.out
             .push_msg(Stream::Control, &Message::FileDone { file, digest });
@@ -792,7 +891,7 @@ impl Sender {
                     .as_ref()
                     .is_none_or(|w| w.chunks.is_empty())
                 {
-                    self.lanes[lane].work = self.work.pop_front();
+                    self.lanes[lane].work = self.work.pop_front().or_else(|| self.stream_work());
                 }
                 let Some(w) = self.lanes[lane].work.as_mut() else {
                     break;
@@ -801,7 +900,11 @@ impl Sender {
                     break;
                 };
                 let file = w.file;
-                if let Some((offset, len)) = self.manifest.chunk_span(file, index) {
+                let span = match self.stream {
+                    Some(_) => Some(self.manifest.stream_chunk_span(index)),
+                    None => self.manifest.chunk_span(file, index),
+                };
+                if let Some((offset, len)) = span {
                     self.lanes[lane].inflight += 1;
                     reading += 1;
                     ahead += u64::from(len);
@@ -810,6 +913,20 @@ impl Sender {
                 }
             }
         }
+    }
+
+    /// The next chunk of a stream that has not ended, once the receiver's answer is in.
+    fn stream_work(&mut self) -> Option<Work> {
+        let file = self.manifest.stream()?;
+        let st = self.stream.as_mut().filter(|s| s.size.is_none())?;
+        let f = self.files.get_mut(&file)?;
+        let index = st.next;
+        st.next = st.next.checked_add(1)?;
+        f.to_send += 1;
+        Some(Work {
+            file,
+            chunks: VecDeque::from([index]),
+        })
     }
 
     fn issue_read(&mut self, file: u32, index: u32, offset: u64, len: u32, lane: Option<usize>) {
@@ -852,6 +969,11 @@ impl Sender {
         self.phase = Phase::Failed;
         report_failure(&mut self.out, &mut self.events, e);
     }
+}
+
+/// The stream state of a share that is a stream.
+fn manifest_stream(m: &Manifest) -> Option<StreamState> {
+    m.stream().map(|_| StreamState::default())
 }
 
 /// Whether a file's name says its bytes are compressed already (media, archives, packages):
