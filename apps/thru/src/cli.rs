@@ -195,7 +195,8 @@ pub struct HostArgs {
 
     /// Compress file data with zstd: `auto` samples each file and compresses only where it
     /// pays (never media, archives or random data), `on` wherever a chunk gets smaller, `off`
-    /// never. Chunks are hashed as plain bytes, so resume and skipping are unaffected; a
+    /// never. The level follows the path: level 1 on fast links, stronger ones as the path's
+    /// rate drops and CPU becomes the cheaper thing to spend. Chunks are hashed as plain bytes, so resume and skipping are unaffected; a
     /// joiner too old for compression simply gets plain bytes.
     #[arg(help_heading = "Tuning", long, env = "THRU_COMPRESS", value_enum,
           default_value_t = CompressChoice::Auto, value_name = "WHEN")]
