@@ -106,7 +106,7 @@ pub fn counts(manifest: &Manifest, chosen: &BTreeSet<u32>) -> (u64, u64) {
     chosen
         .iter()
         .filter_map(|&i| manifest.entry(i))
-        .filter(|e| e.kind == EntryKind::File)
+        .filter(|e| e.kind.has_data())
         .fold((0, 0), |(n, b), e| (n + 1, b + e.size))
 }
 
@@ -133,6 +133,11 @@ pub fn tree(manifest: &Manifest) -> String {
                 files += 1;
                 let shown = format!("{indent}{}", safe_name(name));
                 writeln!(s, "{shown:<50} {:>10}", HumanBytes(e.size).to_string())
+            }
+            EntryKind::Stream => {
+                files += 1;
+                let shown = format!("{indent}{}", safe_name(name));
+                writeln!(s, "{shown:<50} {:>10}", "(stream)")
             }
             EntryKind::Symlink => {
                 links += 1;

@@ -174,9 +174,14 @@ pub enum Command {
 /// Flags for `thru host`.
 #[derive(Debug, Args)]
 pub struct HostArgs {
-    /// Files and directories to offer.
+    /// Files and directories to offer; `-` alone sends stdin as one file, streamed as it is
+    /// read (`tar c dir | thru host -`). A stream goes to one receiver and cannot be resumed.
     #[arg(required_unless_present = "text", value_name = "PATH")]
     pub paths: Vec<PathBuf>,
+
+    /// With `-`: the name the stream arrives under (default `stdin`).
+    #[arg(help_heading = "Basics", long, value_name = "NAME")]
+    pub name: Option<String>,
 
     /// Send a short text instead of files (at most 64 KiB; `-` reads it from stdin). The
     /// joiner prints it to stdout after the same pairing and prompt as for files.
@@ -190,7 +195,8 @@ pub struct HostArgs {
 
     /// Compress file data with zstd: `auto` samples each file and compresses only where it
     /// pays (never media, archives or random data), `on` wherever a chunk gets smaller, `off`
-    /// never. Chunks are hashed as plain bytes, so resume and skipping are unaffected; a
+    /// never. The level follows the path: level 1 on fast links, stronger ones as the path's
+    /// rate drops and CPU becomes the cheaper thing to spend. Chunks are hashed as plain bytes, so resume and skipping are unaffected; a
     /// joiner too old for compression simply gets plain bytes.
     #[arg(help_heading = "Tuning", long, env = "THRU_COMPRESS", value_enum,
           default_value_t = CompressChoice::Auto, value_name = "WHEN")]

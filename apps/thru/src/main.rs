@@ -261,13 +261,25 @@ fn read_text(arg: &str) -> Result<String, UsageError> {
 async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
     check_server_url(&args.net)?;
     let text = args.text.as_deref().map(read_text).transpose()?;
-    for p in &args.paths {
-        std::fs::symlink_metadata(p)
-            .map_err(|e| UsageError(format!("cannot read {}: {e}", p.display())))?;
+    let stream = stream_name(&args)?;
+    if stream.is_none() {
+        for p in &args.paths {
+            std::fs::symlink_metadata(p)
+                .map_err(|e| UsageError(format!("cannot read {}: {e}", p.display())))?;
+        }
     }
     if args.web {
+        if stream.is_some() {
+            return Err(UsageError(
+                "--web cannot send stdin (`-`): the relay serves files it can read again; \
+                 save the stream to a file first"
+                    .into(),
+            )
+            .into());
+        }
         return web_host(args, ui).await;
     }
+    let is_stream = stream.is_some();
     let setup = Setup::new(&args.net).await?;
     let mut opts = HostOptions::new(setup.local.clone());
     opts.max_receivers = args.max_receivers;
@@ -302,6 +314,7 @@ async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
         Job::Send {
             paths: args.paths.clone(),
             text,
+            stream,
         },
         &args.net,
         args.chunk_size,
@@ -316,6 +329,9 @@ async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
     let engine = HostEngine::start(&job, args.max_receivers as usize, ui, notes_tx)?;
     match text_len {
         Some(n) => ui.offering_text(n),
+        None if is_stream => {
+            ui.offering_stream(&args.name.clone().unwrap_or_else(|| "stdin".into()));
+        }
         None => {
             let (files, bytes) = engine.offered();
             ui.offering(files, bytes);
@@ -442,9 +458,49 @@ async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
         });
     }
     if let Some(e) = last_failure {
+        if is_stream && !matches!(e, TransferError::Declined(_)) {
+            return Err(anyhow::Error::new(e).context(
+                "the stream was interrupted, and a stream cannot be resumed: run the command \
+                 that pipes into `thru host -` again",
+            ));
+        }
         return Err(e.into());
     }
     Ok(())
+}
+
+/// `thru host -`: the name stdin is sent under, or `None` when files are sent. `-` must be
+/// the only path, goes to one receiver, and `--name` needs it; the name is one safe path
+/// component.
+fn stream_name(args: &HostArgs) -> Result<Option<String>, UsageError> {
+    let dash = args.paths.iter().any(|p| p.as_os_str() == "-");
+    if !dash {
+        return match &args.name {
+            Some(_) => Err(UsageError(
+                "--name names the stream of `thru host -`; files keep their own names".into(),
+            )),
+            None => Ok(None),
+        };
+    }
+    if args.paths.len() > 1 {
+        return Err(UsageError(
+            "`-` (stdin) must be the only path: a stream is sent alone".into(),
+        ));
+    }
+    if args.max_receivers > 1 {
+        return Err(UsageError(format!(
+            "--max-receivers {}: stdin (`-`) is read once, so it goes to one receiver",
+            args.max_receivers
+        )));
+    }
+    let name = args.name.clone().unwrap_or_else(|| "stdin".to_owned());
+    match flux_transfer::path::validate(&name) {
+        Ok(parts) if parts.len() == 1 => Ok(Some(name)),
+        Ok(_) => Err(UsageError(format!(
+            "--name {name:?}: a file name is needed, not a path"
+        ))),
+        Err(e) => Err(UsageError(format!("--name {name:?}: {e}"))),
+    }
 }
 
 /// `thru host --web`: a relay link instead of a join code.

@@ -76,6 +76,8 @@ pub enum Job {
         paths: Vec<PathBuf>,
         /// `--text`: a short text sent instead of files (checked against the limit).
         text: Option<String>,
+        /// `thru host -`: stdin is sent as one stream under this name (checked).
+        stream: Option<String>,
     },
     /// Joiner: receive into `out`.
     Receive {
@@ -469,7 +471,7 @@ impl Files {
         let Some(e) = self.manifest.entry(file) else {
             return false;
         };
-        if e.kind != EntryKind::File {
+        if !e.kind.has_data() {
             return false;
         }
         let progress = &self.progress;
@@ -484,8 +486,15 @@ impl Files {
     fn sent(&mut self, file: u32, len: u64, wire: u64) {
         self.progress.wire(wire);
         if self.start(file) {
+            let stream = self.manifest.stream() == Some(file);
+            if stream {
+                // A stream's size is learned as it goes: its total grows with what arrives.
+                self.progress.grow(u64::from(file), len);
+            }
             self.progress.sent(u64::from(file), len);
-            self.sender_check(file, false);
+            if !stream {
+                self.sender_check(file, false);
+            }
         }
     }
 
@@ -1004,6 +1013,24 @@ fn receive_from(
             return Ok(Err(failed(&format!("cannot reach {target}"), e)));
         }
         let kept = files.as_ref().map(|f| f.progress.done_bytes());
+        let stream = files
+            .as_ref()
+            .is_some_and(|f| f.manifest.stream().is_some());
+        if stream {
+            if let Some(f) = &files {
+                f.progress.abandon();
+            }
+            let e = if host_gone {
+                "the host is no longer online (it left the signaling server)".to_string()
+            } else {
+                explain_end(&e, true, kept)
+            };
+            let e = e.split("; run `thru join`").next().unwrap_or(&e).to_owned();
+            return Err(TransferError::Failed(format!(
+                "{e}; this was a stream (`thru host -`), which cannot be resumed: the sender has \
+                 to run it again"
+            )));
+        }
         if host_gone {
             return Err(TransferError::Failed(format!(
                 "the host is no longer online (it left the signaling server); {}run `thru join` \
@@ -1190,7 +1217,7 @@ fn decide(
         .map(|(_, e)| e)
         .collect();
     let left_out = (0..all.len())
-        .filter(|&i| !wanted(i) && all[i].kind == EntryKind::File)
+        .filter(|&i| !wanted(i) && all[i].kind.has_data())
         .count();
     let mut replaces: Vec<(u32, String)> = local
         .iter()
@@ -1200,9 +1227,10 @@ fn decide(
     replaces.sort_unstable();
     let clashes = &replaces;
     let offer = Offer {
+        stream: entries.iter().any(|e| e.kind == EntryKind::Stream),
         files: entries
             .iter()
-            .filter(|e| e.kind == EntryKind::File)
+            .filter(|e| e.kind.has_data())
             .map(|e| OfferedFile {
                 name: e.path.clone(),
                 size: e.size,
@@ -1240,6 +1268,7 @@ fn decide(
                     EntryKind::File => "file",
                     EntryKind::Dir => "dir",
                     EntryKind::Symlink => "symlink",
+                    EntryKind::Stream => "stream",
                 },
             })
             .collect(),
@@ -1288,6 +1317,22 @@ fn decide(
         }
     }
     Ok(())
+}
+
+/// The share of `thru host -`: one stream entry named `name`, read from stdin by the engine.
+/// Its size is unknown, so the chunk size is the one given or 1 MiB (that of a 256 MiB file).
+fn stream_manifest(name: &str, chunk: Option<u32>) -> Result<Manifest, TransferError> {
+    let now = flux_peer::disk::to_timestamp(std::time::SystemTime::now());
+    let entry = flux_wire::Entry {
+        path: name.to_owned(),
+        kind: EntryKind::Stream,
+        size: 0,
+        mtime: now,
+        mode: 0o644,
+        link_target: String::new(),
+    };
+    let chunk = chunk.unwrap_or(flux_transfer::manifest::auto_chunk_size(256 << 20));
+    Manifest::new(vec![entry], chunk).map_err(|e| failed("stream share", e))
 }
 
 /// A lost connection or a stop by the peer, said from this side: who went away, what is
@@ -1378,7 +1423,12 @@ impl HostEngine {
         ui: &Ui,
         notes: tokio::sync::mpsc::UnboundedSender<HostNote>,
     ) -> Result<Self, TransferError> {
-        let Job::Send { paths, text } = &job.job else {
+        let Job::Send {
+            paths,
+            text,
+            stream,
+        } = &job.job
+        else {
             return Err(TransferError::Failed(
                 "HostEngine sends; use run_transfer to receive".into(),
             ));
@@ -1387,15 +1437,19 @@ impl HostEngine {
             .tuning
             .chunk_size
             .map(|c| u32::try_from(c).unwrap_or(u32::MAX));
-        let share = match text {
+        let share = match (text, stream) {
             // A text travels before an empty manifest: the rest of the exchange (accept,
             // complete, close) is that of an empty share.
-            Some(_) => flux_peer::scan::Share {
+            (Some(_), _) => flux_peer::scan::Share {
                 manifest: Manifest::new(Vec::new(), flux_transfer::manifest::auto_chunk_size(0))
                     .map_err(|e| failed("empty share", e))?,
                 sources: Vec::new(),
             },
-            None => flux_peer::scan::scan(paths, chunk)
+            (None, Some(name)) => flux_peer::scan::Share {
+                manifest: stream_manifest(name, chunk)?,
+                sources: vec![None],
+            },
+            (None, None) => flux_peer::scan::scan(paths, chunk)
                 .map_err(|e| failed("snapshot sender failed", e))?,
         };
         let manifest = Arc::new(share.manifest);

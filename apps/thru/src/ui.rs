@@ -154,6 +154,9 @@ pub struct Offer {
     pub entries: Vec<OfferEntry>,
     /// Offered files not chosen (`--include`, `--exclude`, `--select`): not received.
     pub left_out: usize,
+    /// The one file is a stream (`thru host -`): its size is learned at its end, and it
+    /// cannot be resumed.
+    pub stream: bool,
 }
 
 impl Offer {
@@ -657,6 +660,21 @@ impl Ui {
         }
     }
 
+    /// Host: "Offering stdin as a stream named NAME" (`thru host -`).
+    pub fn offering_stream(&self, name: &str) {
+        match self.mode {
+            Mode::Json => emit_json(&Event::Offering {
+                files: 1,
+                bytes: 0,
+                text_bytes: None,
+            }),
+            Mode::Human { .. } => self.say(&format!(
+                "Offering stdin as a stream named {} (one receiver; it cannot be resumed)",
+                safe_name(name)
+            )),
+        }
+    }
+
     /// Host: "Offering 7 files, 48.0 MiB".
     pub fn offering(&self, files: u64, bytes: u64) {
         match self.mode {
@@ -911,6 +929,7 @@ impl Ui {
                                 EntryKind::File => "file",
                                 EntryKind::Dir => "dir",
                                 EntryKind::Symlink => "symlink",
+                                EntryKind::Stream => "stream",
                             },
                         })
                         .collect(),
@@ -1239,6 +1258,15 @@ pub fn confirm(
 /// that would replace an existing one; and how many are already here.
 pub fn describe_offer(offer: &Offer, limit: usize) -> String {
     let plural = |n: usize, one: &str, many: &str| plural(n as u64, one, many);
+    if offer.stream {
+        let name = offer.files.first().map_or("stdin", |f| f.name.as_str());
+        return format!(
+            "The sender offers a stream (its stdin, size unknown until it ends; it cannot be \
+             resumed), as {}, to {}\n",
+            safe_name(name),
+            safe_name(&offer.destination),
+        );
+    }
     let mut s = format!(
         "The sender offers {}, {} and {}, {} in all, to {}:\n",
         plural(offer.files.len(), "file", "files"),
@@ -1467,6 +1495,20 @@ impl TransferProgress {
                 bar,
             },
         );
+    }
+
+    /// File `id` (a stream, whose size is learned as it arrives) is `by` bytes larger than
+    /// thought, and so is the whole transfer.
+    pub fn grow(&self, id: u64, by: u64) {
+        let mut g = self.lock();
+        let g = &mut *g;
+        let Some(f) = g.files.get_mut(&id) else {
+            return;
+        };
+        f.total += by;
+        f.bar.set_length(f.total);
+        g.overall_total += by;
+        g.overall.set_length(g.overall_total);
     }
 
     /// `len` bytes of file `id` crossed the network. Unknown ids are ignored.
@@ -1753,6 +1795,7 @@ mod tests {
             same_size_here: 0,
             entries: Vec::new(),
             left_out: 0,
+            stream: false,
         }
     }
 

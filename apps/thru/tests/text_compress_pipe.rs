@@ -358,3 +358,162 @@ fn out_dash_refuses_a_multi_file_offer_before_writing_anything() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// Bytes that are neither all text nor all noise, of a length that is no multiple of the
+/// chunk size: the last chunk of the stream is short.
+fn stream_bytes(dir: &Path) -> Vec<u8> {
+    let mut data = Vec::new();
+    compressible(&dir.join("text"), 3 << 20);
+    data.extend(fs::read(dir.join("text")).unwrap());
+    random(&dir.join("noise"), (5 << 20) + 12_345);
+    data.extend(fs::read(dir.join("noise")).unwrap());
+    data
+}
+
+#[test]
+fn stdin_streams_into_join_out_dash_and_into_a_directory_lan_and_thruserv() {
+    let server = Thruserv::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let data = stream_bytes(dir.path());
+    for srv in [None, Some(&server)] {
+        // `cat big | thru host -` into `thru join --out - | sha256sum`: stdin is a pipe the
+        // host reads as it goes (its size is never given).
+        let (mut h, mut j, offering) =
+            host_offering(srv, &["--chunk-size", "256KiB", "-"], Some(&data));
+        assert_eq!(
+            offering["bytes"], 0,
+            "a stream's size is unknown: {offering}"
+        );
+        j.extend(["--yes".into(), "--out".into(), "-".into()]);
+        let (code, stdout, stderr) = join_output(&j);
+        assert_eq!(code, 0, "{stderr}");
+        assert_eq!(sha256(&stdout), sha256(&data));
+        assert_eq!(h.wait(), 0);
+
+        // Into a directory, under --name.
+        let out = tempfile::tempdir().unwrap();
+        let (mut h, mut j) = host(
+            srv,
+            &["--chunk-size", "256KiB", "--name", "dump.bin", "-"],
+            Some(&data),
+        );
+        j.extend([
+            "--json".into(),
+            "--yes".into(),
+            "--out".into(),
+            out.path().to_str().unwrap().into(),
+        ]);
+        let (code, stdout, stderr) = join_output(&j);
+        assert_eq!(code, 0, "{stderr}");
+        let got = fs::read(out.path().join("dump.bin")).unwrap();
+        assert!(
+            got == data,
+            "received {} bytes, sent {}",
+            got.len(),
+            data.len()
+        );
+        let evs = events(&stdout);
+        assert_eq!(event(&evs, "summary")["bytes"], data.len() as u64);
+        assert_eq!(h.wait(), 0);
+    }
+}
+
+#[test]
+fn an_empty_stdin_arrives_as_an_empty_file() {
+    let out = tempfile::tempdir().unwrap();
+    let (mut h, mut j) = host(None, &["-"], Some(b""));
+    j.extend([
+        "--yes".into(),
+        "--out".into(),
+        out.path().to_str().unwrap().into(),
+    ]);
+    let (code, _, stderr) = join_output(&j);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(fs::read(out.path().join("stdin")).unwrap(), b"");
+    assert_eq!(h.wait(), 0);
+}
+
+#[test]
+fn stdin_misuse_is_a_usage_error_that_names_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("f");
+    fs::write(&file, b"x").unwrap();
+    let f = file.to_str().unwrap();
+    for (args, says) in [
+        (vec!["-", f], "must be the only path"),
+        (vec!["--name", "x", f], "--name names the stream"),
+        (vec!["--name", "../x", "-"], "--name"),
+        (vec!["--name", "a/b", "-"], "not a path"),
+        (vec!["--max-receivers", "2", "-"], "one receiver"),
+    ] {
+        let out = Command::new(thru_bin())
+            .args(["host", "--no-mdns"])
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn an_interrupted_stream_says_it_cannot_be_resumed() {
+    // The host's stdin stays open after 3 MiB (the writer is still "busy"), then the host is
+    // killed: the joiner, mid-stream, must say the stream cannot be resumed rather than
+    // suggest `thru join` again.
+    let mut host = Command::new(thru_bin())
+        .args(["host", "--json", "--no-mdns", "--chunk-size", "256KiB", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut input = host.stdin.take().unwrap();
+    let lines = std::io::BufRead::lines(std::io::BufReader::new(host.stdout.take().unwrap()));
+    let mut code = None;
+    for l in lines.map_while(Result::ok) {
+        let v: Value = serde_json::from_str(&l).unwrap_or(Value::Null);
+        if v["event"] == "code" {
+            code = Some(v);
+            break;
+        }
+    }
+    let code = code.unwrap();
+    let port = code["peer_hint"]
+        .as_str()
+        .unwrap()
+        .rsplit_once(':')
+        .unwrap()
+        .1;
+    let out = tempfile::tempdir().unwrap();
+    let joiner = Command::new(thru_bin())
+        .args(["join", "--yes", "--peer", &format!("127.0.0.1:{port}")])
+        .arg(code["code"].as_str().unwrap())
+        .arg("--out")
+        .arg(out.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    input.write_all(&vec![7u8; 3 << 20]).unwrap();
+    // Until the joiner holds some of it (bounded by PATIENCE, never a speed check).
+    let part = out.path().join(".stdin.thrupart");
+    let deadline = std::time::Instant::now() + common::PATIENCE;
+    while fs::metadata(&part).map_or(0, |m| m.len()) == 0 {
+        assert!(std::time::Instant::now() < deadline, "nothing arrived");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    host.kill().unwrap();
+    let _ = host.wait();
+    let res = joiner.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert_ne!(res.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("cannot be resumed"), "{stderr}");
+    assert!(
+        !out.path().join("stdin").exists(),
+        "an unfinished stream was put in place"
+    );
+}

@@ -285,7 +285,12 @@ impl Destination {
                 compressed,
                 ..
             } => self.write_chunk(file, index, offset, &hash, &data, compressed),
-            DiskOp::Finalize { file, replace, .. } => self.finalize(file, replace),
+            DiskOp::Finalize {
+                file,
+                replace,
+                size,
+                ..
+            } => self.finalize(file, replace, size),
             DiskOp::Finish { .. } => self.finish(),
             _ => Err(DiskFailure::Io("receiver cannot read".into())),
         };
@@ -319,7 +324,7 @@ impl Destination {
         let cs = self.manifest.chunk_size();
         let root_fd = open_root(&self.root_fd, &self.root)?;
         for (i, e) in self.manifest.entries().iter().enumerate() {
-            if e.kind != EntryKind::File {
+            if !e.kind.has_data() {
                 continue;
             }
             let i = i as u32;
@@ -327,6 +332,15 @@ impl Destination {
                 continue;
             };
             let final_path = dir.path.join(name);
+            if e.kind == EntryKind::Stream {
+                // A stream's size is unknown, so nothing here can be the same bytes, and it
+                // keeps no sidecar: anything at its name is a conflict, and a partial file
+                // left by an interrupted stream starts over (see `open_partial`).
+                if lstat_at(&dir.fd, name).is_ok() {
+                    out.insert(i, LocalFile::Conflict);
+                }
+                continue;
+            }
             match lstat_at(&dir.fd, name) {
                 Ok(st) if is_type(&st, FileType::RegularFile) && file_size(&st) == e.size => {
                     let f = open_at(&dir.fd, name, OFlags::RDONLY)
@@ -431,6 +445,19 @@ impl Destination {
             let (part, state) = partial_names(name);
             let pf = open_private(&dir.fd, &part, true)
                 .map_err(|err| io_err("open", &dir.path.join(&part), &err))?;
+            if e.kind == EntryKind::Stream {
+                let left = pf.metadata().map_or(0, |m| m.len());
+                if left > 0 {
+                    tracing::warn!(
+                        path = %dir.path.join(name).display(),
+                        bytes = left,
+                        "a partial file left by an interrupted stream: a stream cannot be \
+                         resumed, so it is received again from the start"
+                    );
+                    pf.set_len(0)
+                        .map_err(|err| io_err("truncate", &dir.path.join(&part), &err))?;
+                }
+            }
             // A file of one chunk has nothing to resume partway: it needs no sidecar (a
             // partial file without one is fetched whole again). This spares small files two
             // inode creations and deletions, the receiver's main cost for many small files.
@@ -487,7 +514,7 @@ impl Destination {
             .map_err(|err| DiskFailure::Io(format!("{path}: sidecar: {err}")))
     }
 
-    fn finalize(&mut self, file: u32, replace: bool) -> Result<(), DiskFailure> {
+    fn finalize(&mut self, file: u32, replace: bool, size: Option<u64>) -> Result<(), DiskFailure> {
         let e = self.entry(file)?.clone();
         let (dir, name) = self
             .locate(&e, true)?
@@ -520,7 +547,7 @@ impl Destination {
                 rustix::fs::symlinkat(e.link_target.as_str(), &dir.fd, name)
                     .map_err(|err| io_err("symlink", &target, &err.into()))
             }
-            EntryKind::File if self.resolved.skip.contains(&file) => {
+            EntryKind::File | EntryKind::Stream if self.resolved.skip.contains(&file) => {
                 // Left out: nothing of it was written; what is here stays.
                 let (part, state) = partial_names(name);
                 let _ = rustix::fs::unlinkat(&dir.fd, &part, AtFlags::empty());
@@ -528,7 +555,7 @@ impl Destination {
                 self.open.remove(&file);
                 Ok(())
             }
-            EntryKind::File => {
+            EntryKind::File | EntryKind::Stream => {
                 let (part, state) = partial_names(name);
                 let final_name = match self.resolved.rename.get(&file) {
                     Some(n) => {
@@ -555,7 +582,7 @@ impl Destination {
                     None => open_private(&dir.fd, &part, true)
                         .map_err(|err| io_err("open", &part_path, &err))?,
                 };
-                pf.set_len(e.size)
+                pf.set_len(size.unwrap_or(e.size))
                     .map_err(|err| io_err("truncate", &part_path, &err))?;
                 pf.set_permissions(fs::Permissions::from_mode(received_mode(
                     e.mode, self.umask, self.modes,

@@ -380,9 +380,18 @@ pub fn host(
         None => flux_quic::server_config(identity, &cfg.transport),
     }
     .map_err(|e| TransferError::Io(format!("QUIC configuration: {e}")))?;
+    // A stream share is read from stdin (`thru host -`).
+    let stream = match manifest.stream() {
+        Some(_) => Some(
+            crate::pipe::PipeSource::new(Box::new(std::io::stdin()))
+                .map_err(|e| TransferError::Io(format!("stdin reader: {e}")))?,
+        ),
+        None => None,
+    };
     let role = Role::Host {
         manifest,
         sources: SourceFiles::new(sources),
+        stream,
     };
     Worker::new(socket, cfg, control, Some(server), role)?.run()
 }
@@ -423,6 +432,8 @@ enum Role {
     Host {
         manifest: Arc<Manifest>,
         sources: SourceFiles,
+        /// A stream share's reader (stdin).
+        stream: Option<crate::pipe::PipeSource>,
     },
     Join {
         dest_root: PathBuf,
@@ -1167,9 +1178,9 @@ impl Worker {
             loop {
                 let mut progressed = false;
                 progressed |= self.step(i, now, until);
-                let (dst, pipe) = match &mut self.role {
-                    Role::Join { dest, pipe, .. } => (dest.as_deref_mut(), pipe.as_mut()),
-                    Role::Host { .. } => (None, None),
+                let (dst, pipe, source) = match &mut self.role {
+                    Role::Join { dest, pipe, .. } => (dest.as_deref_mut(), pipe.as_mut(), None),
+                    Role::Host { stream, .. } => (None, None, stream.as_mut()),
                 };
                 self.exec.reap(dst);
                 let mut piped = Vec::new();
@@ -1179,14 +1190,18 @@ impl Worker {
                         piped.push(d);
                     }
                 }
+                if let Some(p) = source {
+                    p.reap();
+                    while let Some(d) = p.poll_done() {
+                        piped.push(d);
+                    }
+                }
                 for (tag, id, res) in piped {
                     progressed = true;
-                    if let Some(Conn {
-                        machine: Machine::Recv(s),
-                        ..
-                    }) = self.conns.get_mut(tag)
-                    {
-                        s.machine.handle_disk_done(now, id, res);
+                    match self.conns.get_mut(tag).map(|c| &mut c.machine) {
+                        Some(Machine::Recv(s)) => s.machine.handle_disk_done(now, id, res),
+                        Some(Machine::Send(s)) => s.machine.handle_disk_done(now, id, res),
+                        None => {}
                     }
                 }
                 while let Some((tag, id, res)) = self.exec.poll_done() {
@@ -1238,11 +1253,24 @@ impl Worker {
         }
         let mut events = Vec::new();
         match (&mut c.machine, &mut self.role) {
-            (Machine::Send(s), Role::Host { sources, .. }) => {
+            (
+                Machine::Send(s),
+                Role::Host {
+                    sources,
+                    stream,
+                    manifest,
+                },
+            ) => {
                 s.drive(now);
                 while let Some(op) = s.machine.poll_disk() {
                     progressed = true;
-                    self.exec.submit_read(i, sources, op);
+                    match stream.as_mut() {
+                        Some(p) if matches!(op, flux_transfer::DiskOp::Read { file, .. } if manifest.stream() == Some(file)) =>
+                        {
+                            p.submit(i, op);
+                        }
+                        _ => self.exec.submit_read(i, sources, op),
+                    }
                 }
                 while let Some(ev) = s.machine.poll_event() {
                     events.push(ev);
@@ -1668,6 +1696,9 @@ impl Worker {
         }
         let piping = match &self.role {
             Role::Join { pipe: Some(p), .. } => p.working(),
+            Role::Host {
+                stream: Some(p), ..
+            } => p.working(),
             _ => 0,
         };
         if self.exec.working() > 0 || piping > 0 {

@@ -14,6 +14,13 @@
 //! is still on the network.
 //!
 //! What it does not do: resume (a pipe keeps nothing), or more than one file.
+//!
+//! [`PipeSource`] is the sender's side of a pipe (`thru host -`): the share is one stream
+//! ([`flux_wire::EntryKind::Stream`]) whose chunks are read from stdin, in order, on a thread
+//! of its own (a read of a pipe blocks), hashed and compressed there too. A short read is the
+//! stream's end; the sender machine learns the size from it. Stdin is read once, so one
+//! receiver gets it: another receiver's reads fail with a message saying a stream cannot be
+//! sent again.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
@@ -218,6 +225,161 @@ impl Drop for PipeSink {
     }
 }
 
+/// A read request for the stream: `(tag, id, len, zstd level)`.
+type ReadJob = (usize, OpId, u32, Option<i32>);
+
+/// Reads a share's one stream from a reader (stdin) for one receiver, in order.
+pub struct PipeSource {
+    tx: Option<Sender<ReadJob>>,
+    rx: Receiver<Done>,
+    /// The stream offset the next read must ask for.
+    next: u64,
+    /// The connection whose reads the stream serves (the first that asked).
+    owner: Option<usize>,
+    /// Reads with the reader thread.
+    out: usize,
+    done: VecDeque<Done>,
+}
+
+impl std::fmt::Debug for PipeSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PipeSource")
+            .field("next", &self.next)
+            .field("owner", &self.owner)
+            .field("out", &self.out)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PipeSource {
+    /// A source reading `r` (stdin) on its own thread. The thread is not joined when the
+    /// source is dropped: it may be blocked in a read of a pipe whose writer is still busy,
+    /// and ends with the process.
+    pub fn new(mut r: Box<dyn std::io::Read + Send>) -> std::io::Result<Self> {
+        let (tx, jobs) = crossbeam_channel::unbounded::<ReadJob>();
+        let (done_tx, rx) = crossbeam_channel::unbounded();
+        std::thread::Builder::new()
+            .name("flux-stdin".into())
+            .spawn(move || {
+                let mut ended = false;
+                let mut broken: Option<String> = None;
+                for (tag, id, len, compress) in jobs.iter() {
+                    let res = match &broken {
+                        Some(e) => Err(DiskFailure::Io(e.clone())),
+                        None => {
+                            let mut buf = vec![0u8; len as usize];
+                            let mut got = 0;
+                            while !ended && got < buf.len() {
+                                match r.read(&mut buf[got..]) {
+                                    Ok(0) => ended = true,
+                                    Ok(n) => got += n,
+                                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                                    Err(e) => {
+                                        broken = Some(format!("reading stdin: {e}"));
+                                        break;
+                                    }
+                                }
+                            }
+                            match &broken {
+                                Some(e) => Err(DiskFailure::Io(e.clone())),
+                                None => {
+                                    buf.truncate(got);
+                                    let (data, hash, compressed) =
+                                        crate::work::hash_chunk(Bytes::from(buf), compress);
+                                    Ok(DiskResult::Read {
+                                        data,
+                                        hash,
+                                        compressed,
+                                    })
+                                }
+                            }
+                        }
+                    };
+                    if done_tx.send((tag, id, res)).is_err() {
+                        return;
+                    }
+                }
+            })?;
+        Ok(Self {
+            tx: Some(tx),
+            rx,
+            next: 0,
+            owner: None,
+            out: 0,
+            done: VecDeque::new(),
+        })
+    }
+
+    /// Reads still with the reader thread: the caller must come back soon to collect them
+    /// (their completion does not wake the loop).
+    pub fn working(&self) -> usize {
+        self.out
+    }
+
+    /// Performs a read of the stream for connection `tag`.
+    pub fn submit(&mut self, tag: usize, op: DiskOp) {
+        let DiskOp::Read {
+            id,
+            offset,
+            len,
+            compress,
+            ..
+        } = op
+        else {
+            let id = op_id(&op);
+            return self.done.push_back((
+                tag,
+                id,
+                Err(DiskFailure::Io("a stream cannot be written".into())),
+            ));
+        };
+        if *self.owner.get_or_insert(tag) != tag {
+            return self.done.push_back((
+                tag,
+                id,
+                Err(DiskFailure::Io(
+                    "this share is a stream (stdin), and it was already sent, or partly sent, to \
+                     another receiver; a stream is read once and cannot be resumed: pipe it into \
+                     `thru host -` again"
+                        .into(),
+                )),
+            ));
+        }
+        if offset != self.next {
+            return self.done.push_back((
+                tag,
+                id,
+                Err(DiskFailure::Io(format!(
+                    "stream read at {offset} where {} was next: a stream is read in order",
+                    self.next
+                ))),
+            ));
+        }
+        self.next += u64::from(len);
+        match self.tx.as_ref().map(|tx| tx.send((tag, id, len, compress))) {
+            Some(Ok(())) => self.out += 1,
+            _ => self.done.push_back((
+                tag,
+                id,
+                Err(DiskFailure::Io("stdin: the reader thread is gone".into())),
+            )),
+        }
+    }
+
+    /// Collects what the reader finished.
+    pub fn reap(&mut self) {
+        while let Ok(d) = self.rx.try_recv() {
+            self.out -= 1;
+            self.done.push_back(d);
+        }
+    }
+
+    /// The next finished request: `(tag, id, outcome)`.
+    pub fn poll_done(&mut self) -> Option<Done> {
+        self.done.pop_front()
+    }
+}
+
 fn gone() -> DiskFailure {
     DiskFailure::Io("stdout: the writer thread is gone".into())
 }
@@ -284,6 +446,7 @@ mod tests {
                 id: OpId(9),
                 file: 0,
                 replace: false,
+                size: None,
             },
         );
         let mut results = Vec::new();

@@ -273,6 +273,11 @@ impl<M: Machine> Session<M> {
     /// rather than inside QUIC where streams are served round-robin.
     fn size_send_window(&mut self) {
         let cwnd = self.conn.congestion_state().window();
+        // What the path carries now: the sender's zstd level follows it.
+        let rtt = self.conn.rtt().as_nanos().max(1);
+        let rate = u128::from(cwnd) * 1_000_000_000 / rtt;
+        self.machine
+            .set_path_rate(u64::try_from(rate).unwrap_or(u64::MAX));
         let window = (2 * cwnd).clamp(SEND_WINDOW_FLOOR, self.send_window_max);
         if window != self.send_window {
             self.send_window = window;

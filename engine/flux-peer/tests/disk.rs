@@ -80,6 +80,7 @@ fn receive_with(
             id: next(),
             file,
             replace: false,
+            size: None,
         };
         run(&mut d, op)?;
     }
@@ -418,6 +419,7 @@ fn a_durable_destination_syncs_and_reports_the_time() {
                 id: OpId(1),
                 file: 0,
                 replace: false,
+                size: None,
             },
             DiskOp::WriteChunk {
                 id: OpId(2),
@@ -432,6 +434,7 @@ fn a_durable_destination_syncs_and_reports_the_time() {
                 id: OpId(3),
                 file: 1,
                 replace: false,
+                size: None,
             },
             DiskOp::Finish { id: OpId(4) },
         ];
@@ -513,6 +516,7 @@ fn answered_clashes_skip_rename_or_replace() {
             id: OpId(2),
             file: 0,
             replace: false,
+            size: None,
         })
         .1
         .unwrap();
@@ -551,6 +555,7 @@ fn answered_clashes_skip_rename_or_replace() {
             id: OpId(1),
             file: 0,
             replace: false,
+            size: None,
         })
         .1
         .unwrap_err();

@@ -163,6 +163,9 @@ pub enum DiskOp {
         file: u32,
         /// Whether an existing entry may be replaced.
         replace: bool,
+        /// A stream's size, learned at its end ([`flux_wire::Message::StreamEnd`]); `None`
+        /// for every other entry, whose size is the manifest's.
+        size: Option<u64>,
     },
     /// Receiver: every entry is in place; apply directory modes and times (deepest first, since
     /// creating entries changes a directory's mtime).
@@ -281,6 +284,12 @@ pub enum Event {
     Browsed,
     /// The receiver paused (`true`) or resumed the transfer.
     Paused(bool),
+    /// A stream share ([`flux_wire::EntryKind::Stream`]) ended: it held `size` bytes. Raised
+    /// by the sender when its reads reach the end, and by the receiver when it is told.
+    StreamEnded {
+        /// Bytes in the stream.
+        size: u64,
+    },
     /// The transfer finished successfully.
     Done,
     /// The transfer failed; the machine accepts no further input.

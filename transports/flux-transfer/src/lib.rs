@@ -54,11 +54,12 @@ pub use io::{
 };
 pub use manifest::{Limits, Manifest, ManifestError};
 pub use receiver::{LocalFile, Receiver, ReceiverConfig};
-pub use sender::{AUTO_MAX_RATIO, Compress, Sender, SenderConfig};
+pub use sender::{AUTO_MAX_RATIO, Compress, Sender, SenderConfig, level_for};
 
 /// Every optional feature this crate implements (see [`flux_wire::FEATURE_TEXT`]); a side may
 /// advertise fewer (tests play an older peer that way).
-pub const FEATURES: u64 = flux_wire::FEATURE_TEXT | flux_wire::FEATURE_ZSTD;
+pub const FEATURES: u64 =
+    flux_wire::FEATURE_TEXT | flux_wire::FEATURE_ZSTD | flux_wire::FEATURE_STREAM;
 
 fn hello(features: u64) -> Message {
     Message::Hello {
@@ -112,10 +113,13 @@ pub trait Machine {
     fn wants_data(&self) -> bool;
     /// Whether the transfer has ended.
     fn is_over(&self) -> bool;
+    /// What the path carries now, in bytes per second (the driver's estimate: congestion
+    /// window over RTT). The sender picks its zstd level from it; the receiver ignores it.
+    fn set_path_rate(&mut self, bytes_per_sec: u64);
 }
 
 macro_rules! impl_machine {
-    ($t:ty, $wants:expr) => {
+    ($t:ty, $wants:expr, $rate:expr) => {
         impl Machine for $t {
             fn handle_stream_data(&mut self, now: std::time::Instant, s: Stream, d: &[u8]) {
                 <$t>::handle_stream_data(self, now, s, d)
@@ -156,9 +160,13 @@ macro_rules! impl_machine {
             fn is_over(&self) -> bool {
                 <$t>::is_over(self)
             }
+            fn set_path_rate(&mut self, bytes_per_sec: u64) {
+                let f: fn(&mut $t, u64) = $rate;
+                f(self, bytes_per_sec)
+            }
         }
     };
 }
 
-impl_machine!(Sender, |_| true);
-impl_machine!(Receiver, Receiver::wants_data);
+impl_machine!(Sender, |_| true, Sender::set_path_rate);
+impl_machine!(Receiver, Receiver::wants_data, |_, _| {});

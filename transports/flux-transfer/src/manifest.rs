@@ -119,6 +119,10 @@ pub enum ManifestError {
     /// A file with more chunks than a chunk index can count.
     #[error("entry {0:?} is too large for the chunk size")]
     TooManyChunks(String),
+    /// A stream entry ([`EntryKind::Stream`]) with a size, or beside other entries: a stream
+    /// is offered alone, and its size comes at its end.
+    #[error("entry {0:?} is a stream, which must be the only entry and declare no size")]
+    BadStream(String),
     /// Holding the manifest would cost more memory than [`Limits::max_manifest_memory`].
     #[error(
         "entry {path:?} would take the manifest to {needed} bytes of memory, over the \
@@ -196,12 +200,24 @@ impl Manifest {
         self.entries.is_empty()
     }
 
-    /// Number of files (not directories or links).
+    /// Number of files (not directories or links; a stream counts as a file).
     pub fn file_count(&self) -> usize {
-        self.entries
-            .iter()
-            .filter(|e| e.kind == EntryKind::File)
-            .count()
+        self.entries.iter().filter(|e| e.kind.has_data()).count()
+    }
+
+    /// The index of the stream entry, if this share is a stream ([`EntryKind::Stream`]; it is
+    /// then the only entry).
+    pub fn stream(&self) -> Option<u32> {
+        (self.entries.len() == 1 && self.entries[0].kind == EntryKind::Stream).then_some(0)
+    }
+
+    /// Byte offset and largest length of chunk `chunk` of a stream whose size is not known
+    /// yet: every chunk but the last is whole.
+    pub fn stream_chunk_span(&self, chunk: u32) -> (u64, u32) {
+        (
+            u64::from(chunk) * u64::from(self.chunk_size),
+            self.chunk_size,
+        )
     }
 
     /// Chunks of the entry at `index` (0 for directories, links and empty files).
@@ -348,8 +364,11 @@ impl Assembler {
             path: e.path.clone(),
             source,
         })?;
+        let stream_alone = self.claimed_entries == 1 && e.size == 0;
         match e.kind {
             EntryKind::File => {}
+            EntryKind::Stream if stream_alone => {}
+            EntryKind::Stream => return Err(ManifestError::BadStream(e.path)),
             EntryKind::Dir => {
                 if e.size != 0 {
                     return Err(ManifestError::SizeOnNonFile(e.path));

@@ -149,6 +149,20 @@ struct FileState {
     digest: Option<Hash>,
     complete: bool,
     corrupt: HashMap<u32, u32>,
+    /// A stream ([`EntryKind::Stream`]): `count` is `u32::MAX` until [`Message::StreamEnd`]
+    /// gives the size.
+    stream: Option<StreamInfo>,
+}
+
+/// What a receiver knows of a stream while it arrives.
+#[derive(Debug, Default)]
+struct StreamInfo {
+    /// Its size, once the sender said.
+    size: Option<u64>,
+    /// The one chunk shorter than the chunk size (the last), once seen: index and length.
+    short: Option<(u32, u32)>,
+    /// The highest chunk index seen.
+    highest: Option<u32>,
 }
 
 #[derive(Debug, Default)]
@@ -381,10 +395,11 @@ impl Receiver {
         let mut haves = Vec::new();
         for (i, e) in m.entries().iter().enumerate() {
             let i = i as u32;
-            if e.kind != EntryKind::File || !wanted(i) {
+            if !e.kind.has_data() || !wanted(i) {
                 continue;
             }
-            let n = m.chunk_count(i);
+            let stream = e.kind == EntryKind::Stream;
+            let n = if stream { u32::MAX } else { m.chunk_count(i) };
             let mut f = FileState {
                 count: n,
                 verified: BTreeMap::new(),
@@ -396,7 +411,17 @@ impl Receiver {
                 digest: None,
                 complete: false,
                 corrupt: HashMap::new(),
+                stream: stream.then(StreamInfo::default),
             };
+            if stream {
+                // Nothing held can be a stream's bytes: its size is not known, and a stream
+                // cannot be resumed. Whatever is at its name is in the way.
+                if local.remove(&i).is_some() && !self.cfg.overwrite {
+                    return self.fail(TransferError::Exists(e.path.clone()));
+                }
+                self.files.insert(i, f);
+                continue;
+            }
             let claims: BTreeMap<u32, Hash> = match local.remove(&i) {
                 None => BTreeMap::new(),
                 Some(LocalFile::Partial(c)) => c.into_iter().filter(|(k, _)| *k < n).collect(),
@@ -440,7 +465,7 @@ impl Receiver {
         self.unfinished = (0..m.len() as u32).filter(|&i| wanted(i)).count();
         // Directories and links need no data: put them in place now.
         for (i, e) in m.entries().iter().enumerate() {
-            if e.kind != EntryKind::File && wanted(i as u32) {
+            if !e.kind.has_data() && wanted(i as u32) {
                 self.finalize(i as u32);
             }
         }
@@ -672,6 +697,10 @@ impl Receiver {
                 f.digest = Some(digest);
                 self.maybe_complete(file);
             }
+            (
+                Phase::Receiving | Phase::Finishing | Phase::AwaitClose,
+                Message::StreamEnd { file, size },
+            ) => self.on_stream_end(file, size),
             (Phase::AwaitClose, Message::Close) => {
                 self.phase = Phase::Done;
                 self.out.finish(Stream::Control);
@@ -682,6 +711,44 @@ impl Receiver {
                 self.fail(TransferError::Protocol(detail));
             }
         }
+    }
+
+    /// The sender read the stream to its end: `size` fixes the chunk count, and what arrived
+    /// must fit it.
+    fn on_stream_end(&mut self, file: u32, size: u64) {
+        let cs = self.manifest.as_ref().map_or(0, |m| m.chunk_size());
+        let max = self.cfg.limits.max_total_bytes;
+        let path = self.path(file);
+        let Some(f) = self.files.get_mut(&file) else {
+            return self.fail(TransferError::Protocol(format!(
+                "stream end for entry {file}, which is not being received"
+            )));
+        };
+        let Some(st) = f.stream.as_mut().filter(|s| s.size.is_none()) else {
+            return self.fail(TransferError::Protocol(format!(
+                "stream end for {path}, which is not a stream or has ended already"
+            )));
+        };
+        let count = u64::from(crate::manifest::chunks_for(size, cs));
+        let fits = count * u64::from(cs) >= size
+            && st.highest.is_none_or(|h| u64::from(h) < count)
+            && st
+                .short
+                .is_none_or(|(i, len)| u64::from(i) * u64::from(cs) + u64::from(len) == size);
+        if size > max {
+            return self.fail(TransferError::Protocol(format!(
+                "the stream {path} ended at {size} bytes, over the limit of {max}"
+            )));
+        }
+        if !fits {
+            return self.fail(TransferError::Protocol(format!(
+                "the stream {path} ended at {size} bytes, which does not fit the chunks it sent"
+            )));
+        }
+        st.size = Some(size);
+        f.count = count as u32;
+        self.events.push_back(Event::StreamEnded { size });
+        self.maybe_complete(file);
     }
 
     fn on_verdict(&mut self, file: u32, accepted: bool) {
@@ -792,12 +859,24 @@ impl Receiver {
             ));
         }
         let Some(m) = &self.manifest else { return };
-        let Some(entry) = m.entry(file).filter(|e| e.kind == EntryKind::File) else {
+        let Some(entry) = m.entry(file).filter(|e| e.kind.has_data()) else {
             return self.fail(TransferError::Protocol(format!(
                 "chunk for entry {file}, which is not a file"
             )));
         };
-        let Some((offset, expected)) = m.chunk_span(file, index) else {
+        let span = match self.files.get(&file).and_then(|f| f.stream.as_ref()) {
+            Some(st) => match stream_span(m.chunk_size(), st, index, len) {
+                Ok(span) => Some(span),
+                Err(why) => {
+                    let path = entry.path.clone();
+                    return self.fail(TransferError::Protocol(format!(
+                        "chunk {index} of the stream {path}: {why}"
+                    )));
+                }
+            },
+            None => m.chunk_span(file, index),
+        };
+        let Some((offset, expected)) = span else {
             return self.fail(TransferError::Protocol(format!(
                 "chunk {index} lies beyond the end of {} ({} bytes)",
                 entry.path, entry.size
@@ -817,6 +896,18 @@ impl Receiver {
                  plain bytes",
                 entry.path
             )));
+        }
+        let max = self.cfg.limits.max_total_bytes;
+        if let Some(st) = self.files.get_mut(&file).and_then(|f| f.stream.as_mut()) {
+            if offset + u64::from(len) > max {
+                return self.fail(TransferError::Protocol(format!(
+                    "the stream passed the limit of {max} bytes"
+                )));
+            }
+            st.highest = st.highest.max(Some(index));
+            if len < m.chunk_size() {
+                st.short = Some((index, len));
+            }
         }
         if let Some(state) = self.lanes.get_mut(&lane) {
             state.current = Some(Incoming {
@@ -893,7 +984,10 @@ impl Receiver {
             return;
         }
         let Some(digest) = f.digest else { return };
-        let size = m.entry(file).map_or(0, |e| e.size);
+        let size = match &f.stream {
+            Some(st) => st.size.unwrap_or(0),
+            None => m.entry(file).map_or(0, |e| e.size),
+        };
         if file_digest(size, m.chunk_size(), f.verified.values()) != digest {
             let path = self.path(file);
             return self.fail(TransferError::Protocol(format!(
@@ -912,10 +1006,16 @@ impl Receiver {
     fn finalize(&mut self, file: u32) {
         let id = self.op_id();
         self.finalizes.insert(id, file);
+        let size = self
+            .files
+            .get(&file)
+            .and_then(|f| f.stream.as_ref())
+            .and_then(|s| s.size);
         self.disk.push_back(DiskOp::Finalize {
             id,
             file,
             replace: self.cfg.overwrite,
+            size,
         });
     }
 
@@ -965,6 +1065,31 @@ impl Receiver {
         }
         self.phase = Phase::Failed;
         report_failure(&mut self.out, &mut self.events, e);
+    }
+}
+
+/// Offset and length chunk `index` of a stream must have, given what is known of the stream
+/// (`len` is what its header announces): whole chunks before a short last one, and nothing
+/// past its end once that is known.
+fn stream_span(cs: u32, st: &StreamInfo, index: u32, len: u32) -> Result<(u64, u32), String> {
+    let offset = u64::from(index) * u64::from(cs);
+    if let Some(size) = st.size {
+        if offset >= size {
+            return Err(format!("it lies past the stream's end ({size} bytes)"));
+        }
+        return Ok((offset, (size - offset).min(u64::from(cs)) as u32));
+    }
+    if len == 0 || len > cs {
+        return Err(format!(
+            "{len} bytes, where a stream's chunks hold 1 to {cs}"
+        ));
+    }
+    match st.short {
+        Some((i, _)) if index > i => Err(format!("it follows the stream's last chunk, {i}")),
+        Some((i, _)) if len < cs && index != i => {
+            Err("a second short chunk (only the last may be short)".into())
+        }
+        _ => Ok((offset, len)),
     }
 }
 

@@ -249,3 +249,73 @@ fn data_before_acceptance_is_refused() {
     assert!(r.is_over());
     assert!(r.poll_disk().is_none());
 }
+
+fn stream_entry(size: u64) -> Entry {
+    Entry {
+        kind: EntryKind::Stream,
+        ..file("stdin", size)
+    }
+}
+
+/// Accepts a one-stream manifest, then feeds `control` and `lane` bytes; returns the failure.
+fn run_stream(control: &[Message], lane: &[Message]) -> TransferError {
+    let now = Instant::now();
+    let mut r = Receiver::new(ReceiverConfig::default());
+    r.handle_stream_data(
+        now,
+        Stream::Control,
+        &frames(&manifest(vec![stream_entry(0)])),
+    );
+    let mut failure = None;
+    let mut drain = |r: &mut Receiver| {
+        while let Some(ev) = r.poll_event() {
+            match ev {
+                Event::ManifestReady => r.accept(now, Default::default()),
+                Event::Failed(e) => failure = Some(e),
+                _ => {}
+            }
+        }
+    };
+    drain(&mut r);
+    r.handle_stream_data(now, Stream::Lane(0), &frames(lane));
+    drain(&mut r);
+    r.handle_stream_data(now, Stream::Control, &frames(control));
+    drain(&mut r);
+    assert!(
+        r.poll_disk().is_none(),
+        "a hostile sender caused a disk request"
+    );
+    failure.expect("the receiver must fail")
+}
+
+#[test]
+fn a_stream_must_come_alone_and_sizeless() {
+    let e = manifest_err(vec![stream_entry(0), file("f", 1)]);
+    assert!(
+        e.contains("is a stream, which must be the only entry"),
+        "{e}"
+    );
+    let e = manifest_err(vec![stream_entry(10)]);
+    assert!(e.contains("is a stream"), "{e}");
+}
+
+#[test]
+fn stream_chunks_and_ends_that_do_not_fit_are_refused() {
+    let header = |index, len| Message::ChunkHeader {
+        file: 0,
+        index,
+        len,
+        hash: [0; 32],
+    };
+    let e = run_stream(&[], &[header(0, 0)]);
+    assert!(e.to_string().contains("a stream's chunks hold 1 to"), "{e}");
+    let e = run_stream(&[], &[header(0, (1 << 20) + 1)]);
+    assert!(e.to_string().contains("a stream's chunks hold 1 to"), "{e}");
+    let end = |size| Message::StreamEnd { file: 0, size };
+    let e = run_stream(&[end(5), end(5)], &[]);
+    assert!(e.to_string().contains("has ended already"), "{e}");
+    let e = run_stream(&[end(1 << 60)], &[]);
+    assert!(e.to_string().contains("over the limit"), "{e}");
+    let e = run_stream(&[Message::StreamEnd { file: 3, size: 1 }], &[]);
+    assert!(e.to_string().contains("not being received"), "{e}");
+}

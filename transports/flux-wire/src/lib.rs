@@ -86,8 +86,12 @@ pub const FEATURE_ZSTD: u64 = 1 << 9;
 /// [`Message::Hello`] feature bit, receiver only: it writes to a pipe (`thru join --out -`), so
 /// the sender should send each file's chunks in order on one lane.
 ///
-/// Bits in use: 8 text, 9 zstd, 10 select, 11 pause, 12 in order. Take the next free one.
+/// Bits in use: 8 text, 9 zstd, 10 select, 11 pause, 12 in order, 13 stream. Take the next
+/// free one.
 pub const FEATURE_IN_ORDER: u64 = 1 << 12;
+/// [`Message::Hello`] feature bit: this side can receive a stream entry ([`EntryKind::Stream`],
+/// [`Message::StreamEnd`]): a file whose size is known only at its end (`thru host -`).
+pub const FEATURE_STREAM: u64 = 1 << 13;
 
 /// Why bytes did not decode. Small and `Copy`: it is the lowest of the three error tiers (see the
 /// transfer crate for protocol and local errors).

@@ -143,6 +143,15 @@ pub enum Message {
         /// BLAKE3 of the plain bytes.
         hash: Hash,
     },
+    /// Sender: the stream entry `file` ([`EntryKind::Stream`]) ended after `size` bytes; its
+    /// chunks are those that cover `size`, and its [`Message::FileDone`] follows. Only sent to
+    /// a receiver whose hello has [`FEATURE_STREAM`](crate::FEATURE_STREAM).
+    StreamEnd {
+        /// Index of the stream entry in the manifest.
+        file: u32,
+        /// Bytes the stream held.
+        size: u64,
+    },
 }
 
 /// One entry of the manifest.
@@ -173,6 +182,17 @@ pub enum EntryKind {
     Dir,
     /// A symbolic link; the receiver only creates links that stay inside the destination.
     Symlink,
+    /// A regular file whose size is not known when it is offered (`thru host -` reads stdin):
+    /// its manifest size is 0 and [`Message::StreamEnd`] gives the real one. Only offered to a
+    /// receiver whose hello has [`FEATURE_STREAM`](crate::FEATURE_STREAM).
+    Stream,
+}
+
+impl EntryKind {
+    /// Whether entries of this kind carry bytes in chunks (files and streams).
+    pub fn has_data(self) -> bool {
+        matches!(self, Self::File | Self::Stream)
+    }
 }
 
 /// Seconds and nanoseconds since the Unix epoch.
@@ -274,6 +294,7 @@ pub enum MessageType {
     Pause = 0x24,
     Text = 0x20,
     ZChunkHeader = 0x21,
+    StreamEnd = 0x25,
 }
 
 impl MessageType {
@@ -302,6 +323,7 @@ impl MessageType {
             0x24 => Pause,
             0x20 => Text,
             0x21 => ZChunkHeader,
+            0x25 => StreamEnd,
             _ => return None,
         })
     }
@@ -332,6 +354,7 @@ impl Message {
             Self::Pause { .. } => MessageType::Pause,
             Self::Text { .. } => MessageType::Text,
             Self::ZChunkHeader { .. } => MessageType::ZChunkHeader,
+            Self::StreamEnd { .. } => MessageType::StreamEnd,
         }
     }
 
@@ -441,6 +464,10 @@ impl Message {
                 }
             }
             Self::Pause { paused } => out.push(u8::from(*paused)),
+            Self::StreamEnd { file, size } => {
+                put_varint(out, u64::from(*file));
+                put_varint(out, *size);
+            }
             Self::Text { body } => put_bytes(out, body.as_bytes()),
             Self::ZChunkHeader {
                 file,
@@ -507,6 +534,7 @@ impl Message {
                         .sum::<usize>()
             }
             Self::Pause { .. } => 1,
+            Self::StreamEnd { file, size } => v(u64::from(*file)) + v(*size),
             Self::Text { body } => bytes_len(body.len()),
             Self::ZChunkHeader {
                 file,
@@ -643,6 +671,10 @@ impl Message {
             MessageType::Text => Self::Text {
                 body: r.string(MAX_MESSAGE_BYTES)?,
             },
+            MessageType::StreamEnd => Self::StreamEnd {
+                file: r.varint_u32()?,
+                size: r.varint()?,
+            },
             MessageType::ZChunkHeader => {
                 let file = r.varint_u32()?;
                 let index = r.varint_u32()?;
@@ -687,6 +719,7 @@ impl Entry {
             EntryKind::File => 0,
             EntryKind::Dir => 1,
             EntryKind::Symlink => 2,
+            EntryKind::Stream => 3,
         });
         put_varint(out, self.size);
         out.extend_from_slice(&self.mtime.secs.to_be_bytes());
@@ -701,6 +734,7 @@ impl Entry {
             0 => EntryKind::File,
             1 => EntryKind::Dir,
             2 => EntryKind::Symlink,
+            3 => EntryKind::Stream,
             _ => return Err(DecodeError::BadValue("entry kind")),
         };
         let size = r.varint()?;

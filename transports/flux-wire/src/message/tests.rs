@@ -20,7 +20,8 @@ fn entry() -> impl Strategy<Value = Entry> {
         prop_oneof![
             Just(EntryKind::File),
             Just(EntryKind::Dir),
-            Just(EntryKind::Symlink)
+            Just(EntryKind::Symlink),
+            Just(EntryKind::Stream)
         ],
         0..=VARINT_MAX,
         any::<i64>(),
@@ -121,6 +122,7 @@ fn message() -> impl Strategy<Value = Message> {
                 wire_len,
                 hash
             }),
+        (any::<u32>(), 0..=VARINT_MAX).prop_map(|(file, size)| Message::StreamEnd { file, size }),
     ]
 }
 
