@@ -294,6 +294,62 @@ fn lan_ctrl_c_on_the_host_tells_the_joiner() {
     assert_eq!(host.wait(), 130);
 }
 
+/// Through thruserv, Ctrl-C on either side mid-transfer: the other side hears the reason at
+/// once, over the same QUIC connection, as on the LAN.
+#[test]
+fn server_ctrl_c_on_either_side_tells_the_other() {
+    let server = Thruserv::start(&[]);
+    let src = tempfile::tempdir().unwrap();
+    let f = big(src.path());
+    let url = server.url();
+    for stopper in ["joiner", "host"] {
+        let out = tempfile::tempdir_in("/var/tmp").unwrap();
+        let mut host = Proc::spawn(
+            &["host", "--json", "--server", &url, f.to_str().unwrap()],
+            &[],
+        );
+        let code = host.event("code")["code"].as_str().unwrap().to_string();
+        let mut joiner = Proc::spawn(
+            &[
+                "join",
+                "--json",
+                "--yes",
+                "--server",
+                &url,
+                "--out",
+                out.path().to_str().unwrap(),
+            ],
+            &[("THRU_CODE", &code)],
+        );
+        joiner.event("progress");
+        if stopper == "joiner" {
+            signal(&joiner, "-INT");
+            let gone = loop {
+                let st = host.event("receiver");
+                if st["state"] == "gone" {
+                    break st;
+                }
+            };
+            let why = gone["reason"].as_str().unwrap();
+            assert!(why.contains("the receiver stopped (Ctrl-C)"), "{why}");
+            assert!(why.contains("MiB kept"), "{why}");
+            assert_eq!(joiner.wait(), 130);
+            assert_eq!(host.wait(), 1);
+            assert!(
+                out.path().join(".big.bin.thrupart").exists(),
+                "partial data kept"
+            );
+        } else {
+            signal(&host, "-INT");
+            let (e, _) = error_after(&mut joiner, Instant::now());
+            let msg = e["message"].as_str().unwrap();
+            assert!(msg.contains("the host stopped (Ctrl-C)"), "{msg}");
+            assert!(msg.contains("kept here"), "{msg}");
+            assert_eq!(host.wait(), 130);
+        }
+    }
+}
+
 /// Through thruserv, the host is killed mid-transfer: the server tells the joiner at once
 /// that the host is gone, well before QUIC would time out.
 #[test]

@@ -364,6 +364,17 @@ fn logs_in_a_file_have_no_colour_codes() {
 /// arrives, the connection outlives the idle timeout) and `p` again resumes it.
 #[test]
 fn select_in_a_picker_and_pause_with_p() {
+    select_and_pause(None);
+}
+
+/// [`select_in_a_picker_and_pause_with_p`] through a real `thruserv`.
+#[test]
+fn select_in_a_picker_and_pause_with_p_through_thruserv() {
+    let server = common::Thruserv::start(&[]);
+    select_and_pause(Some(&server));
+}
+
+fn select_and_pause(server: Option<&common::Thruserv>) {
     let Some(mut tmux) = Tmux::new() else {
         println!("SKIP: no tmux");
         return;
@@ -380,7 +391,30 @@ fn select_in_a_picker_and_pause_with_p() {
         .unwrap()
         .set_len(4 << 30)
         .unwrap();
-    let (mut host, peer, code) = common::lan_host(&[&share], 2);
+    // How the joiner reaches the host: `--peer` on the LAN, `--server` through thruserv.
+    let (mut host, reach, code) = match server {
+        None => {
+            let (host, peer, code) = common::lan_host(&[&share], 2);
+            (host, format!("--peer {peer}"), code)
+        }
+        Some(srv) => {
+            let url = srv.url();
+            let host = common::Proc::spawn(
+                &[
+                    "host",
+                    "--json",
+                    "--server",
+                    &url,
+                    "--max-receivers",
+                    "2",
+                    share.to_str().unwrap(),
+                ],
+                &[],
+            );
+            let code = host.event("code")["code"].as_str().unwrap().to_string();
+            (host, format!("--server {url}"), code)
+        }
+    };
 
     // The picker: clear every tick (←), search for the log, tick it, confirm.
     let out = tempfile::tempdir().unwrap();
@@ -388,7 +422,7 @@ fn select_in_a_picker_and_pause_with_p() {
     tmux.window(
         "pick",
         &format!(
-            "THRU_CODE={code} {} join --peer {peer} --out {} --select",
+            "THRU_CODE={code} {} join {reach} --out {} --select",
             q(&thru),
             q(&out)
         ),
@@ -417,7 +451,7 @@ fn select_in_a_picker_and_pause_with_p() {
     tmux.window(
         "pause",
         &format!(
-            "THRU_CODE={code} {} join --peer {peer} --out {} --yes --include share/big.bin",
+            "THRU_CODE={code} {} join {reach} --out {} --yes --include share/big.bin",
             q(&thru),
             q(out2.path())
         ),
