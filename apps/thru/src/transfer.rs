@@ -1320,7 +1320,7 @@ fn decide(
 }
 
 /// The share of `thru host -`: one stream entry named `name`, read from stdin by the engine.
-/// Its size is unknown, so the chunk size is the one given or 1 MiB (that of a 256 MiB file).
+/// Its size is unknown, so the chunk size is the one given or that of a 4 GiB file (512 KiB).
 fn stream_manifest(name: &str, chunk: Option<u32>) -> Result<Manifest, TransferError> {
     let now = flux_peer::disk::to_timestamp(std::time::SystemTime::now());
     let entry = flux_wire::Entry {
@@ -1331,7 +1331,7 @@ fn stream_manifest(name: &str, chunk: Option<u32>) -> Result<Manifest, TransferE
         mode: 0o644,
         link_target: String::new(),
     };
-    let chunk = chunk.unwrap_or(flux_transfer::manifest::auto_chunk_size(256 << 20));
+    let chunk = chunk.unwrap_or(flux_transfer::manifest::auto_chunk_size(4 << 30));
     Manifest::new(vec![entry], chunk).map_err(|e| failed("stream share", e))
 }
 

@@ -170,7 +170,11 @@ fn finish(mut r: SideReport, start: Instant, out: &Path) -> Result<()> {
 /// Serves `file` to one joiner through the engine.
 pub fn engine_host(file: &Path, o: &EngineOpts, out: &Path) -> Result<()> {
     let start = Instant::now();
-    let share = scan(&[file.to_owned()], None)?;
+    // Experiment knob: the chunk size (default: chosen from the file's size, as `thru` does).
+    let chunk = std::env::var("FLUX_BENCH_CHUNK")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok());
+    let share = scan(&[file.to_owned()], chunk)?;
     let id = Identity::generate()?;
     let sock = engine_socket(o)?;
     let addr = sock.local_addr().map_err(|e| anyhow!("{e}"))?;

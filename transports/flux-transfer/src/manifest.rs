@@ -272,11 +272,15 @@ pub fn chunks_for(size: u64, chunk_size: u32) -> u32 {
     u32::try_from(size.div_ceil(u64::from(chunk_size.max(1)))).unwrap_or(u32::MAX)
 }
 
-/// The chunk size used when the user does not choose one: about 256 chunks for the largest file,
-/// between 256 KiB (small files: little per-chunk overhead, fine-grained resume) and 4 MiB
-/// (large files: fewer headers and hashes, long sequential disk I/O).
+/// The chunk size used when the user does not choose one: about 8192 chunks for the largest
+/// file, between 256 KiB and 4 MiB. Small chunks reach the receiver sooner (the first byte
+/// waits for a whole chunk) and queue less: on loopback with a 1 GiB file, 512 KiB chunks
+/// against 4 MiB gave 3.2 against 2.5 Gbit/s, a first chunk after 12-20 ms against 90-100,
+/// and chunk p99 170 against 390 ms (bench/README.md). The per-file chunk count stays
+/// bounded (so do the hash tables and resume sidecars that grow with it) until files of
+/// 32 GiB, where 4 MiB takes over.
 pub fn auto_chunk_size(largest_file: u64) -> u32 {
-    let target = (largest_file / 256).clamp(256 << 10, 4 << 20);
+    let target = (largest_file / 8192).clamp(256 << 10, 4 << 20);
     // A power of two is a multiple of 4096 in this range.
     target.next_power_of_two().min(4 << 20) as u32
 }
@@ -658,6 +662,8 @@ mod tests {
             check_chunk_size(c).unwrap();
         }
         assert_eq!(auto_chunk_size(0), 256 << 10);
-        assert_eq!(auto_chunk_size(1 << 30), 4 << 20);
+        assert_eq!(auto_chunk_size(1 << 30), 256 << 10);
+        assert_eq!(auto_chunk_size(4 << 30), 512 << 10);
+        assert_eq!(auto_chunk_size(1 << 40), 4 << 20);
     }
 }
