@@ -979,7 +979,8 @@ fn receive_from(
                 }
                 (Event::FileComplete { file }, Some(f)) => f.complete(file, false),
                 (Event::FileSkipped { file }, Some(f)) => f.complete(file, true),
-                (Event::Paused(p), _) => ui.pause(&paired.peer_label, p, true),
+                (Event::Paused(p), Some(f)) => f.progress.paused(p),
+                (Event::Paused(p), None) => ui.pause(&paired.peer_label, p, true),
                 _ => {}
             },
             NetEvent::Ended { error, stats, .. } => ended = Some((error, stats)),

@@ -830,10 +830,7 @@ impl Ui {
             }),
             // The host's screen shows it as the receiver's state.
             Mode::Human { .. } if !local => {}
-            Mode::Human { .. } if paused => {
-                self.say("Paused: the connection stays up; press p to resume");
-            }
-            Mode::Human { .. } => self.say("Resumed"),
+            Mode::Human { .. } => self.say(pause_text(paused)),
         }
     }
 
@@ -1336,6 +1333,15 @@ pub fn describe_offer(offer: &Offer, limit: usize) -> String {
     s
 }
 
+/// What the receiver's screen says when `p` pauses or resumes the transfer.
+fn pause_text(paused: bool) -> &'static str {
+    if paused {
+        "Paused: the connection stays up; press p to resume"
+    } else {
+        "Resumed"
+    }
+}
+
 /// `name` made safe for a terminal: control characters (including ESC) and bidirectional
 /// overrides are shown as escapes, so a name cannot move the cursor, recolour the screen or
 /// disguise its extension.
@@ -1509,6 +1515,30 @@ impl TransferProgress {
         f.bar.set_length(f.total);
         g.overall_total += by;
         g.overall.set_length(g.overall_total);
+    }
+
+    /// Prints `text` above the bars: a line written straight to the terminal would be drawn
+    /// over by their next redraw.
+    pub fn say(&self, text: &str) {
+        let g = self.lock();
+        if g.multi.is_hidden() {
+            g.ui.say(text);
+        } else {
+            let _ = g.multi.println(safe_text(text));
+        }
+    }
+
+    /// This side paused (`true`) or resumed the transfer (`p`): a `pause` event under `--json`,
+    /// else a line above the bars.
+    pub fn paused(&self, paused: bool) {
+        let (ui, peer) = {
+            let g = self.lock();
+            (g.ui.clone(), g.peer.clone())
+        };
+        match ui.mode() {
+            Mode::Json => ui.pause(&peer, paused, true),
+            Mode::Human { .. } => self.say(pause_text(paused)),
+        }
     }
 
     /// `len` bytes of file `id` crossed the network. Unknown ids are ignored.

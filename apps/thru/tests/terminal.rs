@@ -386,7 +386,8 @@ fn select_and_pause(server: Option<&common::Thruserv>) {
     std::fs::write(share.join("a.txt"), b"alpha").unwrap();
     std::fs::write(share.join("b.log"), b"the log").unwrap();
     std::fs::write(share.join("notes.md"), b"notes").unwrap();
-    // Sparse and large: the transfer is still running when `p` is pressed.
+    // Sparse and large: the transfer is still running when `p` is pressed, and after the
+    // resume (sent plain: zeros would compress to nothing and finish at once).
     std::fs::File::create(share.join("big.bin"))
         .unwrap()
         .set_len(4 << 30)
@@ -394,7 +395,7 @@ fn select_and_pause(server: Option<&common::Thruserv>) {
     // How the joiner reaches the host: `--peer` on the LAN, `--server` through thruserv.
     let (mut host, reach, code) = match server {
         None => {
-            let (host, peer, code) = common::lan_host(&[&share], 2);
+            let (host, peer, code) = common::lan_host_with(&[&share], 2, &["--compress", "off"]);
             (host, format!("--peer {peer}"), code)
         }
         Some(srv) => {
@@ -407,6 +408,8 @@ fn select_and_pause(server: Option<&common::Thruserv>) {
                     &url,
                     "--max-receivers",
                     "2",
+                    "--compress",
+                    "off",
                     share.to_str().unwrap(),
                 ],
                 &[],
@@ -462,6 +465,8 @@ fn select_and_pause(server: Option<&common::Thruserv>) {
             break;
         }
     }
+    // As a person would: `p` once the joiner says it listens for it.
+    tmux.wait_for("pause", "Press p to pause and resume");
     tmux.keys("pause", &["p"]);
     let ev = host.event("pause");
     assert_eq!(ev["paused"], true, "{ev}");
