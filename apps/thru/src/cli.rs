@@ -446,7 +446,7 @@ pub struct NetArgs {
     )]
     pub turn_cert: Option<PathBuf>,
 
-    /// Largest QUIC connection receive window (starts at 32 MiB, grows with the path's
+    /// Largest QUIC connection receive window (starts at 8 MiB, grows with the path's
     /// measured bandwidth-delay product).
     #[arg(help_heading = "Tuning", long, env = "THRU_QUIC_CONN_WINDOW_BYTES", default_value = "1GiB",
           value_parser = parse_size, value_name = "SIZE")]

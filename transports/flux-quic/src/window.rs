@@ -5,6 +5,9 @@
 //! loopback or LAN path, where the "network" is that buffer): the kernel drops them, and loss
 //! is the only signal the congestion controller gets. Measured on loopback with a 1 GiB window:
 //! 2–3.6 % QUIC loss and chunk latencies of seconds; with 32 MiB: no loss (bench/README.md).
+//! Whatever the window lets in flight also waits in line: at 5.7 Gbit/s on loopback, 32 MiB
+//! is about 45 ms of queue, and chunk p99 was 51–77 ms; with 8 MiB it was 26–35 ms at the
+//! same rate and less CPU (bench/README.md, "third round").
 //! A small window, though, caps a long fat path at `window / RTT`.
 //!
 //! So the window starts at [`WindowTuner::INITIAL`] and grows, never shrinks, to twice the
@@ -27,7 +30,7 @@ pub struct WindowTuner {
 
 impl WindowTuner {
     /// The window every connection starts with (or the configured maximum, if lower).
-    pub const INITIAL: u64 = 32 << 20;
+    pub const INITIAL: u64 = 8 << 20;
     /// How often the delivery rate is sampled.
     pub const INTERVAL: Duration = Duration::from_millis(100);
 
@@ -117,7 +120,7 @@ mod tests {
 
     #[test]
     fn a_long_fat_path_grows_the_window_until_the_rate_is_reached() {
-        // 10 Gbit/s at 100 ms: a BDP of 125 MB, which a 32 MiB window would cap at 2.7 Gbit/s.
+        // 10 Gbit/s at 100 ms: a BDP of 125 MB, which the 8 MiB start would cap at 0.67 Gbit/s.
         let mut t = WindowTuner::new(1 << 30);
         let w = run(&mut t, 1.25e9, Duration::from_millis(100), 10, true);
         assert!(w >= 125_000_000, "window {} MiB", w / MIB);
