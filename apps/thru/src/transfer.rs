@@ -1014,38 +1014,20 @@ fn receive_from(
             return Ok(Err(failed(&format!("cannot reach {target}"), e)));
         }
         let kept = files.as_ref().map(|f| f.progress.done_bytes());
+        // A stream (`thru host -`) is read once: nothing to resume.
         let stream = files
             .as_ref()
             .is_some_and(|f| f.manifest.stream().is_some());
-        if stream {
-            if let Some(f) = &files {
-                f.progress.abandon();
-            }
-            let e = if host_gone {
-                "the host is no longer online (it left the signaling server)".to_string()
-            } else {
-                explain_end(&e, true, kept)
-            };
-            let e = e.split("; run `thru join`").next().unwrap_or(&e).to_owned();
-            return Err(TransferError::Failed(format!(
-                "{e}; this was a stream (`thru host -`), which cannot be resumed: the sender has \
-                 to run it again"
-            )));
-        }
         if host_gone {
             return Err(TransferError::Failed(format!(
-                "the host is no longer online (it left the signaling server); {}run `thru join` \
-                 again with the host's new code to resume",
-                kept.map_or(String::new(), |b| format!(
-                    "{} kept here; ",
-                    indicatif::HumanBytes(b)
-                ))
+                "the host is no longer online (it left the signaling server); {}",
+                joiner_resume(kept, stream)
             )));
         }
         if let Some(f) = &files {
             f.progress.abandon();
         }
-        return Err(TransferError::Failed(explain_end(&e, true, kept)));
+        return Err(TransferError::Failed(explain_end(&e, true, kept, stream)));
     }
     if listed {
         return Ok(Ok(None));
@@ -1336,19 +1318,30 @@ fn stream_manifest(name: &str, chunk: Option<u32>) -> Result<Manifest, TransferE
     Manifest::new(vec![entry], chunk).map_err(|e| failed("stream share", e))
 }
 
+/// How a joiner whose transfer broke off goes on: what it keeps and `thru join` again, or,
+/// for a stream (`thru host -`, read once), that the sender has to run it again.
+fn joiner_resume(kept: Option<u64>, stream: bool) -> String {
+    if stream {
+        return "this was a stream (`thru host -`), which cannot be resumed: the sender has to \
+                run it again"
+            .into();
+    }
+    let kept = kept.map_or(String::new(), |b| {
+        format!("{} kept here; ", indicatif::HumanBytes(b))
+    });
+    format!("{kept}run `thru join` again with the host's new code to resume")
+}
+
 /// A lost connection or a stop by the peer, said from this side: who went away, what is
 /// kept, and how to resume. `peer_is_host` on the joiner; `kept` is what the joiner holds.
-fn explain_end(e: &str, peer_is_host: bool, kept: Option<u64>) -> String {
+fn explain_end(e: &str, peer_is_host: bool, kept: Option<u64>, stream: bool) -> String {
     let who = if peer_is_host {
         "the host"
     } else {
         "the receiver"
     };
     let resume = if peer_is_host {
-        let kept = kept.map_or(String::new(), |b| {
-            format!("{} kept here; ", indicatif::HumanBytes(b))
-        });
-        format!("{kept}run `thru join` again with the host's new code to resume")
+        joiner_resume(kept, stream)
     } else {
         "it can run `thru join …` again to resume".to_string()
     };
@@ -1358,6 +1351,10 @@ fn explain_end(e: &str, peer_is_host: bool, kept: Option<u64>) -> String {
     }
     if let Some((_, rest)) = e.split_once("the peer went away") {
         return format!("{who} went away{rest}; {resume}");
+    }
+    if stream {
+        // Any other end of a stream: still say it cannot be resumed.
+        return format!("{e}; {resume}");
     }
     e.to_string()
 }
@@ -1794,8 +1791,9 @@ fn host_events(events: &crossbeam_channel::Receiver<NetEvent>, ctx: &HostCtx<'_>
                             // Clear its bars; the failure is reported by the caller.
                             f.progress.abandon();
                         }
-                        Err(declined(&e)
-                            .unwrap_or_else(|| TransferError::Failed(explain_end(&e, false, None))))
+                        Err(declined(&e).unwrap_or_else(|| {
+                            TransferError::Failed(explain_end(&e, false, None, false))
+                        }))
                     }
                 };
                 match &result {

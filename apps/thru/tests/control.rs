@@ -294,6 +294,29 @@ fn lan_ctrl_c_on_the_host_tells_the_joiner() {
     assert_eq!(host.wait(), 130);
 }
 
+/// A `--json` host of `f` through the server at `url`, and a `--json --yes` joiner of it
+/// receiving into `out`.
+fn server_pair(url: &str, f: &Path, out: &Path) -> (Proc, Proc) {
+    let host = Proc::spawn(
+        &["host", "--json", "--server", url, f.to_str().unwrap()],
+        &[],
+    );
+    let code = host.event("code")["code"].as_str().unwrap().to_string();
+    let joiner = Proc::spawn(
+        &[
+            "join",
+            "--json",
+            "--yes",
+            "--server",
+            url,
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[("THRU_CODE", &code)],
+    );
+    (host, joiner)
+}
+
 /// Through thruserv, Ctrl-C on either side mid-transfer: the other side hears the reason at
 /// once, over the same QUIC connection, as on the LAN.
 #[test]
@@ -304,23 +327,7 @@ fn server_ctrl_c_on_either_side_tells_the_other() {
     let url = server.url();
     for stopper in ["joiner", "host"] {
         let out = tempfile::tempdir_in("/var/tmp").unwrap();
-        let mut host = Proc::spawn(
-            &["host", "--json", "--server", &url, f.to_str().unwrap()],
-            &[],
-        );
-        let code = host.event("code")["code"].as_str().unwrap().to_string();
-        let mut joiner = Proc::spawn(
-            &[
-                "join",
-                "--json",
-                "--yes",
-                "--server",
-                &url,
-                "--out",
-                out.path().to_str().unwrap(),
-            ],
-            &[("THRU_CODE", &code)],
-        );
+        let (mut host, mut joiner) = server_pair(&url, &f, out.path());
         joiner.event("progress");
         if stopper == "joiner" {
             signal(&joiner, "-INT");
@@ -359,23 +366,7 @@ fn server_joiner_learns_at_once_that_the_host_is_gone() {
     let out = tempfile::tempdir_in("/var/tmp").unwrap();
     let f = big(src.path());
     let url = server.url();
-    let host = Proc::spawn(
-        &["host", "--json", "--server", &url, f.to_str().unwrap()],
-        &[],
-    );
-    let code = host.event("code")["code"].as_str().unwrap().to_string();
-    let mut joiner = Proc::spawn(
-        &[
-            "join",
-            "--json",
-            "--yes",
-            "--server",
-            &url,
-            "--out",
-            out.path().to_str().unwrap(),
-        ],
-        &[("THRU_CODE", &code)],
-    );
+    let (host, mut joiner) = server_pair(&url, &f, out.path());
     joiner.event("accepted");
     signal(&host, "-STOP");
     let t = Instant::now();
@@ -397,23 +388,7 @@ fn server_host_notices_a_killed_joiner() {
     let out = tempfile::tempdir_in("/var/tmp").unwrap();
     let f = big(src.path());
     let url = server.url();
-    let mut host = Proc::spawn(
-        &["host", "--json", "--server", &url, f.to_str().unwrap()],
-        &[],
-    );
-    let code = host.event("code")["code"].as_str().unwrap().to_string();
-    let joiner = Proc::spawn(
-        &[
-            "join",
-            "--json",
-            "--yes",
-            "--server",
-            &url,
-            "--out",
-            out.path().to_str().unwrap(),
-        ],
-        &[("THRU_CODE", &code)],
-    );
+    let (mut host, joiner) = server_pair(&url, &f, out.path());
     loop {
         if host.event("receiver")["state"] == "receiving" {
             break;

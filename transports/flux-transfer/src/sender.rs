@@ -224,7 +224,7 @@ impl Sender {
             peer_zstd: false,
             in_order: false,
             compress_level: cfg.compress_level,
-            stream: manifest_stream(&manifest),
+            stream: manifest.stream().map(|_| StreamState::default()),
             z_plain: 0,
             z_wire: 0,
             manifest,
@@ -1016,11 +1016,6 @@ pub fn level_for(plain_bytes_per_sec: f64) -> i32 {
         r if r > 8.0 * MB => 9,
         _ => 12,
     }
-}
-
-/// The stream state of a share that is a stream.
-fn manifest_stream(m: &Manifest) -> Option<StreamState> {
-    m.stream().map(|_| StreamState::default())
 }
 
 /// Whether a file's name says its bytes are compressed already (media, archives, packages):
