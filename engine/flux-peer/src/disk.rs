@@ -75,7 +75,7 @@ impl SourceFiles {
                 compress,
             } => (id, self.read(file, offset, len, compress)),
             other => (
-                op_id(&other),
+                other.id(),
                 Err(DiskFailure::Io("sender cannot write".into())),
             ),
         }
@@ -274,7 +274,7 @@ impl Destination {
 
     /// Performs one request.
     pub fn execute(&mut self, op: DiskOp) -> (OpId, Result<DiskResult, DiskFailure>) {
-        let id = op_id(&op);
+        let id = op.id();
         let res = match op {
             DiskOp::WriteChunk {
                 file,
@@ -1014,16 +1014,6 @@ pub fn to_timestamp(t: SystemTime) -> Timestamp {
             };
             Timestamp { secs, nanos }
         }
-    }
-}
-
-fn op_id(op: &DiskOp) -> OpId {
-    match op {
-        DiskOp::Read { id, .. }
-        | DiskOp::WriteChunk { id, .. }
-        | DiskOp::Finalize { id, .. }
-        | DiskOp::Finish { id } => *id,
-        _ => OpId(u64::MAX),
     }
 }
 

@@ -1,13 +1,14 @@
-//! ICE links of the worker: one `flux_ice::Agent` per peer, driven on the worker's own UDP
-//! socket, and the TCP/TLS streams to TURN servers the agents ask for.
+//! ICE for the peer core: one `flux_ice::Agent` per peer (`Link`, owned by
+//! [`crate::node::Node`], no I/O), and the TCP/TLS streams to TURN servers the agents ask for
+//! ([`TurnStreams`], owned by the driver).
 //!
-//! The worker ([`crate::net`]) hands every non-QUIC datagram to the links, sends each
-//! connection's QUIC packets through its link (directly, in TURN ChannelData, or on a TURN
-//! stream) and gives QUIC one constant peer address per link (`Link::quic_addr`, the first
-//! selected remote) so a renomination never looks like a migration to quinn.
+//! The node hands every non-QUIC datagram to the links, sends each connection's QUIC packets
+//! through its link (directly, in TURN ChannelData, or on a TURN stream) and gives QUIC one
+//! constant peer address per link (`Link::quic_addr`, the first selected remote) so a
+//! renomination never looks like a migration to quinn.
 //!
-//! TURN streams run on two small threads each (connect, then a blocking reader); the worker
-//! writes to them directly. They are the slow path for networks that block UDP; the worker
+//! TURN streams run on two small threads each (connect, then a blocking reader); the driver
+//! writes to them directly. They are the slow path for networks that block UDP; the driver
 //! polls their channel at least every millisecond while one is open.
 //!
 //! What it does not do: signaling (candidates and credentials come in through
@@ -129,7 +130,7 @@ impl rustls::client::danger::ServerCertVerifier for PinnedTurnCert {
     }
 }
 
-/// What a link reports to the worker after [`Link::pump`].
+/// What a link reports to the node after [`Link::pump`].
 #[derive(Debug)]
 pub(crate) enum LinkNote {
     /// Trickle this candidate to the peer.
@@ -140,9 +141,22 @@ pub(crate) enum LinkNote {
     Failed(String),
     /// A relayed QUIC datagram that arrived on a TURN stream.
     App(AppDatagram),
+    /// The agent wants a TCP (or TLS) stream to a TURN server: the driver opens it.
+    OpenStream {
+        /// The agent's number for the stream.
+        id: StreamId,
+        /// The TURN server.
+        addr: SocketAddr,
+        /// Wrapped in TLS (`turns:`).
+        tls: bool,
+    },
+    /// Bytes for a TURN stream.
+    StreamWrite(StreamId, Vec<u8>),
 }
 
-/// ICE with one peer.
+/// ICE with one peer: the agent and what the node keeps about it. No I/O: datagrams leave
+/// through the `send` callback of [`Link::pump`], TURN stream work as [`LinkNote`]s the driver
+/// carries out with a [`TurnStreams`].
 pub(crate) struct Link {
     /// The caller's number for this peer.
     pub id: u64,
@@ -156,26 +170,20 @@ pub(crate) struct Link {
     pub failed: bool,
     /// The peer's connection ended; the agent is no longer driven.
     pub closed: bool,
-    streams: TurnStreams,
-    uses_streams: bool,
     /// Scratch for TURN framing.
     pub wrapped: Vec<u8>,
 }
 
 impl Link {
+    /// A link from `setup` (its TLS settings are the driver's: [`TurnStreams::new`]).
     pub fn new(id: u64, setup: IceSetup, now: Instant) -> Self {
         let IceSetup {
             config,
             hosts,
             remote_credentials,
             remote_candidates,
-            turn_tls,
-            turn_names,
+            ..
         } = setup;
-        let uses_streams = config
-            .turn_servers
-            .iter()
-            .any(|t| t.transport != flux_ice::TurnTransport::Udp);
         let mut agent = Agent::new(config, now);
         for h in hosts {
             agent.add_host(h, now);
@@ -192,20 +200,13 @@ impl Link {
             selected_after: None,
             failed: false,
             closed: false,
-            streams: TurnStreams::new(turn_tls, turn_names),
-            uses_streams,
             wrapped: Vec::with_capacity(2048),
         }
     }
 
-    /// Whether the worker should still drive this link.
+    /// Whether the node should still drive this link.
     pub fn live(&self) -> bool {
         !self.failed && !self.closed
-    }
-
-    /// Whether TURN streams are in use (the worker then polls their channel often).
-    pub fn has_streams(&self) -> bool {
-        self.live() && self.uses_streams
     }
 
     /// A remote candidate line from signaling.
@@ -218,8 +219,13 @@ impl Link {
         }
     }
 
-    /// Runs timers, TURN stream input and output, and collects what the worker must act on.
-    /// UDP output goes through `send` (best effort, like any datagram).
+    /// What the driver's TURN stream reported.
+    pub fn handle_turn(&mut self, now: Instant, report: TurnReport) {
+        apply(&mut self.agent, now, report);
+    }
+
+    /// Runs timers and collects what the node must act on. UDP output goes through `send`
+    /// (best effort, like any datagram).
     pub fn pump(
         &mut self,
         now: Instant,
@@ -229,16 +235,19 @@ impl Link {
         if !self.live() {
             return;
         }
-        self.streams.poll(&mut self.agent, now);
         if self.agent.poll_timeout().is_some_and(|t| t <= now) {
             self.agent.handle_timeout(now);
         }
-        self.flush(send);
+        self.flush(send, notes);
         while let Some(ev) = self.agent.poll_event() {
             match ev {
                 Event::LocalCandidate(c) => notes.push(LinkNote::Candidate(c.to_string())),
                 Event::ConnectTurnStream { stream, addr, tls } => {
-                    self.streams.open(stream, addr, tls);
+                    notes.push(LinkNote::OpenStream {
+                        id: stream,
+                        addr,
+                        tls,
+                    });
                 }
                 Event::Selected(s) => {
                     self.quic_addr.get_or_insert(s.remote);
@@ -256,29 +265,41 @@ impl Link {
         while let Some(d) = self.agent.poll_app() {
             notes.push(LinkNote::App(d));
         }
-        self.flush(send);
+        self.flush(send, notes);
     }
 
-    /// Sends what the agent queued.
-    pub fn flush(&mut self, send: &mut dyn FnMut(&[u8], SocketAddr)) {
-        self.streams.flush(&mut self.agent, send);
+    /// Sends what the agent queued: datagrams through `send`, stream bytes as notes.
+    fn flush(&mut self, send: &mut dyn FnMut(&[u8], SocketAddr), notes: &mut Vec<LinkNote>) {
+        while let Some(t) = self.agent.poll_transmit() {
+            match t.stream {
+                None => send(&t.data, t.to),
+                Some(id) => notes.push(LinkNote::StreamWrite(id, t.data)),
+            }
+        }
     }
+}
 
-    /// Appends bytes to TURN stream `id`; a failed write fails the stream.
-    pub fn write_stream(&mut self, id: StreamId, data: &[u8]) {
-        self.streams.write(&mut self.agent, id, data);
-    }
+/// What a TURN stream's threads report.
+#[derive(Debug)]
+pub enum TurnReport {
+    /// Connected (and TLS-wrapped), from this local address.
+    Connected(StreamId, SocketAddr),
+    /// Bytes read.
+    Data(StreamId, Vec<u8>),
+    /// The stream failed or closed.
+    Failed(StreamId, String),
 }
 
 /// The TCP/TLS streams to TURN servers that one agent asked for ([`Event::ConnectTurnStream`]):
 /// each is connected (and TLS-wrapped) on its own thread, which then reads it; bytes and
-/// failures come back through a channel the driver drains with [`TurnStreams::poll`].
+/// failures come back through a channel the driver drains with [`TurnStreams::poll_reports`].
 pub struct TurnStreams {
     streams: Vec<Option<StreamWriter>>,
     tx: Tx<StreamMsg>,
     rx: Rx<StreamMsg>,
     tls: Option<Arc<rustls::ClientConfig>>,
     names: Vec<String>,
+    opened: bool,
 }
 
 impl TurnStreams {
@@ -292,11 +313,18 @@ impl TurnStreams {
             rx,
             tls,
             names,
+            opened: false,
         }
+    }
+
+    /// Whether a stream was ever opened (its threads may have bytes: poll often).
+    pub fn opened(&self) -> bool {
+        self.opened
     }
 
     /// Starts connecting stream `id` to `addr` (wrapped in TLS when `tls`).
     pub fn open(&mut self, id: StreamId, addr: SocketAddr, tls: bool) {
+        self.opened = true;
         let tx = self.tx.clone();
         let tls = match (tls, &self.tls) {
             (false, _) => None,
@@ -328,42 +356,59 @@ impl TurnStreams {
         }
     }
 
-    /// Hands what the stream threads report (connected, bytes read, failures) to `agent`.
-    /// Returns whether there was anything.
-    pub fn poll(&mut self, agent: &mut Agent, now: Instant) -> bool {
-        let mut any = false;
+    /// What the stream threads reported since the last call (connected, bytes read,
+    /// failures), in order.
+    pub fn poll_reports(&mut self, out: &mut Vec<TurnReport>) {
         while let Ok(msg) = self.rx.try_recv() {
-            any = true;
-            match msg {
+            out.push(match msg {
                 StreamMsg::Connected(id, local, w) => {
                     if self.streams.len() <= id.0 {
                         self.streams.resize_with(id.0 + 1, || None);
                     }
                     self.streams[id.0] = Some(w);
-                    agent.turn_stream_connected(id, local, now);
+                    TurnReport::Connected(id, local)
                 }
-                StreamMsg::Data(id, data) => agent.handle_stream_data(now, id, &data),
+                StreamMsg::Data(id, data) => TurnReport::Data(id, data),
                 StreamMsg::Failed(id, e) => {
-                    tracing::warn!(error = %e, "TURN stream failed");
                     if let Some(s) = self.streams.get_mut(id.0) {
                         *s = None;
                     }
-                    agent.turn_stream_failed(id, now);
+                    TurnReport::Failed(id, e)
                 }
+            });
+        }
+    }
+
+    /// Appends bytes to stream `id`; a failed write closes the stream and is reported.
+    pub fn write_bytes(&mut self, id: StreamId, data: &[u8]) -> Option<TurnReport> {
+        let Some(Some(w)) = self.streams.get_mut(id.0) else {
+            return None;
+        };
+        match w.write(data) {
+            Ok(()) => None,
+            Err(e) => {
+                self.streams[id.0] = None;
+                Some(TurnReport::Failed(id, e))
             }
+        }
+    }
+
+    /// Hands what the stream threads report to `agent` (for a driver that runs an agent
+    /// itself, like `ice-probe`). Returns whether there was anything.
+    pub fn poll(&mut self, agent: &mut Agent, now: Instant) -> bool {
+        let mut reports = Vec::new();
+        self.poll_reports(&mut reports);
+        let any = !reports.is_empty();
+        for r in reports {
+            apply(agent, now, r);
         }
         any
     }
 
     /// Appends bytes to stream `id`; a failed write fails the stream in `agent`.
     pub fn write(&mut self, agent: &mut Agent, id: StreamId, data: &[u8]) {
-        let Some(Some(w)) = self.streams.get_mut(id.0) else {
-            return;
-        };
-        if let Err(e) = w.write(data) {
-            tracing::warn!(error = %e, "TURN stream write failed");
-            self.streams[id.0] = None;
-            agent.turn_stream_failed(id, Instant::now());
+        if let Some(r) = self.write_bytes(id, data) {
+            apply(agent, Instant::now(), r);
         }
     }
 
@@ -374,6 +419,17 @@ impl TurnStreams {
                 None => send(&t.data, t.to),
                 Some(id) => self.write(agent, id, &t.data),
             }
+        }
+    }
+}
+
+fn apply(agent: &mut Agent, now: Instant, r: TurnReport) {
+    match r {
+        TurnReport::Connected(id, local) => agent.turn_stream_connected(id, local, now),
+        TurnReport::Data(id, data) => agent.handle_stream_data(now, id, &data),
+        TurnReport::Failed(id, e) => {
+            tracing::warn!(error = %e, "TURN stream failed");
+            agent.turn_stream_failed(id, now);
         }
     }
 }

@@ -7,14 +7,17 @@
 //!   files live under temporary names with a resume sidecar, and nothing is replaced unless
 //!   allowed.
 //! - [`scan`] turns the paths a user shares into a manifest.
-//! - [`exec`] performs them through io_uring with `O_DIRECT` (or blocking `std::fs`), and
-//!   [`net`] is the engine's worker loop: a UDP socket, a QUIC endpoint, the machines and their
-//!   disk I/O driven by one thread (io_uring or the portable `poll(2)` driver).
+//! - [`node`] is the sans-IO peer core: the QUIC endpoint and connections, the machines on
+//!   them, the ICE links and the end-of-transfer policy; datagrams, commands, completions and
+//!   `now` in, transmits, disk requests, events and deadlines out.
+//! - [`exec`] performs disk requests through io_uring with `O_DIRECT` (or blocking `std::fs`),
+//!   and [`net`] is the engine's worker: one thread drives a node with a UDP socket and its
+//!   disk I/O (io_uring or the portable `poll(2)` driver).
 //! - [`pipe`] is a receiver's destination that is stdout: one file, in order.
 //! - [`compress`] compresses chunks for sending and decompresses received ones, bounded by their
 //!   declared length; the executors run it where they run hashing.
-//! - [`sim`] runs whole transfers between two peers over an emulated lossy, reordering,
-//!   rate-limited link on a virtual clock, for tests.
+//! - [`sim`] is the third driver of [`node::Node`]: whole transfers between two nodes over an
+//!   emulated lossy, reordering, rate-limited link on a virtual clock, for tests.
 //!
 //! What this crate does not do: socket options and ring internals (`flux-udp`, `flux-engine`),
 //! pairing (signaling), terminal output (the `thru` binary).
@@ -27,6 +30,7 @@ pub mod disk;
 pub mod exec;
 pub mod ice;
 pub mod net;
+pub mod node;
 pub mod pipe;
 pub mod scan;
 pub mod session;

@@ -1,6 +1,7 @@
-//! The engine's worker loop: one thread owns a UDP socket, a quinn-proto endpoint with its
-//! connections, the transfer machines on them and their disk I/O, and drives them all without
-//! an async runtime.
+//! The engine's worker: one thread owns a UDP socket and drives one [`Node`] (the sans-IO
+//! peer core: QUIC endpoint and connections, transfer machines, ICE links, end policy) with it,
+//! carrying out the node's disk requests, without an async runtime. This module moves bytes,
+//! completions and time; every decision is the node's.
 //!
 //! Two drivers run the same loop and differ only in how they wait and do disk I/O:
 //! - [`Driver::Uring`]: chunk reads and writes go through io_uring (`O_DIRECT` where the
@@ -16,11 +17,9 @@
 //! [`Command`]s (accept an offer, cancel) without any lock on the data path.
 //!
 //! NAT traversal: with ICE ([`join_ice`], [`Command::AddPeer`]) the same socket carries one
-//! `flux_ice` agent per peer ([`crate::ice`]). Each datagram is demultiplexed per GRO segment
-//! by its first byte (RFC 9443): STUN goes to the agents, TURN ChannelData to the agent whose
-//! TURN server sent it, QUIC to the endpoint under the peer's constant QUIC address; each
-//! connection's QUIC packets leave through its agent's selected pair (directly as GSO
-//! batches, or framed for TURN). Without ICE, non-QUIC datagrams are counted and dropped.
+//! `flux_ice` agent per peer ([`crate::ice`]), inside the node: it demultiplexes each GRO
+//! segment by its first byte (RFC 9443) and frames QUIC for TURN; the worker only runs the TCP
+//! or TLS streams to TURN servers that a network without UDP needs.
 //!
 //! What it does not do: pairing, signaling or user interface. It is handed a bound socket and
 //! the peer's address or ICE settings, the pinned certificate fingerprint (joiner) or its own
@@ -37,19 +36,15 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use crossbeam_channel::{Receiver as Rx, Sender as Tx, TryRecvError};
 use flux_engine::{BackendKind, DiskIo, Op};
-use flux_quic::quinn_proto::{
-    ClientConfig, ConnectionHandle, DatagramEvent, Endpoint, ServerConfig,
-};
+use flux_quic::quinn_proto::{ClientConfig, ServerConfig};
 use flux_quic::{AllowList, Fingerprint, Identity, TransportParams};
-use flux_transfer::{
-    Event, LocalFile, Manifest, Receiver, ReceiverConfig, Sender, SenderConfig, TransferError,
-};
+use flux_transfer::{Event, LocalFile, Manifest, ReceiverConfig, SenderConfig, TransferError};
 use flux_udp::{GRO_BUF_LEN, RecvMeta, UdpSocket};
 
 use crate::disk::{Destination, ModePolicy, Resolutions, SourceFiles};
 use crate::exec::{DiskChoice, DiskExec, DiskMode, DiskStats};
-use crate::ice::{IceSetup, Link, LinkNote};
-use crate::session::{Session, Side};
+use crate::ice::{IceSetup, TurnReport, TurnStreams};
+use crate::node::{Node, TurnOp};
 
 /// How the worker waits and performs disk I/O.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
@@ -407,7 +402,7 @@ pub fn join(
     control: Control,
 ) -> Result<NetReport, TransferError> {
     let (mut w, client) = Worker::joiner(socket, pinned, dest, cfg, control)?;
-    w.connect(client, peer, None)?;
+    w.node.connect(Instant::now(), client, peer)?;
     w.run()
 }
 
@@ -423,8 +418,8 @@ pub fn join_ice(
     control: Control,
 ) -> Result<NetReport, TransferError> {
     let (mut w, client) = Worker::joiner(socket, pinned, dest, cfg, control)?;
-    w.links.push(Link::new(0, ice, Instant::now()));
-    w.pending_client = Some(client);
+    w.add_turn(0, &ice);
+    w.node.connect_over_ice(Instant::now(), ice, client);
     w.run()
 }
 
@@ -444,96 +439,32 @@ enum Role {
     },
 }
 
-enum Machine {
-    Send(Session<Sender>),
-    Recv(Session<Receiver>),
-}
-
-struct Conn {
-    handle: ConnectionHandle,
-    machine: Machine,
-    peer: SocketAddr,
-    connected: bool,
-    /// When the connection attempt began (the handshake must finish within the timeout).
-    created: Instant,
-    ended: bool,
-    error: Option<String>,
-    /// A GSO batch the socket refused with EAGAIN, to send first when writable again.
-    blocked: Option<(Vec<u8>, Option<usize>, SocketAddr)>,
-    /// The ICE link the connection runs over (index into `Worker::links`).
-    link: Option<usize>,
-    /// Sender: when its transfer completed; it then waits for the receiver to close.
-    done_at: Option<Instant>,
-    /// Receiver: grows the connection's receive window with the measured bandwidth-delay
-    /// product (flux_quic::WindowTuner has the reasons).
-    tuner: Option<flux_quic::WindowTuner>,
-}
-
-impl Conn {
-    fn new(
-        handle: ConnectionHandle,
-        machine: Machine,
-        peer: SocketAddr,
-        now: Instant,
-        link: Option<usize>,
-    ) -> Self {
-        Self {
-            handle,
-            machine,
-            peer,
-            connected: false,
-            created: now,
-            ended: false,
-            error: None,
-            blocked: None,
-            link,
-            done_at: None,
-            tuner: None,
-        }
-    }
-
-    fn conn(&mut self) -> &mut flux_quic::quinn_proto::Connection {
-        match &mut self.machine {
-            Machine::Send(s) => &mut s.conn,
-            Machine::Recv(s) => &mut s.conn,
-        }
-    }
-}
-
+/// The I/O driver around one [`Node`]: the socket, the disk executor, the pipes and the TURN
+/// stream threads. It moves datagrams, completions and time, and decides nothing the node
+/// decides.
 struct Worker {
+    node: Node,
     socket: UdpSocket,
     cfg: NetConfig,
     control: Control,
-    endpoint: Endpoint,
-    conns: Vec<Conn>,
     role: Role,
     exec: DiskExec,
     report: NetReport,
-    ended: usize,
-    cancelled: bool,
     bufs: Vec<Vec<u8>>,
     tx_buf: Vec<u8>,
-    resp_buf: Vec<u8>,
+    /// A GSO batch the socket refused with EAGAIN, to send first when writable again.
+    blocked: Option<(Vec<u8>, Option<usize>, SocketAddr)>,
     poll_in: Option<Op<()>>,
     poll_out: Option<Op<()>>,
-    /// ICE, one link per peer.
-    links: Vec<Link>,
-    /// Every remote address a link selected, to its link: QUIC from there belongs to it.
-    link_addrs: HashMap<SocketAddr, usize>,
-    /// Joiner over ICE: the QUIC client settings, until a pair is selected.
-    pending_client: Option<ClientConfig>,
-    /// The socket's own address (its port, and the address when not bound to a wildcard).
-    local: SocketAddr,
-    /// Scratch for TURN ChannelData batches.
-    relay_buf: Vec<u8>,
+    /// TURN streams per ICE link, with the link's TLS settings.
+    turn: HashMap<u64, TurnStreams>,
+    turn_reports: Vec<TurnReport>,
 }
 
 /// GRO buffers read per `recvmmsg`.
 const RECV_BUFS: usize = 16;
 /// `recvmmsg` calls per loop turn before the loop turns to sending.
 const RECV_ROUNDS: usize = 2;
-/// GSO batches sent per connection per loop turn before the loop turns to receiving.
-const SEND_ROUNDS: usize = 8;
 
 impl Worker {
     fn new(
@@ -563,18 +494,18 @@ impl Worker {
         let local = socket
             .local_addr()
             .map_err(|e| TransferError::Io(format!("socket address: {e}")))?;
-        let endpoint = Endpoint::new(
-            Arc::new(flux_quic::endpoint_config()),
-            server.map(Arc::new),
-            true,
-            None,
-        );
+        let max_segments = caps.max_gso_segments(1452);
+        let node = match (&role, server) {
+            (Role::Host { manifest, .. }, Some(server)) => {
+                Node::host(cfg, server, manifest.clone(), local, max_segments, None)
+            }
+            _ => Node::join(cfg, local, max_segments, None),
+        };
         Ok(Self {
+            node,
             socket,
             cfg: cfg.clone(),
             control,
-            endpoint,
-            conns: Vec::new(),
             role,
             exec,
             report: NetReport {
@@ -583,18 +514,13 @@ impl Worker {
                 gro: caps.gro,
                 ..NetReport::default()
             },
-            ended: 0,
-            cancelled: false,
             bufs: (0..RECV_BUFS).map(|_| vec![0u8; GRO_BUF_LEN]).collect(),
             tx_buf: Vec::with_capacity(GRO_BUF_LEN),
-            resp_buf: Vec::with_capacity(2048),
+            blocked: None,
             poll_in: None,
             poll_out: None,
-            links: Vec::new(),
-            link_addrs: HashMap::new(),
-            pending_client: None,
-            local,
-            relay_buf: Vec::with_capacity(GRO_BUF_LEN),
+            turn: HashMap::new(),
+            turn_reports: Vec::new(),
         })
     }
 
@@ -620,32 +546,11 @@ impl Worker {
         Ok((Self::new(socket, cfg, control, None, role)?, client))
     }
 
-    /// Connects to `peer` (over ICE link `link` when given).
-    fn connect(
-        &mut self,
-        client: ClientConfig,
-        peer: SocketAddr,
-        link: Option<usize>,
-    ) -> Result<(), TransferError> {
-        let (handle, conn) = self
-            .endpoint
-            .connect(Instant::now(), client, peer, flux_quic::SERVER_NAME)
-            .map_err(|e| TransferError::Io(format!("connect to {peer}: {e}")))?;
-        let mut rcfg = self.cfg.receiver.clone();
-        if self.cfg.pipe {
-            rcfg.features |= flux_wire::FEATURE_IN_ORDER;
-        }
-        let m = Receiver::new(rcfg);
-        let machine = Machine::Recv(Session::new(
-            conn,
-            m,
-            Side::Client,
-            self.cfg.transport.send_window,
-        ));
-        let mut c = Conn::new(handle, machine, peer, Instant::now(), link);
-        c.tuner = Some(flux_quic::WindowTuner::new(self.cfg.transport.conn_window));
-        self.conns.push(c);
-        Ok(())
+    /// TURN streams for a new ICE link (the node itself does no I/O).
+    fn add_turn(&mut self, link: u64, ice: &IceSetup) {
+        self.turn
+            .entry(link)
+            .or_insert_with(|| TurnStreams::new(ice.turn_tls.clone(), ice.turn_names.clone()));
     }
 
     fn run(mut self) -> Result<NetReport, TransferError> {
@@ -653,12 +558,12 @@ impl Worker {
             let now = Instant::now();
             self.commands(now);
             let mut busy = self.receive(now)?;
-            busy |= self.ice(now)?;
-            self.timers(now);
+            busy |= self.turn_in(now);
+            self.node.handle_timeout(now);
             busy |= self.drive(now);
             busy |= self.transmit(now)?;
-            self.check_ended(now);
-            if self.done() {
+            busy |= self.events(now);
+            if self.node.is_done() {
                 break;
             }
             self.wait(busy)?;
@@ -666,41 +571,21 @@ impl Worker {
         // Let the final CONNECTION_CLOSE frames leave.
         let now = Instant::now();
         let _ = self.transmit(now);
-        self.report.disk = self.exec.stats();
-        self.report.disk_choice = self.exec.choice().clone();
-        if let Some(why) = self.report.disk_choice.describe() {
+        let mut report = self.node.report();
+        report.driver = self.report.driver;
+        report.gso = self.report.gso;
+        report.gro = self.report.gro;
+        report.disk = self.exec.stats();
+        report.disk_choice = self.exec.choice().clone();
+        if let Some(why) = report.disk_choice.describe() {
             tracing::info!("disk: {why}");
         }
         if let Role::Join { dest: Some(d), .. } = &self.role
             && self.cfg.durable
         {
-            self.report.sync_time = Some(d.sync_time());
+            report.sync_time = Some(d.sync_time());
         }
-        let links = &self.links;
-        self.report.conns = self
-            .conns
-            .iter_mut()
-            .map(|c| conn_report(c, links))
-            .collect();
-        if self.report.error.is_none() {
-            self.report.error = self.conns.iter().find_map(|c| c.error.clone());
-        }
-        Ok(self.report)
-    }
-
-    fn done(&self) -> bool {
-        if self.cancelled {
-            return self.conns.iter().all(|c| c.ended);
-        }
-        match &self.role {
-            Role::Join { .. } => {
-                self.pending_client.is_none() && self.conns.iter().all(|c| c.ended)
-            }
-            Role::Host { .. } => self
-                .cfg
-                .serve
-                .is_some_and(|n| self.ended >= n && self.conns.iter().all(|c| c.ended)),
-        }
+        Ok(report)
     }
 
     fn emit(&self, ev: NetEvent) {
@@ -715,98 +600,25 @@ impl Worker {
         };
         loop {
             match rx.try_recv() {
-                Ok(Command::CancelWith(reason)) => {
-                    if !self.cancelled {
-                        self.cancel_with(Some(&reason));
-                    }
-                }
-                Ok(Command::Cancel) | Err(TryRecvError::Disconnected) => {
-                    if !self.cancelled {
-                        self.cancel();
-                    }
-                    if matches!(rx.try_recv(), Err(TryRecvError::Disconnected)) {
-                        self.control.commands = None;
-                        return;
-                    }
-                }
                 Ok(Command::Accept) => self.accept(now, Resolutions::default(), None),
                 Ok(Command::AcceptResolved(r)) => self.accept(now, r, None),
                 Ok(Command::AcceptChosen { resolved, chosen }) => {
                     self.accept(now, resolved, Some(&chosen));
                 }
-                Ok(Command::Pause(paused)) => {
-                    for c in &mut self.conns {
-                        if let Machine::Recv(s) = &mut c.machine
-                            && !s.machine.set_paused(now, paused)
-                        {
-                            tracing::info!("this transfer cannot be paused now");
-                        }
-                    }
-                }
                 Ok(Command::AddPeer { link, ice }) => {
-                    if self.cancelled || self.links.iter().any(|l| l.id == link) {
-                        continue;
-                    }
-                    tracing::debug!(link, "ICE with a new peer");
-                    self.links.push(Link::new(link, *ice, now));
+                    self.add_turn(link, &ice);
+                    self.node
+                        .handle_command(now, Command::AddPeer { link, ice });
                 }
-                Ok(Command::RemoteCandidate { link, candidate }) => {
-                    if let Some(l) = self.links.iter_mut().find(|l| l.id == link && l.live()) {
-                        l.remote_candidate(&candidate, now);
-                    }
-                }
-                Ok(Command::Leave) => {
-                    for c in &mut self.conns {
-                        if let Machine::Recv(s) = &mut c.machine {
-                            s.machine.browse_done();
-                        }
-                    }
-                }
-                Ok(Command::Reject(reason)) => {
-                    for c in &mut self.conns {
-                        if let Machine::Recv(s) = &mut c.machine {
-                            s.machine.reject(&reason);
-                        }
-                    }
+                Ok(cmd) => self.node.handle_command(now, cmd),
+                Err(TryRecvError::Disconnected) => {
+                    // The controller is gone: nobody can answer or watch any more.
+                    self.node.handle_command(now, Command::Cancel);
+                    self.control.commands = None;
+                    return;
                 }
                 Err(TryRecvError::Empty) => return,
             }
-        }
-    }
-
-    fn cancel(&mut self) {
-        self.cancel_with(None);
-    }
-
-    fn cancel_with(&mut self, reason: Option<&str>) {
-        self.cancelled = true;
-        if self.pending_client.take().is_some() {
-            self.report.error.get_or_insert_with(|| "cancelled".into());
-        }
-        for c in &mut self.conns {
-            // A transfer that completed (a sender waiting for the receiver to close) stays a
-            // success; it just stops waiting (cancelling a machine that is over does nothing).
-            let over = match &mut c.machine {
-                Machine::Send(s) => s.machine.is_over(),
-                Machine::Recv(s) => s.machine.is_over(),
-            };
-            if !over {
-                match (&mut c.machine, reason) {
-                    (Machine::Send(s), Some(r)) => s.machine.stop(r),
-                    (Machine::Recv(s), Some(r)) => {
-                        let kept = s.machine.bytes_done() as f64 / f64::from(1 << 20);
-                        s.machine.stop(&format!("{r}; {kept:.1} MiB kept"));
-                    }
-                    (Machine::Send(s), None) => s.machine.cancel(),
-                    (Machine::Recv(s), None) => s.machine.cancel(),
-                }
-                if !c.ended {
-                    c.error.get_or_insert_with(|| "cancelled".into());
-                }
-            }
-        }
-        if self.conns.is_empty() {
-            self.report.error.get_or_insert_with(|| "cancelled".into());
         }
     }
 
@@ -821,36 +633,24 @@ impl Worker {
         };
         if pipe.is_some() {
             // A pipe holds nothing to resume or skip.
-            for c in &mut self.conns {
-                if let Machine::Recv(s) = &mut c.machine {
-                    s.machine.accept_chosen(now, HashMap::new(), chosen);
-                }
-            }
-            return;
+            return self.node.accept(now, &HashMap::new(), chosen);
         }
         let Some(d) = dest.as_mut() else { return };
         let answered: Vec<u32> = resolved.answered().collect();
         d.set_resolutions(resolved);
         let mut local = match d.scan() {
             Ok(l) => l,
-            Err(e) => {
-                self.report.error = Some(e.to_string());
-                return self.cancel();
-            }
+            Err(e) => return self.node.fail(e.to_string()),
         };
         // An answered clash is no clash for the machine: the entry is fetched whole, then
         // dropped, put under its new name or in place of what is here (Destination).
         for i in answered {
             local.remove(&i);
         }
-        for c in &mut self.conns {
-            if let Machine::Recv(s) = &mut c.machine {
-                s.machine.accept_chosen(now, local.clone(), chosen);
-            }
-        }
+        self.node.accept(now, &local, chosen);
     }
 
-    /// Reads every datagram waiting on the socket into the endpoint.
+    /// Reads every datagram waiting on the socket into the node.
     fn receive(&mut self, now: Instant) -> Result<bool, TransferError> {
         let mut got_any = false;
         let mut meta = [RecvMeta {
@@ -882,7 +682,13 @@ impl Worker {
             }
             got_any = true;
             for (i, m) in meta.iter().enumerate().take(n) {
-                self.datagrams(now, i, *m);
+                let len = m.len.min(self.bufs[i].len());
+                // The one user-space copy on receive: the GRO buffers are reused, quinn-proto
+                // decrypts in place in this one (engine/README.md).
+                let data = BytesMut::from(&self.bufs[i][..len]);
+                let ecn = m.ecn.map(|e| e as u8);
+                self.node
+                    .handle_datagram(now, m.addr, m.dst_ip, ecn, m.stride, data);
             }
             if n < RECV_BUFS {
                 break;
@@ -891,276 +697,51 @@ impl Worker {
         Ok(got_any)
     }
 
-    fn datagrams(&mut self, now: Instant, buf: usize, m: RecvMeta) {
-        let len = m.len.min(self.bufs[buf].len());
-        let mut data = BytesMut::from(&self.bufs[buf][..len]);
-        let stride = m.stride.max(1);
-        let ecn = m
-            .ecn
-            .and_then(|e| flux_quic::quinn_proto::EcnCodepoint::from_bits(e as u8));
-        let local = SocketAddr::new(m.dst_ip.unwrap_or(self.local.ip()), self.local.port());
-        while !data.is_empty() {
-            let seg = data.split_to(stride.min(data.len()));
-            // RFC 9443: QUIC packets have the fixed bit (0x40) set; STUN starts 0..=3, TURN
-            // ChannelData 64..=79 (only from a TURN server). Demultiplex per segment
-            // (platform facts: GRO may append a STUN datagram to a QUIC batch).
-            let mut from = m.addr;
-            let seg = if self.links.is_empty() {
-                if seg[0] & 0x40 == 0 {
-                    self.report.foreign_datagrams += 1;
-                    continue;
-                }
-                seg
-            } else {
-                match self.demux_ice(now, from, local, seg) {
-                    Some((addr, seg)) => {
-                        from = addr;
-                        seg
-                    }
-                    None => continue,
-                }
-            };
-            self.feed_quic(now, from, m.dst_ip, ecn, seg);
-        }
-    }
-
-    /// Sorts one segment when ICE shares the socket: ICE traffic is consumed by its link, and
-    /// QUIC (direct or unwrapped from TURN) comes back with the address QUIC knows its
-    /// sender by. `None`: consumed or dropped.
-    fn demux_ice(
-        &mut self,
-        now: Instant,
-        from: SocketAddr,
-        local: SocketAddr,
-        seg: BytesMut,
-    ) -> Option<(SocketAddr, BytesMut)> {
-        let first = seg[0];
-        if (0x40..=0x4F).contains(&first) || first <= 3 {
-            // ChannelData from a link's TURN server, or STUN for one of the links (agents
-            // refuse what is not theirs: unknown transaction, wrong user name).
-            let channel = first >= 0x40;
-            for i in 0..self.links.len() {
-                let l = &mut self.links[i];
-                if !l.live()
-                    || (channel && l.agent.classify(from, &seg) != flux_ice::Packet::ChannelData)
-                {
-                    continue;
-                }
-                match l.agent.handle_datagram(now, from, local, &seg) {
-                    flux_ice::Received::App { data, peer } => {
-                        // Relayed QUIC can overtake the selection event: the link is known.
-                        let addr = *l.quic_addr.get_or_insert(peer);
-                        self.link_addrs.entry(peer).or_insert(i);
-                        return Some((addr, BytesMut::from(data)));
-                    }
-                    flux_ice::Received::Handled if channel => return None,
-                    _ => {}
-                }
-            }
-            if !channel {
-                return None;
-            }
-        }
-        if first & 0x40 == 0 {
-            self.report.foreign_datagrams += 1;
-            return None;
-        }
-        // Direct QUIC: under the link's constant address when it comes from a selected pair.
-        let addr = self
-            .link_addrs
-            .get(&from)
-            .and_then(|&i| self.links.get(i))
-            .and_then(|l| l.quic_addr)
-            .unwrap_or(from);
-        Some((addr, seg))
-    }
-
-    fn feed_quic(
-        &mut self,
-        now: Instant,
-        from: SocketAddr,
-        dst_ip: Option<std::net::IpAddr>,
-        ecn: Option<flux_quic::quinn_proto::EcnCodepoint>,
-        seg: BytesMut,
-    ) {
-        {
-            self.resp_buf.clear();
-            let ev = self
-                .endpoint
-                .handle(now, from, dst_ip, ecn, seg, &mut self.resp_buf);
-            match ev {
-                Some(DatagramEvent::ConnectionEvent(h, ev)) => {
-                    if let Some(c) = self.conns.iter_mut().find(|c| c.handle == h) {
-                        c.conn().handle_event(ev);
-                    }
-                }
-                Some(DatagramEvent::NewConnection(inc)) => self.incoming(now, inc),
-                Some(DatagramEvent::Response(t)) => self.respond(&t),
-                None => {}
-            }
-        }
-    }
-
-    fn incoming(&mut self, now: Instant, inc: flux_quic::quinn_proto::Incoming) {
-        let Role::Host { manifest, .. } = &self.role else {
-            self.resp_buf.clear();
-            let t = self.endpoint.refuse(inc, &mut self.resp_buf);
-            self.respond(&t);
-            return;
-        };
-        let live = self.conns.iter().filter(|c| !c.ended).count();
-        let serving_done = self.cfg.serve.is_some_and(|n| self.ended + live >= n);
-        if self.cancelled || live >= self.cfg.max_receivers || serving_done {
-            self.resp_buf.clear();
-            let t = self.endpoint.refuse(inc, &mut self.resp_buf);
-            self.respond(&t);
-            return;
-        }
-        let peer = inc.remote_address();
-        self.resp_buf.clear();
-        match self.endpoint.accept(inc, now, &mut self.resp_buf, None) {
-            Ok((handle, conn)) => {
-                let link = self
-                    .links
-                    .iter()
-                    .position(|l| l.live() && l.quic_addr == Some(peer));
-                let m = Sender::new(manifest.clone(), self.cfg.sender.clone());
-                let machine = Machine::Send(Session::new(
-                    conn,
-                    m,
-                    Side::Server,
-                    self.cfg.transport.send_window,
-                ));
-                self.conns.push(Conn::new(handle, machine, peer, now, link));
-            }
-            Err(e) => {
-                tracing::debug!(peer = %peer, error = %e.cause, "refused a connection");
-                if let Some(t) = e.response {
-                    self.respond(&t);
-                }
-            }
-        }
-    }
-
-    /// Sends an endpoint's stateless response (a refusal, a version negotiation, a reset),
-    /// best effort: a lost one is like a lost datagram.
-    fn respond(&self, t: &flux_quic::quinn_proto::Transmit) {
-        let t = flux_udp::Transmit {
-            destination: t.destination,
-            contents: &self.resp_buf[..t.size.min(self.resp_buf.len())],
-            segment_size: t.segment_size,
-            ecn: None,
-            src_ip: t.src_ip,
-        };
-        let _ = self.socket.send(&t);
-    }
-
-    /// Drives the ICE links: timers, TURN streams, candidates out, selections and failures.
-    /// Returns whether anything happened.
-    fn ice(&mut self, now: Instant) -> Result<bool, TransferError> {
-        if self.links.is_empty() {
-            return Ok(false);
-        }
+    /// Hands what the TURN stream threads reported to the node.
+    fn turn_in(&mut self, now: Instant) -> bool {
         let mut any = false;
-        let mut notes = Vec::new();
-        for i in 0..self.links.len() {
-            let socket = &self.socket;
-            let mut send = |data: &[u8], to: SocketAddr| {
-                // Best effort, like any datagram: ICE retransmits.
-                let _ = socket.send(&flux_udp::Transmit {
-                    destination: to,
-                    contents: data,
-                    segment_size: None,
-                    ecn: None,
-                    src_ip: None,
-                });
-            };
-            self.links[i].pump(now, &mut send, &mut notes);
-            for note in notes.drain(..) {
+        for (&link, streams) in &mut self.turn {
+            streams.poll_reports(&mut self.turn_reports);
+            for r in self.turn_reports.drain(..) {
                 any = true;
-                let id = self.links[i].id;
-                match note {
-                    LinkNote::Candidate(candidate) => {
-                        self.emit(NetEvent::LocalCandidate {
-                            link: id,
-                            candidate,
-                        });
+                self.node.handle_turn(now, link, r);
+            }
+        }
+        any
+    }
+
+    /// Carries out the node's TURN stream work.
+    fn turn_out(&mut self, now: Instant) -> bool {
+        let mut any = false;
+        while let Some(op) = self.node.poll_turn() {
+            any = true;
+            match op {
+                TurnOp::Open {
+                    link,
+                    id,
+                    addr,
+                    tls,
+                } => {
+                    if let Some(s) = self.turn.get_mut(&link) {
+                        s.open(id, addr, tls);
                     }
-                    LinkNote::Selected(route) => {
-                        tracing::info!(
-                            link = id,
-                            kind = route.kind.as_str(),
-                            local = %route.local,
-                            remote = %route.remote,
-                            transport = route.transport.as_str(),
-                            "ICE selected a pair"
-                        );
-                        self.link_addrs.insert(route.remote, i);
-                        let after = self.links[i].selected_after.unwrap_or_default();
-                        self.emit(NetEvent::Route {
-                            link: id,
-                            route,
-                            after,
-                        });
-                        if let Some(client) = self.pending_client.take() {
-                            let peer = self.links[i].quic_addr.unwrap_or(route.remote);
-                            self.connect(client, peer, Some(i))?;
-                        }
-                    }
-                    LinkNote::Failed(why) => {
-                        let error = format!("failed to establish ICE connection: {why}");
-                        tracing::warn!(link = id, "{error}");
-                        if self.pending_client.take().is_some() {
-                            self.report.error.get_or_insert_with(|| error.clone());
-                        }
-                        for c in self.conns.iter_mut().filter(|c| c.link == Some(i)) {
-                            c.error.get_or_insert_with(|| error.clone());
-                        }
-                        self.emit(NetEvent::IceFailed { link: id, error });
-                    }
-                    LinkNote::App(d) => {
-                        if let Some(addr) = self.links[i].quic_addr {
-                            self.feed_quic(now, addr, None, None, BytesMut::from(&d.data[..]));
-                        }
+                }
+                TurnOp::Write { link, id, data } => {
+                    if let Some(r) = self
+                        .turn
+                        .get_mut(&link)
+                        .and_then(|s| s.write_bytes(id, &data))
+                    {
+                        self.node.handle_turn(now, link, r);
                     }
                 }
             }
         }
-        Ok(any)
+        any
     }
 
-    fn timers(&mut self, now: Instant) {
-        for c in &mut self.conns {
-            if c.ended {
-                continue;
-            }
-            if c.conn().poll_timeout().is_some_and(|t| t <= now) {
-                c.conn().handle_timeout(now);
-            }
-            match &mut c.machine {
-                Machine::Send(s) => s.machine.handle_timeout(now),
-                Machine::Recv(s) => s.machine.handle_timeout(now),
-            }
-            if c.connected
-                && let Some(t) = c.tuner.as_mut()
-                && t.next_sample().is_none_or(|at| now >= at)
-            {
-                let (received, rtt) = match &mut c.machine {
-                    Machine::Send(s) => (s.conn.stats().udp_rx.bytes, s.conn.rtt()),
-                    Machine::Recv(s) => (s.conn.stats().udp_rx.bytes, s.conn.rtt()),
-                };
-                if let Some(w) = t.sample(now, received, rtt) {
-                    tracing::debug!(window = w, ?rtt, "receive window grown");
-                    c.conn().set_receive_window(
-                        flux_quic::quinn_proto::VarInt::from_u64(w)
-                            .unwrap_or(flux_quic::quinn_proto::VarInt::MAX),
-                    );
-                }
-            }
-        }
-    }
-
-    /// Moves everything between connections, machines and the disk until nothing moves.
+    /// Moves everything between the node and the disk until nothing moves (or the turn's
+    /// budget is spent).
     fn drive(&mut self, now: Instant) -> bool {
         let mut any = false;
         // Blocking disk work (a durable finalize syncs each file) must not keep the loop
@@ -1171,368 +752,217 @@ impl Worker {
             // Submit queued disk SQEs and collect whatever completed, without waiting.
             let _ = r.submit_and_wait(0, Some(Duration::ZERO));
         }
-        for i in 0..self.conns.len() {
-            if self.conns[i].ended {
-                continue;
+        loop {
+            let mut progressed = false;
+            while Instant::now() < until
+                && let Some((conn, op)) = self.node.poll_disk(now)
+            {
+                progressed = true;
+                self.submit(now, conn, op);
             }
-            loop {
-                let mut progressed = false;
-                progressed |= self.step(i, now, until);
-                let (dst, pipe, source) = match &mut self.role {
-                    Role::Join { dest, pipe, .. } => (dest.as_deref_mut(), pipe.as_mut(), None),
-                    Role::Host { stream, .. } => (None, None, stream.as_mut()),
-                };
-                self.exec.reap(dst);
-                let mut piped = Vec::new();
-                if let Some(p) = pipe {
-                    p.reap();
-                    while let Some(d) = p.poll_done() {
-                        piped.push(d);
-                    }
-                }
-                if let Some(p) = source {
-                    p.reap();
-                    while let Some(d) = p.poll_done() {
-                        piped.push(d);
-                    }
-                }
-                for (tag, id, res) in piped {
-                    progressed = true;
-                    match self.conns.get_mut(tag).map(|c| &mut c.machine) {
-                        Some(Machine::Recv(s)) => s.machine.handle_disk_done(now, id, res),
-                        Some(Machine::Send(s)) => s.machine.handle_disk_done(now, id, res),
-                        None => {}
-                    }
-                }
-                while let Some((tag, id, res)) = self.exec.poll_done() {
-                    progressed = true;
-                    if let Some(c) = self.conns.get_mut(tag) {
-                        match &mut c.machine {
-                            Machine::Send(s) => s.machine.handle_disk_done(now, id, res),
-                            Machine::Recv(s) => s.machine.handle_disk_done(now, id, res),
-                        }
-                    }
-                }
-                if !progressed {
-                    break;
-                }
-                any = true;
-                if Instant::now() >= until {
-                    break;
+            let (dst, pipe, source) = match &mut self.role {
+                Role::Join { dest, pipe, .. } => (dest.as_deref_mut(), pipe.as_mut(), None),
+                Role::Host { stream, .. } => (None, None, stream.as_mut()),
+            };
+            self.exec.reap(dst);
+            let mut piped = Vec::new();
+            if let Some(p) = pipe {
+                p.reap();
+                while let Some(d) = p.poll_done() {
+                    piped.push(d);
                 }
             }
-            let c = &mut self.conns[i];
-            let handle = c.handle;
-            while let Some(ev) = c.conn().poll_endpoint_events() {
-                if let Some(ce) = self.endpoint.handle_event(handle, ev) {
-                    c.conn().handle_event(ce);
+            if let Some(p) = source {
+                p.reap();
+                while let Some(d) = p.poll_done() {
+                    piped.push(d);
                 }
+            }
+            while let Some(d) = self.exec.poll_done() {
+                piped.push(d);
+            }
+            for (conn, id, res) in piped {
+                progressed = true;
+                self.node.handle_disk_done(now, conn, id, res);
+            }
+            progressed |= self.events(now);
+            if !progressed {
+                break;
+            }
+            any = true;
+            if Instant::now() >= until {
+                break;
             }
         }
         // Stopped by the budget: more may be waiting, so the loop must not sleep.
         any || Instant::now() >= until
     }
 
-    /// One pass over connection `i`: drive the session, submit its disk requests, and route
-    /// its events. Returns whether anything happened.
-    fn step(&mut self, i: usize, now: Instant, until: Instant) -> bool {
-        let mut progressed = false;
-        let c = &mut self.conns[i];
-        if !c.connected && !c.conn().is_handshaking() && !c.conn().is_closed() {
-            c.connected = true;
-            let peer = c.peer;
-            let fingerprint = flux_quic::peer_fingerprint(c.conn());
-            if let Some(tx) = &self.control.events {
-                let _ = tx.send(NetEvent::Connected {
-                    conn: i,
-                    peer,
-                    fingerprint,
-                    at: now,
-                });
-            }
-        }
-        let mut events = Vec::new();
-        match (&mut c.machine, &mut self.role) {
-            (
-                Machine::Send(s),
-                Role::Host {
-                    sources,
-                    stream,
-                    manifest,
-                },
-            ) => {
-                s.drive(now);
-                while let Some(op) = s.machine.poll_disk() {
-                    progressed = true;
-                    match stream.as_mut() {
-                        Some(p) if matches!(op, flux_transfer::DiskOp::Read { file, .. } if manifest.stream() == Some(file)) =>
-                        {
-                            p.submit(i, op);
-                        }
-                        _ => self.exec.submit_read(i, sources, op),
-                    }
-                }
-                while let Some(ev) = s.machine.poll_event() {
-                    events.push(ev);
-                }
-            }
-            (Machine::Recv(s), Role::Join { dest, pipe, .. }) => {
-                s.drive(now);
-                while Instant::now() < until
-                    && let Some(op) = s.machine.poll_disk()
+    /// Sends a disk request where it belongs: the stdin reader, stdout, or the executor.
+    fn submit(&mut self, now: Instant, conn: usize, op: flux_transfer::DiskOp) {
+        match &mut self.role {
+            Role::Host {
+                sources,
+                stream,
+                manifest,
+            } => match stream.as_mut() {
+                Some(p) if matches!(op, flux_transfer::DiskOp::Read { file, .. } if manifest.stream() == Some(file)) =>
                 {
-                    progressed = true;
-                    if let Some(p) = pipe.as_mut() {
-                        p.submit(i, op);
-                        continue;
-                    }
-                    match dest.as_mut() {
-                        Some(d) => self.exec.submit_write(i, d, op),
-                        None => s.machine.handle_disk_done(
-                            now,
-                            op_id(&op),
-                            Err(flux_transfer::DiskFailure::Io("no destination".into())),
-                        ),
-                    }
+                    p.submit(conn, op);
                 }
-                while let Some(ev) = s.machine.poll_event() {
-                    events.push(ev);
+                _ => self.exec.submit_read(conn, sources, op),
+            },
+            Role::Join { dest, pipe, .. } => {
+                if let Some(p) = pipe.as_mut() {
+                    return p.submit(conn, op);
+                }
+                match dest.as_mut() {
+                    Some(d) => self.exec.submit_write(conn, d, op),
+                    None => self.node.handle_disk_done(
+                        now,
+                        conn,
+                        op.id(),
+                        Err(flux_transfer::DiskFailure::Io("no destination".into())),
+                    ),
                 }
             }
-            _ => {}
         }
-        for ev in events {
-            progressed = true;
-            self.on_event(i, now, ev);
-        }
-        progressed
     }
 
-    fn on_event(&mut self, i: usize, now: Instant, ev: Event) {
-        if let Event::Failed(e) = &ev {
-            self.conns[i].error.get_or_insert_with(|| e.to_string());
-        }
-        if let (
-            Event::ManifestReady,
-            Role::Join {
-                dest_root,
-                dest,
-                pipe,
-                offered,
-            },
-        ) = (&ev, &mut self.role)
-        {
-            let Machine::Recv(s) = &mut self.conns[i].machine else {
-                return;
-            };
-            let Some(m) = s.machine.manifest().cloned() else {
-                return;
-            };
-            if self.cfg.browse {
-                // Nothing at the destination is looked at: the offer is only shown.
-                if let Some(tx) = &self.control.events {
-                    let _ = tx.send(NetEvent::Offer {
-                        manifest: m,
-                        local: Arc::default(),
-                        text: s.machine.text().map(Arc::from),
-                    });
-                }
-                s.machine.browse_done();
-                return;
+    /// Forwards the node's events; a receiver's manifest is answered here first (it needs the
+    /// destination). Returns whether there were any.
+    fn events(&mut self, now: Instant) -> bool {
+        let mut any = false;
+        while let Some(ev) = self.node.poll_event(now) {
+            any = true;
+            if let NetEvent::Transfer {
+                conn,
+                event: Event::ManifestReady,
+                ..
+            } = &ev
+            {
+                self.manifest_ready(now, *conn);
             }
-            if self.cfg.pipe {
-                let single = m.len() == 1 && m.file_count() == 1;
-                let sink = if single || s.machine.text().is_some() {
-                    crate::pipe::PipeSink::new(Box::new(std::io::stdout()))
-                        .map_err(|e| format!("stdout writer: {e}"))
-                } else {
-                    Err(format!(
-                        "the host offers {} entries ({} files); --out - writes a single file \
-                         to stdout: receive into a directory instead",
-                        m.len(),
-                        m.file_count()
-                    ))
-                };
-                match sink {
-                    Ok(p) => *pipe = Some(p),
-                    Err(e) => {
-                        s.machine.reject(&e);
-                        self.conns[i].error = Some(e);
-                        self.emit(NetEvent::Transfer {
-                            conn: i,
-                            event: ev,
-                            at: now,
-                        });
-                        return;
-                    }
+            self.emit(ev);
+        }
+        any
+    }
+
+    /// Receiver: the manifest arrived on `conn`: browse, pipe or scan the destination, then
+    /// accept (auto) or offer.
+    fn manifest_ready(&mut self, now: Instant, conn: usize) {
+        let Role::Join {
+            dest_root,
+            dest,
+            pipe,
+            offered,
+        } = &mut self.role
+        else {
+            return;
+        };
+        let Some(r) = self.node.receiver(conn) else {
+            return;
+        };
+        let Some(m) = r.manifest().cloned() else {
+            return;
+        };
+        let text = r.text().map(Arc::from);
+        let offer = |local| NetEvent::Offer {
+            manifest: m.clone(),
+            local,
+            text: text.clone(),
+        };
+        if self.cfg.browse {
+            // Nothing at the destination is looked at: the offer is only shown.
+            r.browse_done();
+            if let Some(tx) = &self.control.events {
+                let _ = tx.send(offer(Arc::default()));
+            }
+            return;
+        }
+        if self.cfg.pipe {
+            let single = m.len() == 1 && m.file_count() == 1;
+            let sink = if single || text.is_some() {
+                crate::pipe::PipeSink::new(Box::new(std::io::stdout()))
+                    .map_err(|e| format!("stdout writer: {e}"))
+            } else {
+                Err(format!(
+                    "the host offers {} entries ({} files); --out - writes a single file \
+                     to stdout: receive into a directory instead",
+                    m.len(),
+                    m.file_count()
+                ))
+            };
+            match sink {
+                Ok(p) => *pipe = Some(p),
+                Err(e) => {
+                    r.reject(&e);
+                    self.node.set_error(conn, e);
+                    return;
                 }
+            }
+            if self.cfg.auto_accept {
+                r.accept(now, HashMap::new());
+            } else if !*offered {
+                *offered = true;
+                if let Some(tx) = &self.control.events {
+                    let _ = tx.send(offer(Arc::new(HashMap::new())));
+                }
+            }
+            return;
+        }
+        let mut d = Destination::with_modes(dest_root.clone(), m.clone(), self.cfg.modes);
+        d.set_durable(self.cfg.durable);
+        let scanned = d.scan();
+        *dest = Some(Box::new(d));
+        match scanned {
+            Ok(local) => {
                 if self.cfg.auto_accept {
-                    s.machine.accept(now, HashMap::new());
+                    r.accept(now, local);
                 } else if !*offered {
                     *offered = true;
                     if let Some(tx) = &self.control.events {
-                        let _ = tx.send(NetEvent::Offer {
-                            manifest: m,
-                            local: Arc::new(HashMap::new()),
-                            text: s.machine.text().map(Arc::from),
-                        });
+                        let _ = tx.send(offer(Arc::new(local)));
                     }
                 }
-                self.emit(NetEvent::Transfer {
-                    conn: i,
-                    event: ev,
-                    at: now,
-                });
-                return;
             }
-            let mut d = Destination::with_modes(dest_root.clone(), m.clone(), self.cfg.modes);
-            d.set_durable(self.cfg.durable);
-            let scanned = d.scan();
-            *dest = Some(Box::new(d));
-            match scanned {
-                Ok(local) => {
-                    if self.cfg.auto_accept {
-                        s.machine.accept(now, local);
-                    } else if !*offered {
-                        *offered = true;
-                        if let Some(tx) = &self.control.events {
-                            let _ = tx.send(NetEvent::Offer {
-                                manifest: m,
-                                local: Arc::new(local),
-                                text: s.machine.text().map(Arc::from),
-                            });
-                        }
-                    }
-                }
-                Err(e) => {
-                    s.machine.cancel();
-                    self.conns[i].error = Some(e.to_string());
-                }
+            Err(e) => {
+                r.cancel();
+                self.node.set_error(conn, e.to_string());
             }
         }
-        self.emit(NetEvent::Transfer {
-            conn: i,
-            event: ev,
-            at: now,
-        });
     }
 
-    /// Sends what the connections have to send, in GSO batches.
+    /// Sends what the node has to send, in GSO batches, and its TURN stream work.
     fn transmit(&mut self, now: Instant) -> Result<bool, TransferError> {
-        let mut sent_any = false;
-        let max_segments = self.socket.capabilities().max_gso_segments(1452).max(1);
-        for i in 0..self.conns.len() {
-            if let Some((buf, seg, dst)) = self.conns[i].blocked.take() {
-                match self.send_conn(i, &buf, seg, dst) {
-                    Ok(true) => sent_any = true,
-                    Ok(false) => {
-                        self.conns[i].blocked = Some((buf, seg, dst));
-                        continue;
-                    }
-                    Err(e) => return Err(e),
-                }
+        let mut sent_any = self.turn_out(now);
+        if let Some((buf, seg, dst)) = self.blocked.take() {
+            if !self.send(&buf, seg, dst)? {
+                self.blocked = Some((buf, seg, dst));
+                return Ok(sent_any);
             }
-            for _ in 0..SEND_ROUNDS {
-                self.tx_buf.clear();
-                let c = &mut self.conns[i];
-                let Some(t) = c.conn().poll_transmit(now, max_segments, &mut self.tx_buf) else {
-                    break;
-                };
-                let buf = std::mem::take(&mut self.tx_buf);
-                let ok = self.send_conn(i, &buf[..t.size], t.segment_size, t.destination)?;
-                if ok {
-                    sent_any = true;
-                    self.tx_buf = buf;
-                } else {
-                    let mut b = buf;
-                    b.truncate(t.size);
-                    self.conns[i].blocked = Some((b, t.segment_size, t.destination));
-                    self.tx_buf = Vec::with_capacity(GRO_BUF_LEN);
-                    break;
+            sent_any = true;
+        }
+        let mut buf = std::mem::take(&mut self.tx_buf);
+        while let Some(t) = self.node.poll_transmit(now, &mut buf) {
+            let size = t.size.min(buf.len());
+            let sent = match self.send(&buf[..size], t.segment_size, t.destination) {
+                Err(e) if t.best_effort => {
+                    tracing::trace!(error = %e, "best-effort datagram not sent");
+                    true
                 }
+                r => r?,
+            };
+            if sent {
+                sent_any = true;
+            } else {
+                self.blocked = Some((buf[..size].to_vec(), t.segment_size, t.destination));
+                break;
             }
         }
+        self.tx_buf = buf;
+        sent_any |= self.turn_out(now);
         Ok(sent_any)
-    }
-
-    /// Sends one batch of connection `i`, through its ICE link when it has one; `Ok(false)`
-    /// when the socket buffer is full (the caller keeps the batch for later).
-    fn send_conn(
-        &mut self,
-        i: usize,
-        buf: &[u8],
-        segment_size: Option<usize>,
-        dst: SocketAddr,
-    ) -> Result<bool, TransferError> {
-        let Some(l) = self.conns[i].link else {
-            return self.send(buf, segment_size, dst);
-        };
-        let now = Instant::now();
-        let link = &mut self.links[l];
-        if let Some(rc) = link.agent.relay_channel() {
-            // Relayed over UDP with a bound channel: a 4-byte ChannelData header in front of
-            // each segment, still one GSO batch (UDP needs no padding).
-            let seg = segment_size.unwrap_or(buf.len()).max(1);
-            self.relay_buf.clear();
-            for p in buf.chunks(seg) {
-                let len = u16::try_from(p.len()).unwrap_or(u16::MAX);
-                self.relay_buf
-                    .extend_from_slice(&flux_ice::channel_header(rc.channel, len));
-                self.relay_buf.extend_from_slice(p);
-            }
-            // The headers make the batch bigger than the one QUIC filled: send it in groups
-            // that stay within a GSO batch's limit (one UDP payload), or it fails whole.
-            let framed = std::mem::take(&mut self.relay_buf);
-            let fseg = seg + 4;
-            let group = flux_udp::max_gso_segments(fseg) * fseg;
-            let mut r = Ok(true);
-            for (k, batch) in framed.chunks(group).enumerate() {
-                let gso = segment_size.map(|_| fseg).filter(|_| batch.len() > fseg);
-                match self.send(batch, gso, rc.to) {
-                    // Nothing sent yet: the caller keeps the whole batch for later.
-                    Ok(false) if k == 0 => {
-                        r = Ok(false);
-                        break;
-                    }
-                    // Part sent: the rest is lost like any dropped datagram; QUIC repairs it.
-                    Ok(false) => break,
-                    Ok(true) => {}
-                    Err(e) => {
-                        r = Err(e);
-                        break;
-                    }
-                }
-            }
-            self.relay_buf = framed;
-            return r;
-        }
-        let seg = segment_size.unwrap_or(buf.len()).max(1);
-        let mut wrapped = std::mem::take(&mut link.wrapped);
-        for (n, p) in buf.chunks(seg).enumerate() {
-            let via = self.links[l].agent.wrap(now, p, &mut wrapped);
-            match via {
-                Ok(flux_ice::SendVia::Direct { to, .. }) if n == 0 => {
-                    // The whole batch goes one way: keep GSO.
-                    self.links[l].wrapped = wrapped;
-                    return self.send(buf, segment_size, to);
-                }
-                Ok(flux_ice::SendVia::Direct { to, .. }) => {
-                    let _ = self.send(p, None, to)?;
-                }
-                Ok(flux_ice::SendVia::TurnUdp { to, .. }) => {
-                    // Before the channel is bound: Send indications, one per packet. A full
-                    // socket buffer drops the packet, which QUIC recovers like a loss.
-                    let _ = self.send(&wrapped, None, to)?;
-                }
-                Ok(flux_ice::SendVia::TurnStream(id)) => {
-                    self.links[l].write_stream(id, &wrapped);
-                }
-                // Not selected yet or relay not ready: dropped like a lost packet.
-                Err(_) => {}
-            }
-        }
-        self.links[l].wrapped = wrapped;
-        Ok(true)
     }
 
     /// Sends one batch; `Ok(false)` when the socket buffer is full.
@@ -1562,136 +992,30 @@ impl Worker {
         }
     }
 
-    fn check_ended(&mut self, now: Instant) {
-        let mut newly = Vec::new();
-        for (i, c) in self.conns.iter_mut().enumerate() {
-            if c.ended {
-                continue;
-            }
-            let (over, closed) = match &c.machine {
-                Machine::Send(s) => (s.machine.is_over(), s.close_reason().is_some()),
-                Machine::Recv(s) => (s.machine.is_over(), s.close_reason().is_some()),
-            };
-            let flushed = match &mut c.machine {
-                Machine::Send(s) => s.machine.outbox().ready().is_empty(),
-                Machine::Recv(s) => s.machine.outbox().ready().is_empty(),
-            };
-            let connect_expired =
-                !c.connected && now.duration_since(c.created) > self.cfg.connect_timeout;
-            if connect_expired && !over {
-                c.error
-                    .get_or_insert_with(|| format!("could not connect to {} (timed out)", c.peer));
-            }
-            // A sender that completed lets the receiver close: closing first would discard its
-            // final Close message if a packet carrying it was lost (the receiver would see
-            // the connection die before the transfer's end). It closes itself only after
-            // SENDER_LINGER.
-            let sender = matches!(c.machine, Machine::Send(_));
-            if sender && over && flushed && !closed && c.error.is_none() && !self.cancelled {
-                let t = *c.done_at.get_or_insert(now);
-                if now.duration_since(t) < SENDER_LINGER {
-                    continue;
-                }
-            }
-            if (over && flushed) || closed || connect_expired {
-                if !closed {
-                    c.conn().close(now, 0u32.into(), bytes::Bytes::new());
-                }
-                if closed && !over {
-                    let reason = match &c.machine {
-                        Machine::Send(s) => s.close_reason().map(ToString::to_string),
-                        Machine::Recv(s) => s.close_reason().map(ToString::to_string),
-                    };
-                    let idle = self.cfg.transport.idle_timeout.as_secs_f64();
-                    c.error.get_or_insert_with(|| match reason.as_deref() {
-                        // Keep-alives go out every second: silence this long means the peer
-                        // is gone (killed, suspended, or the path went down).
-                        Some("timed out") => format!(
-                            "connection lost: the peer went away (nothing heard from it for \
-                             {idle:.0} s)"
-                        ),
-                        r => format!("connection lost: {}", r.unwrap_or_default()),
-                    });
-                }
-                c.ended = true;
-                newly.push(i);
-            }
-        }
-        for i in newly {
-            let is_host = matches!(self.role, Role::Host { .. });
-            if is_host && !self.conns[i].connected {
-                // A handshake that failed (an unpaired client, a scan): not a transfer.
-                tracing::debug!(peer = %self.conns[i].peer, error = ?self.conns[i].error, "refused a client");
-                continue;
-            }
-            self.ended += 1;
-            let error = self.conns[i].error.clone();
-            if error.is_some() {
-                self.report.failed += 1;
-            } else {
-                self.report.succeeded += 1;
-            }
-            if let Some(l) = self.conns[i].link {
-                // The transfer is over: stop checks and keepalives towards that peer.
-                self.links[l].closed = true;
-            }
-            let stats = conn_report(&mut self.conns[i], &self.links);
-            self.emit(NetEvent::Ended {
-                conn: i,
-                error,
-                stats,
-            });
-        }
-    }
-
     /// Sleeps until the socket is readable (or writable when a batch is blocked), a disk
-    /// request completes, or the next deadline — unless the last turn did work, in which case
-    /// it only checks for commands.
+    /// request completes, or the node's next deadline — unless the last turn did work, in
+    /// which case it only checks for commands.
     fn wait(&mut self, busy: bool) -> Result<(), TransferError> {
         if busy {
             return Ok(());
         }
         let now = Instant::now();
-        let mut deadline: Option<Instant> = None;
-        let mut consider = |t: Option<Instant>| {
-            if let Some(t) = t {
-                deadline = Some(deadline.map_or(t, |d: Instant| d.min(t)));
-            }
-        };
-        for c in &mut self.conns {
-            if c.ended {
-                continue;
-            }
-            consider(c.conn().poll_timeout());
-            match &mut c.machine {
-                Machine::Send(s) => consider(s.machine.poll_timeout()),
-                Machine::Recv(s) => consider(s.machine.poll_timeout()),
-            }
-        }
-        for c in self.conns.iter().filter(|c| !c.connected && !c.ended) {
-            consider(Some(c.created + self.cfg.connect_timeout));
-        }
-        for c in self.conns.iter().filter(|c| !c.ended) {
-            consider(c.done_at.map(|t| t + SENDER_LINGER));
-        }
-        for l in self.links.iter().filter(|l| l.live()) {
-            consider(l.agent.poll_timeout());
-        }
+        let deadline = self.node.poll_timeout();
         // Commands arrive through a channel the loop cannot sleep on: look at least this often
         // (more often while ICE waits for trickled candidates, and while TURN stream threads
         // may have bytes for us).
         let mut timeout = deadline.map_or(COMMAND_POLL, |d| d.saturating_duration_since(now));
         if self.control.commands.is_some() {
             timeout = timeout.min(COMMAND_POLL);
-            if self
-                .links
-                .iter()
-                .any(|l| l.live() && l.selected_after.is_none())
-            {
+            if self.node.ice_waiting() {
                 timeout = timeout.min(ICE_POLL);
             }
         }
-        if self.links.iter().any(Link::has_streams) {
+        if self
+            .turn
+            .iter()
+            .any(|(&link, s)| s.opened() && self.node.link_live(link))
+        {
             timeout = timeout.min(STREAM_POLL);
         }
         let piping = match &self.role {
@@ -1706,7 +1030,7 @@ impl Worker {
             // soon.
             timeout = timeout.min(WORK_POLL);
         }
-        let want_write = self.conns.iter().any(|c| c.blocked.is_some());
+        let want_write = self.blocked.is_some();
         let fd = self.socket.as_raw_fd();
         match self.exec.ring() {
             None => {
@@ -1735,12 +1059,9 @@ impl Worker {
     }
 }
 
-/// Most time one turn of the loop spends moving data between machines and the disk before it
+/// Most time one turn of the loop spends moving data between the node and the disk before it
 /// turns to the network again.
 const DRIVE_BUDGET: Duration = Duration::from_millis(20);
-
-/// How long a sender that completed waits for the receiver to close the connection.
-const SENDER_LINGER: Duration = Duration::from_secs(3);
 
 /// Longest sleep before the loop looks at its command channel.
 const COMMAND_POLL: Duration = Duration::from_millis(50);
@@ -1750,35 +1071,3 @@ const ICE_POLL: Duration = Duration::from_millis(5);
 const WORK_POLL: Duration = Duration::from_micros(200);
 /// Longest sleep while TURN stream threads may have bytes for the loop.
 const STREAM_POLL: Duration = Duration::from_millis(1);
-
-fn conn_report(c: &mut Conn, links: &[Link]) -> ConnReport {
-    let peer = c.peer;
-    let link = c.link.and_then(|l| links.get(l));
-    let s = c.conn().stats();
-    let rtt = c.conn().rtt();
-    ConnReport {
-        peer: Some(peer),
-        rtt,
-        packets_sent: s.path.sent_packets,
-        packets_lost: s.path.lost_packets,
-        mtu: s.path.current_mtu,
-        congestion_events: s.path.congestion_events,
-        udp_tx_bytes: s.udp_tx.bytes,
-        udp_rx_bytes: s.udp_rx.bytes,
-        route: link.and_then(|l| l.agent.selected()),
-        ice_connect: link.and_then(|l| l.selected_after),
-        link: link.map(|l| l.id),
-        ice_stats: link.map(|l| l.agent.stats()),
-    }
-}
-
-fn op_id(op: &flux_transfer::DiskOp) -> flux_transfer::OpId {
-    use flux_transfer::DiskOp;
-    match op {
-        DiskOp::Read { id, .. }
-        | DiskOp::WriteChunk { id, .. }
-        | DiskOp::Finalize { id, .. }
-        | DiskOp::Finish { id } => *id,
-        _ => flux_transfer::OpId(u64::MAX),
-    }
-}

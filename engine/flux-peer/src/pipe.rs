@@ -126,7 +126,7 @@ impl PipeSink {
             // The file is whole once every chunk is written: a flush marks that point.
             DiskOp::Finalize { id, .. } => self.send(tag, id, Bytes::new()),
             other => {
-                let id = op_id(&other);
+                let id = other.id();
                 self.done.push_back((tag, id, Ok(DiskResult::Done)));
             }
         }
@@ -326,7 +326,7 @@ impl PipeSource {
             ..
         } = op
         else {
-            let id = op_id(&op);
+            let id = op.id();
             return self.done.push_back((
                 tag,
                 id,
@@ -382,16 +382,6 @@ impl PipeSource {
 
 fn gone() -> DiskFailure {
     DiskFailure::Io("stdout: the writer thread is gone".into())
-}
-
-fn op_id(op: &DiskOp) -> OpId {
-    match op {
-        DiskOp::Read { id, .. }
-        | DiskOp::WriteChunk { id, .. }
-        | DiskOp::Finalize { id, .. }
-        | DiskOp::Finish { id } => *id,
-        _ => OpId(u64::MAX),
-    }
 }
 
 #[cfg(test)]

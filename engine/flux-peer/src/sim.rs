@@ -1,11 +1,13 @@
 //! Whole transfers between two peers over an emulated link, on a virtual clock.
 //!
-//! The sender and receiver are the real machines on real quinn-proto connections writing real
-//! files; only the network and the clock are simulated. Each direction of the link has a delay,
-//! a rate (with a bounded queue: packets beyond it are tail-dropped, as a router would), random
-//! loss, random reordering (a packet held back by an extra delay) and an MTU. Everything random
-//! comes from one seed, so a failing run is reproduced by its seed. Virtual time jumps straight
-//! to the next event, so a transfer that would take a minute of real time runs in far less.
+//! The simulator is a third driver of [`Node`], next to the io_uring and epoll drivers of
+//! [`crate::net`]: two real nodes (a host and a joiner) with their real QUIC connections, transfer
+//! machines, end policy (linger, cancel) and, optionally, ICE, writing real files; only the
+//! network and the clock are simulated. Each direction of the link has a delay, a rate (with a
+//! bounded queue: packets beyond it are tail-dropped, as a router would), random loss, random
+//! reordering (a packet held back by an extra delay) and an MTU. Everything random comes from
+//! one seed, so a failing run is reproduced by its seed. Virtual time jumps straight to the
+//! next event, so a transfer that would take a minute of real time runs in far less.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -15,18 +17,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use flux_quic::quinn_proto::{
-    Connection, ConnectionHandle, DatagramEvent, Endpoint, EndpointConfig, ServerConfig,
-};
 use flux_quic::{Identity, TransportParams};
-use flux_transfer::{
-    Event, Manifest, Receiver, ReceiverConfig, Sender, SenderConfig, TransferError,
-};
+use flux_transfer::{Event, Manifest, ReceiverConfig, SenderConfig, TransferError};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 use crate::disk::{Destination, SourceFiles};
-use crate::session::{Session, Side};
+use crate::ice::IceSetup;
+use crate::net::{Command, NetConfig, NetEvent};
+use crate::node::Node;
 
 /// One direction of the emulated link.
 #[derive(Clone, Debug)]
@@ -76,6 +75,9 @@ pub struct SimConfig {
     pub receiver: ReceiverConfig,
     /// QUIC settings of both sides.
     pub transport: TransportParams,
+    /// Reach the host through ICE (host candidates, trickled both ways over the emulated
+    /// link) instead of connecting QUIC to its address directly.
+    pub ice: bool,
 }
 
 impl SimConfig {
@@ -88,18 +90,30 @@ impl SimConfig {
             sender: SenderConfig::default(),
             receiver: ReceiverConfig::default(),
             transport: TransportParams::default(),
+            ice: false,
         }
     }
 }
 
 /// When a run stops.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub enum Stop {
     /// When both sides are done (or failed).
     Complete,
     /// Abruptly, as if both processes were killed, once the receiver has verified this many
     /// chunks.
     AfterVerified(usize),
+    /// Once the receiver has verified `after` chunks, one side is cancelled as by Ctrl-C
+    /// ([`Command::CancelWith`] with `reason`, or [`Command::Cancel`] without); the run goes on
+    /// until both sides have ended.
+    Cancel {
+        /// Chunks verified first.
+        after: usize,
+        /// Cancel the host (else the joiner).
+        host: bool,
+        /// What the cancelled side tells its peer.
+        reason: Option<String>,
+    },
 }
 
 /// What happened in a run.
@@ -127,6 +141,12 @@ pub struct Outcome {
     pub elapsed: Duration,
     /// Datagrams offered to the link, and those it dropped.
     pub datagrams: (u64, u64),
+    /// Virtual time from the start to the end of each side's connection: `(host, joiner)`.
+    /// A sender that completed lingers until the receiver closes, so the host ends after the
+    /// joiner.
+    pub ended: (Option<Duration>, Option<Duration>),
+    /// The ICE pair the joiner's connection ran on, with [`SimConfig::ice`].
+    pub route: Option<flux_ice::Selected>,
 }
 
 pub use crate::session::Tamper;
@@ -156,6 +176,8 @@ pub fn run(
 
 const SENDER_ADDR: &str = "10.0.0.1:4433";
 const RECEIVER_ADDR: &str = "10.0.0.2:50000";
+/// Segments per GSO batch the emulated sockets take.
+const SIM_GSO_SEGMENTS: usize = 10;
 
 struct Packet {
     to_sender: bool,
@@ -172,16 +194,15 @@ struct Sim {
     seq: u64,
     /// When each direction's bottleneck is next free: [to sender, to receiver].
     free_at: [Instant; 2],
-    server: Endpoint,
-    client: Endpoint,
-    sender: Option<(ConnectionHandle, Session<Sender>)>,
-    receiver: (ConnectionHandle, Session<Receiver>),
-    manifest: Arc<Manifest>,
+    host: Node,
+    join: Node,
     sources: SourceFiles,
     dest_root: PathBuf,
     dest: Option<Destination>,
     out: Outcome,
     buf: Vec<u8>,
+    host_ended: Option<Instant>,
+    join_ended: Option<Instant>,
 }
 
 impl Sim {
@@ -195,26 +216,68 @@ impl Sim {
         // The one clock reading of a run: virtual time counts from here.
         let base = Instant::now();
         let id = Identity::generate().map_err(|e| e.to_string())?;
-        let server_cfg: ServerConfig =
+        let server_cfg =
             flux_quic::server_config(&id, &cfg.transport).map_err(|e| e.to_string())?;
         let client_cfg = flux_quic::client_config(id.fingerprint(), &cfg.transport)
             .map_err(|e| e.to_string())?;
+        let net = NetConfig {
+            transport: cfg.transport.clone(),
+            sender: cfg.sender.clone(),
+            receiver: cfg.receiver.clone(),
+            auto_accept: true,
+            serve: Some(1),
+            ..NetConfig::default()
+        };
         let mut seed = [0u8; 32];
         seed[..8].copy_from_slice(&cfg.seed.to_le_bytes());
-        let ep_cfg = Arc::new(EndpointConfig::default());
-        let server = Endpoint::new(ep_cfg.clone(), Some(Arc::new(server_cfg)), true, Some(seed));
-        seed[8] = 1;
-        let mut client = Endpoint::new(ep_cfg, None, true, Some(seed));
-        let (ch, conn) = client
-            .connect(base, client_cfg, addr(SENDER_ADDR), flux_quic::SERVER_NAME)
-            .map_err(|e| e.to_string())?;
-        let mut rs = Session::new(
-            conn,
-            Receiver::new(cfg.receiver.clone()),
-            Side::Client,
-            cfg.transport.send_window,
+        let mut host = Node::host(
+            &net,
+            server_cfg,
+            manifest,
+            addr(SENDER_ADDR),
+            SIM_GSO_SEGMENTS,
+            Some(seed),
         );
-        rs.tamper = tamper;
+        seed[8] = 1;
+        let mut join = Node::join(&net, addr(RECEIVER_ADDR), SIM_GSO_SEGMENTS, Some(seed));
+        if let Some(t) = tamper {
+            join.set_tamper(t);
+        }
+        if cfg.ice {
+            let mut rng = SmallRng::seed_from_u64(cfg.seed ^ 0x1ce);
+            let mut cred = || {
+                let mut b = [0u8; 18];
+                rng.fill(&mut b);
+                flux_ice::Credentials::from_random(&b)
+            };
+            let (hc, jc) = (cred(), cred());
+            let setup = |role, ours: &flux_ice::Credentials, theirs: &flux_ice::Credentials, at| {
+                let tie = u64::from(role == flux_ice::Role::Controlling) + 7;
+                IceSetup {
+                    config: flux_ice::Config::new(role, ours.clone(), tie),
+                    hosts: vec![addr(at)],
+                    remote_credentials: theirs.clone(),
+                    remote_candidates: Vec::new(),
+                    turn_tls: None,
+                    turn_names: Vec::new(),
+                }
+            };
+            host.handle_command(
+                base,
+                Command::AddPeer {
+                    link: 0,
+                    ice: Box::new(setup(flux_ice::Role::Controlled, &hc, &jc, SENDER_ADDR)),
+                },
+            );
+            join.connect_over_ice(
+                base,
+                setup(flux_ice::Role::Controlling, &jc, &hc, RECEIVER_ADDR),
+                client_cfg,
+            );
+        } else {
+            join.connect(base, client_cfg, addr(SENDER_ADDR))
+                .map_err(|e| e.to_string())?;
+        }
         Ok(Self {
             base,
             now: base,
@@ -224,36 +287,58 @@ impl Sim {
             packets: HashMap::new(),
             seq: 0,
             free_at: [base; 2],
-            server,
-            client,
-            sender: None,
-            receiver: (ch, rs),
-            manifest,
+            host,
+            join,
             sources: SourceFiles::new(sources),
             dest_root: dest,
             dest: None,
             out: Outcome::default(),
             buf: Vec::with_capacity(64 << 10),
+            host_ended: None,
+            join_ended: None,
         })
     }
 
     fn run(&mut self, stop: Stop) {
+        let mut cancelled = false;
         loop {
             self.deliver();
-            self.timers();
-            self.step_receiver();
-            self.step_sender();
-            self.connection_lost();
-            let r_over = self.receiver.1.machine.is_over();
-            let s_over = self.sender.as_ref().is_some_and(|s| s.1.machine.is_over());
-            if let Stop::AfterVerified(n) = stop
-                && self.out.verified.len() >= n
-            {
-                self.out.interrupted = true;
-                break;
+            self.host.handle_timeout(self.now);
+            self.join.handle_timeout(self.now);
+            self.step(false);
+            self.step(true);
+            self.flush(false);
+            self.flush(true);
+            match &stop {
+                Stop::AfterVerified(n) if self.out.verified.len() >= *n => {
+                    self.out.interrupted = true;
+                    break;
+                }
+                Stop::Cancel {
+                    after,
+                    host,
+                    reason,
+                } if !cancelled && self.out.verified.len() >= *after => {
+                    cancelled = true;
+                    let cmd = match reason {
+                        Some(r) => Command::CancelWith(r.clone()),
+                        None => Command::Cancel,
+                    };
+                    let node = if *host {
+                        &mut self.host
+                    } else {
+                        &mut self.join
+                    };
+                    node.handle_command(self.now, cmd);
+                    continue;
+                }
+                _ => {}
             }
             // Run until both sides have ended, so each side's view of a failure is observed.
-            if r_over && (s_over || self.sender.is_none()) {
+            if self.join.is_done() && (self.host.is_done() || !self.host.has_connections()) {
+                // The last round of transmits reported the ends: take those events.
+                self.step(false);
+                self.step(true);
                 break;
             }
             let Some(next) = self.next_event() else {
@@ -270,51 +355,28 @@ impl Sim {
                 break;
             }
         }
+        let joined = self.join.report();
         self.out.done = self.out.sender_error.is_none()
             && self.out.receiver_error.is_none()
             && !self.out.interrupted
-            && self.receiver.1.machine.is_over();
+            && joined.succeeded == 1;
+        self.out.route = joined.conns.first().and_then(|c| c.route);
         self.out.elapsed = self.now - self.base;
-    }
-
-    /// A connection that closed under a transfer still going ends that side at once with the
-    /// reason, as the engine does ("connection lost: …"), instead of leaving its machine to
-    /// time out.
-    fn connection_lost(&mut self) {
-        let r = &mut self.receiver.1;
-        if !r.machine.is_over()
-            && let Some(reason) = r.close_reason().map(ToString::to_string)
-        {
-            r.machine.cancel();
-            self.out
-                .receiver_error
-                .get_or_insert(TransferError::Io(format!("connection lost: {reason}")));
-        }
-        if let Some((_, s)) = self.sender.as_mut()
-            && !s.machine.is_over()
-            && let Some(reason) = s.close_reason().map(ToString::to_string)
-        {
-            s.machine.cancel();
-            self.out
-                .sender_error
-                .get_or_insert(TransferError::Io(format!("connection lost: {reason}")));
-        }
+        self.out.ended = (
+            self.host_ended.map(|t| t - self.base),
+            self.join_ended.map(|t| t - self.base),
+        );
     }
 
     fn next_event(&mut self) -> Option<Instant> {
-        let mut next = self.queue.peek().map(|Reverse((t, _))| *t);
-        let mut consider = |t: Option<Instant>| {
-            if let Some(t) = t {
-                next = Some(next.map_or(t, |n: Instant| n.min(t)));
-            }
-        };
-        consider(self.receiver.1.conn.poll_timeout());
-        consider(self.receiver.1.machine.poll_timeout());
-        if let Some((_, s)) = self.sender.as_mut() {
-            consider(s.conn.poll_timeout());
-            consider(s.machine.poll_timeout());
-        }
-        next
+        [
+            self.queue.peek().map(|Reverse((t, _))| *t),
+            self.host.poll_timeout(),
+            self.join.poll_timeout(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     fn deliver(&mut self) {
@@ -326,168 +388,145 @@ impl Sim {
             let Some(p) = self.packets.remove(&seq) else {
                 continue;
             };
+            let len = p.data.len();
             let data = BytesMut::from(&p.data[..]);
             if p.to_sender {
-                let ev = self.server.handle(
-                    self.now,
-                    addr(RECEIVER_ADDR),
-                    None,
-                    None,
-                    data,
-                    &mut self.buf,
-                );
-                match ev {
-                    Some(DatagramEvent::NewConnection(inc)) => {
-                        if self.sender.is_some() {
-                            let _ = self.server.refuse(inc, &mut self.buf);
-                            continue;
-                        }
-                        if let Ok((ch, conn)) =
-                            self.server.accept(inc, self.now, &mut self.buf, None)
-                        {
-                            let m = Sender::new(self.manifest.clone(), self.cfg.sender.clone());
-                            self.sender = Some((
-                                ch,
-                                Session::new(conn, m, Side::Server, self.cfg.transport.send_window),
-                            ));
-                        }
-                    }
-                    Some(DatagramEvent::ConnectionEvent(ch, ev)) => {
-                        if let Some((sch, s)) = self.sender.as_mut()
-                            && *sch == ch
-                        {
-                            s.conn.handle_event(ev);
-                        }
-                    }
-                    Some(DatagramEvent::Response(t)) => {
-                        let d = self.buf[..t.size].to_vec();
-                        self.send(false, d);
-                    }
-                    None => {}
-                }
+                self.host
+                    .handle_datagram(self.now, addr(RECEIVER_ADDR), None, None, len, data);
             } else {
-                let ev = self.client.handle(
-                    self.now,
-                    addr(SENDER_ADDR),
-                    None,
-                    None,
-                    data,
-                    &mut self.buf,
-                );
-                match ev {
-                    Some(DatagramEvent::ConnectionEvent(ch, ev)) if ch == self.receiver.0 => {
-                        self.receiver.1.conn.handle_event(ev);
-                    }
-                    Some(DatagramEvent::Response(t)) => {
-                        let d = self.buf[..t.size].to_vec();
-                        self.send(true, d);
-                    }
-                    _ => {}
-                }
+                self.join
+                    .handle_datagram(self.now, addr(SENDER_ADDR), None, None, len, data);
             }
         }
     }
 
-    fn timers(&mut self) {
-        let now = self.now;
-        let r = &mut self.receiver.1;
-        if r.conn.poll_timeout().is_some_and(|t| t <= now) {
-            r.conn.handle_timeout(now);
-        }
-        r.machine.handle_timeout(now);
-        if let Some((_, s)) = self.sender.as_mut() {
-            if s.conn.poll_timeout().is_some_and(|t| t <= now) {
-                s.conn.handle_timeout(now);
-            }
-            s.machine.handle_timeout(now);
-        }
-    }
-
-    fn step_receiver(&mut self) {
+    /// Performs one node's disk requests at once (virtual time: the disk takes none) and
+    /// takes its events, until nothing moves.
+    fn step(&mut self, host: bool) {
         let now = self.now;
         loop {
-            self.receiver.1.drive(now);
             let mut progressed = false;
-            while let Some(op) = self.receiver.1.machine.poll_disk() {
+            let node = if host { &mut self.host } else { &mut self.join };
+            while let Some((conn, op)) = node.poll_disk(now) {
                 progressed = true;
-                let Some(dest) = self.dest.as_mut() else {
+                let (id, res) = if host {
+                    self.sources.execute(op)
+                } else {
+                    match self.dest.as_mut() {
+                        Some(d) => d.execute(op),
+                        None => (
+                            op.id(),
+                            Err(flux_transfer::DiskFailure::Io("no destination".into())),
+                        ),
+                    }
+                };
+                node.handle_disk_done(now, conn, id, res);
+            }
+            loop {
+                let node = if host { &mut self.host } else { &mut self.join };
+                let Some(ev) = node.poll_event(now) else {
                     break;
                 };
-                let (id, res) = dest.execute(op);
-                self.receiver.1.machine.handle_disk_done(now, id, res);
-            }
-            while let Some(ev) = self.receiver.1.machine.poll_event() {
                 progressed = true;
+                let mut trickle = None;
                 match ev {
-                    Event::ManifestReady => {
-                        let Some(m) = self.receiver.1.machine.manifest().cloned() else {
-                            continue;
+                    NetEvent::Transfer { conn, event, .. } => {
+                        self.record(host, conn, event);
+                    }
+                    NetEvent::LocalCandidate { candidate, .. } => trickle = Some(candidate),
+                    NetEvent::Ended { error, .. } => {
+                        let (slot, at) = if host {
+                            (&mut self.out.sender_error, &mut self.host_ended)
+                        } else {
+                            (&mut self.out.receiver_error, &mut self.join_ended)
                         };
-                        let dest = Destination::new(self.dest_root.clone(), m);
-                        match dest.scan() {
-                            Ok(local) => self.receiver.1.machine.accept(now, local),
-                            Err(e) => {
-                                self.out.receiver_error = Some(TransferError::Io(e.to_string()));
-                                self.receiver.1.machine.cancel();
-                            }
+                        at.get_or_insert(now);
+                        if let Some(e) = error {
+                            slot.get_or_insert(TransferError::Io(e));
                         }
-                        self.dest = Some(dest);
-                    }
-                    Event::ChunkVerified { file, index, .. } => {
-                        self.out.verified.push((file, index))
-                    }
-                    Event::ChunkCorrupt { .. } => self.out.corrupt += 1,
-                    Event::FileSkipped { .. } => self.out.skipped += 1,
-                    Event::Failed(e) => {
-                        self.out.receiver_error.get_or_insert(e);
                     }
                     _ => {}
+                }
+                if let Some(candidate) = trickle {
+                    // Signaling, instantly: the candidate reaches the other node.
+                    let other = if host { &mut self.join } else { &mut self.host };
+                    other.handle_command(now, Command::RemoteCandidate { link: 0, candidate });
                 }
             }
             if !progressed {
                 break;
             }
-        }
-        let (ch, s) = (self.receiver.0, &mut self.receiver.1);
-        for d in flush(&mut s.conn, ch, &mut self.client, now, &mut self.buf) {
-            self.send(true, d);
         }
     }
 
-    fn step_sender(&mut self) {
+    fn record(&mut self, host: bool, conn: usize, event: Event) {
         let now = self.now;
-        let Some((ch, s)) = self.sender.as_mut() else {
-            return;
-        };
-        loop {
-            s.drive(now);
-            let mut progressed = false;
-            while let Some(op) = s.machine.poll_disk() {
-                progressed = true;
-                let (id, res) = self.sources.execute(op);
-                s.machine.handle_disk_done(now, id, res);
-            }
-            while let Some(ev) = s.machine.poll_event() {
-                progressed = true;
-                match ev {
-                    Event::ChunkSent {
-                        file, index, wire, ..
-                    } => {
-                        self.out.sent.push((file, index));
-                        self.out.wire_bytes += u64::from(wire);
+        match event {
+            Event::ManifestReady if !host => {
+                let Some(m) = self.join.receiver(conn).and_then(|r| r.manifest().cloned()) else {
+                    return;
+                };
+                let dest = Destination::new(self.dest_root.clone(), m);
+                match dest.scan() {
+                    Ok(local) => self.join.accept(now, &local, None),
+                    Err(e) => {
+                        self.out.receiver_error = Some(TransferError::Io(e.to_string()));
+                        if let Some(r) = self.join.receiver(conn) {
+                            r.cancel();
+                        }
                     }
-                    Event::Failed(e) => {
-                        self.out.sender_error.get_or_insert(e);
-                    }
-                    _ => {}
                 }
+                self.dest = Some(dest);
             }
-            if !progressed {
+            Event::ChunkSent {
+                file, index, wire, ..
+            } => {
+                self.out.sent.push((file, index));
+                self.out.wire_bytes += u64::from(wire);
+            }
+            Event::ChunkVerified { file, index, .. } => self.out.verified.push((file, index)),
+            Event::ChunkCorrupt { .. } => self.out.corrupt += 1,
+            Event::FileSkipped { .. } => self.out.skipped += 1,
+            Event::Failed(e) => {
+                let slot = if host {
+                    &mut self.out.sender_error
+                } else {
+                    &mut self.out.receiver_error
+                };
+                slot.get_or_insert(e);
+            }
+            _ => {}
+        }
+    }
+
+    /// Puts what a node sends on the link, GSO batches split into datagrams.
+    fn flush(&mut self, host: bool) {
+        let now = self.now;
+        loop {
+            let mut any = false;
+            loop {
+                let node = if host { &mut self.host } else { &mut self.join };
+                let Some(t) = node.poll_transmit(now, &mut self.buf) else {
+                    break;
+                };
+                any = true;
+                let data = std::mem::take(&mut self.buf);
+                let size = t.size.min(data.len());
+                match t.segment_size {
+                    Some(seg) if seg > 0 => {
+                        for p in data[..size].chunks(seg) {
+                            self.send(!host, p.to_vec());
+                        }
+                    }
+                    _ => self.send(!host, data[..size].to_vec()),
+                }
+                self.buf = data;
+            }
+            // A node hands out a few batches per connection per call round: ask until it has
+            // nothing at this instant.
+            if !any {
                 break;
             }
-        }
-        for d in flush(&mut s.conn, *ch, &mut self.server, now, &mut self.buf) {
-            self.send(false, d);
         }
     }
 
@@ -519,34 +558,6 @@ impl Sim {
         self.seq += 1;
         self.queue.push(Reverse((at, self.seq)));
         self.packets.insert(self.seq, Packet { to_sender, data });
-    }
-}
-
-/// Routes a connection's endpoint events and collects its datagrams (GSO batches split).
-fn flush(
-    conn: &mut Connection,
-    ch: ConnectionHandle,
-    endpoint: &mut Endpoint,
-    now: Instant,
-    buf: &mut Vec<u8>,
-) -> Vec<Vec<u8>> {
-    while let Some(ev) = conn.poll_endpoint_events() {
-        if let Some(ce) = endpoint.handle_event(ch, ev) {
-            conn.handle_event(ce);
-        }
-    }
-    let mut out = Vec::new();
-    while let Some(t) = conn.poll_transmit(now, 10, buf) {
-        split(&buf[..t.size], t.segment_size, &mut out);
-        buf.clear();
-    }
-    out
-}
-
-fn split(buf: &[u8], segment: Option<usize>, out: &mut Vec<Vec<u8>>) {
-    match segment {
-        Some(seg) if seg > 0 => out.extend(buf.chunks(seg).map(<[u8]>::to_vec)),
-        _ => out.push(buf.to_vec()),
     }
 }
 

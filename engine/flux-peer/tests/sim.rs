@@ -109,7 +109,19 @@ fn transfer(
     stop: Stop,
     tamper: Option<sim::Tamper>,
 ) -> Outcome {
-    let share = scan(&[fx.src.join(root)], None).unwrap();
+    transfer_in(fx, root, None, cfg, stop, tamper)
+}
+
+/// [`transfer`] with a chunk size (`None`: picked from the largest file).
+fn transfer_in(
+    fx: &Fixture,
+    root: &str,
+    chunk: Option<u32>,
+    cfg: SimConfig,
+    stop: Stop,
+    tamper: Option<sim::Tamper>,
+) -> Outcome {
+    let share = scan(&[fx.src.join(root)], chunk).unwrap();
     sim::run(
         Arc::new(share.manifest),
         share.sources,
@@ -466,4 +478,120 @@ fn symlink_planted_in_destination_is_not_followed() {
         0,
         "wrote outside the destination"
     );
+}
+
+/// A small tree of a few files, chunked small so a transfer has many chunks.
+fn small_tree(fx: &Fixture, seed: u64) {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    for i in 0..4 {
+        write_file(
+            &fx.src.join(format!("t/f{i}")),
+            600_000 + i * 7_777,
+            &mut rng,
+        );
+    }
+}
+
+/// Like [`transfer`], in the smallest chunks so a small tree makes many.
+fn transfer_small(fx: &Fixture, cfg: SimConfig, stop: Stop) -> Outcome {
+    let chunk = Some(flux_transfer::manifest::MIN_CHUNK_SIZE);
+    transfer_in(fx, "t", chunk, cfg, stop, None)
+}
+
+#[test]
+fn the_sender_lingers_until_the_receiver_has_closed() {
+    let seed = seed();
+    let fx = fixture();
+    small_tree(&fx, seed);
+    let o = transfer_small(&fx, SimConfig::with_seed(seed), Stop::Complete);
+    assert_done(&o, seed);
+    assert_same_tree(&fx.src.join("t"), &fx.dest.join("t"));
+    let (Some(host), Some(joiner)) = o.ended else {
+        panic!("seed {seed}: a side never ended: {:?}", o.ended);
+    };
+    // The receiver closes once everything is in place; the sender, done earlier, waits for
+    // that close (one link delay away) instead of closing first, and well before its linger
+    // runs out.
+    assert!(
+        host > joiner,
+        "seed {seed}: host ended at {host:?}, joiner at {joiner:?}"
+    );
+    assert!(
+        host - joiner < flux_peer::node::SENDER_LINGER,
+        "seed {seed}: host lingered {:?}",
+        host - joiner
+    );
+}
+
+/// Cancels one side (as by Ctrl-C, with `reason`) after ten verified chunks of the small
+/// tree; asserts the other side was told why and both sides ended.
+fn cancel_mid_transfer(host: bool, reason: &str) -> (Fixture, Outcome, u64) {
+    let seed = seed();
+    let fx = fixture();
+    small_tree(&fx, seed);
+    let stop = Stop::Cancel {
+        after: 10,
+        host,
+        reason: Some(reason.into()),
+    };
+    let o = transfer_small(&fx, SimConfig::with_seed(seed), stop);
+    assert!(!o.done, "seed {seed}: {o:?}");
+    let told = if host {
+        &o.receiver_error
+    } else {
+        &o.sender_error
+    };
+    let err = told.as_ref().map(ToString::to_string);
+    assert!(
+        err.as_deref().is_some_and(|e| e.contains(reason)),
+        "seed {seed}: the peer's error {err:?}"
+    );
+    let (Some(_), Some(_)) = o.ended else {
+        panic!("seed {seed}: a side never ended: {:?}", o.ended);
+    };
+    (fx, o, seed)
+}
+
+#[test]
+fn a_host_cancelled_mid_transfer_tells_the_receiver_and_a_resume_finishes() {
+    let (fx, o, seed) = cancel_mid_transfer(true, "the host stopped (Ctrl-C)");
+    assert!(
+        o.verified.len() >= 10,
+        "seed {seed}: {} verified",
+        o.verified.len()
+    );
+    let kept: HashSet<(u32, u32)> = o.verified.iter().copied().collect();
+    let again = transfer_small(&fx, SimConfig::with_seed(seed), Stop::Complete);
+    assert_done(&again, seed);
+    assert_same_tree(&fx.src.join("t"), &fx.dest.join("t"));
+    let resent = again.sent.iter().filter(|c| kept.contains(c)).count();
+    assert_eq!(
+        resent, 0,
+        "seed {seed}: {resent} verified chunks were sent again"
+    );
+}
+
+#[test]
+fn a_receiver_cancelled_mid_transfer_tells_the_sender() {
+    cancel_mid_transfer(false, "the receiver stopped (Ctrl-C)");
+}
+
+#[test]
+fn ice_finds_the_path_over_a_lossy_link_and_quic_runs_on_it() {
+    let seed = seed();
+    let fx = fixture();
+    small_tree(&fx, seed);
+    let mut cfg = SimConfig::with_seed(seed);
+    cfg.ice = true;
+    cfg.link.loss = 0.02;
+    let o = transfer_small(&fx, cfg, Stop::Complete);
+    assert_done(&o, seed);
+    assert_same_tree(&fx.src.join("t"), &fx.dest.join("t"));
+    let route = o.route.expect("the connection ran over an ICE pair");
+    assert_eq!(
+        route.remote.to_string(),
+        "10.0.0.1:4433",
+        "seed {seed}: {route:?}"
+    );
+    assert_eq!(route.kind.as_str(), "host", "seed {seed}: {route:?}");
 }

@@ -175,6 +175,18 @@ pub enum DiskOp {
     },
 }
 
+impl DiskOp {
+    /// The request's id, to complete (or fail) it.
+    pub fn id(&self) -> OpId {
+        match self {
+            Self::Read { id, .. }
+            | Self::WriteChunk { id, .. }
+            | Self::Finalize { id, .. }
+            | Self::Finish { id } => *id,
+        }
+    }
+}
+
 /// The outcome of a [`DiskOp`].
 #[derive(Debug)]
 pub enum DiskResult {
