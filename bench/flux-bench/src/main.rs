@@ -20,6 +20,7 @@
 mod disk;
 mod natlab;
 mod plot;
+mod s2n;
 mod side;
 mod thru;
 
@@ -73,7 +74,7 @@ struct RunArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "uring,epoll,uring-no-gso,epoll-no-gso,quinn,quinn-no-hash,quinn-mem,iperf3,scp"
+        default_value = "uring,epoll,uring-no-gso,epoll-no-gso,quinn,quinn-no-hash,quinn-mem,s2n-mem,iperf3,scp"
     )]
     rows: Vec<Row>,
     /// Run between two network namespaces over a 1500-MTU veth pair instead of loopback.
@@ -134,6 +135,9 @@ enum Row {
     QuinnNoHash,
     /// quinn on tokio, memory to memory: no disk, no hashing (like quinn's perf tool).
     QuinnMem,
+    /// s2n-quic driven by our own loop (flux-quic-s2n on a flux-udp socket, no tokio), memory
+    /// to memory like `quinn-mem`.
+    S2nMem,
     /// iperf3 TCP, memory to memory, no encryption.
     Iperf3,
     /// scp to localhost.
@@ -241,6 +245,20 @@ enum SideCmd {
         #[command(flatten)]
         common: SideCommon,
     },
+    /// s2n-quic host, memory to memory (the file only gives the size).
+    S2nHost {
+        #[arg(long)]
+        file: PathBuf,
+        #[command(flatten)]
+        common: SideCommon,
+    },
+    /// s2n-quic joiner, reading into nothing.
+    S2nJoin {
+        #[command(flatten)]
+        to: JoinTo,
+        #[command(flatten)]
+        common: SideCommon,
+    },
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -312,6 +330,8 @@ fn run_side(side: SideCmd) -> Result<()> {
         } => side::quinn_join(
             to.peer, &to.fp, &to.dest, hash, mem, c.max_mtu, c.bind, &c.out,
         ),
+        SideCmd::S2nHost { file, common: c } => s2n::host(&file, c.max_mtu, c.bind, &c.out),
+        SideCmd::S2nJoin { to, common: c } => s2n::join(to.peer, &to.fp, c.max_mtu, c.bind, &c.out),
     }
 }
 
@@ -485,6 +505,9 @@ fn run_matrix(a: &RunArgs) -> Result<()> {
                 Row::Quinn | Row::QuinnNoHash | Row::QuinnMem => {
                     run_quinn(row, &src, &dest, a, &place).map(Some)
                 }
+                Row::S2nMem => {
+                    run_pair(("s2n-host", "s2n-join"), &[], &src, &dest, a, &place).map(Some)
+                }
                 Row::Iperf3 => run_iperf3(a.size, &place),
                 Row::Scp => run_scp(&src, &dest, a.size),
                 Row::Thru | Row::RelayCurl | Row::RelayBrowser => run_thru(row, &src, &dest, a),
@@ -493,7 +516,9 @@ fn run_matrix(a: &RunArgs) -> Result<()> {
                 Ok(Some(r)) => {
                     // Every file-to-file row must have delivered the same bytes.
                     let got = dest.join(src.file_name().unwrap_or_default());
-                    if !matches!(row, Row::Iperf3 | Row::QuinnMem) && file_hash(&got)? != want {
+                    if !matches!(row, Row::Iperf3 | Row::QuinnMem | Row::S2nMem)
+                        && file_hash(&got)? != want
+                    {
                         bail!("{}: received file differs from the source", rr.label);
                     }
                     eprintln!(
@@ -534,6 +559,7 @@ fn run_matrix(a: &RunArgs) -> Result<()> {
         ),
         ("uring / quinn mem->mem", Row::Uring, Row::QuinnMem),
         ("epoll / quinn mem->mem", Row::Epoll, Row::QuinnMem),
+        ("s2n mem->mem / quinn mem->mem", Row::S2nMem, Row::QuinnMem),
         ("uring / epoll", Row::Uring, Row::Epoll),
         ("uring auto / direct", Row::Uring, Row::UringDirect),
         ("uring auto / buffered", Row::Uring, Row::UringBuffered),
@@ -602,6 +628,7 @@ fn label(row: Row) -> String {
         Row::Quinn => "quinn on tokio (BLAKE3 per 4 MiB)",
         Row::QuinnNoHash => "quinn on tokio (no hashing)",
         Row::QuinnMem => "quinn on tokio mem->mem (no disk/hash)",
+        Row::S2nMem => "s2n-quic on our loop mem->mem (no disk/hash)",
         Row::Iperf3 => "iperf3 TCP mem->mem, no crypto",
         Row::Scp => "scp localhost",
         Row::Thru => "thru host -> thru join (direct)",

@@ -155,7 +155,7 @@ fn net_config(o: &EngineOpts) -> NetConfig {
     cfg
 }
 
-fn finish(mut r: SideReport, start: Instant, out: &Path) -> Result<()> {
+pub(crate) fn finish(mut r: SideReport, start: Instant, out: &Path) -> Result<()> {
     r.wall_s = start.elapsed().as_secs_f64();
     let (cpu, rss) = usage();
     r.cpu_s = cpu;
@@ -284,7 +284,7 @@ pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn unhex(s: &str) -> Result<[u8; 32]> {
+pub(crate) fn unhex(s: &str) -> Result<[u8; 32]> {
     let mut out = [0u8; 32];
     if s.len() != 64 {
         bail!("fingerprint must be 64 hex digits");
