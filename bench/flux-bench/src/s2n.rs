@@ -37,9 +37,12 @@ fn config(max_mtu: u16, bind: SocketAddr) -> Config {
     }
 }
 
-fn socket(bind: SocketAddr) -> Result<UdpPump> {
+fn socket(bind: SocketAddr, r: &mut SideReport) -> Result<UdpPump> {
     let s =
         UdpSocket::bind(bind, &SocketConfig::default()).map_err(|e| anyhow!("bind {bind}: {e}"))?;
+    let caps = s.capabilities();
+    r.gso = Some(caps.gso);
+    r.gro = Some(caps.gro);
     Ok(UdpPump::new(s))
 }
 
@@ -76,13 +79,13 @@ pub fn host(file: &Path, max_mtu: u16, bind: SocketAddr, out: &Path) -> Result<(
     };
     let res = (|| -> Result<()> {
         let size = std::fs::metadata(file)?.len();
-        let mut pump = socket(bind)?;
+        let mut pump = socket(bind, &mut r)?;
         let local = pump.socket().local_addr().map_err(|e| anyhow!("{e}"))?;
         let id = Identity::generate()?;
+        // A previous run's fingerprint must not be pinned: the joiner writes a fresh one.
+        let _ = std::fs::remove_file(fp_file(out));
         let pins = Arc::new(PinSet::new());
         let mut ep = Endpoint::server(local, &id, pins.clone(), &config(max_mtu, bind), start)?;
-        r.gso = Some(pump.socket().capabilities().gso);
-        r.gro = Some(pump.socket().capabilities().gro);
         println!("READY {local} {}", hex(&id.fingerprint()));
         let piece = Bytes::from(vec![0x5au8; PIECE]);
         let (mut pinned, mut conn, mut stream) = (false, None::<Connection>, None);
@@ -163,7 +166,7 @@ pub fn join(
         let id = Identity::generate()?;
         std::fs::write(fp_file(out), hex(&id.fingerprint()))
             .context("write the joiner's fingerprint")?;
-        let mut pump = socket(bind)?;
+        let mut pump = socket(bind, &mut r)?;
         let local = pump.socket().local_addr().map_err(|e| anyhow!("{e}"))?;
         let pins = PinSet::of(unhex(fp_hex)?);
         let mut ep = Endpoint::client(local, &id, pins, &config(max_mtu, bind), start)?;
