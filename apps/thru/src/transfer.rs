@@ -29,7 +29,7 @@ use clap::ValueEnum;
 use flux_peer::disk::{ModePolicy, Resolutions};
 use flux_peer::exec::DiskMode;
 use flux_peer::ice::IceSetup;
-use flux_peer::net::{self, Command, Control, Driver, NetConfig, NetEvent, NetReport};
+use flux_peer::net::{self, Command, Control, Driver, NetConfig, NetError, NetEvent, NetReport};
 use flux_quic::{AllowList, Fingerprint, Identity, TransportParams};
 use flux_transfer::{Event, LocalFile, Manifest};
 use flux_wire::EntryKind;
@@ -794,7 +794,7 @@ fn receive_from(
     // `thru host --text`: the text, once accepted; printed when the transfer succeeded.
     let mut shown_text: Option<Arc<str>> = None;
     let mut verdict: Option<TransferError> = None;
-    let mut ended: Option<(Option<String>, net::ConnReport)> = None;
+    let mut ended: Option<(Option<NetError>, net::ConnReport)> = None;
     let mut ice_failed: Option<String> = None;
     let mut listed = false;
     // On a terminal, during the transfer: `p` pauses and resumes.
@@ -983,7 +983,7 @@ fn receive_from(
                 (Event::Paused(p), None) => ui.pause(&paired.peer_label, p, true),
                 _ => {}
             },
-            NetEvent::Ended { error, stats, .. } => ended = Some((error, stats)),
+            NetEvent::Ended { error, stats, .. } => ended = Some((error, *stats)),
         }
     }
     // The terminal back as it was, before any final message.
@@ -1000,11 +1000,9 @@ fn receive_from(
         .and_then(|(e, _)| e.clone())
         .or(report.error.clone());
     if let Some(e) = error {
-        if e.contains("--out - writes a single file") {
-            return Err(TransferError::NotSingleFile(
-                e.split_once("receiver declined: ")
-                    .map_or(e.clone(), |(_, r)| r.to_owned()),
-            ));
+        if let NetError::Refused(r) = &e {
+            // This side refused a share of several files for `--out -`.
+            return Err(TransferError::NotSingleFile(r.clone()));
         }
         if let Some(ice) = ice_failed {
             // ICE's own words: `failed to establish ICE connection: …`.
@@ -1334,7 +1332,7 @@ fn joiner_resume(kept: Option<u64>, stream: bool) -> String {
 
 /// A lost connection or a stop by the peer, said from this side: who went away, what is
 /// kept, and how to resume. `peer_is_host` on the joiner; `kept` is what the joiner holds.
-fn explain_end(e: &str, peer_is_host: bool, kept: Option<u64>, stream: bool) -> String {
+fn explain_end(e: &NetError, peer_is_host: bool, kept: Option<u64>, stream: bool) -> String {
     let who = if peer_is_host {
         "the host"
     } else {
@@ -1345,12 +1343,13 @@ fn explain_end(e: &str, peer_is_host: bool, kept: Option<u64>, stream: bool) -> 
     } else {
         "it can run `thru join …` again to resume".to_string()
     };
-    if let Some((_, reason)) = e.split_once("peer reported Cancelled: ") {
+    if let Some(reason) = e.peer_stopped() {
         // The peer's own words (`the receiver stopped (Ctrl-C); 12.0 MiB kept`).
         return format!("{}; {resume}", ui::safe_text(reason));
     }
-    if let Some((_, rest)) = e.split_once("the peer went away") {
-        return format!("{who} went away{rest}; {resume}");
+    if let NetError::PeerGone { idle } = e {
+        let idle = idle.as_secs_f64();
+        return format!("{who} went away (nothing heard from it for {idle:.0} s); {resume}");
     }
     if stream {
         // Any other end of a stream: still say it cannot be resumed.
@@ -1360,11 +1359,8 @@ fn explain_end(e: &str, peer_is_host: bool, kept: Option<u64>, stream: bool) -> 
 }
 
 /// The receiver's reason when engine error `e` is its refusal of the offer.
-fn declined(e: &str) -> Option<TransferError> {
-    // The engine reports a refusal as `flux_transfer::TransferError::Declined`, whose text
-    // starts with this.
-    let reason = e.split_once("receiver declined: ")?.1;
-    Some(TransferError::Declined(ui::safe_text(reason)))
+fn declined(e: &NetError) -> Option<TransferError> {
+    Some(TransferError::Declined(ui::safe_text(e.declined()?)))
 }
 
 /// What the host side learns as its engine serves joiners.

@@ -275,7 +275,7 @@ fn fill(r: &mut SideReport, rep: &net::NetReport) {
         r.packets_sent = c.packets_sent;
         r.packets_lost = c.packets_lost;
     }
-    r.error = rep.error.clone();
+    r.error = rep.error.as_ref().map(ToString::to_string);
     r.sync_s = rep.sync_time.map(|d| d.as_secs_f64());
 }
 

@@ -27,6 +27,7 @@
 
 pub mod compress;
 pub mod disk;
+pub mod error;
 pub mod exec;
 pub mod ice;
 pub mod net;

@@ -42,6 +42,7 @@ use flux_transfer::{Event, LocalFile, Manifest, ReceiverConfig, SenderConfig, Tr
 use flux_udp::{GRO_BUF_LEN, RecvMeta, UdpSocket};
 
 use crate::disk::{Destination, ModePolicy, Resolutions, SourceFiles};
+pub use crate::error::NetError;
 use crate::exec::{DiskChoice, DiskExec, DiskMode, DiskStats};
 use crate::ice::{IceSetup, TurnReport, TurnStreams};
 use crate::node::{Node, TurnOp};
@@ -264,9 +265,9 @@ pub enum NetEvent {
         /// Connection number.
         conn: usize,
         /// The failure, if it failed.
-        error: Option<String>,
-        /// Statistics of the connection.
-        stats: ConnReport,
+        error: Option<NetError>,
+        /// Statistics of the connection (boxed: the event is rare and they are large).
+        stats: Box<ConnReport>,
     },
 }
 
@@ -315,7 +316,7 @@ pub struct NetReport {
     /// Transfers that failed.
     pub failed: usize,
     /// The first failure, for a single transfer.
-    pub error: Option<String>,
+    pub error: Option<NetError>,
     /// Per-connection statistics, in connection order.
     pub conns: Vec<ConnReport>,
     /// Datagrams that were neither QUIC nor ICE/STUN/TURN (dropped).
@@ -640,7 +641,7 @@ impl Worker {
         d.set_resolutions(resolved);
         let mut local = match d.scan() {
             Ok(l) => l,
-            Err(e) => return self.node.fail(e.to_string()),
+            Err(e) => return self.node.fail(NetError::Destination(e)),
         };
         // An answered clash is no clash for the machine: the entry is fetched whole, then
         // dropped, put under its new name or in place of what is here (Destination).
@@ -897,7 +898,7 @@ impl Worker {
                 Ok(p) => *pipe = Some(p),
                 Err(e) => {
                     r.reject(&e);
-                    self.node.set_error(conn, e);
+                    self.node.set_error(conn, NetError::Refused(e));
                     return;
                 }
             }
@@ -928,7 +929,7 @@ impl Worker {
             }
             Err(e) => {
                 r.cancel();
-                self.node.set_error(conn, e.to_string());
+                self.node.set_error(conn, NetError::Destination(e));
             }
         }
     }

@@ -33,6 +33,7 @@ use flux_transfer::{
     TransferError,
 };
 
+use crate::error::NetError;
 use crate::ice::{IceSetup, Link, LinkNote, TurnReport};
 use crate::net::{Command, ConnReport, NetConfig, NetEvent, NetReport};
 use crate::session::{Session, Side, Tamper};
@@ -115,7 +116,7 @@ struct Conn {
     /// When the connection attempt began (the handshake must finish within the timeout).
     created: Instant,
     ended: bool,
-    error: Option<String>,
+    error: Option<NetError>,
     /// The ICE link the connection runs over (index into `Node::links`).
     link: Option<usize>,
     /// Until when the connection waits for the peer to close it: a sender that completed,
@@ -380,7 +381,7 @@ impl Node {
     }
 
     /// Records `error` as connection `conn`'s failure (kept if one is already recorded).
-    pub fn set_error(&mut self, conn: usize, error: String) {
+    pub fn set_error(&mut self, conn: usize, error: NetError) {
         if let Some(c) = self.conns.get_mut(conn) {
             c.error.get_or_insert(error);
         }
@@ -404,7 +405,7 @@ impl Node {
 
     /// Ends the node with `error` (a failure before any machine could: the destination cannot
     /// be scanned).
-    pub fn fail(&mut self, error: String) {
+    pub fn fail(&mut self, error: NetError) {
         self.report.error = Some(error);
         self.cancel_with(None);
     }
@@ -469,7 +470,7 @@ impl Node {
         self.cancelled = true;
         self.dirty = true;
         if self.pending_client.take().is_some() {
-            self.report.error.get_or_insert_with(|| "cancelled".into());
+            self.report.error.get_or_insert(NetError::Cancelled);
         }
         for c in &mut self.conns {
             // A transfer that completed (a sender waiting for the receiver to close) stays a
@@ -487,11 +488,11 @@ impl Node {
                 (Machine::Recv(s), None) => s.machine.cancel(),
             }
             if !c.ended {
-                c.error.get_or_insert_with(|| "cancelled".into());
+                c.error.get_or_insert(NetError::Cancelled);
             }
         }
         if self.conns.is_empty() {
-            self.report.error.get_or_insert_with(|| "cancelled".into());
+            self.report.error.get_or_insert(NetError::Cancelled);
         }
     }
 
@@ -739,12 +740,12 @@ impl Node {
                         if let Some(client) = self.pending_client.take() {
                             let peer = self.links[i].quic_addr.unwrap_or(route.remote);
                             if let Err(e) = self.connect_link(now, client, peer, Some(i)) {
-                                self.report.error.get_or_insert_with(|| e.to_string());
+                                self.report.error.get_or_insert(NetError::Transfer(e));
                             }
                         }
                     }
                     LinkNote::Failed(why) => {
-                        let error = format!("failed to establish ICE connection: {why}");
+                        let error = NetError::Ice(why);
                         tracing::warn!(link = id, "{error}");
                         if self.pending_client.take().is_some() {
                             self.report.error.get_or_insert_with(|| error.clone());
@@ -752,8 +753,10 @@ impl Node {
                         for c in self.conns.iter_mut().filter(|c| c.link == Some(i)) {
                             c.error.get_or_insert_with(|| error.clone());
                         }
-                        self.events
-                            .push_back(NetEvent::IceFailed { link: id, error });
+                        self.events.push_back(NetEvent::IceFailed {
+                            link: id,
+                            error: error.to_string(),
+                        });
                     }
                     LinkNote::App(d) => {
                         if let Some(addr) = self.links[i].quic_addr {
@@ -860,7 +863,7 @@ impl Node {
         for (i, c) in self.conns.iter_mut().enumerate() {
             while let Some(ev) = with_session!(&mut c.machine, s => s.machine.poll_event()) {
                 if let Event::Failed(e) = &ev {
-                    c.error.get_or_insert_with(|| e.to_string());
+                    c.error.get_or_insert_with(|| NetError::Transfer(e.clone()));
                     // A failure of our own was sent to the peer; one the peer reported was not.
                     c.reported |=
                         !matches!(e, TransferError::Peer { .. } | TransferError::Declined(_));
@@ -1068,8 +1071,7 @@ impl Node {
             let connect_expired =
                 !c.connected && now.duration_since(c.created) > self.cfg.connect_timeout;
             if connect_expired && !over {
-                c.error
-                    .get_or_insert_with(|| format!("could not connect to {} (timed out)", c.peer));
+                c.error.get_or_insert(NetError::ConnectTimeout(c.peer));
             }
             // A sender that completed lets the receiver close: closing first would discard its
             // final Close message if a packet carrying it was lost (the receiver would see
@@ -1100,6 +1102,7 @@ impl Node {
                     let (code, reason) = match &c.error {
                         None => (0u32, bytes::Bytes::new()),
                         Some(e) => {
+                            let e = e.to_string();
                             let mut end = e.len().min(MAX_CLOSE_REASON);
                             while !e.is_char_boundary(end) {
                                 end -= 1;
@@ -1112,15 +1115,12 @@ impl Node {
                 if closed && !over {
                     let reason =
                         with_session!(&c.machine, s => s.close_reason().map(ToString::to_string));
-                    let idle = self.cfg.transport.idle_timeout.as_secs_f64();
+                    let idle = self.cfg.transport.idle_timeout;
                     c.error.get_or_insert_with(|| match reason.as_deref() {
                         // Keep-alives go out every second: silence this long means the peer
                         // is gone (killed, suspended, or the path went down).
-                        Some("timed out") => format!(
-                            "connection lost: the peer went away (nothing heard from it for \
-                             {idle:.0} s)"
-                        ),
-                        r => format!("connection lost: {}", r.unwrap_or_default()),
+                        Some("timed out") => NetError::PeerGone { idle },
+                        r => NetError::ConnectionLost(r.unwrap_or_default().to_string()),
                     });
                 }
                 c.ended = true;
@@ -1144,7 +1144,7 @@ impl Node {
                 // The transfer is over: stop checks and keepalives towards that peer.
                 self.links[l].closed = true;
             }
-            let stats = conn_report(&mut self.conns[i], &self.links);
+            let stats = Box::new(conn_report(&mut self.conns[i], &self.links));
             self.events.push_back(NetEvent::Ended {
                 conn: i,
                 error,

@@ -24,7 +24,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::disk::{Destination, SourceFiles};
 use crate::ice::IceSetup;
-use crate::net::{Command, NetConfig, NetEvent};
+use crate::net::{Command, NetConfig, NetError, NetEvent};
 use crate::node::Node;
 
 /// One direction of the emulated link.
@@ -442,7 +442,10 @@ impl Sim {
                         };
                         at.get_or_insert(now);
                         if let Some(e) = error {
-                            slot.get_or_insert(TransferError::Io(e));
+                            slot.get_or_insert(match e {
+                                NetError::Transfer(t) => t,
+                                other => TransferError::Io(other.to_string()),
+                            });
                         }
                     }
                     _ => {}
