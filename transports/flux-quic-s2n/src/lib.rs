@@ -474,7 +474,7 @@ impl Endpoint {
         };
         let attempt = client.connect(Connect::new(remote).with_server_name(SERVER_NAME));
         Ok(Connecting {
-            attempt,
+            attempt: Some(attempt),
             waker: self.waker.clone(),
             pins: self.pins.clone(),
         })
@@ -495,7 +495,8 @@ impl Endpoint {
 
 /// A client connection in its handshake.
 pub struct Connecting {
-    attempt: s2n_quic::client::ConnectionAttempt,
+    /// `None` once the attempt has ended: s2n's future must not be polled after that.
+    attempt: Option<s2n_quic::client::ConnectionAttempt>,
     waker: Waker,
     pins: Arc<PinSet>,
 }
@@ -507,11 +508,21 @@ impl std::fmt::Debug for Connecting {
 }
 
 impl Connecting {
-    /// `None` while the handshake runs; then the connection, or why it failed.
+    /// `None` while the handshake runs; then the connection, or why it failed (once: later
+    /// calls report that the attempt is over).
     pub fn poll(&mut self) -> Option<Result<Connection, Error>> {
         use std::future::Future;
+        let Some(attempt) = self.attempt.as_mut() else {
+            return Some(Err(Error::Role(
+                "this connection attempt has already ended",
+            )));
+        };
         let mut cx = Context::from_waker(&self.waker);
-        match std::pin::Pin::new(&mut self.attempt).poll(&mut cx) {
+        let res = std::pin::Pin::new(attempt).poll(&mut cx);
+        if res.is_ready() {
+            self.attempt = None;
+        }
+        match res {
             Poll::Pending => None,
             Poll::Ready(Ok(conn)) => Some(Ok(Connection::new(conn, self.waker.clone()))),
             Poll::Ready(Err(e)) => Some(Err(match self.pins.take_refused() {

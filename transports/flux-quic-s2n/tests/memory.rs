@@ -141,3 +141,8 @@ impl Wire for CountingMemory<'_> {
 fn a_reset_stream_is_seen_by_the_reader() {
     common::reset_seen(Memory::new());
 }
+
+#[test]
+fn two_connections_share_one_path() {
+    common::two_connections_one_path(Memory::new());
+}

@@ -95,3 +95,8 @@ fn moves_64_mib_on_one_uni_stream_byte_identical() {
 fn a_reset_stream_is_seen_by_the_reader() {
     common::reset_seen(Loopback::new());
 }
+
+#[test]
+fn two_connections_share_one_socket_pair() {
+    common::two_connections_one_path(Loopback::new());
+}

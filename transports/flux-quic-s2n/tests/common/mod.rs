@@ -269,3 +269,86 @@ pub fn reset_seen<W: Wire>(wire: W) {
     });
     assert_eq!(err, StreamError::Reset(7));
 }
+
+/// Two connections between the same two endpoints (one 5-tuple, told apart by connection ID),
+/// each carrying its own stream: what several workers sharing the path ICE chose would need.
+pub fn two_connections_one_path<W: Wire>(wire: W) {
+    let (c, s) = ids();
+    let pins = (PinSet::of(s.fingerprint()), PinSet::of(c.fingerprint()));
+    let mut p = Pair::new(wire, (&c, &s), pins);
+    let server_addr = p.server.local_addr();
+    let mut attempts = vec![
+        p.client.connect(server_addr).expect("connect"),
+        p.client.connect(server_addr).expect("connect"),
+    ];
+    let mut clients: Vec<Connection> = Vec::new();
+    let mut servers: Vec<Connection> = Vec::new();
+    p.run_until(Duration::from_secs(10), |_, srv| {
+        while let Some(conn) = srv.accept() {
+            servers.push(conn);
+        }
+        attempts.retain_mut(|a| match a.poll() {
+            Some(r) => {
+                clients.push(r.expect("handshake"));
+                false
+            }
+            None => true,
+        });
+        (clients.len() == 2 && servers.len() == 2).then_some(())
+    });
+    // Each client connection sends its index on a stream of its own; each server connection
+    // must receive exactly one of them, and both must arrive.
+    let mut sent = Vec::new();
+    for (i, conn) in clients.iter_mut().enumerate() {
+        let mut tx = conn
+            .open_uni()
+            .expect("open")
+            .expect("a stream is available");
+        let mut msg = Bytes::from(pattern(100_000, i as u64 + 1));
+        while !msg.is_empty() {
+            assert!(
+                tx.write(&mut msg).expect("write") > 0,
+                "100 kB fits the send buffer"
+            );
+        }
+        tx.finish().expect("finish");
+        sent.push(blake3::hash(&pattern(100_000, i as u64 + 1)));
+    }
+    let mut got: Vec<Option<blake3::Hasher>> = vec![None, None];
+    let mut rx: Vec<Option<flux_quic_s2n::RecvStream>> = vec![None, None];
+    let mut done = [false, false];
+    p.run_until(Duration::from_secs(10), |_, _| {
+        for i in 0..2 {
+            if rx[i].is_none() {
+                rx[i] = servers[i].accept_uni().expect("accept");
+            }
+            let Some(r) = rx[i].as_mut() else { continue };
+            let h = got[i].get_or_insert_with(blake3::Hasher::new);
+            loop {
+                match r.read().expect("read") {
+                    Read::Data(b) => {
+                        h.update(&b);
+                    }
+                    Read::Blocked => break,
+                    Read::Finished => {
+                        done[i] = true;
+                        break;
+                    }
+                }
+            }
+        }
+        (done == [true, true]).then_some(())
+    });
+    let mut hashes: Vec<blake3::Hash> = got
+        .into_iter()
+        .map(|h| h.expect("hasher").finalize())
+        .collect();
+    hashes.sort_by_key(|h| *h.as_bytes());
+    sent.sort_by_key(|h| *h.as_bytes());
+    assert_eq!(
+        hashes, sent,
+        "each connection carried its own stream intact"
+    );
+    let addrs: Vec<_> = servers.iter().map(|c| c.remote_addr()).collect();
+    assert_eq!(addrs[0], addrs[1], "both connections share one 5-tuple");
+}
