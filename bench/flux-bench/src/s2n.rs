@@ -164,8 +164,10 @@ pub fn join(
     };
     let res = (|| -> Result<()> {
         let id = Identity::generate()?;
-        std::fs::write(fp_file(out), hex(&id.fingerprint()))
-            .context("write the joiner's fingerprint")?;
+        // Written whole, then renamed, so the host never reads half of it.
+        let tmp = fp_file(out).with_extension("tmp");
+        std::fs::write(&tmp, hex(&id.fingerprint())).context("write the joiner's fingerprint")?;
+        std::fs::rename(&tmp, fp_file(out)).context("publish the joiner's fingerprint")?;
         let mut pump = socket(bind, &mut r)?;
         let local = pump.socket().local_addr().map_err(|e| anyhow!("{e}"))?;
         let pins = PinSet::of(unhex(fp_hex)?);

@@ -18,6 +18,9 @@ struct Memory {
     /// `(arrival, to the server, from, datagram)`, in arrival order.
     wire: VecDeque<(Instant, bool, SocketAddr, Transmit)>,
     batches: usize,
+    /// Drop every n-th datagram (segment), if set.
+    drop_every: Option<usize>,
+    segments: usize,
 }
 
 impl Memory {
@@ -29,6 +32,15 @@ impl Memory {
             now,
             wire: VecDeque::new(),
             batches: 0,
+            drop_every: None,
+            segments: 0,
+        }
+    }
+
+    fn lossy(every: usize) -> Self {
+        Self {
+            drop_every: Some(every),
+            ..Self::new()
         }
     }
 }
@@ -73,7 +85,19 @@ impl Wire for Memory {
             } else {
                 &mut *client
             };
-            ep.handle(self.now, from, t.ecn, &mut t.contents, t.segment_size);
+            match self.drop_every {
+                None => ep.handle(self.now, from, t.ecn, &mut t.contents, t.segment_size),
+                Some(n) => {
+                    // Segment by segment, so single datagrams of a batch can be lost.
+                    let stride = t.segment_size.unwrap_or(t.contents.len()).max(1);
+                    for seg in t.contents.chunks_mut(stride) {
+                        self.segments += 1;
+                        if !self.segments.is_multiple_of(n) {
+                            ep.handle(self.now, from, t.ecn, seg, None);
+                        }
+                    }
+                }
+            }
             ep.recycle(t.contents);
         }
         for ep in [client, server] {
@@ -112,6 +136,14 @@ fn moves_64_mib_on_one_uni_stream_byte_identical() {
         stats.lost_packets, 0,
         "a lossless link lost packets: {stats:?}"
     );
+}
+
+#[test]
+fn recovers_from_loss_on_virtual_time() {
+    // Every 50th datagram lost, both ways: loss detection and retransmission run on the
+    // caller's (virtual) clock through handle_timeout.
+    let stats = common::bulk(Memory::lossy(50), 8 << 20, Duration::from_secs(600));
+    assert!(stats.lost_packets > 0, "{stats:?}");
 }
 
 #[test]
