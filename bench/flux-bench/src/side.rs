@@ -346,7 +346,7 @@ pub fn quinn_host(
     let res: Result<()> = rt.block_on(async {
         use tokio::io::AsyncReadExt;
         let id = Identity::generate()?;
-        let server = flux_quic::server_config(&id, &quinn_transport(max_mtu))?;
+        let server = flux_quic::quinn::server_config(&id, &quinn_transport(max_mtu))?;
         let ep = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
             Some(server),
@@ -446,7 +446,7 @@ pub fn quinn_join(
     let dest_file: PathBuf = dest_file.to_owned();
     let res: Result<()> = rt.block_on(async {
         use tokio::io::AsyncWriteExt;
-        let client = flux_quic::client_config(fp, &quinn_transport(max_mtu))?;
+        let client = flux_quic::quinn::client_config(fp, &quinn_transport(max_mtu))?;
         let mut ep = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
             None,

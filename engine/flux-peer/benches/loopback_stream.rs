@@ -11,11 +11,9 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use flux_quic::quinn_proto::{
-    Connection, ConnectionHandle, DatagramEvent, Dir, Endpoint, Event, StreamEvent,
-};
 use flux_quic::{Identity, TransportParams};
 use flux_udp::{GRO_BUF_LEN, RecvMeta, SocketConfig, UdpSocket};
+use quinn_proto::{Connection, ConnectionHandle, DatagramEvent, Dir, Endpoint, Event, StreamEvent};
 
 const BYTES: usize = 64 << 20;
 
@@ -98,15 +96,15 @@ fn flush(side: &mut Side, tx: &mut Vec<u8>, now: Instant) {
 fn one_stream(offload: bool) {
     let id = Identity::generate().unwrap();
     let params = TransportParams::default();
-    let server_cfg = flux_quic::server_config(&id, &params).unwrap();
-    let client_cfg = flux_quic::client_config(id.fingerprint(), &params).unwrap();
+    let server_cfg = flux_quic::quinn::server_config(&id, &params).unwrap();
+    let client_cfg = flux_quic::quinn::client_config(id.fingerprint(), &params).unwrap();
     let sc = SocketConfig {
         gso: offload,
         gro: offload,
         ..SocketConfig::default()
     };
     let bind = "127.0.0.1:0".parse().unwrap();
-    let ecfg = Arc::new(flux_quic::endpoint_config());
+    let ecfg = Arc::new(flux_quic::quinn::endpoint_config());
     let mut server = Side {
         sock: UdpSocket::bind(bind, &sc).unwrap(),
         ep: Endpoint::new(ecfg.clone(), Some(Arc::new(server_cfg)), true, None),
@@ -159,11 +157,7 @@ fn one_stream(offload: bool) {
                 }
             }
             // The client's first uni stream has id 2 (client-initiated, unidirectional).
-            let sid = flux_quic::quinn_proto::StreamId::new(
-                flux_quic::quinn_proto::Side::Client,
-                Dir::Uni,
-                0,
-            );
+            let sid = quinn_proto::StreamId::new(quinn_proto::Side::Client, Dir::Uni, 0);
             if let Ok(mut rs) = c.recv_stream(sid).read(true) {
                 while let Ok(Some(ch)) = rs.next(usize::MAX) {
                     read += ch.bytes.len();

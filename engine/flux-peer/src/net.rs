@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use crossbeam_channel::{Receiver as Rx, Sender as Tx, TryRecvError};
 use flux_engine::{BackendKind, DiskIo, Op};
-use flux_quic::quinn_proto::{ClientConfig, ServerConfig};
+use flux_quic::quinn::QuinnEndpoint;
 use flux_quic::{AllowList, Fingerprint, Identity, TransportParams};
 use flux_transfer::{Event, LocalFile, Manifest, ReceiverConfig, SenderConfig, TransferError};
 use flux_udp::{GRO_BUF_LEN, RecvMeta, UdpSocket};
@@ -371,11 +371,9 @@ pub fn host(
     cfg: &NetConfig,
     control: Control,
 ) -> Result<NetReport, TransferError> {
-    let server = match &cfg.allowed_joiners {
-        Some(allowed) => flux_quic::server_config_mutual(identity, &cfg.transport, allowed.clone()),
-        None => flux_quic::server_config(identity, &cfg.transport),
-    }
-    .map_err(|e| TransferError::Io(format!("QUIC configuration: {e}")))?;
+    let endpoint =
+        QuinnEndpoint::server(identity, &cfg.transport, cfg.allowed_joiners.clone(), None)
+            .map_err(|e| TransferError::Io(format!("QUIC configuration: {e}")))?;
     // A stream share is read from stdin (`thru host -`).
     let stream = match manifest.stream() {
         Some(_) => Some(
@@ -389,7 +387,7 @@ pub fn host(
         sources: SourceFiles::new(sources),
         stream,
     };
-    Worker::new(socket, cfg, control, Some(server), role)?.run()
+    Worker::new(socket, cfg, control, endpoint, role)?.run()
 }
 
 /// Connects to the host at `peer`, accepting only the certificate `pinned`, and receives into
@@ -402,8 +400,8 @@ pub fn join(
     cfg: &NetConfig,
     control: Control,
 ) -> Result<NetReport, TransferError> {
-    let (mut w, client) = Worker::joiner(socket, pinned, dest, cfg, control)?;
-    w.node.connect(Instant::now(), client, peer)?;
+    let mut w = Worker::joiner(socket, pinned, dest, cfg, control)?;
+    w.node.connect(Instant::now(), peer)?;
     w.run()
 }
 
@@ -418,9 +416,9 @@ pub fn join_ice(
     cfg: &NetConfig,
     control: Control,
 ) -> Result<NetReport, TransferError> {
-    let (mut w, client) = Worker::joiner(socket, pinned, dest, cfg, control)?;
+    let mut w = Worker::joiner(socket, pinned, dest, cfg, control)?;
     w.add_turn(0, &ice);
-    w.node.connect_over_ice(Instant::now(), ice, client);
+    w.node.connect_over_ice(Instant::now(), ice);
     w.run()
 }
 
@@ -472,7 +470,7 @@ impl Worker {
         socket: UdpSocket,
         cfg: &NetConfig,
         control: Control,
-        server: Option<ServerConfig>,
+        endpoint: QuinnEndpoint,
         role: Role,
     ) -> Result<Self, TransferError> {
         let io = match cfg.driver {
@@ -496,11 +494,11 @@ impl Worker {
             .local_addr()
             .map_err(|e| TransferError::Io(format!("socket address: {e}")))?;
         let max_segments = caps.max_gso_segments(1452);
-        let node = match (&role, server) {
-            (Role::Host { manifest, .. }, Some(server)) => {
-                Node::host(cfg, server, manifest.clone(), local, max_segments, None)
+        let node = match &role {
+            Role::Host { manifest, .. } => {
+                Node::host(cfg, endpoint, manifest.clone(), local, max_segments)
             }
-            _ => Node::join(cfg, local, max_segments, None),
+            Role::Join { .. } => Node::join(cfg, endpoint, local, max_segments),
         };
         Ok(Self {
             node,
@@ -525,26 +523,24 @@ impl Worker {
         })
     }
 
-    /// A receiving worker and the QUIC client settings that pin the host.
+    /// A receiving worker whose QUIC client pins the host's `pinned` certificate.
     fn joiner(
         socket: UdpSocket,
         pinned: Fingerprint,
         dest: PathBuf,
         cfg: &NetConfig,
         control: Control,
-    ) -> Result<(Self, ClientConfig), TransferError> {
-        let client = match &cfg.client_identity {
-            Some(id) => flux_quic::client_config_with_identity(pinned, id, &cfg.transport),
-            None => flux_quic::client_config(pinned, &cfg.transport),
-        }
-        .map_err(|e| TransferError::Io(format!("QUIC configuration: {e}")))?;
+    ) -> Result<Self, TransferError> {
+        let endpoint =
+            QuinnEndpoint::client(pinned, cfg.client_identity.as_deref(), &cfg.transport, None)
+                .map_err(|e| TransferError::Io(format!("QUIC configuration: {e}")))?;
         let role = Role::Join {
             dest_root: dest,
             dest: None,
             pipe: None,
             offered: false,
         };
-        Ok((Self::new(socket, cfg, control, None, role)?, client))
+        Self::new(socket, cfg, control, endpoint, role)
     }
 
     /// TURN streams for a new ICE link (the node itself does no I/O).

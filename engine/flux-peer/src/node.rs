@@ -25,9 +25,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use flux_quic::quinn_proto::{
-    ClientConfig, ConnectionHandle, DatagramEvent, EcnCodepoint, Endpoint, ServerConfig, VarInt,
-};
+use flux_quic::conn::{Closed, QuicConnection};
+use flux_quic::quinn::{Incoming, QuinnConn, QuinnEndpoint, Received};
 use flux_transfer::{
     DiskFailure, DiskOp, DiskResult, Event, LocalFile, Manifest, OpId, Receiver, Sender,
     TransferError,
@@ -94,8 +93,8 @@ pub enum TurnOp {
 
 /// The transfer machine of a connection.
 enum Machine {
-    Send(Session<Sender>),
-    Recv(Session<Receiver>),
+    Send(Session<Sender, QuinnConn>),
+    Recv(Session<Receiver, QuinnConn>),
 }
 
 /// Calls `$body` with the session bound to `$s`, whichever machine it runs.
@@ -109,7 +108,6 @@ macro_rules! with_session {
 }
 
 struct Conn {
-    handle: ConnectionHandle,
     machine: Machine,
     peer: SocketAddr,
     connected: bool,
@@ -132,15 +130,8 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(
-        handle: ConnectionHandle,
-        machine: Machine,
-        peer: SocketAddr,
-        now: Instant,
-        link: Option<usize>,
-    ) -> Self {
+    fn new(machine: Machine, peer: SocketAddr, now: Instant, link: Option<usize>) -> Self {
         Self {
-            handle,
             machine,
             peer,
             connected: false,
@@ -155,7 +146,7 @@ impl Conn {
         }
     }
 
-    fn conn(&mut self) -> &mut flux_quic::quinn_proto::Connection {
+    fn conn(&mut self) -> &mut QuinnConn {
         with_session!(&mut self.machine, s => &mut s.conn)
     }
 
@@ -175,15 +166,15 @@ struct Queued {
 /// The sans-IO peer core of one worker (module docs).
 pub struct Node {
     cfg: NetConfig,
-    endpoint: Endpoint,
+    endpoint: QuinnEndpoint,
     conns: Vec<Conn>,
     /// Host: the share. Joiner: `None`.
     share: Option<Arc<Manifest>>,
     links: Vec<Link>,
     /// Every remote address a link selected, to its link: QUIC from there belongs to it.
     link_addrs: HashMap<SocketAddr, usize>,
-    /// Joiner over ICE: the QUIC client settings, until a pair is selected.
-    pending_client: Option<ClientConfig>,
+    /// Joiner over ICE: connect once a pair is selected.
+    pending_connect: bool,
     /// The socket's own address (its port, and the address when not bound to a wildcard).
     local: SocketAddr,
     /// Most segments per GSO batch the driver's socket takes.
@@ -221,18 +212,11 @@ impl std::fmt::Debug for Node {
 impl Node {
     fn new(
         cfg: &NetConfig,
-        server: Option<ServerConfig>,
+        endpoint: QuinnEndpoint,
         share: Option<Arc<Manifest>>,
         local: SocketAddr,
         max_segments: usize,
-        seed: Option<[u8; 32]>,
     ) -> Self {
-        let endpoint = Endpoint::new(
-            Arc::new(flux_quic::endpoint_config()),
-            server.map(Arc::new),
-            true,
-            seed,
-        );
         Self {
             cfg: cfg.clone(),
             endpoint,
@@ -240,7 +224,7 @@ impl Node {
             share,
             links: Vec::new(),
             link_addrs: HashMap::new(),
-            pending_client: None,
+            pending_connect: false,
             local,
             max_segments: max_segments.max(1),
             report: NetReport::default(),
@@ -257,29 +241,27 @@ impl Node {
         }
     }
 
-    /// A host serving `share` with the QUIC `server` settings, on a socket bound to `local`
-    /// that takes GSO batches of up to `max_segments`. `seed` makes the endpoint's random
-    /// choices repeatable (simulation).
+    /// A host serving `share` on a server `endpoint` (its identity, and the joiners it lets
+    /// in), on a socket bound to `local` that takes GSO batches of up to `max_segments`.
     pub fn host(
         cfg: &NetConfig,
-        server: ServerConfig,
+        endpoint: QuinnEndpoint,
         share: Arc<Manifest>,
         local: SocketAddr,
         max_segments: usize,
-        seed: Option<[u8; 32]>,
     ) -> Self {
-        Self::new(cfg, Some(server), Some(share), local, max_segments, seed)
+        Self::new(cfg, endpoint, Some(share), local, max_segments)
     }
 
-    /// A joiner; it connects with [`Node::connect`], or over ICE with
-    /// [`Node::connect_over_ice`].
+    /// A joiner on a client `endpoint` (which pins the host); it connects with
+    /// [`Node::connect`], or over ICE with [`Node::connect_over_ice`].
     pub fn join(
         cfg: &NetConfig,
+        endpoint: QuinnEndpoint,
         local: SocketAddr,
         max_segments: usize,
-        seed: Option<[u8; 32]>,
     ) -> Self {
-        Self::new(cfg, None, None, local, max_segments, seed)
+        Self::new(cfg, endpoint, None, local, max_segments)
     }
 
     /// Alters received bytes before the receiving machine sees them (tests inject corruption).
@@ -287,34 +269,27 @@ impl Node {
         self.tamper = Some(tamper);
     }
 
-    /// Joiner: connects to `peer` with `client` settings.
-    pub fn connect(
-        &mut self,
-        now: Instant,
-        client: ClientConfig,
-        peer: SocketAddr,
-    ) -> Result<(), TransferError> {
-        self.connect_link(now, client, peer, None)
+    /// Joiner: connects to `peer`.
+    pub fn connect(&mut self, now: Instant, peer: SocketAddr) -> Result<(), TransferError> {
+        self.connect_link(now, peer, None)
     }
 
-    /// Joiner: runs ICE with the host (link 0) and connects with `client` over the first
-    /// selected pair.
-    pub fn connect_over_ice(&mut self, now: Instant, ice: IceSetup, client: ClientConfig) {
+    /// Joiner: runs ICE with the host (link 0) and connects over the first selected pair.
+    pub fn connect_over_ice(&mut self, now: Instant, ice: IceSetup) {
         self.links.push(Link::new(0, ice, now));
-        self.pending_client = Some(client);
+        self.pending_connect = true;
     }
 
     fn connect_link(
         &mut self,
         now: Instant,
-        client: ClientConfig,
         peer: SocketAddr,
         link: Option<usize>,
     ) -> Result<(), TransferError> {
-        let (handle, conn) = self
+        let conn = self
             .endpoint
-            .connect(now, client, peer, flux_quic::SERVER_NAME)
-            .map_err(|e| TransferError::Io(format!("connect to {peer}: {e}")))?;
+            .connect(now, peer)
+            .map_err(|e| TransferError::Io(e.to_string()))?;
         let mut rcfg = self.cfg.receiver.clone();
         if self.cfg.pipe {
             rcfg.features |= flux_wire::FEATURE_IN_ORDER;
@@ -326,7 +301,7 @@ impl Node {
             self.cfg.transport.send_window,
         );
         session.tamper = self.tamper.take();
-        let mut c = Conn::new(handle, Machine::Recv(session), peer, now, link);
+        let mut c = Conn::new(Machine::Recv(session), peer, now, link);
         c.tuner = Some(flux_quic::WindowTuner::new(self.cfg.transport.conn_window));
         self.conns.push(c);
         self.dirty = true;
@@ -351,7 +326,7 @@ impl Node {
             return all_ended;
         }
         match self.share {
-            None => self.pending_client.is_none() && all_ended,
+            None => !self.pending_connect && all_ended,
             Some(_) => self.cfg.serve.is_some_and(|n| self.ended >= n && all_ended),
         }
     }
@@ -469,7 +444,7 @@ impl Node {
     fn cancel_with(&mut self, reason: Option<&str>) {
         self.cancelled = true;
         self.dirty = true;
-        if self.pending_client.take().is_some() {
+        if std::mem::take(&mut self.pending_connect) {
             self.report.error.get_or_insert(NetError::Cancelled);
         }
         for c in &mut self.conns {
@@ -509,7 +484,6 @@ impl Node {
     ) {
         self.dirty = true;
         let stride = stride.max(1);
-        let ecn = ecn.and_then(EcnCodepoint::from_bits);
         let local = SocketAddr::new(dst_ip.unwrap_or(self.local.ip()), self.local.port());
         while !data.is_empty() {
             let seg = data.split_to(stride.min(data.len()));
@@ -592,44 +566,38 @@ impl Node {
         now: Instant,
         from: SocketAddr,
         dst_ip: Option<IpAddr>,
-        ecn: Option<EcnCodepoint>,
+        ecn: Option<u8>,
         seg: BytesMut,
     ) {
-        self.resp_buf.clear();
         match self
             .endpoint
             .handle(now, from, dst_ip, ecn, seg, &mut self.resp_buf)
         {
-            Some(DatagramEvent::ConnectionEvent(h, ev)) => {
-                if let Some(c) = self.conns.iter_mut().find(|c| c.handle == h) {
-                    c.conn().handle_event(ev);
+            Some(Received::Conn(input)) => {
+                let mine = |c: &&mut Conn| with_session!(&c.machine, s => s.conn.takes(&input));
+                if let Some(c) = self.conns.iter_mut().find(mine) {
+                    c.conn().handle_input(input);
                 }
             }
-            Some(DatagramEvent::NewConnection(inc)) => self.incoming(now, inc),
-            Some(DatagramEvent::Response(t)) => self.respond(&t),
+            Some(Received::Incoming(inc)) => self.incoming(now, inc),
+            Some(Received::Response(t)) => self.respond(&t),
             None => {}
         }
     }
 
-    fn incoming(&mut self, now: Instant, inc: flux_quic::quinn_proto::Incoming) {
-        let Some(share) = self.share.clone() else {
-            self.resp_buf.clear();
-            let t = self.endpoint.refuse(inc, &mut self.resp_buf);
-            self.respond(&t);
-            return;
-        };
+    fn incoming(&mut self, now: Instant, inc: Incoming) {
         let live = self.conns.iter().filter(|c| !c.ended).count();
         let serving_done = self.cfg.serve.is_some_and(|n| self.ended + live >= n);
-        if self.cancelled || live >= self.cfg.max_receivers || serving_done {
-            self.resp_buf.clear();
-            let t = self.endpoint.refuse(inc, &mut self.resp_buf);
-            self.respond(&t);
-            return;
-        }
+        let share = match self.share.clone() {
+            Some(s) if !self.cancelled && live < self.cfg.max_receivers && !serving_done => s,
+            _ => {
+                let t = self.endpoint.refuse(inc, &mut self.resp_buf);
+                return self.respond(&t);
+            }
+        };
         let peer = inc.remote_address();
-        self.resp_buf.clear();
-        match self.endpoint.accept(inc, now, &mut self.resp_buf, None) {
-            Ok((handle, conn)) => {
+        match self.endpoint.accept(now, inc, &mut self.resp_buf) {
+            Ok(conn) => {
                 let link = self
                     .links
                     .iter()
@@ -641,11 +609,11 @@ impl Node {
                     Side::Server,
                     self.cfg.transport.send_window,
                 ));
-                self.conns.push(Conn::new(handle, machine, peer, now, link));
+                self.conns.push(Conn::new(machine, peer, now, link));
             }
-            Err(e) => {
-                tracing::debug!(peer = %peer, error = %e.cause, "refused a connection");
-                if let Some(t) = e.response {
+            Err(response) => {
+                tracing::debug!(peer = %peer, "refused a connection");
+                if let Some(t) = response {
                     self.respond(&t);
                 }
             }
@@ -654,7 +622,7 @@ impl Node {
 
     /// Queues an endpoint's stateless response (a refusal, a version negotiation, a reset),
     /// best effort: a lost one is like a lost datagram.
-    fn respond(&mut self, t: &flux_quic::quinn_proto::Transmit) {
+    fn respond(&mut self, t: &flux_quic::conn::Transmit) {
         self.out.push_back(Queued {
             to: t.destination,
             data: self.resp_buf[..t.size.min(self.resp_buf.len())].to_vec(),
@@ -687,12 +655,10 @@ impl Node {
                 && let Some(t) = c.tuner.as_mut()
                 && t.next_sample().is_none_or(|at| now >= at)
             {
-                let (received, rtt) =
-                    with_session!(&mut c.machine, s => (s.conn.stats().udp_rx.bytes, s.conn.rtt()));
-                if let Some(w) = t.sample(now, received, rtt) {
-                    tracing::debug!(window = w, ?rtt, "receive window grown");
-                    c.conn()
-                        .set_receive_window(VarInt::from_u64(w).unwrap_or(VarInt::MAX));
+                let s = with_session!(&c.machine, s => s.conn.stats());
+                if let Some(w) = t.sample(now, s.udp_rx_bytes, s.rtt) {
+                    tracing::debug!(window = w, rtt = ?s.rtt, "receive window grown");
+                    c.conn().set_receive_window(w);
                 }
             }
         }
@@ -737,9 +703,9 @@ impl Node {
                             route,
                             after,
                         });
-                        if let Some(client) = self.pending_client.take() {
+                        if std::mem::take(&mut self.pending_connect) {
                             let peer = self.links[i].quic_addr.unwrap_or(route.remote);
-                            if let Err(e) = self.connect_link(now, client, peer, Some(i)) {
+                            if let Err(e) = self.connect_link(now, peer, Some(i)) {
                                 self.report.error.get_or_insert(NetError::Transfer(e));
                             }
                         }
@@ -747,7 +713,7 @@ impl Node {
                     LinkNote::Failed(why) => {
                         let error = NetError::Ice(why);
                         tracing::warn!(link = id, "{error}");
-                        if self.pending_client.take().is_some() {
+                        if std::mem::take(&mut self.pending_connect) {
                             self.report.error.get_or_insert_with(|| error.clone());
                         }
                         for c in self.conns.iter_mut().filter(|c| c.link == Some(i)) {
@@ -797,7 +763,7 @@ impl Node {
             }
             if !c.connected && !c.conn().is_handshaking() && !c.conn().is_closed() {
                 c.connected = true;
-                let fingerprint = flux_quic::peer_fingerprint(c.conn());
+                let fingerprint = c.conn().peer_fingerprint();
                 self.events.push_back(NetEvent::Connected {
                     conn: i,
                     peer: c.peer,
@@ -806,12 +772,7 @@ impl Node {
                 });
             }
             with_session!(&mut c.machine, s => s.drive(now));
-            let handle = c.handle;
-            while let Some(ev) = c.conn().poll_endpoint_events() {
-                if let Some(ce) = self.endpoint.handle_event(handle, ev) {
-                    c.conn().handle_event(ce);
-                }
-            }
+            self.endpoint.sync(c.conn());
         }
     }
 
@@ -902,12 +863,7 @@ impl Node {
                 if c.tx_rounds >= SEND_ROUNDS {
                     continue;
                 }
-                let handle = c.handle;
-                while let Some(ev) = c.conn().poll_endpoint_events() {
-                    if let Some(ce) = self.endpoint.handle_event(handle, ev) {
-                        c.conn().handle_event(ce);
-                    }
-                }
+                self.endpoint.sync(c.conn());
                 buf.clear();
                 let Some(t) = c.conn().poll_transmit(now, self.max_segments, buf) else {
                     c.tx_rounds = SEND_ROUNDS;
@@ -1110,17 +1066,17 @@ impl Node {
                             (1, bytes::Bytes::copy_from_slice(&e.as_bytes()[..end]))
                         }
                     };
-                    c.conn().close(now, code.into(), reason);
+                    c.conn().close(now, code, reason);
                 }
                 if closed && !over {
-                    let reason =
-                        with_session!(&c.machine, s => s.close_reason().map(ToString::to_string));
+                    let reason = with_session!(&c.machine, s => s.close_reason().cloned());
                     let idle = self.cfg.transport.idle_timeout;
-                    c.error.get_or_insert_with(|| match reason.as_deref() {
+                    c.error.get_or_insert_with(|| match reason {
                         // Keep-alives go out every second: silence this long means the peer
                         // is gone (killed, suspended, or the path went down).
-                        Some("timed out") => NetError::PeerGone { idle },
-                        r => NetError::ConnectionLost(r.unwrap_or_default().to_string()),
+                        Some(Closed::TimedOut) => NetError::PeerGone { idle },
+                        Some(Closed::Other(r)) => NetError::ConnectionLost(r),
+                        None => NetError::ConnectionLost(String::new()),
                     });
                 }
                 c.ended = true;
@@ -1174,16 +1130,15 @@ fn conn_report(c: &mut Conn, links: &[Link]) -> ConnReport {
     let peer = c.peer;
     let link = c.link.and_then(|l| links.get(l));
     let s = c.conn().stats();
-    let rtt = c.conn().rtt();
     ConnReport {
         peer: Some(peer),
-        rtt,
-        packets_sent: s.path.sent_packets,
-        packets_lost: s.path.lost_packets,
-        mtu: s.path.current_mtu,
-        congestion_events: s.path.congestion_events,
-        udp_tx_bytes: s.udp_tx.bytes,
-        udp_rx_bytes: s.udp_rx.bytes,
+        rtt: s.rtt,
+        packets_sent: s.sent_packets,
+        packets_lost: s.lost_packets,
+        mtu: s.mtu,
+        congestion_events: s.congestion_events,
+        udp_tx_bytes: s.udp_tx_bytes,
+        udp_rx_bytes: s.udp_rx_bytes,
         route: link.and_then(|l| l.agent.selected()),
         ice_connect: link.and_then(|l| l.selected_after),
         link: link.map(|l| l.id),

@@ -1,4 +1,4 @@
-//! A transfer machine running over one quinn-proto connection.
+//! A transfer machine running over one QUIC connection (any [`QuicConnection`]).
 //!
 //! The session maps the machine's [`Stream`]s to QUIC streams (the receiver, as QUIC client,
 //! opens the control stream; the sender opens one unidirectional stream per lane), moves bytes
@@ -9,10 +9,8 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::Instant;
 
-use flux_quic::quinn_proto::{
-    Connection, ConnectionError, Dir, Event as QEvent, ReadError, StreamEvent, StreamId, VarInt,
-    WriteError,
-};
+use bytes::Bytes;
+use flux_quic::conn::{Closed, ConnEvent, Dir, QuicConnection, ReadEnd, StreamId, WriteError};
 use flux_transfer::{Machine, Stream};
 
 /// A hook that may alter bytes the receiver reads: `(stream, offset in stream, bytes)`.
@@ -31,14 +29,18 @@ pub enum Side {
 /// the rest of the loop.
 const READ_BUDGET: usize = 8 << 20;
 
+/// Bytes taken from QUIC per read call: the machine's appetite (`wants_data`) is checked
+/// between calls, so it is overfed by at most this much.
+const READ_PIECE: usize = 1 << 20;
+
 /// The least QUIC send window (bytes written and not yet acknowledged) a session keeps: enough
 /// for slow start's first round trips on any path.
 const SEND_WINDOW_FLOOR: u64 = 2 << 20;
 
 /// A machine bound to a connection.
-pub struct Session<M> {
+pub struct Session<M, C> {
     /// The QUIC connection.
-    pub conn: Connection,
+    pub conn: C,
     /// The transfer machine.
     pub machine: M,
     side: Side,
@@ -46,7 +48,7 @@ pub struct Session<M> {
     out_lanes: HashMap<u16, StreamId>,
     in_lanes: HashMap<StreamId, u16>,
     readable: BTreeSet<StreamId>,
-    closed: Option<ConnectionError>,
+    closed: Option<Closed>,
     /// Optional hook to alter received bytes before the machine sees them (tests inject
     /// corruption with it).
     pub tamper: Option<Tamper>,
@@ -54,9 +56,11 @@ pub struct Session<M> {
     /// The send window set on the connection now, and its ceiling (the configured window).
     send_window: u64,
     send_window_max: u64,
+    /// Scratch for stream reads.
+    pieces: Vec<Bytes>,
 }
 
-impl<M: std::fmt::Debug> std::fmt::Debug for Session<M> {
+impl<M: std::fmt::Debug, C> std::fmt::Debug for Session<M, C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Session")
             .field("side", &self.side)
@@ -66,11 +70,11 @@ impl<M: std::fmt::Debug> std::fmt::Debug for Session<M> {
     }
 }
 
-impl<M: Machine> Session<M> {
+impl<M: Machine, C: QuicConnection> Session<M, C> {
     /// Binds `machine` to `conn`.
     ///
     /// `send_window` is the configured QUIC send window, used as the ceiling of the adaptive one.
-    pub fn new(conn: Connection, machine: M, side: Side, send_window: u64) -> Self {
+    pub fn new(conn: C, machine: M, side: Side, send_window: u64) -> Self {
         let mut s = Self {
             conn,
             machine,
@@ -84,15 +88,16 @@ impl<M: Machine> Session<M> {
             received: HashMap::new(),
             send_window,
             send_window_max: send_window.max(SEND_WINDOW_FLOOR),
+            pieces: Vec::new(),
         };
         if side == Side::Client {
-            s.control = s.conn.streams().open(Dir::Bi);
+            s.control = s.conn.open_stream(Dir::Bi);
         }
         s
     }
 
     /// Why the connection closed, once it has.
-    pub fn close_reason(&self) -> Option<&ConnectionError> {
+    pub fn close_reason(&self) -> Option<&Closed> {
         self.closed.as_ref()
     }
 
@@ -100,10 +105,10 @@ impl<M: Machine> Session<M> {
     /// QUIC. Call after feeding the connection a datagram or a timeout, and after completing the
     /// machine's disk requests.
     pub fn drive(&mut self, now: Instant) {
-        while let Some(ev) = self.conn.poll() {
+        while let Some(ev) = self.conn.poll_event() {
             match ev {
-                QEvent::Stream(StreamEvent::Opened { dir }) => {
-                    while let Some(id) = self.conn.streams().accept(dir) {
+                ConnEvent::StreamOpened(dir) => {
+                    while let Some(id) = self.conn.accept_stream(dir) {
                         match dir {
                             Dir::Bi if self.control.is_none() && self.side == Side::Server => {
                                 self.control = Some(id);
@@ -114,28 +119,27 @@ impl<M: Machine> Session<M> {
                             }
                             _ => {
                                 // A stream this protocol has no use for: refuse it.
-                                let _ = self.conn.recv_stream(id).stop(VarInt::from_u32(1));
+                                self.conn.refuse_stream(id);
                                 continue;
                             }
                         }
                         self.readable.insert(id);
                     }
                 }
-                QEvent::Stream(StreamEvent::Readable { id }) => {
+                ConnEvent::Readable(id) => {
                     self.readable.insert(id);
                 }
-                QEvent::ConnectionLost { reason } => {
+                ConnEvent::Lost(reason) => {
                     if !self.machine.is_over() {
                         tracing::debug!(%reason, "connection lost");
                     }
                     self.closed = Some(reason);
                 }
-                _ => {}
             }
         }
         if self.side == Side::Client && self.control.is_none() {
             // Streams can be opened only once the peer's limits arrive with the handshake.
-            self.control = self.conn.streams().open(Dir::Bi);
+            self.control = self.conn.open_stream(Dir::Bi);
         }
         if self.machine.is_over() && self.machine.outbox().ready().is_empty() {
             return;
@@ -159,48 +163,43 @@ impl<M: Machine> Session<M> {
                 self.readable.remove(&id);
                 continue;
             };
-            let mut recv = self.conn.recv_stream(id);
-            let Ok(mut chunks) = recv.read(true) else {
-                self.readable.remove(&id);
-                continue;
-            };
             let mut ended = false;
             let mut blocked = false;
+            let mut pieces = std::mem::take(&mut self.pieces);
             loop {
                 if budget == 0 || (stream != Stream::Control && !self.machine.wants_data()) {
                     break;
                 }
-                match chunks.next(budget.min(1 << 20)) {
-                    Ok(Some(c)) => {
-                        budget = budget.saturating_sub(c.bytes.len());
-                        let at = self.received.entry(stream).or_insert(0);
-                        let off = *at;
-                        *at += c.bytes.len() as u64;
-                        match self.tamper.as_mut() {
-                            Some(t) => {
-                                let mut b = c.bytes.to_vec();
-                                t(stream, off, &mut b);
-                                self.machine.handle_stream_data(now, stream, &b);
-                            }
-                            // Owned: the receiver keeps chunk data as these very pieces.
-                            None => self.machine.handle_stream_bytes(now, stream, c.bytes),
+                pieces.clear();
+                let end = self.conn.read(id, budget.min(READ_PIECE), &mut pieces);
+                for bytes in pieces.drain(..) {
+                    budget = budget.saturating_sub(bytes.len());
+                    let at = self.received.entry(stream).or_insert(0);
+                    let off = *at;
+                    *at += bytes.len() as u64;
+                    match self.tamper.as_mut() {
+                        Some(t) => {
+                            let mut b = bytes.to_vec();
+                            t(stream, off, &mut b);
+                            self.machine.handle_stream_data(now, stream, &b);
                         }
+                        // Owned: the receiver keeps chunk data as these very pieces.
+                        None => self.machine.handle_stream_bytes(now, stream, bytes),
                     }
-                    Ok(None) => {
-                        ended = true;
-                        break;
-                    }
-                    Err(ReadError::Blocked) => {
+                }
+                match end {
+                    ReadEnd::More => {}
+                    ReadEnd::Blocked => {
                         blocked = true;
                         break;
                     }
-                    Err(ReadError::Reset(_)) => {
+                    ReadEnd::Finished | ReadEnd::Reset => {
                         ended = true;
                         break;
                     }
                 }
             }
-            let _ = chunks.finalize();
+            self.pieces = pieces;
             if ended {
                 self.readable.remove(&id);
                 self.machine.handle_stream_end(now, stream);
@@ -227,16 +226,16 @@ impl<M: Machine> Session<M> {
             };
             // Handed over as `Bytes` (a reference, not a copy): QUIC keeps them until
             // acknowledged, and the sender's read buffers return to their recycler then.
-            let mut one = [front.clone()];
-            match self.conn.send_stream(id).write_chunks(&mut one) {
-                Ok(w) => {
-                    self.machine.outbox().advance(stream, w.bytes);
-                    if w.bytes < front.len() {
+            let len = front.len();
+            match self.conn.write(id, front) {
+                Ok(n) => {
+                    self.machine.outbox().advance(stream, n);
+                    if n < len {
                         stuck.push(stream);
                     }
                 }
                 Err(WriteError::Blocked) => stuck.push(stream),
-                Err(_) => {
+                Err(WriteError::Gone) => {
                     // Stopped or closed: the peer is gone from this stream.
                     let n = self.machine.outbox().queued(stream);
                     self.machine.outbox().advance(stream, n);
@@ -247,7 +246,7 @@ impl<M: Machine> Session<M> {
             if let Some(id) = self.stream_id(stream)
                 && self.machine.outbox().take_fin(stream)
             {
-                let _ = self.conn.send_stream(id).finish();
+                self.conn.finish(id);
             }
         }
     }
@@ -260,7 +259,7 @@ impl<M: Machine> Session<M> {
             Stream::Lane(n) => match self.out_lanes.get(&n) {
                 Some(id) => Some(*id),
                 None => {
-                    let id = self.conn.streams().open(Dir::Uni)?;
+                    let id = self.conn.open_stream(Dir::Uni)?;
                     self.out_lanes.insert(n, id);
                     Some(id)
                 }
@@ -272,7 +271,7 @@ impl<M: Machine> Session<M> {
     /// flight (within the configured ceiling), so queueing happens in the outbox, in read order,
     /// rather than inside QUIC where streams are served round-robin.
     fn size_send_window(&mut self) {
-        let cwnd = self.conn.congestion_state().window();
+        let cwnd = self.conn.congestion_window();
         // What the path carries now: the sender's zstd level follows it.
         let rtt = self.conn.rtt().as_nanos().max(1);
         let rate = u128::from(cwnd) * 1_000_000_000 / rtt;

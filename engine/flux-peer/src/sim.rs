@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use flux_quic::quinn::QuinnEndpoint;
 use flux_quic::{Identity, TransportParams};
 use flux_transfer::{Event, Manifest, ReceiverConfig, SenderConfig, TransferError};
 use rand::rngs::SmallRng;
@@ -216,9 +217,12 @@ impl Sim {
         // The one clock reading of a run: virtual time counts from here.
         let base = Instant::now();
         let id = Identity::generate().map_err(|e| e.to_string())?;
-        let server_cfg =
-            flux_quic::server_config(&id, &cfg.transport).map_err(|e| e.to_string())?;
-        let client_cfg = flux_quic::client_config(id.fingerprint(), &cfg.transport)
+        let mut seed = [0u8; 32];
+        seed[..8].copy_from_slice(&cfg.seed.to_le_bytes());
+        let server = QuinnEndpoint::server(&id, &cfg.transport, None, Some(seed))
+            .map_err(|e| e.to_string())?;
+        seed[8] = 1;
+        let client = QuinnEndpoint::client(id.fingerprint(), None, &cfg.transport, Some(seed))
             .map_err(|e| e.to_string())?;
         let net = NetConfig {
             transport: cfg.transport.clone(),
@@ -228,18 +232,8 @@ impl Sim {
             serve: Some(1),
             ..NetConfig::default()
         };
-        let mut seed = [0u8; 32];
-        seed[..8].copy_from_slice(&cfg.seed.to_le_bytes());
-        let mut host = Node::host(
-            &net,
-            server_cfg,
-            manifest,
-            addr(SENDER_ADDR),
-            SIM_GSO_SEGMENTS,
-            Some(seed),
-        );
-        seed[8] = 1;
-        let mut join = Node::join(&net, addr(RECEIVER_ADDR), SIM_GSO_SEGMENTS, Some(seed));
+        let mut host = Node::host(&net, server, manifest, addr(SENDER_ADDR), SIM_GSO_SEGMENTS);
+        let mut join = Node::join(&net, client, addr(RECEIVER_ADDR), SIM_GSO_SEGMENTS);
         if let Some(t) = tamper {
             join.set_tamper(t);
         }
@@ -272,10 +266,9 @@ impl Sim {
             join.connect_over_ice(
                 base,
                 setup(flux_ice::Role::Controlling, &jc, &hc, RECEIVER_ADDR),
-                client_cfg,
             );
         } else {
-            join.connect(base, client_cfg, addr(SENDER_ADDR))
+            join.connect(base, addr(SENDER_ADDR))
                 .map_err(|e| e.to_string())?;
         }
         Ok(Self {

@@ -1,34 +1,30 @@
-//! QUIC for Thruflux, over quinn-proto: identities, certificate pinning and transport tuning.
+//! QUIC for Thruflux: identities, certificate pinning, transport settings, and the seam
+//! between the engine and a QUIC stack.
 //!
 //! Each side of a transfer has a throwaway self-signed [`Identity`]. A peer is authenticated by
 //! the BLAKE3 fingerprint of its certificate, learned through the pairing channel (which the
-//! PAKE protects), never by a certificate authority: a client built with [`client_config`]
-//! refuses any server whose certificate does not hash to the pinned fingerprint.
+//! PAKE protects), never by a certificate authority: a client pins the server's fingerprint,
+//! and a host that requires it ([`AllowList`]) pins its joiners'.
 //!
-//! What this crate does not do: sockets, timers or the connection loop. quinn-proto is already
-//! sans-IO; the engine and the simulator drive its `Endpoint` and `Connection` directly, and this
-//! crate only builds their configuration. TLS uses rustls with the *ring* provider (AES-GCM
-//! first, as quinn requires for its initial keys).
+//! - [`conn`]: what the engine needs from a QUIC connection ([`conn::QuicConnection`]:
+//!   streams with flow control, events, path figures, close, timers, transmits), in types of no
+//!   particular stack.
+//! - [`quinn`]: the quinn-proto backend (configuration, endpoint, connection). It is the only
+//!   module whose public API carries quinn-proto types.
+//!
+//! What this crate does not do: sockets, timers or the connection loop (the engine's). TLS is
+//! rustls with the *ring* provider (AES-GCM first, as quinn requires for its initial keys).
 
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
-use std::sync::Arc;
 use std::time::Duration;
 
-pub use quinn_proto;
-
+pub mod conn;
+pub mod quinn;
 mod window;
-use quinn_proto::congestion::{BbrConfig, CubicConfig, NewRenoConfig};
-use quinn_proto::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use quinn_proto::{
-    ClientConfig, EndpointConfig, IdleTimeout, MtuDiscoveryConfig, ServerConfig, TransportConfig,
-    VarInt,
-};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+
+use rustls::pki_types::CertificateDer;
 pub use window::WindowTuner;
 
 /// ALPN protocol id of the transfer protocol.
@@ -57,8 +53,8 @@ pub enum ConfigError {
 /// A self-signed certificate and its key.
 #[derive(Debug)]
 pub struct Identity {
-    cert: CertificateDer<'static>,
-    key: Vec<u8>,
+    pub(crate) cert: CertificateDer<'static>,
+    pub(crate) key: Vec<u8>,
 }
 
 impl Identity {
@@ -75,14 +71,6 @@ impl Identity {
     pub fn fingerprint(&self) -> Fingerprint {
         fingerprint(&self.cert)
     }
-}
-
-/// The fingerprint of the certificate the peer of `conn` presented, once the handshake has
-/// authenticated it (`None` before, or for a client that presented none).
-pub fn peer_fingerprint(conn: &quinn_proto::Connection) -> Option<Fingerprint> {
-    let any = conn.crypto_session().peer_identity()?;
-    let certs = any.downcast::<Vec<CertificateDer<'static>>>().ok()?;
-    certs.first().map(fingerprint)
 }
 
 /// The fingerprint of a DER certificate.
@@ -164,73 +152,6 @@ impl Default for TransportParams {
     }
 }
 
-impl TransportParams {
-    /// The quinn transport configuration.
-    pub fn to_transport(&self) -> TransportConfig {
-        let mut t = TransportConfig::default();
-        let initial = self.conn_window.min(WindowTuner::INITIAL);
-        t.receive_window(VarInt::from_u64(initial).unwrap_or(VarInt::MAX))
-            .stream_receive_window(VarInt::from_u64(self.stream_window).unwrap_or(VarInt::MAX))
-            .send_window(self.send_window)
-            .max_concurrent_uni_streams(VarInt::from_u32(self.max_incoming_streams))
-            .max_concurrent_bidi_streams(VarInt::from_u32(4))
-            .max_idle_timeout(IdleTimeout::try_from(self.idle_timeout).ok())
-            .keep_alive_interval(Some(self.keep_alive))
-            .initial_mtu(self.initial_mtu.max(1200));
-        let mut mtud = MtuDiscoveryConfig::default();
-        mtud.upper_bound(self.max_mtu.max(self.initial_mtu).max(1200));
-        t.mtu_discovery_config(Some(mtud));
-        match self.congestion {
-            Congestion::Cubic => t.congestion_controller_factory(Arc::new(CubicConfig::default())),
-            Congestion::Bbr => t.congestion_controller_factory(Arc::new(BbrConfig::default())),
-            Congestion::NewReno => {
-                t.congestion_controller_factory(Arc::new(NewRenoConfig::default()))
-            }
-        };
-        t
-    }
-}
-
-/// The endpoint configuration for a socket that QUIC shares with STUN/TURN.
-pub fn endpoint_config() -> EndpointConfig {
-    let mut cfg = EndpointConfig::default();
-    // STUN and TURN are told apart from QUIC by QUIC's fixed bit (RFC 9443): never invite the
-    // peer to grease it (RFC 9287).
-    cfg.grease_quic_bit(false);
-    cfg
-}
-
-/// Server (host) configuration presenting `id`.
-pub fn server_config(id: &Identity, params: &TransportParams) -> Result<ServerConfig, ConfigError> {
-    server_with(id, params, None)
-}
-
-/// The server configuration, with client certificates checked by `clients` when given.
-fn server_with(
-    id: &Identity,
-    params: &TransportParams,
-    clients: Option<Arc<AllowList>>,
-) -> Result<ServerConfig, ConfigError> {
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(id.key.clone()));
-    let provider = provider();
-    let algs = provider.signature_verification_algorithms;
-    let builder = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?;
-    let builder = match clients {
-        Some(allowed) => {
-            builder.with_client_cert_verifier(Arc::new(PinnedClients { allowed, algs }))
-        }
-        None => builder.with_no_client_auth(),
-    };
-    let mut tls = builder.with_single_cert(vec![id.cert.clone()], key)?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    tls.max_early_data_size = 0;
-    let crypto = QuicServerConfig::try_from(tls).map_err(|e| ConfigError::Quic(e.to_string()))?;
-    let mut cfg = ServerConfig::with_crypto(Arc::new(crypto));
-    cfg.transport_config(Arc::new(params.to_transport()));
-    Ok(cfg)
-}
-
 /// The certificate fingerprints a host lets in: one per joiner that completed pairing. Read
 /// once per TLS handshake, never on the data path.
 #[derive(Debug, Default)]
@@ -255,178 +176,5 @@ impl AllowList {
     }
 }
 
-/// Server (host) configuration presenting `id` that also requires a client certificate whose
-/// fingerprint is on `allowed` (mutual pinning: a party that did not pair cannot connect).
-pub fn server_config_mutual(
-    id: &Identity,
-    params: &TransportParams,
-    allowed: Arc<AllowList>,
-) -> Result<ServerConfig, ConfigError> {
-    server_with(id, params, Some(allowed))
-}
-
-/// Client configuration that pins the server's `pinned` fingerprint and presents `id`.
-pub fn client_config_with_identity(
-    pinned: Fingerprint,
-    id: &Identity,
-    params: &TransportParams,
-) -> Result<ClientConfig, ConfigError> {
-    client_with(pinned, Some(id), params)
-}
-
-/// Accepts client certificates on an [`AllowList`]; signatures are still checked.
-#[derive(Debug)]
-struct PinnedClients {
-    allowed: Arc<AllowList>,
-    algs: WebPkiSupportedAlgorithms,
-}
-
-impl rustls::server::danger::ClientCertVerifier for PinnedClients {
-    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
-        &[]
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _now: UnixTime,
-    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
-        if self.allowed.contains(&fingerprint(end_entity)) {
-            Ok(rustls::server::danger::ClientCertVerified::assertion())
-        } else {
-            Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::ApplicationVerificationFailure,
-            ))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
-    }
-}
-
-/// Client (joiner) configuration that accepts only a server whose certificate hashes to
-/// `pinned`.
-pub fn client_config(
-    pinned: Fingerprint,
-    params: &TransportParams,
-) -> Result<ClientConfig, ConfigError> {
-    client_with(pinned, None, params)
-}
-
-/// The client configuration pinning `pinned`, presenting `id` when given.
-fn client_with(
-    pinned: Fingerprint,
-    id: Option<&Identity>,
-    params: &TransportParams,
-) -> Result<ClientConfig, ConfigError> {
-    let provider = provider();
-    let verifier = Arc::new(PinnedVerifier {
-        pinned,
-        algs: provider.signature_verification_algorithms,
-    });
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier);
-    let mut tls = match id {
-        Some(id) => {
-            let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(id.key.clone()));
-            builder.with_client_auth_cert(vec![id.cert.clone()], key)?
-        }
-        None => builder.with_no_client_auth(),
-    };
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    let crypto = QuicClientConfig::try_from(tls).map_err(|e| ConfigError::Quic(e.to_string()))?;
-    let mut cfg = ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(Arc::new(params.to_transport()));
-    Ok(cfg)
-}
-
 /// The cipher suite both ends prefer, so every connection between Thruflux peers uses it.
 pub const CIPHER_SUITE: &str = "TLS13_AES_128_GCM_SHA256";
-
-fn provider() -> Arc<CryptoProvider> {
-    let mut p = rustls::crypto::ring::default_provider();
-    // AES-128-GCM first: as strong as needed for a one-off session key and cheaper per byte
-    // than AES-256 (fewer rounds); the other suites stay as fallbacks.
-    p.cipher_suites = vec![
-        rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
-        rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
-        rustls::crypto::ring::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
-    ];
-    Arc::new(p)
-}
-
-/// Accepts exactly one certificate, by fingerprint; signatures are still checked, so the peer
-/// must hold the matching key.
-#[derive(Debug)]
-struct PinnedVerifier {
-    pinned: Fingerprint,
-    algs: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for PinnedVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        if fingerprint(end_entity) == self.pinned {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::ApplicationVerificationFailure,
-            ))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        // The configuration allows TLS 1.3 only.
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
-    }
-}
