@@ -35,6 +35,10 @@ pub struct Stats {
     pub received_datagrams: u64,
     /// Largest UDP payload the path carries now (MTU discovery moves it).
     pub mtu: u16,
+    /// QUIC packets sent (several may share a datagram).
+    pub sent_packets: u64,
+    /// Congestion events (loss or ECN CE that made the controller back off).
+    pub congestion_events: u64,
 }
 
 /// What the subscriber keeps per connection.
@@ -85,6 +89,24 @@ impl Subscriber for Events {
         s.min_rtt = event.min_rtt;
         s.cwnd = event.congestion_window.into();
         s.bytes_in_flight = event.bytes_in_flight.into();
+    }
+
+    fn on_packet_sent(
+        &mut self,
+        context: &mut Context,
+        _meta: &ConnectionMeta,
+        _event: &events::PacketSent,
+    ) {
+        context.stats.sent_packets += 1;
+    }
+
+    fn on_congestion(
+        &mut self,
+        context: &mut Context,
+        _meta: &ConnectionMeta,
+        _event: &events::Congestion<'_>,
+    ) {
+        context.stats.congestion_events += 1;
     }
 
     fn on_packet_lost(

@@ -15,6 +15,8 @@
 //!   [`Instant`] passed in on every call; a virtual clock works as well as the real one);
 //! - [`Connection`], [`SendStream`], [`RecvStream`]: s2n-quic's poll-based handles, polled with
 //!   a waker that only raises a flag ([`Endpoint::take_woken`]), so no runtime is involved.
+//! - [`S2nConn`]: a connection behind flux-quic's stack-neutral `QuicConnection` seam (stream
+//!   ids, exact `Readable` events); its transmits and timers stay with the [`Endpoint`].
 //!
 //! TLS is 1.3 only, on rustls with *ring* (the workspace's TLS stack), ALPN `thruflux/1`, with
 //! mutual certificate pinning by BLAKE3 fingerprint ([`PinSet`]). Windows, idle timeout and
@@ -37,6 +39,7 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+mod conn;
 mod events;
 mod io;
 mod tls;
@@ -54,6 +57,7 @@ use s2n_quic::client::Connect;
 use s2n_quic::provider::congestion_controller;
 use s2n_quic::provider::limits::Limits;
 
+pub use conn::S2nConn;
 pub use events::Stats;
 pub use io::Transmit;
 use io::{Clock, Driven, EngineIo, RxDatagram, Slot, TxQueue};

@@ -178,3 +178,8 @@ fn a_reset_stream_is_seen_by_the_reader() {
 fn two_connections_share_one_path() {
     common::two_connections_one_path(Memory::new());
 }
+
+#[test]
+fn the_flux_quic_seam_carries_a_transfer() {
+    common::through_the_seam(Memory::new(), 16 << 20);
+}

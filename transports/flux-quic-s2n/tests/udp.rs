@@ -100,3 +100,8 @@ fn a_reset_stream_is_seen_by_the_reader() {
 fn two_connections_share_one_socket_pair() {
     common::two_connections_one_path(Loopback::new());
 }
+
+#[test]
+fn the_flux_quic_seam_carries_a_transfer() {
+    common::through_the_seam(Loopback::new(), 16 << 20);
+}
