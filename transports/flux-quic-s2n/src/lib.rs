@@ -17,6 +17,8 @@
 //!   a waker that only raises a flag ([`Endpoint::take_woken`]), so no runtime is involved.
 //! - [`S2nConn`]: a connection behind flux-quic's stack-neutral `QuicConnection` seam (stream
 //!   ids, exact `Readable` events); its transmits and timers stay with the [`Endpoint`].
+//! - [`S2nEndpoint`]: an endpoint owning its connections by [`ConnId`], transmitting into the
+//!   caller's buffer: the endpoint-level shape the engine's `Node` needs for s2n.
 //!
 //! TLS is 1.3 only, on rustls with *ring* (the workspace's TLS stack), ALPN `thruflux/1`, with
 //! mutual certificate pinning by BLAKE3 fingerprint ([`PinSet`]). Windows, idle timeout and
@@ -42,6 +44,7 @@
 mod conn;
 mod events;
 mod io;
+mod node;
 mod tls;
 #[cfg(feature = "udp")]
 pub mod udp;
@@ -61,6 +64,7 @@ pub use conn::S2nConn;
 pub use events::Stats;
 pub use io::Transmit;
 use io::{Clock, Driven, EngineIo, RxDatagram, Slot, TxQueue};
+pub use node::{ConnId, EndpointEvent, S2nEndpoint};
 pub use tls::PinSet;
 
 /// ALPN protocol id of the transfer protocol (as flux-quic).

@@ -1,0 +1,152 @@
+//! An endpoint that owns its connections and hands them out by id: the shape the engine's
+//! `Node` needs for s2n, where transmits and timers belong to the endpoint, not to each
+//! connection (engine/README.md, "The QUIC seam").
+//!
+//! [`S2nEndpoint`] wraps [`Endpoint`]: connections come out as [`EndpointEvent`]s with a
+//! [`ConnId`], their streams are reached through [`S2nEndpoint::conn`] as flux-quic
+//! `QuicConnection`s, and datagrams go out through [`S2nEndpoint::poll_transmit`] into the
+//! caller's buffer, as flux-quic's [`Transmit`] describes them.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use flux_quic::conn::Transmit;
+
+use crate::{Connecting, Ecn, Endpoint, Error, S2nConn};
+
+/// A connection of one [`S2nEndpoint`].
+pub type ConnId = u64;
+
+/// What happened on the endpoint.
+#[derive(Debug)]
+pub enum EndpointEvent {
+    /// A connection this side started completed its handshake.
+    Connected(ConnId),
+    /// A peer's connection completed its handshake (server).
+    Accepted(ConnId),
+    /// A connection this side started failed (wrong certificate, timeout...).
+    Failed(ConnId, Error),
+}
+
+/// An s2n endpoint with its connections, by id.
+#[derive(Debug)]
+pub struct S2nEndpoint {
+    ep: Endpoint,
+    conns: HashMap<ConnId, S2nConn>,
+    connecting: Vec<(ConnId, Connecting)>,
+    events: VecDeque<EndpointEvent>,
+    next: ConnId,
+}
+
+impl From<Endpoint> for S2nEndpoint {
+    fn from(ep: Endpoint) -> Self {
+        Self {
+            ep,
+            conns: HashMap::new(),
+            connecting: Vec::new(),
+            events: VecDeque::new(),
+            next: 0,
+        }
+    }
+}
+
+impl S2nEndpoint {
+    /// The endpoint underneath.
+    pub fn endpoint(&mut self) -> &mut Endpoint {
+        &mut self.ep
+    }
+
+    fn id(&mut self) -> ConnId {
+        self.next += 1;
+        self.next
+    }
+
+    /// Starts a connection to `remote` (client endpoints); it is reported by
+    /// [`Self::poll_event`].
+    pub fn connect(&mut self, remote: SocketAddr) -> Result<ConnId, Error> {
+        let c = self.ep.connect(remote)?;
+        let id = self.id();
+        self.connecting.push((id, c));
+        Ok(id)
+    }
+
+    /// The next endpoint event.
+    pub fn poll_event(&mut self) -> Option<EndpointEvent> {
+        let mut done = Vec::new();
+        self.connecting.retain_mut(|(id, c)| match c.poll() {
+            None => true,
+            Some(r) => {
+                done.push((*id, r));
+                false
+            }
+        });
+        for (id, r) in done {
+            match r {
+                Ok(conn) => {
+                    self.conns.insert(id, conn.into());
+                    self.events.push_back(EndpointEvent::Connected(id));
+                }
+                Err(e) => self.events.push_back(EndpointEvent::Failed(id, e)),
+            }
+        }
+        while let Some(conn) = self.ep.accept() {
+            let id = self.id();
+            self.conns.insert(id, conn.into());
+            self.events.push_back(EndpointEvent::Accepted(id));
+        }
+        self.events.pop_front()
+    }
+
+    /// Connection `id`, if it exists.
+    pub fn conn(&mut self, id: ConnId) -> Option<&mut S2nConn> {
+        self.conns.get_mut(&id)
+    }
+
+    /// Forgets connection `id` (dropping s2n's handle closes it if still open).
+    pub fn remove(&mut self, id: ConnId) -> Option<S2nConn> {
+        self.conns.remove(&id)
+    }
+
+    /// Ids of the connections held.
+    pub fn conn_ids(&self) -> impl Iterator<Item = ConnId> + '_ {
+        self.conns.keys().copied()
+    }
+
+    /// Feeds a received datagram or GRO batch (see [`Endpoint::handle`]).
+    pub fn handle(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        ecn: Option<Ecn>,
+        data: &mut [u8],
+        stride: Option<usize>,
+    ) {
+        self.ep.handle(now, from, ecn, data, stride);
+    }
+
+    /// The next datagram or GSO batch, put into `buf` (its previous allocation is reused for
+    /// a later batch). Segments per batch follow [`crate::Config::max_gso_segments`]. flux-quic's
+    /// `Transmit` has no ECN field: use [`Endpoint::poll_transmit`] to keep s2n's ECN marks.
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
+        let t = self.ep.poll_transmit(now)?;
+        let old = std::mem::replace(buf, t.contents);
+        self.ep.recycle(old);
+        Some(Transmit {
+            destination: t.destination,
+            size: buf.len(),
+            segment_size: t.segment_size,
+            src_ip: None,
+        })
+    }
+
+    /// When [`Self::handle_timeout`] is next due.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.ep.poll_timeout()
+    }
+
+    /// Runs the endpoint's timers (every connection's).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.ep.handle_timeout(now);
+    }
+}
