@@ -1,6 +1,7 @@
 //! The peer core: everything one engine worker decides, and none of what it does.
 //!
-//! A [`Node`] owns the QUIC endpoint and its connections, the transfer machine on each
+//! A [`Node`] owns the QUIC endpoint and its connections (any `flux_quic::conn::QuicEndpoint`;
+//! quinn-proto's by default), the transfer machine on each
 //! connection (a [`Session`] of a [`Sender`] or a [`Receiver`]), the ICE links to peers and the
 //! end-of-transfer policy (linger, cancel, connect time-outs, how many receivers). Like
 //! quinn-proto under quinn, it does no I/O and reads no clock:
@@ -25,8 +26,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use flux_quic::conn::{Closed, QuicConnection};
-use flux_quic::quinn::{Incoming, QuinnConn, QuinnEndpoint, Received};
+use flux_quic::conn::{Closed, ConnId, PathStats, QuicConnection, QuicEndpoint};
+use flux_quic::quinn::QuinnEndpoint;
 use flux_transfer::{
     DiskFailure, DiskOp, DiskResult, Event, LocalFile, Manifest, OpId, Receiver, Sender,
     TransferError,
@@ -46,10 +47,6 @@ pub const FAILURE_LINGER: Duration = Duration::from_secs(1);
 
 /// Longest failure text carried in a CONNECTION_CLOSE (it must fit one packet).
 const MAX_CLOSE_REASON: usize = 512;
-
-/// GSO batches sent per connection before [`Node::poll_transmit`] turns to the next one and,
-/// after every connection had its turn, returns `None` (the driver then turns to receiving).
-const SEND_ROUNDS: u32 = 8;
 
 /// A UDP batch to send: `size` bytes of the caller's buffer, `segment_size` apart.
 #[derive(Clone, Copy, Debug)]
@@ -93,8 +90,8 @@ pub enum TurnOp {
 
 /// The transfer machine of a connection.
 enum Machine {
-    Send(Session<Sender, QuinnConn>),
-    Recv(Session<Receiver, QuinnConn>),
+    Send(Session<Sender>),
+    Recv(Session<Receiver>),
 }
 
 /// Calls `$body` with the session bound to `$s`, whichever machine it runs.
@@ -125,12 +122,18 @@ struct Conn {
     /// Receiver: grows the connection's receive window with the measured bandwidth-delay
     /// product (flux_quic::WindowTuner has the reasons).
     tuner: Option<flux_quic::WindowTuner>,
-    /// Batches sent in this round of [`Node::poll_transmit`].
-    tx_rounds: u32,
+    /// The endpoint's number for the QUIC connection.
+    id: ConnId,
 }
 
 impl Conn {
-    fn new(machine: Machine, peer: SocketAddr, now: Instant, link: Option<usize>) -> Self {
+    fn new(
+        id: ConnId,
+        machine: Machine,
+        peer: SocketAddr,
+        now: Instant,
+        link: Option<usize>,
+    ) -> Self {
         Self {
             machine,
             peer,
@@ -142,12 +145,8 @@ impl Conn {
             linger_until: None,
             reported: false,
             tuner: None,
-            tx_rounds: 0,
+            id,
         }
-    }
-
-    fn conn(&mut self) -> &mut QuinnConn {
-        with_session!(&mut self.machine, s => &mut s.conn)
     }
 
     fn is_over(&self) -> bool {
@@ -164,9 +163,9 @@ struct Queued {
 }
 
 /// The sans-IO peer core of one worker (module docs).
-pub struct Node {
+pub struct Node<E = QuinnEndpoint> {
     cfg: NetConfig,
-    endpoint: QuinnEndpoint,
+    endpoint: E,
     conns: Vec<Conn>,
     /// Host: the share. Joiner: `None`.
     share: Option<Arc<Manifest>>,
@@ -187,17 +186,13 @@ pub struct Node {
     events: VecDeque<NetEvent>,
     out: VecDeque<Queued>,
     turn: VecDeque<TurnOp>,
-    /// The connection [`Node::poll_transmit`] serves now.
-    tx_next: usize,
     /// The connection [`Node::poll_disk`] asks first.
     disk_next: usize,
-    /// Scratch for endpoint responses.
-    resp_buf: Vec<u8>,
     /// Given to the next receiving session (tests alter received bytes with it).
     tamper: Option<Tamper>,
 }
 
-impl std::fmt::Debug for Node {
+impl<E> std::fmt::Debug for Node<E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Node")
             .field("host", &self.share.is_some())
@@ -209,10 +204,10 @@ impl std::fmt::Debug for Node {
     }
 }
 
-impl Node {
+impl<E: QuicEndpoint> Node<E> {
     fn new(
         cfg: &NetConfig,
-        endpoint: QuinnEndpoint,
+        endpoint: E,
         share: Option<Arc<Manifest>>,
         local: SocketAddr,
         max_segments: usize,
@@ -234,9 +229,7 @@ impl Node {
             events: VecDeque::new(),
             out: VecDeque::new(),
             turn: VecDeque::new(),
-            tx_next: 0,
             disk_next: 0,
-            resp_buf: Vec::with_capacity(2048),
             tamper: None,
         }
     }
@@ -245,7 +238,7 @@ impl Node {
     /// in), on a socket bound to `local` that takes GSO batches of up to `max_segments`.
     pub fn host(
         cfg: &NetConfig,
-        endpoint: QuinnEndpoint,
+        endpoint: E,
         share: Arc<Manifest>,
         local: SocketAddr,
         max_segments: usize,
@@ -255,12 +248,7 @@ impl Node {
 
     /// A joiner on a client `endpoint` (which pins the host); it connects with
     /// [`Node::connect`], or over ICE with [`Node::connect_over_ice`].
-    pub fn join(
-        cfg: &NetConfig,
-        endpoint: QuinnEndpoint,
-        local: SocketAddr,
-        max_segments: usize,
-    ) -> Self {
+    pub fn join(cfg: &NetConfig, endpoint: E, local: SocketAddr, max_segments: usize) -> Self {
         Self::new(cfg, endpoint, None, local, max_segments)
     }
 
@@ -286,7 +274,7 @@ impl Node {
         peer: SocketAddr,
         link: Option<usize>,
     ) -> Result<(), TransferError> {
-        let conn = self
+        let id = self
             .endpoint
             .connect(now, peer)
             .map_err(|e| TransferError::Io(e.to_string()))?;
@@ -294,6 +282,10 @@ impl Node {
         if self.cfg.pipe {
             rcfg.features |= flux_wire::FEATURE_IN_ORDER;
         }
+        let conn = self
+            .endpoint
+            .conn(id)
+            .ok_or_else(|| TransferError::Io(format!("connect to {peer}: no connection")))?;
         let mut session = Session::new(
             conn,
             Receiver::new(rcfg),
@@ -301,7 +293,7 @@ impl Node {
             self.cfg.transport.send_window,
         );
         session.tamper = self.tamper.take();
-        let mut c = Conn::new(Machine::Recv(session), peer, now, link);
+        let mut c = Conn::new(id, Machine::Recv(session), peer, now, link);
         c.tuner = Some(flux_quic::WindowTuner::new(self.cfg.transport.conn_window));
         self.conns.push(c);
         self.dirty = true;
@@ -569,66 +561,40 @@ impl Node {
         ecn: Option<u8>,
         seg: BytesMut,
     ) {
-        match self
-            .endpoint
-            .handle(now, from, dst_ip, ecn, seg, &mut self.resp_buf)
-        {
-            Some(Received::Conn(input)) => {
-                let mine = |c: &&mut Conn| with_session!(&c.machine, s => s.conn.takes(&input));
-                if let Some(c) = self.conns.iter_mut().find(mine) {
-                    c.conn().handle_input(input);
-                }
-            }
-            Some(Received::Incoming(inc)) => self.incoming(now, inc),
-            Some(Received::Response(t)) => self.respond(&t),
-            None => {}
+        self.endpoint.handle(now, from, dst_ip, ecn, seg);
+        while let Some(inc) = self.endpoint.poll_incoming() {
+            self.incoming(now, inc);
         }
     }
 
-    fn incoming(&mut self, now: Instant, inc: Incoming) {
+    /// Accepts or refuses a peer's connection attempt (the receiver caps, a cancel).
+    fn incoming(&mut self, now: Instant, inc: flux_quic::conn::Incoming) {
         let live = self.conns.iter().filter(|c| !c.ended).count();
         let serving_done = self.cfg.serve.is_some_and(|n| self.ended + live >= n);
         let share = match self.share.clone() {
             Some(s) if !self.cancelled && live < self.cfg.max_receivers && !serving_done => s,
-            _ => {
-                let t = self.endpoint.refuse(inc, &mut self.resp_buf);
-                return self.respond(&t);
-            }
+            _ => return self.endpoint.refuse(inc.id),
         };
-        let peer = inc.remote_address();
-        match self.endpoint.accept(now, inc, &mut self.resp_buf) {
-            Ok(conn) => {
-                let link = self
-                    .links
-                    .iter()
-                    .position(|l| l.live() && l.quic_addr == Some(peer));
-                let m = Sender::new(share, self.cfg.sender.clone());
-                let machine = Machine::Send(Session::new(
-                    conn,
-                    m,
-                    Side::Server,
-                    self.cfg.transport.send_window,
-                ));
-                self.conns.push(Conn::new(machine, peer, now, link));
-            }
-            Err(response) => {
-                tracing::debug!(peer = %peer, "refused a connection");
-                if let Some(t) = response {
-                    self.respond(&t);
-                }
-            }
-        }
-    }
-
-    /// Queues an endpoint's stateless response (a refusal, a version negotiation, a reset),
-    /// best effort: a lost one is like a lost datagram.
-    fn respond(&mut self, t: &flux_quic::conn::Transmit) {
-        self.out.push_back(Queued {
-            to: t.destination,
-            data: self.resp_buf[..t.size.min(self.resp_buf.len())].to_vec(),
-            segment_size: t.segment_size,
-            best_effort: true,
-        });
+        let peer = inc.remote;
+        let Some(id) = self.endpoint.accept(now, inc.id) else {
+            tracing::debug!(peer = %peer, "refused a connection");
+            return;
+        };
+        let Some(conn) = self.endpoint.conn(id) else {
+            return;
+        };
+        let link = self
+            .links
+            .iter()
+            .position(|l| l.live() && l.quic_addr == Some(peer));
+        let m = Sender::new(share, self.cfg.sender.clone());
+        let machine = Machine::Send(Session::new(
+            conn,
+            m,
+            Side::Server,
+            self.cfg.transport.send_window,
+        ));
+        self.conns.push(Conn::new(id, machine, peer, now, link));
     }
 
     /// What a TURN stream of link `link` reported (see [`TurnOp`]).
@@ -643,22 +609,21 @@ impl Node {
     pub fn handle_timeout(&mut self, now: Instant) {
         self.dirty = true;
         self.ice(now);
+        self.endpoint.handle_timeout(now);
         for c in &mut self.conns {
             if c.ended {
                 continue;
-            }
-            if c.conn().poll_timeout().is_some_and(|t| t <= now) {
-                c.conn().handle_timeout(now);
             }
             with_session!(&mut c.machine, s => s.machine.handle_timeout(now));
             if c.connected
                 && let Some(t) = c.tuner.as_mut()
                 && t.next_sample().is_none_or(|at| now >= at)
+                && let Some(q) = self.endpoint.conn(c.id)
             {
-                let s = with_session!(&c.machine, s => s.conn.stats());
+                let s = q.stats();
                 if let Some(w) = t.sample(now, s.udp_rx_bytes, s.rtt) {
                     tracing::debug!(window = w, rtt = ?s.rtt, "receive window grown");
-                    c.conn().set_receive_window(w);
+                    q.set_receive_window(w);
                 }
             }
         }
@@ -758,21 +723,22 @@ impl Node {
     fn drive(&mut self, now: Instant) {
         self.dirty = false;
         for (i, c) in self.conns.iter_mut().enumerate() {
+            let Some(q) = self.endpoint.conn(c.id) else {
+                continue;
+            };
             if c.ended {
                 continue;
             }
-            if !c.connected && !c.conn().is_handshaking() && !c.conn().is_closed() {
+            if !c.connected && !q.is_handshaking() && !q.is_closed() {
                 c.connected = true;
-                let fingerprint = c.conn().peer_fingerprint();
                 self.events.push_back(NetEvent::Connected {
                     conn: i,
                     peer: c.peer,
-                    fingerprint,
+                    fingerprint: q.peer_fingerprint(),
                     at: now,
                 });
             }
-            with_session!(&mut c.machine, s => s.drive(now));
-            self.endpoint.sync(c.conn());
+            with_session!(&mut c.machine, s => s.drive(now, q));
         }
     }
 
@@ -855,55 +821,35 @@ impl Node {
                     best_effort: q.best_effort,
                 });
             }
-            let n = self.conns.len();
-            let mut queued = false;
-            for k in 0..n {
-                let i = (self.tx_next + k) % n;
-                let c = &mut self.conns[i];
-                if c.tx_rounds >= SEND_ROUNDS {
-                    continue;
-                }
-                self.endpoint.sync(c.conn());
-                buf.clear();
-                let Some(t) = c.conn().poll_transmit(now, self.max_segments, buf) else {
-                    c.tx_rounds = SEND_ROUNDS;
-                    continue;
-                };
-                c.tx_rounds += 1;
-                self.tx_next = i;
-                match c.link {
-                    None => {
-                        return Some(Transmit {
-                            destination: t.destination,
-                            size: t.size,
-                            segment_size: t.segment_size,
-                            best_effort: false,
-                        });
-                    }
-                    Some(l) => {
-                        buf.truncate(t.size);
-                        if let Some(t) = self.via_link(now, l, buf, t.segment_size) {
-                            return Some(t);
-                        }
-                        // Queued (relayed) or dropped: look again.
-                        queued = true;
-                        break;
-                    }
-                }
-            }
-            if !queued {
-                for c in &mut self.conns {
-                    c.tx_rounds = 0;
-                }
+            let Some(t) = self.endpoint.poll_transmit(now, self.max_segments, buf) else {
                 // The round's bytes are out: connections whose transfer is over close now
-                // (closing first would discard stream data not yet sent, such as a last
-                // Error message).
+                // (closing first would discard stream data not yet sent, such as a last Error
+                // message).
                 self.check_ended(now);
                 if self.out.is_empty() {
                     return None;
                 }
-                // Something was queued while the connections were asked: it goes first.
+                // Something was queued meanwhile: it goes first.
+                continue;
+            };
+            let link = t
+                .conn
+                .and_then(|id| self.conns.iter().find(|c| c.id == id))
+                .and_then(|c| c.link);
+            let Some(l) = link else {
+                return Some(Transmit {
+                    destination: t.destination,
+                    size: t.size,
+                    segment_size: t.segment_size,
+                    // A stateless response (a refusal, a reset) is like any lost datagram.
+                    best_effort: t.conn.is_none(),
+                });
+            };
+            buf.truncate(t.size);
+            if let Some(t) = self.via_link(now, l, buf, t.segment_size) {
+                return Some(t);
             }
+            // Queued (relayed) or dropped: look again.
         }
     }
 
@@ -996,11 +942,11 @@ impl Node {
                 deadline = Some(deadline.map_or(t, |d: Instant| d.min(t)));
             }
         };
+        consider(self.endpoint.poll_timeout());
         for c in &mut self.conns {
             if c.ended {
                 continue;
             }
-            consider(c.conn().poll_timeout());
             consider(with_session!(&mut c.machine, s => s.machine.poll_timeout()));
             if !c.connected {
                 consider(Some(c.created + self.cfg.connect_timeout));
@@ -1066,7 +1012,9 @@ impl Node {
                             (1, bytes::Bytes::copy_from_slice(&e.as_bytes()[..end]))
                         }
                     };
-                    c.conn().close(now, code, reason);
+                    if let Some(q) = self.endpoint.conn(c.id) {
+                        q.close(now, code, reason);
+                    }
                 }
                 if closed && !over {
                     let reason = with_session!(&c.machine, s => s.close_reason().cloned());
@@ -1100,7 +1048,11 @@ impl Node {
                 // The transfer is over: stop checks and keepalives towards that peer.
                 self.links[l].closed = true;
             }
-            let stats = Box::new(conn_report(&mut self.conns[i], &self.links));
+            let stats = Box::new(conn_report(
+                &self.conns[i],
+                self.endpoint.conn(self.conns[i].id).map(|q| q.stats()),
+                &self.links,
+            ));
             self.events.push_back(NetEvent::Ended {
                 conn: i,
                 error,
@@ -1113,11 +1065,12 @@ impl Node {
     /// statistics. The driver adds its own (disk, socket) figures.
     pub fn report(&mut self) -> NetReport {
         let links = &self.links;
+        let endpoint = &mut self.endpoint;
         let mut r = self.report.clone();
         r.conns = self
             .conns
-            .iter_mut()
-            .map(|c| conn_report(c, links))
+            .iter()
+            .map(|c| conn_report(c, endpoint.conn(c.id).map(|q| q.stats()), links))
             .collect();
         if r.error.is_none() {
             r.error = self.conns.iter().find_map(|c| c.error.clone());
@@ -1126,10 +1079,10 @@ impl Node {
     }
 }
 
-fn conn_report(c: &mut Conn, links: &[Link]) -> ConnReport {
+fn conn_report(c: &Conn, stats: Option<PathStats>, links: &[Link]) -> ConnReport {
     let peer = c.peer;
     let link = c.link.and_then(|l| links.get(l));
-    let s = c.conn().stats();
+    let s = stats.unwrap_or_default();
     ConnReport {
         peer: Some(peer),
         rtt: s.rtt,

@@ -38,9 +38,7 @@ const READ_PIECE: usize = 1 << 20;
 const SEND_WINDOW_FLOOR: u64 = 2 << 20;
 
 /// A machine bound to a connection.
-pub struct Session<M, C> {
-    /// The QUIC connection.
-    pub conn: C,
+pub struct Session<M> {
     /// The transfer machine.
     pub machine: M,
     side: Side,
@@ -60,7 +58,7 @@ pub struct Session<M, C> {
     pieces: Vec<Bytes>,
 }
 
-impl<M: std::fmt::Debug, C> std::fmt::Debug for Session<M, C> {
+impl<M: std::fmt::Debug> std::fmt::Debug for Session<M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Session")
             .field("side", &self.side)
@@ -70,13 +68,13 @@ impl<M: std::fmt::Debug, C> std::fmt::Debug for Session<M, C> {
     }
 }
 
-impl<M: Machine, C: QuicConnection> Session<M, C> {
-    /// Binds `machine` to `conn`.
+impl<M: Machine> Session<M> {
+    /// Binds `machine` to `conn` (the session keeps no reference: every call that moves bytes
+    /// is given the connection).
     ///
     /// `send_window` is the configured QUIC send window, used as the ceiling of the adaptive one.
-    pub fn new(conn: C, machine: M, side: Side, send_window: u64) -> Self {
+    pub fn new(conn: &mut impl QuicConnection, machine: M, side: Side, send_window: u64) -> Self {
         let mut s = Self {
-            conn,
             machine,
             side,
             control: None,
@@ -91,7 +89,7 @@ impl<M: Machine, C: QuicConnection> Session<M, C> {
             pieces: Vec::new(),
         };
         if side == Side::Client {
-            s.control = s.conn.open_stream(Dir::Bi);
+            s.control = conn.open_stream(Dir::Bi);
         }
         s
     }
@@ -104,11 +102,11 @@ impl<M: Machine, C: QuicConnection> Session<M, C> {
     /// Moves everything that can move: connection events into the machine, machine output into
     /// QUIC. Call after feeding the connection a datagram or a timeout, and after completing the
     /// machine's disk requests.
-    pub fn drive(&mut self, now: Instant) {
-        while let Some(ev) = self.conn.poll_event() {
+    pub fn drive(&mut self, now: Instant, conn: &mut impl QuicConnection) {
+        while let Some(ev) = conn.poll_event() {
             match ev {
                 ConnEvent::StreamOpened(dir) => {
-                    while let Some(id) = self.conn.accept_stream(dir) {
+                    while let Some(id) = conn.accept_stream(dir) {
                         match dir {
                             Dir::Bi if self.control.is_none() && self.side == Side::Server => {
                                 self.control = Some(id);
@@ -119,7 +117,7 @@ impl<M: Machine, C: QuicConnection> Session<M, C> {
                             }
                             _ => {
                                 // A stream this protocol has no use for: refuse it.
-                                self.conn.refuse_stream(id);
+                                conn.refuse_stream(id);
                                 continue;
                             }
                         }
@@ -139,16 +137,16 @@ impl<M: Machine, C: QuicConnection> Session<M, C> {
         }
         if self.side == Side::Client && self.control.is_none() {
             // Streams can be opened only once the peer's limits arrive with the handshake.
-            self.control = self.conn.open_stream(Dir::Bi);
+            self.control = conn.open_stream(Dir::Bi);
         }
         if self.machine.is_over() && self.machine.outbox().ready().is_empty() {
             return;
         }
-        self.read(now);
-        self.write();
+        self.read(now, conn);
+        self.write(conn);
     }
 
-    fn read(&mut self, now: Instant) {
+    fn read(&mut self, now: Instant, conn: &mut impl QuicConnection) {
         let mut budget = READ_BUDGET;
         let ids: Vec<StreamId> = self.readable.iter().copied().collect();
         for id in ids {
@@ -171,7 +169,7 @@ impl<M: Machine, C: QuicConnection> Session<M, C> {
                     break;
                 }
                 pieces.clear();
-                let end = self.conn.read(id, budget.min(READ_PIECE), &mut pieces);
+                let end = conn.read(id, budget.min(READ_PIECE), &mut pieces);
                 for bytes in pieces.drain(..) {
                     budget = budget.saturating_sub(bytes.len());
                     let at = self.received.entry(stream).or_insert(0);
@@ -209,14 +207,14 @@ impl<M: Machine, C: QuicConnection> Session<M, C> {
         }
     }
 
-    fn write(&mut self) {
-        self.size_send_window();
+    fn write(&mut self, conn: &mut impl QuicConnection) {
+        self.size_send_window(conn);
         // Streams that cannot take more now (flow control, or not yet openable).
         let mut stuck: Vec<Stream> = Vec::new();
         // Oldest bytes first across streams: chunks leave in the order they were read, each at
         // the path's full rate, instead of every lane's chunk finishing late together.
         while let Some(stream) = self.machine.outbox().oldest(&stuck) {
-            let Some(id) = self.stream_id(stream) else {
+            let Some(id) = self.stream_id(stream, conn) else {
                 stuck.push(stream);
                 continue;
             };
@@ -227,7 +225,7 @@ impl<M: Machine, C: QuicConnection> Session<M, C> {
             // Handed over as `Bytes` (a reference, not a copy): QUIC keeps them until
             // acknowledged, and the sender's read buffers return to their recycler then.
             let len = front.len();
-            match self.conn.write(id, front) {
+            match conn.write(id, front) {
                 Ok(n) => {
                     self.machine.outbox().advance(stream, n);
                     if n < len {
@@ -243,23 +241,23 @@ impl<M: Machine, C: QuicConnection> Session<M, C> {
             }
         }
         for stream in self.machine.outbox().ready() {
-            if let Some(id) = self.stream_id(stream)
+            if let Some(id) = self.stream_id(stream, conn)
                 && self.machine.outbox().take_fin(stream)
             {
-                self.conn.finish(id);
+                conn.finish(id);
             }
         }
     }
 
     /// The QUIC stream for `stream`, opening a lane's on first use; `None` while it cannot be
     /// opened yet (no control stream before the handshake, or the peer's stream limit reached).
-    fn stream_id(&mut self, stream: Stream) -> Option<StreamId> {
+    fn stream_id(&mut self, stream: Stream, conn: &mut impl QuicConnection) -> Option<StreamId> {
         match stream {
             Stream::Control => self.control,
             Stream::Lane(n) => match self.out_lanes.get(&n) {
                 Some(id) => Some(*id),
                 None => {
-                    let id = self.conn.open_stream(Dir::Uni)?;
+                    let id = conn.open_stream(Dir::Uni)?;
                     self.out_lanes.insert(n, id);
                     Some(id)
                 }
@@ -270,17 +268,17 @@ impl<M: Machine, C: QuicConnection> Session<M, C> {
     /// Keeps the bytes QUIC holds unsent to about one congestion window beyond what is in
     /// flight (within the configured ceiling), so queueing happens in the outbox, in read order,
     /// rather than inside QUIC where streams are served round-robin.
-    fn size_send_window(&mut self) {
-        let cwnd = self.conn.congestion_window();
+    fn size_send_window(&mut self, conn: &mut impl QuicConnection) {
+        let cwnd = conn.congestion_window();
         // What the path carries now: the sender's zstd level follows it.
-        let rtt = self.conn.rtt().as_nanos().max(1);
+        let rtt = conn.rtt().as_nanos().max(1);
         let rate = u128::from(cwnd) * 1_000_000_000 / rtt;
         self.machine
             .set_path_rate(u64::try_from(rate).unwrap_or(u64::MAX));
         let window = (2 * cwnd).clamp(SEND_WINDOW_FLOOR, self.send_window_max);
         if window != self.send_window {
             self.send_window = window;
-            self.conn.set_send_window(window);
+            conn.set_send_window(window);
         }
     }
 }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use flux_quic::conn::{
-    Closed, ConnEvent, Dir, PathStats, QuicConnection, ReadEnd, StreamId, Transmit, WriteError,
+    Closed, ConnEvent, Dir, PathStats, QuicConnection, ReadEnd, StreamId, WriteError,
 };
 
 use crate::{Connection, Fingerprint, events};
@@ -320,24 +320,5 @@ impl QuicConnection for S2nConn {
 
     fn close(&mut self, _now: Instant, code: u32, _reason: Bytes) {
         self.conn.close(code.into());
-    }
-
-    fn poll_transmit(
-        &mut self,
-        _now: Instant,
-        _max_segments: usize,
-        _buf: &mut Vec<u8>,
-    ) -> Option<Transmit> {
-        // Per endpoint in s2n: `Endpoint::poll_transmit`.
-        None
-    }
-
-    fn poll_timeout(&mut self) -> Option<Instant> {
-        // Per endpoint in s2n: `Endpoint::poll_timeout`.
-        None
-    }
-
-    fn handle_timeout(&mut self, _now: Instant) {
-        // Per endpoint in s2n: `Endpoint::handle_timeout`.
     }
 }

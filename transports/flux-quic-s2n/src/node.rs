@@ -133,6 +133,7 @@ impl S2nEndpoint {
         let old = std::mem::replace(buf, t.contents);
         self.ep.recycle(old);
         Some(Transmit {
+            conn: None,
             destination: t.destination,
             size: buf.len(),
             segment_size: t.segment_size,

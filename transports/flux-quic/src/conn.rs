@@ -1,20 +1,37 @@
-//! What the engine needs from a QUIC connection, in types of no particular QUIC stack: streams
-//! with flow control, events, path figures, close, and the connection's own timers and
-//! transmits. [`crate::quinn`] implements it over quinn-proto; a second stack (s2n-quic,
-//! `flux-quic-s2n`) can implement it without the engine changing.
+//! What the engine needs from a QUIC stack, in types of no particular stack:
+//!
+//! - [`QuicEndpoint`]: datagrams in, connection attempts out for the host to accept or refuse,
+//!   connections made, and the endpoint's transmits and timers (for all of its connections: a
+//!   stack that batches across connections, like s2n-quic, can);
+//! - [`QuicConnection`]: streams with flow control, events, path figures, close.
+//!
+//! [`crate::quinn`] implements both over quinn-proto; a second stack (s2n-quic,
+//! `flux-quic-s2n`) can implement them without the engine changing.
 //!
 //! Like quinn-proto, nothing here does I/O or reads a clock: `now` comes in, datagrams go out
-//! through [`QuicConnection::poll_transmit`].
+//! through [`QuicEndpoint::poll_transmit`].
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
-use crate::Fingerprint;
+use crate::{ConfigError, Fingerprint};
 
 /// A stream of one connection, numbered by the stack.
 pub type StreamId = u64;
+
+/// A connection of an endpoint, numbered by the endpoint (never reused).
+pub type ConnId = usize;
+
+/// A peer's connection attempt, waiting for the host to accept or refuse it.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub struct Incoming {
+    /// The endpoint's number for the attempt.
+    pub id: u64,
+    /// Where it comes from.
+    pub remote: SocketAddr,
+}
 
 /// Stream directionality.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
@@ -94,6 +111,8 @@ pub struct PathStats {
 /// A datagram or GSO batch to send: `size` bytes of the caller's buffer.
 #[derive(Clone, Copy, Debug)]
 pub struct Transmit {
+    /// The connection it belongs to, when the stack says (stateless responses belong to none).
+    pub conn: Option<ConnId>,
     /// Where to.
     pub destination: SocketAddr,
     /// Bytes of the buffer.
@@ -140,15 +159,42 @@ pub trait QuicConnection {
     fn is_closed(&self) -> bool;
     /// Closes with an application `code` and `reason` (sent to the peer).
     fn close(&mut self, now: Instant, code: u32, reason: Bytes);
+}
+
+/// A QUIC endpoint on one socket, owning its connections.
+pub trait QuicEndpoint {
+    /// Its connections.
+    type Conn: QuicConnection;
+    /// One received datagram (a GRO segment), from `from` to `dst_ip`, with ECN bits `ecn`.
+    fn handle(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        dst_ip: Option<IpAddr>,
+        ecn: Option<u8>,
+        data: BytesMut,
+    );
+    /// The next connection attempt from a peer (a server endpoint).
+    fn poll_incoming(&mut self) -> Option<Incoming>;
+    /// Accepts attempt `id`; `None` if the handshake cannot go on (a response may be queued).
+    fn accept(&mut self, now: Instant, id: u64) -> Option<ConnId>;
+    /// Refuses attempt `id` (the peer is told).
+    fn refuse(&mut self, id: u64);
+    /// Connects to `peer` (a client endpoint).
+    fn connect(&mut self, now: Instant, peer: SocketAddr) -> Result<ConnId, ConfigError>;
+    /// Connection `id`.
+    fn conn(&mut self, id: ConnId) -> Option<&mut Self::Conn>;
     /// The next datagram (or GSO batch of up to `max_segments`) to send, written into `buf`.
+    /// `None` once every connection has had a fair turn: the caller should receive before
+    /// asking again.
     fn poll_transmit(
         &mut self,
         now: Instant,
         max_segments: usize,
         buf: &mut Vec<u8>,
     ) -> Option<Transmit>;
-    /// When [`QuicConnection::handle_timeout`] must be called next.
+    /// When [`QuicEndpoint::handle_timeout`] must be called next.
     fn poll_timeout(&mut self) -> Option<Instant>;
-    /// Advances the connection's timers.
+    /// Advances the timers of every connection due.
     fn handle_timeout(&mut self, now: Instant);
 }

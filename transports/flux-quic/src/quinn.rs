@@ -2,6 +2,7 @@
 //! endpoint and connection wrappers that put quinn-proto behind [`crate::conn`]'s neutral
 //! types. This module is the only place quinn-proto's types appear in the public API.
 
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,7 +20,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
 use crate::conn::{
-    Closed, ConnEvent, Dir, PathStats, QuicConnection, ReadEnd, StreamId, Transmit, WriteError,
+    Closed, ConnEvent, ConnId, Dir, Incoming, PathStats, QuicConnection, QuicEndpoint, ReadEnd,
+    StreamId, Transmit, WriteError,
 };
 use crate::{
     ALPN, AllowList, ConfigError, Congestion, Fingerprint, Identity, SERVER_NAME, TransportParams,
@@ -281,8 +283,9 @@ fn dir(d: Dir) -> quinn_proto::Dir {
     }
 }
 
-fn transmit(t: &quinn_proto::Transmit) -> Transmit {
+fn transmit(conn: Option<ConnId>, t: &quinn_proto::Transmit) -> Transmit {
     Transmit {
+        conn,
         destination: t.destination,
         size: t.size,
         segment_size: t.segment_size,
@@ -290,47 +293,40 @@ fn transmit(t: &quinn_proto::Transmit) -> Transmit {
     }
 }
 
-/// A quinn-proto endpoint: datagrams in, connections and stateless responses out. The
-/// connections it makes are owned by the caller and driven through [`QuicConnection`];
-/// [`QuinnEndpoint::sync`] carries what passes between a connection and the endpoint.
+/// GSO batches a connection sends before [`QuinnEndpoint::poll_transmit`] turns to the next
+/// one and, after every connection had its turn, returns `None`.
+const SEND_ROUNDS: u32 = 8;
+
+/// A quinn-proto endpoint and its connections behind [`QuicEndpoint`].
 pub struct QuinnEndpoint {
     ep: quinn_proto::Endpoint,
     client: Option<ClientConfig>,
+    /// Connections by [`ConnId`] (ids are never reused; the slots of ended connections stay,
+    /// small, until the endpoint goes).
+    conns: Vec<Slot>,
+    handles: HashMap<ConnectionHandle, ConnId>,
+    incoming: VecDeque<(u64, quinn_proto::Incoming)>,
+    next_incoming: u64,
+    /// Stateless responses (refusals, version negotiation, resets) waiting to be sent.
+    responses: VecDeque<(Vec<u8>, Transmit)>,
+    /// The connection [`QuicEndpoint::poll_transmit`] serves now.
+    tx_next: usize,
+    scratch: Vec<u8>,
+}
+
+struct Slot {
+    conn: QuinnConn,
+    handle: ConnectionHandle,
+    tx_rounds: u32,
 }
 
 impl std::fmt::Debug for QuinnEndpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("QuinnEndpoint")
             .field("client", &self.client.is_some())
+            .field("conns", &self.conns.len())
             .finish_non_exhaustive()
     }
-}
-
-/// A connection attempt from a peer, before the host decides on it.
-#[derive(Debug)]
-pub struct Incoming(quinn_proto::Incoming);
-
-impl Incoming {
-    /// Where it comes from.
-    pub fn remote_address(&self) -> SocketAddr {
-        self.0.remote_address()
-    }
-}
-
-/// Input for one of the endpoint's connections (hand it to the one that [`QuinnConn::takes`]
-/// it).
-#[derive(Debug)]
-pub struct ConnInput(ConnectionHandle, quinn_proto::ConnectionEvent);
-
-/// What a received datagram was.
-#[derive(Debug)]
-pub enum Received {
-    /// Input for an existing connection.
-    Conn(ConnInput),
-    /// A peer wants to connect.
-    Incoming(Incoming),
-    /// A stateless response to send, in the buffer given to [`QuinnEndpoint::handle`].
-    Response(Transmit),
 }
 
 impl QuinnEndpoint {
@@ -347,6 +343,13 @@ impl QuinnEndpoint {
                 seed,
             ),
             client,
+            conns: Vec::new(),
+            handles: HashMap::new(),
+            incoming: VecDeque::new(),
+            next_incoming: 0,
+            responses: VecDeque::new(),
+            tx_next: 0,
+            scratch: Vec::with_capacity(2048),
         }
     }
 
@@ -380,28 +383,98 @@ impl QuinnEndpoint {
         ))
     }
 
-    /// One received datagram (a GRO segment), from `from` to `dst_ip`, with ECN bits `ecn`.
-    /// A response is written into `buf`.
-    pub fn handle(
+    fn add(&mut self, handle: ConnectionHandle, conn: quinn_proto::Connection) -> ConnId {
+        let id = self.conns.len();
+        self.handles.insert(handle, id);
+        self.conns.push(Slot {
+            conn: QuinnConn { conn },
+            handle,
+            tx_rounds: 0,
+        });
+        id
+    }
+
+    fn respond(&mut self, t: &quinn_proto::Transmit) {
+        let data = self.scratch[..t.size.min(self.scratch.len())].to_vec();
+        self.responses.push_back((data, transmit(None, t)));
+    }
+
+    /// Carries what passes between connection `slot` and the endpoint (connection IDs, its
+    /// end).
+    fn sync(ep: &mut quinn_proto::Endpoint, slot: &mut Slot) {
+        while let Some(ev) = slot.conn.conn.poll_endpoint_events() {
+            if let Some(ce) = ep.handle_event(slot.handle, ev) {
+                slot.conn.conn.handle_event(ce);
+            }
+        }
+    }
+}
+
+impl QuicEndpoint for QuinnEndpoint {
+    type Conn = QuinnConn;
+
+    fn handle(
         &mut self,
         now: Instant,
         from: SocketAddr,
         dst_ip: Option<IpAddr>,
         ecn: Option<u8>,
         data: BytesMut,
-        buf: &mut Vec<u8>,
-    ) -> Option<Received> {
+    ) {
         let ecn = ecn.and_then(EcnCodepoint::from_bits);
-        buf.clear();
-        match self.ep.handle(now, from, dst_ip, ecn, data, buf)? {
-            DatagramEvent::ConnectionEvent(h, ev) => Some(Received::Conn(ConnInput(h, ev))),
-            DatagramEvent::NewConnection(inc) => Some(Received::Incoming(Incoming(inc))),
-            DatagramEvent::Response(t) => Some(Received::Response(transmit(&t))),
+        self.scratch.clear();
+        match self
+            .ep
+            .handle(now, from, dst_ip, ecn, data, &mut self.scratch)
+        {
+            Some(DatagramEvent::ConnectionEvent(h, ev)) => {
+                if let Some(&id) = self.handles.get(&h) {
+                    self.conns[id].conn.conn.handle_event(ev);
+                }
+            }
+            Some(DatagramEvent::NewConnection(inc)) => {
+                self.next_incoming += 1;
+                self.incoming.push_back((self.next_incoming, inc));
+            }
+            Some(DatagramEvent::Response(t)) => self.respond(&t),
+            None => {}
         }
     }
 
-    /// Connects to `peer` (a client endpoint).
-    pub fn connect(&mut self, now: Instant, peer: SocketAddr) -> Result<QuinnConn, ConfigError> {
+    fn poll_incoming(&mut self) -> Option<Incoming> {
+        self.incoming.front().map(|(id, inc)| Incoming {
+            id: *id,
+            remote: inc.remote_address(),
+        })
+    }
+
+    fn accept(&mut self, now: Instant, id: u64) -> Option<ConnId> {
+        let pos = self.incoming.iter().position(|(i, _)| *i == id)?;
+        let (_, inc) = self.incoming.remove(pos)?;
+        self.scratch.clear();
+        match self.ep.accept(inc, now, &mut self.scratch, None) {
+            Ok((handle, conn)) => Some(self.add(handle, conn)),
+            Err(e) => {
+                if let Some(t) = e.response {
+                    self.respond(&t);
+                }
+                None
+            }
+        }
+    }
+
+    fn refuse(&mut self, id: u64) {
+        let Some(pos) = self.incoming.iter().position(|(i, _)| *i == id) else {
+            return;
+        };
+        if let Some((_, inc)) = self.incoming.remove(pos) {
+            self.scratch.clear();
+            let t = self.ep.refuse(inc, &mut self.scratch);
+            self.respond(&t);
+        }
+    }
+
+    fn connect(&mut self, now: Instant, peer: SocketAddr) -> Result<ConnId, ConfigError> {
         let cfg = self
             .client
             .clone()
@@ -410,66 +483,76 @@ impl QuinnEndpoint {
             .ep
             .connect(now, cfg, peer, SERVER_NAME)
             .map_err(|e| ConfigError::Quic(format!("connect to {peer}: {e}")))?;
-        Ok(QuinnConn { handle, conn })
+        Ok(self.add(handle, conn))
     }
 
-    /// Accepts a connection attempt; a refusal may come with a response to send (in `buf`).
-    pub fn accept(
+    fn conn(&mut self, id: ConnId) -> Option<&mut QuinnConn> {
+        self.conns.get_mut(id).map(|s| &mut s.conn)
+    }
+
+    fn poll_transmit(
         &mut self,
         now: Instant,
-        inc: Incoming,
+        max_segments: usize,
         buf: &mut Vec<u8>,
-    ) -> Result<QuinnConn, Option<Transmit>> {
-        buf.clear();
-        match self.ep.accept(inc.0, now, buf, None) {
-            Ok((handle, conn)) => Ok(QuinnConn { handle, conn }),
-            Err(e) => Err(e.response.as_ref().map(transmit)),
+    ) -> Option<Transmit> {
+        if let Some((data, t)) = self.responses.pop_front() {
+            buf.clear();
+            buf.extend_from_slice(&data);
+            return Some(t);
         }
-    }
-
-    /// Refuses a connection attempt; the response to send is in `buf`.
-    pub fn refuse(&mut self, inc: Incoming, buf: &mut Vec<u8>) -> Transmit {
-        buf.clear();
-        transmit(&self.ep.refuse(inc.0, buf))
-    }
-
-    /// Carries what passes between `conn` and the endpoint (connection IDs, its end). Call
-    /// after driving the connection and before asking it for transmits.
-    pub fn sync(&mut self, conn: &mut QuinnConn) {
-        while let Some(ev) = conn.conn.poll_endpoint_events() {
-            if let Some(ce) = self.ep.handle_event(conn.handle, ev) {
-                conn.conn.handle_event(ce);
+        let n = self.conns.len();
+        for k in 0..n {
+            let i = (self.tx_next + k) % n;
+            let slot = &mut self.conns[i];
+            if slot.tx_rounds >= SEND_ROUNDS {
+                continue;
             }
+            Self::sync(&mut self.ep, slot);
+            buf.clear();
+            match slot.conn.conn.poll_transmit(now, max_segments, buf) {
+                Some(t) => {
+                    slot.tx_rounds += 1;
+                    self.tx_next = i;
+                    return Some(transmit(Some(i), &t));
+                }
+                None => slot.tx_rounds = SEND_ROUNDS,
+            }
+        }
+        // Every connection had its turn: a new round starts with the next call.
+        for s in &mut self.conns {
+            s.tx_rounds = 0;
+        }
+        None
+    }
+
+    fn poll_timeout(&mut self) -> Option<Instant> {
+        self.conns
+            .iter_mut()
+            .filter_map(|s| s.conn.conn.poll_timeout())
+            .min()
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        for slot in &mut self.conns {
+            if slot.conn.conn.poll_timeout().is_some_and(|t| t <= now) {
+                slot.conn.conn.handle_timeout(now);
+            }
+            Self::sync(&mut self.ep, slot);
         }
     }
 }
 
 /// A quinn-proto connection behind [`QuicConnection`].
 pub struct QuinnConn {
-    handle: ConnectionHandle,
     conn: quinn_proto::Connection,
 }
 
 impl std::fmt::Debug for QuinnConn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("QuinnConn")
-            .field("handle", &self.handle)
-            .finish_non_exhaustive()
+        f.debug_struct("QuinnConn").finish_non_exhaustive()
     }
 }
-
-impl QuinnConn {
-    /// Whether `input` is for this connection.
-    pub fn takes(&self, input: &ConnInput) -> bool {
-        input.0 == self.handle
-    }
-
-    /// Input the endpoint routed to this connection.
-    pub fn handle_input(&mut self, input: ConnInput) {
-        self.conn.handle_event(input.1);
-    }
-}
-
 impl QuicConnection for QuinnConn {
     fn poll_event(&mut self) -> Option<ConnEvent> {
         use quinn_proto::{Event, StreamEvent};
@@ -593,24 +676,5 @@ impl QuicConnection for QuinnConn {
 
     fn close(&mut self, now: Instant, code: u32, reason: Bytes) {
         self.conn.close(now, code.into(), reason);
-    }
-
-    fn poll_transmit(
-        &mut self,
-        now: Instant,
-        max_segments: usize,
-        buf: &mut Vec<u8>,
-    ) -> Option<Transmit> {
-        self.conn
-            .poll_transmit(now, max_segments, buf)
-            .map(|t| transmit(&t))
-    }
-
-    fn poll_timeout(&mut self) -> Option<Instant> {
-        self.conn.poll_timeout()
-    }
-
-    fn handle_timeout(&mut self, now: Instant) {
-        self.conn.handle_timeout(now);
     }
 }
