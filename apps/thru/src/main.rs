@@ -31,6 +31,10 @@ use thru::ui::Ui;
 use tracing::Instrument as _;
 
 fn main() -> ExitCode {
+    // rustls picks a process-wide crypto provider for code that does not name one (the Redis
+    // client's `rediss://`, for one). A build that also links aws-lc (s2n-quic does) leaves two
+    // candidates and such code panics: name *ring*, the provider every other connection uses.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let parsed = cli::command()
         .try_get_matches()
         .and_then(|m| Cli::from_arg_matches(&m).map(|c| (c, m)));

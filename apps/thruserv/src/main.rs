@@ -235,6 +235,10 @@ enum LogFormat {
 }
 
 fn main() -> ExitCode {
+    // rustls picks a process-wide crypto provider for code that does not name one (the Redis
+    // client's `rediss://`, for one). A build that also links aws-lc (s2n-quic does) leaves two
+    // candidates and such code panics: name *ring*, the provider every other connection uses.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
     init_tracing(args.log_format);
     match run(args) {

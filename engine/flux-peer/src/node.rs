@@ -1,9 +1,9 @@
 //! The peer core: everything one engine worker decides, and none of what it does.
 //!
-//! A [`Node`] owns the QUIC endpoint and its connections (any `flux_quic::conn::QuicEndpoint`;
-//! quinn-proto's by default), the transfer machine on each
-//! connection (a [`Session`] of a [`Sender`] or a [`Receiver`]), the ICE links to peers and the
-//! end-of-transfer policy (linger, cancel, connect time-outs, how many receivers). Like
+//! A [`Node`] owns the QUIC endpoint and its connections (any
+//! `flux_quic::conn::QuicEndpoint`; quinn-proto's by default), the transfer machine on each
+//! connection (a [`Session`] of a [`Sender`] or a [`Receiver`]), the ICE links to peers and
+//! the end-of-transfer policy (linger, cancel, connect time-outs, how many receivers). Like
 //! quinn-proto under quinn, it does no I/O and reads no clock:
 //!
 //! - input: [`Node::handle_datagram`], [`Node::handle_command`], [`Node::handle_disk_done`],
