@@ -630,23 +630,10 @@ async fn join_checked(
         )
         .into());
     }
-    if !args.yes && !args.list && (json || !terminal) {
-        return Err(UsageError(if json {
-            "--json: nobody is asked under --json; pass --yes".into()
-        } else {
-            "no terminal to ask on; pass --yes".into()
-        })
-        .into());
+    if !args.list {
+        need_answer_or_yes(args.yes, json, terminal)?;
     }
-    let to_stdout = thru::transfer::is_stdout(&args.out);
-    if to_stdout && json {
-        return Err(UsageError(
-            "--out - writes the file to stdout, where --json writes its events: use one or the \
-             other"
-                .into(),
-        )
-        .into());
-    }
+    let to_stdout = stdout_out(&args.out, json)?;
     // --list writes nothing: --out is neither checked nor created; nor is stdout (--out -).
     let created = if args.list || to_stdout {
         None
@@ -665,23 +652,23 @@ async fn join_checked(
     result
 }
 
-/// `thru join --web`: one upload through a single-use relay link, under the receiver's rules.
-async fn web_join(args: JoinArgs, ui: &Ui, json: bool, terminal: bool) -> anyhow::Result<()> {
-    let Some(server) = args.net.server.clone() else {
-        return Err(UsageError(
-            "--web receives through a thruserv web relay: give its URL with --server".into(),
-        )
-        .into());
-    };
-    if !args.yes && (json || !terminal) {
-        return Err(UsageError(if json {
-            "--json: nobody is asked under --json; pass --yes".into()
-        } else {
-            "no terminal to ask on; pass --yes".into()
-        })
-        .into());
+/// A joiner that will be asked to accept needs someone to ask: a terminal, and not `--json`;
+/// otherwise `--yes`.
+fn need_answer_or_yes(yes: bool, json: bool, terminal: bool) -> anyhow::Result<()> {
+    if yes || (terminal && !json) {
+        return Ok(());
     }
-    let to_stdout = thru::transfer::is_stdout(&args.out);
+    Err(UsageError(if json {
+        "--json: nobody is asked under --json; pass --yes".into()
+    } else {
+        "no terminal to ask on; pass --yes".into()
+    })
+    .into())
+}
+
+/// Whether `--out` is stdout (`-`); that and `--json` both want stdout.
+fn stdout_out(out: &std::path::Path, json: bool) -> anyhow::Result<bool> {
+    let to_stdout = thru::transfer::is_stdout(out);
     if to_stdout && json {
         return Err(UsageError(
             "--out - writes the file to stdout, where --json writes its events: use one or the \
@@ -690,6 +677,19 @@ async fn web_join(args: JoinArgs, ui: &Ui, json: bool, terminal: bool) -> anyhow
         )
         .into());
     }
+    Ok(to_stdout)
+}
+
+/// `thru join --web`: one upload through a single-use relay link, under the receiver's rules.
+async fn web_join(args: JoinArgs, ui: &Ui, json: bool, terminal: bool) -> anyhow::Result<()> {
+    let Some(server) = args.net.server.clone() else {
+        return Err(UsageError(
+            "--web receives through a thruserv web relay: give its URL with --server".into(),
+        )
+        .into());
+    };
+    need_answer_or_yes(args.yes, json, terminal)?;
+    let to_stdout = stdout_out(&args.out, json)?;
     let created = if to_stdout {
         None
     } else {
