@@ -282,12 +282,7 @@ impl<E: QuicEndpoint> Node<E> {
         if self.cfg.pipe {
             rcfg.features |= flux_wire::FEATURE_IN_ORDER;
         }
-        let conn = self
-            .endpoint
-            .conn(id)
-            .ok_or_else(|| TransferError::Io(format!("connect to {peer}: no connection")))?;
         let mut session = Session::new(
-            conn,
             Receiver::new(rcfg),
             Side::Client,
             self.cfg.transport.send_window,
@@ -580,16 +575,12 @@ impl<E: QuicEndpoint> Node<E> {
             tracing::debug!(peer = %peer, "refused a connection");
             return;
         };
-        let Some(conn) = self.endpoint.conn(id) else {
-            return;
-        };
         let link = self
             .links
             .iter()
             .position(|l| l.live() && l.quic_addr == Some(peer));
         let m = Sender::new(share, self.cfg.sender.clone());
         let machine = Machine::Send(Session::new(
-            conn,
             m,
             Side::Server,
             self.cfg.transport.send_window,

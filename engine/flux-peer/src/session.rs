@@ -69,12 +69,14 @@ impl<M: std::fmt::Debug> std::fmt::Debug for Session<M> {
 }
 
 impl<M: Machine> Session<M> {
-    /// Binds `machine` to `conn` (the session keeps no reference: every call that moves bytes
-    /// is given the connection).
+    /// A session for `machine` on one side of a connection. It keeps no reference to the
+    /// connection: every call that moves bytes is given it (a stack may make the connection
+    /// usable only once its handshake is over). The client opens the control stream as soon as
+    /// the connection lets it.
     ///
     /// `send_window` is the configured QUIC send window, used as the ceiling of the adaptive one.
-    pub fn new(conn: &mut impl QuicConnection, machine: M, side: Side, send_window: u64) -> Self {
-        let mut s = Self {
+    pub fn new(machine: M, side: Side, send_window: u64) -> Self {
+        Self {
             machine,
             side,
             control: None,
@@ -87,11 +89,7 @@ impl<M: Machine> Session<M> {
             send_window,
             send_window_max: send_window.max(SEND_WINDOW_FLOOR),
             pieces: Vec::new(),
-        };
-        if side == Side::Client {
-            s.control = conn.open_stream(Dir::Bi);
         }
-        s
     }
 
     /// Why the connection closed, once it has.

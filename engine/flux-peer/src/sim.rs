@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use flux_quic::conn::QuicEndpoint;
 use flux_quic::quinn::QuinnEndpoint;
 use flux_quic::{Identity, TransportParams};
 use flux_transfer::{Event, Manifest, ReceiverConfig, SenderConfig, TransferError};
@@ -162,21 +163,58 @@ pub fn run(
     stop: Stop,
     tamper: Option<Tamper>,
 ) -> Outcome {
-    let mut sim = match Sim::new(manifest, sources, dest, cfg, tamper) {
+    let Ok(id) = Identity::generate() else {
+        return failed("no identity".into());
+    };
+    let mut seed = [0u8; 32];
+    seed[..8].copy_from_slice(&cfg.seed.to_le_bytes());
+    let server = match QuinnEndpoint::server(&id, &cfg.transport, None, Some(seed)) {
+        Ok(e) => e,
+        Err(e) => return failed(e.to_string()),
+    };
+    seed[8] = 1;
+    let client = match QuinnEndpoint::client(id.fingerprint(), None, &cfg.transport, Some(seed)) {
+        Ok(e) => e,
+        Err(e) => return failed(e.to_string()),
+    };
+    run_on(server, client, manifest, sources, dest, cfg, stop, tamper)
+}
+
+/// [`run`] over any QUIC stack: `host` is a server endpoint at [`HOST_ADDR`], `join` a client
+/// endpoint at [`JOIN_ADDR`] that pins the host.
+#[allow(clippy::too_many_arguments)]
+pub fn run_on<E: QuicEndpoint>(
+    host: E,
+    join: E,
+    manifest: Arc<Manifest>,
+    sources: Vec<Option<PathBuf>>,
+    dest: PathBuf,
+    cfg: SimConfig,
+    stop: Stop,
+    tamper: Option<Tamper>,
+) -> Outcome {
+    let mut sim = match Sim::new(host, join, manifest, sources, dest, cfg, tamper) {
         Ok(s) => s,
-        Err(e) => {
-            return Outcome {
-                sender_error: Some(TransferError::Io(e)),
-                ..Outcome::default()
-            };
-        }
+        Err(e) => return failed(e),
     };
     sim.run(stop);
     sim.out
 }
 
-const SENDER_ADDR: &str = "10.0.0.1:4433";
-const RECEIVER_ADDR: &str = "10.0.0.2:50000";
+/// A run that could not start.
+fn failed(e: String) -> Outcome {
+    Outcome {
+        sender_error: Some(TransferError::Io(e)),
+        ..Outcome::default()
+    }
+}
+
+/// The host's address on the emulated link.
+pub const HOST_ADDR: &str = "10.0.0.1:4433";
+/// The joiner's address on the emulated link.
+pub const JOIN_ADDR: &str = "10.0.0.2:50000";
+const SENDER_ADDR: &str = HOST_ADDR;
+const RECEIVER_ADDR: &str = JOIN_ADDR;
 /// Segments per GSO batch the emulated sockets take.
 const SIM_GSO_SEGMENTS: usize = 10;
 
@@ -185,7 +223,7 @@ struct Packet {
     data: Vec<u8>,
 }
 
-struct Sim {
+struct Sim<E> {
     base: Instant,
     now: Instant,
     rng: SmallRng,
@@ -195,8 +233,8 @@ struct Sim {
     seq: u64,
     /// When each direction's bottleneck is next free: [to sender, to receiver].
     free_at: [Instant; 2],
-    host: Node,
-    join: Node,
+    host: Node<E>,
+    join: Node<E>,
     sources: SourceFiles,
     dest_root: PathBuf,
     dest: Option<Destination>,
@@ -206,8 +244,11 @@ struct Sim {
     join_ended: Option<Instant>,
 }
 
-impl Sim {
+impl<E: QuicEndpoint> Sim<E> {
+    #[allow(clippy::too_many_arguments)]
     fn new(
+        server: E,
+        client: E,
         manifest: Arc<Manifest>,
         sources: Vec<Option<PathBuf>>,
         dest: PathBuf,
@@ -216,14 +257,6 @@ impl Sim {
     ) -> Result<Self, String> {
         // The one clock reading of a run: virtual time counts from here.
         let base = Instant::now();
-        let id = Identity::generate().map_err(|e| e.to_string())?;
-        let mut seed = [0u8; 32];
-        seed[..8].copy_from_slice(&cfg.seed.to_le_bytes());
-        let server = QuinnEndpoint::server(&id, &cfg.transport, None, Some(seed))
-            .map_err(|e| e.to_string())?;
-        seed[8] = 1;
-        let client = QuinnEndpoint::client(id.fingerprint(), None, &cfg.transport, Some(seed))
-            .map_err(|e| e.to_string())?;
         let net = NetConfig {
             transport: cfg.transport.clone(),
             sender: cfg.sender.clone(),

@@ -146,6 +146,11 @@ impl S2nConn {
 }
 
 impl S2nConn {
+    /// The peer's address.
+    pub(crate) fn remote(&self) -> Option<std::net::SocketAddr> {
+        self.conn.remote_addr().ok()
+    }
+
     /// Abandons the sending side of stream `id` with an application `code` (the seam has no
     /// such call yet; the peer reads [`ReadEnd::Reset`]).
     pub fn reset(&mut self, id: StreamId, code: u32) {

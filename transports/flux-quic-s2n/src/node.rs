@@ -11,7 +11,9 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use flux_quic::conn::Transmit;
+use bytes::BytesMut;
+use flux_quic::ConfigError;
+use flux_quic::conn::{Incoming, QuicEndpoint, Transmit};
 
 use crate::{Connecting, Ecn, Endpoint, Error, S2nConn};
 
@@ -37,6 +39,8 @@ pub struct S2nEndpoint {
     connecting: Vec<(ConnId, Connecting)>,
     events: VecDeque<EndpointEvent>,
     next: ConnId,
+    /// Through [`QuicEndpoint`]: connections s2n accepted, not yet taken by the caller.
+    accepted: VecDeque<Incoming>,
 }
 
 impl From<Endpoint> for S2nEndpoint {
@@ -47,6 +51,7 @@ impl From<Endpoint> for S2nEndpoint {
             connecting: Vec::new(),
             events: VecDeque::new(),
             next: 0,
+            accepted: VecDeque::new(),
         }
     }
 }
@@ -149,5 +154,98 @@ impl S2nEndpoint {
     /// Runs the endpoint's timers (every connection's).
     pub fn handle_timeout(&mut self, now: Instant) {
         self.ep.handle_timeout(now);
+    }
+}
+
+/// flux-quic's endpoint seam. s2n completes a handshake (pinning included) before it hands a
+/// connection out, so an attempt surfaces as [`Incoming`] only once accepted at the TLS level:
+/// [`QuicEndpoint::accept`] takes it, [`QuicEndpoint::refuse`] closes it. A connection this
+/// side started is reachable through [`QuicEndpoint::conn`] once its handshake is over; a
+/// failed one never is (the caller's connect time-out ends it).
+impl QuicEndpoint for S2nEndpoint {
+    type Conn = S2nConn;
+
+    fn handle(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        _dst_ip: Option<std::net::IpAddr>,
+        ecn: Option<u8>,
+        mut data: BytesMut,
+    ) {
+        let ecn = match ecn.map(|e| e & 0b11) {
+            Some(0b10) => Some(Ecn::Ect0),
+            Some(0b01) => Some(Ecn::Ect1),
+            Some(0b11) => Some(Ecn::Ce),
+            _ => None,
+        };
+        let len = data.len();
+        self.handle(now, from, ecn, &mut data[..], Some(len));
+        self.pump();
+    }
+
+    fn poll_incoming(&mut self) -> Option<Incoming> {
+        self.pump();
+        self.accepted.front().copied()
+    }
+
+    fn accept(&mut self, _now: Instant, id: u64) -> Option<flux_quic::conn::ConnId> {
+        let at = self.accepted.iter().position(|i| i.id == id)?;
+        self.accepted.remove(at);
+        usize::try_from(id).ok()
+    }
+
+    fn refuse(&mut self, id: u64) {
+        if let Some(at) = self.accepted.iter().position(|i| i.id == id) {
+            self.accepted.remove(at);
+        }
+        if let Some(c) = self.remove(id) {
+            drop(c);
+        }
+    }
+
+    fn connect(
+        &mut self,
+        _now: Instant,
+        peer: SocketAddr,
+    ) -> Result<flux_quic::conn::ConnId, ConfigError> {
+        let id = S2nEndpoint::connect(self, peer).map_err(|e| ConfigError::Quic(e.to_string()))?;
+        usize::try_from(id).map_err(|_| ConfigError::Quic("connection ids ran out".into()))
+    }
+
+    fn conn(&mut self, id: flux_quic::conn::ConnId) -> Option<&mut S2nConn> {
+        self.pump();
+        self.conns.get_mut(&(id as u64))
+    }
+
+    fn poll_transmit(
+        &mut self,
+        now: Instant,
+        _max_segments: usize,
+        buf: &mut Vec<u8>,
+    ) -> Option<Transmit> {
+        S2nEndpoint::poll_transmit(self, now, buf)
+    }
+
+    fn poll_timeout(&mut self) -> Option<Instant> {
+        S2nEndpoint::poll_timeout(self)
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        S2nEndpoint::handle_timeout(self, now);
+        self.pump();
+    }
+}
+
+impl S2nEndpoint {
+    /// Takes the endpoint's events for the seam: accepted connections wait in `accepted`.
+    fn pump(&mut self) {
+        while let Some(ev) = self.poll_event() {
+            if let EndpointEvent::Accepted(id) = ev
+                && let Some(remote) = self.conns.get(&id).and_then(S2nConn::remote)
+            {
+                self.accepted.push_back(Incoming { id, remote });
+            }
+        }
     }
 }
