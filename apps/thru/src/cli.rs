@@ -14,7 +14,7 @@ use std::time::Duration;
 use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand};
 use clap_complete::Shell;
 
-use crate::transfer::{DiskChoice, IoDriver};
+use crate::transfer::{DiskChoice, IoDriver, QuicChoice};
 
 /// Exit codes, stable for scripts (also listed in `--help`).
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
@@ -465,6 +465,12 @@ pub struct NetArgs {
     /// Disk and socket I/O driver.
     #[arg(help_heading = "Tuning", long, env = "THRU_IO_DRIVER", value_enum, default_value_t = IoDriver::Auto)]
     pub io_driver: IoDriver,
+
+    /// QUIC stack: quinn (quinn-proto) or s2n (s2n-quic). Both sides run the same one: a
+    /// joiner's `auto` takes the host's, and a joiner that names another stack is refused at
+    /// pairing with both names. A host's `auto` runs quinn.
+    #[arg(help_heading = "Tuning", long, env = "THRU_QUIC", value_enum, default_value_t = QuicChoice::Auto)]
+    pub quic: QuicChoice,
 
     /// Page cache or O_DIRECT for file data. `auto` measures per transfer: reads go buffered
     /// when the page cache holds the file, writes when the transfer fits in what the page

@@ -285,7 +285,11 @@ async fn host(args: HostArgs, ui: &Ui) -> anyhow::Result<()> {
     }
     let is_stream = stream.is_some();
     let setup = Setup::new(&args.net).await?;
-    let mut opts = HostOptions::new(setup.local.clone());
+    // The host's stack, named in its pairing reply (a joiner's `auto` takes it).
+    let mut opts = HostOptions::new(LocalInfo {
+        quic: Some(args.net.quic.host()),
+        ..setup.local.clone()
+    });
     opts.max_receivers = args.max_receivers;
     opts.handshake_timeout = args.net.pair_timeout;
     opts.allow_loopback = setup.allow_loopback;
@@ -884,7 +888,10 @@ async fn join_paired(
     stopper: thru::transfer::Stopper,
 ) -> anyhow::Result<()> {
     let setup = Setup::new(&args.net).await?;
-    let mut opts = JoinOptions::new(setup.local.clone());
+    let mut opts = JoinOptions::new(LocalInfo {
+        quic: args.net.quic.stack(),
+        ..setup.local.clone()
+    });
     opts.timeout = args.net.pair_timeout;
     opts.allow_loopback = setup.allow_loopback || args.peer.is_some_and(|p| p.ip().is_loopback());
     let (paired, trickle) = match (&args.net.server, args.peer) {
@@ -962,6 +969,7 @@ impl Setup {
         let local = LocalInfo {
             fingerprint: identity.fingerprint(),
             addrs: rendezvous::local_addrs(port, allow_loopback),
+            quic: None,
         };
         // ICE only through a server: on a LAN the host's addresses come authenticated in
         // pairing. With a server on loopback both ends are this machine: no NAT to cross, so
@@ -1014,6 +1022,7 @@ impl Setup {
                 chunk_size,
                 parallel_files,
                 io_driver: net.io_driver,
+                quic: net.quic,
                 disk: net.disk,
                 cores: net.cores,
                 benchmark: net.benchmark,

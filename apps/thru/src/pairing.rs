@@ -55,6 +55,8 @@ pub struct Paired {
     pub local_fingerprint: Fingerprint,
     /// This side's advertised addresses.
     pub local_addrs: Vec<SocketAddr>,
+    /// The QUIC stack both sides agreed on (the host's).
+    pub quic: flux_peer::stack::QuicStack,
     /// Shared by both peers only, bound to the pairing transcript. For an optional
     /// exporter-bound check inside QUIC; not needed when certificates are pinned.
     pub session_key: [u8; 32],
@@ -106,6 +108,7 @@ impl fmt::Debug for Paired {
             .field("peer_addrs", &self.peer_addrs)
             .field("local_fingerprint", &self.local_fingerprint_hex())
             .field("local_addrs", &self.local_addrs)
+            .field("quic", &self.quic)
             .finish_non_exhaustive()
     }
 }
@@ -123,6 +126,7 @@ mod tests {
             peer_addrs: vec![],
             local_fingerprint: [2; 32],
             local_addrs: vec![],
+            quic: flux_peer::stack::QuicStack::Quinn,
             session_key,
         }
     }

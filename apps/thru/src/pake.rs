@@ -37,6 +37,7 @@ use std::net::SocketAddr;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD_NO_PAD as B64;
+use flux_peer::stack::QuicStack;
 use flux_quic::Fingerprint;
 use flux_signal_proto::RoutingId;
 use rand::{CryptoRng, RngCore};
@@ -67,6 +68,9 @@ pub enum PairMsg {
         fp: Bytes,
         /// The joiner's QUIC addresses.
         addrs: Vec<SocketAddr>,
+        /// The QUIC stack the joiner asked for (`--quic`); absent: whichever the host runs.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        quic: Option<String>,
     },
     /// Host → joiner: SPAKE2 side A, the host's identity and addresses, and its MAC.
     Reply {
@@ -78,6 +82,9 @@ pub enum PairMsg {
         addrs: Vec<SocketAddr>,
         /// The host's confirmation MAC over the transcript.
         mac: Bytes,
+        /// The QUIC stack the host runs; absent: quinn (hosts that offered no choice).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        quic: Option<String>,
     },
     /// Joiner → host: the joiner's confirmation MAC.
     Confirm {
@@ -90,10 +97,19 @@ pub enum PairMsg {
     Abort {
         /// Why.
         reason: AbortReason,
+        /// With [`AbortReason::QuicStack`]: the stack the host runs, so the joiner can say
+        /// which one to ask for.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        quic: Option<String>,
     },
 }
 
 impl PairMsg {
+    /// An `abort` for `reason`.
+    pub fn abort(reason: AbortReason) -> Self {
+        Self::Abort { reason, quic: None }
+    }
+
     /// The message's `t` tag, for errors.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -132,6 +148,8 @@ pub enum AbortReason {
     Full,
     /// Unsupported handshake version.
     Version,
+    /// The joiner asked for a QUIC stack the host does not run.
+    QuicStack,
     /// A reason this version does not know.
     #[serde(other)]
     Unknown,
@@ -145,6 +163,7 @@ impl std::fmt::Display for AbortReason {
             Self::WrongSession => "the join code is for another session",
             Self::Full => "the host accepts no more receivers",
             Self::Version => "incompatible pairing versions",
+            Self::QuicStack => "the two sides asked for different QUIC stacks (--quic)",
             Self::Unknown => "an unknown reason",
         })
     }
@@ -178,28 +197,54 @@ pub enum PakeError {
     /// Another handshake version.
     #[error("the peer speaks pairing version {0}, this thru speaks {VERSION}")]
     Version(u32),
+    /// The joiner asked for a QUIC stack the host does not run (no guess spent).
+    #[error(
+        "the host runs the {host} QUIC stack and the joiner asked for {joiner} (--quic): \
+         give both sides the same --quic, or leave the joiner's at auto"
+    )]
+    QuicStack {
+        /// The host's stack.
+        host: QuicStack,
+        /// The joiner's choice.
+        joiner: QuicStack,
+    },
 }
 
 impl PakeError {
+    /// The `abort` to send the peer when this side gives up (a host names its stack).
+    pub fn abort_msg(&self) -> PairMsg {
+        match self {
+            Self::QuicStack { host, .. } => PairMsg::Abort {
+                reason: AbortReason::QuicStack,
+                quic: Some(host.name().to_owned()),
+            },
+            _ => PairMsg::abort(self.abort_reason()),
+        }
+    }
+
     /// What to tell the peer when this side gives up.
     pub fn abort_reason(&self) -> AbortReason {
         match self {
             Self::ConfirmFailed => AbortReason::ConfirmFailed,
             Self::Version(_) => AbortReason::Version,
             Self::WrongSession => AbortReason::WrongSession,
+            Self::QuicStack { .. } => AbortReason::QuicStack,
             Self::PeerAborted(r) => *r,
             Self::Malformed(_) | Self::Unexpected { .. } => AbortReason::BadMessage,
         }
     }
 }
 
-/// What one side brings to the handshake: its QUIC identity and addresses.
+/// What one side brings to the handshake: its QUIC identity, addresses and stack.
 #[derive(Clone, Debug, Eq, PartialEq)]
 pub struct LocalInfo {
     /// Fingerprint of this side's QUIC certificate.
     pub fingerprint: Fingerprint,
     /// Addresses where this side's QUIC socket can be reached, best first.
     pub addrs: Vec<SocketAddr>,
+    /// The QUIC stack: the one a host runs (`None` there means quinn), or the one a joiner
+    /// asks for (`None`: whichever the host runs).
+    pub quic: Option<QuicStack>,
 }
 
 /// What a successful handshake proves about the peer.
@@ -209,6 +254,8 @@ pub struct PeerInfo {
     pub fingerprint: Fingerprint,
     /// The peer's advertised QUIC addresses, as authenticated.
     pub addrs: Vec<SocketAddr>,
+    /// The QUIC stack both sides run (the host's, which the joiner agreed to).
+    pub quic: QuicStack,
     /// A key both sides share and nobody else has, bound to the whole transcript (for an
     /// optional exporter-bound confirmation inside QUIC).
     pub session_key: [u8; 32],
@@ -250,6 +297,7 @@ impl JoinerStart {
             pake: Bytes(my_pake.clone()),
             fp: Bytes(local.fingerprint.to_vec()),
             addrs: local.addrs.clone(),
+            quic: local.quic.map(|q| q.name().to_owned()),
         };
         let me = Self {
             spake,
@@ -262,14 +310,24 @@ impl JoinerStart {
 
     /// Handles the host's `reply`: checks the host's MAC and returns the `confirm` to send.
     pub fn handle_reply(self, msg: PairMsg) -> Result<(JoinerAwaitAccept, PairMsg), PakeError> {
-        let (pake, fp, addrs, mac) = match msg {
+        let (pake, fp, addrs, mac, quic) = match msg {
             PairMsg::Reply {
                 pake,
                 fp,
                 addrs,
                 mac,
-            } => (pake, fp, addrs, mac),
-            PairMsg::Abort { reason } => return Err(PakeError::PeerAborted(reason)),
+                quic,
+            } => (pake, fp, addrs, mac, quic),
+            PairMsg::Abort {
+                reason: AbortReason::QuicStack,
+                quic: Some(host),
+            } => {
+                return Err(match (stack(Some(&host)), self.local.quic) {
+                    (Ok(host), Some(joiner)) => PakeError::QuicStack { host, joiner },
+                    _ => PakeError::PeerAborted(AbortReason::QuicStack),
+                });
+            }
+            PairMsg::Abort { reason, .. } => return Err(PakeError::PeerAborted(reason)),
             other => {
                 return Err(PakeError::Unexpected {
                     expected: "reply",
@@ -280,6 +338,15 @@ impl JoinerStart {
         let host_fp = fingerprint(&fp)?;
         check_addrs(&addrs)?;
         let mac = mac32(&mac)?;
+        let host_quic = stack(quic.as_deref())?;
+        if let Some(joiner) = self.local.quic
+            && joiner != host_quic
+        {
+            return Err(PakeError::QuicStack {
+                host: host_quic,
+                joiner,
+            });
+        }
         let key = self
             .spake
             .finish(&pake.0)
@@ -288,10 +355,12 @@ impl JoinerStart {
             self.routing,
             &pake.0,
             &self.my_pake,
-            &host_fp,
-            &addrs,
-            &self.local.fingerprint,
-            &self.local.addrs,
+            (&host_fp, &addrs[..], Some(host_quic)),
+            (
+                &self.local.fingerprint,
+                &self.local.addrs[..],
+                self.local.quic,
+            ),
         );
         let keys = Keys::derive(&key, &transcript);
         if blake3::Hash::from(mac) != keys.mac(Side::Host, &transcript) {
@@ -303,6 +372,7 @@ impl JoinerStart {
         let peer = PeerInfo {
             fingerprint: host_fp,
             addrs,
+            quic: host_quic,
             session_key: keys.session,
         };
         Ok((JoinerAwaitAccept { peer }, confirm))
@@ -325,7 +395,7 @@ impl JoinerAwaitAccept {
     pub fn handle_accepted(self, msg: PairMsg) -> Result<PeerInfo, PakeError> {
         match msg {
             PairMsg::Accepted => Ok(self.peer),
-            PairMsg::Abort { reason } => Err(PakeError::PeerAborted(reason)),
+            PairMsg::Abort { reason, .. } => Err(PakeError::PeerAborted(reason)),
             other => Err(PakeError::Unexpected {
                 expected: "accepted",
                 got: other.kind(),
@@ -352,15 +422,16 @@ impl HostAwaitConfirm {
         hello: PairMsg,
         rng: &mut (impl CryptoRng + RngCore),
     ) -> Result<(Self, PairMsg), PakeError> {
-        let (v, session, pake, fp, addrs) = match hello {
+        let (v, session, pake, fp, addrs, quic) = match hello {
             PairMsg::Hello {
                 v,
                 session,
                 pake,
                 fp,
                 addrs,
-            } => (v, session, pake, fp, addrs),
-            PairMsg::Abort { reason } => return Err(PakeError::PeerAborted(reason)),
+                quic,
+            } => (v, session, pake, fp, addrs, quic),
+            PairMsg::Abort { reason, .. } => return Err(PakeError::PeerAborted(reason)),
             other => {
                 return Err(PakeError::Unexpected {
                     expected: "hello",
@@ -373,6 +444,20 @@ impl HostAwaitConfirm {
         }
         if session != code.routing() {
             return Err(PakeError::WrongSession);
+        }
+        // Before any SPAKE2 work: a joiner that wants another stack costs no guess.
+        let host_quic = local.quic.unwrap_or_default();
+        let joiner_quic = match quic {
+            None => None,
+            Some(q) => Some(stack(Some(&q))?),
+        };
+        if let Some(joiner) = joiner_quic
+            && joiner != host_quic
+        {
+            return Err(PakeError::QuicStack {
+                host: host_quic,
+                joiner,
+            });
         }
         let joiner_fp = fingerprint(&fp)?;
         check_addrs(&addrs)?;
@@ -389,10 +474,8 @@ impl HostAwaitConfirm {
             code.routing(),
             &my_pake,
             &pake.0,
-            &local.fingerprint,
-            &local.addrs,
-            &joiner_fp,
-            &addrs,
+            (&local.fingerprint, &local.addrs[..], Some(host_quic)),
+            (&joiner_fp, &addrs[..], joiner_quic),
         );
         let keys = Keys::derive(&key, &transcript);
         let reply = PairMsg::Reply {
@@ -400,12 +483,14 @@ impl HostAwaitConfirm {
             fp: Bytes(local.fingerprint.to_vec()),
             addrs: local.addrs.clone(),
             mac: Bytes(keys.mac(Side::Host, &transcript).as_bytes().to_vec()),
+            quic: Some(host_quic.name().to_owned()),
         };
         let me = Self {
             expected: keys.mac(Side::Joiner, &transcript),
             peer: PeerInfo {
                 fingerprint: joiner_fp,
                 addrs,
+                quic: host_quic,
                 session_key: keys.session,
             },
         };
@@ -422,7 +507,7 @@ impl HostAwaitConfirm {
                     Err(PakeError::ConfirmFailed)
                 }
             }
-            PairMsg::Abort { reason } => Err(PakeError::PeerAborted(reason)),
+            PairMsg::Abort { reason, .. } => Err(PakeError::PeerAborted(reason)),
             other => Err(PakeError::Unexpected {
                 expected: "confirm",
                 got: other.kind(),
@@ -632,15 +717,16 @@ fn password(code: &JoinCode) -> Password {
     Password::new(p)
 }
 
+/// One side's part of the transcript: fingerprint, addresses, QUIC stack.
+type Part<'a> = (&'a Fingerprint, &'a [SocketAddr], Option<QuicStack>);
+
 /// The transcript hash: every field length-prefixed, in a fixed order.
 fn transcript(
     routing: RoutingId,
     host_pake: &[u8],
     joiner_pake: &[u8],
-    host_fp: &Fingerprint,
-    host_addrs: &[SocketAddr],
-    joiner_fp: &Fingerprint,
-    joiner_addrs: &[SocketAddr],
+    host: Part<'_>,
+    joiner: Part<'_>,
 ) -> blake3::Hash {
     let mut h = blake3::Hasher::new_derive_key(CTX_TRANSCRIPT);
     let mut field = |b: &[u8]| {
@@ -650,14 +736,27 @@ fn transcript(
     field(routing.as_str().as_bytes());
     field(host_pake);
     field(joiner_pake);
-    for (fp, addrs) in [(host_fp, host_addrs), (joiner_fp, joiner_addrs)] {
+    for (fp, addrs, quic) in [host, joiner] {
         field(fp);
         field(&(addrs.len() as u64).to_le_bytes());
         for a in addrs {
             field(a.to_string().as_bytes());
         }
+        // A server that rewrites either side's stack (to fail the connection later) breaks
+        // the MACs instead.
+        field(quic.map_or("auto", QuicStack::name).as_bytes());
     }
     h.finalize()
+}
+
+/// The stack a message names (absent: quinn, the stack of hosts that offered no choice).
+fn stack(name: Option<&str>) -> Result<QuicStack, PakeError> {
+    match name {
+        None => Ok(QuicStack::Quinn),
+        Some(n) => n
+            .parse()
+            .map_err(|_| PakeError::Malformed("unknown QUIC stack")),
+    }
 }
 
 fn fingerprint(b: &Bytes) -> Result<Fingerprint, PakeError> {
@@ -692,6 +791,7 @@ mod tests {
                 SocketAddr::from(([192, 168, 1, seed], port)),
                 SocketAddr::from(([127, 0, 0, 1], port)),
             ],
+            quic: None,
         }
     }
 
@@ -699,25 +799,43 @@ mod tests {
     fn run(
         host_code: &JoinCode,
         joiner_code: &JoinCode,
+        tamper: impl FnMut(&mut PairMsg),
+    ) -> (Result<PeerInfo, PakeError>, Result<PeerInfo, PakeError>) {
+        run_with(host_code, joiner_code, (None, None), tamper)
+    }
+
+    /// [`run`], with the host's stack and the joiner's choice.
+    fn run_with(
+        host_code: &JoinCode,
+        joiner_code: &JoinCode,
+        (host_quic, joiner_quic): (Option<QuicStack>, Option<QuicStack>),
         mut tamper: impl FnMut(&mut PairMsg),
     ) -> (Result<PeerInfo, PakeError>, Result<PeerInfo, PakeError>) {
-        let host = local(1, 4000);
-        let joiner = local(2, 5000);
+        let host = LocalInfo {
+            quic: host_quic,
+            ..local(1, 4000)
+        };
+        let joiner = LocalInfo {
+            quic: joiner_quic,
+            ..local(2, 5000)
+        };
         let (j, mut hello) = JoinerStart::start(joiner_code, joiner.clone(), &mut OsRng);
         tamper(&mut hello);
         let (h, mut reply) = match HostAwaitConfirm::respond(host_code, &host, hello, &mut OsRng) {
             Ok(x) => x,
-            Err(e) => return (Err(e.clone()), Err(e)),
+            Err(e) => {
+                // The host aborts; the joiner sees that abort instead of a reply.
+                let mut abort = e.abort_msg();
+                tamper(&mut abort);
+                return (Err(e), j.handle_reply(abort).map(|x| x.0.peer().clone()));
+            }
         };
         tamper(&mut reply);
         let (j, mut confirm) = match j.handle_reply(reply) {
             Ok(x) => x,
             Err(e) => {
                 // The joiner aborts; the host sees that abort instead of a confirm.
-                let abort = PairMsg::Abort {
-                    reason: e.abort_reason(),
-                };
-                return (h.handle_confirm(abort).map(|x| x.0), Err(e));
+                return (h.handle_confirm(e.abort_msg()).map(|x| x.0), Err(e));
             }
         };
         tamper(&mut confirm);
@@ -727,9 +845,7 @@ mod tests {
                 (Ok(peer_of_host), j.handle_accepted(accepted))
             }
             Err(e) => {
-                let abort = PairMsg::Abort {
-                    reason: e.abort_reason(),
-                };
+                let abort = e.abort_msg();
                 (Err(e), j.handle_accepted(abort))
             }
         }
@@ -755,6 +871,63 @@ mod tests {
         assert_eq!(h.addrs, local(2, 5000).addrs);
         assert_eq!(j.addrs, local(1, 4000).addrs);
         assert_eq!(h.session_key, j.session_key);
+    }
+
+    #[test]
+    fn the_joiner_takes_the_hosts_stack_unless_it_asked_for_another() {
+        let c = code("K7QF2M-XD4P-RT9A");
+        use QuicStack::{Quinn, S2n};
+        for (host, joiner, agreed) in [
+            (None, None, Quinn),
+            (Some(S2n), None, S2n),
+            (Some(S2n), Some(S2n), S2n),
+            (Some(Quinn), Some(Quinn), Quinn),
+            (None, Some(Quinn), Quinn),
+        ] {
+            let (h, j) = run_with(&c, &c, (host, joiner), |_| {});
+            let (h, j) = (h.unwrap(), j.unwrap());
+            assert_eq!((h.quic, j.quic), (agreed, agreed), "{host:?} / {joiner:?}");
+        }
+    }
+
+    #[test]
+    fn different_stacks_are_refused_naming_both_before_any_guess() {
+        let c = code("K7QF2M-XD4P-RT9A");
+        let mut replies = 0;
+        let (h, j) = run_with(
+            &c,
+            &c,
+            (Some(QuicStack::S2n), Some(QuicStack::Quinn)),
+            |m| replies += usize::from(matches!(m, PairMsg::Reply { .. })),
+        );
+        let both = PakeError::QuicStack {
+            host: QuicStack::S2n,
+            joiner: QuicStack::Quinn,
+        };
+        assert_eq!(h, Err(both.clone()));
+        assert_eq!(j, Err(both.clone()));
+        assert_eq!(replies, 0, "no reply, so no guess, for a stack mismatch");
+        let text = both.to_string();
+        assert!(text.contains("s2n") && text.contains("quinn"), "{text}");
+    }
+
+    #[test]
+    fn a_server_that_rewrites_a_stack_breaks_the_pairing() {
+        let c = code("K7QF2M-XD4P-RT9A");
+        // The host runs s2n; a relay tells the joiner (who asked for nothing) it is quinn.
+        let (h, j) = run_with(&c, &c, (Some(QuicStack::S2n), None), |m| {
+            if let PairMsg::Reply { quic, .. } = m {
+                *quic = Some("quinn".into());
+            }
+        });
+        assert!(h.is_err() && j.is_err(), "{h:?} / {j:?}");
+        // ...or drops the joiner's request, so the host would not check it.
+        let (h, j) = run_with(&c, &c, (Some(QuicStack::S2n), Some(QuicStack::S2n)), |m| {
+            if let PairMsg::Hello { quic, .. } = m {
+                *quic = None;
+            }
+        });
+        assert!(h.is_err() && j.is_err(), "{h:?} / {j:?}");
     }
 
     #[test]
@@ -866,6 +1039,7 @@ mod tests {
             LocalInfo {
                 fingerprint: [3; 32],
                 addrs: too_many,
+                quic: None,
             },
             &mut OsRng,
         );

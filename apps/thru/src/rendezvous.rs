@@ -418,11 +418,9 @@ pub async fn join_server(
         e,
         PairError::Signal(_) | PairError::SessionClosed(_) | PairError::HostGone
     ) {
-        let abort = PairMsg::Abort {
-            reason: match &e {
-                PairError::Handshake { source, .. } => source.abort_reason(),
-                _ => AbortReason::ConfirmFailed,
-            },
+        let abort = match &e {
+            PairError::Handshake { source, .. } => source.abort_msg(),
+            _ => PairMsg::abort(AbortReason::ConfirmFailed),
         };
         let _ = signal.relay(PeerId::HOST, abort.to_json()).await;
     }
@@ -599,9 +597,7 @@ impl ServerHost {
                     self.queue.clear();
                     self.handshaking = None;
                     for peer in std::mem::take(&mut self.peers).into_keys() {
-                        let abort = PairMsg::Abort {
-                            reason: AbortReason::Full,
-                        };
+                        let abort = PairMsg::abort(AbortReason::Full);
                         let _ = self.signal.relay(peer, abort.to_json()).await;
                     }
                     debug!(
@@ -680,9 +676,7 @@ impl ServerHost {
                     || self.peers.contains_key(&peer)
                     || self.trickles.contains_key(&peer)
                 {
-                    let abort = PairMsg::Abort {
-                        reason: AbortReason::Full,
-                    };
+                    let abort = PairMsg::abort(AbortReason::Full);
                     let _ = self.signal.relay(peer, abort.to_json()).await;
                 } else {
                     debug!(%peer, "joiner arrived");
@@ -871,9 +865,7 @@ impl ServerHost {
                     // Not reached (hellos wait while one is in flight, and a spent budget
                     // ends pairing), but no reply ever goes out past the budget.
                     warn!(peer = %from, %why, "hello not answered");
-                    let abort = PairMsg::Abort {
-                        reason: AbortReason::Full,
-                    };
+                    let abort = PairMsg::abort(AbortReason::Full);
                     let _ = self.signal.relay(from, abort.to_json()).await;
                     return Flow::Continue;
                 }
@@ -931,14 +923,11 @@ impl ServerHost {
     /// attempt counted and the budget is spent.
     async fn fail(&mut self, peer: PeerId, error: PairError, counted: bool) -> Flow {
         warn!(%peer, %error, counted, "pairing failed");
-        let reason = match &error {
-            PairError::Handshake { source, .. } => source.abort_reason(),
-            _ => AbortReason::ConfirmFailed,
+        let abort = match &error {
+            PairError::Handshake { source, .. } => source.abort_msg(),
+            _ => PairMsg::abort(AbortReason::ConfirmFailed),
         };
-        let _ = self
-            .signal
-            .relay(peer, PairMsg::Abort { reason }.to_json())
-            .await;
+        let _ = self.signal.relay(peer, abort.to_json()).await;
         let _ = self
             .signal
             .reject_peer(peer, Some("pairing failed".into()))
@@ -1583,7 +1572,7 @@ async fn lan_host_conn(
         Ok(r) => r.map_err(|e| (e, false))?,
         Err(_) => return Err((timed_out(), false)),
     };
-    let refuse = |reason| PairMsg::Abort { reason };
+    let refuse = PairMsg::abort;
     if full {
         let _ = conn.write(&refuse(AbortReason::Full)).await;
         return Err((PairError::PeerGone(peer.into()), false));
@@ -1596,7 +1585,7 @@ async fn lan_host_conn(
     let (state, reply) = match HostAwaitConfirm::respond(code, &opts.local, hello, &mut OsRng) {
         Ok(x) => x,
         Err(e) => {
-            let _ = conn.write(&refuse(e.abort_reason())).await;
+            let _ = conn.write(&e.abort_msg()).await;
             return Err((hs(e), false));
         }
     };
@@ -1623,7 +1612,7 @@ async fn lan_host_conn(
                 ))
             }
             Err(e) => {
-                let _ = conn.write(&refuse(e.abort_reason())).await;
+                let _ = conn.write(&e.abort_msg()).await;
                 Err(hs(e))
             }
         }
@@ -1664,11 +1653,7 @@ async fn lan_join_handshake(
     let (state, confirm) = match state.handle_reply(reply) {
         Ok(x) => x,
         Err(e) => {
-            let _ = conn
-                .write(&PairMsg::Abort {
-                    reason: e.abort_reason(),
-                })
-                .await;
+            let _ = conn.write(&e.abort_msg()).await;
             return Err(hs(e));
         }
     };
@@ -1834,6 +1819,7 @@ fn paired(
         peer_label,
         peer_fingerprint: peer.fingerprint,
         peer_addrs: addrs,
+        quic: peer.quic,
         local_fingerprint: local.fingerprint,
         local_addrs: local.addrs.clone(),
         session_key: peer.session_key,

@@ -30,6 +30,7 @@ use flux_peer::disk::{ModePolicy, Resolutions};
 use flux_peer::exec::DiskMode;
 use flux_peer::ice::IceSetup;
 use flux_peer::net::{self, Command, Control, Driver, NetConfig, NetError, NetEvent, NetReport};
+use flux_peer::stack::QuicStack;
 use flux_quic::{AllowList, Fingerprint, Identity, TransportParams};
 use flux_transfer::{Event, LocalFile, Manifest};
 use flux_wire::EntryKind;
@@ -52,6 +53,38 @@ pub enum IoDriver {
     Uring,
     /// The portable epoll driver.
     Epoll,
+}
+
+/// Which QUIC stack to run (`--quic`).
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq, ValueEnum)]
+pub enum QuicChoice {
+    /// A host runs the default stack; a joiner takes the host's.
+    #[default]
+    Auto,
+    /// quinn-proto.
+    Quinn,
+    /// s2n-quic.
+    S2n,
+}
+
+impl QuicChoice {
+    /// The stack `auto` means on a host (bench/README.md, "QUIC stacks", has the measurement
+    /// behind it).
+    pub const DEFAULT: QuicStack = QuicStack::Quinn;
+
+    /// The stack asked for; `None` for `auto`.
+    pub fn stack(self) -> Option<QuicStack> {
+        match self {
+            Self::Auto => None,
+            Self::Quinn => Some(QuicStack::Quinn),
+            Self::S2n => Some(QuicStack::S2n),
+        }
+    }
+
+    /// The stack a host runs.
+    pub fn host(self) -> QuicStack {
+        self.stack().unwrap_or(Self::DEFAULT)
+    }
 }
 
 /// How files use the page cache (`--disk`).
@@ -113,6 +146,8 @@ pub struct Tuning {
     pub parallel_files: Option<u8>,
     /// `--io-driver`.
     pub io_driver: IoDriver,
+    /// `--quic`: a host runs this stack; a joiner runs the one pairing agreed on.
+    pub quic: QuicChoice,
     /// `--disk`.
     pub disk: DiskChoice,
     /// `--cores`, `None` = one per core.
@@ -417,6 +452,7 @@ fn net_config(job: &TransferJob) -> NetConfig {
             DiskChoice::Buffered => DiskMode::Buffered,
         },
         transport: t.transport.clone(),
+        quic: t.quic.host(),
         ..NetConfig::default()
     };
     if let Some(p) = t.parallel_files {
@@ -659,6 +695,7 @@ pub fn run_transfer(
             .map_err(|e| failed(&format!("cannot create {}", out.display()), e))?;
     }
     let mut cfg = net_config(job);
+    cfg.quic = paired.quic;
     cfg.auto_accept = false;
     cfg.pipe = pipe;
     // Chosen up front, the engine replaces files itself (atomically, file by file); chosen in

@@ -355,6 +355,7 @@ fn tamper(mode: Tamper, text: &str) -> String {
                 LocalInfo {
                     fingerprint: ATTACKER_FP,
                     addrs: vec![],
+                    quic: None,
                 },
                 &mut rand::rngs::OsRng,
             );

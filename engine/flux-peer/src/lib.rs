@@ -36,4 +36,5 @@ pub mod pipe;
 pub mod scan;
 pub mod session;
 pub mod sim;
+pub mod stack;
 mod work;

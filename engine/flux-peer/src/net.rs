@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use crossbeam_channel::{Receiver as Rx, Sender as Tx, TryRecvError};
 use flux_engine::{BackendKind, DiskIo, Op};
+use flux_quic::conn::QuicEndpoint;
 use flux_quic::quinn::QuinnEndpoint;
 use flux_quic::{AllowList, Fingerprint, Identity, TransportParams};
 use flux_transfer::{Event, LocalFile, Manifest, ReceiverConfig, SenderConfig, TransferError};
@@ -46,6 +47,7 @@ pub use crate::error::NetError;
 use crate::exec::{DiskChoice, DiskExec, DiskMode, DiskStats};
 use crate::ice::{IceSetup, TurnReport, TurnStreams};
 use crate::node::{Node, TurnOp};
+pub use crate::stack::QuicStack;
 
 /// How the worker waits and performs disk I/O.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
@@ -101,6 +103,8 @@ pub struct NetConfig {
     pub disk: DiskMode,
     /// QUIC settings.
     pub transport: TransportParams,
+    /// The QUIC stack (both ends must run the same one; pairing agrees on it).
+    pub quic: QuicStack,
     /// Sender machine settings.
     pub sender: SenderConfig,
     /// Receiver machine settings.
@@ -141,6 +145,7 @@ impl Default for NetConfig {
             driver: Driver::Uring,
             disk: DiskMode::Auto,
             transport: TransportParams::default(),
+            quic: QuicStack::Quinn,
             sender: SenderConfig::default(),
             receiver: ReceiverConfig::default(),
             auto_accept: true,
@@ -371,9 +376,6 @@ pub fn host(
     cfg: &NetConfig,
     control: Control,
 ) -> Result<NetReport, TransferError> {
-    let endpoint =
-        QuinnEndpoint::server(identity, &cfg.transport, cfg.allowed_joiners.clone(), None)
-            .map_err(|e| TransferError::Io(format!("QUIC configuration: {e}")))?;
     // A stream share is read from stdin (`thru host -`).
     let stream = match manifest.stream() {
         Some(_) => Some(
@@ -387,7 +389,34 @@ pub fn host(
         sources: SourceFiles::new(sources),
         stream,
     };
-    Worker::new(socket, cfg, control, endpoint, role)?.run()
+    let allowed = cfg.allowed_joiners.clone();
+    match cfg.quic {
+        QuicStack::Quinn => {
+            let endpoint = QuinnEndpoint::server(identity, &cfg.transport, allowed, None)
+                .map_err(|e| TransferError::Io(format!("QUIC configuration: {e}")))?;
+            Worker::new(socket, cfg, control, endpoint, role)?.run()
+        }
+        QuicStack::S2n => {
+            let (local, segments) = socket_shape(&socket)?;
+            let endpoint = crate::stack::s2n_server(
+                local,
+                identity,
+                allowed,
+                &cfg.transport,
+                segments,
+                Instant::now(),
+            )?;
+            Worker::new(socket, cfg, control, endpoint, role)?.run()
+        }
+    }
+}
+
+/// The socket's address and the most segments per GSO batch it takes.
+fn socket_shape(socket: &UdpSocket) -> Result<(SocketAddr, usize), TransferError> {
+    let local = socket
+        .local_addr()
+        .map_err(|e| TransferError::Io(format!("socket address: {e}")))?;
+    Ok((local, socket.capabilities().max_gso_segments(1452)))
 }
 
 /// Connects to the host at `peer`, accepting only the certificate `pinned`, and receives into
@@ -400,9 +429,7 @@ pub fn join(
     cfg: &NetConfig,
     control: Control,
 ) -> Result<NetReport, TransferError> {
-    let mut w = Worker::joiner(socket, pinned, dest, cfg, control)?;
-    w.node.connect(Instant::now(), peer)?;
-    w.run()
+    joiner(socket, pinned, dest, cfg, control, Start::Peer(peer))
 }
 
 /// Like [`join`], but the host is reached through ICE: the worker gathers candidates (reported
@@ -416,10 +443,58 @@ pub fn join_ice(
     cfg: &NetConfig,
     control: Control,
 ) -> Result<NetReport, TransferError> {
-    let mut w = Worker::joiner(socket, pinned, dest, cfg, control)?;
-    w.add_turn(0, &ice);
-    w.node.connect_over_ice(Instant::now(), ice);
-    w.run()
+    joiner(
+        socket,
+        pinned,
+        dest,
+        cfg,
+        control,
+        Start::Ice(Box::new(ice)),
+    )
+}
+
+/// How a joiner reaches the host.
+enum Start {
+    Peer(SocketAddr),
+    Ice(Box<IceSetup>),
+}
+
+/// A receiving worker whose QUIC client pins the host's `pinned` certificate, on the stack
+/// `cfg.quic` names.
+fn joiner(
+    socket: UdpSocket,
+    pinned: Fingerprint,
+    dest: PathBuf,
+    cfg: &NetConfig,
+    control: Control,
+    start: Start,
+) -> Result<NetReport, TransferError> {
+    let role = Role::Join {
+        dest_root: dest,
+        dest: None,
+        pipe: None,
+        offered: false,
+    };
+    let id = cfg.client_identity.as_deref();
+    match cfg.quic {
+        QuicStack::Quinn => {
+            let endpoint = QuinnEndpoint::client(pinned, id, &cfg.transport, None)
+                .map_err(|e| TransferError::Io(format!("QUIC configuration: {e}")))?;
+            Worker::new(socket, cfg, control, endpoint, role)?.start(start)
+        }
+        QuicStack::S2n => {
+            let (local, segments) = socket_shape(&socket)?;
+            let endpoint = crate::stack::s2n_client(
+                local,
+                pinned,
+                id,
+                &cfg.transport,
+                segments,
+                Instant::now(),
+            )?;
+            Worker::new(socket, cfg, control, endpoint, role)?.start(start)
+        }
+    }
 }
 
 enum Role {
@@ -441,8 +516,8 @@ enum Role {
 /// The I/O driver around one [`Node`]: the socket, the disk executor, the pipes and the TURN
 /// stream threads. It moves datagrams, completions and time, and decides nothing the node
 /// decides.
-struct Worker {
-    node: Node,
+struct Worker<E: QuicEndpoint> {
+    node: Node<E>,
     socket: UdpSocket,
     cfg: NetConfig,
     control: Control,
@@ -465,12 +540,12 @@ const RECV_BUFS: usize = 16;
 /// `recvmmsg` calls per loop turn before the loop turns to sending.
 const RECV_ROUNDS: usize = 2;
 
-impl Worker {
+impl<E: QuicEndpoint> Worker<E> {
     fn new(
         socket: UdpSocket,
         cfg: &NetConfig,
         control: Control,
-        endpoint: QuinnEndpoint,
+        endpoint: E,
         role: Role,
     ) -> Result<Self, TransferError> {
         let io = match cfg.driver {
@@ -523,24 +598,17 @@ impl Worker {
         })
     }
 
-    /// A receiving worker whose QUIC client pins the host's `pinned` certificate.
-    fn joiner(
-        socket: UdpSocket,
-        pinned: Fingerprint,
-        dest: PathBuf,
-        cfg: &NetConfig,
-        control: Control,
-    ) -> Result<Self, TransferError> {
-        let endpoint =
-            QuinnEndpoint::client(pinned, cfg.client_identity.as_deref(), &cfg.transport, None)
-                .map_err(|e| TransferError::Io(format!("QUIC configuration: {e}")))?;
-        let role = Role::Join {
-            dest_root: dest,
-            dest: None,
-            pipe: None,
-            offered: false,
-        };
-        Self::new(socket, cfg, control, endpoint, role)
+    /// Joiner: connects as `start` says, then runs.
+    fn start(mut self, start: Start) -> Result<NetReport, TransferError> {
+        let now = Instant::now();
+        match start {
+            Start::Peer(peer) => self.node.connect(now, peer)?,
+            Start::Ice(ice) => {
+                self.add_turn(0, &ice);
+                self.node.connect_over_ice(now, *ice);
+            }
+        }
+        self.run()
     }
 
     /// TURN streams for a new ICE link (the node itself does no I/O).

@@ -18,6 +18,7 @@ use std::thread;
 use flux_peer::exec::DiskMode;
 use flux_peer::net::{self, Command, Control, Driver, NetConfig, NetEvent, NetReport};
 use flux_peer::scan::scan;
+use flux_peer::stack::QuicStack;
 use flux_quic::Identity;
 use flux_transfer::Event;
 use flux_udp::{SocketConfig, UdpSocket};
@@ -112,10 +113,18 @@ fn small_tree(root: &Path) -> PathBuf {
 }
 
 fn small_tree_through(driver: Driver) {
+    small_tree_over(driver, QuicStack::Quinn);
+}
+
+fn small_tree_over(driver: Driver, quic: QuicStack) {
     let src = tempfile::tempdir_in(scratch()).unwrap();
     let dst = tempfile::tempdir_in(scratch()).unwrap();
     let top = small_tree(src.path());
-    let (h, j) = transfer(std::slice::from_ref(&top), dst.path(), &cfg(driver));
+    let c = NetConfig {
+        quic,
+        ..cfg(driver)
+    };
+    let (h, j) = transfer(std::slice::from_ref(&top), dst.path(), &c);
     assert_ok(&h, "host");
     assert_ok(&j, "joiner");
     for e in walk(&top) {
@@ -138,6 +147,16 @@ fn small_tree_uring() {
 #[test]
 fn small_tree_epoll() {
     small_tree_through(Driver::Epoll);
+}
+
+#[test]
+fn small_tree_s2n_uring() {
+    small_tree_over(Driver::Uring, QuicStack::S2n);
+}
+
+#[test]
+fn small_tree_s2n_epoll() {
+    small_tree_over(Driver::Epoll, QuicStack::S2n);
 }
 
 fn walk(p: &Path) -> Vec<PathBuf> {

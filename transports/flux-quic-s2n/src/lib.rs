@@ -62,6 +62,7 @@ use s2n_quic::provider::limits::Limits;
 
 pub use conn::S2nConn;
 pub use events::Stats;
+pub use flux_quic::Identity;
 pub use io::Transmit;
 use io::{Clock, Driven, EngineIo, RxDatagram, Slot, TxQueue};
 pub use node::{ConnId, EndpointEvent, S2nEndpoint};
@@ -88,12 +89,9 @@ fn hex(fp: &Fingerprint) -> String {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// Certificate generation failed.
-    #[error("generating a certificate: {0}")]
-    Cert(#[from] rcgen::Error),
-    /// rustls refused the TLS configuration.
-    #[error("TLS configuration: {0}")]
-    Tls(#[from] rustls::Error),
+    /// The TLS configuration could not be built.
+    #[error(transparent)]
+    Tls(#[from] flux_quic::ConfigError),
     /// s2n-quic refused a setting or failed to start.
     #[error("s2n-quic configuration: {0}")]
     Config(String),
@@ -146,29 +144,6 @@ pub enum Ecn {
     Ect1,
     /// Congestion experienced.
     Ce,
-}
-
-/// A self-signed certificate and its key.
-#[derive(Debug)]
-pub struct Identity {
-    cert: rustls::pki_types::CertificateDer<'static>,
-    key: Vec<u8>,
-}
-
-impl Identity {
-    /// A fresh identity.
-    pub fn generate() -> Result<Self, Error> {
-        let ck = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_owned()])?;
-        Ok(Self {
-            cert: ck.cert.der().clone(),
-            key: ck.key_pair.serialize_der(),
-        })
-    }
-
-    /// The fingerprint a peer pins.
-    pub fn fingerprint(&self) -> Fingerprint {
-        fingerprint(self.cert.as_ref())
-    }
 }
 
 /// Congestion controllers s2n-quic offers.
@@ -329,7 +304,20 @@ impl Endpoint {
         cfg: &Config,
         now: Instant,
     ) -> Result<Self, Error> {
-        let tls = s2n_quic::provider::tls::rustls::Server::from(tls::server(id, pins.clone())?);
+        Self::server_with(local, id, Some(pins), cfg, now)
+    }
+
+    /// A server at `local` presenting `id`; with `clients`, only clients whose certificate is
+    /// on it get in, else any client that pins this server does (it presents no certificate).
+    pub fn server_with(
+        local: SocketAddr,
+        id: &Identity,
+        clients: Option<Arc<PinSet>>,
+        cfg: &Config,
+        now: Instant,
+    ) -> Result<Self, Error> {
+        let pins = clients.clone().unwrap_or_default();
+        let tls = s2n_quic::provider::tls::rustls::Server::from(tls::server(id, clients)?);
         let (slot, io) = Self::io(local, cfg)?;
         let server = build!(s2n_quic::Server::builder(), tls, io, cfg);
         Self::new(slot, Role::Server(server), local, pins, cfg, now)
@@ -340,6 +328,18 @@ impl Endpoint {
     pub fn client(
         local: SocketAddr,
         id: &Identity,
+        pins: Arc<PinSet>,
+        cfg: &Config,
+        now: Instant,
+    ) -> Result<Self, Error> {
+        Self::client_with(local, Some(id), pins, cfg, now)
+    }
+
+    /// A client at `local`, presenting `id` when given (a host that pins its joiners needs
+    /// one), accepting only servers whose certificate is on `pins`.
+    pub fn client_with(
+        local: SocketAddr,
+        id: Option<&Identity>,
         pins: Arc<PinSet>,
         cfg: &Config,
         now: Instant,

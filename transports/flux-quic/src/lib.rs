@@ -11,6 +11,8 @@
 //!   particular stack.
 //! - [`quinn`]: the quinn-proto backend (configuration, endpoint, connection). It is the only
 //!   module whose public API carries quinn-proto types.
+//! - [`tls`]: the rustls configurations every backend uses (TLS 1.3, pinning by
+//!   fingerprint, [`AllowList`]).
 //!
 //! What this crate does not do: sockets, timers or the connection loop (the engine's). TLS is
 //! rustls with the *ring* provider (AES-GCM first, as quinn requires for its initial keys).
@@ -22,9 +24,11 @@ use std::time::Duration;
 
 pub mod conn;
 pub mod quinn;
+pub mod tls;
 mod window;
 
 use rustls::pki_types::CertificateDer;
+pub use tls::AllowList;
 pub use window::WindowTuner;
 
 /// ALPN protocol id of the transfer protocol.
@@ -149,30 +153,6 @@ impl Default for TransportParams {
             max_mtu: 1452,
             congestion: Congestion::Cubic,
         }
-    }
-}
-
-/// The certificate fingerprints a host lets in: one per joiner that completed pairing. Read
-/// once per TLS handshake, never on the data path.
-#[derive(Debug, Default)]
-pub struct AllowList(std::sync::RwLock<std::collections::HashSet<Fingerprint>>);
-
-impl AllowList {
-    /// An empty list: nobody gets in.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Lets `fp` in.
-    pub fn allow(&self, fp: Fingerprint) {
-        if let Ok(mut s) = self.0.write() {
-            s.insert(fp);
-        }
-    }
-
-    /// Whether `fp` may connect.
-    pub fn contains(&self, fp: &Fingerprint) -> bool {
-        self.0.read().is_ok_and(|s| s.contains(fp))
     }
 }
 

@@ -14,17 +14,14 @@ use quinn_proto::{
     ClientConfig, ConnectionHandle, DatagramEvent, EcnCodepoint, EndpointConfig, IdleTimeout,
     MtuDiscoveryConfig, ServerConfig, TransportConfig, VarInt,
 };
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::CertificateDer;
 
 use crate::conn::{
     Closed, ConnEvent, ConnId, Dir, Incoming, PathStats, QuicConnection, QuicEndpoint, ReadEnd,
     StreamId, Transmit, WriteError,
 };
 use crate::{
-    ALPN, AllowList, ConfigError, Congestion, Fingerprint, Identity, SERVER_NAME, TransportParams,
+    AllowList, ConfigError, Congestion, Fingerprint, Identity, SERVER_NAME, TransportParams,
     WindowTuner, fingerprint,
 };
 
@@ -79,20 +76,7 @@ fn server_with(
     params: &TransportParams,
     clients: Option<Arc<AllowList>>,
 ) -> Result<ServerConfig, ConfigError> {
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(id.key.clone()));
-    let provider = provider();
-    let algs = provider.signature_verification_algorithms;
-    let builder = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?;
-    let builder = match clients {
-        Some(allowed) => {
-            builder.with_client_cert_verifier(Arc::new(PinnedClients { allowed, algs }))
-        }
-        None => builder.with_no_client_auth(),
-    };
-    let mut tls = builder.with_single_cert(vec![id.cert.clone()], key)?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    tls.max_early_data_size = 0;
+    let tls = crate::tls::server(id, clients)?;
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| ConfigError::Quic(e.to_string()))?;
     let mut cfg = ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(Arc::new(transport_config(params)));
@@ -118,58 +102,6 @@ pub fn client_config_with_identity(
     client_with(pinned, Some(id), params)
 }
 
-/// Accepts client certificates on an [`AllowList`]; signatures are still checked.
-#[derive(Debug)]
-struct PinnedClients {
-    allowed: Arc<AllowList>,
-    algs: WebPkiSupportedAlgorithms,
-}
-
-impl rustls::server::danger::ClientCertVerifier for PinnedClients {
-    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
-        &[]
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _now: UnixTime,
-    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
-        if self.allowed.contains(&fingerprint(end_entity)) {
-            Ok(rustls::server::danger::ClientCertVerified::assertion())
-        } else {
-            Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::ApplicationVerificationFailure,
-            ))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
-    }
-}
-
 /// Client (joiner) configuration that accepts only a server whose certificate hashes to
 /// `pinned`.
 pub fn client_config(
@@ -185,91 +117,11 @@ fn client_with(
     id: Option<&Identity>,
     params: &TransportParams,
 ) -> Result<ClientConfig, ConfigError> {
-    let provider = provider();
-    let verifier = Arc::new(PinnedVerifier {
-        pinned,
-        algs: provider.signature_verification_algorithms,
-    });
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier);
-    let mut tls = match id {
-        Some(id) => {
-            let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(id.key.clone()));
-            builder.with_client_auth_cert(vec![id.cert.clone()], key)?
-        }
-        None => builder.with_no_client_auth(),
-    };
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let tls = crate::tls::client(AllowList::of(pinned), id)?;
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| ConfigError::Quic(e.to_string()))?;
     let mut cfg = ClientConfig::new(Arc::new(crypto));
     cfg.transport_config(Arc::new(transport_config(params)));
     Ok(cfg)
-}
-
-fn provider() -> Arc<CryptoProvider> {
-    let mut p = rustls::crypto::ring::default_provider();
-    // AES-128-GCM first: as strong as needed for a one-off session key and cheaper per byte
-    // than AES-256 (fewer rounds); the other suites stay as fallbacks.
-    p.cipher_suites = vec![
-        rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
-        rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
-        rustls::crypto::ring::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
-    ];
-    Arc::new(p)
-}
-
-/// Accepts exactly one certificate, by fingerprint; signatures are still checked, so the peer
-/// must hold the matching key.
-#[derive(Debug)]
-struct PinnedVerifier {
-    pinned: Fingerprint,
-    algs: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for PinnedVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        if fingerprint(end_entity) == self.pinned {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::ApplicationVerificationFailure,
-            ))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        // The configuration allows TLS 1.3 only.
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
-    }
 }
 
 fn stream(id: StreamId) -> quinn_proto::StreamId {

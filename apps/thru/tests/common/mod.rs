@@ -131,6 +131,7 @@ pub fn local(port: u16) -> LocalInfo {
             SocketAddr::from(([127, 0, 0, 1], port)),
             SocketAddr::from(([127, 0, 0, 2], port)),
         ],
+        quic: None,
     }
 }
 
