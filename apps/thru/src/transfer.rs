@@ -582,6 +582,8 @@ impl Files {
 /// `--benchmark` figures of one transfer.
 #[derive(Debug, Default)]
 struct Bench {
+    /// The QUIC stack the transfer ran on.
+    quic: QuicStack,
     start: Option<Instant>,
     connected: Option<Duration>,
     first_byte: Option<Duration>,
@@ -636,6 +638,7 @@ impl Bench {
             rtt_ms: rtt,
             loss_pct: loss,
             cpu_s: cpu,
+            quic: self.quic.name(),
             path,
             disk,
         });
@@ -823,6 +826,7 @@ fn receive_from(
         ),
     };
     let mut bench = Bench {
+        quic: cfg.quic,
         start: Some(Instant::now()),
         ..Bench::default()
     };
@@ -1496,6 +1500,7 @@ impl HostEngine {
         let (control, events, commands) = Control::channels();
         let identity = job.identity.clone();
         let m = manifest.clone();
+        let quic = cfg.quic;
         let worker = std::thread::spawn(move || {
             net::host(socket, &identity, m, share.sources, &cfg, control)
         });
@@ -1512,6 +1517,7 @@ impl HostEngine {
                 commands: &commands2,
                 ui: &ui2,
                 bench,
+                quic,
                 notes: &notes,
             };
             host_events(&events, &ctx);
@@ -1622,6 +1628,8 @@ struct HostCtx<'a> {
     commands: &'a crossbeam_channel::Sender<Command>,
     ui: &'a Ui,
     bench: bool,
+    /// The stack the host runs.
+    quic: QuicStack,
     notes: &'a tokio::sync::mpsc::UnboundedSender<HostNote>,
 }
 
@@ -1728,6 +1736,7 @@ fn host_events(events: &crossbeam_channel::Receiver<NetEvent>, ctx: &HostCtx<'_>
                         label,
                         files: None,
                         bench: Bench {
+                            quic: ctx.quic,
                             start: Some(at),
                             ..Bench::default()
                         },

@@ -453,6 +453,8 @@ pub enum Event {
         loss_pct: Option<f64>,
         /// CPU seconds (user + system) of this process so far.
         cpu_s: f64,
+        /// The QUIC stack (`quinn`, `s2n`).
+        quic: &'static str,
         /// The ICE pair, when ICE chose the path.
         #[serde(skip_serializing_if = "Option::is_none")]
         path: Option<RoutePath>,
@@ -1088,6 +1090,7 @@ fn human_line(event: &Event) -> Option<String> {
         rtt_ms,
         loss_pct,
         cpu_s,
+        quic,
         path,
         disk,
     } = event
@@ -1100,7 +1103,7 @@ fn human_line(event: &Event) -> Option<String> {
         let per_sec = |gbit: f64| HumanBytes((gbit * 1e9 / 8.0) as u64);
         return Some(
             format!(
-                "Benchmark ({}): {} moved ({} on the wire), avg {}/s, peak 1 s {}/s, connect {}, first byte {}, RTT {}, loss {}, CPU {cpu_s:.2} s, route {route}",
+                "Benchmark ({}): {} moved ({} on the wire), avg {}/s, peak 1 s {}/s, connect {}, first byte {}, RTT {}, loss {}, CPU {cpu_s:.2} s, QUIC {quic}, route {route}",
                 side.towards(peer),
                 HumanBytes(*bytes),
                 HumanBytes(*wire_bytes),
@@ -2339,6 +2342,7 @@ mod tests {
                 rtt_ms: Some(1.0),
                 loss_pct: Some(0.0),
                 cpu_s: 0.1,
+                quic: "s2n",
                 path: Some(path),
                 disk: Some("buffered writes".into()),
             },

@@ -10,7 +10,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use common::{Proc, Thruserv, lan_host, lan_join};
+use common::{Proc, Thruserv, lan_host, lan_host_with, lan_join};
 
 /// Waits for the exit code, with room for gigabyte transfers on a loaded machine.
 fn wait_long(p: &mut Proc, limit: Duration) -> i32 {
@@ -102,6 +102,18 @@ fn make_tree(root: &Path) -> PathBuf {
 
 #[test]
 fn tree_of_10000_files_and_a_mix_arrive_identical() {
+    tree_and_mix(&[], "quinn");
+}
+
+/// The host runs s2n-quic; the joiner, left at `--quic auto`, takes it from pairing.
+#[test]
+fn s2n_tree_of_10000_files_and_a_mix_arrive_identical() {
+    tree_and_mix(&["--quic", "s2n"], "s2n");
+}
+
+/// The 10,000-file tree and a 3 MB file, from a LAN host run with `host_flags`; the joiner's
+/// benchmark must name the QUIC stack `quic`.
+fn tree_and_mix(host_flags: &[&str], quic: &str) {
     let src = tempfile::tempdir().unwrap();
     let out = tempfile::tempdir().unwrap();
     let tree = make_tree(src.path());
@@ -113,10 +125,12 @@ fn tree_of_10000_files_and_a_mix_arrive_identical() {
             .collect::<Vec<_>>(),
     )
     .unwrap();
-    let (mut host, peer, code) = lan_host(&[&tree, &single], 1);
-    let mut joiner = lan_join(&peer, &code, out.path(), &["--yes"]);
+    let (mut host, peer, code) = lan_host_with(&[&tree, &single], 1, host_flags);
+    let mut joiner = lan_join(&peer, &code, out.path(), &["--yes", "--benchmark"]);
     let sum = joiner.event("summary");
     assert_eq!(sum["route"], "lan_direct");
+    let bench = joiner.event("benchmark");
+    assert_eq!(bench["quic"], quic, "{bench}");
     assert_eq!(wait_long(&mut joiner, Duration::from_secs(120)), 0);
     assert_eq!(wait_long(&mut host, Duration::from_secs(30)), 0);
     assert_same_tree(&tree, &out.path().join("tree"));
@@ -128,6 +142,16 @@ fn tree_of_10000_files_and_a_mix_arrive_identical() {
 
 #[test]
 fn three_joiners_receive_at_once_through_thruserv() {
+    three_joiners(&[], &[]);
+}
+
+#[test]
+fn s2n_three_joiners_receive_at_once_through_thruserv() {
+    three_joiners(&["--quic", "s2n"], &["--quic", "s2n", "--benchmark"]);
+}
+
+/// A 20 MB file to three joiners at once through a real `thruserv`, with extra flags per side.
+fn three_joiners(host_flags: &[&str], join_flags: &[&str]) {
     let server = Thruserv::start(&[]);
     let src = tempfile::tempdir().unwrap();
     let f = src.path().join("shared.bin");
@@ -138,38 +162,29 @@ fn three_joiners_receive_at_once_through_thruserv() {
             .collect::<Vec<_>>(),
     )
     .unwrap();
-    let host = Proc::spawn(
-        &[
-            "host",
-            "--json",
-            "--server",
-            &server.url(),
-            "--max-receivers",
-            "3",
-            f.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let url = server.url();
+    let mut args = vec!["host", "--json", "--server", &url, "--max-receivers", "3"];
+    args.extend_from_slice(host_flags);
+    args.push(f.to_str().unwrap());
+    let host = Proc::spawn(&args, &[]);
     let code = host.event("code")["code"].as_str().unwrap().to_string();
     let outs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let mut joiners: Vec<Proc> = outs
         .iter()
         .map(|o| {
-            Proc::spawn(
-                &[
-                    "join",
-                    "--json",
-                    "--yes",
-                    "--server",
-                    &server.url(),
-                    "--out",
-                    o.path().to_str().unwrap(),
-                    &code,
-                ],
-                &[],
-            )
+            let mut args = vec!["join", "--json", "--yes", "--server", &url, "--out"];
+            args.push(o.path().to_str().unwrap());
+            args.extend_from_slice(join_flags);
+            args.push(&code);
+            Proc::spawn(&args, &[])
         })
         .collect();
+    if join_flags.contains(&"--benchmark") {
+        let stack = host_flags.last().copied().unwrap_or("quinn");
+        for j in &joiners {
+            assert_eq!(j.event("benchmark")["quic"], stack);
+        }
+    }
     for j in &mut joiners {
         assert_eq!(wait_long(j, Duration::from_secs(90)), 0);
     }
@@ -410,11 +425,12 @@ fn until_half(joiner: &Proc) {
     }
 }
 
-/// Resumes into `out` from a fresh host and checks only the missing part moved.
-fn resume_and_check(f: &Path, out: &Path) {
+/// Resumes into `out` from a fresh host (run with `host_flags`) and checks only the missing
+/// part moved.
+fn resume_and_check(f: &Path, out: &Path, host_flags: &[&str]) {
     let held = held_bytes(out, "big.bin", chunk());
     assert!(held > 0 && held < GIB, "held {held}");
-    let (mut host, peer, code) = lan_host(&[f], 1);
+    let (mut host, peer, code) = lan_host_with(&[f], 1, host_flags);
     let mut joiner = lan_join(&peer, &code, out, &["--yes", "--benchmark"]);
     let bench = joiner.event("benchmark");
     assert_eq!(wait_long(&mut joiner, Duration::from_secs(180)), 0);
@@ -440,10 +456,19 @@ fn resume_and_check(f: &Path, out: &Path) {
 
 #[test]
 fn gib_resume_after_the_host_is_killed() {
+    resume_after_host_killed(&[]);
+}
+
+#[test]
+fn s2n_gib_resume_after_the_host_is_killed() {
+    resume_after_host_killed(&["--quic", "s2n"]);
+}
+
+fn resume_after_host_killed(host_flags: &[&str]) {
     let src = tempfile::tempdir_in("/var/tmp").unwrap();
     let out = tempfile::tempdir_in("/var/tmp").unwrap();
     let f = gib_file(src.path());
-    let (mut host, peer, code) = lan_host(&[&f], 1);
+    let (mut host, peer, code) = lan_host_with(&[&f], 1, host_flags);
     let mut first = lan_join(&peer, &code, out.path(), &["--yes"]);
     until_half(&first);
     host.child.kill().unwrap(); // SIGKILL
@@ -451,7 +476,7 @@ fn gib_resume_after_the_host_is_killed() {
     // The joiner notices on its own (idle timeout) and fails with the resume hint's exit code.
     assert_eq!(wait_long(&mut first, Duration::from_secs(90)), 1);
     // A new host on the same paths: only the missing part moves.
-    resume_and_check(&f, out.path());
+    resume_and_check(&f, out.path(), host_flags);
 }
 
 /// kill -9 of a joiner that writes through the page cache (`--disk buffered`). Records in the
@@ -460,10 +485,19 @@ fn gib_resume_after_the_host_is_killed() {
 /// kept as verified. The test loses one on purpose.
 #[test]
 fn gib_resume_after_the_joiner_is_killed_under_buffered_writes() {
+    resume_after_joiner_killed(&[]);
+}
+
+#[test]
+fn s2n_gib_resume_after_the_joiner_is_killed_under_buffered_writes() {
+    resume_after_joiner_killed(&["--quic", "s2n"]);
+}
+
+fn resume_after_joiner_killed(host_flags: &[&str]) {
     let src = tempfile::tempdir_in("/var/tmp").unwrap();
     let out = tempfile::tempdir_in("/var/tmp").unwrap();
     let f = gib_file(src.path());
-    let (mut host, peer, code) = lan_host(&[&f], 2);
+    let (mut host, peer, code) = lan_host_with(&[&f], 2, host_flags);
     let mut first = lan_join(&peer, &code, out.path(), &["--yes", "--disk", "buffered"]);
     until_half(&first);
     first.child.kill().unwrap(); // SIGKILL
@@ -494,6 +528,70 @@ fn gib_resume_after_the_joiner_is_killed_under_buffered_writes() {
     let b = blake3::hash(&fs::read(out.path().join("big.bin")).unwrap());
     assert_eq!(a, b, "received bytes differ");
     let _ = host.child.kill();
+}
+
+/// 2 GiB over s2n-quic on tmpfs, byte-identical.
+#[test]
+fn s2n_two_gib_file_arrives_identical() {
+    let src = tempfile::tempdir_in("/dev/shm").unwrap();
+    let out = tempfile::tempdir_in("/dev/shm").unwrap();
+    let f = src.path().join("two.bin");
+    {
+        use std::io::Write;
+        let mut w = std::io::BufWriter::new(fs::File::create(&f).unwrap());
+        let mut x = blake3::Hasher::new_derive_key("thru s2n 2 GiB test").finalize_xof();
+        let mut buf = vec![0u8; 1 << 20];
+        for _ in 0..(2 * GIB >> 20) {
+            x.fill(&mut buf);
+            w.write_all(&buf).unwrap();
+        }
+    }
+    let (mut host, peer, code) = lan_host_with(&[&f], 1, &["--quic", "s2n"]);
+    let mut joiner = lan_join(
+        &peer,
+        &code,
+        out.path(),
+        &["--yes", "--quic", "s2n", "--benchmark"],
+    );
+    let bench = joiner.event("benchmark");
+    assert_eq!(
+        (bench["quic"].as_str(), bench["bytes"].as_u64()),
+        (Some("s2n"), Some(2 * GIB))
+    );
+    assert_eq!(wait_long(&mut joiner, Duration::from_secs(180)), 0);
+    assert_eq!(wait_long(&mut host, Duration::from_secs(30)), 0);
+    let a = blake3::hash(&fs::read(&f).unwrap());
+    let b = blake3::hash(&fs::read(out.path().join("two.bin")).unwrap());
+    assert_eq!(a, b, "received bytes differ");
+}
+
+/// A joiner that asks for another QUIC stack than the host runs is refused at pairing, with
+/// both stacks named, before any guess is spent: a joiner left at `auto` then gets the files.
+#[test]
+fn a_joiner_asking_for_another_quic_stack_is_refused_naming_both() {
+    let src = tempfile::tempdir().unwrap();
+    let f = src.path().join("f.txt");
+    fs::write(&f, b"stack agreement").unwrap();
+    let (mut host, peer, code) = lan_host_with(&[&f], 1, &["--quic", "s2n"]);
+    let out = tempfile::tempdir().unwrap();
+    let mut wrong = lan_join(&peer, &code, out.path(), &["--yes", "--quic", "quinn"]);
+    let err = wrong.event("error");
+    let msg = err["message"].as_str().unwrap();
+    assert!(msg.contains("s2n") && msg.contains("quinn"), "{err}");
+    assert_ne!(wait_long(&mut wrong, Duration::from_secs(20)), 0);
+    assert_eq!(
+        fs::read_dir(out.path()).unwrap().count(),
+        0,
+        "something was written"
+    );
+    // The code still works (a mismatch is no guess).
+    let mut right = lan_join(&peer, &code, out.path(), &["--yes"]);
+    assert_eq!(wait_long(&mut right, Duration::from_secs(30)), 0);
+    assert_eq!(
+        fs::read(out.path().join("f.txt")).unwrap(),
+        b"stack agreement"
+    );
+    assert_eq!(wait_long(&mut host, Duration::from_secs(30)), 0);
 }
 
 #[test]
