@@ -541,7 +541,7 @@ fn s2n_two_gib_file_arrives_identical() {
         let mut w = std::io::BufWriter::new(fs::File::create(&f).unwrap());
         let mut x = blake3::Hasher::new_derive_key("thru s2n 2 GiB test").finalize_xof();
         let mut buf = vec![0u8; 1 << 20];
-        for _ in 0..(2 * GIB >> 20) {
+        for _ in 0..((2 * GIB) >> 20) {
             x.fill(&mut buf);
             w.write_all(&buf).unwrap();
         }
