@@ -380,7 +380,29 @@ struct Case {
     host: Side,
     joiner: Side,
     kind: &'static str,
+    /// The host's `--quic` (the joiner stays at `auto` and must take it), and the runs.
+    quic: Quic,
 }
+
+/// The QUIC stack a case runs and how many times.
+#[derive(Clone, Copy)]
+struct Quic {
+    stack: &'static str,
+    runs: usize,
+}
+
+/// The default stack, [`RUNS`] times.
+const QUINN: Quic = Quic {
+    stack: "quinn",
+    runs: RUNS,
+};
+
+/// s2n-quic: three runs (the stack's own cases; the NAT behaviour is the lab's and is run
+/// five times over quinn).
+const S2N: Quic = Quic {
+    stack: "s2n",
+    runs: 3,
+};
 
 /// What one run reported, for the per-case checks.
 struct Run {
@@ -415,7 +437,7 @@ fn run_case(lab: &Lab, case: &Case) -> Vec<Run> {
     let src = source(&lab.dir);
     let want = std::fs::read(&src).unwrap();
     let mut runs = Vec::new();
-    for n in 1..=RUNS {
+    for n in 1..=case.quic.runs {
         let rdir = lab.dir.join(format!("{}-{n}", case.name));
         let out = rdir.join("out");
         std::fs::create_dir_all(&out).unwrap();
@@ -423,6 +445,7 @@ fn run_case(lab: &Lab, case: &Case) -> Vec<Run> {
 
         let mut args: Vec<String> = vec!["host".into(), src.display().to_string()];
         args.extend(["--max-receivers".into(), "1".into()]);
+        args.extend(["--quic".into(), case.quic.stack.into()]);
         args.extend(net_flags(lab, case.host));
         let mut host = Thru::spawn(lab, "host", case.host.ns, &args, rdir.join("host.log"));
         let Some(code) = host.event("code", Instant::now() + CODE_LIMIT) else {
@@ -520,6 +543,16 @@ fn run_case(lab: &Lab, case: &Case) -> Vec<Run> {
         let Some(bench) = joiner.last("benchmark") else {
             fail("joiner: no benchmark event".into(), &host, &joiner)
         };
+        if bench["quic"] != case.quic.stack {
+            fail(
+                format!(
+                    "joiner ran QUIC {}, the host {}",
+                    bench["quic"], case.quic.stack
+                ),
+                &host,
+                &joiner,
+            );
+        }
         if bench["path"]["kind"] != case.kind {
             fail(
                 format!("joiner benchmark path {}", bench["path"]),
@@ -582,6 +615,7 @@ fn natlab_thru_same_lan_goes_direct_on_host_candidates() {
             host: udp("lan1"),
             joiner: udp("lan2"),
             kind: "host",
+            quic: QUINN,
         },
         |_| {},
     );
@@ -599,6 +633,7 @@ fn natlab_thru_cone_to_cone_hole_punches() {
             host: udp("cone1"),
             joiner: udp("cone2"),
             kind: "srflx",
+            quic: QUINN,
         },
         |_| {},
     );
@@ -619,6 +654,7 @@ fn natlab_thru_cone_to_symmetric_relays() {
             host: udp("cone1"),
             joiner: udp("sym2"),
             kind: "relay",
+            quic: QUINN,
         },
         |_| {},
     );
@@ -634,6 +670,7 @@ fn natlab_thru_symmetric_to_symmetric_relays() {
             host: udp("sym1"),
             joiner: udp("sym2"),
             kind: "relay",
+            quic: QUINN,
         },
         |_| {},
     );
@@ -643,8 +680,12 @@ fn natlab_thru_symmetric_to_symmetric_relays() {
 /// lab's certificate) and sends from its relay over TLS.
 #[test]
 fn natlab_thru_udp_blocked_relays_over_tls_443() {
+    udp_blocked("hf", QUINN);
+}
+
+fn udp_blocked(code: &str, quic: Quic) {
     let Some(runs) = lab_case(
-        "hf",
+        code,
         &Case {
             name: "udp-blocked",
             host: Side {
@@ -653,6 +694,7 @@ fn natlab_thru_udp_blocked_relays_over_tls_443() {
             },
             joiner: udp("cone2"),
             kind: "relay",
+            quic,
         },
         |_| {},
     ) else {
@@ -669,6 +711,44 @@ fn natlab_thru_udp_blocked_relays_over_tls_443() {
     }
 }
 
+/// The cases that involve the QUIC stack's own path handling (hole-punched, relayed over UDP
+/// TURN, relayed over TURN/TLS 443) run with `--quic s2n` on the host; the joiner, at `auto`,
+/// takes it from pairing.
+#[test]
+fn natlab_thru_s2n_cone_to_cone_hole_punches() {
+    lab_case(
+        "sc",
+        &Case {
+            name: "s2n-cone-cone",
+            host: udp("cone1"),
+            joiner: udp("cone2"),
+            kind: "srflx",
+            quic: S2N,
+        },
+        |_| {},
+    );
+}
+
+#[test]
+fn natlab_thru_s2n_symmetric_to_symmetric_relays() {
+    lab_case(
+        "ss",
+        &Case {
+            name: "s2n-sym-sym",
+            host: udp("sym1"),
+            joiner: udp("sym2"),
+            kind: "relay",
+            quic: S2N,
+        },
+        |_| {},
+    );
+}
+
+#[test]
+fn natlab_thru_s2n_udp_blocked_relays_over_tls_443() {
+    udp_blocked("sf", S2N);
+}
+
 /// 2% random drop on rcone1 (both directions, signaling included): still hole-punched, and
 /// QUIC repairs the loss so the copy is byte-identical.
 #[test]
@@ -680,6 +760,7 @@ fn natlab_thru_two_percent_loss_completes_intact() {
             host: udp("cone1"),
             joiner: udp("cone2"),
             kind: "srflx",
+            quic: QUINN,
         },
         |lab| {
             let out = lab.natlab(&["loss", "rcone1", "2"]);
@@ -787,6 +868,7 @@ fn natlab_thru_symmetric_pair_relays_through_the_hosts_own_turn_allocation() {
                 turn: Turn::None,
             },
             kind: "relay",
+            quic: QUINN,
         },
         |_| {},
     ) else {

@@ -823,10 +823,13 @@ impl<E: QuicEndpoint> Node<E> {
                 // Something was queued meanwhile: it goes first.
                 continue;
             };
+            // The connection's link; a stack that does not say which connection a datagram is
+            // for (s2n-quic), and stateless responses, go by the address a link selected.
             let link = t
                 .conn
                 .and_then(|id| self.conns.iter().find(|c| c.id == id))
-                .and_then(|c| c.link);
+                .and_then(|c| c.link)
+                .or_else(|| self.link_addrs.get(&t.destination).copied());
             let Some(l) = link else {
                 return Some(Transmit {
                     destination: t.destination,
