@@ -68,9 +68,8 @@ pub enum QuicChoice {
 }
 
 impl QuicChoice {
-    /// The stack `auto` means on a host (bench/README.md, "QUIC stacks", has the measurement
-    /// behind it).
-    pub const DEFAULT: QuicStack = QuicStack::Quinn;
+    /// The stack `auto` means on a host.
+    pub const DEFAULT: QuicStack = QuicStack::AUTO;
 
     /// The stack asked for; `None` for `auto`.
     pub fn stack(self) -> Option<QuicStack> {

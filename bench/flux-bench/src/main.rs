@@ -34,6 +34,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use flux_peer::exec::DiskMode;
 use flux_peer::net::Driver;
+use flux_peer::stack::QuicStack;
 use serde::Serialize;
 use side::{EngineOpts, SideReport};
 
@@ -91,6 +92,10 @@ struct RunArgs {
     /// Upper bound of QUIC path MTU discovery (UDP payload bytes) for engine and quinn.
     #[arg(long, default_value_t = 1452)]
     max_mtu: u16,
+    /// QUIC stack of the engine rows other than `uring-s2n` and `epoll-s2n`: `quinn`, `s2n`,
+    /// or `auto` (what `thru host --quic auto` runs).
+    #[arg(long, default_value = "quinn", value_parser = ["quinn", "s2n", "auto"])]
+    quic: String,
     /// Do not drop the page cache before each run (it is dropped when running as root).
     #[arg(long)]
     keep_cache: bool,
@@ -119,6 +124,10 @@ enum Row {
     UringBuffered,
     /// Engine, epoll driver, GSO/GRO on.
     Epoll,
+    /// Engine on s2n-quic, io_uring driver, GSO/GRO on, `--disk auto`.
+    UringS2n,
+    /// Engine on s2n-quic, epoll driver, GSO/GRO on.
+    EpollS2n,
     /// Engine, io_uring driver, GSO/GRO off.
     UringNoGso,
     /// Engine, io_uring driver, `--compress off`.
@@ -201,6 +210,9 @@ struct EngineFlags {
     /// GSO and GRO on.
     #[arg(long)]
     offload: bool,
+    /// QUIC stack: `quinn` or `s2n`.
+    #[arg(long, default_value = "quinn")]
+    quic: String,
     /// Host: `off`, `auto` or `on` (zstd).
     #[arg(long, default_value = "auto")]
     compress: String,
@@ -295,6 +307,7 @@ fn run_side(side: SideCmd) -> Result<()> {
             driver: e.driver.parse::<Driver>().map_err(|e| anyhow!(e))?,
             disk: e.disk.parse::<DiskMode>().map_err(|e| anyhow!(e))?,
             offload: e.offload,
+            quic: e.quic.parse::<QuicStack>().map_err(|e| anyhow!(e))?,
             compress: match e.compress.as_str() {
                 "off" => flux_transfer::Compress::Off,
                 "on" => flux_transfer::Compress::On,
@@ -497,6 +510,8 @@ fn run_matrix(a: &RunArgs) -> Result<()> {
                 | Row::UringDirect
                 | Row::UringBuffered
                 | Row::Epoll
+                | Row::UringS2n
+                | Row::EpollS2n
                 | Row::UringNoGso
                 | Row::EpollNoGso
                 | Row::CompressOff
@@ -560,6 +575,9 @@ fn run_matrix(a: &RunArgs) -> Result<()> {
         ("uring / quinn mem->mem", Row::Uring, Row::QuinnMem),
         ("epoll / quinn mem->mem", Row::Epoll, Row::QuinnMem),
         ("s2n mem->mem / quinn mem->mem", Row::S2nMem, Row::QuinnMem),
+        ("uring s2n / uring quinn", Row::UringS2n, Row::Uring),
+        ("epoll s2n / epoll quinn", Row::EpollS2n, Row::Epoll),
+        ("uring s2n / quinn mem->mem", Row::UringS2n, Row::QuinnMem),
         ("uring / epoll", Row::Uring, Row::Epoll),
         ("uring auto / direct", Row::Uring, Row::UringDirect),
         ("uring auto / buffered", Row::Uring, Row::UringBuffered),
@@ -620,6 +638,8 @@ fn label(row: Row) -> String {
         Row::UringDirect => "engine io_uring, disk O_DIRECT",
         Row::UringBuffered => "engine io_uring, disk buffered",
         Row::Epoll => "engine epoll, GSO/GRO on",
+        Row::UringS2n => "engine io_uring on s2n-quic",
+        Row::EpollS2n => "engine epoll on s2n-quic",
         Row::UringNoGso => "engine io_uring, GSO/GRO off",
         Row::EpollNoGso => "engine epoll, GSO/GRO off",
         Row::CompressOff => "engine io_uring, --compress off",
@@ -704,11 +724,19 @@ fn run_engine(row: Row, src: &Path, dest: &Path, a: &RunArgs, p: &Place) -> Resu
         }
         Row::UringDirect => ("uring", true, "direct"),
         Row::UringBuffered => ("uring", true, "buffered"),
-        Row::Epoll => ("epoll", true, "auto"),
+        Row::Epoll | Row::EpollS2n => ("epoll", true, "auto"),
+        Row::UringS2n => ("uring", true, "auto"),
         Row::UringNoGso => ("uring", false, "auto"),
         _ => ("epoll", false, "auto"),
     };
+    let quic = match row {
+        Row::UringS2n | Row::EpollS2n => "s2n".to_string(),
+        _ if a.quic == "auto" => QuicStack::AUTO.name().to_string(),
+        _ => a.quic.clone(),
+    };
     let mut common = vec![
+        "--quic".to_string(),
+        quic,
         "--driver".to_string(),
         driver.into(),
         "--disk".into(),

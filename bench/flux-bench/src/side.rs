@@ -13,6 +13,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use flux_peer::exec::DiskMode;
 use flux_peer::net::{self, Control, Driver, NetConfig, NetEvent};
 use flux_peer::scan::scan;
+use flux_peer::stack::QuicStack;
 use flux_quic::Identity;
 use flux_transfer::Event;
 use flux_udp::{SocketConfig, UdpSocket};
@@ -104,6 +105,8 @@ pub struct EngineOpts {
     pub disk: DiskMode,
     /// GSO and GRO on the socket.
     pub offload: bool,
+    /// The QUIC stack.
+    pub quic: QuicStack,
     /// Host: zstd compression.
     pub compress: flux_transfer::Compress,
     /// Largest path MTU to probe.
@@ -125,6 +128,7 @@ fn net_config(o: &EngineOpts) -> NetConfig {
     let mut cfg = NetConfig {
         driver: o.driver,
         disk: o.disk,
+        quic: o.quic,
         ..NetConfig::default()
     };
     cfg.transport.max_mtu = o.max_mtu;

@@ -28,6 +28,10 @@ impl QuicStack {
     /// Every stack, in the order they are listed to users.
     pub const ALL: [Self; 2] = [Self::Quinn, Self::S2n];
 
+    /// The stack `--quic auto` runs on a host (bench/README.md, "QUIC stacks", has the
+    /// measurement behind the choice).
+    pub const AUTO: Self = Self::Quinn;
+
     /// The name used on the command line, in pairing and in reports.
     pub fn name(self) -> &'static str {
         match self {

@@ -64,6 +64,11 @@ pub struct S2nConn {
     waker: Waker,
     ready: Ready,
     send: HashMap<StreamId, s2n_quic::stream::SendStream>,
+    /// Each send stream's buffer size, as s2n reported it while the stream was empty.
+    send_caps: HashMap<StreamId, u64>,
+    /// Most bytes written and not yet acknowledged across the connection's streams
+    /// ([`QuicConnection::set_send_window`]); s2n itself bounds each stream only.
+    send_window: Option<u64>,
     recv: HashMap<StreamId, Recv>,
     incoming_uni: VecDeque<Incoming>,
     incoming_bi: VecDeque<Incoming>,
@@ -88,6 +93,8 @@ impl From<Connection> for S2nConn {
             waker: c.waker,
             ready: Ready::default(),
             send: HashMap::new(),
+            send_caps: HashMap::new(),
+            send_window: None,
             recv: HashMap::new(),
             incoming_uni: VecDeque::new(),
             incoming_bi: VecDeque::new(),
@@ -97,6 +104,34 @@ impl From<Connection> for S2nConn {
 }
 
 impl S2nConn {
+    /// Keeps a send stream, learning its buffer size (all of it is free while it is empty).
+    fn add_send(&mut self, mut stream: s2n_quic::stream::SendStream) -> StreamId {
+        let id = stream.id();
+        let mut cx = Context::from_waker(&self.waker);
+        if let Poll::Ready(Ok(room)) = stream.poll_send_ready(&mut cx) {
+            self.send_caps.insert(id, room as u64);
+        }
+        self.send.insert(id, stream);
+        id
+    }
+
+    /// Bytes the send streams hold (written, not yet acknowledged).
+    fn buffered(&mut self) -> u64 {
+        let mut cx = Context::from_waker(&self.waker);
+        let mut total = 0;
+        for (id, s) in &mut self.send {
+            let Some(&cap) = self.send_caps.get(id) else {
+                continue;
+            };
+            total += match s.poll_send_ready(&mut cx) {
+                Poll::Ready(Ok(room)) => cap.saturating_sub(room as u64),
+                Poll::Pending => cap,
+                Poll::Ready(Err(_)) => 0,
+            };
+        }
+        total
+    }
+
     fn add_recv(&mut self, stream: s2n_quic::stream::ReceiveStream) -> StreamId {
         let id = stream.id();
         let waker = Waker::from(Arc::new(StreamWake {
@@ -186,18 +221,13 @@ impl QuicConnection for S2nConn {
         let mut cx = Context::from_waker(&self.waker);
         match dir {
             Dir::Uni => match self.conn.poll_open_send_stream(&mut cx) {
-                Poll::Ready(Ok(s)) => {
-                    let id = s.id();
-                    self.send.insert(id, s);
-                    Some(id)
-                }
+                Poll::Ready(Ok(s)) => Some(self.add_send(s)),
                 _ => None,
             },
             Dir::Bi => match self.conn.poll_open_bidirectional_stream(&mut cx) {
                 Poll::Ready(Ok(s)) => {
                     let (rx, tx) = s.split();
-                    let id = tx.id();
-                    self.send.insert(id, tx);
+                    let id = self.add_send(tx);
                     self.add_recv(rx);
                     Some(id)
                 }
@@ -215,7 +245,7 @@ impl QuicConnection for S2nConn {
             Incoming::Uni(rx) => Some(self.add_recv(rx)),
             Incoming::Bi(s) => {
                 let (rx, tx) = s.split();
-                self.send.insert(tx.id(), tx);
+                self.add_send(tx);
                 Some(self.add_recv(rx))
             }
         }
@@ -255,6 +285,19 @@ impl QuicConnection for S2nConn {
     }
 
     fn write(&mut self, id: StreamId, data: Bytes) -> Result<usize, WriteError> {
+        // The connection's window: the session keeps what QUIC holds to about a congestion
+        // window beyond what is in flight, so queueing happens in its outbox, in read order.
+        let allowed = match self.send_window {
+            Some(w) => {
+                let left = w.saturating_sub(self.buffered());
+                if left == 0 {
+                    return Err(WriteError::Blocked);
+                }
+                usize::try_from(left).unwrap_or(usize::MAX)
+            }
+            None => usize::MAX,
+        };
+        let data = data.slice(..data.len().min(allowed));
         let s = self.send.get_mut(&id).ok_or(WriteError::Gone)?;
         let mut cx = Context::from_waker(&self.waker);
         match s.poll_send_ready(&mut cx) {
@@ -275,10 +318,15 @@ impl QuicConnection for S2nConn {
         if let Some(s) = self.send.get_mut(&id) {
             let _ = s.finish();
         }
+        // A finishing stream reports no free room: it no longer counts against the window
+        // (what it still holds is at most one stream's tail).
+        self.send_caps.remove(&id);
     }
 
-    fn set_send_window(&mut self, _bytes: u64) {
-        // Fixed per endpoint in s2n: `Config::send_buffer` (per stream).
+    fn set_send_window(&mut self, bytes: u64) {
+        // s2n bounds each stream's buffer (`Config::send_buffer`); the connection's bound is
+        // kept here, over the sum of the streams' buffers.
+        self.send_window = Some(bytes);
     }
 
     fn set_receive_window(&mut self, _bytes: u64) {

@@ -20,9 +20,11 @@
 //! - [`S2nEndpoint`]: an endpoint owning its connections by [`ConnId`], transmitting into the
 //!   caller's buffer: the endpoint-level shape the engine's `Node` needs for s2n.
 //!
-//! TLS is 1.3 only, on rustls with *ring* (the workspace's TLS stack), ALPN `thruflux/1`, with
-//! mutual certificate pinning by BLAKE3 fingerprint ([`PinSet`]). Windows, idle timeout and
-//! keep-alive come from [`Config`].
+//! TLS is flux-quic's (`flux_quic::tls`, the same configuration quinn gets): 1.3 only, on
+//! rustls with *ring*, ALPN `thruflux/1`, certificates pinned by BLAKE3 fingerprint
+//! ([`PinSet`], flux-quic's `AllowList`); identities are flux-quic's [`Identity`]. Windows, idle
+//! timeout and keep-alive come from [`Config`]. s2n bounds each stream's send buffer; [`S2nConn`]
+//! adds the connection-wide bound the engine's sessions set (`set_send_window`).
 //!
 //! # What it does not do
 //!
