@@ -464,6 +464,11 @@ impl Destination {
             let sf = if self.manifest.chunk_count(file) > 1 {
                 Some(self.open_sidecar(&dir, &state, &e)?)
             } else {
+                if pf.metadata().is_ok_and(|m| m.len() > 0) {
+                    // Left by an interrupted run that cut the file into more chunks: its
+                    // sidecar, if any, describes nothing this run keeps.
+                    let _ = rustix::fs::unlinkat(&dir.fd, &state, AtFlags::empty());
+                }
                 None
             };
             self.open.insert(file, (pf, sf));
@@ -577,13 +582,22 @@ impl Destination {
                 let replace = replace || self.resolved.replace.contains(&file);
                 let target = dir.path.join(&final_name);
                 let part_path = dir.path.join(&part);
-                let pf = match self.open.remove(&file) {
-                    Some((pf, _)) => pf,
-                    None => open_private(&dir.fd, &part, true)
-                        .map_err(|err| io_err("open", &part_path, &err))?,
+                let (pf, sidecar) = match self.open.remove(&file) {
+                    Some((pf, sf)) => (pf, sf.is_some()),
+                    None => (
+                        open_private(&dir.fd, &part, true)
+                            .map_err(|err| io_err("open", &part_path, &err))?,
+                        true,
+                    ),
                 };
-                pf.set_len(size.unwrap_or(e.size))
-                    .map_err(|err| io_err("truncate", &part_path, &err))?;
+                // Most files were written to their full length already: a stat is cheaper
+                // than a truncate (which takes the inode lock and a journal update on ext4),
+                // and many small files make it count.
+                let want = size.unwrap_or(e.size);
+                if pf.metadata().map_or(true, |m| m.len() != want) {
+                    pf.set_len(want)
+                        .map_err(|err| io_err("truncate", &part_path, &err))?;
+                }
                 pf.set_permissions(fs::Permissions::from_mode(received_mode(
                     e.mode, self.umask, self.modes,
                 )))
@@ -602,7 +616,11 @@ impl Destination {
                     io::ErrorKind::AlreadyExists => DiskFailure::Exists(e.path.clone()),
                     _ => io_err("rename", &target, &err),
                 })?;
-                let _ = rustix::fs::unlinkat(&dir.fd, &state, AtFlags::empty());
+                // A single-chunk file opened this run keeps no sidecar: nothing to remove (a
+                // failed lookup per small file otherwise).
+                if sidecar {
+                    let _ = rustix::fs::unlinkat(&dir.fd, &state, AtFlags::empty());
+                }
                 Ok(())
             }
         }

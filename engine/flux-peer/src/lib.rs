@@ -1,7 +1,8 @@
 //! The Thruflux driver layer: everything between the sans-IO transfer machines and the outside.
 //!
-//! - [`session`] runs a transfer machine over one quinn-proto connection: it maps the machine's
-//!   streams to QUIC streams and moves bytes both ways under flow control.
+//! - [`session`] runs a transfer machine over one QUIC connection (any stack behind
+//!   `flux_quic::conn`): it maps the machine's streams to QUIC streams and moves bytes both ways
+//!   under flow control.
 //! - [`disk`] performs the machines' disk requests with `std::fs` (the portable path), keeping
 //!   every received entry inside the destination: no symbolic link under it is followed, partial
 //!   files live under temporary names with a resume sidecar, and nothing is replaced unless
@@ -18,6 +19,8 @@
 //!   declared length; the executors run it where they run hashing.
 //! - [`sim`] is the third driver of [`node::Node`]: whole transfers between two nodes over an
 //!   emulated lossy, reordering, rate-limited link on a virtual clock, for tests.
+//! - [`stack`] names the QUIC stacks a worker can run (quinn-proto, s2n-quic) and sets s2n-quic
+//!   up from the engine's transport settings.
 //!
 //! What this crate does not do: socket options and ring internals (`flux-udp`, `flux-engine`),
 //! pairing (signaling), terminal output (the `thru` binary).

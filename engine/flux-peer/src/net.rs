@@ -13,6 +13,10 @@
 //!   disk requests with blocking, buffered `std::fs` calls, for kernels or sandboxes without
 //!   io_uring.
 //!
+//! The QUIC stack is [`NetConfig::quic`]: the worker is generic over flux-quic's endpoint seam
+//! and builds quinn-proto's or s2n-quic's endpoint on the same socket, so both get the same
+//! loop, batches, ICE demultiplexing and TURN framing (engine/README.md, "The QUIC seam").
+//!
 //! Control crosses threads only through channels: the loop reports [`NetEvent`]s and takes
 //! [`Command`]s (accept an offer, cancel) without any lock on the data path.
 //!

@@ -450,6 +450,15 @@ fn receiver_decides_and_reject_leaves_nothing() {
 
 #[test]
 fn wrong_fingerprint_is_refused() {
+    wrong_fingerprint_over(QuicStack::Quinn);
+}
+
+#[test]
+fn wrong_fingerprint_is_refused_over_s2n() {
+    wrong_fingerprint_over(QuicStack::S2n);
+}
+
+fn wrong_fingerprint_over(quic: QuicStack) {
     let src = tempfile::tempdir().unwrap();
     let dst = tempfile::tempdir().unwrap();
     let f = src.path().join("a");
@@ -461,6 +470,7 @@ fn wrong_fingerprint_is_refused() {
     let addr = hs.local_addr().unwrap();
     let c = NetConfig {
         serve: None,
+        quic,
         ..cfg(Driver::Epoll)
     };
     let (hcontrol, _hev, hcmd) = Control::channels();
@@ -489,7 +499,9 @@ fn wrong_fingerprint_is_refused() {
     let _ = host.join().unwrap();
     let err = j.error.expect("joiner must fail").to_string();
     assert!(
-        err.contains("certificate") || err.contains("connection lost"),
+        err.contains("certificate")
+            || err.contains("connection lost")
+            || err.contains("could not connect"),
         "unexpected error: {err}"
     );
     assert_eq!(fs::read_dir(dst.path()).unwrap().count(), 0);
@@ -497,6 +509,19 @@ fn wrong_fingerprint_is_refused() {
 
 #[test]
 fn host_admits_only_paired_joiners() {
+    admits_only_paired_over(QuicStack::Quinn);
+}
+
+#[test]
+fn host_admits_only_paired_joiners_over_s2n() {
+    admits_only_paired_over(QuicStack::S2n);
+}
+
+fn admits_only_paired_over(quic: QuicStack) {
+    let cfg = |driver| NetConfig {
+        quic,
+        ..cfg(driver)
+    };
     let src = tempfile::tempdir().unwrap();
     let f = src.path().join("a");
     write_random(&f, 300_000, 2);
