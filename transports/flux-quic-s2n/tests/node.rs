@@ -11,6 +11,30 @@ use flux_quic_s2n::{Config, Endpoint, EndpointEvent, Identity, PinSet, S2nEndpoi
 
 #[test]
 fn endpoint_hands_out_connections_by_id_and_carries_a_stream() {
+    let (done, _) = carry(None);
+    assert_eq!(done, 4 << 20);
+}
+
+/// s2n bounds each stream's send buffer only; the connection-wide window the engine's sessions
+/// set must hold across streams: before any acknowledgement, a writer gets no more than the
+/// window in, and the transfer still completes as acknowledgements free it.
+#[test]
+fn the_connection_send_window_bounds_what_writes_take() {
+    let window = 256 << 10;
+    let (done, first) = carry(Some(window));
+    assert_eq!(done, 4 << 20);
+    assert!(
+        first > 0 && first <= window as usize,
+        "the first burst took {first} bytes with a {window}-byte window"
+    );
+    // Without the window, s2n's per-stream buffer (64 MiB by default) takes it all at once.
+    let (_, unbounded) = carry(None);
+    assert_eq!(unbounded, 4 << 20);
+}
+
+/// 4 MiB over one stream; returns the bytes delivered and those the first write burst took
+/// (before anything was acknowledged), with `window` set on the sending connection.
+fn carry(window: Option<u64>) -> (usize, usize) {
     #[allow(clippy::disallowed_methods)] // the virtual clock's origin
     let mut now = Instant::now();
     let (ca, sa): (SocketAddr, SocketAddr) = (
@@ -33,6 +57,7 @@ fn endpoint_hands_out_connections_by_id_and_carries_a_stream() {
     let data = Bytes::from(vec![7u8; 4 << 20]);
     let (mut cid, mut sid_conn, mut stream) = (None, None, None);
     let (mut off, mut finished, mut got) = (0usize, false, 0usize);
+    let mut first = None;
     let mut wire: VecDeque<(Instant, bool, Vec<u8>, Option<usize>)> = VecDeque::new();
     let mut buf = Vec::new();
     let end = now + Duration::from_secs(60);
@@ -53,13 +78,19 @@ fn endpoint_hands_out_connections_by_id_and_carries_a_stream() {
         if let Some(id) = cid {
             assert_eq!(id, want_id);
             let conn = client.conn(id).expect("held");
-            let st = *stream.get_or_insert_with(|| conn.open_stream(Dir::Uni).expect("open"));
+            let st = *stream.get_or_insert_with(|| {
+                if let Some(w) = window {
+                    conn.set_send_window(w);
+                }
+                conn.open_stream(Dir::Uni).expect("open")
+            });
             while off < data.len() {
                 match conn.write(st, data.slice(off..)) {
                     Ok(n) => off += n,
                     Err(_) => break,
                 }
             }
+            first.get_or_insert(off);
             if off == data.len() && !finished {
                 conn.finish(st);
                 finished = true;
@@ -132,4 +163,5 @@ fn endpoint_hands_out_connections_by_id_and_carries_a_stream() {
     };
     assert_eq!(done, data.len());
     assert_eq!(client.conn_ids().count(), 1);
+    (done, first.unwrap_or(0))
 }
