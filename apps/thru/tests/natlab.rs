@@ -776,15 +776,26 @@ fn natlab_thru_two_percent_loss_completes_intact() {
 /// over TCP to the same server.
 #[test]
 fn natlab_thru_two_relayed_joiners_at_once_share_the_hosts_turn_server() {
-    let Some(lab) = Lab::up("h2") else { return };
+    two_relayed_joiners("h2", QUINN);
+}
+
+/// The same over s2n-quic: one endpoint, two connections, each relayed a different way.
+#[test]
+fn natlab_thru_s2n_two_relayed_joiners_at_once_share_the_hosts_turn_server() {
+    two_relayed_joiners("s2", S2N);
+}
+
+fn two_relayed_joiners(code: &str, quic: Quic) {
+    let Some(lab) = Lab::up(code) else { return };
     let _signal = Signal::start(&lab);
     let src = source(&lab.dir);
     let want = std::fs::read(&src).unwrap();
-    for n in 1..=RUNS {
+    for n in 1..=quic.runs {
         let rdir = lab.dir.join(format!("two-joiners-{n}"));
         std::fs::create_dir_all(&rdir).unwrap();
         let mut args: Vec<String> = vec!["host".into(), src.display().to_string()];
         args.extend(["--max-receivers".into(), "2".into()]);
+        args.extend(["--quic".into(), quic.stack.into()]);
         args.extend(net_flags(&lab, udp("sym1")));
         let mut host = Thru::spawn(&lab, "host", "sym1", &args, rdir.join("host.log"));
         let code = host
@@ -806,6 +817,7 @@ fn natlab_thru_two_relayed_joiners_at_once_share_the_hosts_turn_server() {
                     "--out".into(),
                     out.display().to_string(),
                     "--yes".into(),
+                    "--benchmark".into(),
                 ];
                 args.extend(net_flags(&lab, no_turn(ns)));
                 let log = rdir.join(format!("join-{ns}.log"));
@@ -836,6 +848,8 @@ fn natlab_thru_two_relayed_joiners_at_once_share_the_hosts_turn_server() {
                 path["remote"], "relay",
                 "run {n}: relayed by the host: {path}"
             );
+            let bench = j.last("benchmark").expect("joiner benchmark");
+            assert_eq!(bench["quic"], quic.stack, "run {n}: {bench}");
         }
         let mut transports: Vec<String> = host
             .events
