@@ -577,24 +577,15 @@ pub fn completions(shell: Shell, out: &mut dyn std::io::Write) {
 }
 
 /// Parses a byte size: a number with an optional unit `K`, `M`, `G`, `T` (powers of 1024,
-/// also written `KiB`…, `KB`…), case-insensitive.
+/// also written `KiB`…, `KB`…), case-insensitive (the parse-size crate, binary units).
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (examples: 4096, 256KiB, 32MiB, 1GiB)"))?;
-    let shift = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        "t" | "tb" | "tib" => 40,
-        _ => return Err(format!("unknown size unit in {s:?} (use K, M, G or T)")),
-    };
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("size {s:?} is too large"))
+    parse_size::Config::new()
+        .with_binary()
+        .parse_size(s.trim())
+        .map_err(|e| match e {
+            parse_size::Error::PosOverflow => format!("size {s:?} is too large"),
+            _ => format!("{s:?} is not a size (a number with K, M, G or T, powers of 1024; examples: 4096, 256KiB, 32MiB, 1GiB)"),
+        })
 }
 
 fn parse_chunk_size(s: &str) -> Result<u64, String> {
@@ -645,7 +636,9 @@ mod tests {
         assert_eq!(parse_size("32MiB"), Ok(32 << 20));
         assert_eq!(parse_size("1gib"), Ok(1 << 30));
         assert_eq!(parse_size("64k"), Ok(64 << 10));
-        assert!(parse_size("1.5G").is_err());
+        // Fractions, spaces and the conventional units, all in powers of 1024 (parse-size).
+        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
+        assert_eq!(parse_size("1 KB"), Ok(1024));
         assert!(parse_size("12parsecs").is_err());
         assert!(parse_size("99999999999T").is_err());
         assert_eq!(parse_chunk_size("1MiB"), Ok(1 << 20));

@@ -394,22 +394,13 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// Parses `4096`, `64KiB`, `10MiB`, `64GiB` (powers of 1024; `K`, `KB` and `KiB` alike).
 fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (examples: 0, 64KiB, 10MiB, 64GiB)"))?;
-    let shift = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        "t" | "tb" | "tib" => 40,
-        _ => return Err(format!("unknown size unit in {s:?} (use K, M, G or T)")),
-    };
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("size {s:?} is too large"))
+    parse_size::Config::new()
+        .with_binary()
+        .parse_size(s.trim())
+        .map_err(|e| match e {
+            parse_size::Error::PosOverflow => format!("size {s:?} is too large"),
+            _ => format!("{s:?} is not a size (a number with K, M, G or T, powers of 1024; examples: 0, 64KiB, 10MiB, 64GiB)"),
+        })
 }
 
 fn parse_nonzero_duration(s: &str) -> Result<Duration, String> {

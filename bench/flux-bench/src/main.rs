@@ -274,22 +274,13 @@ enum SideCmd {
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = [
-        ("GiB", 1u64 << 30),
-        ("MiB", 1 << 20),
-        ("KiB", 1 << 10),
-        ("G", 1 << 30),
-        ("M", 1 << 20),
-        ("B", 1),
-    ]
-    .iter()
-    .find_map(|(suf, m)| s.strip_suffix(suf).map(|n| (n, *m)))
-    .unwrap_or((s, 1));
-    num.trim()
-        .parse::<u64>()
-        .map(|n| n * mult)
-        .map_err(|e| format!("bad size {s:?}: {e}"))
+    parse_size::Config::new()
+        .with_binary()
+        .parse_size(s.trim())
+        .map_err(|e| match e {
+            parse_size::Error::PosOverflow => format!("size {s:?} is too large"),
+            _ => format!("{s:?} is not a size (a number with K, M, G or T, powers of 1024; examples: 256MiB, 1GiB, 2GiB)"),
+        })
 }
 
 fn main() -> Result<()> {
