@@ -96,6 +96,12 @@ struct RunArgs {
     /// or `auto` (what `thru host --quic auto` runs).
     #[arg(long, default_value = "quinn", value_parser = ["quinn", "s2n", "auto"])]
     quic: String,
+    /// Pin each side to CPUs, `HOST:JOIN` in taskset's list form (`0:1`, `0-3:4-7`), so that a
+    /// machine with more cores can measure per-side scaling. Applies to the rows whose sides
+    /// are flux-bench processes (engine, quinn, s2n); iperf3, scp and the thru rows are not
+    /// pinned.
+    #[arg(long, value_name = "HOST:JOIN", value_parser = parse_cpuset)]
+    cpuset: Option<(String, String)>,
     /// Do not drop the page cache before each run (it is dropped when running as root).
     #[arg(long)]
     keep_cache: bool,
@@ -425,6 +431,9 @@ struct Matrix {
     max_mtu: u16,
     cipher: &'static str,
     cores: usize,
+    /// `--cpuset`: the CPUs the host and joiner sides were pinned to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpuset: Option<String>,
     kernel: String,
     /// What the source file holds.
     content: Content,
@@ -440,6 +449,9 @@ struct Place {
     join_bind: SocketAddr,
     host_ns: Option<String>,
     join_ns: Option<String>,
+    /// CPUs each side is pinned to (`--cpuset`).
+    host_cpus: Option<String>,
+    join_cpus: Option<String>,
 }
 
 fn run_matrix(a: &RunArgs) -> Result<()> {
@@ -469,6 +481,8 @@ fn run_matrix(a: &RunArgs) -> Result<()> {
             join_bind: "10.201.0.2:0".parse()?,
             host_ns: Some(VETH_A.into()),
             join_ns: Some(VETH_B.into()),
+            host_cpus: a.cpuset.as_ref().map(|c| c.0.clone()),
+            join_cpus: a.cpuset.as_ref().map(|c| c.1.clone()),
         }
     } else {
         Place {
@@ -476,6 +490,8 @@ fn run_matrix(a: &RunArgs) -> Result<()> {
             join_bind: "127.0.0.1:0".parse()?,
             host_ns: None,
             join_ns: None,
+            host_cpus: a.cpuset.as_ref().map(|c| c.0.clone()),
+            join_cpus: a.cpuset.as_ref().map(|c| c.1.clone()),
         }
     };
     let mut rows = Vec::new();
@@ -602,6 +618,10 @@ fn run_matrix(a: &RunArgs) -> Result<()> {
         max_mtu: a.max_mtu,
         cipher: flux_quic::CIPHER_SUITE,
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cpuset: a
+            .cpuset
+            .as_ref()
+            .map(|(h, j)| format!("host on CPUs {h}, joiner on CPUs {j}")),
         kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .unwrap_or_default()
             .trim()
@@ -663,16 +683,43 @@ fn skip_reason(row: Row, a: &RunArgs) -> String {
     }
 }
 
-fn ns_cmd(ns: &Option<String>) -> Command {
-    match ns {
-        Some(n) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", n]);
-            c.arg(std::env::current_exe().unwrap_or_else(|_| "flux-bench".into()));
-            c
-        }
-        None => Command::new(std::env::current_exe().unwrap_or_else(|_| "flux-bench".into())),
+/// A flux-bench side process, in network namespace `ns` when given, pinned to `cpus` (a
+/// taskset CPU list) when given.
+fn ns_cmd(ns: &Option<String>, cpus: &Option<String>) -> Command {
+    let exe = std::env::current_exe().unwrap_or_else(|_| "flux-bench".into());
+    let mut argv: Vec<std::ffi::OsString> = Vec::new();
+    if let Some(c) = cpus {
+        argv.extend(["taskset".into(), "-c".into(), c.into()]);
     }
+    if let Some(n) = ns {
+        argv.extend(["ip".into(), "netns".into(), "exec".into(), n.into()]);
+    }
+    argv.push(exe.into());
+    let mut c = Command::new(&argv[0]);
+    c.args(&argv[1..]);
+    c
+}
+
+/// `--cpuset HOST:JOIN`: two taskset CPU lists (`0`, `0-3`, `0,2,4`).
+fn parse_cpuset(s: &str) -> Result<(String, String), String> {
+    let (h, j) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?}: expected HOST:JOIN, e.g. 0:1 or 0-3:4-7"))?;
+    let list = |l: &str| {
+        let ok = !l.is_empty()
+            && l.split(',').all(|part| {
+                let mut ends = part.splitn(2, '-');
+                ends.all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            });
+        if ok {
+            Ok(l.to_owned())
+        } else {
+            Err(format!(
+                "{l:?} is not a CPU list (numbers, ranges like 0-3, commas) in --cpuset {s:?}"
+            ))
+        }
+    };
+    Ok((list(h)?, list(j)?))
 }
 
 /// Starts a host side and reads its `READY addr fingerprint` line.
@@ -763,7 +810,7 @@ fn run_pair(
 ) -> Result<RunResult> {
     let (hout, jout) = (a.dir.join("host.json"), a.dir.join("join.json"));
     let mtu = a.max_mtu.to_string();
-    let mut h = ns_cmd(&p.host_ns);
+    let mut h = ns_cmd(&p.host_ns, &p.host_cpus);
     h.args(["side", host_kind, "--max-mtu", &mtu])
         .args(common)
         .arg("--file")
@@ -772,7 +819,7 @@ fn run_pair(
         .arg("--out")
         .arg(&hout);
     let (hc, addr, fp) = start_host(h)?;
-    let mut j = ns_cmd(&p.join_ns);
+    let mut j = ns_cmd(&p.join_ns, &p.join_cpus);
     j.args(["side", join_kind, "--max-mtu", &mtu, "--fp", &fp])
         .args(common)
         .args(["--peer", &addr.to_string()])
@@ -1095,12 +1142,15 @@ impl Drop for Veth {
 
 fn print_table(m: &Matrix) {
     println!(
-        "\nflux-bench: {:.2} GiB file-to-file, {} | QUIC max MTU {} | {} | {} cores | Linux {}",
+        "\nflux-bench: {:.2} GiB file-to-file, {} | QUIC max MTU {} | {} | {} cores{} | Linux {}",
         m.size_bytes as f64 / (1u64 << 30) as f64,
         m.path,
         m.max_mtu,
         m.cipher,
         m.cores,
+        m.cpuset
+            .as_ref()
+            .map_or(String::new(), |c| format!(" ({c})")),
         m.kernel
     );
     println!(
@@ -1197,4 +1247,22 @@ fn print_table(m: &Matrix) {
 
 fn yn(b: bool) -> &'static str {
     if b { "yes" } else { "no" }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_cpuset;
+
+    #[test]
+    fn cpusets_are_two_cpu_lists_or_a_clear_error() {
+        assert_eq!(parse_cpuset("0:1"), Ok(("0".into(), "1".into())));
+        assert_eq!(
+            parse_cpuset("0-3,8:4-7"),
+            Ok(("0-3,8".into(), "4-7".into()))
+        );
+        for bad in ["0", "0:", ":1", "a:1", "0-:1", "0:1-x", "0,,1:2"] {
+            let e = parse_cpuset(bad).expect_err(bad);
+            assert!(e.contains(bad) || e.contains("HOST:JOIN"), "{bad}: {e}");
+        }
+    }
 }
