@@ -31,6 +31,15 @@ pub enum NetError {
     /// The QUIC handshake did not finish within the connect timeout.
     #[error("could not connect to {0} (timed out)")]
     ConnectTimeout(SocketAddr),
+    /// The QUIC handshake failed (the peer's certificate is not the paired one, the peer
+    /// refused this side's).
+    #[error("could not connect to {peer}: {reason}")]
+    ConnectFailed {
+        /// Where to.
+        peer: SocketAddr,
+        /// The stack's words.
+        reason: String,
+    },
     /// ICE found no working pair.
     #[error("failed to establish ICE connection: {0}")]
     Ice(String),

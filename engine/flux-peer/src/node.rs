@@ -969,6 +969,18 @@ impl<E: QuicEndpoint> Node<E> {
             if connect_expired && !over {
                 c.error.get_or_insert(NetError::ConnectTimeout(c.peer));
             }
+            // A handshake the stack gave up on (a certificate refused) ends it at once, not
+            // at the connect timeout.
+            let connect_failed = match (c.connected, self.endpoint.connect_failure(c.id)) {
+                (false, Some(reason)) => {
+                    c.error.get_or_insert(NetError::ConnectFailed {
+                        peer: c.peer,
+                        reason,
+                    });
+                    true
+                }
+                _ => false,
+            };
             // A sender that completed lets the receiver close: closing first would discard its
             // final Close message if a packet carrying it was lost (the receiver would see
             // the connection die before the transfer's end). It closes itself only after
@@ -991,7 +1003,7 @@ impl<E: QuicEndpoint> Node<E> {
             {
                 continue;
             }
-            if (over && flushed) || closed || connect_expired {
+            if (over && flushed) || closed || connect_expired || connect_failed {
                 if !closed {
                     // The failure goes in the close too: a peer that missed the message still
                     // learns why (it shows as `closed by peer: <reason> (code 1)`).

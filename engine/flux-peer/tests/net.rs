@@ -497,13 +497,10 @@ fn wrong_fingerprint_over(quic: QuicStack) {
     .unwrap();
     hcmd.send(Command::Cancel).unwrap();
     let _ = host.join().unwrap();
+    // At once, naming the certificate (not the connect timeout: s2n reports a refused
+    // certificate through `connect_failure`).
     let err = j.error.expect("joiner must fail").to_string();
-    assert!(
-        err.contains("certificate")
-            || err.contains("connection lost")
-            || err.contains("could not connect"),
-        "unexpected error: {err}"
-    );
+    assert!(err.contains("certificate"), "unexpected error: {err}");
     assert_eq!(fs::read_dir(dst.path()).unwrap().count(), 0);
 }
 

@@ -41,6 +41,8 @@ pub struct S2nEndpoint {
     next: ConnId,
     /// Through [`QuicEndpoint`]: connections s2n accepted, not yet taken by the caller.
     accepted: VecDeque<Incoming>,
+    /// Through [`QuicEndpoint`]: why connections this side started failed, until asked.
+    failed: HashMap<ConnId, String>,
 }
 
 impl From<Endpoint> for S2nEndpoint {
@@ -52,6 +54,7 @@ impl From<Endpoint> for S2nEndpoint {
             events: VecDeque::new(),
             next: 0,
             accepted: VecDeque::new(),
+            failed: HashMap::new(),
         }
     }
 }
@@ -218,6 +221,11 @@ impl QuicEndpoint for S2nEndpoint {
         self.conns.get_mut(&(id as u64))
     }
 
+    fn connect_failure(&mut self, id: flux_quic::conn::ConnId) -> Option<String> {
+        self.pump();
+        self.failed.remove(&(id as u64))
+    }
+
     fn poll_transmit(
         &mut self,
         now: Instant,
@@ -241,10 +249,16 @@ impl S2nEndpoint {
     /// Takes the endpoint's events for the seam: accepted connections wait in `accepted`.
     fn pump(&mut self) {
         while let Some(ev) = self.poll_event() {
-            if let EndpointEvent::Accepted(id) = ev
-                && let Some(remote) = self.conns.get(&id).and_then(S2nConn::remote)
-            {
-                self.accepted.push_back(Incoming { id, remote });
+            match ev {
+                EndpointEvent::Accepted(id) => {
+                    if let Some(remote) = self.conns.get(&id).and_then(S2nConn::remote) {
+                        self.accepted.push_back(Incoming { id, remote });
+                    }
+                }
+                EndpointEvent::Failed(id, e) => {
+                    self.failed.insert(id, e.to_string());
+                }
+                EndpointEvent::Connected(_) => {}
             }
         }
     }

@@ -184,6 +184,13 @@ pub trait QuicEndpoint {
     fn connect(&mut self, now: Instant, peer: SocketAddr) -> Result<ConnId, ConfigError>;
     /// Connection `id`.
     fn conn(&mut self, id: ConnId) -> Option<&mut Self::Conn>;
+    /// Why connection attempt `id` (one this side started) failed before it was handed out,
+    /// once. A stack that completes the handshake before handing a connection out (s2n-quic)
+    /// reports a refused certificate here; quinn reports it as the connection's
+    /// [`ConnEvent::Lost`] and keeps the default.
+    fn connect_failure(&mut self, _id: ConnId) -> Option<String> {
+        None
+    }
     /// The next datagram (or GSO batch of up to `max_segments`) to send, written into `buf`.
     /// `None` once every connection has had a fair turn: the caller should receive before
     /// asking again.
